@@ -1,0 +1,1 @@
+"""nanochat_cli: the `nanochat` command that runs on your laptop."""
