@@ -1,0 +1,37 @@
+"""Shared test fixtures. Tests never touch the network or the user's ~/.cache: every test gets its own
+NANOCHAT_HOME / HF_HOME under a temp dir."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "nanochat_home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def bundled_texts():
+    """The first few hundred documents of the bundled corpus (the exact data path the cloud run uses)."""
+    import pyarrow.parquet as pq
+    import tempfile
+    from pathlib import Path
+    from nanochat_core.dataset import ensure_bundled, list_shards
+    dest = Path(tempfile.mkdtemp(prefix="nanochat_bundled_"))
+    ensure_bundled(dest)
+    shards = list_shards(dest)
+    texts = pq.read_table(shards[0], columns=["text"]).column("text").to_pylist()
+    return texts[:400]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(bundled_texts):
+    """A byte-level BPE with a 512-token vocab trained on the bundled corpus: shared by model/engine tests."""
+    from nanochat_core.tokenizer import Tokenizer
+    return Tokenizer.train_from_iterator(iter(bundled_texts), vocab_size=512)
