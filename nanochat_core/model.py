@@ -1,0 +1,448 @@
+"""
+The GPT. One dial - depth - and everything else derived from it (see `config_for_depth`).
+
+What is in here, top to bottom:
+- rotary position embeddings (base 100k), QK-norm (parameter-free RMSNorm on queries and keys)
+- grouped-query attention with optional sliding windows, in three interchangeable implementations:
+  a plain fp32 reference, PyTorch SDPA (CPU and CUDA fallback), FlexAttention (CUDA)
+- ReLU^2 MLP (4x), no biases anywhere, RMSNorm without parameters everywhere
+- untied embedding / unembedding, RMSNorm right after the embedding, logit softcap 15*tanh(x/15)
+- value embeddings on alternating layers, mixed into V through a per-KV-head gate
+- per-layer residual scalars: x = resid_lambda * x + x0_lambda * x0 (x0 = normed embedding)
+- exact parameter counts and FLOPs/token from the config alone (the CLI's planner needs them
+  without building a model)
+
+Construction: build under torch.device("meta"), then `.to_empty(device=...)` and `.init_weights()`.
+Nothing is allocated twice and the init is written down in one place.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat_core.common import NanochatError
+
+# FlexAttention is optional: present in torch >= 2.5; the CUDA fast path uses it, everything else
+# falls back to SDPA. (It also runs eagerly on CPU - unfused and slow - which the tests use.)
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    HAS_FLEX = True
+except ImportError:  # pragma: no cover - old torch
+    HAS_FLEX = False
+
+ATTN_IMPLS = ("auto", "reference", "sdpa", "flex")
+SOFTCAP = 15.0         # logits = 15 * tanh(logits / 15)
+ROPE_BASE = 100_000    # rotary base (the reference uses 100k rather than the classic 10k)
+VOCAB_PAD = 64         # pad the embedding tables to a multiple of 64 for friendlier matmul shapes
+VE_GATE_CHANNELS = 32  # the value-embedding gate looks at the first 32 channels of the block input
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6          # query heads
+    n_kv_head: int = 6       # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # per layer, tiled: S = short window, L = full context; last layer always L
+    attn_impl: str = "auto"       # "auto" | "reference" | "sdpa" | "flex" (auto: flex on CUDA, else sdpa)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // VOCAB_PAD) * VOCAB_PAD
+
+    @property
+    def short_window(self) -> int:
+        # "S" layers see the last T/4 tokens (query included): 512 at T=2048. A quarter of the context
+        # keeps 3 of 4 layers cheap while still spanning a paragraph; the full layers carry long range.
+        return max(1, self.sequence_len // 4)
+
+    def window_sizes(self) -> list[int | None]:
+        """Attention window per layer: an int W (query at i sees keys i-W < j <= i) or None (full causal)."""
+        sizes = []
+        for i in range(self.n_layer):
+            c = self.window_pattern[i % len(self.window_pattern)]
+            sizes.append(self.short_window if c == "S" and i != self.n_layer - 1 else None)
+        return sizes
+
+    def value_embed_layers(self) -> list[int]:
+        """Alternating layers carry a value embedding, always including the last one."""
+        return [i for i in range(self.n_layer) if i % 2 == (self.n_layer - 1) % 2]
+
+    def validate(self) -> None:
+        if min(self.sequence_len, self.vocab_size, self.n_layer, self.n_head, self.n_kv_head, self.n_embd) < 1:
+            raise NanochatError(f"model config has a non-positive size: {self}")
+        if self.n_embd % self.n_head:
+            raise NanochatError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise NanochatError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise NanochatError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise NanochatError(f"window_pattern must be a non-empty string of S and L, got {self.window_pattern!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise NanochatError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+
+
+def config_for_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
+                     head_dim: int = 128, n_kv_head: int | None = None, window_pattern: str = "SSSL") -> GPTConfig:
+    """The one dial. width = aspect_ratio * depth rounded UP to a multiple of head_dim (d20 -> 1280,
+    d24 -> 1536), heads = width / head_dim, KV heads = heads unless given. Tiny test models pass a
+    small head_dim (e.g. depth 2, head_dim 32 -> width 128, 4 heads)."""
+    if depth < 1 or head_dim < 2 or aspect_ratio < 1:
+        raise NanochatError(f"depth, aspect_ratio must be >= 1 and head_dim >= 2 (got {depth}, {aspect_ratio}, {head_dim})")
+    n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
+    n_head = n_embd // head_dim
+    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                    n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern)
+    cfg.validate()
+    return cfg
+
+
+def count_params(config: GPTConfig) -> dict[str, int]:
+    """Parameter counts by kind, from the config alone (equal to the built model's numel - tested).
+    "scaling" = transformer matrices + lm_head: the count the scaling laws (tokens = ratio * N) use."""
+    d, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
+    kv_dim = config.n_kv_head * config.head_dim
+    q_dim = config.n_head * config.head_dim
+    n_ve = len(config.value_embed_layers())
+    per_layer = d * q_dim + 2 * d * kv_dim + q_dim * d + 2 * d * 4 * d   # q,k,v,proj + MLP fc,proj
+    matrices = L * per_layer + n_ve * min(VE_GATE_CHANNELS, d) * config.n_kv_head
+    counts = {
+        "wte": V * d,
+        "value_embeds": n_ve * V * kv_dim,
+        "lm_head": V * d,
+        "transformer_matrices": matrices,
+        "scalars": 2 * L,
+    }
+    counts["scaling"] = counts["transformer_matrices"] + counts["lm_head"]
+    counts["total"] = sum(v for k, v in counts.items() if k != "scaling")
+    return counts
+
+
+def flops_per_token(config: GPTConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6 * (scaling params) for the matmuls (2 forward,
+    4 backward per weight; embedding lookups cost nothing), plus attention: per layer QK^T and AV are
+    2 * 2 * H * D * w FLOPs forward for a query seeing w keys, times 3 for the backward -> 12 * H * D * w.
+    Like the reference we charge w = min(window, T) (no discount for the causal triangle)."""
+    attn = 0
+    for w in config.window_sizes():
+        eff = config.sequence_len if w is None else min(w, config.sequence_len)
+        attn += 12 * config.n_head * config.head_dim * eff
+    return 6 * count_params(config)["scaling"] + attn
+
+
+# -----------------------------------------------------------------------------
+# Attention kernels. All take q (B, H, Tq, D), k/v (B, Hkv, Tk, D); query t sits at absolute position
+# pos0 + t, key j at position j. Query head h reads KV head h // (H / Hkv).
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def attention_mask(Tq: int, Tk: int, pos0: int, window: int | None, device: Any) -> torch.Tensor:
+    """Bool (Tq, Tk), True = may attend: causal with the position offset, and within the window."""
+    qpos = torch.arange(Tq, device=device)[:, None] + pos0
+    kpos = torch.arange(Tk, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask = mask & (qpos - kpos < window)
+    return mask
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rep = q.size(1) // k.size(1)
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def attention_reference(q, k, v, pos0: int, window: int | None) -> torch.Tensor:
+    """Straightforward and slow: explicit masked softmax in fp32. The yardstick for the fast paths."""
+    k, v = _expand_kv(q, k, v)
+    mask = attention_mask(q.size(2), k.size(2), pos0, window, q.device)
+    att = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (att @ v.float()).to(q.dtype)
+
+
+def attention_sdpa(q, k, v, pos0: int, window: int | None, mask_cache: dict | None = None) -> torch.Tensor:
+    Tq, Tk = q.size(2), k.size(2)
+    window_covers_all = window is None or window >= Tk
+    if window_covers_all and pos0 == 0 and Tq == Tk:
+        # plain causal: let SDPA pick its fused kernel (flash on CUDA)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+    if window_covers_all and Tq == 1:
+        # one new token that may see everything cached: no mask at all
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.size(1) != k.size(1))
+    # general case (windows, or a multi-token chunk on top of a cache): explicit bool mask. Masked SDPA
+    # is not eligible for the flash kernel anyway, so expand GQA heads rather than rely on enable_gqa.
+    key = (Tq, Tk, pos0, window)
+    mask = mask_cache.get(key) if mask_cache is not None else None
+    if mask is None:
+        mask = attention_mask(Tq, Tk, pos0, window, q.device)
+        if mask_cache is not None:
+            mask_cache[key] = mask
+    k, v = _expand_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+_BLOCK_MASKS: dict = {}   # (T, window, device) -> BlockMask; built once per shape, reused every step
+_FLEX_COMPILED = None
+
+
+def _block_mask(T: int, window: int | None, device: torch.device):
+    key = (T, window, str(device))
+    if key not in _BLOCK_MASKS:
+        def mask_mod(b, h, q_idx, kv_idx):
+            m = q_idx >= kv_idx
+            if window is not None:
+                m = m & (q_idx - kv_idx < window)
+            return m
+        _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
+    return _BLOCK_MASKS[key]
+
+
+def attention_flex(q, k, v, window: int | None) -> torch.Tensor:
+    """FlexAttention with a cached block mask: skips fully-masked blocks, so short windows are cheap.
+    Training shapes only (no cache, Tq == Tk); on CUDA it is compiled (eager flex is an unfused
+    reference), on CPU it runs eagerly - correct but slow, used by the tests."""
+    global _FLEX_COMPILED
+    fn = flex_attention
+    if q.is_cuda:
+        if _FLEX_COMPILED is None:
+            _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+        fn = _FLEX_COMPILED
+    bm = _block_mask(q.size(2), window, q.device)
+    with warnings.catch_warnings():  # eager flex warns that it is unfused: on CPU we know, and accept it
+        warnings.simplefilter("ignore")
+        return fn(q, k, v, block_mask=bm, enable_gqa=q.size(1) != k.size(1))
+
+
+def resolve_attn_impl(impl: str, device: torch.device) -> str:
+    if impl == "auto":
+        return "flex" if (HAS_FLEX and device.type == "cuda") else "sdpa"
+    if impl == "flex" and not HAS_FLEX:
+        return "sdpa"
+    return impl
+
+
+# -----------------------------------------------------------------------------
+# Modules
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); rotate the pairs (x[i], x[i + D/2]) by position-dependent angles."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, has_ve: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d, hd = config.n_embd, config.head_dim
+        self.c_q = nn.Linear(d, self.n_head * hd, bias=False)
+        self.c_k = nn.Linear(d, self.n_kv_head * hd, bias=False)
+        self.c_v = nn.Linear(d, self.n_kv_head * hd, bias=False)
+        self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.ve_gate_channels = min(VE_GATE_CHANNELS, d)
+        self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
+
+    def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, mask_cache):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if ve is not None:
+            # value embedding: a second, token-indexed source of values; the gate in (0, 2) starts at 1
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))       # (B, T, Hkv)
+            ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
+        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)   # QK-norm, then rotary
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        # flex: training shapes only, and on CPU only without autograd (torch has no CPU flex backward)
+        if impl == "flex" and pos0 == 0 and k.size(2) == T and (q.is_cuda or not q.requires_grad):
+            y = attention_flex(q, k, v, window)
+        elif impl == "reference":
+            y = attention_reference(q, k, v, pos0, window)
+        else:  # sdpa, and flex's fallback (decode shapes are not worth a block mask)
+            y = attention_sdpa(q, k, v, pos0, window, mask_cache)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, has_ve: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx, has_ve)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, mask_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, window, pos0, kv_cache, impl, mask_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.window_sizes = config.window_sizes()
+        V, d = config.padded_vocab_size, config.n_embd
+        kv_dim = config.n_kv_head * config.head_dim
+        ve_layers = set(config.value_embed_layers())
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(V, d),
+            "h": nn.ModuleList([Block(config, i, i in ve_layers) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(d, V, bias=False)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in sorted(ve_layers)})
+        self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        # Rotary tables for 10x the training context so the engine can generate past it. Not
+        # persistent: they are a pure function of the config and are rebuilt by init_weights().
+        self.rotary_len = 10 * config.sequence_len
+        self.register_buffer("cos", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The init, in one place (sizes: d = n_embd):
+        - wte ~ N(0, 1): RMSNorm follows, so only direction matters; unit scale keeps AdamW steps relative.
+        - lm_head ~ N(0, 0.001): near-zero logits, so the first loss is ~ln(vocab).
+        - c_q, c_k, c_v, c_fc and value embeddings ~ U(-s, s), s = sqrt(3/d): std 1/sqrt(d), which keeps
+          unit-RMS inputs at unit-RMS outputs.
+        - both output projections (attn c_proj, mlp c_proj) = 0: every block starts as the identity.
+        - ve_gate = 0 (gate = 2*sigmoid(0) = 1); resid_lambdas = 1, x0_lambdas = 0.1.
+        - rotary cos/sin recomputed (base 100k)."""
+        d = self.config.n_embd
+        s = math.sqrt(3.0 / d)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -s, s)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        self._init_rotary()
+
+    def _init_rotary(self) -> None:
+        hd = self.config.head_dim
+        device = self.cos.device
+        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        t = torch.arange(self.rotary_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        self.cos.copy_(freqs.cos()[None, None])
+        self.sin.copy_(freqs.sin()[None, None])
+
+    # -- sizes ----------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_scaling_params(self) -> int:
+        """Transformer matrices + lm_head (no embeddings, no scalars); see count_params."""
+        return sum(p.numel() for p in self.transformer.h.parameters()) + self.lm_head.weight.numel()
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token at sequence_len (see flops_per_token)."""
+        return flops_per_token(self.config)
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    # -- forward --------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: Any = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        B, T = idx.shape
+        pos0 = kv_cache.get_pos() if kv_cache is not None else 0
+        if pos0 + T > self.rotary_len:
+            raise NanochatError(f"sequence of {pos0 + T} tokens exceeds the model's rotary table ({self.rotary_len})")
+        cos, sin = self.cos[:, :, pos0:pos0 + T], self.sin[:, :, pos0:pos0 + T]
+        impl = resolve_attn_impl(self.config.attn_impl, idx.device)
+        mask_cache: dict = {}   # explicit masks shared by the layers of this forward that use the same window
+
+        x = norm(self.transformer.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, mask_cache)
+        x = norm(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+    # -- optimizer ------------------------------------------------------------
+    def setup_optimizer(self, matrix_lr: float = 0.02, embedding_lr: float = 0.3, unembedding_lr: float = 0.008,
+                        scalar_lr: float = 0.5, weight_decay: float = 0.0,
+                        adam_betas: tuple[float, float] = (0.8, 0.95)):
+        """Muon for every 2-D matrix inside the blocks, AdamW for embeddings, lm_head and scalars.
+        Groups come in a fixed order (AdamW groups, then one Muon group per matrix shape in order of first
+        appearance), and every group carries the parameter names (optimizer-state checkpoints are keyed by
+        name, so they survive a change of world size)."""
+        from nanochat_core.muon import MuonAdamW
+        # AdamW LRs were tuned at d_model = 768; the reference scales them by 1/sqrt(d_model/768) because
+        # wider embeddings / unembeddings want proportionally smaller steps.
+        scale = (self.config.n_embd / 768) ** -0.5
+        named = dict(self.named_parameters())
+        def names(prefix: str) -> list[str]:
+            return [n for n in named if n == prefix or n.startswith(prefix + ".")]
+        groups: list[dict] = []
+        def adamw(ns: list[str], lr: float, betas=adam_betas) -> None:
+            if ns:
+                groups.append(dict(kind="adamw", names=ns, params=[named[n] for n in ns], lr=lr,
+                                   betas=betas, eps=1e-10, weight_decay=0.0))
+        adamw(names("lm_head"), unembedding_lr * scale)
+        adamw(names("transformer.wte"), embedding_lr * scale)
+        adamw(names("value_embeds"), embedding_lr * scale)
+        # residual scalars sit on the main path of every layer: 0.01 x the scalar LR (as the reference does);
+        # x0 scalars get a slower first moment (beta1 0.96), also as the reference does.
+        adamw(names("resid_lambdas"), scalar_lr * 0.01)
+        adamw(names("x0_lambdas"), scalar_lr, betas=(0.96, adam_betas[1]))
+        by_shape: dict[tuple, list[str]] = {}
+        for n in names("transformer.h"):
+            if named[n].ndim != 2:
+                raise NanochatError(f"unexpected non-matrix parameter in the blocks: {n}")
+            by_shape.setdefault(tuple(named[n].shape), []).append(n)
+        for ns in by_shape.values():
+            groups.append(dict(kind="muon", names=ns, params=[named[n] for n in ns], lr=matrix_lr,
+                               momentum=0.95, beta2=0.95, weight_decay=weight_decay, ns_steps=5))
+        covered = [n for g in groups for n in g["names"]]
+        assert sorted(covered) == sorted(named), "every parameter must be in exactly one optimizer group"
+        return MuonAdamW(groups)
