@@ -1,0 +1,1 @@
+"""Data that ships with the package: dataset sources, the bundled public-domain corpus, local chat data."""

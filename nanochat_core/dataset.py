@@ -1,0 +1,329 @@
+"""
+Pre-training data: parquet shards with a "text" column, the LAST shard of a source being validation.
+
+Where shards come from is data, not code (nanochat_core/data/sources.json):
+  - "climbmix"    NVIDIA ClimbMix-400B shuffle shards (default on the cloud)
+  - "fineweb-edu" FineWeb-Edu 100B shuffle shards
+  - "bundled"     the small public-domain corpus shipped inside the package (the local default, and tests)
+plus, given as the source argument instead of a name: a local directory of shards, or a text file
+listing shard URLs (one per line, optionally followed by `size=<bytes>` and/or `sha256=<hex>`).
+
+The downloader is built for flaky links: parallel workers, retries with exponential backoff, resume of a
+partial file with an HTTP Range request, bytes written to a hidden `.part` file and renamed into place only
+once complete and verified (size / sha256 where known, and a readable parquet footer). So a reader never
+sees a half shard under its final name, and a killed download resumes where it stopped.
+
+    python -m nanochat_core.dataset --source climbmix -n 8      # 8 training shards + the validation shard
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanochat_core.common import NanochatError, atomic_write_bytes, data_dir, emit, run_main, sha256_file
+
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+SOURCES_FILE = PACKAGE_DATA / "sources.json"
+BUNDLED_DIR = PACKAGE_DATA / "bundled"
+DEFAULT_SOURCE = "climbmix"
+PERMANENT_HTTP = {400, 401, 403, 404, 410}    # asking again will not help
+
+
+@dataclass
+class Source:
+    name: str
+    urls: list[str] = field(default_factory=list)       # every shard of the source, in order; last = validation
+    local_dir: Path | None = None                       # shards already on disk: nothing to download
+    bundled: bool = False
+    sizes: dict[int, int] = field(default_factory=dict)    # shard index -> bytes, where known
+    sha256: dict[int, str] = field(default_factory=dict)   # shard index -> hex digest, where known
+
+
+def load_sources() -> dict[str, dict]:
+    return json.loads(SOURCES_FILE.read_text(encoding="utf-8"))
+
+
+def resolve_source(spec: str | os.PathLike | list[str] | Source) -> Source:
+    """A source name from sources.json, a local directory of parquet shards, a file listing shard URLs,
+    or a list of URLs."""
+    if isinstance(spec, Source):
+        return spec
+    if isinstance(spec, list):
+        return _url_list_source("urls", [str(u) for u in spec])
+    sources = load_sources()
+    if str(spec) in sources:
+        entry = sources[str(spec)]
+        if entry.get("bundled"):
+            return Source(name=str(spec), bundled=True)
+        urls = [entry["url_template"].format(index=i) for i in range(int(entry["num_shards"]))]
+        return Source(name=str(spec), urls=urls)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        list_shards(path)  # fails clearly if there are none
+        return Source(name=path.name, local_dir=path)
+    if path.is_file():
+        lines = [ln.split("#")[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        return _url_list_source(path.stem, [ln for ln in lines if ln])
+    raise NanochatError(f"unknown data source {str(spec)!r}: use one of {', '.join(sources)}, "
+                        "a directory of parquet shards, or a file listing shard URLs")
+
+
+def _url_list_source(name: str, lines: list[str]) -> Source:
+    src = Source(name=name)
+    for i, line in enumerate(lines):
+        url, *extras = line.split()
+        if not url.startswith(("http://", "https://")):
+            raise NanochatError(f"line {i + 1} of the URL list is not an http(s) URL: {url!r}")
+        src.urls.append(url)
+        for extra in extras:
+            key, _, value = extra.partition("=")
+            if key == "size" and value.isdigit():
+                src.sizes[i] = int(value)
+            elif key == "sha256" and len(value) == 64:
+                src.sha256[i] = value.lower()
+            else:
+                raise NanochatError(f"line {i + 1} of the URL list: expected size=<bytes> or sha256=<hex>, got {extra!r}")
+    if not src.urls:
+        raise NanochatError(f"the URL list {name!r} is empty")
+    return src
+
+
+# -----------------------------------------------------------------------------
+# Shards on disk
+
+def list_shards(directory: str | os.PathLike) -> list[Path]:
+    """Sorted parquet shards of a data directory; the last one is the validation shard.
+    Hidden files (downloads in progress) are never listed."""
+    d = Path(directory)
+    shards = sorted(p for p in d.glob("*.parquet") if not p.name.startswith(".")) if d.is_dir() else []
+    if not shards:
+        raise NanochatError(f"no parquet shards in {d}: run `python -m nanochat_core.dataset` or pass a directory with *.parquet files")
+    return shards
+
+
+def split_shards(directory: str | os.PathLike, split: str) -> list[Path]:
+    """train = every shard but the last, val = the last one."""
+    shards = list_shards(directory)
+    if split not in ("train", "val"):
+        raise NanochatError(f"split must be 'train' or 'val', got {split!r}")
+    if len(shards) < 2:
+        raise NanochatError(f"{directory} has {len(shards)} shard: need at least 2 (the last one is validation)")
+    return shards[:-1] if split == "train" else shards[-1:]
+
+
+def open_parquet(path: str | os.PathLike, column: str = "text"):
+    """pyarrow ParquetFile with a clear error for a file that is not readable parquet or lacks `column`."""
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError) for the same problem
+        raise NanochatError(f"cannot read parquet shard {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "delete it and download again") from None
+    if column not in pf.schema_arrow.names:
+        raise NanochatError(f"parquet shard {path} has no {column!r} column (columns: {pf.schema_arrow.names})")
+    return pf
+
+
+def ensure_bundled(dest: str | os.PathLike) -> Path:
+    """Put the bundled corpus in `dest` as ordinary parquet shards (same interface as downloaded data).
+    Cheap when already there: files whose size and hash match are left alone."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shipped = sorted(BUNDLED_DIR.glob("shard_*.parquet"))
+    if not shipped:
+        raise NanochatError(f"the bundled corpus is missing from {BUNDLED_DIR}: reinstall nanochat")
+    names = {p.name for p in shipped}
+    for stale in dest.glob("shard_*.parquet"):
+        if stale.name not in names:
+            stale.unlink()
+    for src in shipped:
+        dst = dest / src.name
+        if dst.is_file() and dst.stat().st_size == src.stat().st_size and sha256_file(dst) == sha256_file(src):
+            continue
+        atomic_write_bytes(dst, src.read_bytes())
+    return dest
+
+
+# -----------------------------------------------------------------------------
+# Downloading
+
+def _shard_indices(total: int, num_shards: int | None) -> list[int]:
+    """The first num_shards training shards plus the validation shard (the source's last)."""
+    if total < 2:
+        return list(range(total))
+    n_train = total - 1 if num_shards is None or num_shards < 0 else min(num_shards, total - 1)
+    return list(range(n_train)) + [total - 1]
+
+
+def download(source: str | Source | list[str], num_shards: int | None, dest: str | os.PathLike, workers: int = 8,
+             *, timeout: float = 30.0, retries: int = 6, backoff: float = 2.0, progress: bool = True) -> list[Path]:
+    """Download the first `num_shards` training shards (None/-1: all) and the validation shard into `dest`.
+    Returns the shard paths in order. Raises NanochatError when a shard cannot be fetched."""
+    import httpx
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    src = resolve_source(source)
+    if src.bundled or src.local_dir:
+        raise NanochatError(f"source {src.name!r} is already local: use prepare_data() instead of download()")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    indices = _shard_indices(len(src.urls), num_shards)
+    finals = {i: dest / f"shard_{i:05d}.parquet" for i in indices}
+    todo = [i for i in indices if not _complete(finals[i], src.sizes.get(i), src.sha256.get(i))]
+    if not todo:
+        return [finals[i] for i in indices]
+
+    bar = Progress(TextColumn("[bold]data[/] {task.fields[done]}/{task.fields[n]} shards"), BarColumn(),
+                   DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), disable=not progress, transient=False)
+    task = bar.add_task("download", total=None, done=0, n=len(todo))
+    lock = threading.Lock()
+    known_total = [0]
+
+    def add_total(n: int) -> None:
+        with lock:
+            known_total[0] += n
+            bar.update(task, total=known_total[0])
+
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    with bar, httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True, limits=limits) as client:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="download") as pool:
+            futures = {pool.submit(_fetch_one, client, src.urls[i], finals[i], src.sizes.get(i), src.sha256.get(i),
+                                   retries, backoff, lambda n: bar.advance(task, n), add_total): i for i in todo}
+            done = 0
+            try:
+                for fut in as_completed(futures):
+                    fut.result()
+                    done += 1
+                    bar.update(task, done=done)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    return [finals[i] for i in indices]
+
+
+def _complete(path: Path, size: int | None, sha: str | None) -> bool:
+    if not path.is_file():
+        return False
+    if size is not None and path.stat().st_size != size:
+        return False
+    return sha is None or sha256_file(path) == sha
+
+
+def _fetch_one(client, url: str, final: Path, size: int | None, sha: str | None, retries: int, backoff: float,
+               on_bytes, on_total) -> Path:
+    """One shard: GET (resuming a .part file with Range), verify, rename into place."""
+    import httpx
+
+    part = final.with_name(f".{final.name}.part")
+    last_error = "no attempt made"
+    announced = False
+    for attempt in range(retries + 1):
+        if attempt:
+            # exponential backoff with jitter, capped at a minute: a throttled server gets room to recover
+            time.sleep(min(60.0, backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            with client.stream("GET", url, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                code = r.status_code
+                if code in PERMANENT_HTTP:
+                    part.unlink(missing_ok=True)
+                    raise NanochatError(f"{url} answered HTTP {code}: the shard does not exist or is not accessible; check the source")
+                if code == 416 and have:      # our .part may already hold every byte: verify below
+                    expected = _range_total(r.headers.get("content-range")) or size
+                elif code >= 500 or code == 429:
+                    last_error = f"HTTP {code}"
+                    continue
+                elif code in (200, 206):
+                    resumed = code == 206 and _range_start(r.headers.get("content-range")) == have
+                    length = int(r.headers.get("content-length", "-1"))
+                    expected = _range_total(r.headers.get("content-range")) if resumed else (length if length >= 0 else None)
+                    if not announced and expected:
+                        on_total(expected)
+                        announced = True
+                    with open(part, "ab" if resumed else "wb") as f:
+                        for chunk in r.iter_bytes(1 << 20):
+                            f.write(chunk)
+                            on_bytes(len(chunk))
+                        f.flush()
+                        os.fsync(f.fileno())
+                else:
+                    raise NanochatError(f"{url} answered HTTP {code}, which the downloader does not understand")
+        except httpx.HTTPError as e:         # timeouts, refused/reset connections, bodies cut short
+            last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            continue
+        got = part.stat().st_size if part.exists() else 0
+        expected = size or expected
+        if expected is not None and got < expected:
+            last_error = f"short download ({got} of {expected} bytes)"
+            continue
+        if (expected is not None and got != expected) or (sha and sha256_file(part) != sha):
+            part.unlink(missing_ok=True)     # corrupt: start over from byte 0
+            last_error = "size or sha256 mismatch"
+            continue
+        try:
+            open_parquet(part)
+        except NanochatError:
+            part.unlink(missing_ok=True)
+            raise NanochatError(f"{url} did not deliver a readable parquet file with a 'text' column") from None
+        os.replace(part, final)
+        return final
+    raise NanochatError(f"could not download {url} after {retries + 1} attempts (last: {last_error}); "
+                        "check the network and run again - finished bytes are kept and resumed")
+
+
+def _range_start(content_range: str | None) -> int | None:
+    try:  # "bytes 100-199/200"
+        return int(content_range.split()[1].split("-")[0])
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def _range_total(content_range: str | None) -> int | None:
+    try:
+        total = content_range.rsplit("/", 1)[1]
+        return None if total == "*" else int(total)
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+# -----------------------------------------------------------------------------
+
+def prepare_data(source: str | os.PathLike | list[str] = DEFAULT_SOURCE, num_shards: int | None = 8,
+                 workers: int = 8) -> Path:
+    """The data directory to train on: the bundled corpus unpacked, a local directory as is, or
+    $NANOCHAT_HOME/data/<source>/ with `num_shards` training shards + the validation shard downloaded."""
+    src = resolve_source(source)
+    t0 = time.time()
+    emit("stage_start", stage="data", source=src.name)
+    if src.bundled:
+        out = ensure_bundled(data_dir() / src.name)
+    elif src.local_dir is not None:
+        out = src.local_dir
+    else:
+        out = data_dir() / src.name
+        download(src, num_shards, out, workers)
+    emit("stage_end", stage="data", seconds=round(time.time() - t0, 2), path=str(out), shards=len(list_shards(out)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Download / unpack pre-training shards.")
+    ap.add_argument("--source", default=DEFAULT_SOURCE,
+                    help=f"one of {', '.join(load_sources())}, a directory of shards, or a file of shard URLs")
+    ap.add_argument("-n", "--num-shards", type=int, default=8, help="training shards to fetch (-1: all); the validation shard always comes too")
+    ap.add_argument("-w", "--workers", type=int, default=8)
+    args = ap.parse_args()
+    out = prepare_data(args.source, args.num_shards, args.workers)
+    print(f"{len(list_shards(out))} shards in {out} (last = validation)")
+
+
+if __name__ == "__main__":
+    run_main(main)
