@@ -1,0 +1,312 @@
+"""
+The pieces every training stage (base, mid, SFT, RL) shares, so that each stage's file is only its loop:
+
+- StopGuard: SIGTERM / SIGINT / a wall-clock deadline set a flag; the loop then saves and exits cleanly.
+- SaveCadence: checkpoint every N minutes and/or every N steps (and the loop saves at the end).
+- agree(): one small all-reduce per step so that every rank stops / saves at the SAME step (a rank
+  that saves alone would hang in the checkpoint's collectives).
+- lr_multiplier / muon_momentum / apply_schedule: the schedules (DESIGN.md: warmup, constant, linear
+  warmdown; Muon momentum 0.85 -> 0.97 over 400 steps). Pure functions of the step, so resume is exact.
+- ProgressMeter: `progress` events (the CLI's cost meter and progress panel read nothing else).
+- resume(): find the latest good checkpoint, load it, say `resumed from step N`.
+- evaluate_bpb(): validation bits per byte, the vocab-independent loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from nanochat_core import checkpoint
+from nanochat_core.common import NanochatError, emit, print0
+
+
+def process_start_time() -> float:
+    """Unix time at which this process started (Linux: from /proc; elsewhere: first import of this
+    module, which is close). `--deadline SECONDS` counts from here, so slow imports count too."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORT_TIME
+
+
+_IMPORT_TIME = time.time()
+
+
+# -----------------------------------------------------------------------------
+# Stopping: signals and deadlines
+
+class StopGuard:
+    """Turns SIGTERM (spot preemption notice, `kill`, torchrun shutting down) and SIGINT (Ctrl-C) into
+    a flag the loop polls once per step, and knows the wall-clock deadline.
+
+    deadline = min(process start + deadline_s, env NANOCHAT_DEADLINE [absolute unix time]).
+    The loop must stop early enough to still write a checkpoint, so `should_stop()` fires at
+    deadline - margin, where margin = 2 x the slowest step seen + 1.5 x the last save time (or an
+    estimate from the model size before the first save) + 1 s."""
+
+    def __init__(self, deadline_s: float | None = None, est_save_s: float = 1.0):
+        limits = []
+        if deadline_s is not None:
+            limits.append(process_start_time() + deadline_s)
+        if os.environ.get("NANOCHAT_DEADLINE"):
+            try:
+                limits.append(float(os.environ["NANOCHAT_DEADLINE"]))
+            except ValueError:
+                raise NanochatError("NANOCHAT_DEADLINE must be a unix time in seconds") from None
+        self.deadline = min(limits) if limits else None
+        self.signum: int | None = None
+        self.step_s = 0.0
+        self.save_s = est_save_s
+        self._previous = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user means it, do not wait for the save
+        self.signum = signum
+        print0(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping", flush=True)
+
+    def note_step(self, seconds: float) -> None:
+        self.step_s = max(self.step_s, seconds)
+
+    def note_save(self, seconds: float) -> None:
+        self.save_s = seconds
+
+    def margin(self) -> float:
+        return 2 * self.step_s + 1.5 * self.save_s + 1.0
+
+    def should_stop(self) -> bool:
+        """Local view (this rank). Use `agree()` to make all ranks decide together."""
+        if self.signum is not None:
+            return True
+        return self.deadline is not None and time.time() >= self.deadline - self.margin()
+
+    def reason(self) -> str:
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        return "deadline"
+
+    def exit_code(self) -> int:
+        """0 after SIGTERM or a deadline (a clean, resumable stop); 130 after Ctrl-C (as the shell expects)."""
+        return 130 if self.signum == signal.SIGINT else 0
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+class SaveCadence:
+    """When to write a periodic checkpoint: every `minutes` of wall time and/or every `steps` steps
+    (either may be 0 = off). A crash loses at most this much work."""
+
+    def __init__(self, minutes: float = 0.0, steps: int = 0):
+        self.minutes, self.steps = minutes, steps
+        self.last = time.time()
+
+    def due(self, step: int) -> bool:
+        if self.steps and step % self.steps == 0:
+            return True
+        return bool(self.minutes) and time.time() - self.last >= 60 * self.minutes
+
+    def saved(self) -> None:
+        self.last = time.time()
+
+
+def agree(*flags: bool, device: Any = "cpu") -> list[bool]:
+    """True for a flag if it is true on ANY rank (one tiny all-reduce; no-op on a single process)."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# Schedules (pure functions of the step: a resumed run follows exactly the same curve)
+
+WARMDOWN_RATIO = 0.5   # linear decay to zero over the last 50% of steps (DESIGN.md: ~50-65%)
+FINAL_LR_FRAC = 0.0
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0,
+                  warmdown_ratio: float = WARMDOWN_RATIO, final_frac: float = FINAL_LR_FRAC) -> float:
+    """Short linear warmup, constant, then linear warmdown to `final_frac` at the last step."""
+    warmdown_steps = round(warmdown_ratio * total_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step <= total_steps - warmdown_steps or warmdown_steps == 0:
+        return 1.0
+    progress = (total_steps - step) / warmdown_steps
+    return progress + (1 - progress) * final_frac
+
+
+def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: float = 0.97) -> float:
+    """Muon momentum ramps 0.85 -> 0.97 over the first 400 steps: low momentum while the weights are
+    moving fast at the start, high once the direction is stable (DESIGN.md)."""
+    frac = min(step / ramp_steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
+def apply_schedule(optimizer: Any, lr_mult: float, momentum: float | None = None) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"]) * lr_mult
+        if momentum is not None and group.get("kind") == "muon":
+            group["momentum"] = momentum
+
+
+def remember_initial_lr(optimizer: Any) -> None:
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+
+
+# -----------------------------------------------------------------------------
+# The step: forward/backward over gradient-accumulation micro-batches
+
+def autocast_context(device_type: str):
+    """bf16 autocast on CUDA (weights stay fp32 - the 'master' copy), nothing elsewhere: bf16 matmuls
+    on a typical AVX2 CPU are ~100x slower than fp32 (DESIGN.md)."""
+    import torch
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_backward(model: Any, batches: Iterator, grad_accum: int, device_type: str):
+    """Run `grad_accum` micro-batches, accumulate gradients of the MEAN loss. Returns the mean loss as
+    a detached device tensor (no host sync here; the meter decides when to read it)."""
+    total = None
+    for _ in range(grad_accum):
+        x, y = next(batches)
+        with autocast_context(device_type):
+            loss = model(x, y)
+        (loss / grad_accum).backward()
+        d = loss.detach()
+        total = d if total is None else total + d
+    return total / grad_accum
+
+
+# -----------------------------------------------------------------------------
+# Progress
+
+class ProgressMeter:
+    """Emits `progress` events: at every `every_steps` steps if set, else about every `every_s`
+    seconds, and always on the first and last step. loss = mean over the steps since the last event;
+    tokens/s over the same window; MFU = achieved FLOP/s / (peak x world size), in percent;
+    elapsed_s = training seconds including those before a resume."""
+
+    def __init__(self, stage: str, total_steps: int, tokens_per_step: int, flops_per_token: float,
+                 peak_flops: float, world_size: int = 1, every_s: float = 2.0, every_steps: int = 0,
+                 elapsed_before: float = 0.0):
+        self.stage, self.total_steps = stage, total_steps
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak = peak_flops * world_size
+        self.every_s, self.every_steps = every_s, every_steps
+        self.elapsed_before = elapsed_before
+        self.start = self.window_start = time.time()
+        self.loss_sum = None
+        self.n = 0
+        self.first = True
+        self.last: dict = {}
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.start
+
+    def update(self, step: int, loss) -> dict | None:
+        """Call after finishing step `step` (1-based count of completed steps)."""
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.n += 1
+        now = time.time()
+        if self.every_steps:
+            due = step % self.every_steps == 0
+        else:
+            due = now - self.window_start >= self.every_s
+        if not (due or self.first or step == self.total_steps):
+            return None
+        self.first = False
+        dt = max(now - self.window_start, 1e-9)
+        tps = self.n * self.tokens_per_step / dt
+        loss_value = float(self.loss_sum) / self.n
+        if not math.isfinite(loss_value):
+            raise NanochatError(f"loss became {loss_value} at step {step}: lower the learning rate or check the data")
+        self.last = emit("progress", stage=self.stage, step=step, total_steps=self.total_steps,
+                         loss=round(loss_value, 6), tokens_per_sec=round(tps, 1),
+                         mfu=round(100 * tps * self.flops_per_token / self.peak, 2),
+                         elapsed_s=round(self.elapsed(), 2))
+        self.window_start, self.loss_sum, self.n = now, None, 0
+        return self.last
+
+
+# -----------------------------------------------------------------------------
+# Resume
+
+def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str, rank: int = 0,
+           tokenizer_hash: str | None = None) -> dict | None:
+    """Load the newest intact checkpoint of `stage_dir` (rank 0 picks and verifies it, everyone loads
+    it). Returns its meta (with loader_states / rng_states for the caller), or None for a fresh start."""
+    found = checkpoint.find_latest(stage_dir) if rank == 0 else None
+    found = checkpoint._broadcast(str(found) if found else None)
+    if found is None:
+        return None
+    meta = checkpoint.load_checkpoint(found, model, optimizer)
+    if tokenizer_hash and meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer_hash:
+        raise NanochatError(f"{found} was trained with a different tokenizer than the one in the run dir: "
+                            "use a new --run-dir or restore the original tokenizer")
+    print0(f"resumed from step {meta['step']}")
+    emit("resumed", stage=stage, step=meta["step"])
+    return meta
+
+
+def save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, rank: int, world_size: int,
+         loader_state: dict | None, stage: str, guard: StopGuard | None = None) -> Path:
+    """save_checkpoint + the `checkpoint` event + teaching the guard how long a save takes."""
+    t0 = time.time()
+    path = checkpoint.save_checkpoint(stage_dir, step, model, optimizer, meta, rank, world_size,
+                                      loader_state=loader_state)
+    if guard is not None:
+        guard.note_save(time.time() - t0)
+    emit("checkpoint", stage=stage, step=step, path=str(path))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: bits per byte
+
+def evaluate_bpb(model: Any, batches: Iterator, steps: int, token_bytes, device_type: str) -> float:
+    """Validation loss in bits per byte: sum of per-token losses (nats) over tokens that stand for real
+    text, divided by ln 2 x the bytes those tokens stand for. Special tokens (0 bytes) and ignored
+    targets (-1) count for neither, which makes the number comparable across vocab sizes."""
+    import torch
+    import torch.distributed as dist
+    was_training = model.training
+    model.eval()
+    nats = bytes_ = None
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y = next(batches)
+            with autocast_context(device_type):
+                loss = model(x, y, loss_reduction="none").float().view(-1)
+            y = y.reshape(-1)
+            nb = token_bytes.to(y.device)[y.clamp(min=0)] * (y >= 0)
+            n = (loss * (nb > 0)).sum()
+            b = nb.sum().to(torch.float32)
+            nats = n if nats is None else nats + n
+            bytes_ = b if bytes_ is None else bytes_ + b
+    totals = torch.stack([nats, bytes_]).to(torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    if totals[1].item() == 0:
+        raise NanochatError("validation data has no text tokens: check the data directory")
+    return (totals[0] / (math.log(2) * totals[1])).item()
