@@ -65,6 +65,7 @@ class StopGuard:
         self.deadline = min(limits) if limits else None
         self.signum: int | None = None
         self.step_s = 0.0
+        self.steps_seen = 0
         self.save_s = est_save_s
         self._previous = {}
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -77,7 +78,10 @@ class StopGuard:
         print0(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping", flush=True)
 
     def note_step(self, seconds: float) -> None:
-        self.step_s = max(self.step_s, seconds)
+        """Slowest step so far, ignoring the first one (it carries torch.compile / warm-up time)."""
+        self.steps_seen += 1
+        if self.steps_seen > 1 or self.step_s == 0.0:
+            self.step_s = seconds if self.steps_seen == 2 else max(self.step_s, seconds)
 
     def note_save(self, seconds: float) -> None:
         self.save_s = seconds

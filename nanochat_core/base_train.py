@@ -1,0 +1,371 @@
+"""
+Pre-training (the "base" stage):  python -m nanochat_core.base_train --run-dir DIR [--depth N] ...
+                         several GPUs: torchrun --standalone --nproc_per_node=8 -m nanochat_core.base_train ...
+
+One dial, --depth. Everything else is derived from it (and from the hardware) in `make_plan`, with the
+rule and its source written next to each line. The plan is stored in every checkpoint; a restarted run
+(same command, same run dir) finds the latest intact checkpoint, takes the plan from it - NOT from the
+flags or from a fresh timing - and continues on exactly the same curve. On CPU the continuation is bit
+for bit the same as a run that was never interrupted (tested with kill -9).
+
+Stopping: SIGTERM (spot preemption notice) or a deadline (--deadline / env NANOCHAT_DEADLINE, set by the
+budget guard) -> save a checkpoint, exit 0. Ctrl-C -> save, exit 130. Ctrl-C twice -> exit at once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from nanochat_core import checkpoint, training
+from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, device_memory_gb, device_peak_flops,
+                                  emit, init_runtime, print0, run_main, set_seed)
+
+STAGE = "base"
+
+# -----------------------------------------------------------------------------
+# Reference point of the scaling rules (DESIGN.md): the d12 model at vocab 32768, seq 2048 trains with a
+# total batch of 2^19 tokens; the optimal batch grows as (training tokens)^0.383 ("Power Lines"); since
+# tokens = ratio x scaling params ~ depth^3, that is ~ depth^1.15 - which lands on 2^19 at d12 and 2^20
+# for d18-d26, as in the reference runs.
+B_REF = 2 ** 19
+REF_DEPTH, REF_VOCAB, REF_SEQ = 12, 32768, 2048
+BATCH_EXPONENT = 0.383
+DEFAULT_RATIO = 10.0        # tokens : scaling params; the reference uses 8-12 (Chinchilla's 20 is for
+                            # compute-optimal loss, not the time-optimal GPT-2-grade run)
+WEIGHT_DECAY_REF = 0.28     # Muon weight decay at the reference point
+MAX_DECAY_PER_STEP = 0.01   # cap on lr x wd for very short runs (see make_plan)
+
+# Per-GPU device-batch presets (rows of seq 2048 per GPU per micro-step), keyed by GPU memory and depth,
+# so the default run fits instead of dying with OOM. Starting points: the reference trains d20 with 32
+# rows on 80 GB cards and drops to 16 / 8 rows for deeper models; smaller cards scale down in proportion.
+# Rows for other sequence lengths scale by 2048/T (same tokens per micro-step). docs/PERFORMANCE.md lists
+# which rows were measured; an explicit --device-batch-size always wins.
+#   (min GB, [(max depth, rows), ...])
+GPU_PRESETS = [
+    (120, [(12, 64), (20, 32), (26, 32), (10**9, 16)]),   # H200 141 GB, B200
+    (70,  [(12, 32), (20, 32), (26, 16), (10**9, 8)]),    # H100 / A100 80 GB
+    (36,  [(12, 16), (20, 16), (26, 8),  (10**9, 4)]),    # A100 40 GB, L40S / A6000 48 GB
+    (20,  [(12, 8),  (20, 4),  (26, 2),  (10**9, 1)]),    # RTX 3090 / 4090 / A10G 24 GB
+    (0,   [(12, 4),  (20, 2),  (26, 1),  (10**9, 1)]),    # smaller cards: may still need a smaller --depth
+]
+CPU_TOKENS_PER_MICRO_STEP = 2048   # CPU: memory is not the limit; ~2K tokens keeps a step under a second
+
+
+def preset_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: float | None) -> int:
+    if device_type != "cuda" or memory_gb is None:
+        return max(1, CPU_TOKENS_PER_MICRO_STEP // seq_len)
+    rows = next(r for gb, r in GPU_PRESETS if memory_gb >= gb)
+    at_2048 = next(b for max_depth, b in rows if depth <= max_depth)
+    return max(1, at_2048 * 2048 // seq_len)
+
+
+def power_of_two(x: float) -> int:
+    return 2 ** max(0, round(math.log2(max(x, 1.0))))
+
+
+# -----------------------------------------------------------------------------
+# The plan: everything derived from the flags, the tokenizer and the hardware, fixed at the first start
+
+def make_plan(args, vocab_size: int, world_size: int, device_type: str) -> dict:
+    from nanochat_core.model import config_for_depth, count_params
+    config = config_for_depth(args.depth, vocab_size, sequence_len=args.seq_len, head_dim=args.head_dim)
+    n_scaling = count_params(config)["scaling"]
+    ref_scaling = reference_scaling_params()
+    T = args.seq_len
+    B = args.device_batch_size or preset_device_batch(args.depth, T, device_type, device_memory_gb())
+    if args.total_batch_size:
+        total = args.total_batch_size
+    elif device_type == "cuda":
+        total = power_of_two(B_REF * (n_scaling / ref_scaling) ** BATCH_EXPONENT)
+    else:
+        # A toy CPU run lives on many small steps: even the d4 Power-Lines batch (~2^17 tokens) would give a
+        # handful of steps in minutes. So on CPU the batch is what one micro-step of all ranks holds.
+        total = B * T * world_size
+    total = max(total, T * world_size)
+    B = fit_device_batch(total, B, T, world_size, explicit=bool(args.device_batch_size))
+    plan = {
+        "depth": args.depth, "config": dataclasses.asdict(config), "scaling_params": n_scaling,
+        "total_batch_size": total, "seq_len": T, "seed": args.seed,
+    }
+    if args.steps:
+        plan["total_steps"], plan["horizon"] = args.steps, f"--steps {args.steps}"
+    elif args.minutes:
+        plan["total_steps"], plan["horizon"] = None, f"--minutes {args.minutes}"   # set after timing a step
+    else:
+        ratio = args.target_param_data_ratio
+        plan["total_steps"] = max(1, round(ratio * n_scaling / total))
+        plan["horizon"] = f"{ratio} x {n_scaling:,} scaling params"
+    # LR ~ sqrt(B / B_ref) (the square-root rule for adaptive optimizers). On CPU the batch is ~256x below
+    # B_ref on purpose (see above); scaling the LRs down 16x there made toy runs barely learn, so CPU keeps
+    # the reference LRs.
+    plan["lr_scale"] = math.sqrt(total / B_REF) if device_type == "cuda" else 1.0
+    plan["device_batch_size"] = B
+    return plan
+
+
+def reference_scaling_params() -> int:
+    from nanochat_core.model import config_for_depth, count_params
+    return count_params(config_for_depth(REF_DEPTH, REF_VOCAB, sequence_len=REF_SEQ))["scaling"]
+
+
+def finish_plan(plan: dict) -> None:
+    """Derivations that need the horizon: weight decay and warmup."""
+    steps = plan["total_steps"]
+    ref_steps = DEFAULT_RATIO * reference_scaling_params() / B_REF
+    # Weight decay: keep the total decay over training (sum of lr x wd over steps) equal to the reference
+    # run's - the "AdamW timescale" argument, equivalent to wd ~ sqrt(B/B_ref) x D_ref/D when LR ~ sqrt(B).
+    # Very short runs would get a huge per-step decay from that, so lr x wd is capped at 1% per step.
+    matrix_lr = 0.02 * plan["lr_scale"]
+    wd = WEIGHT_DECAY_REF * (0.02 / matrix_lr) * (ref_steps / steps)
+    plan["weight_decay"] = min(wd, MAX_DECAY_PER_STEP / matrix_lr)
+    # Warmup: short - 2% of the run, at most 40 steps (the reference warms up for a few dozen steps).
+    plan["warmup_steps"] = min(40, max(1, steps // 50))
+
+
+def fit_device_batch(total: int, B: int, T: int, world: int, explicit: bool) -> int:
+    """Largest device batch <= B whose micro-step (B x T x world tokens) divides the total batch."""
+    b = B
+    while b >= 1 and total % (b * T * world) != 0:
+        b -= 1
+    if b < 1:
+        raise NanochatError(f"total batch {total} tokens is not a multiple of seq_len x world size ({T} x {world}): "
+                            "pick --total-batch-size as a multiple of that")
+    if explicit and b != B:
+        raise NanochatError(f"--device-batch-size {B} does not divide the total batch ({total} tokens = "
+                            f"{total // (T * world)} rows over {world} rank(s)); try {b}")
+    return b
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.base_train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="tokenizer in RUN_DIR/tokenizer, checkpoints to RUN_DIR/base")
+    p.add_argument("--depth", type=int, default=20, help="the one model dial (width = 64 x depth)")
+    p.add_argument("--data", type=Path, default=None, help="directory of parquet shards (default: the bundled corpus)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--head-dim", type=int, default=128, help="attention head size (tiny models: 32 or 64)")
+    p.add_argument("--device-batch-size", type=int, default=None, help="rows per GPU per micro-step (default: per-GPU preset)")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: derived from depth)")
+    p.add_argument("--steps", type=int, default=None, help="horizon: a fixed number of steps")
+    p.add_argument("--minutes", type=float, default=None, help="horizon: as many steps as fit in this many minutes (timed once, then fixed)")
+    p.add_argument("--target-param-data-ratio", type=float, default=DEFAULT_RATIO, help="horizon: tokens = ratio x scaling params")
+    p.add_argument("--eval-every", type=int, default=None, help="val bits-per-byte every N steps (default: 250 on GPU, only at the end on CPU)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation")
+    p.add_argument("--save-every-minutes", type=float, default=None, help="checkpoint cadence in minutes (default 30 on GPU, 1 on CPU)")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--deadline", type=float, default=None, help="stop and save before this many seconds after process start")
+    p.add_argument("--log-every", type=int, default=0, help="progress event every N steps (default: about every 2 s)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on for CUDA)")
+    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
+    a = p.parse_args(argv)
+    for name in ("depth", "seq_len", "head_dim", "device_batch_size", "total_batch_size", "steps"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise NanochatError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
+    if a.minutes is not None and a.minutes <= 0:
+        raise NanochatError("--minutes must be > 0")
+    return a
+
+
+def build_model(config_dict: dict, device, compile_model: bool):
+    import torch
+    from nanochat_core.model import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config_dict))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model, (torch.compile(model, dynamic=False) if compile_model else model)
+
+
+def make_optimizer(model, plan: dict):
+    s = plan["lr_scale"]
+    opt = model.setup_optimizer(matrix_lr=0.02 * s, embedding_lr=0.3 * s, unembedding_lr=0.008 * s,
+                                scalar_lr=0.5 * s, weight_decay=plan["weight_decay"])
+    training.remember_initial_lr(opt)
+    return opt
+
+
+def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, vocab: int, device, device_type) -> float:
+    """Seconds per optimizer step, measured on random tokens (1 warm-up step, then 2 timed). Used once,
+    to turn --minutes into a fixed number of steps; the caller re-initialises model and optimizer."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    def batches():
+        while True:
+            x = torch.randint(0, vocab, (B, T + 1), generator=g).to(device)
+            yield x[:, :-1], x[:, 1:]
+    it = batches()
+    times = []
+    for _ in range(3):
+        t0 = time.time()
+        training.forward_backward(fwd, it, grad_accum, device_type)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t0)
+    return sum(times[1:]) / 2
+
+
+def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
+    """A few greedy tokens without a KV cache: enough to show the model is alive at the end of a stage."""
+    import torch
+    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+    n0 = len(ids)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            ctx = torch.tensor([ids[-model.config.sequence_len:]], device=device)
+            ids.append(int(model(ctx)[0, -1].argmax()))
+    return prompt + tokenizer.decode(ids[n0:])
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    import torch
+    from nanochat_core.dataloader import DataLoader
+    from nanochat_core.dataset import ensure_bundled
+    from nanochat_core.tokenizer import get_tokenizer
+
+    args = parse_args(argv)
+    rt = init_runtime(args.device)
+    if rt.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    guard = training.StopGuard(args.deadline)
+    t_start = time.time()
+    tokenizer = get_tokenizer(args.run_dir)
+    if args.data is None:
+        data = data_dir() / "bundled"
+        if rt.master:
+            ensure_bundled(data)
+        checkpoint._barrier()
+    else:
+        data = args.data
+    stage_dir = args.run_dir / STAGE
+
+    # Resume point first: if there is one, its plan wins over flags and timing (exact continuation).
+    found = checkpoint.find_latest(stage_dir) if rt.master else None
+    found = checkpoint._broadcast(str(found) if found else None)
+    if found:
+        plan = checkpoint.read_meta(found)["plan"]
+        if plan["depth"] != args.depth or plan["seq_len"] != args.seq_len:
+            raise NanochatError(f"{stage_dir} holds a depth-{plan['depth']} seq-{plan['seq_len']} run: pass the same "
+                                "flags to resume, or use a new --run-dir")
+        plan["device_batch_size"] = fit_device_batch(plan["total_batch_size"], args.device_batch_size or
+                                                     preset_device_batch(plan["depth"], plan["seq_len"], rt.device_type,
+                                                                         device_memory_gb()),
+                                                     plan["seq_len"], rt.world_size, bool(args.device_batch_size))
+    else:
+        plan = make_plan(args, tokenizer.get_vocab_size(), rt.world_size, rt.device_type)
+    B, T = plan["device_batch_size"], plan["seq_len"]
+    grad_accum = plan["total_batch_size"] // (B * T * rt.world_size)
+    compile_model = args.compile == "on" or (args.compile == "auto" and rt.device_type == "cuda")
+
+    set_seed(plan["seed"])
+    model, fwd = build_model(plan["config"], rt.device, compile_model)
+    if plan["total_steps"] is None:  # --minutes: time a step once, fix the horizon, store it in the plan
+        opt = make_optimizer(model, {**plan, "weight_decay": 0.0})
+        step_s = time_one_step(model, fwd, opt, B, T, grad_accum, model.config.vocab_size, rt.device, rt.device_type)
+        reserve = 0.1  # of the minutes: room for the final eval, save and sample
+        budget = args.minutes * 60 * (1 - reserve) - (time.time() - training.process_start_time())
+        plan["total_steps"] = checkpoint._broadcast(max(1, int(budget / step_s)))  # rank 0's count for all
+        plan["timed_step_s"] = round(step_s, 4)
+        del opt
+        set_seed(plan["seed"])
+        model.init_weights()  # back to the exact initial weights: the timing steps leave no trace
+        model.zero_grad(set_to_none=True)
+        if guard.deadline is None or guard.deadline > training.process_start_time() + args.minutes * 60:
+            guard.deadline = training.process_start_time() + args.minutes * 60  # hard cap if the timing was off
+    if "warmup_steps" not in plan:
+        finish_plan(plan)
+    optimizer = make_optimizer(model, plan)
+    total_steps = plan["total_steps"]
+
+    loader = DataLoader(tokenizer, B, T, data, split="train", rank=rt.rank, world_size=rt.world_size,
+                        device=rt.device, seed=plan["seed"])
+    step, elapsed_before = 0, 0.0
+    if found:
+        meta = training.resume(stage_dir, model, optimizer, STAGE, rt.rank, tokenizer.hash)
+        step, elapsed_before = meta["step"], meta.get("train_seconds", 0.0)
+        loader.load_state_dict(meta["loader_states"])
+        if meta["world_size"] == rt.world_size:
+            checkpoint.restore_rng_state(meta["rng_states"][rt.rank])
+    batches = iter(loader)
+
+    tokens_per_step = plan["total_batch_size"]
+    print0(f"base: depth {plan['depth']}, {model.num_params():,} params ({plan['scaling_params']:,} scaling), "
+           f"{total_steps} steps x {tokens_per_step:,} tokens ({plan['horizon']}), device batch {B} x {T}, "
+           f"grad accum {grad_accum}, world {rt.world_size}, lr scale {plan['lr_scale']:.3g}, "
+           f"wd {plan['weight_decay']:.3g}, warmup {plan['warmup_steps']}, {rt.device_type}"
+           f"{', compiled' if compile_model else ''}")
+    on_gpu = rt.device_type == "cuda"
+    eval_every = args.eval_every if args.eval_every is not None else (250 if on_gpu else 0)
+    eval_tokens = args.eval_tokens or (10 * 2**20 if on_gpu else 8 * B * T * rt.world_size)
+    eval_steps = max(1, eval_tokens // (B * T * rt.world_size))
+    token_bytes = tokenizer.token_bytes().to(rt.device)
+    cadence = training.SaveCadence(args.save_every_minutes if args.save_every_minutes is not None
+                                   else (30.0 if on_gpu else 1.0), args.save_every_steps)
+    meter = training.ProgressMeter(STAGE, total_steps, tokens_per_step, model.estimate_flops(),
+                                   device_peak_flops(rt.device), rt.world_size, every_steps=args.log_every,
+                                   elapsed_before=elapsed_before)
+
+    def run_eval() -> float:
+        val = iter(DataLoader(tokenizer, B, T, data, split="val", rank=rt.rank, world_size=rt.world_size,
+                              device=rt.device, seed=0))
+        bpb = training.evaluate_bpb(fwd, val, eval_steps, token_bytes, rt.device_type)
+        emit("eval", stage=STAGE, metrics={"val_bpb": round(bpb, 6), "step": step})
+        return bpb
+
+    def save_now() -> None:
+        meta = {"stage": STAGE, "plan": plan, "tokenizer_hash": tokenizer.hash,
+                "train_seconds": round(meter.elapsed(), 2), "last_loss": meter.last.get("loss")}
+        training.save(stage_dir, step, model, optimizer, meta, rt.rank, rt.world_size, loader.state_dict(),
+                      STAGE, guard)
+        cadence.saved()
+
+    model.train()
+    stopped = False
+    while step < total_steps:
+        t0 = time.time()
+        training.apply_schedule(optimizer, training.lr_multiplier(step, total_steps, plan["warmup_steps"]),
+                                training.muon_momentum(step))
+        loss = training.forward_backward(fwd, batches, grad_accum, rt.device_type)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        meter.update(step, loss)
+        guard.note_step(time.time() - t0)
+        if eval_every and step % eval_every == 0 and step < total_steps:
+            run_eval()
+        stop, due = training.agree(guard.should_stop(), cadence.due(step), device=rt.device)
+        if stop and step < total_steps:
+            save_now()
+            print0(f"stopped at step {step}/{total_steps} ({guard.reason()}); run the same command again to resume")
+            stopped = True
+            break
+        if due and step < total_steps:
+            save_now()
+
+    if not stopped:
+        bpb = run_eval()
+        if not found or step > checkpoint.read_meta(found)["step"]:
+            save_now()
+        if rt.master:
+            emit("sample", stage=STAGE, text=greedy_sample(model, tokenizer, "The", 24, rt.device))
+        emit("stage_end", stage=STAGE, seconds=round(time.time() - t_start, 2), val_bpb=round(bpb, 6))
+    guard.restore()
+    cleanup_runtime()
+    if stopped and guard.exit_code():
+        sys.exit(guard.exit_code())
+
+
+if __name__ == "__main__":
+    run_main(main)
