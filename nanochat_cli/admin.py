@@ -1,0 +1,219 @@
+"""
+The bookkeeping commands: status (what is running and what it costs), pull (bring a run home, verified),
+eval (run the evaluation stages and print the table) and down (stop spending; idempotent).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from nanochat_core.common import NanochatError
+from nanochat_cli import state
+from nanochat_cli.cost import fmt_duration
+from nanochat_cli.flows import _console, backend_for, confirm, follow, local_cluster
+
+
+def cluster_summary(rec: dict, now: float) -> dict:
+    uptime = max(0.0, now - float(rec.get("launched_at") or now))
+    price = float(rec.get("price_per_hour") or 0.0)
+    spent = price * uptime / 3600
+    budget = rec.get("budget")
+    return {"name": rec["name"], "backend": rec.get("backend"), "cloud": rec.get("offer", {}).get("cloud"),
+            "region": rec.get("offer", {}).get("region"), "instance_type": rec.get("offer", {}).get("instance_type"),
+            "nodes": rec.get("nodes", 1), "spot": bool(rec.get("spot")), "uptime_s": round(uptime, 1),
+            "price_per_hour": price, "spent": round(spent, 4),
+            "budget": budget, "budget_left": None if budget is None else round(budget - spent, 4)}
+
+
+def run_summaries() -> list[dict]:
+    out = []
+    for rd in state.list_runs():
+        job = state.read_job(rd)
+        if not job:
+            continue
+        cluster = state.get_cluster(job.get("cluster")) or {"name": job.get("cluster"), "backend": job.get("backend")}
+        try:
+            job_state = backend_for(cluster).job_state(cluster, rd) if state.get_cluster(job.get("cluster")) \
+                else job.get("state")
+        except NanochatError:
+            job_state = "UNKNOWN"
+        out.append({"run": rd.name, "cluster": job.get("cluster"), "job_id": job.get("job_id"),
+                    "state": job_state, "run_dir": str(rd), "submitted_at": job.get("submitted_at")})
+    return out
+
+
+def cmd_status(*, json_out: bool) -> None:
+    now = time.time()
+    clusters = [cluster_summary(r, now) for r in state.load_clusters().values()]
+    for c in clusters:
+        rec = state.get_cluster(c["name"])
+        if c["backend"] == "sky":
+            try:
+                c["state"] = backend_for(rec).cluster_state(rec)
+            except NanochatError as e:
+                c["state"] = f"unknown ({e})"
+        else:
+            c["state"] = "UP"
+    runs = run_summaries()
+    if json_out:
+        print(json.dumps({"clusters": clusters, "jobs": runs}))
+        return
+    from rich.table import Table
+    con = _console()
+    if not clusters and not runs:
+        con.print("no clusters and no runs. Start with `nanochat train --local`, or `nanochat up --dryrun` "
+                  "to compare cloud offers.")
+        return
+    t = Table(title="clusters", title_justify="left")
+    for col in ("name", "where", "state", "uptime", "$/h", "spent", "budget left"):
+        t.add_column(col, justify="right" if col in ("$/h", "spent", "budget left") else "left")
+    for c in clusters:
+        where = "this machine" if c["backend"] == "local" else f"{c['cloud']} {c['region']} {c['instance_type']}"
+        t.add_row(c["name"], where, c["state"], fmt_duration(c["uptime_s"]), f"{c['price_per_hour']:.2f}",
+                  f"${c['spent']:.2f}", "-" if c["budget_left"] is None else f"${c['budget_left']:.2f}")
+    con.print(t)
+    if runs:
+        j = Table(title="runs", title_justify="left")
+        for col in ("run", "cluster", "job", "state", "results"):
+            j.add_column(col)
+        for r in runs:
+            j.add_row(r["run"], str(r["cluster"]), str(r["job_id"]), str(r["state"]), r["run_dir"])
+        con.print(j)
+
+
+def _pick_run(name: str | None) -> Path:
+    if name:
+        rd = state.run_dir(name)
+        if not rd.exists():
+            raise NanochatError(f"nothing to pull: no run named '{name}'; `nanochat status` lists runs")
+        return rd
+    for rd in state.list_runs():
+        if (rd / ".job.json").exists():
+            return rd
+    raise NanochatError("nothing to pull: no run has been started. Train one with `nanochat train` "
+                        "(or `nanochat train --local`) first")
+
+
+def cmd_pull(*, name: str | None, dest: Path | None) -> None:
+    rd = _pick_run(name)
+    job = state.read_job(rd) or {}
+    cluster = state.get_cluster(job.get("cluster"))
+    if cluster is None:
+        if job.get("backend") == "local" or (rd / "MANIFEST.sha256").exists():
+            cluster = local_cluster() if job.get("backend") == "local" else None
+        if cluster is None:
+            raise NanochatError(f"nothing to pull: the cluster of run '{rd.name}' is gone and no bucket was "
+                                "configured; pulled runs are already in " + str(rd))
+    target = (dest or rd).expanduser()
+    backend = backend_for(cluster)
+    if backend.job_state(cluster, rd) == "RUNNING":
+        raise NanochatError(f"run '{rd.name}' is still running; pull after it finishes (`nanochat logs` "
+                            "shows progress)")
+    start = time.time()
+    n = backend.pull(cluster, rd, target)
+    print(f"pulled run '{rd.name}' to {target}: {n} files verified against MANIFEST.sha256 "
+          f"({time.time() - start:.1f}s). Next: `nanochat chat --checkpoint {target}`")
+
+
+def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool) -> None:
+    if checkpoint is not None:
+        rd = checkpoint.expanduser().resolve()
+        # A checkpoint directory (run/base/ckpt_000500) belongs to the run two levels up.
+        while rd.parent != rd and not (rd / "tokenizer").exists() and rd.name.startswith(("ckpt", "base", "mid",
+                                                                                           "sft", "rl")):
+            rd = rd.parent
+        if not rd.is_dir():
+            raise NanochatError(f"{checkpoint} does not exist")
+    elif name:
+        rd = state.run_dir(name)
+    else:
+        from nanochat_cli.flows import resolve_checkpoint
+        rd = resolve_checkpoint(None)
+    if not rd.is_dir():
+        raise NanochatError(f"no run at {rd}: `nanochat status` lists runs")
+    job = state.read_job(rd) or {}
+    cluster = None if local else state.get_cluster(job.get("cluster"))
+    if cluster is None or cluster.get("backend") == "local":
+        cluster = local_cluster()
+        args = ["--preset", "local"]
+    else:
+        plan = state.read_json(rd / "plan.json") or {}
+        args = ["--preset", plan.get("preset", "cloud")]
+    args += ["--stages", "eval,report", "--force"]
+    backend = backend_for(cluster)
+    if cluster.get("backend") == "local":
+        backend.launch(cluster, rd, args)
+    else:
+        backend.launch(cluster, rd, args, state.read_json(rd / "plan.json") or {})
+    state.save_log_position(rd, (rd / "pipeline.log").stat().st_size if (rd / "pipeline.log").exists() else 0)
+    final = follow(rd) if not json_out else _wait_quietly(backend, cluster, rd)
+    if final is None:
+        return  # detached with Ctrl-C; follow() said how to re-attach
+    if final != "SUCCEEDED":
+        raise NanochatError(f"evaluation of '{rd.name}' ended {final}; see `nanochat logs --name {rd.name} "
+                            "--from-start`")
+    if cluster.get("backend") != "local":
+        backend.pull(cluster, rd, rd)
+    from nanochat_core.report import collect_metrics
+    metrics = collect_metrics(rd)
+    if json_out:
+        print(json.dumps(metrics))
+        return
+    print_metrics(metrics, rd)
+
+
+def _wait_quietly(backend, cluster, rd) -> str | None:
+    for _line, _pos in backend.tail(cluster, rd, state.log_position(rd)):
+        pass
+    return backend.job_state(cluster, rd)
+
+
+def print_metrics(metrics: dict, rd: Path) -> None:
+    from rich.table import Table
+    stages = [s for s in ("BASE", "MID", "SFT", "RL") if metrics.get(s)]
+    names = sorted({m for s in stages for m in metrics[s]})
+    t = Table(title=f"metrics · {rd.name}", title_justify="left")
+    t.add_column("metric")
+    for s in stages:
+        t.add_column(s, justify="right")
+    for m in names:
+        t.add_row(m, *[_fmt(metrics[s].get(m)) for s in stages])
+    _console().print(t)
+    if (rd / "report.md").exists():
+        print(f"report: {rd / 'report.md'}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def cmd_down(*, yes: bool, cluster: str | None) -> None:
+    clusters = state.load_clusters()
+    if cluster is not None:
+        clusters = {k: v for k, v in clusters.items() if k == cluster}
+    if not clusters:
+        print("nothing to tear down: no clusters are recorded" + (f" under the name '{cluster}'" if cluster else "")
+              + ". (`sky status` shows anything started outside nanochat.)")
+        return
+    paid = [c for c in clusters.values() if c.get("backend") != "local"]
+    if paid:
+        confirm("Tear down " + ", ".join(c["name"] for c in paid) + "? Anything not pulled is lost", yes)
+    total = 0.0
+    now = time.time()
+    for name, rec in clusters.items():
+        backend = backend_for(rec)
+        stopped = backend.down(rec)
+        cost = None
+        if rec.get("backend") != "local":
+            cost = backend.final_cost(rec)
+        if cost is None:
+            cost = cluster_summary(rec, now)["spent"]
+        total += cost
+        state.remove_cluster(name)
+        extra = f" (stopped run {', '.join(stopped)})" if stopped else ""
+        print(f"down: '{name}'{extra}; final cost ${cost:.2f}")
+    if len(clusters) > 1:
+        print(f"total: ${total:.2f}")
+    sys.stdout.flush()

@@ -1,0 +1,298 @@
+"""
+The multi-step commands: up, train, logs. (status, pull, eval, down live in admin.py.)
+Each function here is what one `nanochat <command>` does after Typer parsed its options.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from nanochat_core.common import NanochatError
+from nanochat_cli import state
+
+LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
+               "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
+               "enabled": True}
+# Minutes of idle time after which the cluster tears itself down (the cluster-side safety net).
+DEFAULT_AUTOSTOP_MIN = 10
+# Seconds kept free at the end of the budget for teardown (the node's job ends before this).
+TEARDOWN_MARGIN_S = 300
+
+
+def backend_for(cluster: dict):
+    if cluster.get("backend") == "local":
+        from nanochat_cli.local_backend import LocalBackend
+        return LocalBackend()
+    from nanochat_cli.sky_backend import SkyBackend  # imports sky: only now
+    return SkyBackend()
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
+
+
+def confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise NanochatError(f"{question} - not asked because input is not a terminal; add --yes to confirm")
+    import typer
+    if not typer.confirm(question, default=False):
+        raise NanochatError("cancelled; nothing was started")
+
+
+def split_clouds(clouds: str | None) -> list[str] | None:
+    if not clouds:
+        return None
+    out = [c.strip().lower() for c in clouds.split(",") if c.strip()]
+    if not out:
+        raise NanochatError("--clouds needs at least one cloud name, e.g. --clouds aws,gcp")
+    return out
+
+
+def local_cluster() -> dict:
+    rec = state.get_cluster(state.LOCAL_CLUSTER)
+    if rec is None:
+        rec = state.save_cluster(state.new_cluster_record(state.LOCAL_CLUSTER, "local", dict(LOCAL_OFFER)))
+    return rec
+
+
+# -----------------------------------------------------------------------------
+# up
+
+def offers_table(offers: list[dict], title: str):
+    from rich.table import Table
+    t = Table(title=title, title_justify="left")
+    for col in ("#", "cloud", "region", "instance", "GPUs", "spot", "$/h", "interconnect", "enabled"):
+        t.add_column(col, justify="right" if col in ("#", "$/h") else "left")
+    for i, o in enumerate(offers, 1):
+        t.add_row(str(i), o["cloud"], o["region"], o["instance_type"], o["accelerators"],
+                  "yes" if o["spot"] else "no", f"{o['price_per_hour']:.2f}", o["interconnect"],
+                  "[green]yes[/]" if o["enabled"] else "[dim]no[/]")
+    return t
+
+
+def rank(gpus, spot, clouds, allow_pcie, max_price, json_out):
+    from nanochat_cli import sky_backend
+    result = sky_backend.rank_offers(gpus, clouds=split_clouds(clouds), spot=spot, allow_pcie=allow_pcie,
+                                     max_price=max_price)
+    err = _console(stderr=True)
+    for note in result.notes:
+        err.print(f"[dim]note: {note}[/]")
+    if not json_out:
+        _console().print(offers_table(result.offers[:25], f"{gpus} offers, cheapest first"
+                                      + (" (spot prices)" if spot else "")))
+        if len(result.offers) > 25:
+            print(f"... {len(result.offers) - 25} more (use --json for all)")
+    return result
+
+
+def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_price, name, autostop, local):
+    if local:
+        rec = local_cluster()
+        if json_out:
+            print(json.dumps({"offers": [rec["offer"]]}))
+        else:
+            print(f"cluster '{rec['name']}' is this machine ($0/h); next: `nanochat train --local`")
+        return
+    result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out)
+    if json_out:
+        print(json.dumps({"offers": result.offers}))
+    if dryrun:
+        return
+    from nanochat_cli import sky_backend
+    offer = sky_backend.choose(result, spot=spot, max_price=max_price)
+    existing = state.get_cluster(name)
+    if existing and existing.get("backend") == "sky":
+        raise NanochatError(f"cluster '{name}' is already up; `nanochat train` uses it, "
+                            f"`nanochat down --cluster {name}` removes it, --cluster picks another name")
+    confirm(f"Provision {nodes} x {offer['instance_type']} on {offer['cloud']} ({offer['region']}) at "
+            f"${offer['price_per_hour'] * nodes:.2f}/h?", yes)
+    rec = state.new_cluster_record(name, "sky", offer, nodes=nodes, spot=spot, autostop_minutes=autostop)
+    sky_backend.SkyBackend().provision(rec)
+    state.save_cluster(rec)
+    if not json_out:
+        print(f"cluster '{name}' is up: {offer['cloud']} {offer['instance_type']} ${rec['price_per_hour']:.2f}/h; "
+              f"it tears itself down after {autostop} idle minutes. Next: `nanochat train --budget 100`")
+
+
+# -----------------------------------------------------------------------------
+# train
+
+def _local_plan(depth, steps, minutes) -> dict:
+    stages = ["tok", "base", "sft", "eval", "report"]
+    est_min = {"tok": 0.5, "base": (minutes or 2.5), "sft": 1.0, "eval": 1.0, "report": 0.1}
+    return {"offer": dict(LOCAL_OFFER), "depth": depth or 4, "params": None, "tokens": None,
+            "hours": round(sum(est_min.values()) / 60, 3), "cost": 0.0,
+            "stages": [{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in stages]}
+
+
+def _print_plan(plan: dict, budget: float | None) -> None:
+    from rich.table import Table
+    o = plan["offer"]
+    t = Table(title=f"Plan: depth {plan['depth']} on {o['cloud']} {o['instance_type']} "
+                    f"({o['accelerators']}{', spot' if o['spot'] else ''}) at ${o['price_per_hour']:.2f}/h",
+              title_justify="left")
+    t.add_column("stage")
+    t.add_column("hours", justify="right")
+    t.add_column("cost", justify="right")
+    for s in plan["stages"]:
+        t.add_row(s["name"], f"{s['hours']:.2f}", f"${s['cost']:.2f}")
+    t.add_row("[bold]total", f"[bold]{plan['hours']:.2f}", f"[bold]${plan['cost']:.2f}")
+    c = _console()
+    c.print(t)
+    if plan.get("params"):
+        c.print(f"model: {plan['params'] / 1e6:,.0f}M params, {plan['tokens'] / 1e9:.2f}B training tokens; "
+                f"throughput {plan.get('tokens_per_sec', 0):,.0f} tok/s ({plan.get('throughput_source', '')})")
+    if plan.get("expected_core") is not None:
+        c.print(f"the anchor scored CORE {plan['expected_core']:.4f} at this size ({plan['expected_core_source']})")
+    if budget:
+        c.print(f"budget: ${budget:.2f} (hard cap: training stops early to leave room for SFT and evals)")
+
+
+def _dryrun_json(plan: dict) -> dict:
+    keys = ("offer", "depth", "params", "tokens", "hours", "cost", "stages")
+    return {k: plan[k] for k in keys}
+
+
+def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name, gpus, clouds, nodes,
+              cluster, keep, steps, minutes, data, bucket):
+    from nanochat_cli.planner import make_plan, parse_budget
+    budget_usd = parse_budget(budget)
+    if depth is not None and not 1 <= depth <= 64:
+        raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+    if local:
+        plan = _local_plan(depth, steps, minutes)
+        rec = None if dryrun else local_cluster()
+        run_name = name or "local"
+        args = ["--preset", "local"]
+    else:
+        rec = state.get_cluster(cluster) if cluster else state.get_cluster(None)
+        if rec is not None and rec.get("backend") != "sky":
+            rec = None if not cluster else rec
+            if rec is not None:
+                raise NanochatError(f"cluster '{cluster}' is the local machine: use `nanochat train --local`")
+        if cluster and rec is None:
+            raise NanochatError(f"no cluster named '{cluster}': `nanochat status` lists them, `nanochat up` makes one")
+        if rec is not None:
+            offer = rec["offer"]
+            nodes = rec.get("nodes", nodes)
+        else:
+            result = rank(gpus, spot, clouds, False, None, json_out=True)  # quiet ranking; the plan is shown
+            from nanochat_cli import sky_backend
+            offer = sky_backend.choose(result, spot=spot, max_price=None)
+        p = make_plan(offer, budget_usd, depth, nodes)
+        plan = p.to_json()
+        run_name = name or f"d{p.depth}"
+        args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
+                "--nnodes", str(nodes)]
+    if json_out and dryrun:
+        print(json.dumps(_dryrun_json(plan)))
+        return
+    if not json_out:
+        _print_plan(plan, None if local else budget_usd)
+    if dryrun:
+        return
+    if depth is not None and local:
+        args += ["--depth", str(depth)]
+    args += ["--steps", str(steps)] if steps else []
+    args += ["--minutes", str(minutes)] if minutes else []
+    args += ["--data", data] if data else []
+    rd = state.run_dir(run_name)
+    now = time.time()
+    if not local:
+        confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${budget_usd:.2f})?", yes)
+        # The budget is a hard cap counted from now: the trainer's deadline leaves room for teardown; the
+        # pipeline itself reserves time for SFT and evals after base training (RESERVE_AFTER_BASE_S).
+        deadline = now + budget_usd / max(plan["price_per_hour"], 1e-9) * 3600 - TEARDOWN_MARGIN_S
+        args += ["--deadline-at", f"{deadline:.0f}"]
+        plan["deadline_at"] = deadline
+    plan.update(budget=None if local else budget_usd, price_per_hour=plan["offer"]["price_per_hour"] * (
+        1 if local else nodes), run=run_name, created_at=now, preset="local" if local else "cloud",
+        spot=spot, nodes=nodes, keep=keep, bucket=bucket)
+    state.write_plan(rd, plan)
+    if local:
+        backend = backend_for(rec)
+        job = backend.launch(rec, rd, args)
+    else:
+        from nanochat_cli.sky_backend import SkyBackend
+        if rec is None:
+            rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
+                                           budget=budget_usd, autostop_minutes=DEFAULT_AUTOSTOP_MIN)
+        rec.update(budget=budget_usd, keep=keep, bucket=bucket)
+        job = SkyBackend().launch(rec, rd, args, plan)
+        state.save_cluster(rec)
+    state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
+    state.save_log_position(rd, 0)
+    if json_out:
+        print(json.dumps({"run": run_name, "run_dir": str(rd), "cluster": rec["name"], "job_id": job["job_id"]}))
+    else:
+        print(f"run '{run_name}' started on '{rec['name']}' (job {job['job_id']}); results in {rd}")
+    if detach or json_out:
+        print(f"`nanochat logs --name {run_name}` attaches to it; `nanochat down` stops it.", file=sys.stderr)
+        return
+    follow(rd, from_start=True)
+
+
+# -----------------------------------------------------------------------------
+# logs
+
+def follow(rd: Path, from_start: bool = False, follow_on: bool = True) -> str | None:
+    """Stream a run's log with the live panel until it ends or the user detaches (Ctrl-C).
+    Returns the job's final state."""
+    from nanochat_cli.cost import CostMeter
+    from nanochat_cli.stream import RunView, resilient, watch
+    job = state.read_job(rd)
+    if not job:
+        raise NanochatError(f"run '{rd.name}' has no job yet: start it with `nanochat train`")
+    cluster = state.get_cluster(job.get("cluster")) or {"name": job.get("cluster"), "backend": job["backend"],
+                                                        "price_per_hour": 0.0, "launched_at": time.time()}
+    plan = state.read_json(rd / "plan.json") or {}
+    backend = backend_for(cluster)
+    meter = CostMeter(price_per_hour=float(cluster.get("price_per_hour") or 0.0),
+                      started_at=float(cluster.get("launched_at") or time.time()), budget=plan.get("budget"),
+                      planned_stages={s["name"]: s["hours"] for s in plan.get("stages", []) if s.get("hours")})
+    view = RunView(meter, title=f"nanochat · {rd.name} on {cluster['name']}")
+    pos = 0 if from_start else state.log_position(rd)
+    err = _console(stderr=True)
+
+    def on_retry(e: Exception, n: int) -> None:
+        err.print(f"[yellow]log connection dropped ({type(e).__name__}); reconnecting (attempt {n})...[/]")
+
+    lines = resilient(lambda p: backend.tail(cluster, rd, p, follow=follow_on), pos, on_retry=on_retry)
+    console = _console()
+    try:
+        watch(lines, view, rd, console, live=console.is_terminal, pos=pos)
+    except KeyboardInterrupt:
+        err.print(f"\ndetached: run '{rd.name}' keeps running (and spending). "
+                  f"Re-attach: `nanochat logs --name {rd.name}` · stop spending: `nanochat down`")
+        return None
+    final = backend.job_state(cluster, rd)
+    if final and final != "RUNNING":
+        err.print(f"run '{rd.name}': {final}" + (f" · cluster spend so far ${meter.spent():.2f}"
+                                                 if meter.price_per_hour else ""))
+    return final
+
+
+def cmd_logs(*, name, from_start, follow):
+    rd = state.find_run_for_logs(name)
+    final = globals()["follow"](rd, from_start=from_start, follow_on=follow)
+    if final == "FAILED":
+        raise NanochatError(f"run '{rd.name}' failed; the log above says why. Run the same `nanochat train` "
+                            "again to resume (finished stages are skipped)")
+
+
+def resolve_checkpoint(path: Path | None) -> Path:
+    if path is not None:
+        if not path.exists():
+            raise NanochatError(f"checkpoint {path} does not exist")
+        return path
+    for rd in state.list_runs():
+        if any((rd / stage).is_dir() for stage in ("rl", "sft", "mid", "base")):
+            return rd
+    raise NanochatError("no trained model found: run `nanochat train --local` (a few minutes, $0) "
+                        "or `nanochat pull` to bring a cloud run home")

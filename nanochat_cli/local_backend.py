@@ -1,0 +1,213 @@
+"""
+The local backend: runs the pipeline as a detached process on this machine, with the same surface as
+the SkyPilot backend (launch, job state, log tail, pull, down). It is what `--local` uses, and what the
+tests drive end to end without a cloud.
+
+A job is a small supervisor process (`python -m nanochat_cli.local_backend supervise ...`) in its own
+session: closing the terminal or pressing Ctrl-C in `nanochat train` does not stop it, exactly like a job
+on a cluster. The pipeline's stdout and stderr go straight into run_dir/pipeline.log (append mode, so a
+relaunched job continues the same log); readers follow that file by byte offset. The supervisor records
+the exit code in run_dir/.job.json.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from nanochat_core.common import NanochatError
+from nanochat_cli import pull as pull_mod
+from nanochat_cli import state
+
+# Tests and developers may point the backend at another module with the pipeline's command line.
+PIPELINE_MODULE_ENV = "NANOCHAT_PIPELINE_MODULE"
+
+RUNNING, SUCCEEDED, FAILED, CANCELLED = "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class LocalBackend:
+    name = "local"
+
+    def launch(self, cluster: dict, rd: Path, pipeline_args: list[str]) -> dict:
+        """Start the pipeline for run dir `rd`; returns the job record (also written to rd/.job.json)."""
+        old = state.read_job(rd)
+        if old and self.job_state(cluster, rd) == RUNNING:
+            raise NanochatError(f"run '{rd.name}' is already running (pid {old.get('pid')}): "
+                                "`nanochat logs` attaches to it, `nanochat down` stops it")
+        rd.mkdir(parents=True, exist_ok=True)
+        job_id = int((old or {}).get("job_id", 0)) + 1
+        module = os.environ.get(PIPELINE_MODULE_ENV, "nanochat_core.pipeline")
+        cmd = [sys.executable, "-u", "-m", module, "--run-dir", str(rd), *pipeline_args]
+        job = {"job_id": job_id, "backend": "local", "cluster": cluster["name"], "run": rd.name,
+               "cmd": cmd, "state": RUNNING, "submitted_at": time.time(), "pid": None}
+        state.write_job(rd, job)
+        sup = [sys.executable, "-m", "nanochat_cli.local_backend", "supervise", "--run-dir", str(rd), "--", *cmd]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The supervisor's own output is tiny; it goes to the log too so nothing is ever silently lost.
+        with open(rd / "pipeline.log", "ab") as log:
+            proc = subprocess.Popen(sup, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                    start_new_session=True, cwd=str(Path.cwd()))
+        job["pid"] = proc.pid
+        state.write_job(rd, job)
+        return job
+
+    def job_state(self, cluster: dict, rd: Path) -> str | None:
+        job = state.read_job(rd)
+        if not job:
+            return None
+        if job.get("state") == RUNNING and job.get("pid") and not _alive(job["pid"]):
+            # The supervisor died without recording an exit (killed, machine rebooted): a "preemption".
+            return FAILED if job.get("returncode") is None else job["state"]
+        return job.get("state")
+
+    def tail(self, cluster: dict, rd: Path, pos: int, follow: bool = True,
+             poll_s: float = 0.1) -> Iterator[tuple[str, int]]:
+        """Complete lines of rd/pipeline.log from byte offset `pos`, as (line, offset after it).
+        Follows until the job is no longer running and the file is fully read."""
+        path = rd / "pipeline.log"
+        buf = b""
+        while True:
+            running = self.job_state(cluster, rd) == RUNNING
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos + len(buf))
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            buf += chunk
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                pos += len(line) + 1
+                yield line.decode("utf-8", errors="replace"), pos
+            if not chunk:
+                if not running or not follow:
+                    return
+                time.sleep(poll_s)
+
+    def pull(self, cluster: dict, rd: Path, dest: Path) -> int:
+        if dest.resolve() != rd.resolve():
+            pull_mod.rsync(str(rd), dest)
+        return pull_mod.verify(dest)
+
+    def cancel(self, cluster: dict, rd: Path, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> bool:
+        """Stop the run's job and everything it started. True if something was running."""
+        job = state.read_job(rd)
+        if not job or not _alive(job.get("pid")):
+            return False
+        pids = _tree(job["pid"])
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        job = state.read_job(rd) or job
+        if job.get("state") == RUNNING:
+            job.update(state=CANCELLED, ended_at=time.time())
+            state.write_job(rd, job)
+        return True
+
+    def down(self, cluster: dict) -> list[str]:
+        """Stop every running local job; returns the run names stopped."""
+        stopped = []
+        for rd in state.list_runs():
+            job = state.read_job(rd)
+            if job and job.get("backend") == "local" and self.cancel(cluster, rd):
+                stopped.append(rd.name)
+        return stopped
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (the pipeline starts each stage in its own session, so a process
+    group kill would miss them)."""
+    try:
+        import psutil  # comes with SkyPilot; optional here
+        p = psutil.Process(pid)
+        return [pid] + [c.pid for c in p.children(recursive=True)]
+    except Exception:
+        pass
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().split(")")[-1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The supervisor: runs the pipeline, forwards SIGTERM/SIGINT to it, records how it ended.
+
+def _supervise(rd: Path, cmd: list[str]) -> int:
+    job = state.read_job(rd) or {}
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)  # inherits our stdout/stderr: the log file
+    job.update(pid=os.getpid(), child_pid=child.pid, started_at=time.time())
+    state.write_job(rd, job)
+
+    cancelled = []
+
+    def forward(signum, _frame):
+        cancelled.append(signum)
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = child.wait()
+    job = state.read_job(rd) or job
+    if job.get("state") == RUNNING:
+        job.update(state=SUCCEEDED if rc == 0 else (CANCELLED if cancelled else FAILED),
+                   returncode=rc, ended_at=time.time())
+        state.write_job(rd, job)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Hand-parsed on purpose: everything after "--" is the pipeline's own command line, untouched.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 4 or argv[0] != "supervise" or argv[1] != "--run-dir" or argv[3] != "--":
+        print("usage: python -m nanochat_cli.local_backend supervise --run-dir DIR -- CMD...", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_supervise(Path(argv[2]), argv[4:]))
+
+
+if __name__ == "__main__":
+    main()

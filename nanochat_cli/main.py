@@ -1,0 +1,210 @@
+"""
+The `nanochat` command. This module only declares the commands and their options; each command imports
+what it needs when it runs (torch, sky and rich.live are heavy), so `nanochat --help` answers at once.
+The work lives in small modules beside this one: planner (dollars -> run), cost (meter), state (records
+under $NANOCHAT_HOME), stream (live panel), local_backend / sky_backend (where the job runs), flows
+(the multi-step commands).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="nanochat",
+    help="Train an LLM from scratch within a budget, on any cloud or on this machine, then chat with it.\n\n"
+         "Start here: `nanochat train --local` (free, a few minutes on a laptop CPU), then `nanochat chat`.\n"
+         "On a cloud: `nanochat up --dryrun` to compare offers, `nanochat train --budget 100`, "
+         "`nanochat pull`, `nanochat down`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def friendly(fn):
+    """Turn user errors into one line on stderr and exit code 2 (never a traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from nanochat_core.common import NanochatError
+        try:
+            return fn(*args, **kwargs)
+        except NanochatError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise typer.Exit(2)
+    return wrapper
+
+
+# Options shared by several commands -------------------------------------------------------------
+
+GPUS = typer.Option("H100:8", "--gpus", help="GPU type and count per node, e.g. H100:8, A100-80GB:8, L4:1.")
+SPOT = typer.Option(False, "--spot", help="Use spot instances (cheaper, preemptible): a managed job that "
+                                          "recovers and resumes from the latest checkpoint.")
+CLOUDS = typer.Option(None, "--clouds", help="Only consider these clouds, comma-separated (e.g. aws,gcp,lambda).")
+NODES = typer.Option(1, "--nodes", min=1, max=64, help="Number of nodes (multi-node training via torchrun).")
+JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+CLUSTER = typer.Option(None, "--cluster", help="Cluster name (default: the most recently launched one).")
+RUN = typer.Option(None, "--name", help="Run name: results go to $NANOCHAT_HOME/runs/<name>/.")
+
+
+@app.command()
+@friendly
+def up(
+    gpus: str = GPUS,
+    spot: bool = SPOT,
+    clouds: Optional[str] = CLOUDS,
+    nodes: int = NODES,
+    dryrun: bool = typer.Option(False, "--dryrun", help="Only rank the offers; provision nothing."),
+    json_out: bool = JSON,
+    yes: bool = YES,
+    allow_pcie: bool = typer.Option(False, "--allow-pcie", help="Include multi-GPU offers without NVLink "
+                                                                "(PCIe only: much slower 8-GPU training)."),
+    max_price: Optional[float] = typer.Option(None, "--max-price", help="Ignore offers above this $/h per node."),
+    name: str = typer.Option("nanochat", "--cluster", help="Name of the cluster to create."),
+    autostop: int = typer.Option(10, "--autostop", min=1, help="Tear the cluster down after this many idle "
+                                                                "minutes (enforced on the cluster itself)."),
+    local: bool = typer.Option(False, "--local", help="Use this machine as the 'cluster' (no cloud, $0)."),
+) -> None:
+    """Rank GPU offers across clouds (price/h, region, spot, interconnect) and provision the cheapest."""
+    from nanochat_cli import flows
+    flows.cmd_up(gpus=gpus, spot=spot, clouds=clouds, nodes=nodes, dryrun=dryrun, json_out=json_out, yes=yes,
+                 allow_pcie=allow_pcie, max_price=max_price, name=name, autostop=autostop, local=local)
+
+
+@app.command()
+@friendly
+def train(
+    budget: str = typer.Option("100", "--budget", help="Hard cap in US dollars for the whole run."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Model depth (overrides the planner's choice)."),
+    local: bool = typer.Option(False, "--local", help="Train on this machine (CPU is fine): a tiny model on "
+                                                      "the bundled corpus in a few minutes, $0."),
+    spot: bool = SPOT,
+    detach: bool = typer.Option(False, "--detach", help="Start the run and return at once (`nanochat logs` "
+                                                        "attaches later)."),
+    dryrun: bool = typer.Option(False, "--dryrun", help="Show the plan and stop."),
+    json_out: bool = JSON,
+    yes: bool = YES,
+    name: Optional[str] = RUN,
+    gpus: str = GPUS,
+    clouds: Optional[str] = CLOUDS,
+    nodes: int = NODES,
+    cluster: Optional[str] = CLUSTER,
+    keep: bool = typer.Option(False, "--keep", help="Stop (not delete) the cluster when the run ends."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Fixed number of base-training steps "
+                                                              "(smoke runs)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Time-bound base training to this many "
+                                                                    "minutes."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data source: bundled, climbmix, fineweb-edu, "
+                                                            "a directory or URL list."),
+    bucket: Optional[str] = typer.Option(None, "--bucket", help="Bucket for checkpoints (s3://..., gs://...) "
+                                                                "so they outlive the node; needed to resume spot runs."),
+) -> None:
+    """Plan the run from the budget, launch the whole pipeline and stream it with a live cost meter."""
+    from nanochat_cli import flows
+    flows.cmd_train(budget=budget, depth=depth, local=local, spot=spot, detach=detach, dryrun=dryrun,
+                    json_out=json_out, yes=yes, name=name, gpus=gpus, clouds=clouds, nodes=nodes,
+                    cluster=cluster, keep=keep, steps=steps, minutes=minutes, data=data, bucket=bucket)
+
+
+@app.command()
+@friendly
+def logs(
+    name: Optional[str] = RUN,
+    from_start: bool = typer.Option(False, "--from-start", help="Replay the whole log instead of continuing "
+                                                                "where the last viewer stopped."),
+    follow: bool = typer.Option(True, "--follow/--no-follow", help="Keep streaming until the run ends."),
+) -> None:
+    """Re-attach to a run's log stream and cost meter (Ctrl-C detaches; the run keeps going)."""
+    from nanochat_cli import flows
+    flows.cmd_logs(name=name, from_start=from_start, follow=follow)
+
+
+@app.command()
+@friendly
+def status(json_out: bool = JSON) -> None:
+    """List clusters and runs: state, uptime, $/h, $ spent so far, budget left."""
+    from nanochat_cli import admin
+    admin.cmd_status(json_out=json_out)
+
+
+@app.command()
+@friendly
+def pull(
+    name: Optional[str] = RUN,
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Where to put the run (default: "
+                                                             "$NANOCHAT_HOME/runs/<name>)."),
+) -> None:
+    """Bring checkpoints, tokenizer and report home (resumable), verified against the run's manifest."""
+    from nanochat_cli import admin
+    admin.cmd_pull(name=name, dest=dest)
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    local: bool = typer.Option(False, "--local", help="Evaluate on this machine (a pulled or local run)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run directory or checkpoint "
+                                                                        "directory (default: latest run)."),
+    name: Optional[str] = RUN,
+    json_out: bool = JSON,
+) -> None:
+    """Run the evaluation suite, update report.md and print the metrics table."""
+    from nanochat_cli import admin
+    admin.cmd_eval(local=local, checkpoint=checkpoint, name=name, json_out=json_out)
+
+
+@app.command()
+@friendly
+def chat(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint directory "
+                                                                        "(default: the latest run)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer one prompt and exit."),
+    temperature: float = typer.Option(0.6, "--temperature", min=0.0, max=2.0, help="Sampling temperature."),
+    top_k: int = typer.Option(50, "--top-k", min=0, max=200, help="Sample from the k most likely tokens "
+                                                                  "(0 = all)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=4096, help="Longest reply in tokens."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: best available)."),
+) -> None:
+    """Chat in the terminal with your model."""
+    from nanochat_cli import flows
+    ckpt = flows.resolve_checkpoint(checkpoint)
+    from nanochat_core.chat import run_chat
+    run_chat(checkpoint=str(ckpt), prompt=prompt, temperature=temperature, top_k=top_k,
+             max_tokens=max_tokens, device=device)
+
+
+@app.command()
+@friendly
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint directory "
+                                                                        "(default: the latest run)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: best available)."),
+) -> None:
+    """Web chat UI and an OpenAI-compatible /v1/chat/completions endpoint (streaming)."""
+    from nanochat_cli import flows
+    ckpt = flows.resolve_checkpoint(checkpoint)
+    from nanochat_core.serve import run_server
+    run_server(host=host, port=port, checkpoint=str(ckpt), device=device)
+
+
+@app.command()
+@friendly
+def down(
+    yes: bool = YES,
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Only this cluster (default: all of ours)."),
+) -> None:
+    """Tear down clusters and stop running jobs; prints the final cost. Safe to run twice."""
+    from nanochat_cli import admin
+    admin.cmd_down(yes=yes, cluster=cluster)
+
+
+if __name__ == "__main__":
+    app()

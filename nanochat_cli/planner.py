@@ -1,0 +1,194 @@
+"""
+Dollars -> a run. Given an offer ($/h for a node with N GPUs of one type) and a budget, pick the largest
+model depth whose compute-optimal training, plus the fixed work around it (setup, tokenizer, midtraining,
+SFT, evals), fits inside the budget - and say what it will cost, how long each stage takes and what the
+anchor (Karpathy's nanochat) scored at that size.
+
+Pure arithmetic: no torch, no sky. Every number that is an estimate says where it came from, so that the
+benchmark issue can replace estimates with measurements row by row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from nanochat_core.common import NanochatError
+
+VOCAB = 32768          # the cloud preset's tokenizer (DESIGN.md)
+SEQ_LEN = 2048
+TOKENS_PER_PARAM = 10  # nanochat trains ~8-12 tokens per scaling param (Chinchilla: 20); we take the middle
+DEPTHS = list(range(4, 34, 2))  # the planner's search space; d4 is the smallest model worth training
+
+# Dense bf16 peaks (FLOP/s) per GPU, from vendor datasheets (no sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "A100-80GB": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12}
+
+# Model FLOPs utilisation assumed per GPU family. H100 = 0.50 is the anchor's measured figure
+# (nanochat: ~50% bf16 MFU on 8xH100, ~800K tok/s at d24); the others are ESTIMATES (older or
+# smaller cards reach lower MFU with the same kernels). Small models are penalised below.
+MFU = {"H100": 0.50, "H200": 0.52, "B200": 0.45, "A100": 0.45, "A100-80GB": 0.45,
+       "L40S": 0.35, "L4": 0.30, "A10G": 0.30, "A10": 0.30}
+
+# Anchor's CORE per depth: what the reference reported (source in the string) - to set expectations.
+EXPECTED_CORE = {
+    20: (0.2219, "nanochat launch report card, d20"),
+    24: (0.2565, "nanochat time-to-GPT-2 leaderboard, d24 reaches GPT-2's CORE"),
+    26: (0.26, "nanochat leaderboard d26 (+FP8), ~GPT-2 grade"),
+}
+
+
+def model_shape(depth: int) -> tuple[int, int]:
+    """(width, scaling params): width = 64*depth rounded up to the 128 head dim; scaling params =
+    the transformer matrices (12 w^2 per layer) + lm_head, nanochat's definition."""
+    width = math.ceil(64 * depth / 128) * 128
+    return width, 12 * depth * width * width + width * VOCAB
+
+
+def total_params(depth: int) -> int:
+    """All parameters incl. token embedding and value embeddings (on alternating layers)."""
+    width, scaling = model_shape(depth)
+    value_embed_layers = (depth + 1) // 2
+    return scaling + width * VOCAB * (1 + value_embed_layers)
+
+
+def flops_per_token(depth: int) -> float:
+    """6 x scaling params (forward + backward) + attention (12 * layers * width * seq)."""
+    width, scaling = model_shape(depth)
+    return 6 * scaling + 12 * depth * width * SEQ_LEN
+
+
+def canonical_gpu(name: str) -> str:
+    """'H100-SXM', 'h100:8', 'H100-PCIe' -> 'H100' (the throughput table's key)."""
+    n = name.upper().replace("NVIDIA-", "").split(":")[0]
+    for suffix in ("-SXM5", "-SXM4", "-SXM", "-PCIE", "-MEGA"):
+        n = n.replace(suffix, "")
+    return n
+
+
+def throughput(gpu: str, depth: int) -> tuple[float, str]:
+    """(tokens/s per GPU, how it was derived). Unknown GPU -> a clear error, not a silent guess."""
+    key = canonical_gpu(gpu)
+    if key not in MFU:
+        raise NanochatError(f"no throughput estimate for GPU '{gpu}'; known: {', '.join(sorted(MFU))}")
+    # Small models cannot keep tensor cores busy: scale MFU down linearly below d16 (estimate).
+    mfu = MFU[key] * min(1.0, 0.4 + 0.6 * depth / 16)
+    tps = mfu * PEAK_BF16[key] / flops_per_token(depth)
+    return tps, f"estimate: {mfu:.0%} MFU x {PEAK_BF16[key] / 1e12:.0f} TFLOP/s peak / FLOPs per token"
+
+
+# The table the benchmark issue refines: tokens/s per GPU for each GPU type and depth. Rows are
+# estimates today (each row carries its derivation); a measured row replaces the estimate.
+THROUGHPUT_TABLE: dict[tuple[str, int], tuple[float, str]] = {
+    (g, d): throughput(g, d) for g in MFU for d in DEPTHS
+}
+# The anchor's published point, recorded as such: 8xH100, d24, ~800K tok/s => 100K tok/s per GPU.
+THROUGHPUT_TABLE[("H100", 24)] = (100_000.0, "anchor: nanochat d24 on 8xH100 ~800K tok/s (README)")
+
+
+# Fixed overheads in hours, per node (estimates; the anchor's speedrun: ~8 min mid, ~7 min SFT, ~20 min evals).
+SETUP_H = 0.10      # provisioning + cached setup (target: first step < 3 min) + data head start
+TOKENIZER_H = 0.05  # tokenizer training overlaps the data download
+EVAL_H = 0.25       # CORE + chat evals + report
+SAVE_H = 0.03       # final checkpoint save and upload
+
+
+@dataclass
+class Stage:
+    name: str
+    hours: float
+    cost: float
+
+
+@dataclass
+class Plan:
+    offer: dict
+    price_per_hour: float   # for the whole job (all nodes)
+    budget: float
+    depth: int
+    params: int
+    tokens: int
+    hours: float
+    cost: float
+    stages: list[Stage] = field(default_factory=list)
+    tokens_per_sec: float = 0.0
+    throughput_source: str = ""
+    expected_core: float | None = None
+    expected_core_source: str = ""
+    nodes: int = 1
+    gpus: int = 8
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["hours"] = round(self.hours, 3)
+        d["cost"] = round(self.cost, 2)
+        for s in d["stages"]:
+            s["hours"] = round(s["hours"], 3)
+            s["cost"] = round(s["cost"], 2)
+        return d
+
+    def post_base_hours(self) -> float:
+        """Time the trainer must leave free after base training (what the deadline reserves)."""
+        return sum(s.hours for s in self.stages if s.name in ("mid", "sft", "eval"))
+
+
+def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Plan:
+    gpu = offer["accelerators"].split(":")[0]
+    ngpu = int(offer["accelerators"].split(":")[1]) if ":" in offer["accelerators"] else 1
+    price = float(offer["price_per_hour"]) * nodes
+    tps_gpu, source = THROUGHPUT_TABLE.get((canonical_gpu(gpu), depth)) or throughput(gpu, depth)
+    # Multi-node pays an interconnect tax; 0.9 per extra node is an estimate (no measurement yet).
+    tps = tps_gpu * ngpu * nodes * (0.9 if nodes > 1 else 1.0)
+    _, scaling = model_shape(depth)
+    tokens = TOKENS_PER_PARAM * scaling
+    base_h = tokens / tps / 3600
+    # Stage names are the pipeline's (tok, base, mid, sft, eval), so the meter can match events to them;
+    # "setup" is provisioning + environment, "eval" includes the final save and the report.
+    hours = {"setup": SETUP_H, "tok": TOKENIZER_H, "base": base_h,
+             "mid": max(0.05, 0.05 * base_h), "sft": max(0.05, 0.04 * base_h), "eval": EVAL_H + SAVE_H}
+    stages = [Stage(n, h, h * price) for n, h in hours.items()]
+    total_h = sum(hours.values())
+    core = EXPECTED_CORE.get(depth)
+    return Plan(offer=offer, price_per_hour=price, budget=budget, depth=depth, params=total_params(depth),
+                tokens=int(tokens), hours=total_h, cost=total_h * price, stages=stages, tokens_per_sec=tps,
+                throughput_source=source, expected_core=core[0] if core else None,
+                expected_core_source=core[1] if core else "not reported by the anchor at this depth",
+                nodes=nodes, gpus=ngpu)
+
+
+def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int = 1) -> Plan:
+    """The largest depth whose whole run costs <= budget (or exactly `depth`, which must also fit)."""
+    if not (budget > 0) or math.isinf(budget):
+        raise NanochatError(f"budget must be a positive number of dollars, got {budget}")
+    if depth is not None:
+        if depth < 1 or depth > 64:
+            raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+        p = plan_for_depth(offer, depth, budget, nodes)
+        if p.cost > budget:
+            fit = [d for d in DEPTHS if plan_for_depth(offer, d, budget, nodes).cost <= budget]
+            hint = f"use --depth {fit[-1]} or less" if fit else "choose a cheaper offer"
+            raise NanochatError(f"depth {depth} needs about ${p.cost:.2f} on this offer, more than the "
+                                f"${budget:.2f} budget: raise --budget to {math.ceil(p.cost)} or {hint}")
+        return p
+    best = None
+    for d in DEPTHS:
+        p = plan_for_depth(offer, d, budget, nodes)
+        if p.cost <= budget:
+            best = p
+    if best is None:
+        smallest = plan_for_depth(offer, DEPTHS[0], budget, nodes)
+        raise NanochatError(f"a ${budget:.2f} budget is too small: the smallest model (depth {DEPTHS[0]}) needs "
+                            f"about ${smallest.cost:.2f} on {offer.get('cloud', '?')} at "
+                            f"${smallest.price_per_hour:.2f}/h; use --budget {math.ceil(smallest.cost)} or more "
+                            f"(or `nanochat train --local` for $0)")
+    return best
+
+
+def parse_budget(text: str) -> float:
+    """'100', '$100', '99.5' -> float; anything else -> NanochatError (one line, no traceback)."""
+    try:
+        value = float(str(text).strip().lstrip("$").replace(",", ""))
+    except ValueError:
+        raise NanochatError(f"--budget must be a number of US dollars like 100, got '{text}'") from None
+    if not (value > 0) or math.isinf(value):
+        raise NanochatError(f"--budget must be a positive number of US dollars, got '{text}'")
+    return value

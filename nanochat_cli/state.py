@@ -1,0 +1,156 @@
+"""
+What the CLI remembers between invocations, under $NANOCHAT_HOME (see docs/ARCHITECTURE.md):
+
+    clusters.json          {"clusters": {name: record}}  - every cluster `up`/`train` started, until `down`
+    runs/<name>/plan.json  the plan `train` made (offer, $/h, budget, depth, ...); report.md reads the price
+    runs/<name>/.job.json  the job running that plan (backend, cluster, job id, state); hidden, so the
+                           node's MANIFEST.sha256 never covers this laptop-side record
+    runs/<name>/.logpos    how far `nanochat logs` has shown the log (so a re-attach neither loses nor repeats)
+
+All writes are atomic (temp file + rename): a crash or Ctrl-C never leaves half a record behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, nanochat_home, runs_dir
+
+LOCAL_CLUSTER = "local"
+
+
+def clusters_file() -> Path:
+    return nanochat_home() / "clusters.json"
+
+
+def load_clusters() -> dict[str, dict]:
+    try:
+        data = json.loads(clusters_file().read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise NanochatError(f"{clusters_file()} is not valid JSON; fix or delete it "
+                            "(`sky status` still lists real clusters)") from None
+    return dict(data.get("clusters", {}))
+
+
+def save_cluster(record: dict) -> dict:
+    clusters = load_clusters()
+    clusters[record["name"]] = record
+    atomic_write_json(clusters_file(), {"clusters": clusters})
+    return record
+
+
+def update_cluster(name: str, **fields) -> dict | None:
+    clusters = load_clusters()
+    if name not in clusters:
+        return None
+    clusters[name].update(fields)
+    atomic_write_json(clusters_file(), {"clusters": clusters})
+    return clusters[name]
+
+
+def remove_cluster(name: str) -> dict | None:
+    clusters = load_clusters()
+    record = clusters.pop(name, None)
+    atomic_write_json(clusters_file(), {"clusters": clusters})
+    return record
+
+
+def get_cluster(name: str | None) -> dict | None:
+    """The named cluster, or when name is None the most recently launched one."""
+    clusters = load_clusters()
+    if name is not None:
+        return clusters.get(name)
+    if not clusters:
+        return None
+    return max(clusters.values(), key=lambda r: r.get("launched_at", 0))
+
+
+def new_cluster_record(name: str, backend: str, offer: dict, nodes: int = 1, spot: bool = False,
+                       budget: float | None = None, autostop_minutes: int | None = None) -> dict:
+    return {"name": name, "backend": backend, "offer": offer, "nodes": nodes, "spot": spot,
+            "price_per_hour": float(offer.get("price_per_hour") or 0.0) * nodes,
+            "launched_at": time.time(), "budget": budget, "autostop_minutes": autostop_minutes,
+            "runs": []}
+
+
+# -----------------------------------------------------------------------------
+# Runs
+
+def run_dir(name: str) -> Path:
+    if not name or "/" in name or name.startswith(".") or name != name.strip():
+        raise NanochatError(f"invalid run name '{name}': use letters, digits, '-' or '_'")
+    return runs_dir() / name
+
+
+def list_runs() -> list[Path]:
+    """Run directories, most recently modified first (a run's mtime moves as files land in it)."""
+    if not runs_dir().is_dir():
+        return []
+    runs = [p for p in runs_dir().iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(runs, key=_run_mtime, reverse=True)
+
+
+def _run_mtime(p: Path) -> float:
+    newest = p.stat().st_mtime
+    for name in (".job.json", "pipeline.log", "MANIFEST.sha256", "stages.json"):
+        f = p / name
+        if f.exists():
+            newest = max(newest, f.stat().st_mtime)
+    return newest
+
+
+def latest_run() -> Path | None:
+    runs = list_runs()
+    return runs[0] if runs else None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_plan(rd: Path, plan: dict) -> None:
+    atomic_write_json(rd / "plan.json", plan)
+
+
+def write_job(rd: Path, job: dict) -> None:
+    atomic_write_json(rd / ".job.json", job)
+
+
+def read_job(rd: Path) -> dict | None:
+    return read_json(rd / ".job.json")
+
+
+def log_position(rd: Path) -> int:
+    try:
+        return int((rd / ".logpos").read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def save_log_position(rd: Path, pos: int) -> None:
+    atomic_write_text(rd / ".logpos", f"{pos}\n")
+
+
+def find_run_for_logs(name: str | None) -> Path:
+    """The run `nanochat logs` attaches to: the named one, else the most recent with a job record."""
+    if name:
+        rd = run_dir(name)
+        if not (rd / ".job.json").exists():
+            raise NanochatError(f"no run named '{name}' has been started; `nanochat status` lists runs")
+        return rd
+    for rd in list_runs():
+        if (rd / ".job.json").exists():
+            return rd
+    raise NanochatError("no run to show logs for: start one with `nanochat train` "
+                        "(or `nanochat train --local` on this machine)")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

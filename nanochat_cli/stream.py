@@ -1,0 +1,161 @@
+"""
+Watching a run: raw log lines scroll, one rich panel below them shows stage, step/total, loss, tokens/s,
+MFU, elapsed, dollars spent, projected total and ETA - all built from the `@@nanochat {json}` progress
+events in the log (common.parse_event), so the panel is the same live, on re-attach and on a replay.
+
+The transport (a file on this machine, SkyPilot's log tail for a cluster) can drop. `resilient()`
+reconnects from the last position it delivered, so a dropped connection neither loses nor repeats lines.
+Positions are opaque to this module: byte offsets for the local backend, line counts for SkyPilot.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from nanochat_core.common import NanochatError, parse_event
+from nanochat_cli import state
+from nanochat_cli.cost import CostMeter, fmt_duration
+
+TailFn = Callable[[int], Iterator[tuple[str, int]]]
+
+
+def resilient(open_tail: TailFn, pos: int, retries: int = 8, backoff_s: float = 0.5,
+              on_retry: Callable[[Exception, int], None] | None = None) -> Iterator[tuple[str, int]]:
+    """Yield (line, position) from open_tail(pos), reopening it at the last delivered position when the
+    transport fails. Gives up after `retries` consecutive failures with a one-line, actionable error."""
+    failures = 0
+    while True:
+        try:
+            for line, new_pos in open_tail(pos):
+                pos, failures = new_pos, 0
+                yield line, new_pos
+            return
+        except (ConnectionError, TimeoutError, OSError) as e:
+            failures += 1
+            if failures > retries:
+                raise NanochatError(f"lost the log stream ({type(e).__name__}: {e}) and could not reconnect; "
+                                    "the job keeps running - `nanochat logs` re-attaches") from None
+            if on_retry:
+                on_retry(e, failures)
+            time.sleep(min(10.0, backoff_s * failures))
+
+
+class RunView:
+    """Holds the latest progress and renders the panel (or plain lines when not on a terminal)."""
+
+    def __init__(self, meter: CostMeter, title: str):
+        self.meter = meter
+        self.title = title
+        self.loss: float | None = None
+        self.tps: float | None = None
+        self.mfu: float | None = None
+        self.last_plain = 0.0
+
+    def feed(self, event: dict) -> str | None:
+        """Update from one event; returns a human line worth printing for it (or None)."""
+        self.meter.feed(event)
+        kind = event.get("event")
+        if kind == "progress":
+            self.loss, self.tps, self.mfu = event.get("loss"), event.get("tokens_per_sec"), event.get("mfu")
+            return None
+        if kind == "stage_start":
+            return f"== stage {event.get('stage')} started"
+        if kind == "stage_end":
+            return f"== stage {event.get('stage')} finished in {fmt_duration(event.get('seconds'))}"
+        if kind == "checkpoint":
+            return f"   checkpoint {event.get('stage')} step {event.get('step')}: {event.get('path')}"
+        if kind == "resumed":
+            return f"   resumed {event.get('stage')} from step {event.get('step')}"
+        if kind == "eval":
+            metrics = event.get("metrics") or {}
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            return f"   eval {event.get('stage')}: {shown}"
+        if kind == "sample":
+            return f"   sample: {str(event.get('text', ''))[:200]!r}"
+        if kind == "error":
+            return f"!! {event.get('stage')}: {event.get('message')}"
+        if kind == "done":
+            return f"== done: {event.get('run_dir')}"
+        return None
+
+    def fields(self, now: float | None = None) -> list[tuple[str, str]]:
+        m = self.meter
+        step = f"{m.step}/{m.total_steps}" if m.total_steps else (str(m.step) if m.step else "-")
+        spent = m.spent(now)
+        proj = m.projected_total(now)
+        rows = [("stage", m.stage or "starting"), ("step", step),
+                ("loss", f"{self.loss:.4f}" if isinstance(self.loss, (int, float)) else "-"),
+                ("tok/s", f"{self.tps:,.0f}" if isinstance(self.tps, (int, float)) else "-"),
+                ("MFU", f"{self.mfu:.1f}%" if isinstance(self.mfu, (int, float)) else "-"),
+                ("elapsed", fmt_duration((now or time.time()) - m.started_at)),
+                ("spent", f"${spent:,.2f}"),
+                ("projected", f"${proj:,.2f}" if proj is not None else "-"),
+                ("ETA", fmt_duration(m.eta_s(now)))]
+        if m.budget:
+            rows.append(("budget", f"${m.budget:,.2f} (${m.budget - spent:,.2f} left)"))
+        return rows
+
+    def panel(self):
+        from rich.panel import Panel
+        from rich.table import Table
+        t = Table.grid(padding=(0, 2))
+        rows = self.fields()
+        for i in range(0, len(rows), 5):
+            chunk = rows[i:i + 5]
+            t.add_row(*[f"[dim]{k}[/] [bold]{v}[/]" for k, v in chunk])
+        return Panel(t, title=self.title, border_style="cyan")
+
+    def plain_status(self) -> str:
+        return "   [" + " | ".join(f"{k} {v}" for k, v in self.fields()) + "]"
+
+
+def watch(lines: Iterator[tuple[str, int]], view: RunView, rd: Path, console, live: bool,
+          pos: int, save_every_s: float = 1.0) -> int:
+    """Print lines and keep the panel current until the stream ends. Saves how far it got to
+    rd/.logpos (periodically and on the way out, Ctrl-C included) and returns the final position."""
+    last_save = time.time()
+
+    def handle(line: str) -> None:
+        event = parse_event(line)
+        if event is None:
+            out(line)
+            return
+        human = view.feed(event)
+        if human:
+            out(human)
+        warning = view.meter.check_warning()
+        if warning:
+            out(f"[warning] {warning}")
+        if not live and event.get("event") == "progress" and time.time() - view.last_plain > 5:
+            view.last_plain = time.time()
+            out(view.plain_status())
+
+    try:
+        if live:
+            from rich.live import Live  # heavy-ish: only when a terminal is watching
+            from rich.markup import escape
+            with Live(view.panel(), console=console, refresh_per_second=4, transient=False) as lv:
+                def out(text: str) -> None:
+                    lv.console.print(escape(text), highlight=False, soft_wrap=True)
+                for line, p in lines:
+                    handle(line)
+                    pos = p  # only after the line was shown: Ctrl-C in between must not skip it
+                    lv.update(view.panel())
+                    if time.time() - last_save > save_every_s:
+                        state.save_log_position(rd, pos)
+                        last_save = time.time()
+        else:
+            def out(text: str) -> None:
+                print(text, flush=True)
+            for line, p in lines:
+                handle(line)
+                pos = p
+                if time.time() - last_save > save_every_s:
+                    state.save_log_position(rd, pos)
+                    last_save = time.time()
+            if view.meter.stage:
+                print(view.plain_status(), flush=True)
+    finally:
+        state.save_log_position(rd, pos)
+    return pos
