@@ -83,7 +83,7 @@ def test_humaneval_renders_and_runs_in_sandbox(tmp_path):
            "prompt": 'def add(a: int, b: int) -> int:\n    """Sum of a and b."""\n',
            "canonical_solution": "    return a + b\n",
            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
-    task = HumanEval(data_files=_jsonl(tmp_path / "he.jsonl", [row]))
+    task = HumanEval(data_files=_jsonl(tmp_path / "he.jsonl", [row]), timeout=1)
     conv = task[0]
     assert conv["messages"][0]["content"] == row["prompt"]
     assert conv["messages"][1]["content"].startswith("```python\ndef add")
