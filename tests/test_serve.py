@@ -1,0 +1,270 @@
+"""The chat server over real HTTP on 127.0.0.1 (uvicorn in a thread, a tiny random model), spoken to with
+httpx and with the official openai client; plus the terminal chat on a real saved checkpoint."""
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from nanochat_core.common import NanochatError
+from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.serve import content_to_parts, create_app
+
+
+def tiny_model(vocab_size: int) -> GPT:
+    cfg = config_for_depth(1, vocab_size, sequence_len=256, aspect_ratio=64, head_dim=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)   # the real init is near-uniform; make replies less monotonous
+    return model.eval()
+
+
+class LiveServer:
+    """uvicorn running an app in a background thread on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        import uvicorn
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return tiny_model(tiny_tokenizer.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def url(model, tiny_tokenizer):
+    with LiveServer(create_app(model, tiny_tokenizer, model_name="nanochat-test")) as base:
+        yield base
+
+
+def ask(text="Hello, who are you?", **kw):
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 12, **kw}
+
+
+def sse_events(resp: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_health_models_and_page(url):
+    h = httpx.get(f"{url}/health").json()
+    assert h["status"] == "ok" and h["workers"] == 1
+    models = httpx.get(f"{url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "nanochat-test"
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # self-contained: nothing fetched from elsewhere
+    assert "<script src" not in page.text and "<link" not in page.text
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_completion_non_streaming(url):
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=7), timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert 1 <= usage["completion_tokens"] <= 12 and usage["prompt_tokens"] > 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # same seed, same reply: deterministic sampling end to end
+    again = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=7), timeout=60).json()
+    assert again["choices"][0]["message"]["content"] == choice["message"]["content"]
+
+
+def test_completion_streaming_matches_non_streaming(url):
+    plain = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=3, temperature=1.0), timeout=60).json()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=ask(seed=3, temperature=1.0, stream=True), timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert len(chunks) >= 3                 # more than role + finish: the reply arrived in pieces
+    assert text == plain["choices"][0]["message"]["content"]
+
+
+def test_openai_client(url):
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["nanochat-test"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    out = client.chat.completions.create(model="nanochat-test", messages=messages, max_tokens=10, seed=11,
+                                         temperature=0.8, extra_body={"top_k": 20})
+    text = out.choices[0].message.content
+    assert isinstance(text, str) and out.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model="nanochat-test", messages=messages, max_tokens=10, seed=11,
+                                            temperature=0.8, extra_body={"top_k": 20}, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == text
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], temperature=3)
+    assert "temperature" in str(e.value)
+
+
+BIG = "x" * 7000
+BAD_REQUESTS = [
+    ("not json", b"{nope", 400),
+    ("not an object", b"[1, 2]", 400),
+    ("no messages", {"max_tokens": 5}, 400),
+    ("empty messages", {"messages": []}, 400),
+    ("too many messages", {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(501)]}, 400),
+    ("message too long", {"messages": [{"role": "user", "content": "y" * 8001}]}, 400),
+    ("conversation too long", {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": BIG} for i in range(5)]}, 400),
+    ("empty user message", {"messages": [{"role": "user", "content": "   "}]}, 400),
+    ("tool role", {"messages": [{"role": "tool", "content": "hi"}]}, 400),
+    ("no role", {"messages": [{"content": "hi"}]}, 400),
+    ("message not an object", {"messages": ["hi"]}, 400),
+    ("assistant first", {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}]}, 400),
+    ("ends with assistant", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400),
+    ("two users in a row", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400),
+    ("late system", {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
+    ("content null", {"messages": [{"role": "user", "content": None}]}, 400),
+    ("temperature high", ask(temperature=2.5), 400),
+    ("temperature negative", ask(temperature=-0.1), 400),
+    ("temperature string", ask(temperature="hot"), 400),
+    ("top_k high", ask(top_k=201), 400),
+    ("top_k float", ask(top_k=2.5), 400),
+    ("max_tokens zero", ask(max_tokens=0), 400),
+    ("max_tokens huge", ask(max_tokens=4097), 400),
+    ("max_tokens bool", ask(max_tokens=True), 400),
+    ("top_p zero", ask(top_p=0), 400),
+    ("n two", ask(n=2), 400),
+    ("stream string", ask(stream="yes"), 400),
+    ("seed negative", ask(seed=-1), 400),
+    ("body over 1 MB", {"messages": [{"role": "user", "content": "hi"}], "junk": "z" * (1 << 20)}, 413),
+]
+
+
+@pytest.mark.parametrize("name, body, status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_4xx_in_openai_shape(url, name, body, status):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"] and err["type"]
+
+
+def test_unknown_routes_and_methods_are_4xx_json(url):
+    for r in (httpx.get(f"{url}/nope"), httpx.get(f"{url}/v1/chat/completions"), httpx.delete(f"{url}/health")):
+        assert 400 <= r.status_code < 500
+        assert "message" in r.json()["error"]
+
+
+def test_conversation_longer_than_context_is_400(url):
+    words = " ".join(f"w{i}" for i in range(1500))   # < 8000 chars, but many more tokens than the 256 context
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask(words[:7900]), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_eight_concurrent_streams_all_complete(url):
+    async def one(client, i):
+        body = ask(f"request number {i}", stream=True, max_tokens=16, seed=i)
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        return lines
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    results = asyncio.run(main())
+    assert len(results) == 8
+    for lines in results:
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_full_queue_answers_429(model, tiny_tokenizer):
+    with LiveServer(create_app(model, tiny_tokenizer, max_queue=0)) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", json=ask(), timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_tool_markers_round_trip_to_the_same_tokens(url, tiny_tokenizer):
+    content = "Let me see. <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> It is 84."
+    parts = content_to_parts(content)
+    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+    assert parts[1]["text"] == "12*7" and parts[2]["text"] == "84"
+    ids, _ = tiny_tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"},
+                                                              {"role": "assistant", "content": parts}]})
+    assert tiny_tokenizer.encode_special("<|python_start|>") in ids
+    # a history with tool markers is accepted and answered
+    history = {"messages": [{"role": "user", "content": "what is 12*7?"}, {"role": "assistant", "content": content},
+                            {"role": "user", "content": "thanks"}], "max_tokens": 4}
+    assert httpx.post(f"{url}/v1/chat/completions", json=history, timeout=60).status_code == 200
+
+
+# -----------------------------------------------------------------------------
+# Terminal chat, on a checkpoint saved the way training saves it
+
+@pytest.fixture
+def saved_run(model, tiny_tokenizer):
+    from nanochat_core.checkpoint import save_checkpoint
+    from nanochat_core.common import runs_dir
+    run = runs_dir() / "tiny"
+    tiny_tokenizer.save(run / "tokenizer")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    save_checkpoint(run / "sft", 1, model, opt, {"stage": "sft", "tokenizer_hash": tiny_tokenizer.hash}, 0, 1)
+    return run
+
+
+def test_chat_one_shot_prints_the_reply(saved_run, capsys):
+    from nanochat_core.chat import run_chat
+    run_chat(prompt="Hello there", temperature=0.0, max_tokens=8, device="cpu")
+    out = capsys.readouterr()
+    assert out.out.endswith("\n") and len(out.out.strip()) > 0
+    assert "sft" in out.err          # status line on stderr names the checkpoint it loaded
+    run_chat(checkpoint=str(saved_run), prompt="Hello there", temperature=0.0, max_tokens=8, device="cpu")
+    assert capsys.readouterr().out == out.out   # greedy: the same reply again
+
+
+def test_chat_interactive_turns_and_commands(saved_run, capsys, monkeypatch):
+    from nanochat_core.chat import run_chat
+    lines = iter(["Hello", "And again?", "/clear", "Hi", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    run_chat(temperature=0.0, max_tokens=6, device="cpu")
+    out = capsys.readouterr().out
+    assert out.count("nanochat: ") == 3 and "(new conversation)" in out
+    assert next(lines) == "never read"
+
+
+def test_chat_without_a_checkpoint_says_what_to_do():
+    from nanochat_core.chat import run_chat
+    with pytest.raises(NanochatError, match="nanochat train --local.*nanochat pull"):
+        run_chat(prompt="hi")
+    with pytest.raises(NanochatError, match="does not exist"):
+        run_chat(checkpoint="/nonexistent/run", prompt="hi")
+    with pytest.raises(NanochatError, match="temperature"):
+        run_chat(prompt="hi", temperature=5)
