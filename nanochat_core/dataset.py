@@ -170,9 +170,11 @@ def download(source: str | Source | list[str], num_shards: int | None, dest: str
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     src = resolve_source(source)
-    if src.bundled or src.local_dir:
-        raise NanochatError(f"source {src.name!r} is already local: use prepare_data() instead of download()")
     dest = Path(dest)
+    if src.bundled:
+        return list_shards(ensure_bundled(dest))
+    if src.local_dir is not None:
+        return _link_local(src.local_dir, dest)
     dest.mkdir(parents=True, exist_ok=True)
     indices = _shard_indices(len(src.urls), num_shards)
     finals = {i: dest / f"shard_{i:05d}.parquet" for i in indices}
@@ -207,6 +209,24 @@ def download(source: str | Source | list[str], num_shards: int | None, dest: str
                     f.cancel()
                 raise
     return [finals[i] for i in indices]
+
+
+def _link_local(src_dir: Path, dest: Path) -> list[Path]:
+    """A local directory used as a source: its shards appear in dest as symlinks (nothing is copied)."""
+    shards = list_shards(src_dir)
+    if dest.resolve() == src_dir.resolve():
+        return shards
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in shards:
+        link = dest / p.name
+        if not (link.is_symlink() and link.resolve() == p.resolve()):
+            tmp = dest / f".{p.name}.link"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(p.resolve())
+            os.replace(tmp, link)
+        out.append(link)
+    return out
 
 
 def _complete(path: Path, size: int | None, sha: str | None) -> bool:
@@ -249,7 +269,7 @@ def _fetch_one(client, url: str, final: Path, size: int | None, sha: str | None,
                         on_total(expected)
                         announced = True
                     with open(part, "ab" if resumed else "wb") as f:
-                        for chunk in r.iter_bytes(1 << 20):
+                        for chunk in r.iter_bytes():   # as it arrives: a cut loses nothing already received
                             f.write(chunk)
                             on_bytes(len(chunk))
                         f.flush()

@@ -167,3 +167,45 @@ def test_render_for_completion(tiny_tokenizer):
 def test_bad_conversations(tiny_tokenizer, conv):
     with pytest.raises(NanochatError):
         tiny_tokenizer.render_conversation(conv)
+
+
+# ----------------------------------------------------------------------------- tokenizer training stage
+
+def test_tok_train_stage(tmp_path):
+    """`python -m nanochat_core.tok_train` on the bundled corpus: trains on train shards only, reports
+    compression, saves a loadable tokenizer.json, emits events; bad input is one line, exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from nanochat_core.common import parse_event
+    from nanochat_core.dataset import ensure_bundled, list_shards
+
+    data = ensure_bundled(tmp_path / "data")
+    out = tmp_path / "run" / "tokenizer"
+    cmd = [sys.executable, "-m", "nanochat_core.tok_train", "--data", str(data), "--out", str(out),
+           "--vocab-size", "400", "--max-chars", "300000", "--doc-cap", "2000"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
+    assert [e["event"] for e in events][0] == "stage_start" and events[-1]["event"] == "stage_end"
+    metrics = next(e for e in events if e["event"] == "eval")["metrics"]
+    assert metrics["vocab_size"] == 400 and 1.5 < metrics["bytes_per_token"] < 5.0   # measured: 1.85
+    assert 250_000 < metrics["measured_chars"] <= 300_000     # max-chars is honoured
+    assert "bytes/token" in r.stdout
+    tok = Tokenizer.load(out)
+    assert tok.get_vocab_size() == 400 and json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    # never the validation shard: its distinctive documents are not what was measured
+    val = pq.read_table(list_shards(data)[-1]).column("text").to_pylist()
+    from nanochat_core.tok_train import iter_training_text
+    used = set(iter_training_text(data, 10**9, 10**9))
+    assert not used & set(val)
+
+    bad = subprocess.run(cmd[:-6] + ["--vocab-size", "100"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: vocab size 100 is too small: need at least 265 (256 bytes + 9 specials)"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = subprocess.run(cmd[:3] + ["--data", str(empty)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no parquet shards" in bad.stderr
