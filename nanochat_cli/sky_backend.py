@@ -1,0 +1,478 @@
+"""
+The SkyPilot adapter: the ONLY module that imports `sky` (and it is imported only by commands that need
+a cloud, so `nanochat --help` never pays for it). Offers, launch, managed-job launch, log tail, status,
+cost report, pull, down - the same surface as local_backend.LocalBackend.
+
+Offers come from SkyPilot's own catalog (sky.catalog.list_accelerators, every region) and the final pick
+from SkyPilot's real optimizer (sky.optimizer.Optimizer over the candidates we allow), so prices and
+availability rules are SkyPilot's; what we add is the interconnect rule and the budget.
+
+Interconnect rule (how an offer is labelled, from the catalog alone):
+  * one GPU                                                 -> "single-gpu"
+  * "PCIe" in the accelerator name, instance type or GpuInfo -> "pcie"
+  * "SXM" / "NVLink" in any of them, or an instance family that only exists with NVLink/NVSwitch
+    (AWS p4d/p4de/p5*/p6*, GCP a2-/a3-/a4-, Azure ND*, Nebius gpu-*-sxm, Lambda gpu_8x_*) -> "nvlink"
+  * RunPod with a bare name (no "-SXM")                     -> "pcie": RunPod calls its SXM parts "H100-SXM";
+    SkyPilot's own RunPod catalog fetcher maps "H100-PCIe" to the plain "H100"
+  * anything else                                           -> "unknown" (kept, shown as such)
+Multi-GPU "pcie" offers are excluded unless --allow-pcie: 8 GPUs without NVLink train several times slower.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import difflib
+import io
+import logging
+import math
+import os
+import queue
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import sky  # noqa: the one place
+
+from nanochat_core.common import NanochatError
+from nanochat_cli import pull as pull_mod
+from nanochat_cli import state
+
+# Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
+GPU_CLOUDS = ["aws", "gcp", "azure", "lambda", "nebius", "runpod", "oci", "paperspace", "fluidstack", "cudo",
+              "vast", "do", "hyperbolic", "shadeform", "primeintellect", "verda", "mithril", "seeweb", "yotta"]
+NVLINK_FAMILIES = ("p4d.", "p4de.", "p5.", "p5e.", "p5en.", "p6-", "p6e-", "a2-", "a3-", "a4-", "standard_nd",
+                   "gpu_8x_", "gpu-h100-sxm", "gpu-h200-sxm", "gpu-b200")
+ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
+               "~/.lambda_cloud/lambda_keys or `nebius` CLI login, then run `sky check`")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REMOTE_RUNS = "~/nanochat_runs"
+
+
+def yaml_path(name: str) -> Path:
+    """sky/<name>.yaml from the source tree (next to nanochat_cli), or the copy packaged inside it."""
+    for p in (REPO_ROOT / "sky" / f"{name}.yaml", Path(__file__).parent / "sky" / f"{name}.yaml"):
+        if p.exists():
+            return p
+    raise NanochatError(f"sky/{name}.yaml not found next to nanochat_cli; reinstall nanochat")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """SkyPilot prints spinners and warnings meant for its own CLI; ours shows the result instead."""
+    logger = logging.getLogger("sky")
+    old = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(old)
+
+
+# -----------------------------------------------------------------------------
+# Offers
+
+@dataclass
+class Offers:
+    offers: list[dict]                                   # cheapest first, as `up --json` prints them
+    notes: list[str] = field(default_factory=list)       # skipped clouds, exclusions
+    enabled: list[str] = field(default_factory=list)     # clouds with credentials on this machine
+
+
+def parse_gpus(gpus: str) -> tuple[str, int]:
+    m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9_.-]*)\s*(?::\s*(\d+))?\s*", gpus or "")
+    if not m or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise NanochatError(f"--gpus must look like H100:8 (GPU name, colon, count), got '{gpus}'")
+    return m.group(1), int(m.group(2) or 1)
+
+
+def interconnect(cloud: str, acc: str, count: float, instance_type: str | None, gpu_info: str | None) -> str:
+    if count <= 1:
+        return "single-gpu"
+    text = " ".join([acc or "", instance_type or "", gpu_info or ""]).lower()
+    if "pcie" in text:
+        return "pcie"
+    if "sxm" in text or "nvlink" in text or (instance_type or "").lower().startswith(NVLINK_FAMILIES):
+        return "nvlink"
+    if cloud.lower() == "runpod":
+        return "pcie"
+    return "unknown"
+
+
+def enabled_clouds() -> list[str]:
+    from sky import check as sky_check
+    from sky.clouds import cloud as sky_cloud
+    try:
+        with _quiet():
+            clouds = sky_check.get_cached_enabled_clouds_or_refresh(sky_cloud.CloudCapability.COMPUTE)
+    except Exception:  # no credentials at all, or the check itself failed: nothing is enabled
+        return []
+    return sorted(str(c).lower() for c in clouds)
+
+
+def _gpu_info(cloud: str) -> dict[str, str]:
+    """instance type -> GpuInfo text, straight from the catalog CSV SkyPilot has on disk."""
+    from sky.catalog import common
+    path = common.get_catalog_path(f"{cloud}/vms.csv")
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("InstanceType"):
+                    out.setdefault(row["InstanceType"], str(row.get("GpuInfo") or ""))
+    return out
+
+
+def _catalog_query(clouds: list[str], **kwargs) -> tuple[dict[str, dict], list[str]]:
+    """list_accelerators per cloud, in parallel, each bounded in time (a catalog download without a
+    network would otherwise hang). Returns ({cloud: {acc: [InstanceTypeInfo]}}, notes)."""
+    results: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+
+    def one(cloud: str) -> None:
+        try:
+            results[cloud] = sky.catalog.list_accelerators(clouds=cloud, **kwargs)
+        except BaseException as e:  # noqa: a cloud we cannot read is skipped, never fatal
+            errors[cloud] = type(e).__name__
+
+    timeout_s = float(os.environ.get("NANOCHAT_CATALOG_TIMEOUT", "30"))
+    threads = [threading.Thread(target=one, args=(c,), daemon=True) for c in clouds]
+    deadline = time.time() + timeout_s
+    with _quiet():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.time()))
+    notes = []
+    for c in clouds:
+        if c not in results:
+            why = errors.get(c, f"no answer in {timeout_s:.0f}s")
+            notes.append(f"skipped {c}: its price catalog could not be read ({why}; offline?)")
+    return dict(results), notes
+
+
+def rank_offers(gpus: str, clouds: list[str] | None = None, spot: bool = False, allow_pcie: bool = False,
+                max_price: float | None = None) -> Offers:
+    name, count = parse_gpus(gpus)
+    if clouds:
+        unknown = [c for c in clouds if c not in GPU_CLOUDS]
+        if unknown:
+            raise NanochatError(f"unknown cloud(s) {', '.join(unknown)}; choose from {', '.join(GPU_CLOUDS)}")
+    if max_price is not None and not max_price > 0:
+        raise NanochatError(f"--max-price must be a positive $/h, got {max_price}")
+    wanted = clouds or GPU_CLOUDS
+    # The name matches exactly, or with an "-SXM" suffix (RunPod spells its NVLink parts "H100-SXM").
+    pattern = rf"^{re.escape(name)}(?:-SXM\d?)?$"
+    found, notes = _catalog_query(wanted, gpus_only=True, name_filter=pattern, case_sensitive=False,
+                                  all_regions=True)
+    if not found:
+        raise NanochatError("no cloud price catalog could be read (SkyPilot downloads them on first use, which "
+                            "needs the internet); connect and run `nanochat up --dryrun` again")
+    enabled = enabled_clouds()
+    rows, counts = {}, set()
+    for cloud, by_acc in found.items():
+        info_text = None
+        for acc, items in by_acc.items():
+            for it in items:
+                counts.add(int(it.accelerator_count))
+                if int(it.accelerator_count) != count:
+                    continue
+                price = it.spot_price if spot else it.price
+                if price is None or (isinstance(price, float) and math.isnan(price)) or price <= 0:
+                    continue
+                if info_text is None:
+                    info_text = _gpu_info(cloud)
+                link = interconnect(cloud, acc, count, it.instance_type, info_text.get(it.instance_type or ""))
+                offer = {"cloud": cloud, "region": it.region, "instance_type": it.instance_type or f"{acc}:{count}",
+                         "accelerators": f"{acc}:{count}", "spot": spot, "price_per_hour": round(float(price), 4),
+                         "interconnect": link, "enabled": cloud in enabled}
+                key = (cloud, it.region, offer["instance_type"], offer["accelerators"])
+                if key not in rows or rows[key]["price_per_hour"] > offer["price_per_hour"]:
+                    rows[key] = offer
+    if not counts:
+        raise NanochatError(_unknown_gpu_message(name, list(found)))
+    offers = sorted(rows.values(), key=lambda o: (o["price_per_hour"], o["cloud"], o["region"]))
+    if not offers:
+        what = "spot " if spot else ""
+        raise NanochatError(f"no {what}offer has {name}:{count}; available counts: "
+                            f"{', '.join(map(str, sorted(counts)))}" + (" (try without --spot)" if spot else ""))
+    if not allow_pcie and count > 1:
+        pcie = [o for o in offers if o["interconnect"] == "pcie"]
+        if pcie:
+            offers = [o for o in offers if o["interconnect"] != "pcie"]
+            notes.append(f"excluded {len(pcie)} PCIe-only offer(s) (no NVLink; e.g. {pcie[0]['cloud']} "
+                         f"{pcie[0]['instance_type']} ${pcie[0]['price_per_hour']:.2f}/h); --allow-pcie includes them")
+    if max_price is not None:
+        above = [o for o in offers if o["price_per_hour"] > max_price]
+        offers = [o for o in offers if o["price_per_hour"] <= max_price]
+        if above:
+            notes.append(f"excluded {len(above)} offer(s) above ${max_price:.2f}/h (--max-price)")
+        if not offers:
+            raise NanochatError(f"no {name}:{count} offer costs ${max_price:.2f}/h or less; the cheapest is "
+                                f"${above[0]['price_per_hour']:.2f}/h on {above[0]['cloud']}")
+    return Offers(offers, notes, enabled)
+
+
+def _unknown_gpu_message(name: str, clouds: list[str]) -> str:
+    known: set[str] = set()
+    all_accs, _ = _catalog_query(clouds, gpus_only=True)
+    for by_acc in all_accs.values():
+        known.update(by_acc)
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(known)[:15])}"
+    return f"unknown GPU name '{name}' in the catalogs of {', '.join(sorted(clouds))}; {hint}"
+
+
+def choose(result: Offers, spot: bool = False, max_price: float | None = None) -> dict:
+    """The offer SkyPilot's optimizer picks among the enabled, allowed offers (cheapest that it can use)."""
+    usable = [o for o in result.offers if o["enabled"]]
+    if not usable:
+        cheapest = ", ".join(sorted({o["cloud"] for o in result.offers[:5]}))
+        shown = ", ".join(result.enabled) or "none"
+        raise NanochatError(f"no cloud with credentials offers this: `sky check` shows enabled: {shown}; the "
+                            f"cheapest offers are on {cheapest}; {ENABLE_HINT}")
+    from sky.optimizer import Optimizer
+    candidates = usable[:30]
+    task = sky.Task(name="nanochat-choose", run="true")
+    resources = []
+    for o in candidates:
+        acc, n = o["accelerators"].split(":")
+        it = None if o["instance_type"] == o["accelerators"] else o["instance_type"]
+        resources.append(sky.Resources(infra=f"{o['cloud']}/{o['region']}", instance_type=it,
+                                       accelerators={acc: int(n)}, use_spot=spot, max_hourly_cost=max_price))
+    task.set_resources(set(resources))
+    with sky.Dag() as dag:
+        dag.add(task)
+    try:
+        with _quiet():
+            Optimizer.optimize(dag, quiet=True)
+    except Exception as e:
+        raise NanochatError(f"SkyPilot could not place any offer ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); `sky check` shows which clouds are usable") from None
+    best = task.best_resources
+    for o in candidates:
+        it = None if o["instance_type"] == o["accelerators"] else o["instance_type"]
+        if str(best.cloud).lower() == o["cloud"] and best.region == o["region"] and \
+                (it is None or best.instance_type == it):
+            return o
+    # The optimizer may choose an equivalent instance type for an attachable GPU: describe what it chose.
+    return {**candidates[0], "cloud": str(best.cloud).lower(), "region": best.region,
+            "instance_type": best.instance_type, "price_per_hour": round(best.get_cost(3600), 4)}
+
+
+# -----------------------------------------------------------------------------
+# Running things
+
+_JOB_STATES = {"PENDING": "RUNNING", "SETTING_UP": "RUNNING", "RUNNING": "RUNNING", "STARTING": "RUNNING",
+               "RECOVERING": "RUNNING", "INIT": "RUNNING", "SUCCEEDED": "SUCCEEDED", "CANCELLED": "CANCELLED",
+               "CANCELLING": "CANCELLED"}
+
+
+def _state_name(status) -> str | None:
+    if status is None:
+        return None
+    name = getattr(status, "value", None) or getattr(status, "name", None) or str(status)
+    name = str(name).split(".")[-1].upper()
+    return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
+
+
+def _resources(offer: dict, spot: bool, autostop: dict | None = None) -> "sky.Resources":
+    acc, n = offer["accelerators"].split(":")
+    it = None if offer["instance_type"] == offer["accelerators"] else offer["instance_type"]
+    kwargs = {}
+    if spot:
+        # Managed-job recovery: on preemption SkyPilot relaunches elsewhere and the pipeline resumes
+        # from the latest checkpoint (in the bucket), skipping finished stages.
+        kwargs["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 3}
+    return sky.Resources(infra=f"{offer['cloud']}/{offer['region']}", instance_type=it,
+                         accelerators={acc: int(n)}, use_spot=spot, disk_size=512, **kwargs)
+
+
+def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | None) -> "sky.Task":
+    task = sky.Task.from_yaml(str(yaml_path("train")))
+    task.workdir = str(REPO_ROOT)
+    task.num_nodes = int(rec.get("nodes") or 1)
+    task.set_resources(_resources(rec["offer"], bool(rec.get("spot"))))
+    bucket_dir = ""
+    if rec.get("bucket"):
+        task.set_file_mounts({"/nanochat-bucket": rec["bucket"]})
+        bucket_dir = "/nanochat-bucket/runs"
+    task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args),
+                      "NANOCHAT_DEADLINE_AT": f"{deadline_at:.0f}" if deadline_at else "",
+                      "NANOCHAT_BUCKET_DIR": bucket_dir})
+    # Secrets travel as SkyPilot secrets (redacted in its records), taken from this shell's environment.
+    secrets = {k: os.environ[k] for k in ("HF_TOKEN", "WANDB_API_KEY") if os.environ.get(k)}
+    if secrets:
+        task.update_secrets(secrets)
+    return task
+
+
+def _sky_error(action: str, e: Exception) -> NanochatError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return NanochatError(f"{action} failed ({type(e).__name__}: {first}); `sky status` and `sky check` help "
+                         "diagnose it")
+
+
+class SkyBackend:
+    name = "sky"
+
+    def provision(self, rec: dict) -> None:
+        """Bring the cluster up with the environment installed (setup only; `train` runs the job)."""
+        task = build_task(rec, "warmup", [], None)
+        task.run = None
+        try:
+            sky.stream_and_get(sky.launch(task, cluster_name=rec["name"],
+                                          idle_minutes_to_autostop=rec.get("autostop_minutes") or 10,
+                                          down=not rec.get("keep")))
+        except Exception as e:
+            raise _sky_error(f"provisioning {rec['name']}", e) from None
+
+    def launch(self, rec: dict, rd: Path, args: list[str], plan: dict) -> dict:
+        task = build_task(rec, rd.name, args, plan.get("deadline_at"))
+        job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
+               "state": "RUNNING", "submitted_at": time.time()}
+        try:
+            if job["managed"]:
+                job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=f"nanochat-{rd.name}"))
+                job["job_id"] = (job_ids or [None])[0]
+            else:
+                job_id, _ = sky.stream_and_get(sky.launch(
+                    task, cluster_name=rec["name"], idle_minutes_to_autostop=rec.get("autostop_minutes") or 10,
+                    down=not rec.get("keep")))
+                job["job_id"] = job_id
+        except Exception as e:
+            raise _sky_error(f"launching run '{rd.name}'", e) from None
+        state.write_job(rd, job)
+        return job
+
+    def job_state(self, rec: dict, rd: Path) -> str | None:
+        job = state.read_job(rd) or {}
+        if job.get("job_id") is None:
+            return job.get("state")
+        try:
+            if job.get("managed"):
+                records = sky.get(sky.jobs.queue(refresh=False, job_ids=[job["job_id"]]))
+                status = records[0]["status"] if records else None
+            else:
+                status = sky.get(sky.job_status(rec["name"], [job["job_id"]])).get(job["job_id"])
+        except Exception:
+            return "UNKNOWN"
+        return _state_name(status) or "UNKNOWN"
+
+    def tail(self, rec: dict, rd: Path, pos: int, follow: bool = True) -> Iterator[tuple[str, int]]:
+        """Log lines from line number `pos` on (SkyPilot replays a job's log from its start on every
+        connection, so the lines already delivered are skipped: nothing is shown twice)."""
+        job = state.read_job(rd) or {}
+        n = 0
+        for line in self._raw_lines(rec, job, follow):
+            n += 1
+            if n > pos:
+                yield line.rstrip("\n"), n
+
+    def _raw_lines(self, rec: dict, job: dict, follow: bool) -> Iterator[str]:
+        if not job.get("managed"):
+            for chunk in sky.tail_logs(rec["name"], job.get("job_id"), follow=follow, preload_content=False):
+                if chunk is None:
+                    continue
+                yield from chunk.splitlines()
+            return
+        # Managed jobs only write to a stream: pump it through a queue from a helper thread.
+        q: queue.Queue = queue.Queue()
+
+        class _Sink(io.TextIOBase):
+            def write(self, s):
+                q.put(s)
+                return len(s)
+
+        def pump():
+            try:
+                sky.jobs.tail_logs(job_id=job.get("job_id"), follow=follow, output_stream=_Sink())
+            except Exception as e:
+                q.put(e)
+            q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        buf = ""
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, Exception):
+                raise ConnectionError(str(item))
+            buf += item
+            *lines, buf = buf.split("\n")
+            yield from lines
+        if buf:
+            yield buf
+
+    def cluster_state(self, rec: dict) -> str:
+        if rec.get("spot"):
+            return "MANAGED"
+        try:
+            records = sky.get(sky.status([rec["name"]]))
+        except Exception as e:
+            raise _sky_error("sky status", e) from None
+        if not records:
+            return "DOWN"
+        status = records[0]["status"] if isinstance(records[0], dict) else getattr(records[0], "status", None)
+        return str(getattr(status, "value", status))
+
+    def pull(self, rec: dict, rd: Path, dest: Path) -> int:
+        if rec.get("bucket"):
+            src = rec["bucket"].rstrip("/") + f"/runs/{rd.name}"
+            _bucket_sync(src, dest)
+        else:
+            # Only the `sky` CLI writes the ssh alias for a cluster; `sky status <name>` refreshes it.
+            subprocess.run(["sky", "status", rec["name"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           check=False)
+            pull_mod.rsync(f"{rec['name']}:{REMOTE_RUNS}/{rd.name}", dest, ssh=True)
+        return pull_mod.verify(dest)
+
+    def down(self, rec: dict) -> list[str]:
+        runs = [r for r in rec.get("runs", [])]
+        try:
+            if rec.get("spot"):
+                for r in runs:
+                    job = state.read_job(state.run_dir(r)) or {}
+                    if job.get("job_id") is not None:
+                        sky.get(sky.jobs.cancel(job_ids=[job["job_id"]]))
+            else:
+                sky.get(sky.down(rec["name"]))
+        except Exception as e:
+            if "does not exist" in str(e) or type(e).__name__ == "ClusterDoesNotExist":
+                return []  # already gone: down is idempotent
+            raise _sky_error(f"tearing down {rec['name']}", e) from None
+        return runs
+
+    def final_cost(self, rec: dict) -> float | None:
+        try:
+            report = sky.get(sky.cost_report())
+        except Exception:
+            return None
+        for r in report or []:
+            if r.get("name") == rec["name"] and r.get("total_cost") is not None:
+                return float(r["total_cost"])
+        return None
+
+
+def _bucket_sync(src: str, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    if src.startswith("s3://"):
+        cmd = ["aws", "s3", "sync", src, str(dest), "--exclude", "*/optim_rank*.pt"]
+    elif src.startswith("gs://"):
+        cmd = ["gcloud", "storage", "rsync", "-r", "-x", r".*optim_rank.*\.pt$", src, str(dest)]
+    else:
+        raise NanochatError(f"pulling from '{src}' is not supported; use an s3:// or gs:// bucket")
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise NanochatError(f"`{cmd[0]}` is not installed; install that cloud's CLI to pull from {src}") from None
+    if proc.returncode != 0:
+        raise NanochatError(f"sync from {src} failed: {(proc.stderr.strip().splitlines() or [''])[-1]}; "
+                            "run `nanochat pull` again to resume")
