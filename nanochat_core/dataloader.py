@@ -56,11 +56,18 @@ class DataLoader:
         self._shard_index = {p.name: i for i, p in enumerate(self.shards)}
         # every (shard, row group) of the split, in file order; opening each file also validates it up front
         self.groups: list[tuple[int, int]] = []
+        rows = 0
         for si, path in enumerate(self.shards):
-            self.groups += [(si, g) for g in range(open_parquet(path).num_row_groups)]
-        if not self.groups:
+            meta = open_parquet(path).metadata
+            self.groups += [(si, g) for g in range(meta.num_row_groups)]
+            rows += meta.num_rows
+        if not self.groups or rows == 0:
             raise NanochatError(f"the {split} shards in {data_dir} contain no rows")
         self.doc_stride = len(self.groups) < world_size   # too few row groups: split documents instead
+        # A buffer bigger than half of what this rank sees per epoch would hold several copies of the
+        # same documents (a small validation shard): cap it there. Derived from file metadata only, so
+        # it is the same number on every run and resume.
+        self.buffer_size = min(self.buffer_size, max(1, rows // (2 * world_size)))
         # progress state (everything state_dict() saves)
         self._epoch = 0
         self._next_pos = 0            # the next position in the epoch's row-group order this rank may read

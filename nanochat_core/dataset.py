@@ -251,7 +251,8 @@ def _fetch_one(client, url: str, final: Path, size: int | None, sha: str | None,
             time.sleep(min(60.0, backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
         have = part.stat().st_size if part.exists() else 0
         try:
-            with client.stream("GET", url, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+            headers = {**_auth_headers(url), **({"Range": f"bytes={have}-"} if have else {})}
+            with client.stream("GET", url, headers=headers) as r:
                 code = r.status_code
                 if code in PERMANENT_HTTP:
                     part.unlink(missing_ok=True)
@@ -263,6 +264,11 @@ def _fetch_one(client, url: str, final: Path, size: int | None, sha: str | None,
                     continue
                 elif code in (200, 206):
                     resumed = code == 206 and _range_start(r.headers.get("content-range")) == have
+                    if code == 206 and not resumed:   # a range we did not ask for: start clean
+                        part.unlink(missing_ok=True)
+                        last_error = f"unexpected Content-Range {r.headers.get('content-range')!r}"
+                        continue
+                    size, sha = size or _hinted_size(r), sha or _hinted_sha256(r)
                     length = int(r.headers.get("content-length", "-1"))
                     expected = _range_total(r.headers.get("content-range")) if resumed else (length if length >= 0 else None)
                     if not announced and expected:
@@ -297,6 +303,31 @@ def _fetch_one(client, url: str, final: Path, size: int | None, sha: str | None,
         return final
     raise NanochatError(f"could not download {url} after {retries + 1} attempts (last: {last_error}); "
                         "check the network and run again - finished bytes are kept and resumed")
+
+
+def _hinted_sha256(response) -> str | None:
+    """Hugging Face answers a file request with a redirect whose X-Linked-Etag is the file's sha256
+    (for large, LFS-stored files such as parquet shards): verify against it when present."""
+    for r in [*response.history, response]:
+        tag = r.headers.get("x-linked-etag", "").strip('"').lower()
+        if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag):
+            return tag
+    return None
+
+
+def _hinted_size(response) -> int | None:
+    for r in [*response.history, response]:
+        v = r.headers.get("x-linked-size", "")
+        if v.isdigit():
+            return int(v)
+    return None
+
+
+def _auth_headers(url: str) -> dict[str, str]:
+    """A Hugging Face token raises the anonymous rate limit; sent only to Hugging Face hosts."""
+    token = os.environ.get("HF_TOKEN")
+    host = url.split("/")[2] if "://" in url else ""
+    return {"Authorization": f"Bearer {token}"} if token and (host == "huggingface.co" or host.endswith(".huggingface.co")) else {}
 
 
 def _range_start(content_range: str | None) -> int | None:

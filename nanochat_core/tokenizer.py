@@ -76,7 +76,9 @@ class Tokenizer:
         self._enc = tiktoken.Encoding(
             name="nanochat", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=self._special
         )
-        self._token_bytes = [b for b, _ in sorted(((b, i) for b, i in ranks.items()), key=lambda x: x[1])]
+        self._token_len = [0] * self._enc.n_vocab      # UTF-8 bytes per id; specials (and any gap) stay 0
+        for b, i in ranks.items():
+            self._token_len[i] = len(b)
         self.hash = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------ training / io
@@ -166,8 +168,7 @@ class Tokenizer:
         """torch.int32[vocab]: UTF-8 byte length of each token, 0 for specials. Bits-per-byte =
         sum(loss) / ln(2) / sum(token_bytes[targets]) - the loss measure that does not depend on vocab."""
         import torch
-        lengths = [len(b) for b in self._token_bytes] + [0] * len(self._special)
-        return torch.tensor(lengths, dtype=torch.int32)
+        return torch.tensor(self._token_len, dtype=torch.int32)
 
     # ------------------------------------------------------------------ encode / decode
 

@@ -27,7 +27,7 @@ class FlakyServer:
     "cut" (send half the body, then drop the connection), "500", "404", "hang" (never answer), "ok"."""
 
     def __init__(self, files: dict[str, bytes]):
-        self.files, self.plan, self.log = files, {}, []
+        self.files, self.plan, self.log, self.extra_headers = files, {}, [], {}
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,6 +56,8 @@ class FlakyServer:
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in outer.extra_headers.get(name, {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body[: len(body) // 2] if behaviour == "cut" else body)
                 self.wfile.flush()
@@ -155,6 +157,16 @@ def test_size_and_checksum_from_a_url_list(server, tmp_path):
     with pytest.raises(NanochatError, match="sha256 mismatch"):
         download(str(bad), 1, tmp_path / "b", **FAST)
     assert not list((tmp_path / "b").glob("shard_*"))
+
+
+def test_checksum_announced_by_the_server(server, tmp_path):
+    """Hugging Face announces an LFS file's sha256 in X-Linked-Etag: a mismatch is caught."""
+    data = server.files["s2.parquet"]
+    server.extra_headers["s2.parquet"] = {"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"'}
+    assert download([server.url("s2.parquet")], 1, tmp_path / "a", **FAST)[0].read_bytes() == data
+    server.extra_headers["s2.parquet"] = {"X-Linked-Etag": f'"{"ab" * 32}"'}
+    with pytest.raises(NanochatError, match="sha256 mismatch"):
+        download([server.url("s2.parquet")], 1, tmp_path / "b", **FAST)
 
 
 def test_not_parquet_is_rejected(server, tmp_path):

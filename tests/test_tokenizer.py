@@ -56,6 +56,18 @@ def test_same_ids_as_hf_tokenizers(tiny_tokenizer, bundled_texts):
         assert tiny_tokenizer.encode(t) == hf.encode(t, add_special_tokens=False).ids
 
 
+@given(text=st.text(max_size=80))
+@HYP
+def test_same_ids_as_hf_tokenizers_on_arbitrary_unicode(tiny_tokenizer, text):
+    if tiny_tokenizer.hash not in _HF:
+        _HF[tiny_tokenizer.hash] = tiny_tokenizer.hf_tokenizer()
+    hf = _HF[tiny_tokenizer.hash]
+    assert tiny_tokenizer.encode(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+_HF = {}
+
+
 def test_compresses_real_text(tiny_tokenizer, bundled_texts):
     text = "\n".join(bundled_texts[:50])
     ids = tiny_tokenizer.encode(text)
