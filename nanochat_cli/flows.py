@@ -215,6 +215,9 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         1 if local else nodes), run=run_name, created_at=now, preset="local" if local else "cloud",
         spot=spot, nodes=nodes, keep=keep, bucket=bucket)
     state.write_plan(rd, plan)
+    # A relaunch (after a preemption or a failure) appends to the same log: show this job's output only.
+    log = rd / "pipeline.log"
+    start_pos = log.stat().st_size if log.exists() else 0
     if local:
         backend = backend_for(rec)
         job = backend.launch(rec, rd, args)
@@ -227,7 +230,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         job = SkyBackend().launch(rec, rd, args, plan)
         state.save_cluster(rec)
     state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
-    state.save_log_position(rd, 0)
+    state.save_log_position(rd, start_pos if local else 0)
     if json_out:
         print(json.dumps({"run": run_name, "run_dir": str(rd), "cluster": rec["name"], "job_id": job["job_id"]}))
     else:
@@ -235,7 +238,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     if detach or json_out:
         print(f"`nanochat logs --name {run_name}` attaches to it; `nanochat down` stops it.", file=sys.stderr)
         return
-    follow(rd, from_start=True)
+    follow(rd)
 
 
 # -----------------------------------------------------------------------------

@@ -64,9 +64,11 @@ def main() -> int:
                     (d / "model.safetensors").write_bytes(os.urandom(64))
                     emit("checkpoint", stage=stage, step=step, path=str(d))
         elif stage == "eval":
+            # The report module's layout: eval/<stage>.json = {"stage", "metrics"}.
             (rd / "eval").mkdir(exist_ok=True)
-            (rd / "eval" / "base_eval.json").write_text('{"CORE": 0.01}\n')
-            emit("eval", stage="base", metrics={"CORE": 0.01})
+            atomic_write_json(rd / "eval" / "base.json", {"stage": "BASE", "metrics": {"CORE": 0.0123}})
+            atomic_write_json(rd / "eval" / "sft.json", {"stage": "SFT", "metrics": {"ARC-Easy": 0.25}})
+            emit("eval", stage="base", metrics={"CORE": 0.0123})
         elif stage == "report":
             (rd / "report.md").write_text("# report\n")
         done[stage] = {"seconds": time.time() - start}
