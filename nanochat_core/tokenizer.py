@@ -202,7 +202,10 @@ class Tokenizer:
         return self.encode(*args, **kwargs)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._enc.decode(list(ids), errors="replace")
+        """Text of ids. Ids outside the vocab (the model pads its vocab to a multiple of 64, so an untrained
+        model can sample them) decode to nothing rather than crash; broken UTF-8 becomes U+FFFD."""
+        n = self._enc.n_vocab
+        return self._enc.decode([i for i in map(int, ids) if 0 <= i < n], errors="replace")
 
     # ------------------------------------------------------------------ chat
 

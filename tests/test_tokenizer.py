@@ -28,6 +28,12 @@ def test_specials_never_produced_from_plain_text(tiny_tokenizer, text):
     assert tiny_tokenizer.encode([text, text], num_threads=2) == [ids, ids]
 
 
+def test_decode_ignores_ids_outside_the_vocab(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("Alas, poor Yorick!")
+    V = tiny_tokenizer.get_vocab_size()
+    assert tiny_tokenizer.decode([V + 5, *ids, -1, V]) == "Alas, poor Yorick!"
+
+
 def test_special_ids_are_last_and_distinct(tiny_tokenizer):
     V = tiny_tokenizer.get_vocab_size()
     ids = [tiny_tokenizer.encode_special(s) for s in SPECIAL_TOKENS]
