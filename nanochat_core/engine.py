@@ -181,6 +181,7 @@ class Engine:
         self.assistant_end = sp("<|assistant_end|>")
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
+        self.special_ids = {sp(s) for s in tokenizer.get_special_tokens()}
         self.vocab_size = tokenizer.get_vocab_size()
         self.context_len = getattr(model, "rotary_len", model.config.sequence_len)
 
@@ -299,6 +300,10 @@ class Engine:
                     yield Piece(kind, text)
                 kind = transitions[tok]
                 yield Piece(kind, "")
+            elif tok in self.special_ids:
+                # a stray <|user_start|> etc. is structure, not text: never show it as "<|...|>"
+                if text := flush(True):
+                    yield Piece(kind, text)
             else:
                 pending.append(tok)
                 if text := flush(False):

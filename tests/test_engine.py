@@ -192,7 +192,7 @@ def test_stream_reply_text_matches_tokens_and_cancel(engine, tiny_tokenizer):
     specials = {tiny_tokenizer.encode_special(s) for s in tiny_tokenizer.get_special_tokens()}
     runs, run = [], []
     for t in seqs[0][len(ids):] + [tiny_tokenizer.get_bos_token_id()]:
-        if t in specials:
+        if t in specials:    # python/output markers end a run; other specials are dropped, also ending it
             runs.append(tiny_tokenizer.decode(run))
             run = []
         else:

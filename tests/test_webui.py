@@ -1,0 +1,107 @@
+"""The chat page in a real headless browser (Debian's Chromium driven by Playwright): type a message, watch
+the reply stream in, talk a second turn, check tool calls render as their own boxes, and save a screenshot
+to tests/artifacts/. The server is real (uvicorn on 127.0.0.1) and so is the model (tiny, random)."""
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.serve import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_tokenizer):
+    import uvicorn
+    cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=256, aspect_ratio=64, head_dim=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+        # zero logit for every special token: with the page's top-k of 50 (of 512) they are never sampled,
+        # so each reply runs to max_tokens of visible text and really streams
+        for name in tiny_tokenizer.get_special_tokens():
+            model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
+    server = uvicorn.Server(uvicorn.Config(create_app(model.eval(), tiny_tokenizer), host="127.0.0.1", port=0,
+                                           log_level="warning", ws="none"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=20)
+
+
+def test_chat_page_streams_a_reply_in_a_real_browser(url):
+    if not CHROMIUM.exists():
+        pytest.skip("needs the system Chromium (.ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            expect(page.locator("#model")).to_have_text("nanochat")
+            page.fill("#max_tokens", "200")
+            page.fill("#temperature", "1.0")
+            # record the reply's length whenever the page repaints it: a streamed reply is seen at many
+            # partial lengths, a buffered one jumps from empty to complete
+            page.evaluate("""() => { window.lengths = [];
+                new MutationObserver(() => { const b = document.querySelector('.msg.assistant .body');
+                    if (b) window.lengths.push(b.textContent.length); }).observe(document.getElementById('log'),
+                    {subtree: true, childList: true, characterData: true}); }""")
+
+            page.fill("#input", "Hello nanochat, tell me a story.")
+            page.press("#input", "Enter")
+            user = page.locator(".msg.user .body").first
+            expect(user).to_have_text("Hello nanochat, tell me a story.")
+            reply = page.locator(".msg.assistant .body").first
+            expect(reply).not_to_have_class("body cursor", timeout=60_000)   # the stream has finished
+            expect(page.locator("#send")).to_have_text("Send")
+            first = reply.inner_text()
+            assert first.strip(), "the assistant bubble stayed empty"
+            partial = {n for n in page.evaluate("window.lengths") if 0 < n < len(reply.text_content())}
+            assert len(partial) >= 3, f"the reply did not stream: seen at lengths {sorted(partial)}"
+            assert page.locator(".msg.error").count() == 0
+
+            # a second turn: the page sends the history back (user, assistant, user) and gets another reply
+            page.fill("#input", "And then?")
+            page.press("#input", "Enter")
+            second = page.locator(".msg.assistant .body").nth(1)
+            expect(second).not_to_have_class("body cursor", timeout=60_000)
+            expect(page.locator("#send")).to_have_text("Send")
+            assert page.locator(".msg.error").count() == 0
+            assert page.locator(".msg.user").count() == 2
+
+            # tool calls render as their own boxes (the page's renderer, fed the server's marker format)
+            boxes = page.evaluate("""() => { const el = document.createElement('span');
+                render(el, 'so <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> done');
+                return [...el.querySelectorAll('.tool')].map(s => [s.className, s.textContent]); }""")
+            assert boxes == [["tool python", "12*7"], ["tool python_output", "84"]]
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "webui_chat.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 5000
+            assert errors == []
+            assert all(r.startswith(url) for r in requests), f"page fetched something external: {requests}"
+        finally:
+            browser.close()
