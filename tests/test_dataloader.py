@@ -141,6 +141,12 @@ def test_bad_data(tiny_tokenizer, tmp_path, corpus):
     pq.write_table(pa.table({"text": ["a"]}), one / "shard_00000.parquet")
     with pytest.raises(NanochatError, match="at least 2"):
         DataLoader(tiny_tokenizer, B, T, one)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty / f"shard_{i:05d}.parquet")
+    with pytest.raises(NanochatError, match="no rows"):
+        DataLoader(tiny_tokenizer, B, T, empty)
     with pytest.raises(NanochatError):
         DataLoader(tiny_tokenizer, 0, T, corpus)
     loader = DataLoader(tiny_tokenizer, B, T, corpus)
