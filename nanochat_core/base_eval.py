@@ -1,0 +1,103 @@
+"""
+Evaluate a base model:  python -m nanochat_core.base_eval --run-dir DIR [--data DIR] [--max-per-task N]
+
+- CORE: DCLM's 22 in-context tasks, centred accuracy, the mean (tasks/core.py). Needs the eval bundle
+  (downloaded once, ~162 MB); without it CORE is listed as unavailable.
+- bpb: bits per byte on the validation shard (the last parquet shard of --data), the vocab-independent loss.
+- samples: a few greedy completions, printed and emitted as `sample` events.
+Distributed across ranks under torchrun. Writes run_dir/eval/<stage>.json (stage = base by default).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from nanochat_core import checkpoint, training
+from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, emit, init_runtime, print0, run_main)
+
+PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+           "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
+           "If 5*x + 3 = 13, then x is"]
+
+
+def greedy_complete(model, tokenizer, prompt: str, max_tokens: int = 24) -> str:
+    from nanochat_core.engine import Engine
+    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+    seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
+    return prompt + tokenizer.decode(seqs[0][len(ids):])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.base_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--stage", default="base", choices=["base", "mid", "sft", "rl"], help="which checkpoint to evaluate")
+    p.add_argument("--data", type=Path, default=None, help="parquet shards; the last is validation (default: bundled)")
+    p.add_argument("--max-per-task", type=int, default=0, help="CORE examples per task, 0 = all")
+    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens for bpb (default 10M GPU / 64K CPU)")
+    p.add_argument("--device-batch-size", type=int, default=None, help="rows per device for bpb")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: core, bpb, samples")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    if skip - {"core", "bpb", "samples"}:
+        raise NanochatError("--skip takes core, bpb and/or samples")
+    rt = init_runtime(a.device)
+    t0 = time.time()
+    model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=a.stage)
+    T = model.config.sequence_len
+    print0(f"base_eval: {a.stage} checkpoint {meta['path']}")
+    metrics, unavailable, extra = {}, [], {}
+
+    if "core" not in skip:
+        from nanochat_core.tasks import core
+        try:
+            bundle = core.ensure_eval_bundle() if rt.master else None
+            bundle = checkpoint._broadcast(str(bundle) if bundle else None)
+            tasks = core.load_core_tasks(Path(bundle), a.max_per_task)
+        except NanochatError as e:
+            print0(f"CORE: unavailable ({e})")
+            unavailable.append("CORE")
+        else:
+            out = core.evaluate_core(model, tokenizer, rt.device, tasks, rt.rank, rt.world_size, max_seq_len=T,
+                                     log=print0)
+            metrics["CORE"] = out["CORE"]
+            extra["core_tasks"] = {"accuracy": out["accuracy"], "centered": out["centered"]}
+            print0(f"CORE: {out['CORE']:.4f}")
+
+    if "bpb" not in skip:
+        from nanochat_core.dataloader import DataLoader
+        from nanochat_core.dataset import ensure_bundled
+        data = a.data
+        if data is None:
+            data = data_dir() / "bundled"
+            if rt.master:
+                ensure_bundled(data)
+            checkpoint._barrier()
+        on_gpu = rt.device_type == "cuda"
+        B = a.device_batch_size or (max(1, 32 * 2048 // T) if on_gpu else max(1, 2048 // T))
+        tokens = a.eval_tokens or (10 * 2 ** 20 if on_gpu else 64 * 1024)
+        steps = max(1, tokens // (B * T * rt.world_size))
+        val = iter(DataLoader(tokenizer, B, T, data, split="val", rank=rt.rank, world_size=rt.world_size,
+                              device=rt.device, seed=0))
+        metrics["bpb"] = training.evaluate_bpb(model, val, steps, tokenizer.token_bytes().to(rt.device), rt.device_type)
+        print0(f"bpb: {metrics['bpb']:.4f} ({steps * B * T * rt.world_size:,} validation tokens)")
+
+    if "samples" not in skip and rt.master:
+        extra["samples"] = [greedy_complete(model, tokenizer, prompt) for prompt in PROMPTS]
+        for s in extra["samples"]:
+            emit("sample", stage=a.stage, text=s)
+
+    if rt.master:
+        from nanochat_core.chat_eval import _merge
+        from nanochat_core.common import atomic_write_json
+        path = a.run_dir / "eval" / f"{a.stage}.json"
+        record = {"stage": a.stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
+                  "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1), **extra}
+        atomic_write_json(path, _merge(path, record))
+    emit("eval", stage=a.stage, metrics=metrics)
+    cleanup_runtime()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,328 @@
+"""
+Supervised fine-tuning (the "sft" stage):  python -m nanochat_core.chat_sft --run-dir DIR [--source hub|local]
+
+Teaches the pre-trained model to hold a conversation: the turn format, when to stop, how to call the
+calculator. The model is loaded from the previous stage (mid if there is one, else base) and trained on
+whole conversations with loss only on what the assistant says (its text, its tool calls and its
+<|assistant_end|>; never the user's words or the tool's output - targets there are -1).
+
+Batches: conversations are packed best-fit into rows of T+1 tokens - repeatedly place the longest
+conversation that still fits, then pad the rest of the row (padding targets -1). Unlike pre-training we
+never crop a conversation to fill a row: a half conversation teaches the wrong thing. One that is longer
+than a row is truncated at T+1 tokens.
+
+Optimizer: the base run's optimizer state (Muon momentum, Adam moments) is loaded when the checkpoint has
+it - a warm start, so the first SFT steps do not jolt the weights - with the learning rates scaled by
+--lr-frac and decayed linearly to zero over the run.
+
+Horizon: --epochs over the data (default 1), or --steps, or --minutes (whichever ends first). The LR
+schedule follows progress = max(data consumed, steps done, minutes used), so a time-bounded run still
+anneals. Checkpoints, resume, deadline and progress events are base training's (training.py).
+
+mid_train reuses this loop with a different mixture (see mid_train.py).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nanochat_core import checkpoint, training
+from nanochat_core.common import (NanochatError, cleanup_runtime, device_peak_flops, emit, init_runtime, print0,
+                                  run_main, set_seed)
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def sft_mixture(source: str, seed: int = 42):
+    """The conversations to train on. hub: the anchor's SFT mixture (needs the network once);
+    local: the small chat set shipped with the package (identity, arithmetic with tool calls, spelling)."""
+    from nanochat_core.tasks.common import TaskMixture
+    from nanochat_core.tasks.identity import ChatLocal, Identity
+    if source == "local":
+        return ChatLocal()
+    if source != "hub":
+        raise NanochatError(f"--source must be hub or local, not {source!r}")
+    from nanochat_core.tasks.arc import ARC
+    from nanochat_core.tasks.gsm8k import GSM8K
+    from nanochat_core.tasks.smoltalk import SmolTalk
+    from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
+    tasks = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("main", "train"),
+             SmolTalk("train", stop=10_000), Identity(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
+    return TaskMixture(tasks, epochs=[1, 1, 1, 1, 2, 1, 1], seed=seed)
+
+
+
+
+def pack_rows(items: list[tuple[list[int], list[int]]], B: int, T: int, pad_id: int):
+    """Best-fit packing of (ids, mask) items into B rows of T+1 tokens. Returns (rows, used_indices):
+    rows = list of (ids, mask) padded with pad_id / mask 0. Items are never split."""
+    free = list(range(len(items)))
+    rows, used = [], []
+    for _ in range(B):
+        row_ids: list[int] = []
+        row_mask: list[int] = []
+        while True:
+            space = T + 1 - len(row_ids)
+            best = None
+            for i in free:
+                n = len(items[i][0])
+                if n <= space and (best is None or n > len(items[best][0])):
+                    best = i
+            if best is None:
+                break
+            free.remove(best)
+            used.append(best)
+            row_ids += items[best][0]
+            row_mask += items[best][1]
+        pad = T + 1 - len(row_ids)
+        rows.append((row_ids + [pad_id] * pad, row_mask + [0] * pad))
+    return rows, used
+
+
+def rows_to_batch(rows, device):
+    """inputs = ids[:-1]; targets = ids[1:] where the target token is trained (mask 1), else -1."""
+    import torch
+    ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    mask = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+    inputs = ids[:, :-1]
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -1)
+    return inputs.to(device), targets.to(device)
+
+
+class ConversationLoader:
+    """Endless (epoch after epoch) packed batches from a Task, for one rank. Resumable from a small state:
+    epoch, position in this epoch's order, and the conversations waiting in the buffer (by index)."""
+
+    def __init__(self, dataset, tokenizer, B: int, T: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: Any = "cpu", buffer_size: int = 64):
+        if len(dataset) == 0:
+            raise NanochatError("the SFT data set is empty")
+        self.dataset, self.tokenizer, self.B, self.T = dataset, tokenizer, B, T
+        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+        self.buffer_size = max(buffer_size, 4 * B)
+        self.pad_id = tokenizer.get_bos_token_id()
+        self.epoch, self.pos, self.buffer = 0, 0, []   # buffer: dataset indices
+        self.consumed = 0                              # conversations used by this rank, all epochs
+        self._order = None
+
+    def order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            idx = list(range(self.rank, len(self.dataset), self.world_size)) or list(range(len(self.dataset)))
+            random.Random(self.seed * 1000 + self.epoch).shuffle(idx)
+            self._order = (self.epoch, idx)
+        return self._order[1]
+
+    def per_epoch(self) -> int:
+        return len(self.order())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "buffer": list(self.buffer), "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.buffer, self.consumed = list(state["buffer"]), state["consumed"]
+
+    def next_batch(self):
+        while len(self.buffer) < self.buffer_size:
+            order = self.order()
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                continue
+            self.buffer.append(order[self.pos])
+            self.pos += 1
+        items = [self.tokenizer.render_conversation(self.dataset[i], max_tokens=self.T + 1) for i in self.buffer]
+        rows, used = pack_rows(items, self.B, self.T, self.pad_id)
+        used_set = set(used)
+        self.buffer = [ix for j, ix in enumerate(self.buffer) if j not in used_set]
+        self.consumed += len(used)
+        return rows_to_batch(rows, self.device)
+
+
+# -----------------------------------------------------------------------------
+# The stage loop (shared with mid_train)
+
+def add_common_args(p: argparse.ArgumentParser, lr_frac: float) -> None:
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (the default horizon)")
+    p.add_argument("--steps", type=int, default=None, help="horizon: at most this many optimizer steps")
+    p.add_argument("--minutes", type=float, default=None, help="horizon: at most this many minutes of training")
+    p.add_argument("--device-batch-size", type=int, default=None, help="rows per device per micro-step")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: 2^19 on GPU)")
+    p.add_argument("--lr-frac", type=float, default=lr_frac, help="learning rates as a fraction of base training's")
+    p.add_argument("--no-warm-start", action="store_true", help="do not load the previous stage's optimizer state")
+    p.add_argument("--deadline", type=float, default=None, help="stop and save this many seconds after process start")
+    p.add_argument("--save-every-minutes", type=float, default=None, help="checkpoint cadence (default 30 GPU / 1 CPU)")
+    p.add_argument("--log-every", type=int, default=0, help="progress event every N steps (default: about every 2 s)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
+
+
+def check_args(a) -> None:
+    for name in ("steps", "device_batch_size", "total_batch_size"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise NanochatError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
+    if (a.minutes is not None and a.minutes <= 0) or a.epochs <= 0 or a.lr_frac <= 0:
+        raise NanochatError("--minutes, --epochs and --lr-frac must be > 0")
+
+
+def previous_checkpoint(run_dir: Path, sources: list[str]) -> Path:
+    for s in sources:
+        found = checkpoint.find_latest(run_dir / s) if (run_dir / s).is_dir() else None
+        if found is not None:
+            return found
+    raise NanochatError(f"no {' or '.join(sources)} checkpoint in {run_dir}: run the earlier stages first")
+
+
+def build_model(config: dict, device):
+    import torch
+    from nanochat_core.model import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
+    from nanochat_core.engine import Engine
+    conv = {"messages": [{"role": "user", "content": prompt}]}
+    ids = tokenizer.render_for_completion(conv)
+    seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
+    model.train()
+    return f"User: {prompt}\nAssistant: {tokenizer.decode(seqs[0][len(ids):])}"
+
+
+def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
+    """Fine-tune the latest checkpoint of `sources` (first found) on `dataset`; checkpoints to run_dir/stage."""
+    import torch
+    from nanochat_core.tokenizer import get_tokenizer
+
+    rt = init_runtime(a.device)
+    guard = training.StopGuard(a.deadline)
+    t_start = time.time()
+    tokenizer = get_tokenizer(a.run_dir)
+    stage_dir = a.run_dir / stage
+    found = checkpoint.find_latest(stage_dir) if rt.master and stage_dir.is_dir() else None
+    found = checkpoint._broadcast(str(found) if found else None)
+    init = Path(found) if found else previous_checkpoint(a.run_dir, sources)
+    init_meta = checkpoint.read_meta(init)
+    if init_meta.get("tokenizer_hash") and init_meta["tokenizer_hash"] != tokenizer.hash:
+        raise NanochatError(f"{init} was trained with a different tokenizer than {a.run_dir}/tokenizer")
+    set_seed(a.seed)
+    model = build_model(init_meta["config"], rt.device)
+    T = model.config.sequence_len
+    on_gpu = rt.device_type == "cuda"
+    B = a.device_batch_size or (max(1, 32 * 2048 // T) if on_gpu else max(1, 2048 // T))
+    per_micro = B * T * rt.world_size
+    total_batch = a.total_batch_size or (2 ** 19 if on_gpu else per_micro)
+    grad_accum = max(1, round(total_batch / per_micro))
+    lr_scale = (init_meta.get("plan") or {}).get("lr_scale", 1.0) * a.lr_frac
+    optimizer = model.setup_optimizer(matrix_lr=0.02 * lr_scale, embedding_lr=0.3 * lr_scale,
+                                      unembedding_lr=0.008 * lr_scale, scalar_lr=0.5 * lr_scale, weight_decay=0.0)
+    training.remember_initial_lr(optimizer)
+    loader = ConversationLoader(dataset, tokenizer, B, T, rt.rank, rt.world_size, a.seed, rt.device)
+
+    step, elapsed_before, warm = 0, 0.0, False
+    if found:
+        meta = training.resume(stage_dir, model, optimizer, stage, rt.rank, tokenizer.hash)
+        step, elapsed_before = meta["step"], meta.get("train_seconds", 0.0)
+        states = meta["loader_states"]
+        loader.load_state_dict(states[rt.rank] if len(states) == rt.world_size else states[0])
+        horizon = meta["horizon"]
+    else:
+        try:
+            checkpoint.load_checkpoint(init, model, None if a.no_warm_start else optimizer)
+            warm = not a.no_warm_start
+        except Exception as e:  # an optimizer state that does not fit: weights alone are fine
+            print0(f"warning: could not warm-start the optimizer from {init} ({e}); starting it fresh")
+            checkpoint.load_checkpoint(init, model, None)
+        horizon = {"epochs": a.epochs, "steps": a.steps, "minutes": a.minutes, "init": str(init)}
+
+    epoch_convs = loader.per_epoch()
+
+    def progress() -> float:
+        p = loader.consumed / (horizon["epochs"] * epoch_convs)
+        if horizon["steps"]:
+            p = max(p, step / horizon["steps"])
+        if horizon["minutes"]:
+            p = max(p, (elapsed_before + time.time() - t_loop) / (60 * horizon["minutes"]))
+        return min(1.0, p)
+
+    est_steps = horizon["steps"] or 1
+    meter = training.ProgressMeter(stage, est_steps, total_batch, model.estimate_flops(), device_peak_flops(rt.device),
+                                   rt.world_size, every_steps=a.log_every, elapsed_before=elapsed_before)
+    cadence = training.SaveCadence(a.save_every_minutes if a.save_every_minutes is not None else
+                                   (30.0 if on_gpu else 1.0))
+    print0(f"{stage}: from {init.parent.name}/{init.name}{' (resumed)' if found else ''}, {len(dataset):,} conversations, "
+           f"device batch {B} x {T}, grad accum {grad_accum}, lr x{lr_scale:.3g}, "
+           f"{'warm' if warm else 'fresh'} optimizer, horizon {horizon['epochs']} epoch(s)"
+           f"{', ' + str(horizon['steps']) + ' steps' if horizon['steps'] else ''}"
+           f"{', ' + str(horizon['minutes']) + ' min' if horizon['minutes'] else ''}")
+
+    def save_now() -> None:
+        meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "horizon": horizon,
+                "train_seconds": round(meter.elapsed(), 2), "last_loss": meter.last.get("loss"),
+                "plan": init_meta.get("plan")}
+        training.save(stage_dir, step, model, optimizer, meta, rt.rank, rt.world_size, loader.state_dict(), stage, guard)
+        cadence.saved()
+
+    t_loop = time.time()
+    model.train()
+    stopped = False
+    done = training.agree(progress() >= 1.0, device=rt.device)[0]
+    while not done:
+        t0 = time.time()
+        training.apply_schedule(optimizer, 1.0 - progress())
+        total = None
+        for _ in range(grad_accum):
+            x, y = loader.next_batch()
+            with training.autocast_context(rt.device_type):
+                loss = model(x, y, loss_reduction="sum") / (y >= 0).sum().clamp(min=1)
+            (loss / grad_accum).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+        p = progress()
+        meter.total_steps = max(step, math.ceil(step / max(p, 1e-9))) if not horizon["steps"] else horizon["steps"]
+        meter.update(step, total / grad_accum)
+        guard.note_step(time.time() - t0)
+        done, stop, due = training.agree(p >= 1.0, guard.should_stop(), cadence.due(step), device=rt.device)
+        if stop and not done:
+            save_now()
+            print0(f"stopped at step {step} ({guard.reason()}); run the same command again to resume")
+            stopped = True
+            break
+        if due and not done:
+            save_now()
+    if not stopped:
+        if not found or step > checkpoint.read_meta(found)["step"]:
+            save_now()
+        if rt.master:
+            emit("sample", stage=stage, text=chat_sample(model, tokenizer, "Who are you?"))
+        emit("stage_end", stage=stage, seconds=round(time.time() - t_start, 2), steps=step)
+    guard.restore()
+    cleanup_runtime()
+    if stopped and guard.exit_code():
+        sys.exit(guard.exit_code())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.chat_sft", description=__doc__.split("\n\n")[0])
+    add_common_args(p, lr_frac=0.5)
+    p.add_argument("--source", choices=["hub", "local"], default="hub",
+                   help="hub: SmolTalk/ARC/GSM8K/identity/spelling; local: the shipped chat set (offline)")
+    a = p.parse_args(argv)
+    check_args(a)
+    train_conversations("sft", ["mid", "base"], sft_mixture(a.source, a.seed), a)
+
+
+if __name__ == "__main__":
+    run_main(main)
