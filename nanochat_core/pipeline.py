@@ -24,9 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from nanochat_core.common import (
-    NanochatError, atomic_write_json, atomic_write_text, data_dir, emit, run_main, sha256_file,
-)
+from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
 
 ALL_STAGES = ["tok", "base", "mid", "sft", "rl", "eval", "report"]
 DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "tok,base,mid,sft,eval,report"}
@@ -120,18 +118,23 @@ def _tiny(a: argparse.Namespace) -> list[str]:
 
 def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
     from nanochat_core import dataset
-    if a.preset == "local" and a.data in (None, "bundled"):
-        dest = data_dir() / "bundled"
-        dataset.ensure_bundled(dest)
-        return dest, None
-    source = dataset.resolve_source(a.data or "climbmix")
-    dest = data_dir() / source.name if hasattr(source, "name") else data_dir() / "custom"
-    first = min(a.num_shards, 8)  # ~2B characters for the tokenizer (DESIGN.md)
-    dataset.download(source, first, dest, workers=8)
+    spec = a.data or ("bundled" if a.preset == "local" else dataset.DEFAULT_SOURCE)
+    src = dataset.resolve_source(spec)
+    if src.bundled or src.local_dir is not None:
+        return dataset.prepare_data(src), None
+    # ~2B characters for the tokenizer (DESIGN.md) is about 8 shards; they (and the validation shard)
+    # come first, the rest downloads while the tokenizer trains.
+    first = min(a.num_shards, 8)
+    dest = dataset.prepare_data(src, first)
     rest = None
     if a.num_shards > first:
-        rest = threading.Thread(target=dataset.download, args=(source, a.num_shards, dest),
-                                kwargs={"workers": 8}, daemon=True)
+        def fetch_rest() -> None:
+            try:
+                dataset.download(src, a.num_shards, dest, progress=False)
+            except BaseException as e:  # surfaced when base training joins this thread
+                rest.error = e
+        rest = threading.Thread(target=fetch_rest, daemon=True)
+        rest.error = None
         rest.start()
     return dest, rest
 
@@ -198,6 +201,8 @@ class Pipeline:
                 continue
             if stage == "base" and background is not None:
                 background.join()  # all shards must be on disk before training reads past the first ones
+                if background.error is not None:
+                    raise NanochatError(f"downloading the training shards failed: {background.error}")
             env = dict(os.environ)
             if a.deadline_at:
                 reserve = RESERVE_AFTER_BASE_S[a.preset] if stage == "base" else 0
