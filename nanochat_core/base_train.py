@@ -192,26 +192,21 @@ def make_optimizer(model, plan: dict):
     return opt
 
 
-def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, vocab: int, device, device_type) -> float:
-    """Seconds per optimizer step, measured on random tokens (1 warm-up step, then 2 timed). Used once,
-    to turn --minutes into a fixed number of steps; the caller re-initialises model and optimizer."""
+def time_one_step(model, fwd, optimizer, batches, grad_accum: int, device_type: str) -> float:
+    """Seconds per optimizer step: 1 warm-up step, then the mean of 3. Used once, to turn --minutes into a
+    fixed number of steps. `batches` comes from a throwaway loader, so the time includes tokenisation
+    (on a 2-core CPU it competes with the maths); the caller re-initialises model and optimizer."""
     import torch
-    g = torch.Generator().manual_seed(0)
-    def batches():
-        while True:
-            x = torch.randint(0, vocab, (B, T + 1), generator=g).to(device)
-            yield x[:, :-1], x[:, 1:]
-    it = batches()
     times = []
-    for _ in range(3):
+    for _ in range(4):
         t0 = time.time()
-        training.forward_backward(fwd, it, grad_accum, device_type)
+        training.forward_backward(fwd, batches, grad_accum, device_type)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         if device_type == "cuda":
             torch.cuda.synchronize()
         times.append(time.time() - t0)
-    return sum(times[1:]) / 2
+    return sum(times[1:]) / 3
 
 
 def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
@@ -273,7 +268,10 @@ def main(argv=None) -> None:
     model, fwd = build_model(plan["config"], rt.device, compile_model)
     if plan["total_steps"] is None:  # --minutes: time a step once, fix the horizon, store it in the plan
         opt = make_optimizer(model, {**plan, "weight_decay": 0.0})
-        step_s = time_one_step(model, fwd, opt, B, T, grad_accum, model.config.vocab_size, rt.device, rt.device_type)
+        timing_loader = DataLoader(tokenizer, B, T, data, split="train", rank=rt.rank, world_size=rt.world_size,
+                                   device=rt.device, seed=plan["seed"] + 1)
+        step_s = time_one_step(model, fwd, opt, iter(timing_loader), grad_accum, rt.device_type)
+        timing_loader.close()
         reserve = 0.1  # of the minutes: room for the final eval, save and sample
         budget = args.minutes * 60 * (1 - reserve) - (time.time() - training.process_start_time())
         plan["total_steps"] = checkpoint._broadcast(max(1, int(budget / step_s)))  # rank 0's count for all
@@ -299,6 +297,7 @@ def main(argv=None) -> None:
         if meta["world_size"] == rt.world_size:
             checkpoint.restore_rng_state(meta["rng_states"][rt.rank])
     batches = iter(loader)
+    start_step = step
 
     tokens_per_step = plan["total_batch_size"]
     print0(f"base: depth {plan['depth']}, {model.num_params():,} params ({plan['scaling_params']:,} scaling), "
@@ -356,11 +355,13 @@ def main(argv=None) -> None:
 
     if not stopped:
         bpb = run_eval()
-        if not found or step > checkpoint.read_meta(found)["step"]:
+        if step > start_step:  # else: this run did nothing new (it was already complete)
             save_now()
-        if rt.master:
-            emit("sample", stage=STAGE, text=greedy_sample(model, tokenizer, "The", 24, rt.device))
+    if rt.master and (not stopped or guard.signum is None):  # a deadline stop still shows a sample; a signal does not wait
+        emit("sample", stage=STAGE, text=greedy_sample(model, tokenizer, "The", 24, rt.device))
+    if not stopped:
         emit("stage_end", stage=STAGE, seconds=round(time.time() - t_start, 2), val_bpb=round(bpb, 6))
+    loader.close()  # cancel queued tokenisation work so the process can exit promptly
     guard.restore()
     cleanup_runtime()
     if stopped and guard.exit_code():

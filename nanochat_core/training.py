@@ -50,8 +50,8 @@ class StopGuard:
 
     deadline = min(process start + deadline_s, env NANOCHAT_DEADLINE [absolute unix time]).
     The loop must stop early enough to still write a checkpoint, so `should_stop()` fires at
-    deadline - margin, where margin = 2 x the slowest step seen + 1.5 x the last save time (or an
-    estimate from the model size before the first save) + 1 s."""
+    deadline - margin, where margin = 3 x the typical step time + 1.5 x the last save time (or an
+    estimate before the first save) + 1 s."""
 
     def __init__(self, deadline_s: float | None = None, est_save_s: float = 1.0):
         limits = []
@@ -78,16 +78,19 @@ class StopGuard:
         print0(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping", flush=True)
 
     def note_step(self, seconds: float) -> None:
-        """Slowest step so far, ignoring the first one (it carries torch.compile / warm-up time)."""
+        """Typical step time: an EMA that ignores the first step (torch.compile / warm-up) and does not
+        let one slow outlier (a busy machine) push the stop far ahead of the deadline."""
         self.steps_seen += 1
-        if self.steps_seen > 1 or self.step_s == 0.0:
-            self.step_s = seconds if self.steps_seen == 2 else max(self.step_s, seconds)
+        if self.steps_seen == 1 or self.steps_seen == 2:
+            self.step_s = seconds
+        else:
+            self.step_s = 0.8 * self.step_s + 0.2 * seconds
 
     def note_save(self, seconds: float) -> None:
         self.save_s = seconds
 
     def margin(self) -> float:
-        return 2 * self.step_s + 1.5 * self.save_s + 1.0
+        return 3 * self.step_s + 1.5 * self.save_s + 1.0
 
     def should_stop(self) -> bool:
         """Local view (this rank). Use `agree()` to make all ranks decide together."""
