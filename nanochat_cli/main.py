@@ -13,8 +13,25 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+class _Group(TyperGroup):
+    """Typer 0.29 coerces every processed option through pydantic, and the root group's --help flag is
+    processed (as None, "not given") on every subcommand call - importing pydantic (0.2-0.4 s) just to
+    print `nanochat up --help`. "Not given" is False for a flag, so say so and skip the coercion."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None and not getattr(opt, "_nanochat_fast", False):
+            original = opt.process_value
+            opt.process_value = lambda ctx, value: original(ctx, False if value is None else value)
+            opt._nanochat_fast = True
+        return opt
+
 
 app = typer.Typer(
+    cls=_Group,
     name="nanochat",
     help="Train an LLM from scratch within a budget, on any cloud or on this machine, then chat with it.\n\n"
          "Start here: `nanochat train --local` (free, a few minutes on a laptop CPU), then `nanochat chat`.\n"

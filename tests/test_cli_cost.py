@@ -1,0 +1,65 @@
+"""The cost meter and the live panel, from a recorded event stream (times in the events make it exact)."""
+import json
+
+import pytest
+
+from nanochat_core.common import EVENT_PREFIX, parse_event
+from nanochat_cli.cost import CostMeter, replay
+from nanochat_cli.stream import RunView
+
+T0 = 1_700_000_000.0
+PRICE = 36.0  # $/h -> $0.01 per second
+
+
+def recorded_stream():
+    """A 10-minute tokenizer stage, then base training at 2 s/step for 300 steps, as log lines."""
+    ev = [{"event": "stage_start", "stage": "tok", "time": T0},
+          {"event": "stage_end", "stage": "tok", "seconds": 600, "time": T0 + 600},
+          {"event": "stage_start", "stage": "base", "time": T0 + 600}]
+    for step in range(10, 301, 10):
+        ev.append({"event": "progress", "stage": "base", "step": step, "total_steps": 300, "loss": 10 / step,
+                   "tokens_per_sec": 5e5, "mfu": 48.5, "elapsed_s": 2.0 * step, "time": T0 + 600 + 2.0 * step})
+    lines = ["booting...", *(EVENT_PREFIX + json.dumps(e) for e in ev), "done with base"]
+    return lines
+
+
+def test_replay_of_a_recorded_stream():
+    events = [e for e in map(parse_event, recorded_stream()) if e]
+    planned = {"tok": 0.1, "base": 0.2, "sft": 0.25, "eval": 0.25}
+    # Cut the stream half-way through base: step 150 at T0 + 900.
+    half = [e for e in events if e.get("step", 0) <= 150]
+    meter, warnings = replay(half, PRICE, budget=60.0, planned_stages=planned)
+    assert meter.stage == "base" and meter.step == 150
+    assert meter.spent(T0 + 900) == pytest.approx(9.0)
+    # ETA: 150 steps left at 2 s/step + SFT and eval from the plan (0.5 h).
+    assert meter.eta_s(T0 + 900) == pytest.approx(300 + 1800)
+    assert meter.projected_total(T0 + 900) == pytest.approx(9.0 + 2100 * 0.01)
+    assert meter.budget_left(T0 + 900) == pytest.approx(51.0)
+    assert warnings == []
+
+
+def test_warns_once_at_80_percent():
+    events = [e for e in map(parse_event, recorded_stream()) if e]
+    meter, warnings = replay(events, PRICE, budget=14.2)   # 80% = $11.36, crossed at T0 + 1136 s
+    assert len(warnings) == 1 and warnings[0].startswith("$11.40 spent: 80% of the $14.20 budget")
+    assert "nanochat down" in warnings[0] and meter.warned
+
+
+def test_no_warning_without_price_or_budget():
+    events = [e for e in map(parse_event, recorded_stream()) if e]
+    assert replay(events, 0.0, budget=1.0)[1] == []
+    assert replay(events, PRICE, budget=None)[1] == []
+
+
+def test_panel_fields_from_events():
+    meter = CostMeter(PRICE, T0, budget=100.0, planned_stages={"base": 0.2, "sft": 0.1})
+    view = RunView(meter, "test")
+    lines = recorded_stream()
+    shown = [view.feed(e) for e in map(parse_event, lines) if e]
+    assert "== stage tok finished in 10m00s" in shown
+    fields = dict(view.fields(now=T0 + 1200))
+    assert fields["stage"] == "base" and fields["step"] == "300/300"
+    assert fields["loss"] == "0.0333" and fields["tok/s"] == "500,000" and fields["MFU"] == "48.5%"
+    assert fields["spent"] == "$12.00" and fields["elapsed"] == "20m00s"
+    assert fields["ETA"] == "6m00s"                         # base is at its last step; sft's 0.1 h remains
+    assert fields["projected"] == "$15.60" and fields["budget"] == "$100.00 ($88.00 left)"

@@ -1,0 +1,79 @@
+"""`nanochat --help` answers fast: no torch, no sky, no rich.live at start-up; every command and option
+has help text; bad input is one line and a non-zero exit, never a traceback."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nanochat_cli.main import app
+
+NANOCHAT = str(Path(sys.executable).parent / "nanochat")
+COMMANDS = ["up", "train", "logs", "status", "pull", "eval", "chat", "serve", "down"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["up", "--help"]])
+def test_help_is_fast(argv):
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        r = subprocess.run([NANOCHAT, *argv], capture_output=True, text=True)
+        best = min(best, time.perf_counter() - t)
+        assert r.returncode == 0 and "Usage" in r.stdout
+    assert best < 0.5, f"`nanochat {' '.join(argv)}` took {best:.3f}s"
+
+
+def test_no_heavy_imports_for_help():
+    code = ("import sys; from typer.testing import CliRunner; from nanochat_cli.main import app; "
+            "[CliRunner().invoke(app, a) for a in (['--help'], ['up', '--help'], ['train', '--help'])]; "
+            "print(sorted(m for m in ('sky', 'torch', 'rich.live', 'pydantic', 'nanochat_cli.sky_backend') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_command_and_option_has_help():
+    import typer.main
+    group = typer.main.get_command(app)
+    assert sorted(group.commands) == sorted(COMMANDS)
+    for name, cmd in group.commands.items():
+        assert cmd.help, name
+        for p in cmd.params:
+            assert getattr(p, "help", None), f"{name} {p.name}"
+
+
+def run(*args):
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--budget", "-5", "--dryrun"], "--budget must be a positive number"),
+    (["train", "--budget", "lots", "--dryrun"], "--budget must be a number of US dollars"),
+    (["train", "--local", "--depth", "0", "--dryrun"], "--depth must be between 1 and 64"),
+    (["pull"], "nothing to pull"),
+    (["pull", "--name", "nope"], "nothing to pull: no run named 'nope'"),
+    (["logs"], "no run to show logs for"),
+    (["logs", "--name", "nope"], "no run named 'nope'"),
+    (["chat", "--prompt", "hi"], "nanochat train --local"),
+    (["serve"], "nanochat pull"),
+    (["eval", "--local"], "no trained model found"),
+    (["up", "--dryrun", "--gpus", "H100:x"], "--gpus must look like H100:8"),
+])
+def test_clear_errors(args, message):
+    code, out = run(*args)
+    assert code == 2, out
+    assert message in out and "Traceback" not in out
+    assert out.strip().startswith("error: ") and out.strip().count("\n") == 0
+
+
+def test_down_with_nothing_is_fine():
+    code, out = run("down")
+    assert code == 0 and "nothing to tear down" in out
+
+
+def test_status_empty():
+    code, out = run("status", "--json")
+    assert code == 0 and out.strip() == '{"clusters": [], "jobs": []}'

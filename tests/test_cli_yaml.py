@@ -1,0 +1,55 @@
+"""sky/*.yaml are valid SkyPilot 0.14 tasks on their own, and the task the CLI builds from train.yaml carries
+the plan (resources, nodes, envs) with secrets as SkyPilot secrets, never as plain envs."""
+from pathlib import Path
+
+import pytest
+
+from test_cli_skyfakes import cloud_boundary  # (also sets SKY_RUNTIME_DIR before sky is imported)
+
+ROOT = Path(__file__).resolve().parent.parent
+YAMLS = sorted((ROOT / "sky").glob("*.yaml"))
+
+
+def test_there_are_task_yamls():
+    assert {p.name for p in YAMLS} >= {"train.yaml", "serve.yaml"}
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_yaml_loads_with_sky(path):
+    import sky
+    task = sky.Task.from_yaml(str(path))
+    assert task.run and task.setup and task.workdir == "."
+    assert all(r.accelerators for r in task.resources)
+    text = path.read_text()
+    assert "hf_" not in text.lower() or "HF_TOKEN" in text  # no token values written down
+
+
+def test_cli_task_carries_plan_and_secrets(monkeypatch):
+    from nanochat_cli import sky_backend
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    rec = {"name": "c1", "nodes": 2, "spot": True, "bucket": "s3://my-bucket",
+           "offer": {"cloud": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "accelerators": "H100:8"}}
+    with cloud_boundary(["aws"], monkeypatch):  # Resources are validated against the (test) catalog
+        task = sky_backend.build_task(rec, "d20", ["--preset", "cloud", "--depth", "20"], deadline_at=1_800_000_000)
+    assert task.num_nodes == 2
+    (res,) = task.resources
+    assert res.use_spot and res.instance_type == "p5.48xlarge" and res.accelerators == {"H100": 8}
+    assert task.envs["NANOCHAT_RUN"] == "d20" and task.envs["NANOCHAT_ARGS"] == "--preset cloud --depth 20"
+    assert task.envs["NANOCHAT_DEADLINE_AT"] == "1800000000"
+    assert task.envs["NANOCHAT_BUCKET_DIR"] == "/nanochat-bucket/runs"
+    assert "hf_secret_value_123" not in str(task.envs)
+    assert task.secrets["HF_TOKEN"].get_secret_value() == "hf_secret_value_123"
+    # What SkyPilot stores about the task (its redacted YAML) does not contain the value either.
+    from sky.task import redact_task_yaml_dict
+    cfg = task.to_yaml_config()
+    redact_task_yaml_dict(cfg)
+    assert "hf_secret_value_123" not in str(cfg)
+
+
+def test_skyignore_ships_only_what_the_node_needs():
+    ignored = [ln.strip() for ln in (ROOT / ".skyignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    for must in (".git/", ".venv/", "tests/", "nanochat_cli/"):
+        assert must in ignored
+    assert "nanochat_core/" not in ignored and "pyproject.toml" not in ignored
