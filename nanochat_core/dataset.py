@@ -193,22 +193,38 @@ def download(source: str | Source | list[str], num_shards: int | None, dest: str
             known_total[0] += n
             bar.update(task, total=known_total[0])
 
+    stop = threading.Event()   # set on the first failure (or Ctrl-C): the other workers stop after their next chunk
+
+    def on_bytes(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped()
+        bar.advance(task, n)
+
+    plain = progress and not bar.console.is_terminal   # logs (e.g. streamed from the cloud): a line per shard
+    t0 = time.time()
     limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
     with bar, httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=True, limits=limits) as client:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="download") as pool:
             futures = {pool.submit(_fetch_one, client, src.urls[i], finals[i], src.sizes.get(i), src.sha256.get(i),
-                                   retries, backoff, lambda n: bar.advance(task, n), add_total): i for i in todo}
+                                   retries, backoff, on_bytes, add_total): i for i in todo}
             done = 0
             try:
                 for fut in as_completed(futures):
-                    fut.result()
+                    path = fut.result()
                     done += 1
                     bar.update(task, done=done)
+                    if plain:
+                        print(f"data: {path.name} ({done}/{len(todo)}, {time.time() - t0:.0f}s)", flush=True)
             except BaseException:
+                stop.set()
                 for f in futures:
                     f.cancel()
                 raise
     return [finals[i] for i in indices]
+
+
+class _Stopped(Exception):
+    """Another shard failed: this worker stops early (its .part file stays for the next run to resume)."""
 
 
 def _link_local(src_dir: Path, dest: Path) -> list[Path]:

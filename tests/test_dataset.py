@@ -59,6 +59,12 @@ class FlakyServer:
                 for k, v in outer.extra_headers.get(name, {}).items():
                     self.send_header(k, v)
                 self.end_headers()
+                if behaviour == "slow":   # 20 pieces over ~4 s
+                    for k in range(20):
+                        self.wfile.write(body[k * len(body) // 20:(k + 1) * len(body) // 20])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                    return
                 self.wfile.write(body[: len(body) // 2] if behaviour == "cut" else body)
                 self.wfile.flush()
 
@@ -126,6 +132,16 @@ def test_permanent_404_is_a_clear_error_without_retries(server, tmp_path):
         download([server.url("s0.parquet"), server.url("gone.parquet")], 1, tmp_path, **FAST)
     assert [name for name, _ in server.log].count("gone.parquet") == 1
     assert not (tmp_path / "shard_00001.parquet").exists()
+
+
+def test_one_failure_stops_the_other_workers(server, tmp_path):
+    server.plan["s0.parquet"] = ["slow"]
+    t0 = time.time()
+    with pytest.raises(NanochatError, match="HTTP 404"):
+        download([server.url("s0.parquet"), server.url("gone.parquet")], 1, tmp_path, workers=2, **FAST)
+    assert time.time() - t0 < 2.5          # did not wait for the slow shard to finish
+    assert not (tmp_path / "shard_00000.parquet").exists()
+    assert (tmp_path / ".shard_00000.parquet.part").exists()   # kept: the next run resumes it
 
 
 def test_url_that_never_answers_times_out(server, tmp_path):
