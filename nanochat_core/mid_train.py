@@ -1,0 +1,47 @@
+"""
+Midtraining (the optional "mid" stage):  python -m nanochat_core.mid_train --run-dir DIR [--source hub|local]
+
+Between pre-training and SFT: the base model reads a large mixture of conversations so that it picks up
+the chat format, multiple-choice answering (MMLU auxiliary_train), tool use (GSM8K with calculator calls),
+its identity and spelling - at nearly the pre-training learning rate (--lr-frac 1.0), warm-started from
+the base optimizer. The loop is SFT's (chat_sft.train_conversations: best-fit packing with padding, loss on
+assistant tokens only, checkpoints/resume/deadline/progress events); only the data and defaults differ.
+The later nanochat folded this into SFT; we keep it because it is where most of the chat skill comes from
+on a small budget.
+"""
+from __future__ import annotations
+
+import argparse
+
+from nanochat_core.chat_sft import add_common_args, check_args, train_conversations
+from nanochat_core.common import NanochatError, run_main
+
+
+def mid_mixture(source: str, seed: int = 42):
+    from nanochat_core.tasks.common import TaskMixture
+    from nanochat_core.tasks.identity import ChatLocal, Identity
+    if source == "local":
+        return ChatLocal()
+    if source != "hub":
+        raise NanochatError(f"--source must be hub or local, not {source!r}")
+    from nanochat_core.tasks.gsm8k import GSM8K
+    from nanochat_core.tasks.mmlu import MMLU
+    from nanochat_core.tasks.smoltalk import SmolTalk
+    from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
+    tasks = [SmolTalk("train"), MMLU("auxiliary_train", "train"), GSM8K("main", "train"), Identity(),
+             SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
+    return TaskMixture(tasks, epochs=[1, 1, 1, 2, 1, 1], seed=seed)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.mid_train", description=__doc__.split("\n\n")[0])
+    add_common_args(p, lr_frac=1.0)
+    p.add_argument("--source", choices=["hub", "local"], default="hub",
+                   help="hub: SmolTalk/MMLU-aux/GSM8K/identity/spelling; local: the shipped chat set (offline)")
+    a = p.parse_args(argv)
+    check_args(a)
+    train_conversations("mid", ["base"], mid_mixture(a.source, a.seed), a)
+
+
+if __name__ == "__main__":
+    run_main(main)
