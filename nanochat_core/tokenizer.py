@@ -4,8 +4,10 @@ Byte-level BPE tokenizer: trained with the `tokenizers` library, encoded with `t
 Why two libraries: `tokenizers` has a solid BPE trainer and a standard on-disk format
 (tokenizer.json), while `tiktoken` encodes faster and, crucially, has an `encode_ordinary` that
 can never produce a special token from plain text. We train with the first, save its JSON, and on
-load build a tiktoken Encoding from the same vocabulary (the token bytes, ranked by id). A test
-checks that both give identical ids on real text.
+load build a tiktoken Encoding from the same vocabulary (the token bytes, ranked by id). That works
+because the trainer numbers tokens in merge order, so "lowest merge first" (tokenizers) and "lowest
+token id first" (tiktoken) pick the same merges; tests check identical ids on real text and on
+arbitrary Unicode.
 
 The shape follows nanochat / GPT-4:
 - split regex = GPT-4's, except numbers are grouped 1-2 digits (`\\p{N}{1,2}`, not 1-3): a small
@@ -71,7 +73,11 @@ class Tokenizer:
         if missing:
             raise NanochatError(f"tokenizer.json lacks special tokens {missing}; retrain with tok_train")
         char_to_byte = {c: b for b, c in _byte_to_unicode().items()}
-        ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in vocab.items()}
+        try:
+            ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in vocab.items()}
+        except KeyError:
+            raise NanochatError("tokenizer.json is not a byte-level BPE (a token uses characters outside the "
+                                "byte alphabet); retrain with tok_train") from None
         self._special = {s: added[s] for s in SPECIAL_TOKENS}
         self._enc = tiktoken.Encoding(
             name="nanochat", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=self._special

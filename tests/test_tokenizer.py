@@ -98,6 +98,13 @@ def test_save_load_hash(tiny_tokenizer, tmp_path):
     assert again.encode("Friends, Romans, countrymen") == tiny_tokenizer.encode("Friends, Romans, countrymen")
     with pytest.raises(NanochatError, match="tok_train"):
         Tokenizer.load(tmp_path / "missing")
+    import json
+    not_bytes = {"model": {"vocab": {"\u4e00": 0}}, "added_tokens": [{"content": t, "id": i + 1} for i, t in enumerate(SPECIAL_TOKENS)]}
+    for bad in ["{not json", json.dumps({**not_bytes, "added_tokens": []}), json.dumps(not_bytes)]:
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "tokenizer.json").write_text(bad)
+        with pytest.raises(NanochatError, match="retrain with tok_train"):
+            Tokenizer.load(tmp_path / "bad")
 
 
 def test_bad_training_input():
