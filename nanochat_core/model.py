@@ -199,35 +199,43 @@ def attention_sdpa(q, k, v, pos0: int, window: int | None, mask_cache: dict | No
 
 
 _BLOCK_MASKS: dict = {}   # (T, window, device) -> BlockMask; built once per shape, reused every step
-_FLEX_COMPILED = None
+_FLEX_COMPILED = None     # torch.compile(flex_attention), made on first CUDA use
+_FLEX_MASKS_UNTRACED = None  # flex_block_masks wrapped in torch.compiler.disable (made when CUDA exists:
+                             # the wrapper imports dynamo, ~1.5 s of CPU we do not want on every import)
 
 
-def _block_mask(T: int, window: int | None, device: torch.device):
-    key = (T, window, str(device))
-    if key not in _BLOCK_MASKS:
-        def mask_mod(b, h, q_idx, kv_idx):
-            m = q_idx >= kv_idx
-            if window is not None:
-                m = m & (q_idx - kv_idx < window)
-            return m
-        _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
-    return _BLOCK_MASKS[key]
-
-
-def attention_flex(q, k, v, window: int | None) -> torch.Tensor:
-    """FlexAttention with a cached block mask: skips fully-masked blocks, so short windows are cheap.
-    Training shapes only (no cache, Tq == Tk); on CUDA it is compiled (eager flex is an unfused
-    reference), on CPU it runs eagerly - correct but slow, used by the tests."""
+def flex_block_masks(T: int, windows: list[int | None], device: torch.device) -> dict:
+    """{window: BlockMask} for one forward. On CUDA called through _FLEX_MASKS_UNTRACED, i.e. kept out
+    of torch.compile on purpose (a graph break at the top of forward costs nothing): building masks and
+    filling a global cache are side effects that should not be traced into the model's graph."""
     global _FLEX_COMPILED
-    fn = flex_attention
+    if device.type == "cuda" and _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    out = {}
+    for window in windows:
+        key = (T, window, str(device))
+        if key not in _BLOCK_MASKS:
+            def mask_mod(b, h, q_idx, kv_idx, window=window):
+                m = q_idx >= kv_idx
+                if window is not None:
+                    m = m & (q_idx - kv_idx < window)
+                return m
+            _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
+        out[window] = _BLOCK_MASKS[key]
+    return out
+
+
+def attention_flex(q, k, v, block_mask) -> torch.Tensor:
+    """FlexAttention: skips fully-masked blocks, so short windows are cheap. Training shapes only (no
+    cache, Tq == Tk). On CUDA it runs compiled (eager flex is an unfused reference; inside a compiled
+    model the outer compile captures it anyway); on CPU eagerly - correct but slow, used by the tests."""
+    gqa = q.size(1) != k.size(1)
     if q.is_cuda:
-        if _FLEX_COMPILED is None:
-            _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-        fn = _FLEX_COMPILED
-    bm = _block_mask(q.size(2), window, q.device)
+        fn = _FLEX_COMPILED if _FLEX_COMPILED is not None else flex_attention
+        return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     with warnings.catch_warnings():  # eager flex warns that it is unfused: on CPU we know, and accept it
         warnings.simplefilter("ignore")
-        return fn(q, k, v, block_mask=bm, enable_gqa=q.size(1) != k.size(1))
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def resolve_attn_impl(impl: str, device: torch.device) -> str:
@@ -262,7 +270,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_channels = min(VE_GATE_CHANNELS, d)
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
 
-    def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, mask_cache):
+    def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, masks):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -275,13 +283,12 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)   # QK-norm, then rotary
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        # flex: training shapes only, and on CPU only without autograd (torch has no CPU flex backward)
-        if impl == "flex" and pos0 == 0 and k.size(2) == T and (q.is_cuda or not q.requires_grad):
-            y = attention_flex(q, k, v, window)
+        if impl == "flex":
+            y = attention_flex(q, k, v, masks[window])
         elif impl == "reference":
             y = attention_reference(q, k, v, pos0, window)
-        else:  # sdpa, and flex's fallback (decode shapes are not worth a block mask)
-            y = attention_sdpa(q, k, v, pos0, window, mask_cache)
+        else:
+            y = attention_sdpa(q, k, v, pos0, window, masks)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -301,8 +308,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, has_ve)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, mask_cache):
-        x = x + self.attn(norm(x), ve, cos, sin, window, pos0, kv_cache, impl, mask_cache)
+    def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, masks):
+        x = x + self.attn(norm(x), ve, cos, sin, window, pos0, kv_cache, impl, masks)
         return x + self.mlp(norm(x))
 
 
@@ -328,6 +335,9 @@ class GPT(nn.Module):
         self.rotary_len = 10 * config.sequence_len
         self.register_buffer("cos", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
+        global _FLEX_MASKS_UNTRACED
+        if HAS_FLEX and _FLEX_MASKS_UNTRACED is None and torch.cuda.is_available():
+            _FLEX_MASKS_UNTRACED = torch.compiler.disable(flex_block_masks)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -389,14 +399,21 @@ class GPT(nn.Module):
             raise NanochatError(f"sequence of {pos0 + T} tokens exceeds the model's rotary table ({self.rotary_len})")
         cos, sin = self.cos[:, :, pos0:pos0 + T], self.sin[:, :, pos0:pos0 + T]
         impl = resolve_attn_impl(self.config.attn_impl, idx.device)
-        mask_cache: dict = {}   # explicit masks shared by the layers of this forward that use the same window
+        # flex serves training shapes only (no cache) and, on CPU, only without autograd (torch has no CPU
+        # flex backward); everything else - decode steps included - goes to SDPA
+        if impl == "flex" and (kv_cache is not None or (idx.device.type != "cuda" and torch.is_grad_enabled())):
+            impl = "sdpa"
+        # masks shared by all layers of this forward: flex {window: BlockMask}, SDPA explicit bool masks
+        masks = {}
+        if impl == "flex":
+            masks = (_FLEX_MASKS_UNTRACED or flex_block_masks)(T, sorted(set(self.window_sizes), key=str), idx.device)
 
         x = norm(self.transformer.wte(idx))
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, mask_cache)
+            x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, masks)
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
