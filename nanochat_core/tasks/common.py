@@ -145,8 +145,9 @@ def file_lock(key: str):
 
 
 def load_rows(task: str, path: str, config: str | None, split: str,
-              data_files: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Rows of a dataset as plain dicts. `data_files` (a local .parquet / .jsonl / .json) replaces the
+              data_files: str | os.PathLike | None = None):
+    """Rows of a dataset: len() and [i] -> dict. Arrow-backed and memory-mapped, so a 460K-conversation set
+    costs no RAM until a row is read. `data_files` (a local .parquet / .jsonl / .json) replaces the
     hub download: tests and air-gapped machines use it. Errors name the task that is unavailable."""
     try:
         import datasets  # lazy: heavy, and only the post-training stages need it
@@ -159,7 +160,7 @@ def load_rows(task: str, path: str, config: str | None, split: str,
         if not p.exists():
             raise NanochatError(f"{task} is unavailable: {p} does not exist")
         kind = "parquet" if p.suffix == ".parquet" else "json"
-        return list(datasets.load_dataset(kind, data_files=str(p), split="train"))
+        return datasets.load_dataset(kind, data_files=str(p), split="train")
     try:
         with file_lock(f"{path}-{config}"):
             ds = datasets.load_dataset(path, config, split=split)
@@ -168,4 +169,4 @@ def load_rows(task: str, path: str, config: str | None, split: str,
         raise NanochatError(f"{task} is unavailable: could not load {path}"
                             f"{'/' + config if config else ''} split {split!r} ({first}); "
                             "connect to the network once to cache it") from e
-    return list(ds)
+    return ds

@@ -20,15 +20,15 @@ class MMLU(Task):
         if subset == "auxiliary_train" and split != "train":
             raise NanochatError("MMLU auxiliary_train only has a train split")
         super().__init__(**kw)
-        rows = load_rows(self.name, "cais/mmlu", subset, split, data_files)
-        # auxiliary_train nests each row under a "train" key
-        self.rows = [r["train"] if "train" in r and isinstance(r["train"], dict) else r for r in rows]
+        self.rows = load_rows(self.name, "cais/mmlu", subset, split, data_files)
 
     def num_examples(self) -> int:
         return len(self.rows)
 
     def get_example(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
+        if isinstance(row.get("train"), dict):  # auxiliary_train nests each row under a "train" key
+            row = row["train"]
         return mc_conversation(row["question"], list(row["choices"]), int(row["answer"]),
                                subject=row.get("subject", ""))
 
