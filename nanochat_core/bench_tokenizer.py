@@ -40,12 +40,15 @@ def _load_text(args: argparse.Namespace) -> list[str]:
     return docs
 
 
-def _best_of(fn, repeat: int) -> float:
-    best = float("inf")
+def _best_times(fns: dict, repeat: int) -> dict[str, float]:
+    """Best wall time of each function, taking turns (a, b, c, a, b, c, ...) so that a noisy, shared
+    machine slows every contender alike instead of whichever happened to run during the noise."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -84,13 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     ids = {name: fn() for name, fn in threaded.items()}
     identical = ids["ours"] == ids["tiktoken"] == ids["tokenizers"]
     n_tokens = sum(len(x) for x in ids["ours"])
+    t_single, t_threaded = _best_times(single, args.repeat), _best_times(threaded, args.repeat)
     results = {
         "text_mb": round(mb, 2), "documents": len(docs), "vocab_size": tok.get_vocab_size(),
         "train_seconds": round(train_s, 2), "train_mb_per_s": round(mb / train_s, 2),
         "bytes_per_token": round(mb * 1e6 / n_tokens, 3), "identical_ids": identical, "threads": args.threads,
         "encode_mb_per_s": {
-            name: {"single": round(mb / _best_of(single[name], args.repeat), 2),
-                   "threaded": round(mb / _best_of(threaded[name], args.repeat), 2)}
+            name: {"single": round(mb / t_single[name], 2), "threaded": round(mb / t_threaded[name], 2)}
             for name in single
         },
     }
