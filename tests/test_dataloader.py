@@ -59,6 +59,9 @@ def test_best_fit_places_whole_documents_first(tiny_tokenizer, corpus):
     loader = DataLoader(tiny_tokenizer, 4, 256, corpus, buffer_size=16)
     _, _, refs = batches(loader, 1)[0]
     assert len(refs) > 2 * 4
+    assert loader.tokens_used == 4 * 257
+    whole = sum(len(doc_tokens(tiny_tokenizer, corpus, r)) for r in refs)
+    assert loader.tokens_cropped == whole - 4 * 257 and 0 <= loader.crop_fraction < 0.3
 
 
 def test_deterministic(tiny_tokenizer, corpus):
