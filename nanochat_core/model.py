@@ -281,6 +281,7 @@ class CausalSelfAttention(nn.Module):
             ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)   # QK-norm, then rotary
+        q, k = q.to(v.dtype), k.to(v.dtype)   # under autocast the norm may run in fp32; kernels want one dtype
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         if impl == "flex":

@@ -117,6 +117,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 g.setdefault("eps", 1e-10)
                 g.setdefault("weight_decay", 0.0)
         super().__init__(param_groups, {})
+        self.steps_taken = 0   # optimizer steps so far (saved in the shards; per-param AdamW steps live in state)
 
     # -- layout: which part of which parameter this rank updates -----------------
     @staticmethod
@@ -168,6 +169,7 @@ class MuonAdamW(torch.optim.Optimizer):
         for finish in gathers:
             for fn in finish:
                 fn()
+        self.steps_taken += 1
 
     @staticmethod
     def _grad(p: torch.Tensor) -> torch.Tensor:
@@ -258,11 +260,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 work.wait()
                 grad.div_(world)
             sharded = self._adamw_sharded(p, world)
-            if sharded:
-                rows = p.size(0) // world
-                w = p.detach()[rank * rows:(rank + 1) * rows].float().clone()
-            else:
-                w = p.detach().float().clone()
+            rows = p.size(0) // world if sharded else 0
+            view = p.detach()[rank * rows:(rank + 1) * rows] if sharded else p.detach()
+            w = view if view.dtype == torch.float32 else view.float()   # fp32 masters: update in place
             st = self.state[p]
             if not st:
                 st["step"] = 0
@@ -275,15 +275,10 @@ class MuonAdamW(torch.optim.Optimizer):
             bias1, bias2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
             denom = (st["exp_avg_sq"] / bias2).sqrt_().add_(eps)
             w.addcdiv_(st["exp_avg"], denom, value=-lr / bias1)
-            if not sharded:
-                p.copy_(w)
-                continue
-            full = w.new_empty(p.shape)
-            work = dist.all_gather_single(full, w, async_op=True)
-            def write_back(p=p, full=full, work=work):
-                work.wait()
-                p.copy_(full)
-            finish.append(write_back)
+            if w is not view:
+                view.copy_(w)
+            if sharded:   # everyone's updated rows, gathered straight into the parameter
+                finish.append(dist.all_gather_single(p.detach(), view.clone(), async_op=True).wait)
         return finish
 
     # -- checkpoints ----------------------------------------------------------------
@@ -298,7 +293,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 continue  # never stepped
             params[name] = {"start": start, "end": end, "rows": p.size(0) if p.ndim else 1,
                             "state": {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}}
-        return {"format": 1, "rank": rank, "world_size": world, "params": params}
+        return {"format": 1, "rank": rank, "world_size": world, "steps_taken": self.steps_taken, "params": params}
 
     def load_state_dict_shards(self, shards: list[dict]) -> None:
         """Rebuild this rank's state from the shards of all ranks of an earlier run (any world size)."""
@@ -311,6 +306,7 @@ class MuonAdamW(torch.optim.Optimizer):
             for name, rec in shard["params"].items():
                 pieces.setdefault(name, []).append(rec)
         rank, world = _world()
+        self.steps_taken = max(int(shard.get("steps_taken", 0)) for shard in shards)
         self.state.clear()
         for name, (p, g, start, end) in self._owned_ranges(rank, world).items():
             if name not in pieces:

@@ -221,6 +221,7 @@ def test_two_rank_shards_are_partial_and_load_into_one_rank(runs):
     model.load_state_dict(runs["A"][0])
     opt = model.setup_optimizer(weight_decay=0.1)
     opt.load_state_dict_shards(runs["A_shards"])
+    assert opt.steps_taken == STEPS
     merged = opt.state_dict_shard()["params"]
     assert merged.keys() == runs["ref_opt"]["params"].keys()
     for name, rec in runs["ref_opt"]["params"].items():
