@@ -1,0 +1,202 @@
+"""
+Inference benchmark:  python -m nanochat_core.bench infer [--depth N] [--batches 1,8] [--checkpoint DIR]
+
+Numbers, not a test. For a random model of the given depth (or a real checkpoint) it measures
+  - prefill tokens/s (batch 1, one forward over the prompt),
+  - decode tokens/s through the real Engine (sampling, tool state, host sync per token included) at batch 1
+    and larger batches, with the KV cache and without it (full recomputation each step: the yardstick),
+  - the memory-bandwidth bound of a decode step: every step reads all weights once plus each row's KV cache,
+    so tokens/s <= B * bandwidth / (weight bytes + B * KV bytes), with `bandwidth` the device's MEASURED
+    copy bandwidth (read + write bytes of a large tensor copy / time). Batch-1 decode is the case where this
+    bound is the whole story: the achieved fraction says how much time goes to overhead (kernel launches,
+    Python) instead of moving bytes. Larger batches amortise the weight reads until compute takes over.
+The same numbers are printed on CPU (where the bound uses the CPU's measured memory copy bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from nanochat_core.common import NanochatError, atomic_write_json, autodetect_device_type, run_main
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int) -> float:
+    """Bytes/s moved by a large device-to-device copy (read + write counted), best of a few runs."""
+    n = megabytes * (1 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        dst.copy_(src)   # warm-up (first touch of the pages, clocks)
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            dst.copy_(src)
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * src.nbytes / best
+
+
+def random_model(depth: int, vocab_size: int, sequence_len: int, device: torch.device):
+    from nanochat_core.model import GPT, config_for_depth
+    cfg = config_for_depth(depth, vocab_size, sequence_len=sequence_len)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)   # what load_model does for inference on a GPU
+    return model.eval()
+
+
+class _Tokens:
+    """The few tokenizer methods the Engine needs, for a random model with no trained tokenizer: ids
+    vocab-9..vocab-1 play the special tokens (as in the real tokenizer's layout). decode is only called for
+    tool calls, which the benchmark never triggers (stop/tool handling stays in the loop regardless)."""
+
+    def __init__(self, vocab_size: int):
+        from nanochat_core.tokenizer import SPECIAL_TOKENS
+        self.vocab = vocab_size
+        self.special = {s: vocab_size - len(SPECIAL_TOKENS) + i for i, s in enumerate(SPECIAL_TOKENS)}
+
+    def encode_special(self, name: str) -> int:
+        return self.special[name]
+
+    def get_special_tokens(self) -> list[str]:
+        return list(self.special)
+
+    def get_vocab_size(self) -> int:
+        return self.vocab
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % (self.vocab - 16) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+def time_decode(engine, prompt: list[int], batch: int, steps: int, use_kv_cache: bool) -> tuple[float, float]:
+    """(decode tokens/s over all rows, seconds to the first token). Stop tokens are ignored so every run
+    decodes exactly `steps` tokens per row; sampling uses the chat defaults (temperature 0.6, top-k 50)."""
+    engine.stop_ids = set()
+    t0 = time.perf_counter()
+    t_first, n = 0.0, 0
+    for _ in engine.generate(prompt, num_samples=batch, max_tokens=steps, temperature=0.6, top_k=50, seed=0,
+                             use_kv_cache=use_kv_cache):
+        n += 1
+        if n == 1:
+            t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    return (n - 1) * batch / max(t_end - t_first, 1e-9), t_first - t0
+
+
+def time_prefill(model, prompt_len: int, vocab: int, device: torch.device, reps: int = 3) -> float:
+    from nanochat_core.engine import KVCache
+    ids = torch.randint(0, vocab - 16, (1, prompt_len), device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    best = float("inf")
+    with torch.inference_mode(), ctx:
+        for i in range(reps + 1):
+            cache = KVCache.for_model(model, 1, prompt_len)
+            _sync(device)
+            t0 = time.perf_counter()
+            model(ids, kv_cache=cache)
+            _sync(device)
+            if i > 0:   # the first run is warm-up
+                best = min(best, time.perf_counter() - t0)
+    return prompt_len / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.bench infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda | cpu (default: auto)")
+    p.add_argument("--checkpoint", default=None, help="benchmark a real checkpoint instead of a random model")
+    p.add_argument("--depth", type=int, default=None, help="random model depth (default: 20 on GPU, 4 on CPU)")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--prompt-len", type=int, default=None, help="default: 512 on GPU, 128 on CPU")
+    p.add_argument("--decode-tokens", type=int, default=None, help="tokens per row (default: 256 on GPU, 48 on CPU)")
+    p.add_argument("--no-cache-tokens", type=int, default=None, help="tokens for the no-cache runs (default: 1/4 of decode)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,4,16,64 GPU; 1,8 CPU)")
+    p.add_argument("--copy-mb", type=int, default=None, help="size of the bandwidth-test copy (default 1024 GPU, 256 CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy machine 1 is steadier)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    device = torch.device(a.device or autodetect_device_type())
+    gpu = device.type == "cuda"
+    depth = a.depth or (20 if gpu else 4)
+    prompt_len = a.prompt_len or (512 if gpu else 128)
+    steps = a.decode_tokens or (256 if gpu else 48)
+    nc_steps = a.no_cache_tokens or max(2, steps // 4)
+    try:
+        batches = [int(b) for b in (a.batches or ("1,4,16,64" if gpu else "1,8")).split(",")]
+    except ValueError:
+        raise NanochatError("--batches takes comma-separated integers, e.g. 1,8") from None
+    if min([depth, prompt_len, steps, *batches]) < 1:
+        raise NanochatError("depth, prompt length, decode tokens and batch sizes must all be >= 1")
+
+    from nanochat_core.engine import Engine
+    if a.checkpoint:
+        from nanochat_core.checkpoint import load_model
+        model, tokenizer, meta = load_model(a.checkpoint, device)
+        what = f"checkpoint {meta.get('path')}"
+    else:
+        model = random_model(depth, a.vocab_size, max(2048, prompt_len + steps), device)
+        tokenizer = _Tokens(model.config.vocab_size)
+        what = f"random d{depth}"
+    engine = Engine(model, tokenizer)
+    cfg, vocab = model.config, tokenizer.get_vocab_size()
+    if prompt_len + steps >= engine.context_len:
+        raise NanochatError(f"prompt + decode tokens must stay below the model's context ({engine.context_len})")
+
+    dtype_bytes = next(model.parameters()).element_size()
+    weight_bytes = model.num_scaling_params() * dtype_bytes          # matrices + lm_head: read every step
+    kv_per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dtype_bytes
+    bw = copy_bandwidth(device, a.copy_mb or (1024 if gpu else 256))
+    name = torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device      {name}")
+    print(f"model       {what}: {model.num_params() / 1e6:.1f}M params ({model.num_scaling_params() / 1e6:.1f}M read per "
+          f"step), {cfg.n_layer} layers, width {cfg.n_embd}, {next(model.parameters()).dtype}")
+    print(f"bandwidth   {bw / 1e9:.1f} GB/s measured copy (read + write)")
+
+    prompt = [int(t) for t in torch.randint(0, vocab - 16, (prompt_len,), generator=torch.Generator().manual_seed(0))]
+    time_decode(engine, prompt[:16], 1, 4, True)                       # warm-up: allocator, kernels, threads
+    results = {"device": name, "model": what, "params": model.num_params(), "weight_bytes": weight_bytes,
+               "copy_bandwidth_gbs": bw / 1e9, "prompt_len": prompt_len, "decode_tokens": steps, "runs": []}
+    prefill = time_prefill(model, prompt_len, vocab, device)
+    results["prefill_tok_s"] = prefill
+    print(f"prefill     {prefill:,.0f} tok/s  (batch 1, {prompt_len}-token prompt)")
+    print(f"{'decode':<12}{'batch':>5}{'tok/s':>12}{'ms/step':>10}{'bound tok/s':>13}{'of bound':>10}{'1st token':>11}")
+    for use_cache in (True, False):
+        for b in batches:
+            n = steps if use_cache else nc_steps
+            tps, ttft = time_decode(engine, prompt, b, n, use_cache)
+            ctx = prompt_len + n / 2                                   # mean context length over the run
+            step_bytes = weight_bytes + b * kv_per_token * ctx
+            bound = b * bw / step_bytes
+            frac = tps / bound
+            label = "KV cache" if use_cache else "no cache"
+            print(f"{label:<12}{b:>5}{tps:>12,.1f}{1000 * b / tps:>10.2f}{bound:>13,.0f}{frac:>9.0%}{1000 * ttft:>9.0f}ms")
+            results["runs"].append({"kv_cache": use_cache, "batch": b, "tokens": n, "tok_s": tps,
+                                    "bound_tok_s": bound, "fraction_of_bound": frac, "first_token_s": ttft})
+    one = {(r["kv_cache"], r["batch"]): r["tok_s"] for r in results["runs"]}
+    if (True, 1) in one and (False, 1) in one:
+        print(f"KV cache speed-up at batch 1: {one[(True, 1)] / one[(False, 1)]:.1f}x "
+              f"(no-cache runs decode {nc_steps} tokens after a {prompt_len}-token prompt)")
+    if a.json:
+        atomic_write_json(a.json, results)
+
+
+if __name__ == "__main__":
+    run_main(main)
