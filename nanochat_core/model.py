@@ -183,8 +183,8 @@ def attention_sdpa(q, k, v, pos0: int, window: int | None, mask_cache: dict | No
     if window_covers_all and pos0 == 0 and Tq == Tk:
         # plain causal: let SDPA pick its fused kernel (flash on CUDA)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
-    if window_covers_all and Tq == 1:
-        # one new token that may see everything cached: no mask at all
+    if window_covers_all and Tq == 1 and Tk == pos0 + 1:
+        # one new token that may see everything cached (and nothing past it): no mask at all
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.size(1) != k.size(1))
     # general case (windows, or a multi-token chunk on top of a cache): explicit bool mask. Masked SDPA
     # is not eligible for the flash kernel anyway, so expand GQA heads rather than rely on enable_gqa.
