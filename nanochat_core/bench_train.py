@@ -147,7 +147,7 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
         tokens_per_sec=round(tps, 1), step_s=round(dt / steps, 4),
         mfu_datasheet=round(100 * tps * flops_per_token / device_peak_flops(device), 2),
         mfu_measured=round(100 * tps * flops_per_token / matmul_peak, 2),
-        matmul_peak_tflops=round(matmul_peak / 1e12, 2),
+        matmul_peak_tflops=round(matmul_peak / 1e12, 4),
         peak_memory_gb=round(_peak_memory_gb(device_type), 2),
         flops_per_token=flops_per_token,
     )
