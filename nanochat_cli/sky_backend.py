@@ -333,7 +333,9 @@ class SkyBackend:
         except Exception as e:
             raise _sky_error(f"provisioning {rec['name']}", e) from None
 
-    def launch(self, rec: dict, rd: Path, args: list[str], plan: dict) -> dict:
+    def launch(self, rec: dict, rd: Path, args: list[str], plan: dict, dryrun: bool = False) -> dict:
+        """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
+        rec["spot"], as a managed job. dryrun: SkyPilot plans the launch and stops (nothing recorded)."""
         task = build_task(rec, rd.name, args, plan.get("deadline_at"))
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
                "state": "RUNNING", "submitted_at": time.time()}
@@ -344,11 +346,12 @@ class SkyBackend:
             else:
                 job_id, _ = sky.stream_and_get(sky.launch(
                     task, cluster_name=rec["name"], idle_minutes_to_autostop=rec.get("autostop_minutes") or 10,
-                    down=not rec.get("keep")))
+                    down=not rec.get("keep"), dryrun=dryrun))
                 job["job_id"] = job_id
         except Exception as e:
             raise _sky_error(f"launching run '{rd.name}'", e) from None
-        state.write_job(rd, job)
+        if not dryrun:
+            state.write_job(rd, job)
         return job
 
     def job_state(self, rec: dict, rd: Path) -> str | None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from unittest import mock
 
 if "sky" not in sys.modules:
-    os.environ["SKY_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="nanochat_sky_rt_")
+    # NANOCHAT_TEST_SKY_RT: the slow API-server test shares one directory between client and server.
+    os.environ["SKY_RUNTIME_DIR"] = os.environ.get("NANOCHAT_TEST_SKY_RT") or tempfile.mkdtemp(prefix="nanochat_sky_rt_")
 SKY_RT = Path(os.environ.get("SKY_RUNTIME_DIR", str(Path.home())))
 CATALOG = SKY_RT / ".sky" / "catalogs" / "v8"
 
