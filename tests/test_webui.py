@@ -27,6 +27,19 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+class PacedModel(torch.nn.Module):
+    """The real tiny model, slowed to ~100 tokens/s like a real model on a real device: a tiny model on CPU
+    can finish a whole reply before the browser paints once, and then "streaming" is not observable."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.rotary_len = model, model.config, model.rotary_len
+
+    def forward(self, idx, kv_cache=None):
+        time.sleep(0.01)
+        return self.inner(idx, kv_cache=kv_cache)
+
+
 @pytest.fixture(scope="module")
 def url(tiny_tokenizer):
     import uvicorn
@@ -42,7 +55,7 @@ def url(tiny_tokenizer):
         # so each reply runs to max_tokens of visible text and really streams
         for name in tiny_tokenizer.get_special_tokens():
             model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
-    server = uvicorn.Server(uvicorn.Config(create_app(model.eval(), tiny_tokenizer), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(create_app(PacedModel(model.eval()), tiny_tokenizer), host="127.0.0.1", port=0,
                                            log_level="warning", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -70,7 +83,7 @@ def test_chat_page_streams_a_reply_in_a_real_browser(url):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
             expect(page.locator("#model")).to_have_text("nanochat")
-            page.fill("#max_tokens", "200")
+            page.fill("#max_tokens", "60")
             page.fill("#temperature", "1.0")
             # record the reply's length whenever the page repaints it: a streamed reply is seen at many
             # partial lengths, a buffered one jumps from empty to complete
