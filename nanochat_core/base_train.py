@@ -146,9 +146,9 @@ def fit_device_batch(total: int, B: int, T: int, world: int, explicit: bool) -> 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.base_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True, help="tokenizer in RUN_DIR/tokenizer, checkpoints to RUN_DIR/base")
-    p.add_argument("--depth", type=int, default=20, help="the one model dial (width = 64 x depth)")
+    p.add_argument("--depth", type=int, default=None, help="the one model dial (width = 64 x depth; default 20, or the run's)")
     p.add_argument("--data", type=Path, default=None, help="directory of parquet shards (default: the bundled corpus)")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=None, help="context length (default 2048, or the run's)")
     p.add_argument("--head-dim", type=int, default=128, help="attention head size (tiny models: 32 or 64)")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per GPU per micro-step (default: per-GPU preset)")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: derived from depth)")
@@ -251,7 +251,7 @@ def main(argv=None) -> None:
     found = checkpoint._broadcast(str(found) if found else None)
     if found:
         plan = checkpoint.read_meta(found)["plan"]
-        if plan["depth"] != args.depth or plan["seq_len"] != args.seq_len:
+        if (args.depth or plan["depth"]) != plan["depth"] or (args.seq_len or plan["seq_len"]) != plan["seq_len"]:
             raise NanochatError(f"{stage_dir} holds a depth-{plan['depth']} seq-{plan['seq_len']} run: pass the same "
                                 "flags to resume, or use a new --run-dir")
         plan["device_batch_size"] = fit_device_batch(plan["total_batch_size"], args.device_batch_size or
@@ -259,6 +259,7 @@ def main(argv=None) -> None:
                                                                          device_memory_gb()),
                                                      plan["seq_len"], rt.world_size, bool(args.device_batch_size))
     else:
+        args.depth, args.seq_len = args.depth or 20, args.seq_len or 2048
         plan = make_plan(args, tokenizer.get_vocab_size(), rt.world_size, rt.device_type)
     B, T = plan["device_batch_size"], plan["seq_len"]
     grad_accum = plan["total_batch_size"] // (B * T * rt.world_size)
@@ -317,9 +318,10 @@ def main(argv=None) -> None:
                                    elapsed_before=elapsed_before)
 
     def run_eval() -> float:
-        val = iter(DataLoader(tokenizer, B, T, data, split="val", rank=rt.rank, world_size=rt.world_size,
-                              device=rt.device, seed=0))
-        bpb = training.evaluate_bpb(fwd, val, eval_steps, token_bytes, rt.device_type)
+        val = DataLoader(tokenizer, B, T, data, split="val", rank=rt.rank, world_size=rt.world_size,
+                         device=rt.device, seed=0)  # a fresh loader: every eval sees the same tokens
+        bpb = training.evaluate_bpb(fwd, iter(val), eval_steps, token_bytes, rt.device_type)
+        val.close()
         emit("eval", stage=STAGE, metrics={"val_bpb": round(bpb, 6), "step": step})
         return bpb
 
