@@ -389,7 +389,8 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
     for d in devices:
         model, tokenizer, meta = load_model(path, d)
         models.append(model)
-    name = f"nanochat-{Path(meta.get('path', path)).parent.name}" if meta.get("path") else "nanochat"
+    ckpt = Path(meta.get("path", path))
+    name = f"nanochat-{ckpt.parent.parent.name}-{ckpt.parent.name}"   # run and stage: nanochat-<run>-sft
     app = create_app(models, tokenizer, model_name=name)
     print(f"nanochat: serving {meta.get('path', path)} on {', '.join(devices)} at http://{host}:{port}/", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):

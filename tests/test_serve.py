@@ -278,3 +278,49 @@ def test_chat_without_a_checkpoint_says_what_to_do():
         run_chat(checkpoint="/nonexistent/run", prompt="hi")
     with pytest.raises(NanochatError, match="temperature"):
         run_chat(prompt="hi", temperature=5)
+
+
+def test_serve_entry_point_binds_localhost_and_answers(saved_run, tmp_path):
+    """`python -m nanochat_core.serve` for real: loads the latest run, listens on 127.0.0.1, answers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat_core.serve", "--port", str(port), "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, f"server exited: {(tmp_path / 'serve.log').read_text()}"
+            assert time.time() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=ask(max_tokens=4), timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "nanochat-tiny-sft"
+        # bound to the loopback interface only (the default): the socket's address is 127.0.0.1
+        ss = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+        if ss.returncode == 0 and ss.stdout.strip():   # (skipped where `ss` is missing)
+            local_addresses = [line.split()[3] for line in ss.stdout.splitlines()]
+            assert local_addresses == [f"127.0.0.1:{port}"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(saved_run):
+    import socket
+    from nanochat_core.serve import run_server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(NanochatError, match="pick another --port"):
+            run_server(port=s.getsockname()[1])
