@@ -193,7 +193,7 @@ class Markup:
 # -----------------------------------------------------------------------------
 # Worker pool
 
-@dataclass
+@dataclass(eq=False)   # compared (and hashed) by identity: jobs live in a set while running
 class Job:
     ids: list[int]
     req: ChatRequest
@@ -216,6 +216,7 @@ class WorkerPool:
         self.engines, self.max_queue = engines, max_queue
         self.jobs: queue.Queue = queue.Queue()
         self.threads: list[threading.Thread] = []
+        self.running: set[Job] = set()
 
     def start(self) -> None:
         for i, engine in enumerate(self.engines):
@@ -224,6 +225,8 @@ class WorkerPool:
             self.threads.append(t)
 
     def stop(self) -> None:
+        for job in list(self.running):   # shutting down: abandon replies in progress
+            job.cancel.set()
         for _ in self.threads:
             self.jobs.put(None)
         for t in self.threads:
@@ -238,6 +241,7 @@ class WorkerPool:
 
     def _work(self, engine: Any) -> None:
         while (job := self.jobs.get()) is not None:
+            self.running.add(job)
             try:
                 if job.cancel.is_set():
                     continue
@@ -248,6 +252,7 @@ class WorkerPool:
             except Exception as e:   # a bug or a device error: report it to this request, keep serving
                 job.put(e)
             finally:
+                self.running.discard(job)
                 job.put(None)
 
 

@@ -324,3 +324,31 @@ def test_serve_on_a_busy_port_is_a_one_line_error(saved_run):
         s.listen()
         with pytest.raises(NanochatError, match="pick another --port"):
             run_server(port=s.getsockname()[1])
+
+
+class PacedModel(torch.nn.Module):
+    """The real tiny model slowed to 20 tokens/s, so that a long reply takes long enough to walk away from."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.rotary_len = model, model.config, model.rotary_len
+
+    def forward(self, idx, kv_cache=None):
+        time.sleep(0.05)
+        return self.inner(idx, kv_cache=kv_cache)
+
+
+def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
+    model = tiny_model(tiny_tokenizer.get_vocab_size())
+    with torch.no_grad():   # never sample a stop token (logit 0 is never in the top 50 of 512): replies run long
+        for name in tiny_tokenizer.get_special_tokens():
+            model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
+    with LiveServer(create_app(PacedModel(model), tiny_tokenizer)) as base:
+        # a reply of 4096 tokens would hold the only worker for minutes; read two chunks and hang up
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4096, stream=True), timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        t0 = time.time()
+        r = httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=2), timeout=30)
+        assert r.status_code == 200
+        assert time.time() - t0 < 10, "the abandoned generation kept the worker busy"
