@@ -113,6 +113,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
     confirm(f"Provision {nodes} x {offer['instance_type']} on {offer['cloud']} ({offer['region']}) at "
             f"${offer['price_per_hour'] * nodes:.2f}/h?", yes)
     rec = state.new_cluster_record(name, "sky", offer, nodes=nodes, spot=spot, autostop_minutes=autostop)
+    rec["candidates"] = sky_backend.failover_candidates(result, offer)
     sky_backend.SkyBackend().provision(rec)
     state.save_cluster(rec)
     if not json_out:
@@ -171,13 +172,16 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         run_name = name or "local"
         args = ["--preset", "local"]
     else:
-        rec = state.get_cluster(cluster) if cluster else state.get_cluster(None)
-        if rec is not None and rec.get("backend") != "sky":
-            rec = None if not cluster else rec
-            if rec is not None:
-                raise NanochatError(f"cluster '{cluster}' is the local machine: use `nanochat train --local`")
-        if cluster and rec is None:
-            raise NanochatError(f"no cluster named '{cluster}': `nanochat status` lists them, `nanochat up` makes one")
+        if cluster:
+            rec = state.get_cluster(cluster)
+            if rec is None:
+                raise NanochatError(f"no cluster named '{cluster}': `nanochat status` lists them, "
+                                    "`nanochat up` makes one")
+            if rec.get("backend") != "sky":
+                raise NanochatError(f"cluster '{cluster}' is this machine: use `nanochat train --local`")
+        else:  # the most recent cloud cluster `up` made, if any; otherwise pick an offer now
+            ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky"]
+            rec = max(ours, key=lambda r: r.get("launched_at", 0)) if ours else None
         if rec is not None:
             offer = rec["offer"]
             nodes = rec.get("nodes", nodes)
@@ -185,6 +189,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
             result = rank(gpus, spot, clouds, False, None, json_out=True)  # quiet ranking; the plan is shown
             from nanochat_cli import sky_backend
             offer = sky_backend.choose(result, spot=spot, max_price=None)
+            candidates = sky_backend.failover_candidates(result, offer)
         p = make_plan(offer, budget_usd, depth, nodes)
         plan = p.to_json()
         run_name = name or f"d{p.depth}"
@@ -193,6 +198,9 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
+    if spot and not bucket and not local:
+        print("warning: --spot without --bucket: after a preemption the run restarts on a fresh node without "
+              "its checkpoints; add --bucket s3://... (or gs://...) so it resumes", file=sys.stderr)
     if not json_out:
         _print_plan(plan, None if local else budget_usd)
     if dryrun:
@@ -226,6 +234,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         if rec is None:
             rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
                                            budget=budget_usd, autostop_minutes=DEFAULT_AUTOSTOP_MIN)
+            rec["candidates"] = candidates
         rec.update(budget=budget_usd, keep=keep, bucket=bucket)
         job = SkyBackend().launch(rec, rd, args, plan)
         state.save_cluster(rec)

@@ -282,7 +282,14 @@ def _state_name(status) -> str | None:
     return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
 
 
-def _resources(offer: dict, spot: bool, autostop: dict | None = None) -> "sky.Resources":
+def failover_candidates(result: Offers, chosen: dict, n: int = 8) -> list[dict]:
+    """The chosen offer first, then the next cheapest enabled ones of the same interconnect class: the
+    set SkyPilot may fail over to when the first has no capacity."""
+    rest = [o for o in result.offers if o["enabled"] and o != chosen and o["interconnect"] == chosen["interconnect"]]
+    return [chosen] + rest[:n - 1]
+
+
+def _resources(offer: dict, spot: bool) -> "sky.Resources":
     acc, n = offer["accelerators"].split(":")
     it = None if offer["instance_type"] == offer["accelerators"] else offer["instance_type"]
     kwargs = {}
@@ -298,7 +305,9 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
     task = sky.Task.from_yaml(str(yaml_path("train")))
     task.workdir = str(REPO_ROOT)
     task.num_nodes = int(rec.get("nodes") or 1)
-    task.set_resources(_resources(rec["offer"], bool(rec.get("spot"))))
+    # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error.
+    offers = rec.get("candidates") or [rec["offer"]]
+    task.set_resources({_resources(o, bool(rec.get("spot"))) for o in offers})
     bucket_dir = ""
     if rec.get("bucket"):
         task.set_file_mounts({"/nanochat-bucket": rec["bucket"]})
