@@ -177,6 +177,16 @@ def test_tool_output_is_forced_into_the_stream(tiny_tokenizer):
     assert by_kind["python_output"] == "84"
     assert by_kind["text"] == "Let me compute.  So 84."
     assert pieces[-1].kind == "finish" and pieces[-1].text == "stop" and pieces[-1].num_tokens == len(reply)
+    # ... and the server's API text carries the call in the model's own markers (what the web page renders)
+    from nanochat_core.serve import Markup, content_to_parts
+    markup = Markup()
+    api_text = "".join(markup.feed(p.kind, p.text) for p in pieces if p.kind != "finish") + markup.close()
+    assert api_text == ("Let me compute. <|python_start|>12*(3+4)<|python_end|>"
+                        "<|output_start|>84<|output_end|> So 84.")
+    # sent back as history, it renders to exactly the tokens the model produced
+    history = {"messages": [{"role": "user", "content": "what is 12 times 7?"},
+                            {"role": "assistant", "content": content_to_parts(api_text)}]}
+    assert tok.render_conversation(history)[0] == script
 
 
 def test_refused_tool_call_streams_an_error_not_a_crash(tiny_tokenizer):
