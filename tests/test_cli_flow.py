@@ -151,3 +151,28 @@ def test_preempted_job_resumes_when_relaunched(job_env):
     assert f"base line {done_before + 1:04d}" in out and f"base line {done_before:04d}" not in out
     assert state.read_job(rd)["job_id"] == 2 and state.read_job(rd)["state"] == "SUCCEEDED"
     assert (rd / "MANIFEST.sha256").exists()
+
+
+def test_down_stops_a_running_local_job(job_env):
+    job_env.setenv("FAKEJOB_STEP_S", "0.2")
+    assert cli("train", "--local", "--steps", "100", "--detach")[0] == 0
+    rd = state.run_dir("local")
+    wait_for(lambda: "base line 0002" in (rd / "pipeline.log").read_text())
+    code, out, _ = cli("down")          # the local "cluster" costs nothing: no confirmation needed
+    assert code == 0 and "stopped run local" in out and "final cost $0.00" in out
+    assert state.read_job(rd)["state"] == "CANCELLED"
+    assert local_backend.LocalBackend().job_state({}, rd) == "CANCELLED"
+
+
+def test_chat_and_eval_default_to_the_latest_trained_run(tmp_path):
+    from nanochat_cli.flows import resolve_checkpoint
+    old, new, empty = (state.run_dir(n) for n in ("old", "new", "empty"))
+    (old / "base").mkdir(parents=True)
+    time.sleep(0.05)
+    (new / "sft").mkdir(parents=True)
+    time.sleep(0.05)
+    empty.mkdir(parents=True)           # newest, but has no checkpoint: skipped
+    assert resolve_checkpoint(None) == new
+    assert resolve_checkpoint(old) == old
+    with pytest.raises(Exception, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")

@@ -92,3 +92,17 @@ def test_unknown_gpu_and_unreachable_catalog(monkeypatch):
         code, _, err = run("up", "--dryrun", "--clouds", "moon")
         assert code == 2 and "unknown cloud" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("cloud, acc, count, itype, info, expected", [
+    ("aws", "H100", 8, "p5.48xlarge", "{'Gpus': [{'Name': 'H100'}]}", "nvlink"),      # family rule
+    ("lambda", "H100", 8, "gpu_8x_h100_sxm5", "", "nvlink"),                          # "sxm" in the name
+    ("runpod", "H100", 8, "8x_H100_SECURE", "{'Gpus': [{'Name': 'H100'}]}", "pcie"),  # RunPod bare name
+    ("runpod", "H100-SXM", 8, "8x_H100-SXM_SECURE", "", "nvlink"),
+    ("azure", "H100", 2, "Standard_NC80adis_H100_v5", "H100 NVL PCIe", "pcie"),       # "PCIe" in GpuInfo
+    ("vast", "RTX4090", 8, "8x-RTX4090", "", "unknown"),
+    ("aws", "A10G", 1, "g5.xlarge", "", "single-gpu"),
+])
+def test_interconnect_rule(cloud, acc, count, itype, info, expected):
+    from nanochat_cli.sky_backend import interconnect
+    assert interconnect(cloud, acc, count, itype, info) == expected
