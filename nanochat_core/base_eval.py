@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--stage", default="base", choices=["base", "mid", "sft", "rl"], help="which checkpoint to evaluate")
     p.add_argument("--data", type=Path, default=None, help="parquet shards; the last is validation (default: bundled)")
     p.add_argument("--max-per-task", type=int, default=0, help="CORE examples per task, 0 = all")
-    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens for bpb (default 10M GPU / 64K CPU)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens for bpb (default 10M GPU / 8 batches CPU)")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per device for bpb")
     p.add_argument("--skip", default="", help="comma list of parts to skip: core, bpb, samples")
     p.add_argument("--device", default=None)
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
             checkpoint._barrier()
         on_gpu = rt.device_type == "cuda"
         B = a.device_batch_size or (max(1, 32 * 2048 // T) if on_gpu else max(1, 2048 // T))
-        tokens = a.eval_tokens or (10 * 2 ** 20 if on_gpu else 64 * 1024)
+        tokens = a.eval_tokens or (10 * 2 ** 20 if on_gpu else 8 * B * T * rt.world_size)
         steps = max(1, tokens // (B * T * rt.world_size))
         val = iter(DataLoader(tokenizer, B, T, data, split="val", rank=rt.rank, world_size=rt.world_size,
                               device=rt.device, seed=0))

@@ -10,7 +10,7 @@ Evaluate a chat model:  python -m nanochat_core.chat_eval --run-dir DIR [--stage
   chance; GSM8K, HumanEval, SpellingBee against 0) - reported only when all six could be evaluated.
 Examples are strided across ranks (torchrun) and the counts summed. Tasks whose data cannot be had
 (no network, nothing cached) are listed under "unavailable" instead of failing the run.
-Writes run_dir/eval/<stage>.json = {"stage", "metrics", "unavailable"} atomically.
+Writes run_dir/eval/<stage>.json (per stage with --stage all) = {"stage", "metrics", "unavailable"} atomically.
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from nanochat_core.common import (NanochatError, atomic_write_json, cleanup_runt
                                   run_main)
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic"]
+# The reference answers of the generated tasks are short: a model that has not learnt to stop should not
+# cost the full generation limit on them.
+TOKEN_CAPS = {"Arithmetic": 64, "SpellingBee": 128}
 CHATCORE_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
                       "SpellingBee": 0.0}
 
@@ -110,7 +113,8 @@ def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device
         if task.eval_type == "categorical":
             c, n = run_categorical(model, tokenizer, task, indices, rank, world, device)
         else:
-            c, n = run_generative(model, tokenizer, task, indices, rank, world, max_new_tokens, log_first=2)
+            limit = min(max_new_tokens, TOKEN_CAPS.get(name, max_new_tokens))
+            c, n = run_generative(model, tokenizer, task, indices, rank, world, limit, log_first=2)
         counts = torch.tensor([c, n], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(counts)
@@ -125,34 +129,40 @@ def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.chat_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--stage", default=None, help="mid | sft | rl (default: the most trained chat stage)")
+    p.add_argument("--stage", default=None,
+                   help="base | mid | sft | rl | all (every chat stage present); default: the most trained chat stage")
     p.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma list of tasks")
     p.add_argument("--max-per-task", type=int, default=0, help="examples per task, 0 = all")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256 GPU, 128 CPU)")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    if a.stage is None:
-        a.stage = next((s for s in ("rl", "sft", "mid") if (a.run_dir / s).is_dir()
-                        and checkpoint.find_latest(a.run_dir / s, hashes=False)), None)
-        if a.stage is None:
+    present = [s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
+               and checkpoint.find_latest(a.run_dir / s, hashes=False)]
+    if a.stage in (None, "all"):
+        if not present:
             raise NanochatError(f"no chat checkpoint (mid, sft or rl) in {a.run_dir}: run chat_sft first")
-    if a.stage not in ("base", "mid", "sft", "rl"):
-        raise NanochatError("--stage must be base, mid, sft or rl")
+        stages = present if a.stage == "all" else present[-1:]
+    elif a.stage in ("base", "mid", "sft", "rl"):
+        stages = [a.stage]
+    else:
+        raise NanochatError("--stage must be base, mid, sft, rl or all")
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     rt = init_runtime(a.device)
     if a.max_new_tokens is None:
         a.max_new_tokens = 256 if rt.device_type == "cuda" else 128
-    t0 = time.time()
-    model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=a.stage)
-    print0(f"chat_eval: {a.stage} checkpoint {meta['path']}, tasks {', '.join(names)}, "
-           f"max per task {a.max_per_task or 'all'}")
-    metrics, unavailable = evaluate_tasks(model, tokenizer, names, a.max_per_task, rt.device, rt.rank, rt.world_size,
-                                          a.max_new_tokens)
-    if rt.master:
-        record = {"stage": a.stage, "metrics": metrics, "unavailable": unavailable,
-                  "checkpoint": meta["path"], "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1)}
-        atomic_write_json(a.run_dir / "eval" / f"{a.stage}.json", _merge(a.run_dir / "eval" / f"{a.stage}.json", record))
-    emit("eval", stage=a.stage, metrics=metrics)
+    for stage in stages:
+        t0 = time.time()
+        model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage)
+        print0(f"chat_eval: {stage} checkpoint {meta['path']}, tasks {', '.join(names)}, "
+               f"max per task {a.max_per_task or 'all'}")
+        metrics, unavailable = evaluate_tasks(model, tokenizer, names, a.max_per_task, rt.device, rt.rank,
+                                              rt.world_size, a.max_new_tokens)
+        if rt.master:
+            path = a.run_dir / "eval" / f"{stage}.json"
+            record = {"stage": stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
+                      "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1)}
+            atomic_write_json(path, _merge(path, record))
+        emit("eval", stage=stage, metrics=metrics)
     cleanup_runtime()
 
 

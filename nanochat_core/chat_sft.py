@@ -15,7 +15,7 @@ Optimizer: the base run's optimizer state (Muon momentum, Adam moments) is loade
 it - a warm start, so the first SFT steps do not jolt the weights - with the learning rates scaled by
 --lr-frac and decayed linearly to zero over the run.
 
-Horizon: --epochs over the data (default 1), or --steps, or --minutes (whichever ends first). The LR
+Horizon: --epochs over the data, --steps, --minutes: whichever ends first (1 epoch if none is given). The LR
 schedule follows progress = max(data consumed, steps done, minutes used), so a time-bounded run still
 anneals. Checkpoints, resume, deadline and progress events are base training's (training.py).
 
@@ -149,7 +149,8 @@ class ConversationLoader:
 
 def add_common_args(p: argparse.ArgumentParser, lr_frac: float) -> None:
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (the default horizon)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="passes over the data (default: 1 if neither --steps nor --minutes is given, else unbounded)")
     p.add_argument("--steps", type=int, default=None, help="horizon: at most this many optimizer steps")
     p.add_argument("--minutes", type=float, default=None, help="horizon: at most this many minutes of training")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per device per micro-step")
@@ -168,7 +169,7 @@ def check_args(a) -> None:
         v = getattr(a, name)
         if v is not None and v < 1:
             raise NanochatError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
-    if (a.minutes is not None and a.minutes <= 0) or a.epochs <= 0 or a.lr_frac <= 0:
+    if (a.minutes is not None and a.minutes <= 0) or (a.epochs is not None and a.epochs <= 0) or a.lr_frac <= 0:
         raise NanochatError("--minutes, --epochs and --lr-frac must be > 0")
 
 
@@ -243,12 +244,13 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
         except Exception as e:  # an optimizer state that does not fit: weights alone are fine
             print0(f"warning: could not warm-start the optimizer from {init} ({e}); starting it fresh")
             checkpoint.load_checkpoint(init, model, None)
-        horizon = {"epochs": a.epochs, "steps": a.steps, "minutes": a.minutes, "init": str(init)}
+        epochs = a.epochs if a.epochs is not None else (None if (a.steps or a.minutes) else 1.0)
+        horizon = {"epochs": epochs, "steps": a.steps, "minutes": a.minutes, "init": str(init)}
 
     epoch_convs = loader.per_epoch()
 
     def progress() -> float:
-        p = loader.consumed / (horizon["epochs"] * epoch_convs)
+        p = loader.consumed / (horizon["epochs"] * epoch_convs) if horizon["epochs"] else 0.0
         if horizon["steps"]:
             p = max(p, step / horizon["steps"])
         if horizon["minutes"]:
@@ -262,7 +264,7 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
                                    (30.0 if on_gpu else 1.0))
     print0(f"{stage}: from {init.parent.name}/{init.name}{' (resumed)' if found else ''}, {len(dataset):,} conversations, "
            f"device batch {B} x {T}, grad accum {grad_accum}, lr x{lr_scale:.3g}, "
-           f"{'warm' if warm else 'fresh'} optimizer, horizon {horizon['epochs']} epoch(s)"
+           f"{'warm' if warm else 'fresh'} optimizer, horizon {horizon['epochs'] or 'any number of'} epoch(s)"
            f"{', ' + str(horizon['steps']) + ' steps' if horizon['steps'] else ''}"
            f"{', ' + str(horizon['minutes']) + ' min' if horizon['minutes'] else ''}")
 
