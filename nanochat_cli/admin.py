@@ -12,7 +12,7 @@ from pathlib import Path
 from nanochat_core.common import NanochatError
 from nanochat_cli import state
 from nanochat_cli.cost import fmt_duration
-from nanochat_cli.flows import _console, backend_for, confirm, follow, local_cluster
+from nanochat_cli.flows import _console, backend_for, confirm, local_cluster, stream_run
 
 
 def cluster_summary(rec: dict, now: float) -> dict:
@@ -33,12 +33,16 @@ def run_summaries() -> list[dict]:
         job = state.read_job(rd)
         if not job:
             continue
-        cluster = state.get_cluster(job.get("cluster")) or {"name": job.get("cluster"), "backend": job.get("backend")}
-        try:
-            job_state = backend_for(cluster).job_state(cluster, rd) if state.get_cluster(job.get("cluster")) \
-                else job.get("state")
-        except NanochatError:
-            job_state = "UNKNOWN"
+        cluster = state.get_cluster(job.get("cluster"))
+        if job.get("backend") == "local":
+            job_state = backend_for({"backend": "local"}).job_state({}, rd)
+        elif cluster is None:
+            job_state = job.get("state") if job.get("state") != "RUNNING" else "ENDED (cluster gone)"
+        else:
+            try:
+                job_state = backend_for(cluster).job_state(cluster, rd)
+            except NanochatError:
+                job_state = "UNKNOWN"
         out.append({"run": rd.name, "cluster": job.get("cluster"), "job_id": job.get("job_id"),
                     "state": job_state, "run_dir": str(rd), "submitted_at": job.get("submitted_at")})
     return out
@@ -100,12 +104,15 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
     rd = _pick_run(name)
     job = state.read_job(rd) or {}
     cluster = state.get_cluster(job.get("cluster"))
+    plan = state.read_json(rd / "plan.json") or {}
+    if job.get("backend") == "local":
+        cluster = local_cluster(record=False)
+    elif cluster is None and plan.get("bucket"):
+        # The node is gone but the checkpoints outlived it in the bucket.
+        cluster = {"name": job.get("cluster"), "backend": "sky", "bucket": plan["bucket"]}
     if cluster is None:
-        if job.get("backend") == "local" or (rd / "MANIFEST.sha256").exists():
-            cluster = local_cluster() if job.get("backend") == "local" else None
-        if cluster is None:
-            raise NanochatError(f"nothing to pull: the cluster of run '{rd.name}' is gone and no bucket was "
-                                "configured; pulled runs are already in " + str(rd))
+        raise NanochatError(f"nothing to pull: the cluster of run '{rd.name}' is gone and the run had no "
+                            f"--bucket; whatever was pulled before is in {rd}")
     target = (dest or rd).expanduser()
     backend = backend_for(cluster)
     if backend.job_state(cluster, rd) == "RUNNING":
@@ -148,9 +155,9 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
     else:
         backend.launch(cluster, rd, args, state.read_json(rd / "plan.json") or {})
     state.save_log_position(rd, (rd / "pipeline.log").stat().st_size if (rd / "pipeline.log").exists() else 0)
-    final = follow(rd) if not json_out else _wait_quietly(backend, cluster, rd)
+    final = stream_run(rd) if not json_out else _wait_quietly(backend, cluster, rd)
     if final is None:
-        return  # detached with Ctrl-C; follow() said how to re-attach
+        return  # detached with Ctrl-C; stream_run() said how to re-attach
     if final != "SUCCEEDED":
         raise NanochatError(f"evaluation of '{rd.name}' ended {final}; see `nanochat logs --name {rd.name} "
                             "--from-start`")

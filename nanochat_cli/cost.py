@@ -45,13 +45,8 @@ class CostMeter:
         elif kind == "done":
             self.done = True
 
-    def now(self, now: float | None = None) -> float:
-        if now is not None:
-            return now
-        return time.time()
-
     def spent(self, now: float | None = None) -> float:
-        hours = max(0.0, self.now(now) - self.started_at) / 3600
+        hours = max(0.0, (time.time() if now is None else now) - self.started_at) / 3600
         return hours * self.price_per_hour
 
     def eta_s(self, now: float | None = None) -> float | None:

@@ -54,10 +54,13 @@ def split_clouds(clouds: str | None) -> list[str] | None:
     return out
 
 
-def local_cluster() -> dict:
+def local_cluster(record: bool = True) -> dict:
+    """This machine as a cluster; recorded in clusters.json when a job is about to run on it."""
     rec = state.get_cluster(state.LOCAL_CLUSTER)
     if rec is None:
-        rec = state.save_cluster(state.new_cluster_record(state.LOCAL_CLUSTER, "local", dict(LOCAL_OFFER)))
+        rec = state.new_cluster_record(state.LOCAL_CLUSTER, "local", dict(LOCAL_OFFER))
+        if record:
+            state.save_cluster(rec)
     return rec
 
 
@@ -247,13 +250,13 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     if detach or json_out:
         print(f"`nanochat logs --name {run_name}` attaches to it; `nanochat down` stops it.", file=sys.stderr)
         return
-    follow(rd)
+    stream_run(rd)
 
 
 # -----------------------------------------------------------------------------
 # logs
 
-def follow(rd: Path, from_start: bool = False, follow_on: bool = True) -> str | None:
+def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> str | None:
     """Stream a run's log with the live panel until it ends or the user detaches (Ctrl-C).
     Returns the job's final state."""
     from nanochat_cli.cost import CostMeter
@@ -292,7 +295,7 @@ def follow(rd: Path, from_start: bool = False, follow_on: bool = True) -> str | 
 
 def cmd_logs(*, name, from_start, follow):
     rd = state.find_run_for_logs(name)
-    final = globals()["follow"](rd, from_start=from_start, follow_on=follow)
+    final = stream_run(rd, from_start=from_start, follow_on=follow)
     if final == "FAILED":
         raise NanochatError(f"run '{rd.name}' failed; the log above says why. Run the same `nanochat train` "
                             "again to resume (finished stages are skipped)")
