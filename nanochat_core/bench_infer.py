@@ -164,7 +164,7 @@ def main() -> None:
     weight_bytes = model.num_scaling_params() * dtype_bytes          # matrices + lm_head: read every step
     kv_per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dtype_bytes
     bw = copy_bandwidth(device, a.copy_mb or (1024 if gpu else 256))
-    name = torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if gpu else f"cpu, {torch.get_num_threads()} torch thread(s)"
     print(f"device      {name}")
     print(f"model       {what}: {model.num_params() / 1e6:.1f}M params ({model.num_scaling_params() / 1e6:.1f}M read per "
           f"step), {cfg.n_layer} layers, width {cfg.n_embd}, {next(model.parameters()).dtype}")

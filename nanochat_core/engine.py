@@ -113,23 +113,26 @@ class KVCache:
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 = greedy; top_k 0/None = no cut; top_p 1/None = no cut."""
+    """logits (B, V) -> token ids (B,). temperature 0 = greedy; top_k 0/None = no cut; top_p 1/None = no cut.
+    With top_k the draw happens among the k candidates only: a softmax + multinomial over 50 values instead
+    of the whole vocab (that was ~10% of a CPU decode step at vocab 32k)."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    V = logits.size(-1)
-    if top_k is not None and 0 < top_k < V:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token if the tokens ranked above it already reach top_p (the first always stays)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    nucleus = top_p is not None and 0.0 < top_p < 1.0
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        values, candidates = torch.topk(logits, top_k, dim=-1)        # sorted, largest first
+    elif nucleus:
+        values, candidates = torch.sort(logits, dim=-1, descending=True)
+    else:
+        values, candidates = logits, None
+    if nucleus:
+        probs = values.softmax(dim=-1)
+        # drop a candidate if the ones ranked above it already reach top_p (the first always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        values = values.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(values.softmax(dim=-1), num_samples=1, generator=generator)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
