@@ -129,7 +129,8 @@ def _duration(seconds: float) -> str:
 def stage_costs(stages: dict, price_per_hour: float | None) -> tuple[list[str], float, float | None]:
     """Markdown rows of the stage table, total seconds, total cost (None without a price)."""
     rows, total_s = [], 0.0
-    for name, rec in stages.items():
+    # in the order they ran (stages.json is written with sorted keys)
+    for name, rec in sorted(stages.items(), key=lambda kv: (kv[1].get("started") or 0, kv[0])):
         s = float(rec.get("seconds", 0.0))
         total_s += s
         cost = f"${s / 3600 * price_per_hour:.2f}" if price_per_hour is not None else "n/a"
@@ -156,7 +157,7 @@ def _model_lines(run_dir: Path) -> list[str]:
         tokens = meta["step"] * plan["total_batch_size"]
         lines.append(f"- Training tokens: {tokens:,} ({meta['step']:,} steps x {plan['total_batch_size']:,})")
         if config:
-            lines[-1] += f", {tokens / max(1, counts['scaling']):.1f} tokens per scaling parameter"
+            lines[-1] += f", {tokens / max(1, counts['scaling']):.3g} tokens per scaling parameter"
     if meta.get("train_seconds"):
         lines.append(f"- Base training time: {_duration(meta['train_seconds'])}")
     return lines or ["- (base checkpoint has no plan)"]

@@ -18,7 +18,7 @@ def _run_dir(tmp_path, price=None):
         "tok": {"seconds": 120.0, "started": 0, "finished": 120},
         "base": {"seconds": 5400.0, "started": 120, "finished": 5520},
         "sft": {"seconds": 900.0, "started": 5520, "finished": 6420},
-        "eval": {"seconds": 1080.0, "started": 6420, "finished": 7500}}))
+        "eval": {"seconds": 1080.0, "started": 6420, "finished": 7500}}, sort_keys=True))  # as the pipeline writes it
     if price is not None:
         (run / "plan.json").write_text(json.dumps({"price_per_hour": price, "budget": 100, "nodes": 1}))
     (run / "eval" / "base.json").write_text(json.dumps(
@@ -67,6 +67,8 @@ def test_report_has_table_and_costs(tmp_path):
     assert row("base") == ["base", "1h30m00s", "$36.00"]
     assert row("sft") == ["sft", "15m00s", "$6.00"]
     assert "| **Total** | 2h05m00s | $50.00 |" in text
+    stage_rows = [l.split("|")[1].strip() for l in lines if l.startswith("| ") and ("$" in l or "n/a" in l)]
+    assert stage_rows[:4] == ["tok", "base", "sft", "eval"]  # in the order they ran, not alphabetical
     assert "$24.00/h" in text and "Budget: $100.00" in text
     # model size and tokens come from the base checkpoint
     assert f"{counts['total']:,}" in text and "30,720" in text  # 30 steps x 1024 tokens
