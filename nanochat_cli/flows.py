@@ -191,7 +191,14 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         else:
             result = rank(gpus, spot, clouds, False, None, json_out=True)  # quiet ranking; the plan is shown
             from nanochat_cli import sky_backend
-            offer = sky_backend.choose(result, spot=spot, max_price=None)
+            try:
+                offer = sky_backend.choose(result, spot=spot, max_price=None)
+            except NanochatError as e:
+                if not dryrun:
+                    raise
+                # A dry run needs no credentials: plan on the cheapest offer anywhere, and say why.
+                offer = result.offers[0]
+                print(f"note: {e}\nnote: planning on the cheapest offer anyway ({offer['cloud']})", file=sys.stderr)
             candidates = sky_backend.failover_candidates(result, offer)
         p = make_plan(offer, budget_usd, depth, nodes)
         plan = p.to_json()

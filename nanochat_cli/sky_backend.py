@@ -310,7 +310,10 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
     task.set_resources({_resources(o, bool(rec.get("spot"))) for o in offers})
     bucket_dir = ""
     if rec.get("bucket"):
-        task.set_file_mounts({"/nanochat-bucket": rec["bucket"]})
+        # MOUNT_CACHED: checkpoints are written to local disk and uploaded in the background, so saving
+        # stays fast and they outlive the node (a plain file_mount would only copy the bucket down once).
+        storage = sky.Storage(source=rec["bucket"], mode=sky.StorageMode.MOUNT_CACHED)
+        task.set_storage_mounts({"/nanochat-bucket": storage})
         bucket_dir = "/nanochat-bucket/runs"
     task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args),
                       "NANOCHAT_DEADLINE_AT": f"{deadline_at:.0f}" if deadline_at else "",

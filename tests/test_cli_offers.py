@@ -106,3 +106,12 @@ def test_unknown_gpu_and_unreachable_catalog(monkeypatch):
 def test_interconnect_rule(cloud, acc, count, itype, info, expected):
     from nanochat_cli.sky_backend import interconnect
     assert interconnect(cloud, acc, count, itype, info) == expected
+
+
+def test_dryrun_plan_needs_no_credentials(monkeypatch):
+    with cloud_boundary([], monkeypatch):
+        code, out, err = run("train", "--budget", "100", "--dryrun", "--json", "--clouds", ",".join(ALL))
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["offer"]["cloud"] == "nebius" and plan["offer"]["enabled"] is False
+    assert "sky check" in err and plan["cost"] <= 100

@@ -38,6 +38,8 @@ def test_cli_task_carries_plan_and_secrets(monkeypatch):
     assert task.envs["NANOCHAT_RUN"] == "d20" and task.envs["NANOCHAT_ARGS"] == "--preset cloud --depth 20"
     assert task.envs["NANOCHAT_DEADLINE_AT"] == "1800000000"
     assert task.envs["NANOCHAT_BUCKET_DIR"] == "/nanochat-bucket/runs"
+    mount = task.to_yaml_config()["file_mounts"]["/nanochat-bucket"]
+    assert mount["source"] == "s3://my-bucket" and mount["mode"] == "MOUNT_CACHED"
     assert "hf_secret_value_123" not in str(task.envs)
     assert task.secrets["HF_TOKEN"].get_secret_value() == "hf_secret_value_123"
     # What SkyPilot stores about the task (its redacted YAML) does not contain the value either.
