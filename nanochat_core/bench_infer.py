@@ -15,7 +15,6 @@ The same numbers are printed on CPU (where the bound uses the CPU's measured mem
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch

@@ -181,7 +181,6 @@ class Engine:
         self.device = next(model.parameters()).device
         sp = tokenizer.encode_special
         self.stop_ids = {sp(s) for s in STOP_TOKENS}
-        self.assistant_end = sp("<|assistant_end|>")
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
         self.special_ids = {sp(s) for s in tokenizer.get_special_tokens()}
