@@ -84,7 +84,9 @@ def main(argv=None) -> None:
         print0(f"bpb: {metrics['bpb']:.4f} ({steps * B * T * rt.world_size:,} validation tokens)")
 
     if "samples" not in skip and rt.master:
-        extra["samples"] = [greedy_complete(model, tokenizer, prompt) for prompt in PROMPTS]
+        from nanochat_core.chat_eval import decode_threads
+        with decode_threads(rt.device):
+            extra["samples"] = [greedy_complete(model, tokenizer, prompt) for prompt in PROMPTS]
         for s in extra["samples"]:
             emit("sample", stage=a.stage, text=s)
 

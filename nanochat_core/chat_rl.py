@@ -90,9 +90,11 @@ def rl_step(model, optimizer, tokenizer, task, conversations: list[dict], num_sa
     device = model.get_device()
     engine = Engine(model, tokenizer)
     batches, rewards_all = [], []
+    from nanochat_core.chat_eval import decode_threads
     for k, conv in enumerate(conversations):
-        prompt, rows, masks = sample_rollouts(engine, tokenizer, conv, num_samples, max_new_tokens, temperature,
-                                              top_k, seed * 1_000_003 + k)
+        with decode_threads(device):
+            prompt, rows, masks = sample_rollouts(engine, tokenizer, conv, num_samples, max_new_tokens, temperature,
+                                                  top_k, seed * 1_000_003 + k)
         rewards = [task.reward(conv, tokenizer.decode(r)) for r in rows]
         mean = sum(rewards) / len(rewards)
         batches.append((prompt, rows, masks, [r - mean for r in rewards]))

@@ -192,10 +192,12 @@ def build_model(config: dict, device):
 
 
 def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
+    from nanochat_core.chat_eval import decode_threads
     from nanochat_core.engine import Engine
     conv = {"messages": [{"role": "user", "content": prompt}]}
     ids = tokenizer.render_for_completion(conv)
-    seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
+    with decode_threads(model.get_device()):
+        seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
     model.train()
     return f"User: {prompt}\nAssistant: {tokenizer.decode(seqs[0][len(ids):])}"
 
