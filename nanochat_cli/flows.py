@@ -138,16 +138,16 @@ def _local_plan(depth, steps, minutes) -> dict:
 def _print_plan(plan: dict, budget: float | None) -> None:
     from rich.table import Table
     o = plan["offer"]
-    t = Table(title=f"Plan: depth {plan['depth']} on {o['cloud']} {o['instance_type']} "
-                    f"({o['accelerators']}{', spot' if o['spot'] else ''}) at ${o['price_per_hour']:.2f}/h",
-              title_justify="left")
+    c = _console()
+    c.print(f"[bold]Plan:[/] depth {plan['depth']} on {o['cloud']} {o['region']} {o['instance_type']} "
+            f"({o['accelerators']}{', spot' if o['spot'] else ''}) at ${o['price_per_hour']:.2f}/h")
+    t = Table()
     t.add_column("stage")
     t.add_column("hours", justify="right")
     t.add_column("cost", justify="right")
     for s in plan["stages"]:
         t.add_row(s["name"], f"{s['hours']:.2f}", f"${s['cost']:.2f}")
     t.add_row("[bold]total", f"[bold]{plan['hours']:.2f}", f"[bold]${plan['cost']:.2f}")
-    c = _console()
     c.print(t)
     if plan.get("params"):
         c.print(f"model: {plan['params'] / 1e6:,.0f}M params, {plan['tokens'] / 1e9:.2f}B training tokens; "

@@ -37,6 +37,18 @@ EXPECTED_CORE = {
 }
 
 
+def expected_core(depth: int) -> tuple[float, str] | None:
+    """The anchor's CORE at this depth: reported, or linearly interpolated between reported depths."""
+    if depth in EXPECTED_CORE:
+        return EXPECTED_CORE[depth]
+    known = sorted(EXPECTED_CORE)
+    for lo, hi in zip(known, known[1:]):
+        if lo < depth < hi:
+            (a, _), (b, _) = EXPECTED_CORE[lo], EXPECTED_CORE[hi]
+            return a + (b - a) * (depth - lo) / (hi - lo), f"interpolated between the anchor's d{lo} and d{hi}"
+    return None
+
+
 def model_shape(depth: int) -> tuple[int, int]:
     """(width, scaling params): width = 64*depth rounded up to the 128 head dim; scaling params =
     the transformer matrices (12 w^2 per layer) + lm_head, nanochat's definition."""
@@ -147,7 +159,7 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Pl
              "mid": max(0.05, 0.05 * base_h), "sft": max(0.05, 0.04 * base_h), "eval": EVAL_H + SAVE_H}
     stages = [Stage(n, h, h * price) for n, h in hours.items()]
     total_h = sum(hours.values())
-    core = EXPECTED_CORE.get(depth)
+    core = expected_core(depth)
     return Plan(offer=offer, price_per_hour=price, budget=budget, depth=depth, params=total_params(depth),
                 tokens=int(tokens), hours=total_h, cost=total_h * price, stages=stages, tokens_per_sec=tps,
                 throughput_source=source, expected_core=core[0] if core else None,
