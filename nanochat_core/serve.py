@@ -328,8 +328,10 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
         job = Job(ids, req, asyncio.get_running_loop())
         pool.submit(job)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        return StreamingResponse(_sse(job, rid, now), media_type="text/event-stream") if req.stream \
-            else await _complete(job, rid, now)
+        if req.stream:   # no caching, and no buffering by a reverse proxy in front of us: tokens go out as made
+            return StreamingResponse(_sse(job, rid, now), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(job, rid, now)
 
     def chunk(rid: str, now: int, delta: dict, finish: str | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,

@@ -352,3 +352,26 @@ def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
         r = httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=2), timeout=30)
         assert r.status_code == 200
         assert time.time() - t0 < 10, "the abandoned generation kept the worker busy"
+
+
+def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tiny_tokenizer, capsys):
+    import io
+    from nanochat_core.chat import reply
+    from nanochat_core.engine import Engine
+    cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=16, aspect_ratio=64, head_dim=16)
+    with torch.device("meta"):
+        small = GPT(cfg)
+    small.to_empty(device="cpu")
+    small.init_weights()
+    engine = Engine(small.eval(), tiny_tokenizer)       # context: 10 x 16 = 160 tokens
+    long = "the quick brown fox jumps over the lazy dog " * 3
+    messages = []
+    for i in range(4):
+        messages += [{"role": "user", "content": f"{i} {long}"}, {"role": "assistant", "content": long}]
+    messages.append({"role": "user", "content": "and now?"})
+    assert len(tiny_tokenizer.render_for_completion({"messages": messages})) > engine.context_len
+    parts, finish = reply(engine, messages, io.StringIO(), temperature=0.0, top_k=50, max_tokens=8)
+    assert finish in ("stop", "length")
+    assert messages[-1]["content"] == "and now?" and messages[0]["role"] == "user"
+    assert len(tiny_tokenizer.render_for_completion({"messages": messages})) + 8 <= engine.context_len
+    assert "dropped the oldest exchange" in capsys.readouterr().err
