@@ -192,15 +192,22 @@ def make_optimizer(model, plan: dict):
     return opt
 
 
-def time_one_step(model, fwd, optimizer, batches, grad_accum: int, device_type: str) -> float:
-    """Seconds per optimizer step: 1 warm-up step, then the mean of 3. Used once, to turn --minutes into a
-    fixed number of steps. `batches` comes from a throwaway loader, so the time includes tokenisation
-    (on a 2-core CPU it competes with the maths); the caller re-initialises model and optimizer."""
+def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, device, device_type: str) -> float:
+    """Seconds per optimizer step on random tokens: 1 warm-up step (torch.compile), then the mean of 3.
+    Used once, to turn --minutes into a fixed number of steps; the caller re-initialises model and
+    optimizer. Random tokens, not the loader: a fresh loader's first seconds are spent tokenising ahead
+    and would make the steady-state step look several times slower than it is on a small CPU."""
     import torch
+    g = torch.Generator().manual_seed(0)
+    def batches():
+        while True:
+            x = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=g).to(device)
+            yield x[:, :-1], x[:, 1:]
+    it = batches()
     times = []
     for _ in range(4):
         t0 = time.time()
-        training.forward_backward(fwd, batches, grad_accum, device_type)
+        training.forward_backward(fwd, it, grad_accum, device_type)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         if device_type == "cuda":
@@ -245,6 +252,7 @@ def main(argv=None) -> None:
     else:
         data = args.data
     stage_dir = args.run_dir / STAGE
+    checkpoint.check_shared_dir(stage_dir)
 
     # Resume point first: if there is one, its plan wins over flags and timing (exact continuation).
     found = checkpoint.find_latest(stage_dir) if rt.master else None
@@ -269,10 +277,7 @@ def main(argv=None) -> None:
     model, fwd = build_model(plan["config"], rt.device, compile_model)
     if plan["total_steps"] is None:  # --minutes: time a step once, fix the horizon, store it in the plan
         opt = make_optimizer(model, {**plan, "weight_decay": 0.0})
-        timing_loader = DataLoader(tokenizer, B, T, data, split="train", rank=rt.rank, world_size=rt.world_size,
-                                   device=rt.device, seed=plan["seed"] + 1)
-        step_s = time_one_step(model, fwd, opt, iter(timing_loader), grad_accum, rt.device_type)
-        timing_loader.close()
+        step_s = time_one_step(model, fwd, opt, B, T, grad_accum, rt.device, rt.device_type)
         reserve = 0.1  # of the minutes: room for the final eval, save and sample
         budget = args.minutes * 60 * (1 - reserve) - (time.time() - training.process_start_time())
         plan["total_steps"] = checkpoint._broadcast(max(1, int(budget / step_s)))  # rank 0's count for all
@@ -281,8 +286,9 @@ def main(argv=None) -> None:
         set_seed(plan["seed"])
         model.init_weights()  # back to the exact initial weights: the timing steps leave no trace
         model.zero_grad(set_to_none=True)
-        if guard.deadline is None or guard.deadline > training.process_start_time() + args.minutes * 60:
-            guard.deadline = training.process_start_time() + args.minutes * 60  # hard cap if the timing was off
+    if args.minutes:  # a hard cap as well (also for a resumed run): stop and save if the machine got slower
+        cap = training.process_start_time() + args.minutes * 60
+        guard.deadline = cap if guard.deadline is None else min(guard.deadline, cap)
     if "warmup_steps" not in plan:
         finish_plan(plan)
     optimizer = make_optimizer(model, plan)
@@ -292,7 +298,7 @@ def main(argv=None) -> None:
                         device=rt.device, seed=plan["seed"])
     step, elapsed_before = 0, 0.0
     if found:
-        meta = training.resume(stage_dir, model, optimizer, STAGE, rt.rank, tokenizer.hash)
+        meta = training.resume(stage_dir, model, optimizer, STAGE, rt.rank, tokenizer.hash, ckpt=found)
         step, elapsed_before = meta["step"], meta.get("train_seconds", 0.0)
         loader.load_state_dict(meta["loader_states"])
         if meta["world_size"] == rt.world_size:

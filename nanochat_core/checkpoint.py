@@ -72,6 +72,30 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def check_shared_dir(stage_dir: str | os.PathLike) -> None:
+    """Collective. All ranks must see the same stage dir (every rank writes its optimizer shard into the
+    checkpoint rank 0 renames into place). One node always does; several nodes only with a shared or
+    bucket-mounted run dir. Checked at start-up so a misconfigured multi-node run fails in seconds, not
+    at its first checkpoint."""
+    if not _dist_active():
+        return
+    import secrets
+    stage_dir = Path(stage_dir)
+    token = _broadcast(secrets.token_hex(8))
+    probe = stage_dir / f".shared-probe-{token}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    _barrier()
+    seen = _all_gather(probe.is_file())
+    _barrier()
+    if int(os.environ.get("RANK", "0")) == 0:
+        probe.unlink(missing_ok=True)
+    if not all(seen):
+        raise NanochatError(f"{stage_dir} is not shared by all nodes ({seen.count(False)} ranks cannot see it): "
+                            "multi-node training needs the run dir on shared storage (e.g. a bucket mount)")
+
+
 # -----------------------------------------------------------------------------
 # RNG states as JSON (so meta.json stays the one readable record of a checkpoint)
 

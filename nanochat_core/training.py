@@ -259,11 +259,15 @@ class ProgressMeter:
 # Resume
 
 def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str, rank: int = 0,
-           tokenizer_hash: str | None = None) -> dict | None:
+           tokenizer_hash: str | None = None, *, ckpt: str | os.PathLike | None = None) -> dict | None:
     """Load the newest intact checkpoint of `stage_dir` (rank 0 picks and verifies it, everyone loads
-    it). Returns its meta (with loader_states / rng_states for the caller), or None for a fresh start."""
-    found = checkpoint.find_latest(stage_dir) if rank == 0 else None
-    found = checkpoint._broadcast(str(found) if found else None)
+    it), or `ckpt` if the caller has already found one (saves hashing a big checkpoint twice).
+    Returns its meta (with loader_states / rng_states for the caller), or None for a fresh start."""
+    if ckpt is not None:
+        found = str(ckpt)
+    else:
+        found = checkpoint.find_latest(stage_dir) if rank == 0 else None
+        found = checkpoint._broadcast(str(found) if found else None)
     if found is None:
         return None
     meta = checkpoint.load_checkpoint(found, model, optimizer)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nanochat_core.checkpoint import find_latest, list_checkpoints, read_meta
-from nanochat_core.common import parse_event
+from nanochat_core.common import NanochatError, parse_event
 
 PY = sys.executable
 TINY = ["--depth", "1", "--head-dim", "32", "--seq-len", "64", "--device-batch-size", "4", "--log-every", "1",
@@ -232,9 +232,12 @@ def test_user_errors_are_one_line(tmp_path, data_dir):
     p = subprocess.run(_cmd(tmp_path / "empty", data_dir, "--steps", "2"), capture_output=True, text=True,
                        env=_env(), timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
-    p = subprocess.run(_cmd(tmp_path / "empty", data_dir, "--depth", "0"), capture_output=True, text=True,
-                       env=_env(), timeout=60)
-    assert p.returncode == 2 and "--depth must be >= 1" in p.stderr
+    from nanochat_core.base_train import fit_device_batch, parse_args
+    with pytest.raises(NanochatError, match="--depth must be >= 1"):
+        parse_args(["--run-dir", "x", "--depth", "0"])
+    with pytest.raises(NanochatError, match="does not divide the total batch"):
+        fit_device_batch(512, 3, 64, 1, explicit=True)
+    assert fit_device_batch(512, 3, 64, 1, explicit=False) == 2
 
 
 def test_bench_train_prints_one_json_line():
