@@ -257,7 +257,10 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     if detach or json_out:
         print(f"`nanochat logs --name {run_name}` attaches to it; `nanochat down` stops it.", file=sys.stderr)
         return
-    stream_run(rd)
+    final = stream_run(rd)
+    if final in ("FAILED", "CANCELLED"):
+        raise NanochatError(f"run '{rd.name}' {final.lower()}; the log above says why. The same command resumes "
+                            "it (finished stages are skipped)")
 
 
 # -----------------------------------------------------------------------------

@@ -102,6 +102,9 @@ class LocalBackend:
                 yield line.decode("utf-8", errors="replace"), pos
             if not chunk:
                 if not running or not follow:
+                    if buf:  # a last line without a newline, from a job that has ended
+                        pos += len(buf)
+                        yield buf.decode("utf-8", errors="replace"), pos
                     return
                 time.sleep(poll_s)
 

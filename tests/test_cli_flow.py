@@ -176,3 +176,9 @@ def test_chat_and_eval_default_to_the_latest_trained_run(tmp_path):
     assert resolve_checkpoint(old) == old
     with pytest.raises(Exception, match="does not exist"):
         resolve_checkpoint(tmp_path / "nope")
+
+
+def test_a_failing_run_exits_non_zero_and_says_how_to_resume(job_env):
+    code, out, err = cli("train", "--local", "--steps", "3", "--data", "fail")
+    assert code == 2 and "no data source named 'fail'" in out
+    assert "failed" in err and "The same command resumes it" in err and "Traceback" not in err

@@ -31,6 +31,9 @@ def main() -> int:
     p.add_argument("--nproc-per-node", type=int)
     p.add_argument("--force", action="store_true")
     a = p.parse_args()
+    if a.data == "fail":  # how a stage failure looks to the CLI: a message, a non-zero exit
+        print("error: no data source named 'fail'", flush=True)
+        return 2
     step_s = float(os.environ.get("FAKEJOB_STEP_S", "0.02"))
     rd = a.run_dir
     rd.mkdir(parents=True, exist_ok=True)
