@@ -39,7 +39,7 @@ from typing import Iterator
 
 import sky  # noqa: the one place
 
-from nanochat_core.common import NanochatError
+from nanochat_core.common import NanochatError, nanochat_home
 from nanochat_cli import pull as pull_mod
 from nanochat_cli import state
 
@@ -301,9 +301,35 @@ def _resources(offer: dict, spot: bool) -> "sky.Resources":
                          accelerators={acc: int(n)}, use_spot=spot, disk_size=512, **kwargs)
 
 
+def workdir() -> Path:
+    """What `workdir` ships to the node: the source tree when we run from one (.skyignore trims it);
+    for a pip-installed nanochat, a staging copy of nanochat_core with a pyproject.toml listing the
+    installed distribution's own requirements (never site-packages itself)."""
+    if (REPO_ROOT / "pyproject.toml").exists() and (REPO_ROOT / "nanochat_core").is_dir():
+        return REPO_ROOT
+    import importlib.metadata as md
+    import shutil
+    import nanochat_core
+    stage = nanochat_home() / "workdir"
+    if stage.exists():
+        shutil.rmtree(stage)
+    shutil.copytree(Path(nanochat_core.__file__).parent, stage / "nanochat_core",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    reqs = [r for r in (md.requires("nanochat") or []) if "extra ==" not in r or 'extra == "tasks"' in r]
+    reqs = [r.split(";")[0].strip() for r in reqs]
+    deps = ",\n".join(f"    {r!r}".replace("'", '"') for r in reqs)
+    (stage / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "nanochat"\nversion = "{md.version("nanochat")}"\ndependencies = [\n{deps}\n]\n'
+        '[project.optional-dependencies]\ntasks = []\n\n'
+        '[tool.setuptools.packages.find]\ninclude = ["nanochat_core*"]\n\n'
+        '[tool.setuptools.package-data]\nnanochat_core = ["data/*", "data/**/*", "static/*", "static/**/*"]\n')
+    return stage
+
+
 def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | None) -> "sky.Task":
     task = sky.Task.from_yaml(str(yaml_path("train")))
-    task.workdir = str(REPO_ROOT)
+    task.workdir = str(workdir())
     task.num_nodes = int(rec.get("nodes") or 1)
     # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error.
     offers = rec.get("candidates") or [rec["offer"]]

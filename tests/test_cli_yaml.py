@@ -55,3 +55,18 @@ def test_skyignore_ships_only_what_the_node_needs():
     for must in (".git/", ".venv/", "tests/", "nanochat_cli/"):
         assert must in ignored
     assert "nanochat_core/" not in ignored and "pyproject.toml" not in ignored
+
+
+def test_pip_installed_workdir_is_a_staging_copy(monkeypatch, tmp_path):
+    """Without a source tree (a pip install), the node gets nanochat_core + a generated pyproject.toml,
+    never site-packages."""
+    import tomllib
+    from nanochat_cli import sky_backend
+    monkeypatch.setattr(sky_backend, "REPO_ROOT", tmp_path / "site-packages")
+    wd = sky_backend.workdir()
+    assert (wd / "nanochat_core" / "pipeline.py").exists() and not (wd / "nanochat_cli").exists()
+    meta = tomllib.loads((wd / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "nanochat"
+    assert any(d.startswith("torch") for d in meta["project"]["dependencies"])
+    assert not any("pytest" in d for d in meta["project"]["dependencies"])
+    assert sky_backend.workdir() == wd                  # rebuilt in place, idempotent
