@@ -60,12 +60,14 @@ def check_sampling(temperature: float, top_k: int, max_tokens: int) -> None:
 
 
 class _Painter:
-    """Writes reply pieces to a stream: text as is, calculator calls as [calc EXPR = RESULT]."""
+    """Writes reply pieces to a stream: text as is, a calculator call and its forced result as
+    [calc EXPR = RESULT]. The engine reports python -> text -> python_output (the <|python_end|> closes the
+    call before the result is forced), so the bracket stays open from the call until the result ends."""
     COLORS = {"python": "\033[33m", "python_output": "\033[32m"}
     RESET = "\033[0m"
 
     def __init__(self, out: TextIO):
-        self.out, self.kind = out, "text"
+        self.out, self.kind, self.open = out, "text", False
         self.color = out.isatty()
 
     def write(self, kind: str, text: str) -> None:
@@ -77,15 +79,24 @@ class _Painter:
         self.out.flush()
 
     def _switch(self, kind: str) -> None:
-        # the brackets go around the call and its result: [calc 12*7 = 84]
-        marks = {("text", "python"): "[calc ", ("python", "python_output"): " = ", ("python_output", "text"): "]",
-                 ("python", "text"): "]"}
-        self.out.write(marks.get((self.kind, kind), ""))
+        if kind == "python":
+            self._close()
+            self.out.write("[calc ")
+            self.open = True
+        elif kind == "python_output":
+            self.out.write(" = " if self.open else "[= ")
+            self.open = True
+        elif self.kind == "python_output":
+            self._close()
         self.kind = kind
 
+    def _close(self) -> None:
+        if self.open:
+            self.out.write("]")
+            self.open = False
+
     def finish(self) -> None:
-        if self.kind != "text":
-            self._switch("text")
+        self._close()
         self.out.write("\n")
         self.out.flush()
 

@@ -177,6 +177,15 @@ def test_tool_output_is_forced_into_the_stream(tiny_tokenizer):
     assert by_kind["python_output"] == "84"
     assert by_kind["text"] == "Let me compute.  So 84."
     assert pieces[-1].kind == "finish" and pieces[-1].text == "stop" and pieces[-1].num_tokens == len(reply)
+    # the terminal chat shows it as [calc EXPR = RESULT]
+    import io
+    from nanochat_core.chat import _Painter
+    out = io.StringIO()
+    painter = _Painter(out)
+    for p in pieces[:-1]:
+        painter.write(p.kind, p.text)
+    painter.finish()
+    assert out.getvalue() == "Let me compute. [calc 12*(3+4) = 84] So 84.\n"
     # ... and the server's API text carries the call in the model's own markers (what the web page renders)
     from nanochat_core.serve import Markup, content_to_parts
     markup = Markup()
