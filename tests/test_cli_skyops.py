@@ -1,0 +1,105 @@
+"""SkyBackend's own logic with SkyPilot's request functions faked at the cloud boundary: log reconnects
+(SkyPilot replays a job's log from the start on every connection), job-state mapping, an idempotent down,
+the final cost from SkyPilot's cost report."""
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+import test_cli_skyfakes  # noqa: F401  (SKY_RUNTIME_DIR before sky is imported)
+from nanochat_cli import state
+from nanochat_cli.main import app
+from nanochat_cli.stream import resilient
+
+OFFER = {"cloud": "lambda", "region": "us-east-1", "instance_type": "gpu_8x_h100_sxm5", "accelerators": "H100:8",
+         "spot": False, "price_per_hour": 36.0, "interconnect": "nvlink", "enabled": True}
+
+
+@pytest.fixture
+def cluster():
+    rec = state.new_cluster_record("nc-test", "sky", OFFER, budget=100.0)
+    rec["launched_at"] = time.time() - 600          # up for 10 minutes at $36/h -> $6
+    rec["runs"] = ["d12"]
+    state.save_cluster(rec)
+    state.write_job(state.run_dir("d12"), {"backend": "sky", "cluster": "nc-test", "run": "d12", "job_id": 3,
+                                           "managed": False, "state": "RUNNING"})
+    return rec
+
+
+def test_tail_reconnects_without_repeats(cluster, monkeypatch):
+    import sky
+    from nanochat_cli.sky_backend import SkyBackend
+    lines = [f"line {i}\n" for i in range(1, 31)]
+    connections = []
+
+    def fake_tail_logs(name, job_id, follow, preload_content):
+        assert (name, job_id, preload_content) == ("nc-test", 3, False)
+        connections.append(1)
+        for i, chunk in enumerate(lines):
+            if len(connections) <= 2 and i == 7 * len(connections):
+                raise ConnectionError("stream closed")
+            yield chunk
+
+    monkeypatch.setattr(sky, "tail_logs", fake_tail_logs)
+    backend = SkyBackend()
+    rd = state.run_dir("d12")
+    got = list(resilient(lambda pos: backend.tail(cluster, rd, pos), 0, backoff_s=0.01))
+    assert [ln for ln, _ in got] == [ln.strip() for ln in lines]
+    assert [p for _, p in got] == list(range(1, 31)) and len(connections) == 3
+
+
+def test_job_state_mapping(cluster, monkeypatch):
+    import sky
+    from sky.skylet import job_lib
+    from nanochat_cli.sky_backend import SkyBackend
+    for status, expected in [(job_lib.JobStatus.SETTING_UP, "RUNNING"), (job_lib.JobStatus.SUCCEEDED, "SUCCEEDED"),
+                             (job_lib.JobStatus.FAILED_SETUP, "FAILED"), (job_lib.JobStatus.CANCELLED, "CANCELLED")]:
+        monkeypatch.setattr(sky, "job_status", lambda name, ids, s=status: ("req", {3: s}))
+        monkeypatch.setattr(sky, "get", lambda req: req[1])
+        assert SkyBackend().job_state(cluster, state.run_dir("d12")) == expected
+
+
+def test_down_is_idempotent_and_reports_cost(cluster, monkeypatch):
+    import sky
+    from sky import exceptions
+    calls = []
+
+    def fake_down(name):
+        calls.append(name)
+        if len(calls) > 1:
+            raise exceptions.ClusterDoesNotExist(f"Cluster {name} does not exist.")
+        return ("down", None)
+
+    monkeypatch.setattr(sky, "down", fake_down)
+    monkeypatch.setattr(sky, "cost_report", lambda: ("cost", None))
+    monkeypatch.setattr(sky, "get", lambda req: [{"name": "nc-test", "total_cost": 6.42}] if req[0] == "cost"
+                        else None)
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert "down: 'nc-test' (stopped run d12); final cost $6.42" in r.stdout
+    assert state.load_clusters() == {}
+    # Recorded again (e.g. by a second laptop) but already gone at the cloud: not an error.
+    state.save_cluster(cluster)
+    monkeypatch.setattr(sky, "get", lambda req: None)
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 0 and "final cost $" in r.stdout and calls == ["nc-test", "nc-test"]
+
+
+def test_down_refuses_without_yes_when_not_interactive(cluster):
+    r = CliRunner().invoke(app, ["down"])
+    assert r.exit_code == 2 and "add --yes" in r.stderr and state.load_clusters()
+
+
+def test_status_shows_spend_and_budget_left(cluster, monkeypatch):
+    from nanochat_cli import sky_backend
+    monkeypatch.setattr(sky_backend.SkyBackend, "cluster_state", lambda self, rec: "UP")
+    monkeypatch.setattr(sky_backend.SkyBackend, "job_state", lambda self, rec, rd: "RUNNING")
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    (c,) = s["clusters"]
+    assert c["state"] == "UP" and c["price_per_hour"] == 36.0
+    assert c["spent"] == pytest.approx(6.0, abs=0.05) and c["budget_left"] == pytest.approx(94.0, abs=0.05)
+    assert s["jobs"] == [{"run": "d12", "cluster": "nc-test", "job_id": 3, "state": "RUNNING",
+                          "run_dir": str(state.run_dir("d12")), "submitted_at": None}]
