@@ -144,7 +144,8 @@ def fit_device_batch(total: int, B: int, T: int, world: int, explicit: bool) -> 
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.base_train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.base_train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", type=Path, required=True, help="tokenizer in RUN_DIR/tokenizer, checkpoints to RUN_DIR/base")
     p.add_argument("--depth", type=int, default=None, help="the one model dial (width = 64 x depth; default 20, or the run's)")
     p.add_argument("--data", type=Path, default=None, help="directory of parquet shards (default: the bundled corpus)")
@@ -157,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-param-data-ratio", type=float, default=DEFAULT_RATIO, help="horizon: tokens = ratio x scaling params")
     p.add_argument("--eval-every", type=int, default=None, help="val bits-per-byte every N steps (default: 250 on GPU, only at the end on CPU)")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation")
-    p.add_argument("--save-every-minutes", type=float, default=None, help="checkpoint cadence in minutes (default 30 on GPU, 1 on CPU)")
+    p.add_argument("--save-every-minutes", type=float, default=None, help="checkpoint cadence in minutes (default 20 on GPU, 1 on CPU)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--deadline", type=float, default=None, help="stop and save before this many seconds after process start")
     p.add_argument("--log-every", type=int, default=0, help="progress event every N steps (default: about every 2 s)")
@@ -262,6 +263,9 @@ def main(argv=None) -> None:
         if (args.depth or plan["depth"]) != plan["depth"] or (args.seq_len or plan["seq_len"]) != plan["seq_len"]:
             raise NanochatError(f"{stage_dir} holds a depth-{plan['depth']} seq-{plan['seq_len']} run: pass the same "
                                 "flags to resume, or use a new --run-dir")
+        if (args.steps and args.steps != plan["total_steps"]) or (args.minutes and plan["horizon"] != f"--minutes {args.minutes}"):
+            print0(f"note: continuing the stored horizon ({plan['total_steps']} steps, {plan['horizon']}); "
+                   "a different horizon needs a new --run-dir")
         plan["device_batch_size"] = fit_device_batch(plan["total_batch_size"], args.device_batch_size or
                                                      preset_device_batch(plan["depth"], plan["seq_len"], rt.device_type,
                                                                          device_memory_gb()),
@@ -318,7 +322,7 @@ def main(argv=None) -> None:
     eval_steps = max(1, eval_tokens // (B * T * rt.world_size))
     token_bytes = tokenizer.token_bytes().to(rt.device)
     cadence = training.SaveCadence(args.save_every_minutes if args.save_every_minutes is not None
-                                   else (30.0 if on_gpu else 1.0), args.save_every_steps)
+                                   else (20.0 if on_gpu else 1.0), args.save_every_steps)
     meter = training.ProgressMeter(STAGE, total_steps, tokens_per_step, model.estimate_flops(),
                                    device_peak_flops(rt.device), rt.world_size, every_steps=args.log_every,
                                    elapsed_before=elapsed_before)
