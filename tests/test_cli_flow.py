@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,21 +114,26 @@ def test_pull_detects_a_corrupted_file_and_resumes(job_env, tmp_path):
 
 
 def test_detach_and_reattach_lose_and_repeat_nothing(job_env):
-    job_env.setenv("FAKEJOB_STEP_S", "0.05")
-    assert cli("train", "--local", "--steps", "30", "--detach")[0] == 0
+    job_env.setenv("FAKEJOB_STEP_S", "0.04")   # ~6 s of job: long enough to detach in the middle
+    assert cli("train", "--local", "--steps", "80", "--detach")[0] == 0
     rd = state.run_dir("local")
     env = dict(os.environ)
     viewer = subprocess.Popen([NANOCHAT, "logs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env)
-    wait_for(lambda: "base line 0008" in (rd / "pipeline.log").read_text())
-    time.sleep(0.3)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(viewer.stdout.readline, "")), daemon=True)
+    reader.start()
+    # Detach only once the viewer is really streaming (not while it is still starting up).
+    wait_for(lambda: len(body_lines("".join(seen))) >= 3)
     viewer.send_signal(signal.SIGINT)                         # Ctrl-C: detach, the job keeps running
-    out1, err1 = viewer.communicate(timeout=20)
+    viewer.wait(timeout=20)
+    reader.join(timeout=10)
+    out1, err1 = "".join(seen), viewer.stderr.read()
     assert "detached" in err1 and "nanochat logs" in err1 and "nanochat down" in err1
     assert "Traceback" not in err1
     assert local_backend.LocalBackend().job_state({}, rd) == "RUNNING"
     out2 = subprocess.run([NANOCHAT, "logs"], capture_output=True, text=True, env=env, timeout=60).stdout
-    expected = [f"{s} line {i:04d}" for s in ("base", "sft") for i in range(1, 31)]
+    expected = [f"{s} line {i:04d}" for s in ("base", "sft") for i in range(1, 81)]
     assert body_lines(out1) and body_lines(out2)
     assert body_lines(out1) + body_lines(out2) == expected
 
