@@ -200,9 +200,21 @@ class Engine:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward_last(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        with self._autocast():
-            return self.model(ids, kv_cache=cache)[:, -1, :self.vocab_size].float()
+    def _forward_last(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Logits of the last position, fp32. Attention runs on SDPA here even where training uses flex: prompts
+        come in every length and the compiled flex path specialises on the sequence length (one recompile per
+        new prompt length on CUDA), while SDPA takes any shape plus the cache's offset and windows.
+        (The switch is undone after the call: the engine may be sampling from a model that is training.)"""
+        cfg = self.model.config
+        impl = getattr(cfg, "attn_impl", None)
+        if impl in ("auto", "flex"):
+            cfg.attn_impl = "sdpa"
+        try:
+            with self._autocast():
+                return self.model(ids, kv_cache=cache)[:, -1, :self.vocab_size].float()
+        finally:
+            if impl is not None:
+                cfg.attn_impl = impl
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
@@ -229,8 +241,7 @@ class Engine:
             del prefill
         else:
             seq = prompt.expand(num_samples, -1)
-            with self._autocast():
-                logits = self.model(seq)[:, -1, :self.vocab_size].float()
+            logits = self._forward_last(seq, None)
 
         for step in range(max_tokens):
             sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
@@ -252,8 +263,7 @@ class Engine:
                 logits = self._forward_last(new, cache)
             else:
                 seq = torch.cat([seq, new], dim=1)
-                with self._autocast():
-                    logits = self.model(seq)[:, -1, :self.vocab_size].float()
+                logits = self._forward_last(seq, None)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Non-streaming: (sequences, masks), each the prompt followed by the sample's tokens, without the
