@@ -45,7 +45,8 @@ app = typer.Typer(
 
 
 def friendly(fn):
-    """Turn user errors into one line on stderr and exit code 2 (never a traceback)."""
+    """Turn user errors into one line on stderr and exit code 2 (never a traceback); Ctrl-C outside a log
+    stream (which handles it as "detach") says what may still be running."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from nanochat_core.common import NanochatError
@@ -54,6 +55,10 @@ def friendly(fn):
         except NanochatError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise typer.Exit(2)
+        except KeyboardInterrupt:
+            print("\ninterrupted: anything already launched keeps running - `nanochat status` shows it, "
+                  "`nanochat down` stops it", file=sys.stderr, flush=True)
+            raise typer.Exit(130)
     return wrapper
 
 
