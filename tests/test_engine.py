@@ -64,6 +64,7 @@ def test_kv_cache_greedy_equals_full_recompute(engine, tiny_tokenizer):
         engine.stop_ids = saved
     assert len(cached) == 40
     assert cached == full
+    assert engine.model.config.attn_impl == "auto"   # the engine's switch to SDPA is undone after each call
     assert len(set(cached)) > 3          # a real sequence, not one token repeated
 
 
