@@ -67,6 +67,7 @@ class ChatRequest:
     max_tokens: int
     seed: int | None
     stream: bool
+    include_usage: bool = False   # stream_options.include_usage: a last chunk with token counts
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default: Any, integer: bool = False) -> Any:
@@ -145,6 +146,7 @@ def parse_request(raw: bytes) -> ChatRequest:
         max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 1, MAX_OUTPUT_TOKENS, DEFAULTS["max_tokens"], integer=True),
         seed=seed,
         stream=stream,
+        include_usage=isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True,
     )
 
 
@@ -339,7 +341,7 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
         return f"data: {json.dumps(body)}\n\n"
 
     async def _sse(job: Job, rid: str, now: int):
-        markup, finish = Markup(), "length"
+        markup, finish, n = Markup(), "length", 0
         try:
             yield chunk(rid, now, {"role": "assistant", "content": ""})
             while (item := await job.out.get()) is not None:
@@ -347,13 +349,18 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
                     yield f"data: {json.dumps(APIError(500, f'generation failed: {item}', type='server_error').body())}\n\n"
                     continue
                 if item.kind == "finish":
-                    finish = "stop" if item.text == "stop" else "length"
+                    finish, n = ("stop" if item.text == "stop" else "length"), item.num_tokens
                     continue
                 if text := markup.feed(item.kind, item.text):
                     yield chunk(rid, now, {"content": text})
             if tail := markup.close():
                 yield chunk(rid, now, {"content": tail})
             yield chunk(rid, now, {}, finish)
+            if job.req.include_usage:
+                usage = {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+                body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                        "choices": [], "usage": usage}
+                yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             job.cancel.set()   # client gone (or done): stop generating for it

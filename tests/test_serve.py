@@ -132,8 +132,16 @@ def test_openai_client(url):
     assert isinstance(text, str) and out.usage.completion_tokens >= 1
     stream = client.chat.completions.create(model="nanochat-test", messages=messages, max_tokens=10, seed=11,
                                             temperature=0.8, extra_body={"top_k": 20}, stream=True)
-    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == text
+    # stream_options.include_usage: one last chunk without choices, with the same counts
+    stream = client.chat.completions.create(model="nanochat-test", messages=messages, max_tokens=10, seed=11,
+                                            temperature=0.8, extra_body={"top_k": 20}, stream=True,
+                                            stream_options={"include_usage": True})
+    last = list(stream)[-1]
+    assert last.choices == [] and last.usage.completion_tokens == out.usage.completion_tokens
+    assert last.usage.prompt_tokens == out.usage.prompt_tokens
     import openai
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], temperature=3)
