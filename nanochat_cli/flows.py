@@ -281,7 +281,8 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
     meter = CostMeter(price_per_hour=float(cluster.get("price_per_hour") or 0.0),
                       started_at=float(cluster.get("launched_at") or time.time()), budget=plan.get("budget"),
                       planned_stages={s["name"]: s["hours"] for s in plan.get("stages", []) if s.get("hours")})
-    view = RunView(meter, title=f"nanochat · {rd.name} on {cluster['name']}")
+    view = RunView(meter, title=f"nanochat · {rd.name} on {cluster['name']}",
+                   run_started_at=job.get("submitted_at"))
     pos = 0 if from_start else state.log_position(rd)
     err = _console(stderr=True)
 

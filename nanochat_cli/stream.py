@@ -44,9 +44,11 @@ def resilient(open_tail: TailFn, pos: int, retries: int = 8, backoff_s: float = 
 class RunView:
     """Holds the latest progress and renders the panel (or plain lines when not on a terminal)."""
 
-    def __init__(self, meter: CostMeter, title: str):
+    def __init__(self, meter: CostMeter, title: str, run_started_at: float | None = None):
         self.meter = meter
         self.title = title
+        # "elapsed" is this run's time; "spent" counts the whole cluster's uptime (that is what is billed).
+        self.run_started_at = run_started_at if run_started_at is not None else meter.started_at
         self.loss: float | None = None
         self.tps: float | None = None
         self.mfu: float | None = None
@@ -88,7 +90,7 @@ class RunView:
                 ("loss", f"{self.loss:.4f}" if isinstance(self.loss, (int, float)) else "-"),
                 ("tok/s", f"{self.tps:,.0f}" if isinstance(self.tps, (int, float)) else "-"),
                 ("MFU", f"{self.mfu:.1f}%" if isinstance(self.mfu, (int, float)) else "-"),
-                ("elapsed", fmt_duration((now or time.time()) - m.started_at)),
+                ("elapsed", fmt_duration((now or time.time()) - self.run_started_at)),
                 ("spent", f"${spent:,.2f}"),
                 ("projected", f"${proj:,.2f}" if proj is not None else "-"),
                 ("ETA", fmt_duration(m.eta_s(now)))]

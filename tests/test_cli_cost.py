@@ -53,13 +53,13 @@ def test_no_warning_without_price_or_budget():
 
 def test_panel_fields_from_events():
     meter = CostMeter(PRICE, T0, budget=100.0, planned_stages={"base": 0.2, "sft": 0.1})
-    view = RunView(meter, "test")
+    view = RunView(meter, "test", run_started_at=T0 + 600)   # the run began 10 minutes after the cluster
     lines = recorded_stream()
     shown = [view.feed(e) for e in map(parse_event, lines) if e]
     assert "== stage tok finished in 10m00s" in shown
     fields = dict(view.fields(now=T0 + 1200))
     assert fields["stage"] == "base" and fields["step"] == "300/300"
     assert fields["loss"] == "0.0333" and fields["tok/s"] == "500,000" and fields["MFU"] == "48.5%"
-    assert fields["spent"] == "$12.00" and fields["elapsed"] == "20m00s"
+    assert fields["spent"] == "$12.00" and fields["elapsed"] == "10m00s"
     assert fields["ETA"] == "6m00s"                         # base is at its last step; sft's 0.1 h remains
     assert fields["projected"] == "$15.60" and fields["budget"] == "$100.00 ($88.00 left)"
