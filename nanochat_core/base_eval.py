@@ -51,10 +51,21 @@ def main(argv=None) -> None:
 
     if "core" not in skip:
         from nanochat_core.tasks import core
+        # rank 0 downloads; every rank must learn the outcome (a rank left waiting would hang the job)
+        found = None
+        if rt.master:
+            try:
+                found = {"dir": str(core.ensure_eval_bundle())}
+            except NanochatError as e:
+                found = {"error": str(e)}
+        found = checkpoint._broadcast(found)
         try:
-            bundle = core.ensure_eval_bundle() if rt.master else None
-            bundle = checkpoint._broadcast(str(bundle) if bundle else None)
-            tasks = core.load_core_tasks(Path(bundle), a.max_per_task)
+            if "error" in found:
+                raise NanochatError(found["error"])
+            bundle = Path(found["dir"])
+            if not (bundle / "core.yaml").exists():  # another node: its own NANOCHAT_HOME, its own copy
+                bundle = core.ensure_eval_bundle()
+            tasks = core.load_core_tasks(bundle, a.max_per_task)
         except NanochatError as e:
             print0(f"CORE: unavailable ({e})")
             unavailable.append("CORE")
