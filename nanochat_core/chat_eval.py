@@ -137,7 +137,8 @@ def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device
         else:
             limit = min(max_new_tokens, TOKEN_CAPS.get(name, max_new_tokens))
             c, n = run_generative(model, tokenizer, task, indices, rank, world, limit, log_first=2)
-        counts = torch.tensor([c, n], dtype=torch.float64, device=device)
+        counts = torch.tensor([c, n], dtype=torch.float32 if torch.device(device).type == "mps" else torch.float64,
+                              device=device)
         if world > 1:
             dist.all_reduce(counts)
         metrics[name] = (counts[0] / counts[1].clamp(min=1)).item()

@@ -189,10 +189,14 @@ def evaluate_item(model, tokenizer, task: CoreTask, idx: int, device: Any, max_s
     return pred == item["gold"]
 
 
+def _count_dtype(device: Any):
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+
+
 def evaluate_task(model, tokenizer, task: CoreTask, device: Any, rank: int = 0, world_size: int = 1,
                   max_seq_len: int | None = None) -> float:
     """Accuracy over the task's data; items are strided across ranks and the counts summed."""
-    correct = torch.zeros(len(task.data), dtype=torch.float64, device=device)
+    correct = torch.zeros(len(task.data), dtype=_count_dtype(device), device=device)
     for idx in range(rank, len(task.data), world_size):
         correct[idx] = float(evaluate_item(model, tokenizer, task, idx, device, max_seq_len))
     if world_size > 1:
