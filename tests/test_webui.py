@@ -114,6 +114,23 @@ def test_chat_page_streams_a_reply_in_a_real_browser(url):
             assert page.locator(".msg.error").count() == 0
             assert page.locator(".msg.user").count() == 2
 
+            # Stop: a long reply is cut short by the button, and the conversation carries on afterwards
+            page.fill("#max_tokens", "2000")
+            page.fill("#input", "Go on for a long time.")
+            page.press("#input", "Enter")
+            third = page.locator(".msg.assistant .body").nth(2)
+            expect(third).not_to_be_empty(timeout=30_000)
+            expect(page.locator("#send")).to_have_text("Stop")
+            page.click("#send")
+            expect(page.locator("#send")).to_have_text("Send", timeout=10_000)
+            expect(third).not_to_have_class("body cursor")
+            page.fill("#max_tokens", "5")
+            page.fill("#input", "Short one.")
+            page.press("#input", "Enter")
+            expect(page.locator(".msg.assistant .body").nth(3)).not_to_have_class("body cursor", timeout=30_000)
+            expect(page.locator("#send")).to_have_text("Send")
+            assert page.locator(".msg.error").count() == 0
+
             # tool calls render as their own boxes (the page's renderer, fed the server's marker format)
             boxes = page.evaluate("""() => { const el = document.createElement('span');
                 render(el, 'so <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> done');
