@@ -200,7 +200,15 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
                 offer = result.offers[0]
                 print(f"note: {e}\nnote: planning on the cheapest offer anyway ({offer['cloud']})", file=sys.stderr)
             candidates = sky_backend.failover_candidates(result, offer)
-        p = make_plan(offer, budget_usd, depth, nodes)
+        # The budget caps what the cluster costs in all: time it has already been up counts against it.
+        spent = 0.0
+        if rec is not None:
+            spent = float(rec.get("price_per_hour") or 0) * max(0.0, time.time() - rec.get("launched_at", 0)) / 3600
+            if spent >= budget_usd:
+                raise NanochatError(f"cluster '{rec['name']}' has already cost ${spent:.2f} of the ${budget_usd:.2f} "
+                                    "budget: raise --budget, or `nanochat down` and start afresh")
+        p = make_plan(offer, budget_usd - spent, depth, nodes)
+        p.budget = budget_usd
         plan = p.to_json()
         run_name = name or f"d{p.depth}"
         args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
@@ -224,9 +232,10 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     now = time.time()
     if not local:
         confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${budget_usd:.2f})?", yes)
-        # The budget is a hard cap counted from now: the trainer's deadline leaves room for teardown; the
-        # pipeline itself reserves time for SFT and evals after base training (RESERVE_AFTER_BASE_S).
-        deadline = now + budget_usd / max(plan["price_per_hour"], 1e-9) * 3600 - TEARDOWN_MARGIN_S
+        # The budget is a hard cap counted from when the cluster started billing: the trainer's deadline
+        # leaves room for teardown; the pipeline reserves time for SFT and evals after base training.
+        started = rec.get("launched_at", now) if rec is not None else now
+        deadline = started + budget_usd / max(plan["price_per_hour"], 1e-9) * 3600 - TEARDOWN_MARGIN_S
         args += ["--deadline-at", f"{deadline:.0f}"]
         plan["deadline_at"] = deadline
     plan.update(budget=None if local else budget_usd, price_per_hour=plan["offer"]["price_per_hour"] * (

@@ -103,3 +103,42 @@ def test_status_shows_spend_and_budget_left(cluster, monkeypatch):
     assert c["spent"] == pytest.approx(6.0, abs=0.05) and c["budget_left"] == pytest.approx(94.0, abs=0.05)
     assert s["jobs"] == [{"run": "d12", "cluster": "nc-test", "job_id": 3, "state": "RUNNING",
                           "run_dir": str(state.run_dir("d12")), "submitted_at": None}]
+
+
+def test_budget_counts_what_the_cluster_already_cost(cluster, monkeypatch):
+    # $6 already spent (10 min at $36/h): a $100 budget plans with $94 and the deadline counts from launch.
+    r = CliRunner().invoke(app, ["train", "--budget", "100", "--dryrun", "--json"])
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["offer"]["instance_type"] == "gpu_8x_h100_sxm5" and plan["cost"] <= 94.0
+    r = CliRunner().invoke(app, ["train", "--budget", "5", "--dryrun"])
+    assert r.exit_code == 2 and "already cost $6.00 of the $5.00 budget" in r.stderr
+
+
+def test_train_launches_with_a_cluster_side_hard_cap(cluster, monkeypatch):
+    """What `nanochat train` hands SkyPilot: the deadline (budget from the cluster's launch), autostop with
+    teardown, the run's arguments; and what it records."""
+    import sky
+    from test_cli_skyfakes import cloud_boundary
+    launched = {}
+
+    def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, dryrun=False):
+        launched.update(task=task, cluster=cluster_name, autostop=idle_minutes_to_autostop, down=down)
+        return "launch-request"
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: (7, None))
+    with cloud_boundary(["lambda"], monkeypatch):
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--yes", "--detach", "--name", "r1"])
+    assert r.exit_code == 0, r.stderr
+    envs = launched["task"].envs
+    expected_deadline = cluster["launched_at"] + 100 / 36.0 * 3600 - 300
+    assert abs(float(envs["NANOCHAT_DEADLINE_AT"]) - expected_deadline) < 2
+    assert f"--deadline-at {envs['NANOCHAT_DEADLINE_AT']}" in envs["NANOCHAT_ARGS"]
+    assert "--preset cloud" in envs["NANOCHAT_ARGS"] and envs["NANOCHAT_RUN"] == "r1"
+    assert launched["cluster"] == "nc-test" and launched["down"] is True and launched["autostop"] >= 1
+    job = state.read_job(state.run_dir("r1"))
+    assert job["job_id"] == 7 and job["cluster"] == "nc-test"
+    plan = json.loads((state.run_dir("r1") / "plan.json").read_text())
+    assert plan["price_per_hour"] == 36.0 and plan["budget"] == 100.0 and plan["cost"] <= 94.0
+    assert "r1" in state.get_cluster("nc-test")["runs"]
