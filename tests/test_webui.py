@@ -124,6 +124,7 @@ def test_chat_page_streams_a_reply_in_a_real_browser(url):
             page.click("#send")
             expect(page.locator("#send")).to_have_text("Send", timeout=10_000)
             expect(third).not_to_have_class("body cursor")
+            expect(page.locator(".msg.assistant .note")).to_have_text(" (stopped)")
             page.fill("#max_tokens", "5")
             page.fill("#input", "Short one.")
             page.press("#input", "Enter")
