@@ -213,3 +213,18 @@ def test_policy_loss_ignores_forced_tokens(tiny_tokenizer):
     one = chat_rl.policy_loss(model, prompt, rows, [[1, 0, 0], [0, 0]], [2.0, -1.0], 0, torch.device("cpu"))
     logp = model(torch.tensor([prompt]))[0, -1].log_softmax(-1)[5]
     assert one.item() == pytest.approx(-(2.0 * logp).item(), rel=1e-4)
+
+
+def test_mid_then_sft_then_eval_all_stages(run_dir, capsys):
+    from nanochat_core import mid_train
+    mid_train.main(["--run-dir", str(run_dir), "--source", "local", "--steps", "2", "--device-batch-size", "2"])
+    chat_sft.main(["--run-dir", str(run_dir), "--source", "local", "--steps", "1", "--device-batch-size", "2"])
+    out = capsys.readouterr().out
+    assert "sft: from mid/ckpt_000002" in out   # SFT starts from midtraining when there is one
+    chat_eval.main(["--run-dir", str(run_dir), "--stage", "all", "--tasks", "Arithmetic", "--max-per-task", "2",
+                    "--max-new-tokens", "4"])
+    for stage in ("mid", "sft"):
+        rec = json.loads((run_dir / "eval" / f"{stage}.json").read_text())
+        assert rec["stage"] == stage and "Arithmetic" in rec["metrics"]
+    with pytest.raises(NanochatError, match="--stage"):
+        chat_eval.main(["--run-dir", str(run_dir), "--stage", "final"])
