@@ -97,7 +97,7 @@ def _text_content(content: Any, i: int) -> str:
 def parse_request(raw: bytes) -> ChatRequest:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: absurdly deep nesting
         raise APIError(400, "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")

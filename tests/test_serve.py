@@ -152,6 +152,8 @@ BIG = "x" * 7000
 BAD_REQUESTS = [
     ("not json", b"{nope", 400),
     ("not an object", b"[1, 2]", 400),
+    ("nested 100k deep", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("not utf-8", b'{"messages": "\xff\xfe"}', 400),
     ("no messages", {"max_tokens": 5}, 400),
     ("empty messages", {"messages": []}, 400),
     ("too many messages", {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(501)]}, 400),
