@@ -385,3 +385,31 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tiny_tokenizer,
     assert messages[-1]["content"] == "and now?" and messages[0]["role"] == "user"
     assert len(tiny_tokenizer.render_for_completion({"messages": messages})) + 8 <= engine.context_len
     assert "dropped the oldest exchange" in capsys.readouterr().err
+
+
+def test_request_parser_never_fails_with_anything_but_a_4xx():
+    """Whatever JSON a client sends, parse_request returns a request or raises APIError with a 4xx."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from nanochat_core.serve import APIError, ChatRequest, parse_request
+    scalars = st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=20)
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                          max_leaves=12)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
+                                     "content": st.text(max_size=30) | values})
+    body = st.fixed_dictionaries({"messages": st.lists(message, max_size=5) | values},
+                                 optional={k: values | st.floats(-1, 5) | st.integers(-5, 5000)
+                                           for k in ["temperature", "top_k", "top_p", "max_tokens", "n", "seed",
+                                                     "stream", "stop", "stream_options"]})
+
+    @given(body)
+    @settings(max_examples=300, deadline=None)
+    def check(b):
+        try:
+            req = parse_request(json.dumps(b).encode())
+        except APIError as e:
+            assert 400 <= e.status < 500 and e.message
+        else:
+            assert isinstance(req, ChatRequest) and req.messages[-1]["role"] == "user"
+            assert 0 <= req.temperature <= 2 and 0 <= req.top_k <= 200 and 1 <= req.max_tokens <= 4096
+    check()
