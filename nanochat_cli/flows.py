@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nanochat_core.common import NanochatError
 from nanochat_cli import state
+from nanochat_cli.offers import failover_candidates
 
 LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
                "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
@@ -116,7 +117,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
     confirm(f"Provision {nodes} x {offer['instance_type']} on {offer['cloud']} ({offer['region']}) at "
             f"${offer['price_per_hour'] * nodes:.2f}/h?", yes)
     rec = state.new_cluster_record(name, "sky", offer, nodes=nodes, spot=spot, autostop_minutes=autostop)
-    rec["candidates"] = sky_backend.failover_candidates(result, offer)
+    rec["candidates"] = failover_candidates(result, offer)
     sky_backend.SkyBackend().provision(rec)
     state.save_cluster(rec)
     if not json_out:
@@ -199,7 +200,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
                 # A dry run needs no credentials: plan on the cheapest offer anywhere, and say why.
                 offer = result.offers[0]
                 print(f"note: {e}\nnote: planning on the cheapest offer anyway ({offer['cloud']})", file=sys.stderr)
-            candidates = sky_backend.failover_candidates(result, offer)
+            candidates = failover_candidates(result, offer)
         # The budget caps what the cluster costs in all: time it has already been up counts against it.
         spent = 0.0
         if rec is not None:

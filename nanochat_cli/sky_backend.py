@@ -7,15 +7,7 @@ Offers come from SkyPilot's own catalog (sky.catalog.list_accelerators, every re
 from SkyPilot's real optimizer (sky.optimizer.Optimizer over the candidates we allow), so prices and
 availability rules are SkyPilot's; what we add is the interconnect rule and the budget.
 
-Interconnect rule (how an offer is labelled, from the catalog alone):
-  * one GPU                                                 -> "single-gpu"
-  * "PCIe" in the accelerator name, instance type or GpuInfo -> "pcie"
-  * "SXM" / "NVLink" in any of them, or an instance family that only exists with NVLink/NVSwitch
-    (AWS p4d/p4de/p5*/p6*, GCP a2-/a3-/a4-, Azure ND*, Nebius gpu-*-sxm, Lambda gpu_8x_*) -> "nvlink"
-  * RunPod with a bare name (no "-SXM")                     -> "pcie": RunPod calls its SXM parts "H100-SXM";
-    SkyPilot's own RunPod catalog fetcher maps "H100-PCIe" to the plain "H100"
-  * anything else                                           -> "unknown" (kept, shown as such)
-Multi-GPU "pcie" offers are excluded unless --allow-pcie: 8 GPUs without NVLink train several times slower.
+The interconnect rule and the offer records live in offers.py (pure, no sky).
 """
 from __future__ import annotations
 
@@ -30,10 +22,8 @@ import queue
 import re
 import shlex
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,13 +31,10 @@ import sky  # noqa: the one place
 
 from nanochat_core.common import NanochatError, nanochat_home
 from nanochat_cli import pull as pull_mod
+from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
 
 # Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
-GPU_CLOUDS = ["aws", "gcp", "azure", "lambda", "nebius", "runpod", "oci", "paperspace", "fluidstack", "cudo",
-              "vast", "do", "hyperbolic", "shadeform", "primeintellect", "verda", "mithril", "seeweb", "yotta"]
-NVLINK_FAMILIES = ("p4d.", "p4de.", "p5.", "p5e.", "p5en.", "p6-", "p6e-", "a2-", "a3-", "a4-", "standard_nd",
-                   "gpu_8x_", "gpu-h100-sxm", "gpu-h200-sxm", "gpu-b200")
 ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
                "~/.lambda_cloud/lambda_keys or `nebius` CLI login, then run `sky check`")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,33 +64,6 @@ def _quiet():
 
 # -----------------------------------------------------------------------------
 # Offers
-
-@dataclass
-class Offers:
-    offers: list[dict]                                   # cheapest first, as `up --json` prints them
-    notes: list[str] = field(default_factory=list)       # skipped clouds, exclusions
-    enabled: list[str] = field(default_factory=list)     # clouds with credentials on this machine
-
-
-def parse_gpus(gpus: str) -> tuple[str, int]:
-    m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9_.-]*)\s*(?::\s*(\d+))?\s*", gpus or "")
-    if not m or (m.group(2) is not None and int(m.group(2)) < 1):
-        raise NanochatError(f"--gpus must look like H100:8 (GPU name, colon, count), got '{gpus}'")
-    return m.group(1), int(m.group(2) or 1)
-
-
-def interconnect(cloud: str, acc: str, count: float, instance_type: str | None, gpu_info: str | None) -> str:
-    if count <= 1:
-        return "single-gpu"
-    text = " ".join([acc or "", instance_type or "", gpu_info or ""]).lower()
-    if "pcie" in text:
-        return "pcie"
-    if "sxm" in text or "nvlink" in text or (instance_type or "").lower().startswith(NVLINK_FAMILIES):
-        return "nvlink"
-    if cloud.lower() == "runpod":
-        return "pcie"
-    return "unknown"
-
 
 def enabled_clouds() -> list[str]:
     from sky import check as sky_check
@@ -280,13 +240,6 @@ def _state_name(status) -> str | None:
     name = getattr(status, "value", None) or getattr(status, "name", None) or str(status)
     name = str(name).split(".")[-1].upper()
     return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
-
-
-def failover_candidates(result: Offers, chosen: dict, n: int = 8) -> list[dict]:
-    """The chosen offer first, then the next cheapest enabled ones of the same interconnect class: the
-    set SkyPilot may fail over to when the first has no capacity."""
-    rest = [o for o in result.offers if o["enabled"] and o != chosen and o["interconnect"] == chosen["interconnect"]]
-    return [chosen] + rest[:n - 1]
 
 
 def _resources(offer: dict, spot: bool) -> "sky.Resources":
@@ -467,7 +420,7 @@ class SkyBackend:
     def pull(self, rec: dict, rd: Path, dest: Path) -> int:
         if rec.get("bucket"):
             src = rec["bucket"].rstrip("/") + f"/runs/{rd.name}"
-            _bucket_sync(src, dest)
+            pull_mod.bucket_sync(src, dest)
         else:
             # Only the `sky` CLI writes the ssh alias for a cluster; `sky status <name>` refreshes it.
             subprocess.run(["sky", "status", rec["name"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -500,20 +453,3 @@ class SkyBackend:
             if r.get("name") == rec["name"] and r.get("total_cost") is not None:
                 return float(r["total_cost"])
         return None
-
-
-def _bucket_sync(src: str, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    if src.startswith("s3://"):
-        cmd = ["aws", "s3", "sync", src, str(dest), "--exclude", "*/optim_rank*.pt"]
-    elif src.startswith("gs://"):
-        cmd = ["gcloud", "storage", "rsync", "-r", "-x", r".*optim_rank.*\.pt$", src, str(dest)]
-    else:
-        raise NanochatError(f"pulling from '{src}' is not supported; use an s3:// or gs:// bucket")
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    except FileNotFoundError:
-        raise NanochatError(f"`{cmd[0]}` is not installed; install that cloud's CLI to pull from {src}") from None
-    if proc.returncode != 0:
-        raise NanochatError(f"sync from {src} failed: {(proc.stderr.strip().splitlines() or [''])[-1]}; "
-                            "run `nanochat pull` again to resume")
