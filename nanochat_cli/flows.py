@@ -230,6 +230,9 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     args += ["--minutes", str(minutes)] if minutes else []
     args += ["--data", data] if data else []
     rd = state.run_dir(run_name)
+    if (rd / "MANIFEST.sha256").exists():
+        print(f"note: run '{run_name}' already finished; running it again skips every finished stage. "
+              "Use --name NEW for a fresh run.", file=sys.stderr)
     now = time.time()
     if not local:
         confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${budget_usd:.2f})?", yes)
