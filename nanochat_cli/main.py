@@ -64,15 +64,15 @@ def friendly(fn):
 
 # Options shared by several commands -------------------------------------------------------------
 
-GPUS = typer.Option("H100:8", "--gpus", help="GPU type and count per node, e.g. H100:8, A100-80GB:8, L4:1.")
+GPUS = typer.Option("H100:8", "--gpus", metavar="TYPE:COUNT", help="GPU type and count per node, e.g. H100:8, A100-80GB:8, L4:1.")
 SPOT = typer.Option(False, "--spot", help="Use spot instances (cheaper, preemptible): a managed job that "
                                           "recovers and resumes from the latest checkpoint.")
-CLOUDS = typer.Option(None, "--clouds", help="Only consider these clouds, comma-separated (e.g. aws,gcp,lambda).")
+CLOUDS = typer.Option(None, "--clouds", metavar="LIST", help="Only consider these clouds, comma-separated (e.g. aws,gcp,lambda).")
 NODES = typer.Option(1, "--nodes", min=1, max=64, help="Number of nodes (multi-node training via torchrun).")
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
-CLUSTER = typer.Option(None, "--cluster", help="Cluster name (default: the most recently launched one).")
-RUN = typer.Option(None, "--name", help="Run name: results go to $NANOCHAT_HOME/runs/<name>/.")
+CLUSTER = typer.Option(None, "--cluster", metavar="NAME", help="Cluster name (default: the most recently launched one).")
+RUN = typer.Option(None, "--name", metavar="NAME", help="Run name: results go to $NANOCHAT_HOME/runs/<name>/.")
 
 
 @app.command()
@@ -87,7 +87,7 @@ def up(
     yes: bool = YES,
     allow_pcie: bool = typer.Option(False, "--allow-pcie", help="Include multi-GPU offers without NVLink "
                                                                 "(PCIe only: much slower 8-GPU training)."),
-    max_price: Optional[float] = typer.Option(None, "--max-price", help="Ignore offers above this $/h per node."),
+    max_price: Optional[float] = typer.Option(None, "--max-price", metavar="USD", help="Ignore offers above this $/h per node."),
     name: str = typer.Option("nanochat", "--cluster", help="Name of the cluster to create."),
     autostop: int = typer.Option(10, "--autostop", min=1, help="Tear the cluster down after this many idle "
                                                                 "minutes (enforced on the cluster itself)."),
@@ -102,8 +102,8 @@ def up(
 @app.command()
 @friendly
 def train(
-    budget: str = typer.Option("100", "--budget", help="Hard cap in US dollars for the whole run."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Model depth (overrides the planner's choice)."),
+    budget: str = typer.Option("100", "--budget", metavar="USD", help="Hard cap in US dollars for the whole run."),
+    depth: Optional[int] = typer.Option(None, "--depth", metavar="N", help="Model depth (overrides the planner's choice)."),
     local: bool = typer.Option(False, "--local", help="Train on this machine (CPU is fine): a tiny model on "
                                                       "the bundled corpus in a few minutes, $0."),
     spot: bool = SPOT,
@@ -118,13 +118,13 @@ def train(
     nodes: int = NODES,
     cluster: Optional[str] = CLUSTER,
     keep: bool = typer.Option(False, "--keep", help="Stop (not delete) the cluster when the run ends."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Fixed number of base-training steps "
+    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Fixed number of base-training steps "
                                                               "(smoke runs)."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Time-bound base training to this many "
+    minutes: Optional[float] = typer.Option(None, "--minutes", metavar="M", help="Time-bound base training to this many "
                                                                     "minutes."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data source: bundled, climbmix, fineweb-edu, "
+    data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Data source: bundled, climbmix, fineweb-edu, "
                                                             "a directory or URL list."),
-    bucket: Optional[str] = typer.Option(None, "--bucket", help="Bucket for checkpoints (s3://..., gs://...) "
+    bucket: Optional[str] = typer.Option(None, "--bucket", metavar="URL", help="Bucket for checkpoints (s3://..., gs://...) "
                                                                 "so they outlive the node; needed to resume spot runs."),
 ) -> None:
     """Plan the run from the budget, launch the whole pipeline and stream it with a live cost meter."""
