@@ -279,6 +279,10 @@ def main(argv=None) -> None:
 
     set_seed(plan["seed"])
     model, fwd = build_model(plan["config"], rt.device, compile_model)
+    # Until the first save is timed, assume rank 0 writes the fp32 weights plus its share of ~2x that in
+    # optimizer state at ~300 MB/s: the deadline guard must stop early enough to save a big model too.
+    n = model.num_params()
+    guard.note_save(max(1.0, (4 * n + 8 * n / rt.world_size) / 300e6))
     if plan["total_steps"] is None:  # --minutes: time a step once, fix the horizon, store it in the plan
         opt = make_optimizer(model, {**plan, "weight_decay": 0.0})
         step_s = time_one_step(model, fwd, opt, B, T, grad_accum, rt.device, rt.device_type)

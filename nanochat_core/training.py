@@ -74,8 +74,7 @@ class StopGuard:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user means it, do not wait for the save
-        self.signum = signum
-        print0(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping", flush=True)
+        self.signum = signum  # no printing here: a signal can land inside a print and break the stream
 
     def note_step(self, seconds: float) -> None:
         """Typical step time: an EMA that ignores the first step (torch.compile / warm-up) and does not
