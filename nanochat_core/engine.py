@@ -244,7 +244,8 @@ class Engine:
             logits = self._forward_last(seq, None)
 
         for step in range(max_tokens):
-            sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
+            sampled_t = sample_next_token(logits, generator, temperature, top_k, top_p)
+            sampled = sampled_t.tolist()   # the one host sync per step: streaming needs the ids anyway
             column, masks = [], []
             for row, tok in zip(rows, sampled):
                 if row.forced:
@@ -258,7 +259,10 @@ class Engine:
             yield column, masks
             if all(r.done for r in rows) or step == max_tokens - 1:
                 return
-            new = torch.tensor(column, dtype=torch.long, device=self.device).unsqueeze(1)
+            if all(masks):   # nothing forced: feed the sampled ids straight back, no host-to-device copy
+                new = sampled_t.unsqueeze(1)
+            else:
+                new = torch.tensor(column, dtype=torch.long, device=self.device).unsqueeze(1)
             if use_kv_cache:
                 logits = self._forward_last(new, cache)
             else:
