@@ -46,6 +46,16 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
+def _supervisor_alive(pid: int | None) -> bool:
+    """Alive AND still our supervisor: after a reboot the recorded pid may belong to something else."""
+    if not _alive(pid):
+        return False
+    try:
+        return b"nanochat_cli.local_backend" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid
+
+
 class LocalBackend:
     name = "local"
 
@@ -76,7 +86,7 @@ class LocalBackend:
         job = state.read_job(rd)
         if not job:
             return None
-        if job.get("state") == RUNNING and job.get("pid") and not _alive(job["pid"]):
+        if job.get("state") == RUNNING and job.get("pid") and not _supervisor_alive(job["pid"]):
             # The supervisor died without recording an exit (killed, machine rebooted): a "preemption".
             return FAILED if job.get("returncode") is None else job["state"]
         return job.get("state")
@@ -116,7 +126,7 @@ class LocalBackend:
     def cancel(self, cluster: dict, rd: Path, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> bool:
         """Stop the run's job and everything it started. True if something was running."""
         job = state.read_job(rd)
-        if not job or not _alive(job.get("pid")):
+        if not job or not _supervisor_alive(job.get("pid")):
             return False
         pids = _tree(job["pid"])
         for pid in pids:
