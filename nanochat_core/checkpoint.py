@@ -169,9 +169,7 @@ def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimiz
         tmp.mkdir(parents=True)
     _barrier()
     shard_name = f"optim_rank{rank:03d}.pt"
-    shard = _optimizer_shard(optimizer)
-    _write_fsynced(tmp / shard_name, lambda f: torch.save(shard, f))
-    del shard
+    _write_fsynced(tmp / shard_name, lambda f: torch.save(_optimizer_shard(optimizer), f))
     mine = {
         "file": shard_name,
         "size": (tmp / shard_name).stat().st_size,
