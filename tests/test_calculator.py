@@ -103,3 +103,23 @@ def test_small_powers_and_repetition_still_work():
 def test_not_text_is_refused():
     with pytest.raises(CalculatorError):
         evaluate(123)  # type: ignore[arg-type]
+
+
+def test_tool_outputs_in_the_training_data_are_what_the_calculator_answers():
+    """The engine forces evaluate(expr) where SFT showed the model a python_output: they must agree, or the
+    model is trained on one answer format and served another."""
+    from nanochat_core.tasks.arithmetic import Arithmetic
+    from nanochat_core.tasks.gsm8k import render_solution
+    from nanochat_core.tasks.spelling import SpellingBee
+    calls = []
+    for task in (Arithmetic(300, "train"), SpellingBee(100, "train")):
+        for i in range(task.num_examples()):
+            parts = task.get_example(i)["messages"][-1]["content"]
+            calls += [(a["text"], b["text"]) for a, b in zip(parts, parts[1:])
+                      if a["type"] == "python" and b["type"] == "python_output"]
+    # a GSM8K-style reference answer, with the <<expr=result>> annotations GSM8K uses
+    parts = render_solution("She sells 16-3-4=<<16-3-4=9>>9 eggs for 9*2=<<9*2=18>>$18 and 48/2=<<48/2=24>>24.\n#### 18")
+    calls += [(a["text"], b["text"]) for a, b in zip(parts, parts[1:]) if a["type"] == "python"]
+    assert len(calls) > 350
+    wrong = [(expr, want, evaluate(expr)) for expr, want in calls if evaluate(expr) != want]
+    assert wrong == []
