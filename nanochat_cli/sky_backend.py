@@ -229,7 +229,7 @@ def choose(result: Offers, spot: bool = False, max_price: float | None = None) -
 # -----------------------------------------------------------------------------
 # Running things
 
-_JOB_STATES = {"PENDING": "RUNNING", "SETTING_UP": "RUNNING", "RUNNING": "RUNNING", "STARTING": "RUNNING",
+_JOB_STATES = {"PENDING": "RUNNING", "SUBMITTED": "RUNNING", "SETTING_UP": "RUNNING", "RUNNING": "RUNNING", "STARTING": "RUNNING",
                "RECOVERING": "RUNNING", "INIT": "RUNNING", "SUCCEEDED": "SUCCEEDED", "CANCELLED": "CANCELLED",
                "CANCELLING": "CANCELLED"}
 
@@ -371,10 +371,14 @@ class SkyBackend:
 
     def _raw_lines(self, rec: dict, job: dict, follow: bool) -> Iterator[str]:
         if not job.get("managed"):
+            buf = ""  # chunks need not end at line boundaries: only complete lines go out
             for chunk in sky.tail_logs(rec["name"], job.get("job_id"), follow=follow, preload_content=False):
-                if chunk is None:
-                    continue
-                yield from chunk.splitlines()
+                if chunk:
+                    buf += chunk
+                    *lines, buf = buf.split("\n")
+                    yield from lines
+            if buf:
+                yield buf
             return
         # Managed jobs only write to a stream: pump it through a queue from a helper thread.
         q: queue.Queue = queue.Queue()

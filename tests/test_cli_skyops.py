@@ -31,13 +31,15 @@ def test_tail_reconnects_without_repeats(cluster, monkeypatch):
     import sky
     from nanochat_cli.sky_backend import SkyBackend
     lines = [f"line {i}\n" for i in range(1, 31)]
+    # SkyPilot's chunks need not end at line ends: split each line in two pieces.
+    chunks = [piece for ln in lines for piece in (ln[:3], ln[3:])]
     connections = []
 
     def fake_tail_logs(name, job_id, follow, preload_content):
         assert (name, job_id, preload_content) == ("nc-test", 3, False)
         connections.append(1)
-        for i, chunk in enumerate(lines):
-            if len(connections) <= 2 and i == 7 * len(connections):
+        for i, chunk in enumerate(chunks):
+            if len(connections) <= 2 and i == 15 * len(connections):
                 raise ConnectionError("stream closed")
             yield chunk
 
