@@ -70,3 +70,24 @@ def test_pip_installed_workdir_is_a_staging_copy(monkeypatch, tmp_path):
     assert any(d.startswith("torch") for d in meta["project"]["dependencies"])
     assert not any("pytest" in d for d in meta["project"]["dependencies"])
     assert sky_backend.workdir() == wd                  # rebuilt in place, idempotent
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_yaml_scripts_are_valid_bash(path):
+    import subprocess
+    import yaml
+    cfg = yaml.safe_load(path.read_text())
+    for section in ("setup", "run"):
+        r = subprocess.run(["bash", "-n"], input=cfg[section], capture_output=True, text=True)
+        assert r.returncode == 0, f"{path.name} {section}: {r.stderr}"
+
+
+def test_train_run_script_enforces_the_deadline(tmp_path):
+    """The node-side hard cap: a deadline in the past stops the job before anything starts."""
+    import subprocess
+    import yaml
+    run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
+           "NANOCHAT_DEADLINE_AT": "1000", "NANOCHAT_BUCKET_DIR": ""}
+    r = subprocess.run(["bash", "-c", run], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 3 and "budget deadline already passed" in r.stdout
