@@ -81,10 +81,12 @@ def offers_table(offers: list[dict], title: str):
 
 
 def rank(gpus, spot, clouds, allow_pcie, max_price, json_out):
-    from nanochat_cli import sky_backend
-    result = sky_backend.rank_offers(gpus, clouds=split_clouds(clouds), spot=spot, allow_pcie=allow_pcie,
-                                     max_price=max_price)
     err = _console(stderr=True)
+    # Importing SkyPilot and reading (on first use: downloading) every cloud's catalog takes seconds.
+    with err.status("reading cloud price catalogs..."):
+        from nanochat_cli import sky_backend
+        result = sky_backend.rank_offers(gpus, clouds=split_clouds(clouds), spot=spot, allow_pcie=allow_pcie,
+                                         max_price=max_price)
     for note in result.notes:
         err.print(f"[dim]note: {note}[/]")
     if not json_out:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, sha256_file
@@ -29,7 +30,9 @@ def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = F
     if ssh:
         cmd += ["-e", "ssh -o StrictHostKeyChecking=no -o ConnectTimeout=20"]
     cmd += [src.rstrip("/") + "/", str(dest) + "/"]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # rsync's own one-line progress (bytes, rate, ETA) when a person is watching; silent otherwise.
+    show = sys.stdout.isatty()
+    proc = subprocess.run(cmd, stdout=None if show else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise NanochatError(f"rsync from {src} failed (exit {proc.returncode}): {last}; run `nanochat pull` "
