@@ -110,6 +110,7 @@ class ConversationLoader:
         self.epoch, self.pos, self.buffer = 0, 0, []   # buffer: dataset indices
         self.consumed = 0                              # conversations used by this rank, all epochs
         self._order = None
+        self._rendered: dict[int, tuple[list[int], list[int]]] = {}  # buffer index -> (ids, mask)
 
     def order(self) -> list[int]:
         if self._order is None or self._order[0] != self.epoch:
@@ -136,9 +137,13 @@ class ConversationLoader:
                 continue
             self.buffer.append(order[self.pos])
             self.pos += 1
-        items = [self.tokenizer.render_conversation(self.dataset[i], max_tokens=self.T + 1) for i in self.buffer]
-        rows, used = pack_rows(items, self.B, self.T, self.pad_id)
+        for i in self.buffer:  # render each conversation once, however long it waits in the buffer
+            if i not in self._rendered:
+                self._rendered[i] = self.tokenizer.render_conversation(self.dataset[i], max_tokens=self.T + 1)
+        rows, used = pack_rows([self._rendered[i] for i in self.buffer], self.B, self.T, self.pad_id)
         used_set = set(used)
+        for j in used_set:
+            self._rendered.pop(self.buffer[j], None)
         self.buffer = [ix for j, ix in enumerate(self.buffer) if j not in used_set]
         self.consumed += len(used)
         return rows_to_batch(rows, self.device)
