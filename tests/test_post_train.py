@@ -228,3 +228,15 @@ def test_mid_then_sft_then_eval_all_stages(run_dir, capsys):
         assert rec["stage"] == stage and "Arithmetic" in rec["metrics"]
     with pytest.raises(NanochatError, match="--stage"):
         chat_eval.main(["--run-dir", str(run_dir), "--stage", "final"])
+
+
+def test_chat_rl_stage_runs_offline_and_checkpoints(run_dir, capsys):
+    chat_rl.main(["--run-dir", str(run_dir), "--task", "arithmetic", "--steps", "2", "--prompts-per-step", "2",
+                  "--num-samples", "3", "--max-new-tokens", "4", "--eval-every", "0"])
+    events = _events(capsys)
+    rewards = [e["metrics"]["reward"] for e in events if e["event"] == "eval" and e["stage"] == "rl"]
+    assert len(rewards) == 2 and all(0.0 <= r <= 1.0 for r in rewards)
+    latest = checkpoint.find_latest(run_dir / "rl")
+    assert latest.name == "ckpt_000002" and checkpoint.read_meta(latest)["task"] == "arithmetic"
+    with pytest.raises(NanochatError, match="--task"):
+        chat_rl.main(["--run-dir", str(run_dir), "--task", "chess"])
