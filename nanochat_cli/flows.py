@@ -167,9 +167,17 @@ def _dryrun_json(plan: dict) -> dict:
 
 
 def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name, gpus, clouds, nodes,
-              cluster, keep, steps, minutes, data, bucket):
+              cluster, keep, steps, minutes, data, bucket, stages=None):
     from nanochat_cli.planner import make_plan, parse_budget
     budget_usd = parse_budget(budget)
+    if stages is not None:
+        from nanochat_core.pipeline import ALL_STAGES
+        chosen = [x.strip() for x in stages.split(",") if x.strip()]
+        unknown = [x for x in chosen if x not in ALL_STAGES]
+        if not chosen or unknown:
+            raise NanochatError(f"--stages takes a comma list from {','.join(ALL_STAGES)}; "
+                                f"got '{stages}'")
+        stages = ",".join(chosen)
     if depth is not None and not 1 <= depth <= 64:
         raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
     if local:
@@ -231,6 +239,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     args += ["--steps", str(steps)] if steps else []
     args += ["--minutes", str(minutes)] if minutes else []
     args += ["--data", data] if data else []
+    args += ["--stages", stages] if stages else []
     rd = state.run_dir(run_name)
     if (rd / "MANIFEST.sha256").exists():
         print(f"note: run '{run_name}' already finished; running it again skips every finished stage. "

@@ -124,6 +124,9 @@ def train(
                                                                     "minutes."),
     data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Data source: bundled, climbmix, fineweb-edu, "
                                                             "a directory or URL list."),
+    stages: Optional[str] = typer.Option(None, "--stages", metavar="LIST", help="Only these pipeline stages, "
+                                         "comma-separated, from tok,base,mid,sft,rl,eval,report (RL is off by "
+                                         "default); finished stages are skipped anyway."),
     bucket: Optional[str] = typer.Option(None, "--bucket", metavar="URL", help="Bucket for checkpoints (s3://..., gs://...) "
                                                                 "so they outlive the node; needed to resume spot runs."),
 ) -> None:
@@ -131,7 +134,8 @@ def train(
     from nanochat_cli import flows
     flows.cmd_train(budget=budget, depth=depth, local=local, spot=spot, detach=detach, dryrun=dryrun,
                     json_out=json_out, yes=yes, name=name, gpus=gpus, clouds=clouds, nodes=nodes,
-                    cluster=cluster, keep=keep, steps=steps, minutes=minutes, data=data, bucket=bucket)
+                    cluster=cluster, keep=keep, steps=steps, minutes=minutes, data=data, bucket=bucket,
+                    stages=stages)
 
 
 @app.command()

@@ -159,6 +159,15 @@ def test_preempted_job_resumes_when_relaunched(job_env):
     assert (rd / "MANIFEST.sha256").exists()
 
 
+def test_stages_option_runs_only_those(job_env):
+    code, out, err = cli("train", "--local", "--steps", "3", "--stages", "tok,base")
+    assert code == 0, err
+    rd = state.run_dir("local")
+    assert set(json.loads((rd / "stages.json").read_text())) == {"tok", "base"}
+    code, _, err = cli("train", "--local", "--stages", "tok,typo")
+    assert code == 2 and "--stages takes a comma list" in err
+
+
 def test_down_stops_a_running_local_job(job_env):
     job_env.setenv("FAKEJOB_STEP_S", "0.2")
     assert cli("train", "--local", "--steps", "100", "--detach")[0] == 0
