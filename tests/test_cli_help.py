@@ -1,6 +1,5 @@
 """`nanochat --help` answers fast: no torch, no sky, no rich.live at start-up; every command and option
 has help text; bad input is one line and a non-zero exit, never a traceback."""
-import os
 import subprocess
 import sys
 import time

@@ -7,7 +7,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-import test_cli_skyfakes  # noqa: F401  (SKY_RUNTIME_DIR before sky is imported)
+from test_cli_skyfakes import cloud_boundary  # (also: SKY_RUNTIME_DIR before sky is imported)
 from nanochat_cli import state
 from nanochat_cli.main import app
 from nanochat_cli.stream import resilient
@@ -121,7 +121,6 @@ def test_train_launches_with_a_cluster_side_hard_cap(cluster, monkeypatch):
     """What `nanochat train` hands SkyPilot: the deadline (budget from the cluster's launch), autostop with
     teardown, the run's arguments; and what it records."""
     import sky
-    from test_cli_skyfakes import cloud_boundary
     launched = {}
 
     def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, dryrun=False):
