@@ -364,10 +364,15 @@ class SkyBackend:
         connection, so the lines already delivered are skipped: nothing is shown twice)."""
         job = state.read_job(rd) or {}
         n = 0
-        for line in self._raw_lines(rec, job, follow):
-            n += 1
-            if n > pos:
-                yield line.rstrip("\n"), n
+        try:
+            for line in self._raw_lines(rec, job, follow):
+                n += 1
+                if n > pos:
+                    yield line.rstrip("\n"), n
+        except (ConnectionError, TimeoutError, OSError):
+            raise  # a dropped transport: stream.resilient reconnects
+        except Exception as e:  # cluster gone, job unknown, server refused: say so in one line
+            raise _sky_error(f"reading the log of run '{rd.name}' on {rec['name']}", e) from None
 
     def _raw_lines(self, rec: dict, job: dict, follow: bool) -> Iterator[str]:
         if not job.get("managed"):

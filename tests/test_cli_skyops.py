@@ -143,3 +143,17 @@ def test_train_launches_with_a_cluster_side_hard_cap(cluster, monkeypatch):
     plan = json.loads((state.run_dir("r1") / "plan.json").read_text())
     assert plan["price_per_hour"] == 36.0 and plan["budget"] == 100.0 and plan["cost"] <= 94.0
     assert "r1" in state.get_cluster("nc-test")["runs"]
+
+
+def test_logs_of_a_vanished_cluster_is_one_clear_line(cluster, monkeypatch):
+    import sky
+    from sky import exceptions
+
+    def gone(*a, **k):
+        raise exceptions.ClusterDoesNotExist("Cluster 'nc-test' does not exist.")
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(sky, "tail_logs", gone)
+    r = CliRunner().invoke(app, ["logs", "--name", "d12"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.startswith("error: reading the log of run 'd12' on nc-test failed (ClusterDoesNotExist")
