@@ -152,14 +152,17 @@ class ConversationLoader:
 # -----------------------------------------------------------------------------
 # The stage loop (shared with mid_train)
 
-def add_common_args(p: argparse.ArgumentParser, lr_frac: float) -> None:
+def add_common_args(p: argparse.ArgumentParser, lr_frac: float, gpu_rows: int, gpu_total_batch: int | None) -> None:
+    """gpu_rows: rows of 2048 tokens per GPU per micro-step (capped by base training's memory preset); gpu_total_batch: tokens per step on GPU (None = one
+    micro-step of all ranks, no accumulation). CPU: one micro-step of 2048 tokens."""
+    p.set_defaults(gpu_rows=gpu_rows, gpu_total_batch=gpu_total_batch)
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--epochs", type=float, default=None,
                    help="passes over the data (default: 1 if neither --steps nor --minutes is given, else unbounded)")
     p.add_argument("--steps", type=int, default=None, help="horizon: at most this many optimizer steps")
     p.add_argument("--minutes", type=float, default=None, help="horizon: at most this many minutes of training")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per device per micro-step")
-    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: 2^19 on GPU)")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step")
     p.add_argument("--lr-frac", type=float, default=lr_frac, help="learning rates as a fraction of base training's")
     p.add_argument("--no-warm-start", action="store_true", help="do not load the previous stage's optimizer state")
     p.add_argument("--deadline", type=float, default=None, help="stop and save this many seconds after process start")
@@ -227,9 +230,17 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     model = build_model(init_meta["config"], rt.device)
     T = model.config.sequence_len
     on_gpu = rt.device_type == "cuda"
-    B = a.device_batch_size or (max(1, 32 * 2048 // T) if on_gpu else max(1, 2048 // T))
+    if a.device_batch_size:
+        B = a.device_batch_size
+    elif on_gpu:  # never more rows than pre-training's per-GPU memory preset for this depth allows
+        from nanochat_core.base_train import preset_device_batch
+        from nanochat_core.common import device_memory_gb
+        fits = preset_device_batch(model.config.n_layer, T, "cuda", device_memory_gb(rt.device))
+        B = max(1, min(fits, a.gpu_rows * 2048 // T))
+    else:
+        B = max(1, 2048 // T)
     per_micro = B * T * rt.world_size
-    total_batch = a.total_batch_size or (2 ** 19 if on_gpu else per_micro)
+    total_batch = a.total_batch_size or ((a.gpu_total_batch or per_micro) if on_gpu else per_micro)
     grad_accum = max(1, round(total_batch / per_micro))
     lr_scale = (init_meta.get("plan") or {}).get("lr_scale", 1.0) * a.lr_frac
     optimizer = model.setup_optimizer(matrix_lr=0.02 * lr_scale, embedding_lr=0.3 * lr_scale,
@@ -325,7 +336,9 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.chat_sft", description=__doc__.split("\n\n")[0])
-    add_common_args(p, lr_frac=0.5)
+    # SFT data is small (~20K conversations): 4 packed rows per GPU and no accumulation gives ~100 steps/epoch
+    # on 8 GPUs (the anchor takes ~32 conversations per step); a 2^19 batch would be a dozen steps.
+    add_common_args(p, lr_frac=0.5, gpu_rows=4, gpu_total_batch=None)
     p.add_argument("--source", choices=["hub", "local"], default="hub",
                    help="hub: SmolTalk/ARC/GSM8K/identity/spelling; local: the shipped chat set (offline)")
     a = p.parse_args(argv)

@@ -35,7 +35,8 @@ def mid_mixture(source: str, seed: int = 42):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.mid_train", description=__doc__.split("\n\n")[0])
-    add_common_args(p, lr_frac=1.0)
+    # ~850K conversations: pre-training's batch (2^19 tokens, 32 rows per GPU) gives several hundred steps
+    add_common_args(p, lr_frac=1.0, gpu_rows=32, gpu_total_batch=2 ** 19)
     p.add_argument("--source", choices=["hub", "local"], default="hub",
                    help="hub: SmolTalk/MMLU-aux/GSM8K/identity/spelling; local: the shipped chat set (offline)")
     a = p.parse_args(argv)
