@@ -73,6 +73,10 @@ print("\n" + nonce, flush=True)
 '''
 
 _CLONE_NEWNET = 0x40000000
+try:  # looked up here, not in the forked child: dlopen after fork in a threaded process can deadlock
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
 
 
 @dataclass
@@ -97,10 +101,8 @@ def _limit_child(timeout: float, memory_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     except (ValueError, OSError):
         pass
-    try:  # an empty network namespace: no interfaces, not even loopback to the host's services
-        ctypes.CDLL(None, use_errno=True).unshare(_CLONE_NEWNET)
-    except Exception:
-        pass
+    if _LIBC is not None:  # an empty network namespace: no interfaces, not even loopback to the host's services
+        _LIBC.unshare(_CLONE_NEWNET)  # fails quietly (returns -1) without the privilege: socket guard remains
 
 
 def run_sandboxed(program: str, timeout: float = 5.0, memory_mb: int = 512) -> ExecutionResult:
