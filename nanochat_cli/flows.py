@@ -23,12 +23,21 @@ DEFAULT_AUTOSTOP_MIN = 10
 TEARDOWN_MARGIN_S = 300
 
 
+def sky_backend():
+    """The SkyPilot adapter, imported on first use (SkyPilot is the optional `cloud` extra)."""
+    try:
+        from nanochat_cli import sky_backend as module
+    except ImportError as e:
+        raise NanochatError(f"SkyPilot is not installed ({e.name or e}): `pip install 'nanochat[cloud]'` for "
+                            "cloud commands, or use --local") from None
+    return module
+
+
 def backend_for(cluster: dict):
     if cluster.get("backend") == "local":
         from nanochat_cli.local_backend import LocalBackend
         return LocalBackend()
-    from nanochat_cli.sky_backend import SkyBackend  # imports sky: only now
-    return SkyBackend()
+    return sky_backend().SkyBackend()
 
 
 def _console(stderr: bool = False):
@@ -84,8 +93,7 @@ def rank(gpus, spot, clouds, allow_pcie, max_price, json_out):
     err = _console(stderr=True)
     # Importing SkyPilot and reading (on first use: downloading) every cloud's catalog takes seconds.
     with err.status("reading cloud price catalogs..."):
-        from nanochat_cli import sky_backend
-        result = sky_backend.rank_offers(gpus, clouds=split_clouds(clouds), spot=spot, allow_pcie=allow_pcie,
+        result = sky_backend().rank_offers(gpus, clouds=split_clouds(clouds), spot=spot, allow_pcie=allow_pcie,
                                          max_price=max_price)
     for note in result.notes:
         err.print(f"[dim]note: {note}[/]")
@@ -110,8 +118,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
         print(json.dumps({"offers": result.offers}))
     if dryrun:
         return
-    from nanochat_cli import sky_backend
-    offer = sky_backend.choose(result, spot=spot, max_price=max_price)
+    offer = sky_backend().choose(result, spot=spot, max_price=max_price)
     existing = state.get_cluster(name)
     if existing and existing.get("backend") == "sky":
         raise NanochatError(f"cluster '{name}' is already up; `nanochat train` uses it, "
@@ -120,7 +127,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
             f"${offer['price_per_hour'] * nodes:.2f}/h?", yes)
     rec = state.new_cluster_record(name, "sky", offer, nodes=nodes, spot=spot, autostop_minutes=autostop)
     rec["candidates"] = failover_candidates(result, offer)
-    sky_backend.SkyBackend().provision(rec)
+    sky_backend().SkyBackend().provision(rec)
     state.save_cluster(rec)
     if not json_out:
         print(f"cluster '{name}' is up: {offer['cloud']} {offer['instance_type']} ${rec['price_per_hour']:.2f}/h; "
@@ -201,9 +208,8 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
             nodes = rec.get("nodes", nodes)
         else:
             result = rank(gpus, spot, clouds, False, None, json_out=True)  # quiet ranking; the plan is shown
-            from nanochat_cli import sky_backend
             try:
-                offer = sky_backend.choose(result, spot=spot, max_price=None)
+                offer = sky_backend().choose(result, spot=spot, max_price=None)
             except NanochatError as e:
                 if not dryrun:
                     raise
@@ -264,13 +270,12 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         backend = backend_for(rec)
         job = backend.launch(rec, rd, args)
     else:
-        from nanochat_cli.sky_backend import SkyBackend
         if rec is None:
             rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
                                            budget=budget_usd, autostop_minutes=DEFAULT_AUTOSTOP_MIN)
             rec["candidates"] = candidates
         rec.update(budget=budget_usd, keep=keep, bucket=bucket)
-        job = SkyBackend().launch(rec, rd, args, plan)
+        job = sky_backend().SkyBackend().launch(rec, rd, args, plan)
         state.save_cluster(rec)
     state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
     state.save_log_position(rd, start_pos if local else 0)

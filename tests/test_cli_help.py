@@ -76,3 +76,13 @@ def test_down_with_nothing_is_fine():
 def test_status_empty():
     code, out = run("status", "--json")
     assert code == 0 and out.strip() == '{"clusters": [], "jobs": []}'
+
+
+def test_cloud_commands_without_skypilot_say_how_to_install(monkeypatch):
+    # SkyPilot is the optional `cloud` extra: without it, a cloud command explains, it does not crash.
+    monkeypatch.setitem(sys.modules, "sky", None)   # makes `import sky` raise ImportError
+    import nanochat_cli
+    monkeypatch.delitem(sys.modules, "nanochat_cli.sky_backend", raising=False)
+    monkeypatch.delattr(nanochat_cli, "sky_backend", raising=False)
+    code, out = run("up", "--dryrun")
+    assert code == 2 and "pip install 'nanochat[cloud]'" in out and "Traceback" not in out
