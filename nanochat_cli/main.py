@@ -55,6 +55,10 @@ def friendly(fn):
         except NanochatError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise typer.Exit(2)
+        except OSError as e:  # the environment said no (permissions, disk full, missing tool): one line too
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            print(f"error: {e.strerror or e}{where}", file=sys.stderr, flush=True)
+            raise typer.Exit(2)
         except KeyboardInterrupt:
             print("\ninterrupted: anything already launched keeps running - `nanochat status` shows it, "
                   "`nanochat down` stops it", file=sys.stderr, flush=True)

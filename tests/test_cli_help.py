@@ -1,5 +1,6 @@
 """`nanochat --help` answers fast: no torch, no sky, no rich.live at start-up; every command and option
 has help text; bad input is one line and a non-zero exit, never a traceback."""
+import os
 import subprocess
 import sys
 import time
@@ -86,3 +87,12 @@ def test_cloud_commands_without_skypilot_say_how_to_install(monkeypatch):
     monkeypatch.delattr(nanochat_cli, "sky_backend", raising=False)
     code, out = run("up", "--dryrun")
     assert code == 2 and "pip install 'nanochat[cloud]'" in out and "Traceback" not in out
+
+
+def test_environment_errors_are_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    os_env_home = str(blocker / "home")  # NANOCHAT_HOME under a regular file: cannot be created
+    r = subprocess.run([NANOCHAT, "up", "--local"], capture_output=True, text=True,
+                       env={**os.environ, "NANOCHAT_HOME": os_env_home})
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
