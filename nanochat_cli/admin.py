@@ -55,7 +55,15 @@ def cmd_status(*, json_out: bool) -> None:
         rec = state.get_cluster(c["name"])
         if c["backend"] == "sky":
             try:
-                c["state"] = backend_for(rec).cluster_state(rec)
+                backend = backend_for(rec)
+                c["state"] = backend.cluster_state(rec)
+                if c["state"] == "DOWN":
+                    # It tore itself down (autostop, budget): the meter stopped then; SkyPilot knows the total.
+                    final = backend.final_cost(rec)
+                    if final is not None:
+                        c["spent"] = round(final, 4)
+                        if c["budget"] is not None:
+                            c["budget_left"] = round(c["budget"] - final, 4)
             except NanochatError as e:
                 c["state"] = f"unknown ({e})"
         else:
@@ -78,6 +86,9 @@ def cmd_status(*, json_out: bool) -> None:
         t.add_row(c["name"], where, c["state"], fmt_duration(c["uptime_s"]), f"{c['price_per_hour']:.2f}",
                   f"${c['spent']:.2f}", "-" if c["budget_left"] is None else f"${c['budget_left']:.2f}")
     con.print(t)
+    if any(c["state"] == "DOWN" for c in clusters):
+        con.print("DOWN clusters have already torn themselves down; `nanochat down` clears the record and "
+                  "prints the final cost.")
     if runs:
         j = Table(title="runs", title_justify="left")
         for col in ("run", "cluster", "job", "state", "results"):

@@ -157,3 +157,15 @@ def test_logs_of_a_vanished_cluster_is_one_clear_line(cluster, monkeypatch):
     r = CliRunner().invoke(app, ["logs", "--name", "d12"])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.stderr.startswith("error: reading the log of run 'd12' on nc-test failed (ClusterDoesNotExist")
+
+
+def test_status_of_a_cluster_that_tore_itself_down(cluster, monkeypatch):
+    import sky
+    monkeypatch.setattr(sky, "status", lambda names: ("status", names))
+    monkeypatch.setattr(sky, "cost_report", lambda: ("cost", None))
+    monkeypatch.setattr(sky, "get", lambda req: [] if req[0] == "status" else [{"name": "nc-test", "total_cost": 4.2}])
+    monkeypatch.setattr(sky, "job_status", lambda name, ids: ("status", None))
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    (c,) = json.loads(r.stdout)["clusters"]
+    assert c["state"] == "DOWN" and c["spent"] == 4.2 and c["budget_left"] == pytest.approx(95.8)
