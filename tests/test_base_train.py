@@ -214,7 +214,7 @@ def test_two_processes_match_one_process_with_same_global_batch(tmp_path):
 
 def test_minutes_horizon_is_honoured(run, data_dir):
     t0 = time.time()
-    p = _train(run, data_dir, "--minutes", "0.25")
+    p = _train(run, data_dir, "--minutes", "0.25", "--compile", "off")  # (compiling alone would take ~20 s)
     wall = time.time() - t0
     assert wall < 15 * 1.2, f"--minutes 0.25 took {wall:.1f} s"
     progress = _events(p.stdout, "progress")
