@@ -192,7 +192,7 @@ class Pipeline:
         nproc = a.nproc_per_node or gpus_per_node()
         dist = launcher(nproc, a.nnodes)
         done = self.done_stages()
-        need_data = any(s in stages and s not in done for s in ("tok", "base", "eval"))
+        need_data = any(s in stages and (a.force or s not in done) for s in ("tok", "base", "eval"))
         data, background = prepare_data(a) if need_data else (Path(a.data or "."), None)
 
         for stage in stages:
