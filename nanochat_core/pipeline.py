@@ -98,7 +98,7 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
     if stage == "eval":
         limit = ["--max-per-task", "50" if local else "0"]
         return [dist + ["-m", "nanochat_core.base_eval", "--run-dir", run, "--data", str(data)] + limit,
-                dist + ["-m", "nanochat_core.chat_eval", "--run-dir", run] + limit]
+                dist + ["-m", "nanochat_core.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
     if stage == "report":
         cmd = py + ["nanochat_core.report", "--run-dir", run]
         return [cmd + (["--price-per-hour", str(a.price_per_hour)] if a.price_per_hour else [])]
@@ -171,6 +171,14 @@ class Pipeline:
         finally:
             self.child = None
 
+    def refresh_report(self) -> None:
+        """report.md is rewritten as stages finish, so a run cut short by its budget still has one."""
+        from nanochat_core.report import write_report
+        try:
+            write_report(self.run_dir, self.a.price_per_hour)
+        except Exception as e:  # a report problem must never cost the user a finished stage
+            print(f"warning: could not update report.md ({e})", flush=True)
+
     def forward_signal(self, signum: int, _frame) -> None:
         self.stopping = True
         if self.child is not None:
@@ -220,6 +228,8 @@ class Pipeline:
                                         f"command again: finished stages are skipped, this one resumes")
             self.mark_done(stage, started)
             emit("stage_end", stage=stage, seconds=round(time.time() - started, 2))
+            if stage != "report":
+                self.refresh_report()
 
         write_manifest(self.run_dir)
         emit("done", run_dir=str(self.run_dir))
