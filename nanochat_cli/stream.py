@@ -61,6 +61,9 @@ class RunView:
         if kind == "progress":
             self.loss, self.tps, self.mfu = event.get("loss"), event.get("tokens_per_sec"), event.get("mfu")
             return None
+        # Stages announce themselves too; print the pipeline's own lines so each shows once.
+        if kind in ("stage_start", "stage_end") and not event.get("pipeline"):
+            return None
         if kind == "stage_start":
             return f"== stage {event.get('stage')} started"
         if kind == "stage_end":

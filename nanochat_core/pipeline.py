@@ -216,7 +216,7 @@ class Pipeline:
                 reserve = RESERVE_AFTER_BASE_S[a.preset] if stage == "base" else 0
                 env["NANOCHAT_DEADLINE"] = str(a.deadline_at - reserve)
             started = time.time()
-            emit("stage_start", stage=stage)
+            emit("stage_start", stage=stage, pipeline=True)
             for cmd in stage_commands(stage, a, data, dist):
                 rc = self.run_cmd(cmd, env)
                 if self.stopping:
@@ -227,7 +227,7 @@ class Pipeline:
                     raise NanochatError(f"stage '{stage}' failed (exit code {rc}); fix the cause and run the same "
                                         f"command again: finished stages are skipped, this one resumes")
             self.mark_done(stage, started)
-            emit("stage_end", stage=stage, seconds=round(time.time() - started, 2))
+            emit("stage_end", stage=stage, seconds=round(time.time() - started, 2), pipeline=True)
             if stage != "report":
                 self.refresh_report()
 

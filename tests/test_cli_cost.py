@@ -13,9 +13,9 @@ PRICE = 36.0  # $/h -> $0.01 per second
 
 def recorded_stream():
     """A 10-minute tokenizer stage, then base training at 2 s/step for 300 steps, as log lines."""
-    ev = [{"event": "stage_start", "stage": "tok", "time": T0},
-          {"event": "stage_end", "stage": "tok", "seconds": 600, "time": T0 + 600},
-          {"event": "stage_start", "stage": "base", "time": T0 + 600}]
+    ev = [{"event": "stage_start", "stage": "tok", "time": T0, "pipeline": True},
+          {"event": "stage_end", "stage": "tok", "seconds": 600, "time": T0 + 600, "pipeline": True},
+          {"event": "stage_start", "stage": "base", "time": T0 + 600, "pipeline": True}]
     for step in range(10, 301, 10):
         ev.append({"event": "progress", "stage": "base", "step": step, "total_steps": 300, "loss": 10 / step,
                    "tokens_per_sec": 5e5, "mfu": 48.5, "elapsed_s": 2.0 * step, "time": T0 + 600 + 2.0 * step})
@@ -63,3 +63,11 @@ def test_panel_fields_from_events():
     assert fields["spent"] == "$12.00" and fields["elapsed"] == "10m00s"
     assert fields["ETA"] == "6m00s"                         # base is at its last step; sft's 0.1 h remains
     assert fields["projected"] == "$15.60" and fields["budget"] == "$100.00 ($88.00 left)"
+
+
+def test_inner_stage_announcements_are_not_printed_twice():
+    view = RunView(CostMeter(PRICE, T0), "test")
+    inner = {"event": "stage_end", "stage": "base", "seconds": 5, "time": T0 + 5}
+    outer = dict(inner, pipeline=True)
+    assert view.feed(inner) is None
+    assert view.feed(outer) == "== stage base finished in 0m05s"

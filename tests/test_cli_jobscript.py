@@ -43,7 +43,7 @@ def main() -> int:
         if stage in done and not a.force:
             print(f"stage {stage}: already done, skipping", flush=True)
             continue
-        emit("stage_start", stage=stage)
+        emit("stage_start", stage=stage, pipeline=True)
         start = time.time()
         if stage == "tok":
             (rd / "tokenizer").mkdir(exist_ok=True)
@@ -76,7 +76,7 @@ def main() -> int:
             (rd / "report.md").write_text("# report\n")
         done[stage] = {"seconds": time.time() - start}
         atomic_write_json(done_file, done)
-        emit("stage_end", stage=stage, seconds=round(time.time() - start, 3))
+        emit("stage_end", stage=stage, seconds=round(time.time() - start, 3), pipeline=True)
     from nanochat_core.pipeline import write_manifest
     write_manifest(rd)
     emit("done", run_dir=str(rd))
