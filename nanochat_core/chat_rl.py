@@ -185,6 +185,7 @@ def main(argv=None) -> None:
     else:
         checkpoint.load_checkpoint(init, model, None)  # fresh optimizer: RL's updates look nothing like SFT's
         total_steps = a.steps or max(1, len(train_task) // a.prompts_per_step)
+    start_step = step
     order = list(range(len(train_task)))
     random.Random(a.seed).shuffle(order)
     per_rank = max(1, a.prompts_per_step // rt.world_size)
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
         if due and step < total_steps:
             save_now()
     if not stopped:
-        if not found or step > checkpoint.read_meta(found)["step"]:
+        if step > start_step:  # (re-reading `found` could fail: it may have been pruned by now)
             save_now()
         emit("stage_end", stage="rl", seconds=round(time.time() - t_start, 2), steps=step)
     guard.restore()

@@ -212,7 +212,6 @@ def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
 
 def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     """Fine-tune the latest checkpoint of `sources` (first found) on `dataset`; checkpoints to run_dir/stage."""
-    import torch
     from nanochat_core.tokenizer import get_tokenizer
 
     rt = init_runtime(a.device)
@@ -264,6 +263,7 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
             checkpoint.load_checkpoint(init, model, None)
         epochs = a.epochs if a.epochs is not None else (None if (a.steps or a.minutes) else 1.0)
         horizon = {"epochs": epochs, "steps": a.steps, "minutes": a.minutes, "init": str(init)}
+    start_step = step
 
     epoch_convs = loader.per_epoch()
 
@@ -323,7 +323,7 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
         if due and not done:
             save_now()
     if not stopped:
-        if not found or step > checkpoint.read_meta(found)["step"]:
+        if step > start_step:  # (re-reading `found` could fail: it may have been pruned by now)
             save_now()
         if rt.master:
             emit("sample", stage=stage, text=chat_sample(model, tokenizer, "Who are you?"))

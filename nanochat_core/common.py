@@ -258,7 +258,23 @@ def device_peak_flops(device: Any = None) -> float:
             if key in name:
                 return flops
         return 100e12  # unknown GPU: a conservative placeholder, stated as such in bench output
-    return torch.get_num_threads() * 50e9
+    return torch.get_num_threads() * _cpu_core_peak_flops()
+
+
+def _cpu_core_peak_flops() -> float:
+    """fp32 FLOP/s of one core: clock x SIMD lanes x 2 (FMA) x 2 FMA units. AVX-512: 16 lanes,
+    AVX2: 8, otherwise SSE's 4. The clock is the one /proc/cpuinfo reports (2.5 GHz if unknown)."""
+    ghz, lanes = 2.5, 4
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+                break
+        lanes = 16 if " avx512f" in info else 8 if " avx2" in info else 4
+    except (OSError, ValueError):
+        pass
+    return ghz * 1e9 * lanes * 2 * 2
 
 
 def device_memory_gb(device: Any = None) -> float | None:

@@ -212,6 +212,11 @@ class Pipeline:
                 if background.error is not None:
                     raise NanochatError(f"downloading the training shards failed: {background.error}")
             env = dict(os.environ)
+            if a.preset == "local":
+                # The embedded default promises no network: hub-backed evals report "unavailable" at once
+                # (or use what an earlier online run cached) instead of retrying unreachable hosts.
+                env.setdefault("HF_HUB_OFFLINE", "1")
+                env.setdefault("HF_DATASETS_OFFLINE", "1")
             if a.deadline_at:
                 reserve = RESERVE_AFTER_BASE_S[a.preset] if stage == "base" else 0
                 env["NANOCHAT_DEADLINE"] = str(a.deadline_at - reserve)
