@@ -290,6 +290,36 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     if final in ("FAILED", "CANCELLED"):
         raise NanochatError(f"run '{rd.name}' {final.lower()}; the log above says why. The same command resumes "
                             "it (finished stages are skipped)")
+    if final == "SUCCEEDED":
+        print_finish(rd, local)
+
+
+def last_sample(rd: Path) -> str | None:
+    """The last generated sample the run logged (the chat model's, when SFT ran)."""
+    from nanochat_core.common import parse_event
+    text = None
+    try:
+        with open(rd / "pipeline.log", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                ev = parse_event(line)
+                if ev and ev.get("event") == "sample" and ev.get("text"):
+                    text = str(ev["text"])
+    except OSError:
+        return None
+    return text
+
+
+def print_finish(rd: Path, local: bool) -> None:
+    sample = last_sample(rd)
+    if sample:
+        print(f"\nsample from your model: {sample.strip()[:300]!r}")
+    report = rd / "report.md"
+    if report.exists():
+        print(f"report: {report}")
+    if local:
+        print("next: `nanochat chat` to talk to it (or `nanochat serve` for the web UI)")
+    else:
+        print(f"next: `nanochat pull --name {rd.name}`, then `nanochat chat`; `nanochat down` stops the spending")
 
 
 # -----------------------------------------------------------------------------
