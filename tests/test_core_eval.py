@@ -58,7 +58,6 @@ def _write_bundle(root, tok):
     """Three tasks (one per format) and the bigram model that gets a known subset right."""
     V = tok.get_vocab_size()
     model = Bigram(V)
-    enc = lambda s: tok.encode(s)
     # multiple choice, 0-shot: the model likes the first token after ":" to be the first token of the
     # word "apple" and strongly dislikes nothing else, so it picks whichever choice is " apple".
     mc = []

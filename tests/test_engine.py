@@ -11,16 +11,6 @@ from nanochat_core.engine import Engine, KVCache, sample_next_token
 from nanochat_core.model import GPT, config_for_depth
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
-    barriers make small ops up to 100x slower (measured: 21 s vs 0.1 s for one test). One thread here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(vocab_size: int, depth: int = 2, seed: int = 0, sequence_len: int = 64, window_pattern: str = "SL",
                n_kv_head: int | None = None) -> GPT:
     """A random fp32 model whose outputs depend strongly on the context. The real init zeroes the output

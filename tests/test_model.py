@@ -12,16 +12,6 @@ from nanochat_core.model import (GPT, GPTConfig, attention_reference, attention_
 IMPLS = ["sdpa"] + (["flex"] if HAS_FLEX else [])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared, oversubscribed CPU two spinning
-    OpenMP threads made the 50-step test ~10x slower (65 s vs 7 s measured). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(cfg: GPTConfig, seed: int = 0, randomize: bool = True) -> GPT:
     """Meta construction + init, as the trainer does. `randomize` overwrites the zero-initialised output
     projections and gates with noise: with them at zero every attention path gives the same logits,

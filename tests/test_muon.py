@@ -16,16 +16,6 @@ from nanochat_core.muon import MuonAdamW, polar_express
 GLOBAL_B, T, STEPS = 4, 32, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared, oversubscribed CPU two spinning
-    OpenMP threads made the 50-step test ~10x slower (65 s vs 7 s measured). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -----------------------------------------------------------------------------
 # Polar Express
 
@@ -171,7 +161,7 @@ def _free_port() -> int:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("muon_dist")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # module-scoped: runs before the per-test _one_thread fixture
+    torch.set_num_threads(1)   # module-scoped: runs before the per-test _one_torch_thread fixture (conftest)
     model = _model()
     opt = model.setup_optimizer(weight_decay=0.1)
     batches = _batches()

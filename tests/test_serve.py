@@ -14,16 +14,6 @@ from nanochat_core.model import GPT, config_for_depth
 from nanochat_core.serve import content_to_parts, create_app
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
-    barriers make small ops up to 100x slower (measured: 21 s vs 0.1 s for one test). One thread here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(vocab_size: int) -> GPT:
     cfg = config_for_depth(1, vocab_size, sequence_len=256, aspect_ratio=64, head_dim=16)
     with torch.device("meta"):

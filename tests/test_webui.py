@@ -17,16 +17,6 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
                 "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
-    barriers make small ops up to 100x slower (measured: 21 s vs 0.1 s for one test). One thread here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class PacedModel(torch.nn.Module):
     """The real tiny model, slowed to ~100 tokens/s like a real model on a real device: a tiny model on CPU
     can finish a whole reply before the browser paints once, and then "streaming" is not observable."""
