@@ -295,18 +295,18 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
 
 
 def last_sample(rd: Path) -> str | None:
-    """The last generated sample the run logged (the chat model's, when SFT ran)."""
+    """The last sample the run logged from its most finished model: a chat stage's if any, else base's."""
     from nanochat_core.common import parse_event
-    text = None
+    best: dict[str, str] = {}
     try:
         with open(rd / "pipeline.log", encoding="utf-8", errors="replace") as f:
             for line in f:
                 ev = parse_event(line)
                 if ev and ev.get("event") == "sample" and ev.get("text"):
-                    text = str(ev["text"])
+                    best[str(ev.get("stage"))] = str(ev["text"])
     except OSError:
         return None
-    return text
+    return next((best[s] for s in ("rl", "sft", "mid", "base") if s in best), None)
 
 
 def print_finish(rd: Path, local: bool) -> None:
