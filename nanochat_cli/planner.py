@@ -49,24 +49,28 @@ def expected_core(depth: int) -> tuple[float, str] | None:
     return None
 
 
-def model_shape(depth: int) -> tuple[int, int]:
-    """(width, scaling params): width = 64*depth rounded up to the 128 head dim; scaling params =
-    the transformer matrices (12 w^2 per layer) + lm_head, nanochat's definition."""
-    width = math.ceil(64 * depth / 128) * 128
-    return width, 12 * depth * width * width + width * VOCAB
+def model_config(depth: int):
+    """The exact model the node will train at this depth (cloud preset: vocab 32768, seq 2048)."""
+    from nanochat_core.model_config import config_for_depth
+    return config_for_depth(depth, VOCAB, sequence_len=SEQ_LEN)
+
+
+def scaling_params(depth: int) -> int:
+    """Transformer matrices + lm_head: what tokens = ratio x params counts (nanochat's definition)."""
+    from nanochat_core.model_config import count_params
+    return count_params(model_config(depth))["scaling"]
 
 
 def total_params(depth: int) -> int:
-    """All parameters incl. token embedding and value embeddings (on alternating layers)."""
-    width, scaling = model_shape(depth)
-    value_embed_layers = (depth + 1) // 2
-    return scaling + width * VOCAB * (1 + value_embed_layers)
+    """All parameters, incl. token and value embeddings: the same count as the built model's numel."""
+    from nanochat_core.model_config import count_params
+    return count_params(model_config(depth))["total"]
 
 
 def flops_per_token(depth: int) -> float:
-    """6 x scaling params (forward + backward) + attention (12 * layers * width * seq)."""
-    width, scaling = model_shape(depth)
-    return 6 * scaling + 12 * depth * width * SEQ_LEN
+    """The model's own FLOPs/token: 6 x scaling params + attention, with the sliding windows it uses."""
+    from nanochat_core.model_config import flops_per_token as model_flops
+    return model_flops(model_config(depth))
 
 
 def canonical_gpu(name: str) -> str:
@@ -150,7 +154,7 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Pl
     tps_gpu, source = THROUGHPUT_TABLE.get((canonical_gpu(gpu), depth)) or throughput(gpu, depth)
     # Multi-node pays an interconnect tax; 0.9 per extra node is an estimate (no measurement yet).
     tps = tps_gpu * ngpu * nodes * (0.9 if nodes > 1 else 1.0)
-    _, scaling = model_shape(depth)
+    scaling = scaling_params(depth)
     tokens = TOKENS_PER_PARAM * scaling
     base_h = tokens / tps / 3600
     # Stage names are the pipeline's (tok, base, mid, sft, eval), so the meter can match events to them;

@@ -9,10 +9,10 @@ OFFER = {"cloud": "nebius", "region": "eu-north1", "instance_type": "gpu-h100-sx
          "accelerators": "H100:8", "spot": False, "price_per_hour": 23.6, "interconnect": "nvlink", "enabled": True}
 
 
-def test_model_shape_matches_the_anchor():
+def test_model_sizes_match_the_anchor():
     # DESIGN.md: d24 has ~730M scaling params; d12 ~286M total with value embeddings (vocab 32768).
-    assert planner.model_shape(24) == (1536, 12 * 24 * 1536**2 + 1536 * 32768)
-    assert 725e6 < planner.model_shape(24)[1] < 735e6
+    assert planner.model_config(24).n_embd == 1536
+    assert 725e6 < planner.scaling_params(24) < 735e6
     assert 280e6 < planner.total_params(12) < 292e6
 
 
@@ -29,7 +29,7 @@ def test_throughput_anchor_and_sources():
 def test_plan_is_consistent():
     p = planner.make_plan(OFFER, 100)
     assert p.cost <= 100 and p.depth == 24
-    assert p.tokens == planner.TOKENS_PER_PARAM * planner.model_shape(24)[1]
+    assert p.tokens == planner.TOKENS_PER_PARAM * planner.scaling_params(24)
     assert p.hours == pytest.approx(sum(s.hours for s in p.stages))
     assert p.cost == pytest.approx(p.hours * 23.6)
     base = next(s for s in p.stages if s.name == "base")
