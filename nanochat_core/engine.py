@@ -211,7 +211,7 @@ class Engine:
             cfg.attn_impl = "sdpa"
         try:
             with self._autocast():
-                return self.model(ids, kv_cache=cache)[:, -1, :self.vocab_size].float()
+                return self.model(ids, kv_cache=cache, last_only=True)[:, -1, :self.vocab_size].float()
         finally:
             if impl is not None:
                 cfg.attn_impl = impl

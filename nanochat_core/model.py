@@ -293,7 +293,10 @@ class GPT(nn.Module):
 
     # -- forward --------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: Any = None,
-                loss_reduction: str = "mean") -> torch.Tensor:
+                loss_reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
+        """Loss when targets are given, else float32 logits (B, T, vocab) - or (B, 1, vocab) with
+        last_only, which is all sampling needs: a long prompt's prefill then skips T-1 rows of the
+        unembedding (at vocab 32K that matmul and its fp32 logits dominate a short model's prefill)."""
         B, T = idx.shape
         pos0 = kv_cache.get_pos() if kv_cache is not None else 0
         if pos0 + T > self.rotary_len:
@@ -318,6 +321,8 @@ class GPT(nn.Module):
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only and targets is None:
+            x = x[:, -1:, :]
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)

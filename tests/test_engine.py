@@ -119,7 +119,7 @@ class ScriptedModel(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.fed: dict[int, int] = {}
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, last_only=False):  # full logits are fine: callers read [:, -1]
         B, T = idx.shape
         pos0 = kv_cache.get_pos() if kv_cache is not None else 0
         if kv_cache is not None:

@@ -169,6 +169,20 @@ def test_kv_cache_decoding_equals_full_recompute(impl):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_last_only_logits_equal_the_last_row_of_the_full_logits():
+    cfg = tiny()
+    model = build(cfg, seed=5)
+    idx = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True)
+        cache = TinyKVCache(cfg.n_layer)
+        cached = model(idx, kv_cache=cache, last_only=True)
+    assert last.shape == (2, 1, cfg.vocab_size) and cache.get_pos() == 20
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, full[:, -1:], rtol=1e-4, atol=1e-4)
+
+
 def test_auto_impl_is_sdpa_on_cpu_and_grads_flow_through_flex_setting():
     from nanochat_core.model import resolve_attn_impl
     assert resolve_attn_impl("auto", torch.device("cpu")) == "sdpa"

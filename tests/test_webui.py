@@ -25,7 +25,7 @@ class PacedModel(torch.nn.Module):
         super().__init__()
         self.inner, self.config, self.rotary_len = model, model.config, model.rotary_len
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, last_only=False):  # full logits are fine: callers read [:, -1]
         time.sleep(0.01)
         return self.inner(idx, kv_cache=kv_cache)
 
