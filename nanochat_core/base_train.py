@@ -380,13 +380,9 @@ def main(argv=None) -> None:
         if eval_every and step % eval_every == 0 and step < total_steps:
             run_eval()
         stop, due = training.agree(guard.should_stop(), cadence.due(step), device=rt.device)
-        if stop and step < total_steps:
-            save_now()
-            print0(f"stopped at step {step}/{total_steps} ({guard.reason()}); run the same command again to resume")
+        if training.save_or_stop(stop, due, step >= total_steps, save_now, step, guard, total_steps):
             stopped = True
             break
-        if due and step < total_steps:
-            save_now()
 
     if not stopped:
         bpb = run_eval()

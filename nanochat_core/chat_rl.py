@@ -223,13 +223,9 @@ def main(argv=None) -> None:
         stop, due, out_of_time = training.agree(guard.should_stop(), cadence.due(step), out_of_time, device=rt.device)
         if out_of_time:
             break
-        if stop and step < total_steps:
-            save_now()
-            print0(f"stopped at step {step}/{total_steps} ({guard.reason()}); run the same command again to resume")
+        if training.save_or_stop(stop, due, step >= total_steps, save_now, step, guard, total_steps):
             stopped = True
             break
-        if due and step < total_steps:
-            save_now()
     if not stopped:
         if step > start_step:  # (re-reading `found` could fail: it may have been pruned by now)
             save_now()

@@ -315,13 +315,9 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
         meter.update(step, total / grad_accum)
         guard.note_step(time.time() - t0)
         done, stop, due = training.agree(p >= 1.0, guard.should_stop(), cadence.due(step), device=rt.device)
-        if stop and not done:
-            save_now()
-            print0(f"stopped at step {step} ({guard.reason()}); run the same command again to resume")
+        if training.save_or_stop(stop, due, done, save_now, step, guard):
             stopped = True
             break
-        if due and not done:
-            save_now()
     if not stopped:
         if step > start_step:  # (re-reading `found` could fail: it may have been pruned by now)
             save_now()

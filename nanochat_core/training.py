@@ -139,6 +139,21 @@ def agree(*flags: bool, device: Any = "cpu") -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def save_or_stop(stop: bool, due: bool, finished: bool, save_now, step: int, guard: "StopGuard",
+                 total_steps: int | None = None) -> bool:
+    """The end of every training step, the same in every stage: checkpoint when the cadence is due, and
+    when a signal or the deadline says stop, checkpoint and say how to resume. Returns True when the loop
+    must end early. (A finished run saves once after its loop; that is the caller's.)"""
+    if finished:
+        return False
+    if stop or due:
+        save_now()
+    if stop:
+        of = f"/{total_steps}" if total_steps else ""
+        print0(f"stopped at step {step}{of} ({guard.reason()}); run the same command again to resume")
+    return stop
+
+
 # -----------------------------------------------------------------------------
 # Schedules (pure functions of the step: a resumed run follows exactly the same curve)
 
