@@ -113,6 +113,11 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
         else:
             print(f"cluster '{rec['name']}' is this machine ($0/h); next: `nanochat train --local`")
         return
+    if spot and not dryrun:
+        # A spot run is a SkyPilot managed job: SkyPilot provisions its node (and a new one after every
+        # preemption) when the job starts. A node provisioned here would only idle, and bill, beside it.
+        raise NanochatError("spot runs provision their own node: run `nanochat train --spot --budget USD` "
+                            "(`nanochat up --spot --dryrun` shows the spot offers)")
     result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out)
     if json_out:
         print(json.dumps({"offers": result.offers}))
@@ -140,7 +145,11 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
 def _local_plan(depth, steps, minutes) -> dict:
     stages = ["tok", "base", "sft", "eval", "report"]
     est_min = {"tok": 0.5, "base": (minutes or 2.5), "sft": 1.0, "eval": 1.0, "report": 0.1}
-    return {"offer": dict(LOCAL_OFFER), "depth": depth or 4, "params": None, "tokens": None,
+    from nanochat_core.model_config import config_for_depth, count_params
+    # The local preset's model (pipeline.py: vocab 4096, 64-dim heads, 256-token rows). Tokens depend on
+    # how many steps fit in --minutes on this machine, which only the trainer's timed first step knows.
+    params = count_params(config_for_depth(depth or 4, 4096, sequence_len=256, head_dim=64))["total"]
+    return {"offer": dict(LOCAL_OFFER), "depth": depth or 4, "params": params, "tokens": None,
             "hours": round(sum(est_min.values()) / 60, 3), "cost": 0.0,
             "stages": [{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in stages]}
 
@@ -159,9 +168,11 @@ def _print_plan(plan: dict, budget: float | None) -> None:
         t.add_row(s["name"], f"{s['hours']:.2f}", f"${s['cost']:.2f}")
     t.add_row("[bold]total", f"[bold]{plan['hours']:.2f}", f"[bold]${plan['cost']:.2f}")
     c.print(t)
-    if plan.get("params"):
+    if plan.get("params") and plan.get("tokens"):
         c.print(f"model: {plan['params'] / 1e6:,.0f}M params, {plan['tokens'] / 1e9:.2f}B training tokens; "
                 f"throughput {plan.get('tokens_per_sec', 0):,.0f} tok/s ({plan.get('throughput_source', '')})")
+    elif plan.get("params"):
+        c.print(f"model: {plan['params'] / 1e6:,.1f}M params, trained for as many steps as fit the time")
     if plan.get("expected_core") is not None:
         c.print(f"the anchor scored CORE {plan['expected_core']:.4f} at this size ({plan['expected_core_source']})")
     if budget:
@@ -203,6 +214,9 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         else:  # the most recent cloud cluster `up` made, if any; otherwise pick an offer now
             ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky"]
             rec = max(ours, key=lambda r: r.get("launched_at", 0)) if ours else None
+        if rec is not None and spot and not rec.get("spot"):
+            raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
+                                f"`nanochat down --cluster {rec['name']}` first, or train on it without --spot")
         if rec is not None:
             offer = rec["offer"]
             nodes = rec.get("nodes", nodes)

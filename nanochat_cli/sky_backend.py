@@ -440,16 +440,16 @@ class SkyBackend:
     def down(self, rec: dict) -> list[str]:
         runs = [r for r in rec.get("runs", [])]
         try:
-            if rec.get("spot"):
+            if rec.get("spot"):  # managed jobs: cancelling one releases the node SkyPilot made for it
                 for r in runs:
                     job = state.read_job(state.run_dir(r)) or {}
                     if job.get("job_id") is not None:
                         sky.get(sky.jobs.cancel(job_ids=[job["job_id"]]))
-            else:
-                sky.get(sky.down(rec["name"]))
+            # Always also tear down a cluster of this name, should one exist: never leave a node billing.
+            sky.get(sky.down(rec["name"]))
         except Exception as e:
             if "does not exist" in str(e) or type(e).__name__ == "ClusterDoesNotExist":
-                return []  # already gone: down is idempotent
+                return runs if rec.get("spot") else []  # already gone: down is idempotent
             raise _sky_error(f"tearing down {rec['name']}", e) from None
         return runs
 

@@ -169,3 +169,35 @@ def test_status_of_a_cluster_that_tore_itself_down(cluster, monkeypatch):
     assert r.exit_code == 0, r.stderr
     (c,) = json.loads(r.stdout)["clusters"]
     assert c["state"] == "DOWN" and c["spent"] == 4.2 and c["budget_left"] == pytest.approx(95.8)
+
+
+def test_up_spot_provisions_nothing_and_points_to_train_spot():
+    r = CliRunner().invoke(app, ["up", "--spot", "--yes"])
+    assert r.exit_code == 2 and "nanochat train --spot" in r.stderr and state.load_clusters() == {}
+
+
+def test_train_spot_refuses_an_on_demand_cluster(cluster):
+    r = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--yes"])
+    assert r.exit_code == 2 and "is on-demand" in r.stderr and "nanochat down --cluster nc-test" in r.stderr
+
+
+def test_down_of_a_spot_run_cancels_its_job_and_leaves_no_cluster(cluster, monkeypatch):
+    import sky
+    from sky import exceptions
+    rec = state.get_cluster("nc-test")
+    rec["spot"] = True
+    state.save_cluster(rec)
+    cancelled, downed = [], []
+
+    def fake_down(name):
+        downed.append(name)
+        raise exceptions.ClusterDoesNotExist(f"Cluster {name} does not exist.")
+
+    monkeypatch.setattr(sky.jobs, "cancel", lambda job_ids: cancelled.extend(job_ids) or ("cancel", None))
+    monkeypatch.setattr(sky, "down", fake_down)
+    monkeypatch.setattr(sky, "cost_report", lambda: ("cost", None))
+    monkeypatch.setattr(sky, "get", lambda req: None)
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert cancelled == [3] and downed == ["nc-test"] and "stopped run d12" in r.stdout
+    assert state.load_clusters() == {}
