@@ -143,10 +143,19 @@ def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device
             dist.all_reduce(counts)
         metrics[name] = (counts[0] / counts[1].clamp(min=1)).item()
         print0(f"{name}: {metrics[name]:.4f} ({int(counts[0])}/{int(counts[1])}, {time.time() - t0:.1f}s)")
-    if all(k in metrics for k in CHATCORE_BASELINES):
-        centred = [(metrics[k] - b) / (1 - b) for k, b in CHATCORE_BASELINES.items()]
-        metrics["ChatCORE"] = sum(centred) / len(centred)
+    score = chatcore(metrics)
+    if score is not None:
+        metrics["ChatCORE"] = score
     return metrics, unavailable
+
+
+def chatcore(metrics: dict[str, float]) -> float | None:
+    """Mean centred accuracy over the ChatCORE tasks: (acc - chance) / (1 - chance), so 0 is guessing and
+    1 is perfect. None unless every task was measured (a partial mean would not be comparable)."""
+    if not all(k in metrics for k in CHATCORE_BASELINES):
+        return None
+    centred = [(metrics[k] - b) / (1 - b) for k, b in CHATCORE_BASELINES.items()]
+    return sum(centred) / len(centred)
 
 
 def main(argv=None) -> None:

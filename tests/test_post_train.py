@@ -240,3 +240,19 @@ def test_chat_rl_stage_runs_offline_and_checkpoints(run_dir, capsys):
     assert latest.name == "ckpt_000002" and checkpoint.read_meta(latest)["task"] == "arithmetic"
     with pytest.raises(NanochatError, match="--task"):
         chat_rl.main(["--run-dir", str(run_dir), "--task", "chess"])
+
+
+def test_chatcore_is_the_mean_centred_accuracy_over_all_six_tasks():
+    from nanochat_core.chat_eval import chatcore
+    chance = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+    assert chatcore(chance) == pytest.approx(0.0)                       # guessing everywhere scores 0
+    assert chatcore({k: 1.0 for k in chance}) == pytest.approx(1.0)     # perfect everywhere scores 1
+    m = dict(chance, **{"ARC-Easy": 0.625, "GSM8K": 0.3})               # centred: 0.5 and 0.3, the rest 0
+    assert chatcore(m) == pytest.approx((0.5 + 0.3) / 6)
+    del m["HumanEval"]
+    assert chatcore(m) is None                                          # no partial means
+
+
+def test_sft_warm_starts_from_the_base_optimizer(run_dir, capsys):
+    chat_sft.main(["--run-dir", str(run_dir), "--source", "local", "--steps", "1", "--device-batch-size", "2"])
+    assert "warm optimizer" in capsys.readouterr().out
