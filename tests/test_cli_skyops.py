@@ -201,3 +201,30 @@ def test_down_of_a_spot_run_cancels_its_job_and_leaves_no_cluster(cluster, monke
     assert r.exit_code == 0, r.stderr
     assert cancelled == [3] and downed == ["nc-test"] and "stopped run d12" in r.stdout
     assert state.load_clusters() == {}
+
+
+def test_train_spot_launches_a_managed_job_priced_at_spot(monkeypatch):
+    """No `up` cluster: --spot plans on the cheapest spot offer and hands SkyPilot a managed job whose
+    resources are all spot (SkyPilot re-provisions after a preemption; the pipeline then resumes)."""
+    import sky
+    launched = {}
+
+    def fake_jobs_launch(task, name):
+        launched.update(task=task, name=name)
+        return "jobs-launch-request"
+
+    monkeypatch.setattr(sky.jobs, "launch", fake_jobs_launch)
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: ([11], None))
+    with cloud_boundary(["aws", "nebius"], monkeypatch):
+        dry = CliRunner().invoke(app, ["up", "--spot", "--dryrun", "--json"])
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--yes", "--detach", "--name", "s1"])
+    assert dry.exit_code == 0 and r.exit_code == 0, dry.stderr + r.stderr
+    cheapest_spot = json.loads(dry.stdout)["offers"][0]
+    assert "--spot without --bucket" in r.stderr          # it warns that a preempted run cannot resume
+    assert launched["name"] == "nanochat-s1"
+    assert launched["task"].resources and all(res.use_spot for res in launched["task"].resources)
+    job = state.read_job(state.run_dir("s1"))
+    assert job["managed"] is True and job["job_id"] == 11
+    plan = json.loads((state.run_dir("s1") / "plan.json").read_text())
+    assert plan["spot"] is True and plan["price_per_hour"] == cheapest_spot["price_per_hour"]
+    assert plan["offer"]["spot"] is True and plan["cost"] <= 100
