@@ -11,6 +11,7 @@ import torch
 
 from nanochat_core.common import NanochatError
 from nanochat_core.model import GPT, config_for_depth
+from paced_model import PacedModel
 from nanochat_core.serve import content_to_parts, create_app
 
 
@@ -327,24 +328,12 @@ def test_serve_on_a_busy_port_is_a_one_line_error(saved_run):
             run_server(port=s.getsockname()[1])
 
 
-class PacedModel(torch.nn.Module):
-    """The real tiny model slowed to 20 tokens/s, so that a long reply takes long enough to walk away from."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.config, self.rotary_len = model, model.config, model.rotary_len
-
-    def forward(self, idx, kv_cache=None, last_only=False):  # full logits are fine: callers read [:, -1]
-        time.sleep(0.05)
-        return self.inner(idx, kv_cache=kv_cache)
-
-
 def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
     model = tiny_model(tiny_tokenizer.get_vocab_size())
     with torch.no_grad():   # never sample a stop token (logit 0 is never in the top 50 of 512): replies run long
         for name in tiny_tokenizer.get_special_tokens():
             model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
-    with LiveServer(create_app(PacedModel(model), tiny_tokenizer)) as base:
+    with LiveServer(create_app(PacedModel(model, 0.05), tiny_tokenizer)) as base:
         # a reply of 4096 tokens would hold the only worker for minutes; read two chunks and hang up
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4096, stream=True), timeout=30) as r:
             lines = r.iter_lines()

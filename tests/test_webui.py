@@ -9,25 +9,13 @@ import pytest
 import torch
 
 from nanochat_core.model import GPT, config_for_depth
+from paced_model import PacedModel
 from nanochat_core.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
-
-
-class PacedModel(torch.nn.Module):
-    """The real tiny model, slowed to ~100 tokens/s like a real model on a real device: a tiny model on CPU
-    can finish a whole reply before the browser paints once, and then "streaming" is not observable."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.config, self.rotary_len = model, model.config, model.rotary_len
-
-    def forward(self, idx, kv_cache=None, last_only=False):  # full logits are fine: callers read [:, -1]
-        time.sleep(0.01)
-        return self.inner(idx, kv_cache=kv_cache)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def url(tiny_tokenizer):
         # so each reply runs to max_tokens of visible text and really streams
         for name in tiny_tokenizer.get_special_tokens():
             model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
-    server = uvicorn.Server(uvicorn.Config(create_app(PacedModel(model.eval()), tiny_tokenizer), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(create_app(PacedModel(model.eval(), 0.01), tiny_tokenizer), host="127.0.0.1", port=0,
                                            log_level="warning", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
