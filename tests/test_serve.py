@@ -11,20 +11,8 @@ import torch
 
 from nanochat_core.common import NanochatError
 from nanochat_core.model import GPT, config_for_depth
-from paced_model import PacedModel
+from tiny_models import PacedModel, tiny_chat_model as tiny_model
 from nanochat_core.serve import content_to_parts, create_app
-
-
-def tiny_model(vocab_size: int) -> GPT:
-    cfg = config_for_depth(1, vocab_size, sequence_len=256, aspect_ratio=64, head_dim=16)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)   # the real init is near-uniform; make replies less monotonous
-    return model.eval()
 
 
 class LiveServer:

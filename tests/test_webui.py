@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat_core.model import GPT, config_for_depth
-from paced_model import PacedModel
+from tiny_models import PacedModel, tiny_chat_model
 from nanochat_core.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -21,19 +20,13 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
 @pytest.fixture(scope="module")
 def url(tiny_tokenizer):
     import uvicorn
-    cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=256, aspect_ratio=64, head_dim=16)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    torch.manual_seed(0)
+    model = tiny_chat_model(tiny_tokenizer.get_vocab_size())
     with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)
         # zero logit for every special token: with the page's top-k of 50 (of 512) they are never sampled,
         # so each reply runs to max_tokens of visible text and really streams
         for name in tiny_tokenizer.get_special_tokens():
             model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
-    server = uvicorn.Server(uvicorn.Config(create_app(PacedModel(model.eval(), 0.01), tiny_tokenizer), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(create_app(PacedModel(model, 0.01), tiny_tokenizer), host="127.0.0.1", port=0,
                                            log_level="warning", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
