@@ -189,7 +189,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     from nanochat_cli.planner import make_plan, parse_budget
     budget_usd = parse_budget(budget)
     if stages is not None:
-        from nanochat_core.pipeline import ALL_STAGES
+        from nanochat_core.stages.pipeline import ALL_STAGES
         chosen = [x.strip() for x in stages.split(",") if x.strip()]
         unknown = [x for x in chosen if x not in ALL_STAGES]
         if not chosen or unknown:

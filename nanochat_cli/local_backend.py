@@ -67,7 +67,7 @@ class LocalBackend:
                                 "`nanochat logs` attaches to it, `nanochat down` stops it")
         rd.mkdir(parents=True, exist_ok=True)
         job_id = int((old or {}).get("job_id", 0)) + 1
-        module = os.environ.get(PIPELINE_MODULE_ENV, "nanochat_core.pipeline")
+        module = os.environ.get(PIPELINE_MODULE_ENV, "nanochat_core.stages.pipeline")
         cmd = [sys.executable, "-u", "-m", module, "--run-dir", str(rd), *pipeline_args]
         job = {"job_id": job_id, "backend": "local", "cluster": cluster["name"], "run": rd.name,
                "cmd": cmd, "state": RUNNING, "submitted_at": time.time(), "pid": None}

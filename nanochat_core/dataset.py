@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from nanochat_core.common import NanochatError, atomic_write_bytes, data_dir, emit, run_main, sha256_file
 
@@ -390,6 +391,24 @@ def main() -> None:
     args = ap.parse_args()
     out = prepare_data(args.source, args.num_shards, args.workers)
     print(f"{len(list_shards(out))} shards in {out} (last = validation)")
+
+
+def iter_training_text(data: str | Path, max_chars: int, doc_cap: int, on_chars=None) -> Iterator[str]:
+    """Documents of the train split in shard / row-group order, each cropped to doc_cap, max_chars in all."""
+    seen = 0
+    for shard in split_shards(data, "train"):
+        pf = open_parquet(shard)
+        for g in range(pf.num_row_groups):
+            for text in pf.read_row_group(g, columns=["text"]).column("text").to_pylist():
+                if not text:
+                    continue
+                text = text[:doc_cap][: max_chars - seen]
+                seen += len(text)
+                if on_chars:
+                    on_chars(seen)
+                yield text
+                if seen >= max_chars:
+                    return
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ class Tokenizer:
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
-            raise NanochatError(f"no tokenizer at {path}: run `python -m nanochat_core.tok_train` first")
+            raise NanochatError(f"no tokenizer at {path}: run `python -m nanochat_core.stages.tok_train` first")
         return cls(path.read_text(encoding="utf-8"))
 
     def save(self, directory: str | os.PathLike) -> Path:

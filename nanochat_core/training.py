@@ -10,6 +10,7 @@ The pieces every training stage (base, mid, SFT, RL) shares, so that each stage'
 - ProgressMeter: `progress` events (the CLI's cost meter and progress panel read nothing else).
 - resume(): find the latest good checkpoint, load it, say `resumed from step N`.
 - evaluate_bpb(): validation bits per byte, the vocab-independent loss.
+- preset_device_batch(): rows per device per micro-step that fit in its memory (GPU_PRESETS).
 """
 from __future__ import annotations
 
@@ -23,6 +24,33 @@ from typing import Any, Iterator
 
 from nanochat_core import checkpoint
 from nanochat_core.common import NanochatError, emit, print0
+
+
+# -----------------------------------------------------------------------------
+# How many rows fit on one device
+
+# Per-GPU device-batch presets (rows of seq 2048 per GPU per micro-step), keyed by GPU memory and depth,
+# so the default run fits instead of dying with OOM. Starting points: the reference trains d20 with 32
+# rows on 80 GB cards and drops to 16 / 8 rows for deeper models; smaller cards scale down in proportion.
+# Rows for other sequence lengths scale by 2048/T (same tokens per micro-step). docs/PERFORMANCE.md lists
+# which rows were measured; an explicit --device-batch-size always wins.
+#   (min GB, [(max depth, rows), ...])
+GPU_PRESETS = [
+    (120, [(12, 64), (20, 32), (26, 32), (10**9, 16)]),   # H200 141 GB, B200
+    (70,  [(12, 32), (20, 32), (26, 16), (10**9, 8)]),    # H100 / A100 80 GB
+    (36,  [(12, 16), (20, 16), (26, 8),  (10**9, 4)]),    # A100 40 GB, L40S / A6000 48 GB
+    (20,  [(12, 8),  (20, 4),  (26, 2),  (10**9, 1)]),    # RTX 3090 / 4090 / A10G 24 GB
+    (0,   [(12, 4),  (20, 2),  (26, 1),  (10**9, 1)]),    # smaller cards: may still need a smaller --depth
+]
+CPU_TOKENS_PER_MICRO_STEP = 2048   # CPU: memory is not the limit; ~2K tokens keeps a step under a second
+
+
+def preset_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: float | None) -> int:
+    if device_type != "cuda" or memory_gb is None:
+        return max(1, CPU_TOKENS_PER_MICRO_STEP // seq_len)
+    rows = next(r for gb, r in GPU_PRESETS if memory_gb >= gb)
+    at_2048 = next(b for max_depth, b in rows if depth <= max_depth)
+    return max(1, at_2048 * 2048 // seq_len)
 
 
 def process_start_time() -> float:

@@ -41,7 +41,7 @@ def _env():
 
 
 def _cmd(run, data, *extra, launcher=(PY, "-m")):
-    return [*launcher, "nanochat_core.base_train", "--run-dir", str(run), "--data", str(data), *TINY, *extra]
+    return [*launcher, "nanochat_core.stages.base_train", "--run-dir", str(run), "--data", str(data), *TINY, *extra]
 
 
 def _train(run, data, *extra, launcher=(PY, "-m"), timeout=120):
@@ -231,7 +231,7 @@ def test_user_errors_are_one_line(tmp_path, data_dir):
     p = subprocess.run(_cmd(tmp_path / "empty", data_dir, "--steps", "2"), capture_output=True, text=True,
                        env=_env(), timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
-    from nanochat_core.base_train import fit_device_batch, parse_args
+    from nanochat_core.stages.base_train import fit_device_batch, parse_args
     with pytest.raises(NanochatError, match="--depth must be >= 1"):
         parse_args(["--run-dir", "x", "--depth", "0"])
     with pytest.raises(NanochatError, match="does not divide the total batch"):

@@ -1,5 +1,5 @@
 """
-A stand-in for `python -m nanochat_core.pipeline` with the same command line and the same observable
+A stand-in for `python -m nanochat_core.stages.pipeline` with the same command line and the same observable
 behaviour that the CLI depends on: progress events on stdout, one checkpoint file per few steps,
 resume from the latest checkpoint after being killed, stages.json, MANIFEST.sha256 at the end (written
 by the real pipeline's own write_manifest). The CLI tests run it through the local backend
@@ -77,7 +77,7 @@ def main() -> int:
         done[stage] = {"seconds": time.time() - start}
         atomic_write_json(done_file, done)
         emit("stage_end", stage=stage, seconds=round(time.time() - start, 3), pipeline=True)
-    from nanochat_core.pipeline import write_manifest
+    from nanochat_core.stages.pipeline import write_manifest
     write_manifest(rd)
     emit("done", run_dir=str(rd))
     return 0

@@ -235,7 +235,7 @@ def test_pull_from_the_bucket_after_the_node_is_gone_is_verified(tmp_path, monke
     boundary we cannot reach) is a stand-in on PATH that syncs from a local directory; the manifest check
     that follows is ours and real."""
     from nanochat_cli import sky_backend
-    from nanochat_core.pipeline import write_manifest
+    from nanochat_core.stages.pipeline import write_manifest
     bucket_root = tmp_path / "s3"
     remote = bucket_root / "my-bucket" / "runs" / "b1"
     (remote / "base" / "ckpt_000010").mkdir(parents=True)

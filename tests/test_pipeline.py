@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from nanochat_core.common import NanochatError
-from nanochat_core.base_train import preset_device_batch
-from nanochat_core.pipeline import launcher, parse_args, stage_commands
+from nanochat_core.training import preset_device_batch
+from nanochat_core.stages.pipeline import launcher, parse_args, stage_commands
 
 CARDS_GB = [16, 24, 40, 48, 80, 141]   # the card classes issue 3 names, plus a small and a 48 GB one
 
@@ -50,7 +50,7 @@ def test_cloud_preset_runs_every_chat_stage_eval_and_the_local_preset_stays_offl
     (base,) = stage_commands("base", a, tmp_path, [sys.executable])
     assert base[base.index("--depth") + 1] == "20"
     evals = stage_commands("eval", a, tmp_path, [sys.executable])
-    assert [c[c.index("-m") + 1] for c in evals] == ["nanochat_core.base_eval", "nanochat_core.chat_eval"]
+    assert [c[c.index("-m") + 1] for c in evals] == ["nanochat_core.stages.base_eval", "nanochat_core.stages.chat_eval"]
     assert "--stage" in evals[1] and evals[1][evals[1].index("--stage") + 1] == "all"
     a = parse_args(["--run-dir", str(tmp_path / "r")])
     (tok,) = stage_commands("tok", a, tmp_path, [sys.executable])

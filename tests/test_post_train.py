@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from nanochat_core import chat_eval, chat_rl, chat_sft, base_eval, checkpoint
+from nanochat_core import chat_training, checkpoint, evaluation
+from nanochat_core.stages import base_eval, chat_eval, chat_rl, chat_sft
 from nanochat_core.common import NanochatError, parse_event
 from nanochat_core.model import GPT, config_for_depth
 from nanochat_core.tasks.arc import ARC
@@ -56,8 +57,8 @@ def test_sft_targets_only_on_assistant_tokens(tiny_tokenizer):
                                                            {"type": "text", "text": " so 5."}]},
                          {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "welcome"}]}
     items = [tok.render_conversation(conv, max_tokens=129)]
-    rows, used = chat_sft.pack_rows(items, B=1, T=128, pad_id=tok.get_bos_token_id())
-    x, y = chat_sft.rows_to_batch(rows, "cpu")
+    rows, used = chat_training.pack_rows(items, B=1, T=128, pad_id=tok.get_bos_token_id())
+    x, y = chat_training.rows_to_batch(rows, "cpu")
     assert x.shape == y.shape == (1, 128) and used == [0]
     trained = tok.decode(y[0][y[0] >= 0].tolist())
     assert trained == ("Let me see: <|python_start|>2+3<|python_end|> so 5.<|assistant_end|>"
@@ -75,7 +76,7 @@ def test_sft_targets_only_on_assistant_tokens(tiny_tokenizer):
 
 def test_best_fit_packing_never_splits_conversations():
     items = [([7] * n, [1] * n) for n in [9, 5, 4, 3, 7, 2]]
-    rows, used = chat_sft.pack_rows(items, B=2, T=9, pad_id=0)   # rows of 10 tokens
+    rows, used = chat_training.pack_rows(items, B=2, T=9, pad_id=0)   # rows of 10 tokens
     # row 1: 9 (largest fitting), then nothing of length <= 1; row 2: 7 + 3
     assert [len(r[0]) for r in rows] == [10, 10]
     assert sorted(used) == [0, 3, 4]
@@ -128,8 +129,8 @@ def test_letter_scoring_is_independent_of_batching(tmp_path, tiny_tokenizer):
     (tmp_path / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = ARC("ARC-Easy", data_files=tmp_path / "arc.jsonl")
     model = _tiny_model(tiny_tokenizer.get_vocab_size(), seed=3)
-    batched = chat_eval.run_categorical(model, tiny_tokenizer, task, list(range(6)), 0, 1, "cpu", batch_size=6)
-    single = chat_eval.run_categorical(model, tiny_tokenizer, task, list(range(6)), 0, 1, "cpu", batch_size=1)
+    batched = evaluation.run_categorical(model, tiny_tokenizer, task, list(range(6)), 0, 1, "cpu", batch_size=6)
+    single = evaluation.run_categorical(model, tiny_tokenizer, task, list(range(6)), 0, 1, "cpu", batch_size=1)
     # by hand: the letter with the largest logit after <|assistant_start|>
     expected = 0
     for conv in task:
@@ -139,7 +140,7 @@ def test_letter_scoring_is_independent_of_batching(tmp_path, tiny_tokenizer):
         expected += "ABCD"[int(logits[letter_ids].argmax())] == conv["messages"][1]["content"]
     assert batched == single == (expected, 6)
     # two ranks split the examples without overlap
-    assert sum(chat_eval.run_categorical(model, tiny_tokenizer, task, list(range(6)), r, 2, "cpu")[1]
+    assert sum(evaluation.run_categorical(model, tiny_tokenizer, task, list(range(6)), r, 2, "cpu")[1]
                for r in range(2)) == 6
 
 
@@ -216,7 +217,7 @@ def test_policy_loss_ignores_forced_tokens(tiny_tokenizer):
 
 
 def test_mid_then_sft_then_eval_all_stages(run_dir, capsys):
-    from nanochat_core import mid_train
+    from nanochat_core.stages import mid_train
     mid_train.main(["--run-dir", str(run_dir), "--source", "local", "--steps", "2", "--device-batch-size", "2"])
     chat_sft.main(["--run-dir", str(run_dir), "--source", "local", "--steps", "1", "--device-batch-size", "2"])
     out = capsys.readouterr().out
@@ -243,7 +244,7 @@ def test_chat_rl_stage_runs_offline_and_checkpoints(run_dir, capsys):
 
 
 def test_chatcore_is_the_mean_centred_accuracy_over_all_six_tasks():
-    from nanochat_core.chat_eval import chatcore
+    from nanochat_core.evaluation import chatcore
     chance = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
     assert chatcore(chance) == pytest.approx(0.0)                       # guessing everywhere scores 0
     assert chatcore({k: 1.0 for k in chance}) == pytest.approx(1.0)     # perfect everywhere scores 1

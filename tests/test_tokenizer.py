@@ -197,7 +197,7 @@ def test_bad_conversations(tiny_tokenizer, conv):
 # ----------------------------------------------------------------------------- tokenizer training stage
 
 def test_tok_train_stage(tmp_path):
-    """`python -m nanochat_core.tok_train` on the bundled corpus: trains on train shards only, reports
+    """`python -m nanochat_core.stages.tok_train` on the bundled corpus: trains on train shards only, reports
     compression, saves a loadable tokenizer.json, emits events; bad input is one line, exit 2."""
     import json
     import subprocess
@@ -210,7 +210,7 @@ def test_tok_train_stage(tmp_path):
 
     data = ensure_bundled(tmp_path / "data")
     out = tmp_path / "run" / "tokenizer"
-    cmd = [sys.executable, "-m", "nanochat_core.tok_train", "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "nanochat_core.stages.tok_train", "--data", str(data), "--out", str(out),
            "--vocab-size", "400", "--max-chars", "300000", "--doc-cap", "2000"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -224,7 +224,7 @@ def test_tok_train_stage(tmp_path):
     assert tok.get_vocab_size() == 400 and json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     # never the validation shard: its distinctive documents are not what was measured
     val = pq.read_table(list_shards(data)[-1]).column("text").to_pylist()
-    from nanochat_core.tok_train import iter_training_text
+    from nanochat_core.dataset import iter_training_text
     used = set(iter_training_text(data, 10**9, 10**9))
     assert not used & set(val)
 

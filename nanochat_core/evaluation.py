@@ -1,5 +1,5 @@
 """
-Evaluate a chat model:  python -m nanochat_core.chat_eval --run-dir DIR [--stage sft] [--max-per-task N]
+Evaluation runners shared by the eval and post-training stages (chat_eval, base_eval, chat_sft, chat_rl):
 
 - categorical tasks (ARC-Easy, ARC-Challenge, MMLU): one forward pass per question; the answer is the
   letter with the highest logit AMONG THE ANSWER LETTERS at the position after <|assistant_start|>.
@@ -8,21 +8,17 @@ Evaluate a chat model:  python -m nanochat_core.chat_eval --run-dir DIR [--stage
   calculator tool included), then the task's own answer check (HumanEval runs in the sandbox).
 - ChatCORE: mean centred accuracy over the anchor's six tasks (ARC-E, ARC-C, MMLU centred against 25%
   chance; GSM8K, HumanEval, SpellingBee against 0) - reported only when all six could be evaluated.
-Examples are strided across ranks (torchrun) and the counts summed. Tasks whose data cannot be had
-(no network, nothing cached) are listed under "unavailable" instead of failing the run.
-Writes run_dir/eval/<stage>.json (per stage with --stage all) = {"stage", "metrics", "unavailable"} atomically.
+Examples are strided across ranks and the counts summed. Tasks whose data cannot be had (no network,
+nothing cached) are listed under "unavailable" instead of failing the run.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
-from nanochat_core import checkpoint
-from nanochat_core.common import (NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime, print0,
-                                  run_main)
+from nanochat_core.common import NanochatError, print0
+from nanochat_core.engine import decode_threads
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic"]
 # The reference answers of the generated tasks are short: a model that has not learnt to stop should not
@@ -76,22 +72,6 @@ def run_categorical(model, tokenizer, task, indices: list[int], rank: int, world
             pred = conv["letters"][int(scores.argmax())]
             correct += int(task.evaluate(conv, pred))
     return correct, len(mine)
-
-
-@contextlib.contextmanager
-def decode_threads(device):
-    """One CPU thread while decoding: batch-1 decode steps are tiny matmuls, and on a busy 2-core machine two
-    threads made them ~10x slower (measured: 280 vs 20 tokens/s for a depth-4 model)."""
-    import torch
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_generative(model, tokenizer, task, indices: list[int], rank: int, world: int, max_new_tokens: int,
@@ -158,47 +138,7 @@ def chatcore(metrics: dict[str, float]) -> float | None:
     return sum(centred) / len(centred)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.chat_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--stage", default=None,
-                   help="base | mid | sft | rl | all (every chat stage present); default: the most trained chat stage")
-    p.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma list of tasks")
-    p.add_argument("--max-per-task", type=int, default=0, help="examples per task, 0 = all")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256 GPU, 128 CPU)")
-    p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    present = [s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
-               and checkpoint.find_latest(a.run_dir / s, hashes=False)]
-    if a.stage in (None, "all"):
-        if not present:
-            raise NanochatError(f"no chat checkpoint (mid, sft or rl) in {a.run_dir}: run chat_sft first")
-        stages = present if a.stage == "all" else present[-1:]
-    elif a.stage in ("base", "mid", "sft", "rl"):
-        stages = [a.stage]
-    else:
-        raise NanochatError("--stage must be base, mid, sft, rl or all")
-    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    rt = init_runtime(a.device)
-    if a.max_new_tokens is None:
-        a.max_new_tokens = 256 if rt.device_type == "cuda" else 128
-    for stage in stages:
-        t0 = time.time()
-        model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage)
-        print0(f"chat_eval: {stage} checkpoint {meta['path']}, tasks {', '.join(names)}, "
-               f"max per task {a.max_per_task or 'all'}")
-        metrics, unavailable = evaluate_tasks(model, tokenizer, names, a.max_per_task, rt.device, rt.rank,
-                                              rt.world_size, a.max_new_tokens)
-        if rt.master:
-            path = a.run_dir / "eval" / f"{stage}.json"
-            record = {"stage": stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
-                      "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1)}
-            atomic_write_json(path, _merge(path, record))
-        emit("eval", stage=stage, metrics=metrics)
-    cleanup_runtime()
-
-
-def _merge(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+def merge_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """base_eval and chat_eval may both evaluate a stage: keep the other's metrics, ours win on overlap."""
     import json
     try:
@@ -208,7 +148,3 @@ def _merge(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     metrics = {**old.get("metrics", {}), **record["metrics"]}
     unavailable = sorted((set(old.get("unavailable", [])) - set(record["metrics"])) | set(record["unavailable"]))
     return {**old, **record, "metrics": metrics, "unavailable": unavailable}
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -1,5 +1,5 @@
 """
-Evaluate a base model:  python -m nanochat_core.base_eval --run-dir DIR [--data DIR] [--max-per-task N]
+Evaluate a base model:  python -m nanochat_core.stages.base_eval --run-dir DIR [--data DIR] [--max-per-task N]
 
 - CORE: DCLM's 22 in-context tasks, centred accuracy, the mean (tasks/core.py). Needs the eval bundle
   (downloaded once, ~162 MB); without it CORE is listed as unavailable.
@@ -29,7 +29,7 @@ def greedy_complete(model, tokenizer, prompt: str, max_tokens: int = 24) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.base_eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.base_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--stage", default="base", choices=["base", "mid", "sft", "rl"], help="which checkpoint to evaluate")
     p.add_argument("--data", type=Path, default=None, help="parquet shards; the last is validation (default: bundled)")
@@ -95,19 +95,19 @@ def main(argv=None) -> None:
         print0(f"bpb: {metrics['bpb']:.4f} ({steps * B * T * rt.world_size:,} validation tokens)")
 
     if "samples" not in skip and rt.master:
-        from nanochat_core.chat_eval import decode_threads
+        from nanochat_core.engine import decode_threads
         with decode_threads(rt.device):
             extra["samples"] = [greedy_complete(model, tokenizer, prompt) for prompt in PROMPTS]
         for s in extra["samples"]:
             emit("sample", stage=a.stage, text=s)
 
     if rt.master:
-        from nanochat_core.chat_eval import _merge
+        from nanochat_core.evaluation import merge_record
         from nanochat_core.common import atomic_write_json
         path = a.run_dir / "eval" / f"{a.stage}.json"
         record = {"stage": a.stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
                   "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1), **extra}
-        atomic_write_json(path, _merge(path, record))
+        atomic_write_json(path, merge_record(path, record))
     emit("eval", stage=a.stage, metrics=metrics)
     cleanup_runtime()
 

@@ -1,15 +1,13 @@
 """
 Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train,infer} [flags]
-Each subcommand lives in its own module; this file only dispatches.
+Each subcommand lives in its own module of this package; this file only dispatches.
 """
 import sys
 
-from nanochat_core.common import run_main
-
 COMMANDS = {
-    "tokenizer": "nanochat_core.bench_tokenizer",
-    "train": "nanochat_core.bench_train",
-    "infer": "nanochat_core.bench_infer",
+    "tokenizer": "nanochat_core.bench.tokenizer",
+    "train": "nanochat_core.bench.train",
+    "infer": "nanochat_core.bench.infer",
 }
 
 
@@ -21,7 +19,3 @@ def main() -> None:
     name = sys.argv.pop(1)
     sys.argv[0] = f"nanochat_core.bench {name}"
     importlib.import_module(COMMANDS[name]).main()
-
-
-if __name__ == "__main__":
-    run_main(main)

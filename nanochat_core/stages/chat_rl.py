@@ -1,5 +1,5 @@
 """
-Reinforcement learning on GSM8K (the "rl" stage):  python -m nanochat_core.chat_rl --run-dir DIR
+Reinforcement learning on GSM8K (the "rl" stage):  python -m nanochat_core.stages.chat_rl --run-dir DIR
 
 Simplified GRPO, as the anchor does it: for each prompt sample N answers with the engine (calculator tool
 included), reward each by the task's own answer check (1 correct / 0 not), advantage = reward - mean
@@ -90,7 +90,7 @@ def rl_step(model, optimizer, tokenizer, task, conversations: list[dict], num_sa
     device = model.get_device()
     engine = Engine(model, tokenizer)
     batches, rewards_all = [], []
-    from nanochat_core.chat_eval import decode_threads
+    from nanochat_core.engine import decode_threads
     for k, conv in enumerate(conversations):
         with decode_threads(device):
             prompt, rows, masks = sample_rollouts(engine, tokenizer, conv, num_samples, max_new_tokens, temperature,
@@ -119,7 +119,7 @@ def rl_step(model, optimizer, tokenizer, task, conversations: list[dict], num_sa
 def evaluate_pass1(model, tokenizer, task, n: int, max_new_tokens: int, rank: int, world: int) -> float:
     import torch
     import torch.distributed as dist
-    from nanochat_core.chat_eval import run_generative
+    from nanochat_core.evaluation import run_generative
     c, k = run_generative(model, tokenizer, task, list(range(min(n, len(task)))), rank, world, max_new_tokens)
     counts = torch.tensor([c, k], dtype=torch.float64, device=model.get_device())
     if world > 1:
@@ -129,7 +129,7 @@ def evaluate_pass1(model, tokenizer, task, n: int, max_new_tokens: int, rank: in
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.chat_rl", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.chat_rl", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--task", default="gsm8k", help="gsm8k | arithmetic | spellingbee (the last two are offline)")
     p.add_argument("--data-files", default=None, help="a local GSM8K train file (parquet/jsonl) instead of the hub")
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         v = getattr(a, name)
         if v is not None and v < 1:
             raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
-    from nanochat_core.chat_sft import build_model, previous_checkpoint
+    from nanochat_core.chat_training import build_model, previous_checkpoint
     from nanochat_core.tokenizer import get_tokenizer
 
     rt = init_runtime(a.device)

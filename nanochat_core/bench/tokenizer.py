@@ -32,7 +32,7 @@ def _load_text(args: argparse.Namespace) -> list[str]:
         docs = [d for d in raw.split("\n\n") if d]   # paragraphs stand in for documents
     else:
         from nanochat_core.dataset import ensure_bundled
-        from nanochat_core.tok_train import iter_training_text
+        from nanochat_core.dataset import iter_training_text
         data = Path(args.data) if args.data else ensure_bundled(data_dir() / "bundled")
         docs = list(iter_training_text(data, limit, 10_000))
     if not docs:

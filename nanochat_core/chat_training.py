@@ -1,9 +1,9 @@
 """
-Supervised fine-tuning (the "sft" stage):  python -m nanochat_core.chat_sft --run-dir DIR [--source hub|local]
+Fine-tuning on conversations: the loop that the mid-training and SFT stages share (stages/mid_train.py and
+stages/chat_sft.py each bring their own mixture and defaults).
 
-Teaches the pre-trained model to hold a conversation: the turn format, when to stop, how to call the
-calculator. The model is loaded from the previous stage (mid if there is one, else base) and trained on
-whole conversations with loss only on what the assistant says (its text, its tool calls and its
+The model is loaded from the previous stage (mid if there is one, else base) and trained on whole
+conversations with loss only on what the assistant says (its text, its tool calls and its
 <|assistant_end|>; never the user's words or the tool's output - targets there are -1).
 
 Batches: conversations are packed best-fit into rows of T+1 tokens - repeatedly place the longest
@@ -12,14 +12,12 @@ never crop a conversation to fill a row: a half conversation teaches the wrong t
 than a row is truncated at T+1 tokens.
 
 Optimizer: the base run's optimizer state (Muon momentum, Adam moments) is loaded when the checkpoint has
-it - a warm start, so the first SFT steps do not jolt the weights - with the learning rates scaled by
+it - a warm start, so the first steps do not jolt the weights - with the learning rates scaled by
 --lr-frac and decayed linearly to zero over the run.
 
 Horizon: --epochs over the data, --steps, --minutes: whichever ends first (1 epoch if none is given). The LR
 schedule follows progress = max(data consumed, steps done, minutes used), so a time-bounded run still
 anneals. Checkpoints, resume, deadline and progress events are base training's (training.py).
-
-mid_train reuses this loop with a different mixture (see mid_train.py).
 """
 from __future__ import annotations
 
@@ -33,31 +31,10 @@ from typing import Any
 
 from nanochat_core import checkpoint, training
 from nanochat_core.common import (NanochatError, cleanup_runtime, device_peak_flops, emit, init_runtime, print0,
-                                  run_main, set_seed)
+                                  set_seed)
 
 # -----------------------------------------------------------------------------
-# Data
-
-
-def sft_mixture(source: str, seed: int = 42):
-    """The conversations to train on. hub: the anchor's SFT mixture (needs the network once);
-    local: the small chat set shipped with the package (identity, arithmetic with tool calls, spelling)."""
-    from nanochat_core.tasks.common import TaskMixture
-    from nanochat_core.tasks.identity import ChatLocal, Identity
-    if source == "local":
-        return ChatLocal()
-    if source != "hub":
-        raise NanochatError(f"--source must be hub or local, not {source!r}")
-    from nanochat_core.tasks.arc import ARC
-    from nanochat_core.tasks.gsm8k import GSM8K
-    from nanochat_core.tasks.smoltalk import SmolTalk
-    from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
-    tasks = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("main", "train"),
-             SmolTalk("train", stop=10_000), Identity(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
-    return TaskMixture(tasks, epochs=[1, 1, 1, 1, 2, 1, 1], seed=seed)
-
-
-
+# Data: best-fit packing of rendered conversations
 
 def pack_rows(items: list[tuple[list[int], list[int]]], B: int, T: int, pad_id: int):
     """Best-fit packing of (ids, mask) items into B rows of T+1 tokens. Returns (rows, used_indices):
@@ -150,7 +127,7 @@ class ConversationLoader:
 
 
 # -----------------------------------------------------------------------------
-# The stage loop (shared with mid_train)
+# The loop
 
 def add_common_args(p: argparse.ArgumentParser, lr_frac: float, gpu_rows: int, gpu_total_batch: int | None) -> None:
     """gpu_rows: rows of 2048 tokens per GPU per micro-step (capped by base training's memory preset); gpu_total_batch: tokens per step on GPU (None = one
@@ -200,7 +177,7 @@ def build_model(config: dict, device):
 
 
 def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
-    from nanochat_core.chat_eval import decode_threads
+    from nanochat_core.engine import decode_threads
     from nanochat_core.engine import Engine
     conv = {"messages": [{"role": "user", "content": prompt}]}
     ids = tokenizer.render_for_completion(conv)
@@ -232,7 +209,7 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     if a.device_batch_size:
         B = a.device_batch_size
     elif on_gpu:  # never more rows than pre-training's per-GPU memory preset for this depth allows
-        from nanochat_core.base_train import preset_device_batch
+        from nanochat_core.training import preset_device_batch
         from nanochat_core.common import device_memory_gb
         fits = preset_device_batch(model.config.n_layer, T, "cuda", device_memory_gb(rt.device))
         B = max(1, min(fits, a.gpu_rows * 2048 // T))
@@ -328,19 +305,3 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     cleanup_runtime()
     if stopped and guard.exit_code():
         sys.exit(guard.exit_code())
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.chat_sft", description=__doc__.split("\n\n")[0])
-    # SFT data is small (~20K conversations): 4 packed rows per GPU and no accumulation gives ~100 steps/epoch
-    # on 8 GPUs (the anchor takes ~32 conversations per step); a 2^19 batch would be a dozen steps.
-    add_common_args(p, lr_frac=0.5, gpu_rows=4, gpu_total_batch=None)
-    p.add_argument("--source", choices=["hub", "local"], default="hub",
-                   help="hub: SmolTalk/ARC/GSM8K/identity/spelling; local: the shipped chat set (offline)")
-    a = p.parse_args(argv)
-    check_args(a)
-    train_conversations("sft", ["mid", "base"], sft_mixture(a.source, a.seed), a)
-
-
-if __name__ == "__main__":
-    run_main(main)

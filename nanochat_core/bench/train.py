@@ -96,7 +96,7 @@ def apply_fp8(model) -> None:
 def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, compile_mode: str, attn: str,
               fp8: str, steps: int, warmup: int, device, device_type: str, matmul_peak: float) -> dict:
     import torch
-    from nanochat_core.base_train import preset_device_batch
+    from nanochat_core.training import preset_device_batch
     from nanochat_core.model import GPT, config_for_depth
 
     B = B or preset_device_batch(depth, T, device_type, device_memory_gb(device))

@@ -1,10 +1,10 @@
 """
-Midtraining (the optional "mid" stage):  python -m nanochat_core.mid_train --run-dir DIR [--source hub|local]
+Midtraining (the optional "mid" stage):  python -m nanochat_core.stages.mid_train --run-dir DIR [--source hub|local]
 
 Between pre-training and SFT: the base model reads a large mixture of conversations so that it picks up
 the chat format, multiple-choice answering (MMLU auxiliary_train), tool use (GSM8K with calculator calls),
 its identity and spelling - at nearly the pre-training learning rate (--lr-frac 1.0), warm-started from
-the base optimizer. The loop is SFT's (chat_sft.train_conversations: best-fit packing with padding, loss on
+the base optimizer. The loop is SFT's (chat_training.train_conversations: best-fit packing with padding, loss on
 assistant tokens only, checkpoints/resume/deadline/progress events); only the data and defaults differ.
 The later nanochat folded this into SFT; we keep it because it is where most of the chat skill comes from
 on a small budget.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_core.chat_sft import add_common_args, check_args, train_conversations
+from nanochat_core.chat_training import add_common_args, check_args, train_conversations
 from nanochat_core.common import NanochatError, run_main
 
 
@@ -34,7 +34,7 @@ def mid_mixture(source: str, seed: int = 42):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.mid_train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.mid_train", description=__doc__.split("\n\n")[0])
     # ~850K conversations: pre-training's batch (2^19 tokens, 32 rows per GPU) gives several hundred steps
     add_common_args(p, lr_frac=1.0, gpu_rows=32, gpu_total_batch=2 ** 19)
     p.add_argument("--source", choices=["hub", "local"], default="hub",

@@ -1,7 +1,7 @@
 """
 Tokenizer training stage: byte-level BPE on the first training shards (never the validation shard).
 
-    python -m nanochat_core.tok_train --data DIR --out RUN/tokenizer [--vocab-size 32768]
+    python -m nanochat_core.stages.tok_train --data DIR --out RUN/tokenizer [--vocab-size 32768]
                                       [--max-chars 2000000000] [--doc-cap 10000]
 
 nanochat's recipe: vocab 2^15, ~2B characters, every document cropped to 10,000 characters (so a few huge
@@ -17,28 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 from nanochat_core.common import NanochatError, data_dir, emit, print0, run_main, runs_dir
-from nanochat_core.dataset import ensure_bundled, open_parquet, split_shards
+from nanochat_core.dataset import ensure_bundled, iter_training_text
 from nanochat_core.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 
 COMPRESSION_SAMPLE_CHARS = 20_000_000   # bytes/token is measured on (up to) the first 20M training characters
-
-
-def iter_training_text(data: str | Path, max_chars: int, doc_cap: int, on_chars=None) -> Iterator[str]:
-    """Documents of the train split in shard / row-group order, each cropped to doc_cap, max_chars in all."""
-    seen = 0
-    for shard in split_shards(data, "train"):
-        pf = open_parquet(shard)
-        for g in range(pf.num_row_groups):
-            for text in pf.read_row_group(g, columns=["text"]).column("text").to_pylist():
-                if not text:
-                    continue
-                text = text[:doc_cap][: max_chars - seen]
-                seen += len(text)
-                if on_chars:
-                    on_chars(seen)
-                yield text
-                if seen >= max_chars:
-                    return
 
 
 def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:

@@ -1,6 +1,6 @@
 """
-Pre-training (the "base" stage):  python -m nanochat_core.base_train --run-dir DIR [--depth N] ...
-                         several GPUs: torchrun --standalone --nproc_per_node=8 -m nanochat_core.base_train ...
+Pre-training (the "base" stage):  python -m nanochat_core.stages.base_train --run-dir DIR [--depth N] ...
+                         several GPUs: torchrun --standalone --nproc_per_node=8 -m nanochat_core.stages.base_train ...
 
 One dial, --depth. Everything else is derived from it (and from the hardware) in `make_plan`, with the
 rule and its source written next to each line. The plan is stored in every checkpoint; a restarted run
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from nanochat_core import checkpoint, training
+from nanochat_core.training import preset_device_batch
 from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, device_memory_gb, device_peak_flops,
                                   emit, init_runtime, print0, run_main, set_seed)
 
@@ -39,30 +40,6 @@ DEFAULT_RATIO = 10.0        # tokens : scaling params; the reference uses 8-12 (
                             # compute-optimal loss, not the time-optimal GPT-2-grade run)
 WEIGHT_DECAY_REF = 0.28     # Muon weight decay at the reference point
 MAX_DECAY_PER_STEP = 0.01   # cap on lr x wd for very short runs (see make_plan)
-
-# Per-GPU device-batch presets (rows of seq 2048 per GPU per micro-step), keyed by GPU memory and depth,
-# so the default run fits instead of dying with OOM. Starting points: the reference trains d20 with 32
-# rows on 80 GB cards and drops to 16 / 8 rows for deeper models; smaller cards scale down in proportion.
-# Rows for other sequence lengths scale by 2048/T (same tokens per micro-step). docs/PERFORMANCE.md lists
-# which rows were measured; an explicit --device-batch-size always wins.
-#   (min GB, [(max depth, rows), ...])
-GPU_PRESETS = [
-    (120, [(12, 64), (20, 32), (26, 32), (10**9, 16)]),   # H200 141 GB, B200
-    (70,  [(12, 32), (20, 32), (26, 16), (10**9, 8)]),    # H100 / A100 80 GB
-    (36,  [(12, 16), (20, 16), (26, 8),  (10**9, 4)]),    # A100 40 GB, L40S / A6000 48 GB
-    (20,  [(12, 8),  (20, 4),  (26, 2),  (10**9, 1)]),    # RTX 3090 / 4090 / A10G 24 GB
-    (0,   [(12, 4),  (20, 2),  (26, 1),  (10**9, 1)]),    # smaller cards: may still need a smaller --depth
-]
-CPU_TOKENS_PER_MICRO_STEP = 2048   # CPU: memory is not the limit; ~2K tokens keeps a step under a second
-
-
-def preset_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: float | None) -> int:
-    if device_type != "cuda" or memory_gb is None:
-        return max(1, CPU_TOKENS_PER_MICRO_STEP // seq_len)
-    rows = next(r for gb, r in GPU_PRESETS if memory_gb >= gb)
-    at_2048 = next(b for max_depth, b in rows if depth <= max_depth)
-    return max(1, at_2048 * 2048 // seq_len)
-
 
 def power_of_two(x: float) -> int:
     return 2 ** max(0, round(math.log2(max(x, 1.0))))
@@ -144,7 +121,7 @@ def fit_device_batch(total: int, B: int, T: int, world: int, explicit: bool) -> 
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.base_train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.base_train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", type=Path, required=True, help="tokenizer in RUN_DIR/tokenizer, checkpoints to RUN_DIR/base")
     p.add_argument("--depth", type=int, default=None, help="the one model dial (width = 64 x depth; default 20, or the run's)")

@@ -1,5 +1,5 @@
 """
-The whole run, stage after stage:  python -m nanochat_core.pipeline --run-dir DIR [--preset local|cloud]
+The whole run, stage after stage:  python -m nanochat_core.stages.pipeline --run-dir DIR [--preset local|cloud]
 
     tok (data + tokenizer) -> base -> mid -> sft -> rl -> eval -> report
 
@@ -75,10 +75,10 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
     if stage == "tok":
         vocab = "4096" if local else "32768"
         max_chars = "20000000" if local else "2000000000"
-        return [py + ["nanochat_core.tok_train", "--data", str(data), "--out", f"{run}/tokenizer",
+        return [py + ["nanochat_core.stages.tok_train", "--data", str(data), "--out", f"{run}/tokenizer",
                       "--vocab-size", vocab, "--max-chars", max_chars, "--doc-cap", "10000"]]
     if stage == "base":
-        cmd = dist + ["-m", "nanochat_core.base_train", "--run-dir", run, "--data", str(data)]
+        cmd = dist + ["-m", "nanochat_core.stages.base_train", "--run-dir", run, "--data", str(data)]
         if local:
             # Tiny model for a 2-core CPU: depth 4, 64-dim heads, 256-token context, ~2.5 minutes.
             cmd += ["--depth", str(a.depth or 4), "--head-dim", "64", "--seq-len", "256"]
@@ -89,16 +89,16 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
             cmd += ["--minutes", str(a.minutes)] if a.minutes else []
         return [cmd]
     if stage == "mid":
-        return [dist + ["-m", "nanochat_core.mid_train", "--run-dir", run] + _tiny(a)]
+        return [dist + ["-m", "nanochat_core.stages.mid_train", "--run-dir", run] + _tiny(a)]
     if stage == "sft":
         extra = ["--source", "local"] if local else []
-        return [dist + ["-m", "nanochat_core.chat_sft", "--run-dir", run] + extra + _tiny(a)]
+        return [dist + ["-m", "nanochat_core.stages.chat_sft", "--run-dir", run] + extra + _tiny(a)]
     if stage == "rl":
-        return [dist + ["-m", "nanochat_core.chat_rl", "--run-dir", run] + _tiny(a)]
+        return [dist + ["-m", "nanochat_core.stages.chat_rl", "--run-dir", run] + _tiny(a)]
     if stage == "eval":
         limit = ["--max-per-task", "50" if local else "0"]
-        return [dist + ["-m", "nanochat_core.base_eval", "--run-dir", run, "--data", str(data)] + limit,
-                dist + ["-m", "nanochat_core.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
+        return [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data)] + limit,
+                dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
     if stage == "report":
         cmd = py + ["nanochat_core.report", "--run-dir", run]
         return [cmd + (["--price-per-hour", str(a.price_per_hour)] if a.price_per_hour else [])]
@@ -255,7 +255,7 @@ def write_manifest(run_dir: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", type=Path, required=True, help="where everything of this run is written")
     p.add_argument("--preset", choices=["local", "cloud"], default="local")

@@ -1,0 +1,60 @@
+"""
+Evaluate a chat model:  python -m nanochat_core.stages.chat_eval --run-dir DIR [--stage sft] [--max-per-task N]
+
+The tasks and how each is scored live in nanochat_core/evaluation.py; this stage picks the checkpoints,
+runs them under torchrun (examples strided across ranks) and records the results.
+Writes run_dir/eval/<stage>.json (per stage with --stage all) = {"stage", "metrics", "unavailable"} atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from nanochat_core import checkpoint
+from nanochat_core.common import NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime, print0, run_main
+from nanochat_core.evaluation import ALL_TASKS, evaluate_tasks, merge_record
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.chat_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--stage", default=None,
+                   help="base | mid | sft | rl | all (every chat stage present); default: the most trained chat stage")
+    p.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma list of tasks")
+    p.add_argument("--max-per-task", type=int, default=0, help="examples per task, 0 = all")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256 GPU, 128 CPU)")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    present = [s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
+               and checkpoint.find_latest(a.run_dir / s, hashes=False)]
+    if a.stage in (None, "all"):
+        if not present:
+            raise NanochatError(f"no chat checkpoint (mid, sft or rl) in {a.run_dir}: run chat_sft first")
+        stages = present if a.stage == "all" else present[-1:]
+    elif a.stage in ("base", "mid", "sft", "rl"):
+        stages = [a.stage]
+    else:
+        raise NanochatError("--stage must be base, mid, sft, rl or all")
+    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    rt = init_runtime(a.device)
+    if a.max_new_tokens is None:
+        a.max_new_tokens = 256 if rt.device_type == "cuda" else 128
+    for stage in stages:
+        t0 = time.time()
+        model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage)
+        print0(f"chat_eval: {stage} checkpoint {meta['path']}, tasks {', '.join(names)}, "
+               f"max per task {a.max_per_task or 'all'}")
+        metrics, unavailable = evaluate_tasks(model, tokenizer, names, a.max_per_task, rt.device, rt.rank,
+                                              rt.world_size, a.max_new_tokens)
+        if rt.master:
+            path = a.run_dir / "eval" / f"{stage}.json"
+            record = {"stage": stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
+                      "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1)}
+            atomic_write_json(path, merge_record(path, record))
+        emit("eval", stage=stage, metrics=metrics)
+    cleanup_runtime()
+
+
+if __name__ == "__main__":
+    run_main(main)

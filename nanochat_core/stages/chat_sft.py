@@ -1,0 +1,47 @@
+"""
+Supervised fine-tuning (the "sft" stage):  python -m nanochat_core.stages.chat_sft --run-dir DIR [--source hub|local]
+
+Teaches the pre-trained model to hold a conversation: the turn format, when to stop, how to call the
+calculator. The loop (packing, loss masks, warm start, horizon) is nanochat_core/chat_training.py, shared
+with mid-training; this stage brings the SFT mixture and its defaults.
+"""
+from __future__ import annotations
+
+import argparse
+
+from nanochat_core.chat_training import add_common_args, check_args, train_conversations
+from nanochat_core.common import NanochatError, run_main
+
+
+def sft_mixture(source: str, seed: int = 42):
+    """The conversations to train on. hub: the anchor's SFT mixture (needs the network once);
+    local: the small chat set shipped with the package (identity, arithmetic with tool calls, spelling)."""
+    from nanochat_core.tasks.common import TaskMixture
+    from nanochat_core.tasks.identity import ChatLocal, Identity
+    if source == "local":
+        return ChatLocal()
+    if source != "hub":
+        raise NanochatError(f"--source must be hub or local, not {source!r}")
+    from nanochat_core.tasks.arc import ARC
+    from nanochat_core.tasks.gsm8k import GSM8K
+    from nanochat_core.tasks.smoltalk import SmolTalk
+    from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
+    tasks = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("main", "train"),
+             SmolTalk("train", stop=10_000), Identity(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
+    return TaskMixture(tasks, epochs=[1, 1, 1, 1, 2, 1, 1], seed=seed)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.chat_sft", description=__doc__.split("\n\n")[0])
+    # SFT data is small (~20K conversations): 4 packed rows per GPU and no accumulation gives ~100 steps/epoch
+    # on 8 GPUs (the anchor takes ~32 conversations per step); a 2^19 batch would be a dozen steps.
+    add_common_args(p, lr_frac=0.5, gpu_rows=4, gpu_total_batch=None)
+    p.add_argument("--source", choices=["hub", "local"], default="hub",
+                   help="hub: SmolTalk/ARC/GSM8K/identity/spelling; local: the shipped chat set (offline)")
+    a = p.parse_args(argv)
+    check_args(a)
+    train_conversations("sft", ["mid", "base"], sft_mixture(a.source, a.seed), a)
+
+
+if __name__ == "__main__":
+    run_main(main)
