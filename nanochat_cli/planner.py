@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from nanochat_core.common import NanochatError
 
-VOCAB = 32768          # the cloud preset's tokenizer (DESIGN.md)
+VOCAB = 32768          # the cloud preset's tokenizer (2^15, as the reference)
 SEQ_LEN = 2048
 TOKENS_PER_PARAM = 10  # nanochat trains ~8-12 tokens per scaling param (Chinchilla: 20); we take the middle
 DEPTHS = list(range(4, 34, 2))  # the planner's search space; d4 is the smallest model worth training

@@ -197,7 +197,7 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     tokenizer = get_tokenizer(a.run_dir)
     stage_dir = a.run_dir / stage
     found = checkpoint.find_latest(stage_dir) if rt.master and stage_dir.is_dir() else None
-    found = checkpoint._broadcast(str(found) if found else None)
+    found = checkpoint.broadcast(str(found) if found else None)
     init = Path(found) if found else previous_checkpoint(a.run_dir, sources)
     init_meta = checkpoint.read_meta(init)
     if init_meta.get("tokenizer_hash") and init_meta["tokenizer_hash"] != tokenizer.hash:

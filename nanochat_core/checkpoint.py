@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nanochat_core.common import NanochatError, _fsync_dir, sha256_file
+from nanochat_core.common import NanochatError, fsync_dir, json_default, sha256_file
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 STAGE_PRIORITY = ["rl", "sft", "mid", "base"]  # load_model on a run dir picks the most trained stage
@@ -63,7 +63,8 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def _broadcast(obj: Any) -> Any:
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of obj on every rank (a no-op without torch.distributed)."""
     if not _dist_active():
         return obj
     import torch.distributed as dist
@@ -81,7 +82,7 @@ def check_shared_dir(stage_dir: str | os.PathLike) -> None:
         return
     import secrets
     stage_dir = Path(stage_dir)
-    token = _broadcast(secrets.token_hex(8))
+    token = broadcast(secrets.token_hex(8))
     probe = stage_dir / f".shared-probe-{token}"
     if int(os.environ.get("RANK", "0")) == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +200,7 @@ def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimiz
             "rng_states": [r["rng"] for r in everyone],
             "files": files,
         }
-        text = json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n"
+        text = json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n"
         _write_fsynced(tmp / "meta.json", lambda f: f.write(text.encode("utf-8")))
         if final.exists():  # re-saving the same step (e.g. stopped right after a resume)
             old = stage_dir / f".{ckpt_name(step)}.old"
@@ -209,18 +210,10 @@ def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimiz
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(stage_dir)
+        fsync_dir(stage_dir)
         _prune(stage_dir, keep)
     _barrier()  # nobody moves on (or exits) before the checkpoint exists
     return final
-
-
-def _json_default(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable in checkpoint meta: {type(x).__name__}")
 
 
 def list_checkpoints(stage_dir: str | os.PathLike) -> list[tuple[int, Path]]:

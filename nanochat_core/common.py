@@ -11,13 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 # -----------------------------------------------------------------------------
 # Paths
@@ -59,7 +58,7 @@ def run_main(main: Callable[[], Any]) -> None:
 # -----------------------------------------------------------------------------
 # Atomic writes: a reader (or a crash) never sees a half-written file under its final name.
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -82,7 +81,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -91,33 +90,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory in a hidden temp sibling, then rename it into place in one step.
-    If the body raises (or the process dies) the final name is never created.
-    An existing directory at `final` is replaced (moved aside first, then deleted)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():
-            old = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -143,12 +115,12 @@ def emit(event: str, /, all_ranks: bool = False, **fields: Any) -> dict:
     """Print one progress event (rank 0 only unless all_ranks). Returns the event dict."""
     record = {"event": event, "time": round(time.time(), 3), **fields}
     if all_ranks or int(os.environ.get("RANK", "0")) == 0:
-        sys.stdout.write(EVENT_PREFIX + json.dumps(record, default=_json_default) + "\n")
+        sys.stdout.write(EVENT_PREFIX + json.dumps(record, default=json_default) + "\n")
         sys.stdout.flush()
     return record
 
 
-def _json_default(x: Any) -> Any:
+def json_default(x: Any) -> Any:
     if hasattr(x, "item"):  # torch / numpy scalars
         return x.item()
     if isinstance(x, Path):

@@ -76,9 +76,6 @@ class KVCache:
         self.pos += num_tokens
 
     # -- management ------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.pos = 0
-
     def copy_from(self, other: "KVCache") -> None:
         """Fill this (batch N) cache with the contents of a prefilled batch-1 (or batch-N) cache."""
         if other.k is None:

@@ -5,7 +5,7 @@ The chat server:  python -m nanochat_core.serve [--host 127.0.0.1] [--port 8000]
   POST /v1/chat/completions   OpenAI-compatible, non-streaming or `stream: true` (SSE, ends `data: [DONE]`)
   GET  /v1/models, GET /health
 
-Requests are validated up front (DESIGN.md's limits) and refused with a 4xx in OpenAI's error shape
+Requests are validated up front (the reference web chat's limits, docs/ARCHITECTURE.md) and refused with a 4xx in OpenAI's error shape
 {"error": {"message", "type", "param", "code"}}: a bad request is the client's problem, never a 500.
 Generation runs on worker threads, one per model replica (one per GPU; one on CPU) fed from one queue,
 so concurrent requests wait their turn instead of fighting over a device; a full queue answers 429.

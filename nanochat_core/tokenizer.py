@@ -174,9 +174,6 @@ class Tokenizer:
     def get_bos_token_id(self) -> int:
         return self._special["<|bos|>"]
 
-    def id_to_token(self, i: int) -> str:
-        return self.decode([i])
-
     def token_bytes(self):
         """torch.int32[vocab]: UTF-8 byte length of each token, 0 for specials. Bits-per-byte =
         sum(loss) / ln(2) / sum(token_bytes[targets]) - the loss measure that does not depend on vocab."""
@@ -285,14 +282,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 62)
         ids.append(self._special["<|assistant_start|>"])
         return ids
-
-    def visualize(self, ids: list[int], mask: list[int]) -> str:
-        """Debug view: masked-out tokens in brackets (what the loss ignores)."""
-        out = []
-        for i, m in zip(ids, mask):
-            t = self.decode([i])
-            out.append(t if m else f"[{t}]")
-        return "".join(out)
 
 
 def _messages(conversation: dict[str, Any]) -> list[dict[str, Any]]:

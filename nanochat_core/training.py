@@ -5,7 +5,7 @@ The pieces every training stage (base, mid, SFT, RL) shares, so that each stage'
 - SaveCadence: checkpoint every N minutes and/or every N steps (and the loop saves at the end).
 - agree(): one small all-reduce per step so that every rank stops / saves at the SAME step (a rank
   that saves alone would hang in the checkpoint's collectives).
-- lr_multiplier / muon_momentum / apply_schedule: the schedules (DESIGN.md: warmup, constant, linear
+- lr_multiplier / muon_momentum / apply_schedule: the schedules (ARCHITECTURE.md recipe facts: warmup, constant, linear
   warmdown; Muon momentum 0.85 -> 0.97 over 400 steps). Pure functions of the step, so resume is exact.
 - ProgressMeter: `progress` events (the CLI's cost meter and progress panel read nothing else).
 - resume(): find the latest good checkpoint, load it, say `resumed from step N`.
@@ -185,7 +185,7 @@ def save_or_stop(stop: bool, due: bool, finished: bool, save_now, step: int, gua
 # -----------------------------------------------------------------------------
 # Schedules (pure functions of the step: a resumed run follows exactly the same curve)
 
-WARMDOWN_RATIO = 0.5   # linear decay to zero over the last 50% of steps (DESIGN.md: ~50-65%)
+WARMDOWN_RATIO = 0.5   # linear decay to zero over the last 50% of steps (the reference: ~50-65%)
 FINAL_LR_FRAC = 0.0
 
 
@@ -203,7 +203,7 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0,
 
 def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: float = 0.97) -> float:
     """Muon momentum ramps 0.85 -> 0.97 over the first 400 steps: low momentum while the weights are
-    moving fast at the start, high once the direction is stable (DESIGN.md)."""
+    moving fast at the start, high once the direction is stable (the reference recipe)."""
     frac = min(step / ramp_steps, 1.0)
     return (1 - frac) * start + frac * end
 
@@ -225,7 +225,7 @@ def remember_initial_lr(optimizer: Any) -> None:
 
 def autocast_context(device_type: str):
     """bf16 autocast on CUDA (weights stay fp32 - the 'master' copy), nothing elsewhere: bf16 matmuls
-    on a typical AVX2 CPU are ~100x slower than fp32 (DESIGN.md)."""
+    on a typical AVX2 CPU are ~100x slower than fp32 (measured by the reference)."""
     import torch
     if device_type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -309,7 +309,7 @@ def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str,
         found = str(ckpt)
     else:
         found = checkpoint.find_latest(stage_dir) if rank == 0 else None
-        found = checkpoint._broadcast(str(found) if found else None)
+        found = checkpoint.broadcast(str(found) if found else None)
     if found is None:
         return None
     meta = checkpoint.load_checkpoint(found, model, optimizer)

@@ -10,7 +10,7 @@ OFFER = {"cloud": "nebius", "region": "eu-north1", "instance_type": "gpu-h100-sx
 
 
 def test_model_sizes_match_the_anchor():
-    # DESIGN.md: d24 has ~730M scaling params; d12 ~286M total with value embeddings (vocab 32768).
+    # the reference: d24 has ~730M scaling params; d12 ~286M total with value embeddings (vocab 32768).
     assert planner.model_config(24).n_embd == 1536
     assert 725e6 < planner.scaling_params(24) < 735e6
     assert 280e6 < planner.total_params(12) < 292e6

@@ -81,7 +81,7 @@ def test_depth_presets_match_reference_sizes():
     d24 = config_for_depth(24, 32768)
     assert (d24.n_embd, d24.n_head, d24.head_dim) == (1536, 12, 128)
     c24, c12 = count_params(d24), count_params(config_for_depth(12, 32768))
-    assert abs(c24["total"] / 1.38e9 - 1) < 0.01        # DESIGN.md: d24 ~ 1.38B total
+    assert abs(c24["total"] / 1.38e9 - 1) < 0.01        # the reference: d24 ~ 1.38B total
     assert abs(c24["scaling"] / 730e6 - 1) < 0.01       # ... ~730M matrices + lm_head
     assert abs(c12["total"] / 286e6 - 1) < 0.01         # d12 ~ 286M
     assert config_for_depth(20, 65536).n_embd == 1280

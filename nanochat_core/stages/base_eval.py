@@ -58,7 +58,7 @@ def main(argv=None) -> None:
                 found = {"dir": str(core.ensure_eval_bundle())}
             except NanochatError as e:
                 found = {"error": str(e)}
-        found = checkpoint._broadcast(found)
+        found = checkpoint.broadcast(found)
         try:
             if "error" in found:
                 raise NanochatError(found["error"])

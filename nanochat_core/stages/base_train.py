@@ -29,7 +29,7 @@ from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, devi
 STAGE = "base"
 
 # -----------------------------------------------------------------------------
-# Reference point of the scaling rules (DESIGN.md): the d12 model at vocab 32768, seq 2048 trains with a
+# Reference point of the scaling rules (docs/ARCHITECTURE.md, recipe facts): the d12 model at vocab 32768, seq 2048 trains with a
 # total batch of 2^19 tokens; the optimal batch grows as (training tokens)^0.383 ("Power Lines"); since
 # tokens = ratio x scaling params ~ depth^3, that is ~ depth^1.15 - which lands on 2^19 at d12 and 2^20
 # for d18-d26, as in the reference runs.
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
 
     # Resume point first: if there is one, its plan wins over flags and timing (exact continuation).
     found = checkpoint.find_latest(stage_dir) if rt.master else None
-    found = checkpoint._broadcast(str(found) if found else None)
+    found = checkpoint.broadcast(str(found) if found else None)
     if found:
         plan = checkpoint.read_meta(found)["plan"]
         if (args.depth or plan["depth"]) != plan["depth"] or (args.seq_len or plan["seq_len"]) != plan["seq_len"]:
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
             step_s = time_one_step(model, fwd, opt, B, T, grad_accum, rt.device, rt.device_type)
         reserve = 0.1  # of the minutes: room for the final eval, save and sample
         budget = args.minutes * 60 * (1 - reserve) - (time.time() - training.process_start_time())
-        plan["total_steps"] = checkpoint._broadcast(max(1, int(budget / step_s)))  # rank 0's count for all
+        plan["total_steps"] = checkpoint.broadcast(max(1, int(budget / step_s)))  # rank 0's count for all
         plan["timed_step_s"] = round(step_s, 4)
         del opt
         set_seed(plan["seed"])

@@ -169,7 +169,7 @@ def main(argv=None) -> None:
             print0(f"no periodic eval: {e}")
     stage_dir = a.run_dir / "rl"
     found = checkpoint.find_latest(stage_dir) if rt.master and stage_dir.is_dir() else None
-    found = checkpoint._broadcast(str(found) if found else None)
+    found = checkpoint.broadcast(str(found) if found else None)
     init = Path(found) if found else previous_checkpoint(a.run_dir, ["sft", "mid", "base"])
     init_meta = checkpoint.read_meta(init)
     set_seed(a.seed)

@@ -122,7 +122,7 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
     src = dataset.resolve_source(spec)
     if src.bundled or src.local_dir is not None:
         return dataset.prepare_data(src), None
-    # ~2B characters for the tokenizer (DESIGN.md) is about 8 shards; they (and the validation shard)
+    # ~2B characters for the tokenizer (the reference recipe) is about 8 shards; they (and the validation shard)
     # come first, the rest downloads while the tokenizer trains.
     first = min(a.num_shards, 8)
     dest = dataset.prepare_data(src, first)
