@@ -8,10 +8,10 @@ Where shards come from is data, not code (nanochat_core/data/sources.json):
 plus, given as the source argument instead of a name: a local directory of shards, or a text file
 listing shard URLs (one per line, optionally followed by `size=<bytes>` and/or `sha256=<hex>`).
 
-The downloader is built for flaky links: parallel workers, retries with exponential backoff, resume of a
-partial file with an HTTP Range request, bytes written to a hidden `.part` file and renamed into place only
-once complete and verified (size / sha256 where known, and a readable parquet footer). So a reader never
-sees a half shard under its final name, and a killed download resumes where it stopped.
+The downloader: parallel workers, retries with exponential backoff, bytes written to a hidden `.part` file
+and renamed into place only once complete and verified (length, size / sha256 where listed, a readable
+parquet footer). So a reader never sees a half shard under its final name; a killed download keeps every
+finished shard and fetches the rest when run again.
 
     python -m nanochat_core.dataset --source climbmix -n 8      # 8 training shards + the validation shard
 """
@@ -225,7 +225,7 @@ def download(source: str | Source | list[str], num_shards: int | None, dest: str
 
 
 class _Stopped(Exception):
-    """Another shard failed: this worker stops early (its .part file stays for the next run to resume)."""
+    """Another shard failed: this worker stops early."""
 
 
 def _link_local(src_dir: Path, dest: Path) -> list[Path]:
@@ -256,88 +256,58 @@ def _complete(path: Path, size: int | None, sha: str | None) -> bool:
 
 def _fetch_one(client, url: str, final: Path, size: int | None, sha: str | None, retries: int, backoff: float,
                on_bytes, on_total) -> Path:
-    """One shard: GET (resuming a .part file with Range), verify, rename into place."""
+    """One shard: GET into a hidden .part file, verify, rename into place. A cut transfer starts over (shards
+    are ~100 MB: a retry costs seconds on a cloud node, and no partial state can be wrong)."""
     import httpx
 
     part = final.with_name(f".{final.name}.part")
-    last_error = "no attempt made"
-    announced = False
-    for attempt in range(retries + 1):
-        if attempt:
-            # exponential backoff with jitter, capped at a minute: a throttled server gets room to recover
-            time.sleep(min(60.0, backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            headers = {**_auth_headers(url), **({"Range": f"bytes={have}-"} if have else {})}
-            with client.stream("GET", url, headers=headers) as r:
-                code = r.status_code
-                if code in PERMANENT_HTTP:
-                    part.unlink(missing_ok=True)
-                    raise NanochatError(f"{url} answered HTTP {code}: the shard does not exist or is not accessible; check the source")
-                if code == 416 and have:      # our .part may already hold every byte: verify below
-                    expected = _range_total(r.headers.get("content-range")) or size
-                elif code >= 500 or code == 429:
-                    last_error = f"HTTP {code}"
-                    continue
-                elif code in (200, 206):
-                    resumed = code == 206 and _range_start(r.headers.get("content-range")) == have
-                    if code == 206 and not resumed:   # a range we did not ask for: start clean
-                        part.unlink(missing_ok=True)
-                        last_error = f"unexpected Content-Range {r.headers.get('content-range')!r}"
+    last_error, announced = "no attempt made", False
+    try:
+        for attempt in range(retries + 1):
+            if attempt:
+                # exponential backoff with jitter, capped at a minute: a throttled server gets room to recover
+                time.sleep(min(60.0, backoff * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
+            got = 0
+            try:
+                with client.stream("GET", url, headers=_auth_headers(url)) as r:
+                    if r.status_code in PERMANENT_HTTP:
+                        raise NanochatError(f"{url} answered HTTP {r.status_code}: the shard does not exist or is not "
+                                            "accessible; check the source")
+                    if r.status_code >= 500 or r.status_code == 429:
+                        last_error = f"HTTP {r.status_code}"
                         continue
-                    size, sha = size or _hinted_size(r), sha or _hinted_sha256(r)
-                    length = int(r.headers.get("content-length", "-1"))
-                    expected = _range_total(r.headers.get("content-range")) if resumed else (length if length >= 0 else None)
-                    if not announced and expected:
-                        on_total(expected)
+                    if r.status_code != 200:
+                        raise NanochatError(f"{url} answered HTTP {r.status_code}, which the downloader does not understand")
+                    if not announced:
+                        on_total(int(r.headers.get("content-length", "0")))
                         announced = True
-                    with open(part, "ab" if resumed else "wb") as f:
-                        for chunk in r.iter_bytes():   # as it arrives: a cut loses nothing already received
+                    with open(part, "wb") as f:
+                        for chunk in r.iter_bytes():
                             f.write(chunk)
+                            got += len(chunk)
                             on_bytes(len(chunk))
                         f.flush()
                         os.fsync(f.fileno())
-                else:
-                    raise NanochatError(f"{url} answered HTTP {code}, which the downloader does not understand")
-        except httpx.HTTPError as e:         # timeouts, refused/reset connections, bodies cut short
-            last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            continue
-        got = part.stat().st_size if part.exists() else 0
-        expected = size or expected
-        if expected is not None and got < expected:
-            last_error = f"short download ({got} of {expected} bytes)"
-            continue
-        if (expected is not None and got != expected) or (sha and sha256_file(part) != sha):
-            part.unlink(missing_ok=True)     # corrupt: start over from byte 0
-            last_error = "size or sha256 mismatch"
-            continue
-        try:
-            open_parquet(part)
-        except NanochatError:
-            part.unlink(missing_ok=True)
-            raise NanochatError(f"{url} did not deliver a readable parquet file with a 'text' column") from None
-        os.replace(part, final)
-        return final
-    raise NanochatError(f"could not download {url} after {retries + 1} attempts (last: {last_error}); "
-                        "check the network and run again - finished bytes are kept and resumed")
-
-
-def _hinted_sha256(response) -> str | None:
-    """Hugging Face answers a file request with a redirect whose X-Linked-Etag is the file's sha256
-    (for large, LFS-stored files such as parquet shards): verify against it when present."""
-    for r in [*response.history, response]:
-        tag = r.headers.get("x-linked-etag", "").strip('"').lower()
-        if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag):
-            return tag
-    return None
-
-
-def _hinted_size(response) -> int | None:
-    for r in [*response.history, response]:
-        v = r.headers.get("x-linked-size", "")
-        if v.isdigit():
-            return int(v)
-    return None
+                    length = int(r.headers.get("content-length", "-1"))
+            except httpx.HTTPError as e:         # timeouts, refused/reset connections, bodies cut short
+                last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                continue
+            if 0 <= length != got:
+                last_error = f"short download ({got} of {length} bytes)"
+                continue
+            if (size is not None and got != size) or (sha and sha256_file(part) != sha):
+                last_error = "size or sha256 mismatch"
+                continue
+            try:
+                open_parquet(part)
+            except NanochatError:
+                raise NanochatError(f"{url} did not deliver a readable parquet file with a 'text' column") from None
+            os.replace(part, final)
+            return final
+        raise NanochatError(f"could not download {url} after {retries + 1} attempts (last: {last_error}); "
+                            "check the network and run again - shards already finished are kept")
+    finally:
+        part.unlink(missing_ok=True)   # a failure or Ctrl-C leaves no temp file; after success it is gone
 
 
 def _auth_headers(url: str) -> dict[str, str]:
@@ -345,21 +315,6 @@ def _auth_headers(url: str) -> dict[str, str]:
     token = os.environ.get("HF_TOKEN")
     host = url.split("/")[2] if "://" in url else ""
     return {"Authorization": f"Bearer {token}"} if token and (host == "huggingface.co" or host.endswith(".huggingface.co")) else {}
-
-
-def _range_start(content_range: str | None) -> int | None:
-    try:  # "bytes 100-199/200"
-        return int(content_range.split()[1].split("-")[0])
-    except (AttributeError, IndexError, ValueError):
-        return None
-
-
-def _range_total(content_range: str | None) -> int | None:
-    try:
-        total = content_range.rsplit("/", 1)[1]
-        return None if total == "*" else int(total)
-    except (AttributeError, IndexError, ValueError):
-        return None
 
 
 # -----------------------------------------------------------------------------

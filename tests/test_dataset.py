@@ -23,7 +23,7 @@ def parquet_bytes(i: int, rows: int = 300) -> bytes:
 
 
 class FlakyServer:
-    """Serves `files` with Range support. `plan[name]` is a list of behaviours for successive requests:
+    """Serves `files` (with Range support, which the downloader does not use). `plan[name]` is a list of behaviours for successive requests:
     "cut" (send half the body, then drop the connection), "500", "404", "hang" (never answer), "ok"."""
 
     def __init__(self, files: dict[str, bytes]):
@@ -117,9 +117,7 @@ def test_flaky_transfer_arrives_whole_and_never_half_visible(server, tmp_path):
         assert p.read_bytes() == server.files[f"s{i}.parquet"]
     assert violations == []
     assert not list(dest.glob(".*"))    # no temp files left behind
-    # the retries after a cut resumed with a Range request instead of starting over
-    ranges = [r for name, r in server.log if name == "s1.parquet"]
-    assert ranges[0] is None and ranges[-1] is not None and ranges[-1] != "bytes=0-"
+    assert sum(name == "s1.parquet" for name, _ in server.log) == 5   # every cut and 500 was retried
     assert ("s2.parquet", None) not in server.log   # the shard beyond num_shards is not fetched
     # a second call finds everything in place and asks the server for nothing
     n = len(server.log)
@@ -141,7 +139,7 @@ def test_one_failure_stops_the_other_workers(server, tmp_path):
         download([server.url("s0.parquet"), server.url("gone.parquet")], 1, tmp_path, workers=2, **FAST)
     assert time.time() - t0 < 2.5          # did not wait for the slow shard to finish
     assert not (tmp_path / "shard_00000.parquet").exists()
-    assert (tmp_path / ".shard_00000.parquet.part").exists()   # kept: the next run resumes it
+    assert not list(tmp_path.glob(".*"))   # the stopped worker cleaned up its temp file
 
 
 def test_url_that_never_answers_times_out(server, tmp_path):
@@ -173,16 +171,6 @@ def test_size_and_checksum_from_a_url_list(server, tmp_path):
     with pytest.raises(NanochatError, match="sha256 mismatch"):
         download(str(bad), 1, tmp_path / "b", **FAST)
     assert not list((tmp_path / "b").glob("shard_*"))
-
-
-def test_checksum_announced_by_the_server(server, tmp_path):
-    """Hugging Face announces an LFS file's sha256 in X-Linked-Etag: a mismatch is caught."""
-    data = server.files["s2.parquet"]
-    server.extra_headers["s2.parquet"] = {"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"'}
-    assert download([server.url("s2.parquet")], 1, tmp_path / "a", **FAST)[0].read_bytes() == data
-    server.extra_headers["s2.parquet"] = {"X-Linked-Etag": f'"{"ab" * 32}"'}
-    with pytest.raises(NanochatError, match="sha256 mismatch"):
-        download([server.url("s2.parquet")], 1, tmp_path / "b", **FAST)
 
 
 def test_not_parquet_is_rejected(server, tmp_path):
