@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from nanochat_core import checkpoint, training
-from nanochat_core.common import (NanochatError, cleanup_runtime, device_peak_flops, emit, init_runtime, print0,
-                                  set_seed)
+from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops, emit, print0, set_seed
+from nanochat_core.stage_run import StageRun
 
 # -----------------------------------------------------------------------------
 # Data: best-fit packing of rendered conversations
@@ -158,27 +157,8 @@ def check_args(a) -> None:
         raise NanochatError("--minutes, --epochs and --lr-frac must be > 0")
 
 
-def previous_checkpoint(run_dir: Path, sources: list[str]) -> Path:
-    for s in sources:
-        found = checkpoint.find_latest(run_dir / s) if (run_dir / s).is_dir() else None
-        if found is not None:
-            return found
-    raise NanochatError(f"no {' or '.join(sources)} checkpoint in {run_dir}: run the earlier stages first")
-
-
-def build_model(config: dict, device):
-    import torch
-    from nanochat_core.model import GPT, GPTConfig
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**config))
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
-
-
 def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
-    from nanochat_core.engine import decode_threads
-    from nanochat_core.engine import Engine
+    from nanochat_core.engine import Engine, decode_threads
     conv = {"messages": [{"role": "user", "content": prompt}]}
     ids = tokenizer.render_for_completion(conv)
     with decode_threads(model.get_device()):
@@ -189,29 +169,18 @@ def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
 
 def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     """Fine-tune the latest checkpoint of `sources` (first found) on `dataset`; checkpoints to run_dir/stage."""
-    from nanochat_core.tokenizer import get_tokenizer
-
-    rt = init_runtime(a.device)
-    guard = training.StopGuard(a.deadline)
-    t_start = time.time()
-    tokenizer = get_tokenizer(a.run_dir)
-    stage_dir = a.run_dir / stage
-    found = checkpoint.find_latest(stage_dir) if rt.master and stage_dir.is_dir() else None
-    found = checkpoint.broadcast(str(found) if found else None)
-    init = Path(found) if found else previous_checkpoint(a.run_dir, sources)
+    run = StageRun(stage, a.run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
+    rt, tokenizer = run.rt, run.tokenizer
+    init = run.init_checkpoint(sources)
     init_meta = checkpoint.read_meta(init)
-    if init_meta.get("tokenizer_hash") and init_meta["tokenizer_hash"] != tokenizer.hash:
-        raise NanochatError(f"{init} was trained with a different tokenizer than {a.run_dir}/tokenizer")
     set_seed(a.seed)
-    model = build_model(init_meta["config"], rt.device)
+    model = run.build_model(init_meta["config"])
     T = model.config.sequence_len
     on_gpu = rt.device_type == "cuda"
     if a.device_batch_size:
         B = a.device_batch_size
     elif on_gpu:  # never more rows than pre-training's per-GPU memory preset for this depth allows
-        from nanochat_core.training import preset_device_batch
-        from nanochat_core.common import device_memory_gb
-        fits = preset_device_batch(model.config.n_layer, T, "cuda", device_memory_gb(rt.device))
+        fits = training.preset_device_batch(model.config.n_layer, T, "cuda", device_memory_gb(rt.device))
         B = max(1, min(fits, a.gpu_rows * 2048 // T))
     else:
         B = max(1, 2048 // T)
@@ -219,14 +188,13 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     total_batch = a.total_batch_size or ((a.gpu_total_batch or per_micro) if on_gpu else per_micro)
     grad_accum = max(1, round(total_batch / per_micro))
     lr_scale = (init_meta.get("plan") or {}).get("lr_scale", 1.0) * a.lr_frac
-    optimizer = model.setup_optimizer(matrix_lr=0.02 * lr_scale, embedding_lr=0.3 * lr_scale,
-                                      unembedding_lr=0.008 * lr_scale, scalar_lr=0.5 * lr_scale, weight_decay=0.0)
+    optimizer = model.setup_optimizer(lr_scale=lr_scale, weight_decay=0.0)
     training.remember_initial_lr(optimizer)
     loader = ConversationLoader(dataset, tokenizer, B, T, rt.rank, rt.world_size, a.seed, rt.device)
 
     step, elapsed_before, warm = 0, 0.0, False
-    if found:
-        meta = training.resume(stage_dir, model, optimizer, stage, rt.rank, tokenizer.hash)
+    if run.resume_from:
+        meta = run.resume(model, optimizer)
         step, elapsed_before = meta["step"], meta.get("train_seconds", 0.0)
         states = meta["loader_states"]
         loader.load_state_dict(states[rt.rank] if len(states) == rt.world_size else states[0])
@@ -255,24 +223,19 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     est_steps = horizon["steps"] or 1
     meter = training.ProgressMeter(stage, est_steps, total_batch, model.estimate_flops(), device_peak_flops(rt.device),
                                    rt.world_size, every_steps=a.log_every, elapsed_before=elapsed_before)
-    cadence = training.SaveCadence(a.save_every_minutes if a.save_every_minutes is not None else
-                                   (30.0 if on_gpu else 1.0))
-    print0(f"{stage}: from {init.parent.name}/{init.name}{' (resumed)' if found else ''}, {len(dataset):,} conversations, "
-           f"device batch {B} x {T}, grad accum {grad_accum}, lr x{lr_scale:.3g}, "
+    print0(f"{stage}: from {init.parent.name}/{init.name}{' (resumed)' if run.resume_from else ''}, "
+           f"{len(dataset):,} conversations, device batch {B} x {T}, grad accum {grad_accum}, lr x{lr_scale:.3g}, "
            f"{'warm' if warm else 'fresh'} optimizer, horizon {horizon['epochs'] or 'any number of'} epoch(s)"
            f"{', ' + str(horizon['steps']) + ' steps' if horizon['steps'] else ''}"
            f"{', ' + str(horizon['minutes']) + ' min' if horizon['minutes'] else ''}")
 
     def save_now() -> None:
-        meta = {"stage": stage, "tokenizer_hash": tokenizer.hash, "horizon": horizon,
-                "train_seconds": round(meter.elapsed(), 2), "last_loss": meter.last.get("loss"),
-                "plan": init_meta.get("plan")}
-        training.save(stage_dir, step, model, optimizer, meta, rt.rank, rt.world_size, loader.state_dict(), stage, guard)
-        cadence.saved()
+        run.save(step, model, optimizer, {"horizon": horizon, "train_seconds": round(meter.elapsed(), 2),
+                                          "last_loss": meter.last.get("loss"), "plan": init_meta.get("plan")},
+                 loader.state_dict())
 
     t_loop = time.time()
     model.train()
-    stopped = False
     done = training.agree(progress() >= 1.0, device=rt.device)[0]
     while not done:
         t0 = time.time()
@@ -290,18 +253,14 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
         p = progress()
         meter.total_steps = max(step, math.ceil(step / max(p, 1e-9))) if not horizon["steps"] else horizon["steps"]
         meter.update(step, total / grad_accum)
-        guard.note_step(time.time() - t0)
-        done, stop, due = training.agree(p >= 1.0, guard.should_stop(), cadence.due(step), device=rt.device)
-        if training.save_or_stop(stop, due, done, save_now, step, guard):
-            stopped = True
+        run.guard.note_step(time.time() - t0)
+        done, stop, due = training.agree(p >= 1.0, run.guard.should_stop(), run.cadence.due(step), device=rt.device)
+        if training.save_or_stop(stop, due, done, save_now, step, run.guard):
+            run.stopped = True
             break
-    if not stopped:
-        if step > start_step:  # (re-reading `found` could fail: it may have been pruned by now)
+    if not run.stopped:
+        if step > start_step:  # (re-reading the resume checkpoint could fail: it may have been pruned by now)
             save_now()
         if rt.master:
             emit("sample", stage=stage, text=chat_sample(model, tokenizer, "Who are you?"))
-        emit("stage_end", stage=stage, seconds=round(time.time() - t_start, 2), steps=step)
-    guard.restore()
-    cleanup_runtime()
-    if stopped and guard.exit_code():
-        sys.exit(guard.exit_code())
+    run.finish(step)

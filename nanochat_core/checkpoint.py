@@ -336,7 +336,7 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
     """(model, tokenizer, meta) ready for inference. `path` is a run dir (the latest checkpoint of
     rl > sft > mid > base, or of `stage`), a stage dir, or one checkpoint dir. Eval mode; bf16 on CUDA."""
     import torch
-    from nanochat_core.model import GPT, GPTConfig
+    from nanochat_core.model import GPT
     from nanochat_core.tokenizer import Tokenizer
 
     path = Path(path).expanduser()
@@ -348,10 +348,7 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
     if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer.hash:
         raise NanochatError(f"the tokenizer next to {ckpt} is not the one this model was trained with")
     device = torch.device(device)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["config"]))
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (rotary tables) are not in the file; weights are overwritten next
+    model = GPT.build(meta["config"], device)  # buffers (rotary tables) are not in the file; weights come next
     load_checkpoint(ckpt, model)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)

@@ -12,8 +12,8 @@ What is in here, top to bottom:
 - exact parameter counts and FLOPs/token from the config alone live in model_config.py (torch-free:
   the CLI's planner prices runs with them)
 
-Construction: build under torch.device("meta"), then `.to_empty(device=...)` and `.init_weights()`.
-Nothing is allocated twice and the init is written down in one place.
+Construction: `GPT.build(config, device)` builds under torch.device("meta"), then `.to_empty(device=...)` and
+`.init_weights()`. Nothing is allocated twice and the init is written down in one place.
 """
 from __future__ import annotations
 
@@ -240,6 +240,15 @@ class GPT(nn.Module):
         if HAS_FLEX and _FLEX_MASKS_UNTRACED is None and torch.cuda.is_available():
             _FLEX_MASKS_UNTRACED = torch.compiler.disable(flex_block_masks)
 
+    @classmethod
+    def build(cls, config: "GPTConfig | dict", device: Any = "cpu") -> "GPT":
+        """A freshly initialised model on `device` (config: a GPTConfig or its dict, as checkpoints store it)."""
+        with torch.device("meta"):
+            model = cls(GPTConfig(**config) if isinstance(config, dict) else config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """The init, in one place (sizes: d = n_embd):
@@ -332,14 +341,18 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=loss_reduction)
 
     # -- optimizer ------------------------------------------------------------
-    def setup_optimizer(self, matrix_lr: float = 0.02, embedding_lr: float = 0.3, unembedding_lr: float = 0.008,
-                        scalar_lr: float = 0.5, weight_decay: float = 0.0,
+    def setup_optimizer(self, lr_scale: float = 1.0, weight_decay: float = 0.0, *, matrix_lr: float = 0.02,
+                        embedding_lr: float = 0.3, unembedding_lr: float = 0.008, scalar_lr: float = 0.5,
                         adam_betas: tuple[float, float] = (0.8, 0.95)):
         """Muon for every 2-D matrix inside the blocks, AdamW for embeddings, lm_head and scalars.
+        The base learning rates are the reference's (docs/ARCHITECTURE.md); every stage scales them all by
+        `lr_scale` (base training by its batch size, mid/SFT/RL by a fraction of base's) rather than restating them.
         Groups come in a fixed order (AdamW groups, then one Muon group per matrix shape in order of first
         appearance), and every group carries the parameter names (optimizer-state checkpoints are keyed by
         name, so they survive a change of world size)."""
         from nanochat_core.muon import MuonAdamW
+        matrix_lr, embedding_lr, unembedding_lr, scalar_lr = (lr * lr_scale for lr in
+                                                              (matrix_lr, embedding_lr, unembedding_lr, scalar_lr))
         # AdamW LRs were tuned at d_model = 768; the reference scales them by 1/sqrt(d_model/768) because
         # wider embeddings / unembeddings want proportionally smaller steps.
         scale = (self.config.n_embd / 768) ** -0.5

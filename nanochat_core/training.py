@@ -265,6 +265,7 @@ class ProgressMeter:
         self.elapsed_before = elapsed_before
         self.start = self.window_start = time.time()
         self.loss_sum = None
+        self.tokens_sum = 0
         self.n = 0
         self.first = True
         self.last: dict = {}
@@ -272,9 +273,13 @@ class ProgressMeter:
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start
 
-    def update(self, step: int, loss) -> dict | None:
-        """Call after finishing step `step` (1-based count of completed steps)."""
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+    def update(self, step: int, loss, tokens: int | None = None, **fields: Any) -> dict | None:
+        """Call after finishing step `step` (1-based count of completed steps). `tokens`: tokens this step
+        processed when it is not the fixed tokens_per_step (RL's rollouts vary); `loss` may be None for a stage
+        without one (RL reports `reward` among `fields`, which go into the event as given)."""
+        if loss is not None:
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.tokens_sum += self.tokens_per_step if tokens is None else tokens
         self.n += 1
         now = time.time()
         if self.every_steps:
@@ -285,15 +290,15 @@ class ProgressMeter:
             return None
         self.first = False
         dt = max(now - self.window_start, 1e-9)
-        tps = self.n * self.tokens_per_step / dt
-        loss_value = float(self.loss_sum) / self.n
-        if not math.isfinite(loss_value):
+        tps = self.tokens_sum / dt
+        loss_value = None if self.loss_sum is None else float(self.loss_sum) / self.n
+        if loss_value is not None and not math.isfinite(loss_value):
             raise NanochatError(f"loss became {loss_value} at step {step}: lower the learning rate or check the data")
         self.last = emit("progress", stage=self.stage, step=step, total_steps=self.total_steps,
-                         loss=round(loss_value, 6), tokens_per_sec=round(tps, 1),
+                         loss=None if loss_value is None else round(loss_value, 6), tokens_per_sec=round(tps, 1),
                          mfu=round(100 * tps * self.flops_per_token / self.peak, 2),
-                         elapsed_s=round(self.elapsed(), 2))
-        self.window_start, self.loss_sum, self.n = now, None, 0
+                         elapsed_s=round(self.elapsed(), 2), **fields)
+        self.window_start, self.loss_sum, self.tokens_sum, self.n = now, None, 0, 0
         return self.last
 
 

@@ -172,9 +172,7 @@ EQUIV_SCRIPT = textwrap.dedent('''
     from nanochat_core.model import GPT, config_for_depth
     rt = init_runtime("cpu")
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config_for_depth(2, 512, sequence_len=32, head_dim=32))
-    model.to_empty(device="cpu"); model.init_weights()
+    model = GPT.build(config_for_depth(2, 512, sequence_len=32, head_dim=32), "cpu")
     opt = model.setup_optimizer(weight_decay=0.1)
     training.remember_initial_lr(opt)
     g = torch.Generator().manual_seed(1)
@@ -262,10 +260,7 @@ def test_compiled_step_matches_eager_over_20_steps():
 
     def losses(compiled: bool) -> list[float]:
         torch.manual_seed(0)
-        with torch.device("meta"):
-            model = GPT(config_for_depth(1, 512, sequence_len=64, head_dim=32))
-        model.to_empty(device="cpu")
-        model.init_weights()
+        model = GPT.build(config_for_depth(1, 512, sequence_len=64, head_dim=32), "cpu")
         opt = model.setup_optimizer()
         training.remember_initial_lr(opt)
         fwd = torch.compile(model, dynamic=False) if compiled else model

@@ -221,10 +221,7 @@ def test_load_model_from_run_dir(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save(run / "tokenizer")
     cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(cfg, "cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))  # make every tensor non-trivial (zero-init projections too)

@@ -18,10 +18,7 @@ def tiny_model(vocab_size: int, depth: int = 2, seed: int = 0, sequence_len: int
     every matrix at a scale where logits are peaky and each layer matters."""
     cfg = config_for_depth(depth, vocab_size, sequence_len=sequence_len, aspect_ratio=32, head_dim=16,
                            n_kv_head=n_kv_head, window_pattern=window_pattern)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(cfg, "cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

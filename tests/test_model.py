@@ -17,10 +17,7 @@ def build(cfg: GPTConfig, seed: int = 0, randomize: bool = True) -> GPT:
     projections and gates with noise: with them at zero every attention path gives the same logits,
     which would make the comparisons below vacuous."""
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(cfg, "cpu")
     if randomize:
         with torch.no_grad():
             for p in model.transformer.h.parameters():

@@ -102,10 +102,7 @@ def test_bad_groups_are_user_errors():
 def _model() -> GPT:
     torch.manual_seed(0)
     cfg = config_for_depth(2, 512, sequence_len=T, head_dim=32)     # width 128: wte 512x128 is ZeRO-sharded
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(cfg, "cpu")
     # Zero output projections make the network exactly invariant to the residual scalars at step 0, so
     # their gradients are pure rounding noise (~1e-10) that Adam (eps 1e-10) would turn into full steps and
     # any two summation orders would disagree on. Small random projections give every parameter a real gradient.

@@ -18,10 +18,7 @@ from nanochat_core.tasks.common import Task
 def _tiny_model(vocab, seed=0):
     torch.manual_seed(seed)
     cfg = config_for_depth(1, vocab, sequence_len=128, head_dim=32)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(cfg, "cpu")
     return model
 
 

@@ -32,10 +32,7 @@ def _run_dir(tmp_path, price=None):
 
 def _base_checkpoint(run):
     cfg = config_for_depth(1, 512, sequence_len=64, head_dim=32)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(cfg, "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     plan = {"total_batch_size": 1024, "config": None}
     checkpoint.save_checkpoint(run / "base", 30, model, opt, {"stage": "base", "plan": plan, "train_seconds": 61.0})

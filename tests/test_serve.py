@@ -337,10 +337,7 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tiny_tokenizer,
     from nanochat_core.chat import reply
     from nanochat_core.engine import Engine
     cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=16, aspect_ratio=64, head_dim=16)
-    with torch.device("meta"):
-        small = GPT(cfg)
-    small.to_empty(device="cpu")
-    small.init_weights()
+    small = GPT.build(cfg, "cpu")
     engine = Engine(small.eval(), tiny_tokenizer)       # context: 10 x 16 = 160 tokens
     long = "the quick brown fox jumps over the lazy dog " * 3
     messages = []

@@ -10,10 +10,7 @@ def tiny_chat_model(vocab_size: int) -> GPT:
     """Depth 1, 16-dim heads, random; lm_head redrawn larger because the real init is near-uniform and
     replies would be monotonous."""
     cfg = config_for_depth(1, vocab_size, sequence_len=256, aspect_ratio=64, head_dim=16)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(cfg, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.3)

@@ -48,10 +48,7 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
 def random_model(depth: int, vocab_size: int, sequence_len: int, device: torch.device):
     from nanochat_core.model import GPT, config_for_depth
     cfg = config_for_depth(depth, vocab_size, sequence_len=sequence_len)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = GPT.build(cfg, device)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)   # what load_model does for inference on a GPU
     return model.eval()

@@ -165,8 +165,7 @@ def build_model(config_dict: dict, device, compile_model: bool):
 
 def make_optimizer(model, plan: dict):
     s = plan["lr_scale"]
-    opt = model.setup_optimizer(matrix_lr=0.02 * s, embedding_lr=0.3 * s, unembedding_lr=0.008 * s,
-                                scalar_lr=0.5 * s, weight_decay=plan["weight_decay"])
+    opt = model.setup_optimizer(lr_scale=s, weight_decay=plan["weight_decay"])
     training.remember_initial_lr(opt)
     return opt
 

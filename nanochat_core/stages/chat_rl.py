@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from nanochat_core import checkpoint, training
-from nanochat_core.common import (NanochatError, cleanup_runtime, device_peak_flops, emit, init_runtime, print0,
-                                  run_main, set_seed)
+from nanochat_core.common import NanochatError, device_peak_flops, emit, print0, run_main, set_seed
+from nanochat_core.stage_run import StageRun
 
 
 def load_rl_task(name: str, split: str, data_files: str | None = None):
@@ -153,13 +152,8 @@ def main(argv=None) -> None:
         v = getattr(a, name)
         if v is not None and v < 1:
             raise NanochatError(f"--{name.replace('_', '-')} must be >= 1")
-    from nanochat_core.chat_training import build_model, previous_checkpoint
-    from nanochat_core.tokenizer import get_tokenizer
-
-    rt = init_runtime(a.device)
-    guard = training.StopGuard(a.deadline)
-    t_start = time.time()
-    tokenizer = get_tokenizer(a.run_dir)
+    run = StageRun("rl", a.run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
+    rt, tokenizer = run.rt, run.tokenizer
     train_task = load_rl_task(a.task, "train", a.data_files)
     test_task = None
     if a.eval_every:
@@ -167,20 +161,16 @@ def main(argv=None) -> None:
             test_task = load_rl_task(a.task, "test")
         except NanochatError as e:
             print0(f"no periodic eval: {e}")
-    stage_dir = a.run_dir / "rl"
-    found = checkpoint.find_latest(stage_dir) if rt.master and stage_dir.is_dir() else None
-    found = checkpoint.broadcast(str(found) if found else None)
-    init = Path(found) if found else previous_checkpoint(a.run_dir, ["sft", "mid", "base"])
+    init = run.init_checkpoint(["sft", "mid", "base"])
     init_meta = checkpoint.read_meta(init)
     set_seed(a.seed)
-    model = build_model(init_meta["config"], rt.device)
+    model = run.build_model(init_meta["config"])
     lr = (init_meta.get("plan") or {}).get("lr_scale", 1.0) * a.lr_frac
-    optimizer = model.setup_optimizer(matrix_lr=0.02 * lr, embedding_lr=0.3 * lr, unembedding_lr=0.008 * lr,
-                                      scalar_lr=0.5 * lr, weight_decay=0.0)
+    optimizer = model.setup_optimizer(lr_scale=lr, weight_decay=0.0)
     training.remember_initial_lr(optimizer)
     step, elapsed_before = 0, 0.0
-    if found:
-        meta = training.resume(stage_dir, model, optimizer, "rl", rt.rank, tokenizer.hash)
+    if run.resume_from:
+        meta = run.resume(model, optimizer)
         step, elapsed_before, total_steps = meta["step"], meta.get("train_seconds", 0.0), meta["total_steps"]
     else:
         checkpoint.load_checkpoint(init, model, None)  # fresh optimizer: RL's updates look nothing like SFT's
@@ -189,21 +179,16 @@ def main(argv=None) -> None:
     order = list(range(len(train_task)))
     random.Random(a.seed).shuffle(order)
     per_rank = max(1, a.prompts_per_step // rt.world_size)
-    meter = training.ProgressMeter("rl", total_steps, 1, model.estimate_flops(), device_peak_flops(rt.device),
+    meter = training.ProgressMeter("rl", total_steps, 0, model.estimate_flops(), device_peak_flops(rt.device),
                                    rt.world_size, every_steps=1, elapsed_before=elapsed_before)
-    cadence = training.SaveCadence(a.save_every_minutes if a.save_every_minutes is not None
-                                   else (30.0 if rt.device_type == "cuda" else 1.0))
     print0(f"rl: from {init.parent.name}/{init.name}, task {a.task} ({len(train_task):,} prompts), {total_steps} steps x "
            f"{per_rank * rt.world_size} prompts x {a.num_samples} samples, lr x{lr:.3g}")
 
     def save_now() -> None:
-        meta = {"stage": "rl", "tokenizer_hash": tokenizer.hash, "total_steps": total_steps, "task": a.task,
-                "train_seconds": round(meter.elapsed(), 2), "plan": init_meta.get("plan")}
-        training.save(stage_dir, step, model, optimizer, meta, rt.rank, rt.world_size, None, "rl", guard)
-        cadence.saved()
+        run.save(step, model, optimizer, {"total_steps": total_steps, "task": a.task,
+                                          "train_seconds": round(meter.elapsed(), 2), "plan": init_meta.get("plan")})
 
     t_loop = time.time()
-    stopped = False
     while step < total_steps:
         t0 = time.time()
         training.apply_schedule(optimizer, 1.0 - step / total_steps)
@@ -212,28 +197,24 @@ def main(argv=None) -> None:
         out = rl_step(model, optimizer, tokenizer, train_task, convs, a.num_samples, a.max_new_tokens,
                       a.temperature, a.top_k or None, seed=a.seed + step, world_size=rt.world_size)
         step += 1
-        meter.tokens_per_step = out["tokens"]
-        meter.update(step, -out["reward"])   # "loss" = -mean reward, so the progress panel shows it falling
+        # RL has no loss to report; the mean reward of the step's samples is its progress measure
+        meter.update(step, None, tokens=out["tokens"], reward=round(out["reward"], 4))
         emit("eval", stage="rl", metrics={"reward": round(out["reward"], 4), "step": step})
-        guard.note_step(time.time() - t0)
+        run.guard.note_step(time.time() - t0)
         if test_task is not None and a.eval_every and step % a.eval_every == 0:
             acc = evaluate_pass1(model, tokenizer, test_task, a.eval_examples, a.max_new_tokens, rt.rank, rt.world_size)
             print0(f"step {step}: pass@1 {acc:.4f}")
         out_of_time = bool(a.minutes) and elapsed_before + time.time() - t_loop >= 60 * a.minutes
-        stop, due, out_of_time = training.agree(guard.should_stop(), cadence.due(step), out_of_time, device=rt.device)
+        stop, due, out_of_time = training.agree(run.guard.should_stop(), run.cadence.due(step), out_of_time,
+                                                device=rt.device)
         if out_of_time:
             break
-        if training.save_or_stop(stop, due, step >= total_steps, save_now, step, guard, total_steps):
-            stopped = True
+        if training.save_or_stop(stop, due, step >= total_steps, save_now, step, run.guard, total_steps):
+            run.stopped = True
             break
-    if not stopped:
-        if step > start_step:  # (re-reading `found` could fail: it may have been pruned by now)
-            save_now()
-        emit("stage_end", stage="rl", seconds=round(time.time() - t_start, 2), steps=step)
-    guard.restore()
-    cleanup_runtime()
-    if stopped and guard.exit_code():
-        sys.exit(guard.exit_code())
+    if not run.stopped and step > start_step:  # (re-reading the resume checkpoint could fail: it may be pruned)
+        save_now()
+    run.finish(step)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""
+StageRun: the set-up and tear-down every training stage's loop shares (base, mid, SFT, RL), so that a stage's
+file holds only its own loop.
+
+    run = StageRun("sft", run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
+    init = run.init_checkpoint(["mid", "base"])     # our own latest checkpoint (resume), else the previous stage's
+    model = run.build_model(checkpoint.read_meta(init)["config"])
+    ...
+    while ...:
+        ...
+        if training.save_or_stop(stop, due, done, save_now, step, run.guard):
+            run.stopped = True
+            break
+    run.finish(step)                                  # stage_end, signal handlers back, exit code after a stop
+
+What it holds: the distributed runtime (rank, device), the StopGuard (SIGTERM / deadline), the run's tokenizer,
+the checkpoint cadence, and which checkpoint to resume from (rank 0 looks, every rank gets its answer).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nanochat_core import checkpoint, training
+from nanochat_core.common import NanochatError, cleanup_runtime, emit, init_runtime
+
+
+class StageRun:
+    def __init__(self, stage: str, run_dir: str | Path, *, device: str | None = None, deadline: float | None = None,
+                 save_every_minutes: float | None = None):
+        from nanochat_core.tokenizer import get_tokenizer
+        self.stage = stage
+        self.run_dir = Path(run_dir)
+        self.stage_dir = self.run_dir / stage
+        self.rt = init_runtime(device)
+        self.guard = training.StopGuard(deadline)
+        self.t_start = time.time()
+        self.tokenizer = get_tokenizer(self.run_dir)
+        # checkpoints every 30 minutes on a GPU (a save of a big model takes a while), every minute on a CPU
+        minutes = save_every_minutes if save_every_minutes is not None else (30.0 if self.rt.device_type == "cuda" else 1.0)
+        self.cadence = training.SaveCadence(minutes)
+        found = checkpoint.find_latest(self.stage_dir) if self.rt.master and self.stage_dir.is_dir() else None
+        found = checkpoint.broadcast(str(found) if found else None)
+        self.resume_from: Path | None = Path(found) if found else None   # our own latest good checkpoint
+        self.stopped = False
+
+    def init_checkpoint(self, sources: list[str]) -> Path:
+        """Where the weights come from: our own latest checkpoint when resuming, else the latest checkpoint of
+        the first of `sources` (earlier stages, most trained first) that has one."""
+        if self.resume_from is not None:
+            return self.resume_from
+        for s in sources:
+            found = checkpoint.find_latest(self.run_dir / s) if (self.run_dir / s).is_dir() else None
+            if found is not None:
+                meta = checkpoint.read_meta(found)
+                if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != self.tokenizer.hash:
+                    raise NanochatError(f"{found} was trained with a different tokenizer than {self.run_dir}/tokenizer")
+                return found
+        raise NanochatError(f"no {' or '.join(sources)} checkpoint in {self.run_dir}: run the earlier stages first")
+
+    def build_model(self, config: dict) -> Any:
+        from nanochat_core.model import GPT
+        return GPT.build(config, self.rt.device)
+
+    def resume(self, model: Any, optimizer: Any) -> dict:
+        """Load our own checkpoint (weights, optimizer, the meta with loader states) - only when resume_from."""
+        return training.resume(self.stage_dir, model, optimizer, self.stage, self.rt.rank, self.tokenizer.hash,
+                               ckpt=self.resume_from)
+
+    def save(self, step: int, model: Any, optimizer: Any, meta: dict, loader_state: dict | None = None) -> None:
+        meta = {"stage": self.stage, "tokenizer_hash": self.tokenizer.hash, **meta}
+        training.save(self.stage_dir, step, model, optimizer, meta, self.rt.rank, self.rt.world_size, loader_state,
+                      self.stage, self.guard)
+        self.cadence.saved()
+
+    def finish(self, steps: int) -> None:
+        """End of the stage: `stage_end` unless stopped early, then signal handlers back and the process group
+        gone; a stop by SIGTERM/deadline exits with the guard's code so the pipeline knows it was not done."""
+        if not self.stopped:
+            emit("stage_end", stage=self.stage, seconds=round(time.time() - self.t_start, 2), steps=steps)
+        self.guard.restore()
+        cleanup_runtime()
+        if self.stopped and self.guard.exit_code():
+            sys.exit(self.guard.exit_code())
