@@ -22,10 +22,10 @@ SOLUTION = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('ok
 ADD_CHECK = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 
 
-def _helper(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def _helper(code: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `code` in a separate Python process (ours, with this worktree's nanochat_core): for escapes that
     would take the test process down with them."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -110,19 +110,24 @@ def test_the_evaluating_process_cannot_be_killed():
     assert p.returncode == 0 and "alive failed" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
-def test_secrets_in_the_environment_cannot_be_read(monkeypatch):
+def test_secrets_in_the_environment_cannot_be_read():
+    """The evaluating process holds a token in its environment from its start (as a pipeline stage would):
+    /proc/<pid>/environ shows that initial block, so the evaluation runs in a helper started with it."""
     secret = "hf_" + uuid.uuid4().hex
-    monkeypatch.setenv("HF_TOKEN", secret)
+    # The program prints only HF_TOKEN entries and the helper only whether the secret came back: on a
+    # broken sandbox this would otherwise print every process's environment into the test log.
     prog = ("import os\n"
-            "print(dict(os.environ))\n"
-            f"for pid in ['self', str(os.getppid()), {str(os.getpid())!r}] + os.listdir('/proc'):\n"
+            "print(os.environ.get('HF_TOKEN'))\n"
+            "for pid in ['self', str(os.getppid()), '%d'] + os.listdir('/proc'):\n"
             "    try:\n"
-            "        print(pid, open(f'/proc/{pid}/environ', 'rb').read())\n"
+            "        env = open(f'/proc/{pid}/environ', 'rb').read().split(bytes(1))\n"
+            "        print(pid, [e for e in env if e.startswith(b'HF_TOKEN=')])\n"
             "    except OSError as e:\n"
             "        print(pid, e)\n")
-    r = run_sandboxed(prog, timeout=5)
-    assert r.status == "passed"   # it ran, and saw nothing
-    assert secret not in r.stdout + r.stderr
+    p = _helper("import os\nfrom nanochat_core.execution import run_sandboxed\n"
+                f"r = run_sandboxed({prog!r} % os.getpid(), timeout=5)\n"
+                "print(r.status, os.environ['HF_TOKEN'] in r.stdout + r.stderr)\n", env={"HF_TOKEN": secret})
+    assert p.stdout.split() == ["passed", "False"], "the secret reached the sandbox (or it did not run)"
 
 
 def test_stages_that_run_model_code_get_no_secrets():
