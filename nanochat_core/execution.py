@@ -9,8 +9,8 @@ exactly this; Flatpak uses it):
   cannot signal or read /proc/<pid>/environ of ours), has no network but a loopback of its own, and
   when the pid namespace's first process ends, the kernel kills every process left in it (setsid and
   double-forked children included), which also closes every copy of the output pipes;
-- a filesystem of its own: read-only /usr (and the interpreter's own prefix), a fresh /proc and /dev,
-  a small private /tmp in memory, nothing else: no home directory, no run directory, no /etc;
+- a filesystem of its own, read-only: /usr (and the interpreter's own prefix), a fresh /proc and /dev,
+  plus a small private /tmp in memory, nothing else: no home directory, no run directory, no /etc;
 - a cleared environment (PATH, LANG, HOME=/tmp only), a new session (no terminal to inject into),
   and --die-with-parent: if the evaluating process dies, the sandbox dies with it;
 - when we run as root (typical on cloud nodes) bwrap is started as user nobody (65534), so the program
@@ -192,6 +192,11 @@ def _bwrap_prefix(bwrap: str, interpreter: str, features: str) -> list[str]:
     return args + ["--tmpfs", "/tmp", "--dir", "/sandbox", "--chdir", "/tmp"]
 
 
+# Last of the setup (after the program file is in place): the sandbox's root and /dev are tmpfs that bwrap
+# builds; made read-only, the program can write only its size-capped /tmp (the device nodes keep working).
+_READ_ONLY = ["--remount-ro", "/dev", "--remount-ro", "/"]
+
+
 def sandbox() -> tuple[list[str], dict] | str:
     """(bwrap argv prefix, Popen keyword arguments) of a sandbox that works here, or why there is none.
     Cached per bwrap path and user, so that a changed PATH (or a test hiding bwrap) is seen."""
@@ -225,15 +230,17 @@ def _probe(bwrap: str | None) -> tuple[list[str], dict] | str:
     for python in candidates:
         python = os.path.realpath(python)
         prefix = _bwrap_prefix(bwrap, python, features)
-        # The probe must really be inside: a new pid namespace (we are pid 1 or 2) and no network but lo.
-        probe = "import os, socket; print(os.getpid() <= 3, [n for _, n in socket.if_nameindex()] == ['lo'])"
+        # The probe must really be inside: a new pid namespace (we are pid 1 or 2), no network but lo, and
+        # a root it cannot write to.
+        probe = ("import os, socket\nprint(os.getpid() <= 3, [n for _, n in socket.if_nameindex()] == ['lo'])\n"
+                 "try:\n    open('/x', 'w')\nexcept OSError:\n    print(True)\n")
         try:
-            p = subprocess.run(prefix + ["--", python, "-I", "-S", "-c", probe], capture_output=True, text=True,
-                               timeout=20, env={}, stdin=subprocess.DEVNULL, **popen)
+            p = subprocess.run(prefix + _READ_ONLY + ["--", python, "-I", "-S", "-c", probe], capture_output=True,
+                               text=True, timeout=20, env={}, stdin=subprocess.DEVNULL, **popen)
         except (OSError, subprocess.SubprocessError) as e:
             why = str(e)
             continue
-        if p.returncode == 0 and p.stdout.split() == ["True", "True"]:
+        if p.returncode == 0 and p.stdout.split() == ["True", "True", "True"]:
             return prefix + ["--", python, "-I", "-S"], popen
         why = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1][:300]
     return (f"no sandbox: bubblewrap cannot isolate here ({why}); it needs unprivileged user namespaces"
@@ -307,7 +314,7 @@ def _start(prefix: list[str], popen: dict, source: str, runner: str, argv: list[
         os.write(memfd, source.encode("utf-8"))
         os.lseek(memfd, 0, os.SEEK_SET)
         argv0 = prefix.index("--")
-        cmd = (prefix[:argv0] + ["--ro-bind-data", str(memfd), "/sandbox/program.py"] + prefix[argv0:]
+        cmd = (prefix[:argv0] + ["--ro-bind-data", str(memfd), "/sandbox/program.py"] + _READ_ONLY + prefix[argv0:]
                + ["-c", runner] + argv)
         # env={}: bwrap itself runs as a host process (as nobody when we are root); nothing to read there.
         return subprocess.Popen(cmd, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

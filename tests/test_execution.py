@@ -100,6 +100,23 @@ def test_files_outside_cannot_be_deleted(tmp_path):
     assert r.status == "failed" and "FileNotFoundError" in r.stderr  # the file is not even visible
 
 
+def test_only_a_small_private_tmp_is_writable(tmp_path):
+    prog = ("import os\n"
+            f"for path in ['/x', '/dev/x', '/usr/x', {str(tmp_path / 'new.txt')!r}]:\n"
+            "    try:\n"
+            "        open(path, 'w')\n"
+            "        print('wrote', path)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "for i in range(8):\n"   # 8 x 15 MB > the 64 MB /tmp
+            "    open(f'/tmp/f{i}', 'wb').write(bytes(15 << 20))\n")
+    r = run_sandboxed(prog, timeout=5)
+    assert "wrote" not in r.stdout and not (tmp_path / "new.txt").exists()
+    supports_size = "--size" in subprocess.run(["bwrap", "--help"], capture_output=True, text=True).stdout
+    if supports_size:   # bwrap >= 0.7 caps the tmpfs; older ones leave only the per-file limit
+        assert r.status == "failed" and "No space left on device" in r.stderr
+
+
 def test_the_evaluating_process_cannot_be_killed():
     # In a helper process, so that on a broken sandbox the helper dies and not pytest. Never kill(-1) here:
     # on a broken sandbox, as root, that would kill every process on the machine.

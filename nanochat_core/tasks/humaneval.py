@@ -58,7 +58,12 @@ class HumanEval(Task):
     def build_check(self, conversation: dict[str, Any]) -> str:
         """The trusted side: the prompt (its helpers, e.g. encode_cyclic, which some tests call; a def whose
         body is only its docstring is valid Python) and the dataset's check(candidate)."""
-        return f"{_PRELUDE}{conversation['prompt']}\n\n{conversation['test']}\n"
+        prompt = conversation["prompt"]
+        try:
+            compile(prompt, "<prompt>", "exec")
+        except SyntaxError:  # not standalone Python: the tests then get only the prelude and their own code
+            prompt = ""
+        return f"{_PRELUDE}{prompt}\n\n{conversation['test']}\n"
 
     def evaluate(self, conversation: dict[str, Any], response: str) -> bool:
         r = run_sandboxed(self.build_solution(conversation, response), timeout=self.timeout,
