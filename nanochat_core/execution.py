@@ -311,7 +311,9 @@ def _start(prefix: list[str], popen: dict, source: str, runner: str, argv: list[
     """One sandbox: `source` appears read-only at /sandbox/program.py (copied in by bwrap from a memfd)."""
     memfd = os.memfd_create("program", os.MFD_CLOEXEC)
     try:
-        os.write(memfd, source.encode("utf-8"))
+        data = source.encode("utf-8")
+        while data:
+            data = data[os.write(memfd, data):]
         os.lseek(memfd, 0, os.SEEK_SET)
         argv0 = prefix.index("--")
         cmd = (prefix[:argv0] + ["--ro-bind-data", str(memfd), "/sandbox/program.py"] + _READ_ONLY + prefix[argv0:]

@@ -186,7 +186,8 @@ def test_huge_output_keeps_the_caller_bounded():
     p = _helper("import re, resource, time\nresource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
                 "from nanochat_core.execution import run_sandboxed\n"
                 "t0 = time.time()\n"
-                "r = run_sandboxed('import os\\nb = b\"x\" * (1 << 20)\\nwhile True:\\n    os.write(1, b)\\n', timeout=2)\n"
+                "flood = 'import os\\nb = b\"x\" * (1 << 20)\\nwhile True:\\n    os.write(1, b)\\n'\n"
+                "r = run_sandboxed(flood, timeout=2)\n"
                 "print(r.status, len(r.stdout), round(time.time() - t0, 2), "
                 "int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)\n")
     status, kept, seconds, peak_mb = p.stdout.split()
