@@ -136,7 +136,7 @@ while True:
 # Exit status 0 only if check() returned; that status is the verdict.
 _CHECK = _LIMITS + _FRAMES + r'''
 import ast
-req, resp, limit = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+req, resp, limit, entry = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
 
 def candidate(*args, **kwargs):
     text = repr((args, kwargs))
@@ -150,6 +150,7 @@ def candidate(*args, **kwargs):
 
 g = {"__name__": "__check__"}
 exec(compile(open("/sandbox/program.py", encoding="utf-8").read(), "<check>", "exec"), g)
+g[entry] = candidate  # some tests call the function by its name (HumanEval/33), not as `candidate`
 g["check"](candidate)
 os._exit(0)
 '''
@@ -285,8 +286,8 @@ def run_sandboxed(program: str, timeout: float = 5.0, memory_mb: int = 512, *, c
         cand = _start(prefix, popen, program, _SERVE, limits + [entry_point, str(req_r), str(resp_w)],
                       [req_r, resp_w])
         try:
-            checker = _start(prefix, popen, check, _CHECK, limits + [str(req_w), str(resp_r), str(OUTPUT_LIMIT)],
-                             [req_w, resp_r])
+            checker = _start(prefix, popen, check, _CHECK,
+                             limits + [str(req_w), str(resp_r), str(OUTPUT_LIMIT), entry_point], [req_w, resp_r])
         except BaseException:
             _kill(cand)
             raise

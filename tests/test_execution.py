@@ -60,6 +60,10 @@ def test_check_mode_passes_honest_and_fails_wrong_code():
     assert not r.passed and r.status == "failed" and "AssertionError" in r.stderr
     r = run_sandboxed("def add(a, b):\n    raise ValueError('nope')\n", timeout=5, check=ADD_CHECK, entry_point="add")
     assert not r.passed and "ValueError: nope" in r.stderr
+    # tests that call the function by its own name (HumanEval/33 does) reach the candidate too
+    by_name = "def add(a, b):\n    pass\n\ndef check(candidate):\n    assert add(2, 3) == 5\n"
+    assert run_sandboxed("def add(a, b):\n    return a + b\n", timeout=5, check=by_name, entry_point="add").passed
+    assert not run_sandboxed("def add(a, b):\n    return 0\n", timeout=5, check=by_name, entry_point="add").passed
 
 
 def test_infinite_loop_is_killed():
