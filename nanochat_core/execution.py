@@ -270,7 +270,7 @@ def run_sandboxed(program: str, timeout: float = 5.0, memory_mb: int = 512, *, c
         out = _supervise([proc], proc, deadline)
         (so, se), = out.streams
         rc = proc.returncode
-        if out.timed_out or rc in (128 + 24, 128 + 9):   # bwrap reports a signal as 128 + its number (XCPU, KILL)
+        if out.timed_out or _cpu_killed(proc, out):
             return ExecutionResult(False, "timeout", so, se)
         if out.overflow:
             return ExecutionResult(False, "output_limit", so, se + "\n[output limit exceeded]")
@@ -297,9 +297,9 @@ def run_sandboxed(program: str, timeout: float = 5.0, memory_mb: int = 512, *, c
     out = _supervise([checker, cand], checker, deadline)
     (c_out, c_err), (k_out, k_err) = out.streams
     so, se = k_out + c_out, c_err + k_err
-    if cand.returncode == EXIT_MEMORY:
+    if cand.returncode == EXIT_MEMORY and cand not in out.killed:
         return ExecutionResult(False, "memory", so, se)
-    if out.timed_out or checker.returncode in (128 + 24, 128 + 9) or cand.returncode in (128 + 24, 128 + 9):
+    if out.timed_out or _cpu_killed(checker, out) or _cpu_killed(cand, out):
         return ExecutionResult(False, "timeout", so, se)
     if out.overflow:
         return ExecutionResult(False, "output_limit", so, se + "\n[output limit exceeded]")
@@ -331,6 +331,12 @@ class _Watched:
     streams: list[tuple[str, str]]  # (stdout, stderr) per process, tails
     timed_out: bool
     overflow: bool
+    killed: list                    # the processes we killed (their exit status is ours, not theirs)
+
+
+def _cpu_killed(proc: subprocess.Popen, out: _Watched) -> bool:
+    """Ended by the CPU-time limit: bwrap reports a signal as 128 + its number (SIGXCPU, then SIGKILL)."""
+    return proc not in out.killed and proc.returncode in (128 + 24, 128 + 9)
 
 
 def _supervise(procs: list[subprocess.Popen], main: subprocess.Popen, deadline: float) -> _Watched:
@@ -371,24 +377,64 @@ def _supervise(procs: list[subprocess.Popen], main: subprocess.Popen, deadline: 
             if overflow:
                 break
     finally:
+        if not (timed_out or overflow):
+            # The others normally end by themselves once main has (the candidate sees its request pipe
+            # close); a moment for that keeps their own exit status (a CPU-limit kill) rather than ours.
+            end = time.monotonic() + 0.5
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.0, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        killed = [p for p in procs if p.poll() is None]
         for p in procs:
             _kill(p)
         sel.close()
+    for fd, buf in bufs.items():   # what the others wrote before they ended: every writer is gone now
+        try:
+            while len(buf) < OUTPUT_LIMIT and (chunk := os.read(fd, min(65536, OUTPUT_LIMIT - len(buf)))):
+                buf += chunk
+        except (BlockingIOError, OSError):
+            pass
     streams = []
     for p in procs:
         pair = tuple(bytes(bufs[f.fileno()]).decode("utf-8", "replace")[-KEEP_CHARS:] for f in (p.stdout, p.stderr))
         p.stdout.close()
         p.stderr.close()
         streams.append(pair)
-    return _Watched(streams, timed_out, overflow)
+    return _Watched(streams, timed_out, overflow, killed)
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """Kill bwrap; its child dies with it (--die-with-parent), and with the child's pid namespace every
-    process the program started."""
+    """Kill a sandbox and return only when every process in it is gone.
+
+    bwrap is two processes: ours (proc) and its child, the first process of the new pid namespace. The
+    kernel finishes that process's exit only after it has killed and reaped everything else in the
+    namespace, and proc exits only after reaping it. So: SIGKILL the namespace's first process, then wait
+    for proc. (Killing proc first would also end the sandbox through --die-with-parent, but the namespace
+    would be torn down after we returned.) proc is killed too if it has not gone within 2 s."""
     if proc.poll() is None:
+        for pid in _children(proc.pid):
+            try:
+                os.kill(pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
             proc.kill()
-        except ProcessLookupError:
-            pass
     proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except (OSError, ValueError):  # kernels without that file: look for processes whose parent is pid
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+        return found

@@ -199,7 +199,19 @@ def test_huge_output_keeps_the_caller_bounded():
     assert float(seconds) < 3 and int(peak_mb) < 100, p.stdout
 
 
-def test_forked_and_setsid_children_die_with_the_call():
+def _running(marker: str) -> list[str]:
+    left = []
+    for pid in os.listdir("/proc"):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                left.append(pid)
+        except OSError:
+            pass
+    return left
+
+
+@pytest.mark.parametrize("main_ends", [True, False], ids=["program-ends", "program-times-out"])
+def test_forked_and_setsid_children_die_with_the_call(main_ends):
     marker = f"59.{uuid.uuid4().int % 10**6:06d}"  # a sleep that ends by itself even on a broken sandbox
     prog = ("import os, posix, time\n"
             "if posix.fork() == 0:\n"
@@ -209,20 +221,14 @@ def test_forked_and_setsid_children_die_with_the_call():
             "    time.sleep(30)\n"   # holds the output pipe
             "    posix._exit(0)\n"
             "time.sleep(0.3)\n"
-            "print('parent done')\n")
+            "print('parent done', flush=True)\n"
+            + ("" if main_ends else "time.sleep(60)\n"))
     t0 = time.time()
-    r = run_sandboxed(prog, timeout=3)
-    assert time.time() - t0 < 5, "a grandchild holding the pipe stretched the call"
-    assert r.passed and "parent done" in r.stdout
-    time.sleep(0.3)
-    left = []
-    for pid in os.listdir("/proc"):
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                left.append(pid)
-        except OSError:
-            pass
-    assert not left, f"sandbox processes outlived the call: {left}"
+    r = run_sandboxed(prog, timeout=1)
+    assert time.time() - t0 < 4, "a grandchild holding the pipe stretched the call"
+    assert r.status == ("passed" if main_ends else "timeout")
+    assert "parent done" in r.stdout
+    assert not _running(marker), "sandbox processes outlived the call"   # at once: no grace period
 
 
 def test_network_is_unreachable(tmp_path):
