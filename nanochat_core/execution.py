@@ -25,6 +25,8 @@ What bwrap needs: unprivileged user namespaces (Debian 11+, Ubuntu, Fedora allow
 Ubuntu 24.04 ships an AppArmor profile that allows them for bwrap; a container must not forbid the
 clone/unshare system calls in its seccomp profile) and, when we are root, an interpreter that user nobody
 can read (the running one, else /usr/bin/python3; only the standard library is available inside).
+CI runs as root in a VM: there bwrap runs as nobody and creates the user namespace unprivileged (checked
+on Debian 12, bwrap 0.8). A call costs bwrap ~5 ms over starting Python.
 Whether it works is probed once per process (a tiny program must run inside and see a new pid
 namespace). If it does not, nothing runs: run_sandboxed returns status "unavailable" and the HumanEval
 task reports itself not evaluated, with the reason. There is no weaker fallback on purpose.
@@ -37,6 +39,8 @@ reads back the repr of the result, which it parses with ast.literal_eval (data o
 whose __eq__ always says True cannot come back). The verdict is the checker's own exit status, read by us
 from the kernel; the candidate runs in another pid namespace and cannot see, signal or write to the
 checker or its status. An early exit, a crash or garbage from the candidate is simply a failed call.
+The price: arguments and results must be plain literals (numbers, strings, lists, dicts, ...), which
+every HumanEval test uses; anything else fails the test rather than being trusted.
 Without `check=`, passed only means "the program exited 0 after running to its end": fine for trusted
 programs, but untrusted code can forge it (posix._exit(0)), so do not use it for verdicts on model code.
 """
