@@ -140,6 +140,20 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
 
 
 # -----------------------------------------------------------------------------
+# Secrets (HF_TOKEN, WANDB_API_KEY, cloud keys) go only to the stages that may download or log with them.
+# The eval stage runs model-written code (HumanEval) and the report needs none: they get the environment
+# without anything that looks like a credential, so nothing there can leak one.
+
+_SECRET_MARKS = ("_TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY", "CREDENTIAL")
+
+
+def stage_env(stage: str, env: dict[str, str]) -> dict[str, str]:
+    if stage not in ("eval", "report"):
+        return env
+    return {k: v for k, v in env.items() if not any(m in k.upper() for m in _SECRET_MARKS)}
+
+
+# -----------------------------------------------------------------------------
 
 class Pipeline:
     def __init__(self, a: argparse.Namespace):
@@ -211,7 +225,7 @@ class Pipeline:
                 background.join()  # all shards must be on disk before training reads past the first ones
                 if background.error is not None:
                     raise NanochatError(f"downloading the training shards failed: {background.error}")
-            env = dict(os.environ)
+            env = stage_env(stage, dict(os.environ))
             if a.preset == "local":
                 # The embedded default promises no network: hub-backed evals report "unavailable" at once
                 # (or use what an earlier online run cached) instead of retrying unreachable hosts.
