@@ -152,7 +152,7 @@ def test_secrets_in_the_environment_cannot_be_read():
 
 
 def test_stages_that_run_model_code_get_no_secrets():
-    from nanochat_core.pipeline import stage_env
+    from nanochat_core.stages.pipeline import stage_env
     env = {"HF_TOKEN": "hf_x", "WANDB_API_KEY": "w", "AWS_SECRET_ACCESS_KEY": "a", "PATH": "/usr/bin",
            "TOKENIZERS_PARALLELISM": "false"}
     assert stage_env("eval", env) == {"PATH": "/usr/bin", "TOKENIZERS_PARALLELISM": "false"}
@@ -279,7 +279,7 @@ def test_without_bwrap_nothing_runs_and_humaneval_is_not_evaluated(tmp_path, mon
     assert "bubblewrap" in r.stderr
     with pytest.raises(NanochatError, match="HumanEval not evaluated: no sandbox"):
         _humaneval_task(tmp_path)
-    from nanochat_core.chat_eval import evaluate_tasks
+    from nanochat_core.evaluation import evaluate_tasks
     metrics, unavailable = evaluate_tasks(None, None, ["HumanEval"], 1, "cpu")
     assert unavailable == ["HumanEval"] and "HumanEval" not in metrics
 
