@@ -18,9 +18,9 @@ from nanochat_core.serve import content_to_parts, create_app
 class LiveServer:
     """uvicorn running an app in a background thread on a free port of 127.0.0.1."""
 
-    def __init__(self, app):
-        import uvicorn
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none"))
+    def __init__(self, app, limits=None):
+        from nanochat_core.serve_net import make_server
+        self.server = make_server(app, "127.0.0.1", 0, limits)   # the server run_server runs, limits and all
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -316,14 +316,21 @@ def test_serve_on_a_busy_port_is_a_one_line_error(saved_run):
             run_server(port=s.getsockname()[1])
 
 
-def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer.get_vocab_size())
-    with torch.no_grad():   # never sample a stop token (logit 0 is never in the top 50 of 512): replies run long
+def endless_model(tiny_tokenizer, sequence_len: int = 4096):
+    """A tiny model that never samples a stop token (logit 0 is never in the top 50 of 512): replies run
+    to max_tokens."""
+    model = tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=sequence_len)
+    with torch.no_grad():
         for name in tiny_tokenizer.get_special_tokens():
             model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
+    return model
+
+
+def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
+    model = endless_model(tiny_tokenizer)
     with LiveServer(create_app(PacedModel(model, 0.05), tiny_tokenizer)) as base:
-        # a reply of 4096 tokens would hold the only worker for minutes; read two chunks and hang up
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4096, stream=True), timeout=30) as r:
+        # a reply of 4000 tokens would hold the only worker for minutes; read two chunks and hang up
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4000, stream=True), timeout=30) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
         t0 = time.time()
@@ -355,11 +362,13 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tiny_tokenizer,
     assert "dropped the oldest exchange" in capsys.readouterr().err
 
 
-def test_request_parser_never_fails_with_anything_but_a_4xx():
-    """Whatever JSON a client sends, parse_request returns a request or raises APIError with a 4xx."""
+def test_request_model_never_fails_with_anything_but_a_validation_error():
+    """Whatever JSON a client sends, the request model accepts it or raises pydantic's ValidationError (which
+    the app answers with a 400), never anything else; what it accepts is within the limits."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
-    from nanochat_core.serve import APIError, ChatRequest, parse_request
+    from pydantic import ValidationError
+    from nanochat_core.api_models import ChatCompletionRequest, validation_error_body
     scalars = st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=20)
     values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                           max_leaves=12)
@@ -368,16 +377,19 @@ def test_request_parser_never_fails_with_anything_but_a_4xx():
     body = st.fixed_dictionaries({"messages": st.lists(message, max_size=5) | values},
                                  optional={k: values | st.floats(-1, 5) | st.integers(-5, 5000)
                                            for k in ["temperature", "top_k", "top_p", "max_tokens", "n", "seed",
-                                                     "stream", "stop", "stream_options"]})
+                                                     "stream", "stop", "stream_options", "tools"]})
 
     @given(body)
     @settings(max_examples=300, deadline=None)
     def check(b):
         try:
-            req = parse_request(json.dumps(b).encode())
-        except APIError as e:
-            assert 400 <= e.status < 500 and e.message
+            req = ChatCompletionRequest.model_validate_json(json.dumps(b))
+        except ValidationError as e:
+            err = validation_error_body(e.errors())["error"]
+            assert isinstance(err["message"], str) and err["message"]
         else:
-            assert isinstance(req, ChatRequest) and req.messages[-1]["role"] == "user"
-            assert 0 <= req.temperature <= 2 and 0 <= req.top_k <= 200 and 1 <= req.max_tokens <= 4096
+            assert req.messages[-1].role == "user" and req.n in (None, 1)
+            assert req.temperature is None or 0 <= req.temperature <= 2
+            assert req.top_k is None or 0 <= req.top_k <= 200
+            assert req.max_tokens is None or 1 <= req.max_tokens <= 4096
     check()
