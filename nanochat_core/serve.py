@@ -163,6 +163,9 @@ class WorkerPool:
 
     def _drop_cancelled(self) -> None:
         if any(j.cancel.is_set() for j in self.waiting):
+            for j in self.waiting:
+                if j.cancel.is_set():
+                    j.put(None)   # never started: its request handler is waiting for this end
             self.waiting = collections.deque(j for j in self.waiting if not j.cancel.is_set())
 
     def submit(self, job: Job) -> None:
@@ -191,6 +194,7 @@ class WorkerPool:
             self.closed = True
             for job in list(self.waiting) + list(self.running):
                 job.cancel.set()
+            self._drop_cancelled()
             self.ready.notify_all()
         for t in self.threads:
             t.join(timeout=10)
@@ -412,9 +416,7 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
 
     if not 0 < port < 65536:
         raise NanochatError(f"--port must be between 1 and 65535 (got {port})")
-    if not is_loopback(host) and not api_key:
-        raise NanochatError(f"refusing to listen on {host} without an API key: anyone who can reach it could use "
-                            "the model. Set NANOCHAT_API_KEY (or pass --api-key), or listen on 127.0.0.1")
+    check_bind(host, api_key)
     _check_port_free(host, port)
     path = find_checkpoint(checkpoint)
     device = device or autodetect_device_type()
@@ -431,6 +433,14 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
     key = " (API key required)" if api_key else ""
     print(f"nanochat: serving {meta.get('path', path)} on {', '.join(devices)} at http://{host}:{port}/{key}", flush=True)
     make_server(app, host, port).run()
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Anything but loopback without a key would give the model (and its GPU bill) to whoever finds the port."""
+    from nanochat_core.serve_net import is_loopback
+    if not is_loopback(host) and not api_key:
+        raise NanochatError(f"refusing to listen on {host} without an API key: anyone who can reach it could use "
+                            "the model. Set NANOCHAT_API_KEY (or pass --api-key), or listen on 127.0.0.1")
 
 
 def _check_port_free(host: str, port: int) -> None:

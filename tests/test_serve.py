@@ -161,6 +161,24 @@ BAD_REQUESTS = [
     ("stream string", ask(stream="yes"), 400),
     ("seed negative", ask(seed=-1), 400),
     ("body over 1 MB", {"messages": [{"role": "user", "content": "hi"}], "junk": "z" * (1 << 20)}, 413),
+    # strict types: no coercion from booleans, floats or strings
+    ("n true", ask(n=True), 400),
+    ("n 1.0", ask(n=1.0), 400),
+    ("max_tokens 5.0", ask(max_tokens=5.0), 400),
+    ("max_tokens string", ask(max_tokens="5"), 400),
+    ("seed float", ask(seed=1.0), 400),
+    ("stream 1", ask(stream=1), 400),
+    ("stop too many", ask(stop=["a", "b", "c", "d", "e"]), 400),
+    ("stop empty string", ask(stop=""), 400),
+    # fields this server would otherwise silently ignore
+    ("tools", ask(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400),
+    ("logprobs true", ask(logprobs=True), 400),
+    ("response_format json", ask(response_format={"type": "json_object"}), 400),
+    ("unknown field", ask(frobnicate=1), 400),
+    ("presence_penalty", ask(presence_penalty=0.5), 400),
+    ("message name", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400),
+    ("max_tokens past the context", ask(max_tokens=250), 400),
+    ("unknown model", ask(model="gpt-4o"), 404),
 ]
 
 
@@ -171,6 +189,98 @@ def test_bad_requests_get_4xx_in_openai_shape(url, name, body, status):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and err["type"]
+
+
+def test_refusals_name_the_field_and_the_reason(url):
+    def post(body):
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    err = post(ask(tools=[{"type": "function", "function": {"name": "f"}}])).json()["error"]
+    assert err["param"] == "tools" and "'tools' is not supported" in err["message"] and "calculator" in err["message"]
+    err = post(ask(n=True)).json()["error"]
+    assert err["param"] == "n" and "integer" in err["message"]
+    err = post(ask(model="gpt-4o")).json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "nanochat-test" in err["message"]
+    assert httpx.get(f"{url}/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
+    assert httpx.get(f"{url}/v1/models/nanochat-test").json()["id"] == "nanochat-test"
+    err = post(ask(max_tokens=250)).json()["error"]   # 250 + the prompt > 256
+    assert err["code"] == "context_length_exceeded" and "256" in err["message"]
+    # values that change nothing are accepted, and so is the model's own name
+    r = post(ask(model="nanochat-test", n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0,
+                 user="u1", temperature=1, max_completion_tokens=3))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_context_is_the_trained_sequence_length(url, tiny_tokenizer):
+    """The tiny model trained at 256 tokens: the server says so and refuses a 300-token prompt (the model's
+    rotary table is 10x longer, but attention beyond 256 was never trained)."""
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"] == 256
+    text = " ".join(f"w{i}" for i in range(400))
+    ids = tiny_tokenizer.render_for_completion({"messages": [{"role": "user", "content": text}]})
+    assert 256 < len(ids) < 2000
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask(text, max_tokens=None), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # without max_tokens, a prompt near the end of the context gets what is left, never more
+    ids_short = tiny_tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    body = {"messages": [{"role": "user", "content": "hi"}], "seed": 1}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 256 - len(ids_short)
+
+
+def test_stop_sequences_cut_the_reply(url):
+    base = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=5, temperature=1.0, max_tokens=40), timeout=60).json()
+    text = base["choices"][0]["message"]["content"]
+    assert len(text) > 12, text
+    stop = text[6:9]
+    want = text[:text.find(stop)]
+    for stops in (stop, ["zzzz-never", stop]):
+        r = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=5, temperature=1.0, max_tokens=40, stop=stops), timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == want and choice["finish_reason"] == "stop"
+        # streaming: the same text, and no piece of the stop sequence ever shown
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                          json=ask(seed=5, temperature=1.0, max_tokens=40, stop=stops, stream=True)) as s:
+            chunks = [json.loads(e) for e in sse_events(s)[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # a stop sequence the reply never contains changes nothing
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=5, temperature=1.0, max_tokens=40, stop="\x00never"), timeout=60)
+    assert r.json()["choices"][0]["message"]["content"] == text
+
+
+class FailingModel(torch.nn.Module):
+    """A real model whose device "fails" (raises) on its Nth forward call, as a GPU out of memory would."""
+
+    def __init__(self, model, fail_at: int):
+        super().__init__()
+        self.inner, self.config, self.rotary_len = model, model.config, model.rotary_len
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        self.calls += 1
+        if self.calls % self.fail_at == 0:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.inner(idx, kv_cache=kv_cache, last_only=last_only)
+
+
+def test_an_error_inside_a_stream_ends_it_with_an_error_event(tiny_tokenizer):
+    model = FailingModel(endless_model(tiny_tokenizer, 256), fail_at=6)
+    with LiveServer(create_app(model, tiny_tokenizer)) as base:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(stream=True, max_tokens=50), timeout=60) as r:
+            assert r.status_code == 200
+            events = sse_events(r)
+        last = json.loads(events[-1])
+        assert last["error"]["type"] == "server_error" and "out of memory" in last["error"]["message"]
+        assert "[DONE]" not in events                     # a cut reply does not pretend to have finished
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert len(chunks) >= 2 and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+        # non-streaming: a 500 in OpenAI's shape; and the server keeps serving
+        model.calls = 0
+        r = httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=50), timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+        model.calls = 0
+        assert httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=3), timeout=60).status_code == 200
 
 
 def test_unknown_routes_and_methods_are_4xx_json(url):
