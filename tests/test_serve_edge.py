@@ -277,3 +277,16 @@ def test_entry_point_with_an_api_key(saved_run, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_sky_serve_yaml_takes_the_api_key_as_a_secret():
+    """serve.yaml listens on 0.0.0.0 (the cluster's open port): the key must come as a SkyPilot secret,
+    read by the server from its environment (not from a command line other users can see)."""
+    import yaml
+    import test_cli_skyfakes  # noqa: F401  (sets SKY_RUNTIME_DIR before sky is imported)
+    import sky
+    path = REPO / "sky" / "serve.yaml"
+    task = sky.Task.from_yaml(str(path))
+    assert "NANOCHAT_API_KEY" in task.secrets and "NANOCHAT_API_KEY" not in task.envs
+    run = yaml.safe_load(path.read_text())["run"]
+    assert "--host 0.0.0.0" in run and "--api-key" not in run
