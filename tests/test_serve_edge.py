@@ -1,6 +1,7 @@
 """The chat server facing a network, over real HTTP and raw sockets on 127.0.0.1: abandoned requests,
 timeouts and the connection cap, API key, Host and content-type checks, refusing to bind without a key,
 and SIGTERM while replies are in flight (a real process, a real signal)."""
+import contextlib
 import json
 import os
 import signal
@@ -83,6 +84,14 @@ def test_idle_slow_and_surplus_connections_are_closed(model, tiny_tokenizer):
                       b"Content-Length: 100\r\n\r\n{\"messages\":")
             got = closed_within(s, 4)
             assert got is not None and got.startswith(b"HTTP/1.1 408"), got
+        # a request head that grows past the h11 limit (16 KB) before it ends: refused, not buffered
+        with connect() as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000)
+            time.sleep(0.2)
+            with contextlib.suppress(OSError):   # the server may have hung up already
+                s.sendall(b"\r\n\r\n")
+            got = closed_within(s, 4)
+            assert got is not None and got.startswith(b"HTTP/1.1 400"), got[:100] if got else got
         # idle after a response (keep-alive)
         with connect() as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
