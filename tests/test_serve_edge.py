@@ -229,13 +229,17 @@ def test_sigterm_ends_replies_in_flight_and_exits_within_seconds(tiny_tokenizer,
             results[i] = (r.status_code, r.json())
 
         threads = [threading.Thread(target=plain, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=3000, stream=True),
                           headers=auth, timeout=60) as r:
             lines = r.iter_lines()
             first = next(lines)
             assert first.startswith("data: ")
+            for t in threads:
+                t.start()
+            deadline = time.time() + 20   # both waiting behind the stream (one worker)
+            while httpx.get(f"{base}/health", timeout=5).json()["queued"] < 2:
+                assert time.time() < deadline, "the two requests never reached the queue"
+                time.sleep(0.05)
             t0 = time.time()
             proc.send_signal(signal.SIGTERM)
             events = [line[6:] for line in lines if line.startswith("data: ")]
