@@ -119,8 +119,15 @@ class ChatCompletionRequest(_Strict):
 
 
 def validation_error_body(errors: list[dict]) -> dict:
-    """FastAPI's RequestValidationError.errors() -> OpenAI's error body, naming the first problem."""
-    e = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    """FastAPI's RequestValidationError.errors() -> OpenAI's error body, naming the first problem.
+    A value that fits no member of a union (stop: a string or a list) gets one error per member; the most
+    telling is a broken constraint (5 stop sequences: too many) rather than a type mismatch (not a string)."""
+    if not errors:
+        errors = [{"type": "", "loc": (), "msg": "invalid request"}]
+    def top(x):   # the request field an error is about
+        return next((p for p in x.get("loc", ()) if p != "body"), None)
+    same = [x for x in errors if top(x) == top(errors[0])]
+    e = max(same, key=lambda x: (not x.get("type", "").endswith("_type"), len(x.get("loc", ()))))
     # loc is ("body", field, index, ...); drop "body" and the tags pydantic adds for union members
     loc = [p for p in e.get("loc", ()) if p != "body" and not (isinstance(p, str) and ("[" in p or p in
            ("str", "int", "float", "bool", "list", "none", "constrained-str", "constrained-int", "constrained-float")))]
@@ -132,8 +139,8 @@ def validation_error_body(errors: list[dict]) -> dict:
     elif not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
         message = "request body must be a JSON object"
     elif kind == "extra_forbidden":
-        why = _WHY.get(str(loc[-1]) if loc else "", "this server does not support it")
-        message = f"'{path}' is not supported: {why}"
+        why = _WHY.get(str(loc[-1]) if loc else "")
+        message = f"'{path}' is not supported" + (f": {why}" if why else " by this server")
     elif kind == "missing":
         message = f"'{path}' is required"
     elif kind == "value_error":

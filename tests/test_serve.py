@@ -198,6 +198,8 @@ def test_refusals_name_the_field_and_the_reason(url):
     assert err["param"] == "tools" and "'tools' is not supported" in err["message"] and "calculator" in err["message"]
     err = post(ask(n=True)).json()["error"]
     assert err["param"] == "n" and "integer" in err["message"]
+    err = post(ask(stop=["a", "b", "c", "d", "e"])).json()["error"]   # a list of too many, not "not a string"
+    assert err["param"] == "stop" and "at most 4" in err["message"]
     err = post(ask(model="gpt-4o")).json()["error"]
     assert err["code"] == "model_not_found" and err["param"] == "model" and "nanochat-test" in err["message"]
     assert httpx.get(f"{url}/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
