@@ -217,12 +217,16 @@ def serve(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint directory "
                                                                         "(default: the latest run)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: best available)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="NANOCHAT_API_KEY", show_envvar=True,
+                                          help="Require `Authorization: Bearer KEY` on /v1/* (needed to listen on "
+                                               "anything but 127.0.0.1; prefer the variable to the flag)."),
 ) -> None:
     """Web chat UI and an OpenAI-compatible /v1/chat/completions endpoint (streaming)."""
+    from nanochat_core.serve import check_bind, run_server
+    check_bind(host, api_key)   # before looking for a checkpoint: refusing is the first thing to say
     from nanochat_cli import flows
     ckpt = flows.resolve_checkpoint(checkpoint)
-    from nanochat_core.serve import run_server
-    run_server(host=host, port=port, checkpoint=str(ckpt), device=device)
+    run_server(host=host, port=port, checkpoint=str(ckpt), device=device, api_key=api_key)
 
 
 @app.command()

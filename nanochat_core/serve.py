@@ -1,15 +1,26 @@
 """
-The chat server:  python -m nanochat_core.serve [--host 127.0.0.1] [--port 8000] [--checkpoint DIR]
+The chat server:  python -m nanochat_core.serve [--host 127.0.0.1] [--port 8000] [--checkpoint DIR] [--api-key KEY]
 
   GET  /                      the chat page (one self-contained file: works with no internet)
   POST /v1/chat/completions   OpenAI-compatible, non-streaming or `stream: true` (SSE, ends `data: [DONE]`)
-  GET  /v1/models, GET /health
+  GET  /v1/models, GET /v1/models/{id}, GET /health
 
-Requests are validated up front (the reference web chat's limits, docs/ARCHITECTURE.md) and refused with a 4xx in OpenAI's error shape
-{"error": {"message", "type", "param", "code"}}: a bad request is the client's problem, never a 500.
+Request bodies are pydantic models (api_models.py) that FastAPI validates; every refusal is a 4xx in
+OpenAI's error shape {"error": {"message", "type", "param", "code"}}: a bad request is the client's
+problem, never a 500. What faces the network (Host check, API key, JSON only, timeouts, connection cap,
+drain on SIGTERM) is in serve_net.py. A server bound to anything but loopback needs an API key.
+
 Generation runs on worker threads, one per model replica (one per GPU; one on CPU) fed from one queue,
 so concurrent requests wait their turn instead of fighting over a device; a full queue answers 429.
-A streaming client that disconnects cancels its generation between tokens.
+A client that disconnects - streaming or not, running or still queued - cancels its generation
+(between tokens), so abandoned requests never hold the queue.
+
+The context is the sequence length the model was trained with: prompt + max_tokens beyond it is refused
+(400 context_length_exceeded), as OpenAI does. Without max_tokens the reply gets min(512, what is left).
+A `stop` sequence cuts the reply before it (finish_reason "stop"); while streaming, text that might be the
+start of a stop sequence is held back until it is known not to be.
+An error during generation ends a stream with an error event (`data: {"error": ...}`) and no
+finish_reason and no [DONE]: a client can tell a cut reply from a finished one.
 
 Tool calls travel inside the message text as the model's own markers,
   <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>,
@@ -19,8 +30,9 @@ so the page can render them distinctly and a client that sends the history back 
 # (no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime)
 import argparse
 import asyncio
+import collections
 import json
-import queue
+import os
 import re
 import threading
 import time
@@ -30,14 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanochat_core.api_models import DEFAULTS, ChatCompletionRequest, validation_error_body
 from nanochat_core.common import NanochatError, autodetect_device_type, run_main
 
-MAX_MESSAGES = 500
-MAX_MESSAGE_CHARS = 8000
-MAX_TOTAL_CHARS = 32000
-MAX_BODY_BYTES = 1 << 20
-MAX_OUTPUT_TOKENS = 4096
-DEFAULTS = dict(temperature=0.6, top_k=50, max_tokens=512)
 STATIC = Path(__file__).parent / "static"
 
 OPEN = {"text": "", "python": "<|python_start|>", "python_output": "<|output_start|>"}
@@ -53,112 +60,6 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# -----------------------------------------------------------------------------
-# Request validation
-
-@dataclass
-class ChatRequest:
-    messages: list[dict]
-    temperature: float
-    top_k: int
-    top_p: float | None
-    max_tokens: int
-    seed: int | None
-    stream: bool
-    include_usage: bool = False   # stream_options.include_usage: a last chunk with token counts
-
-
-def _number(body: dict, name: str, lo: float, hi: float, default: Any, integer: bool = False) -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not lo <= v <= hi:
-        kind = "an integer" if integer else "a number"
-        raise APIError(400, f"'{name}' must be {kind} between {lo} and {hi}, got {json.dumps(v)[:40]}", name)
-    return v
-
-
-def _text_content(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):   # OpenAI's array form: [{"type": "text", "text": "..."}]
-        texts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise APIError(400, f"messages[{i}].content must be a string", "messages")
-
-
-def parse_request(raw: bytes) -> ChatRequest:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: absurdly deep nesting
-        raise APIError(400, "request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    if len(msgs) > MAX_MESSAGES:
-        raise APIError(400, f"too many messages ({len(msgs)} > {MAX_MESSAGES})", "messages")
-    messages, total = [], 0
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object with role and content", "messages")
-        role = m.get("role")
-        role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role {json.dumps(role)[:40]} is not supported: use system, user or assistant", "messages")
-        text = _text_content(m.get("content"), i)
-        if len(text) > MAX_MESSAGE_CHARS:
-            raise APIError(400, f"messages[{i}] has {len(text)} characters; the limit is {MAX_MESSAGE_CHARS}", "messages")
-        total += len(text)
-        if role != "assistant" and not text.strip():
-            raise APIError(400, f"messages[{i}] ({role}) is empty", "messages")
-        messages.append({"role": role, "content": text})
-    if total > MAX_TOTAL_CHARS:
-        raise APIError(400, f"the conversation has {total} characters; the limit is {MAX_TOTAL_CHARS}", "messages")
-    _check_order([m["role"] for m in messages])
-    if body.get("n", 1) != 1:
-        raise APIError(400, "'n' must be 1: one reply per request", "n")
-    if body.get("stop") not in (None, [], ""):
-        raise APIError(400, "'stop' sequences are not supported", "stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be true or false", "stream")
-    top_p = _number(body, "top_p", 0.0, 1.0, None)
-    if top_p is not None and top_p <= 0.0:
-        raise APIError(400, "'top_p' must be greater than 0", "top_p")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise APIError(400, "'seed' must be a non-negative integer", "seed")
-    return ChatRequest(
-        messages=messages,
-        temperature=_number(body, "temperature", 0.0, 2.0, DEFAULTS["temperature"]),
-        top_k=_number(body, "top_k", 0, 200, DEFAULTS["top_k"], integer=True),
-        top_p=top_p,
-        max_tokens=_number({"max_tokens": max_tokens}, "max_tokens", 1, MAX_OUTPUT_TOKENS, DEFAULTS["max_tokens"], integer=True),
-        seed=seed,
-        stream=stream,
-        include_usage=isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True,
-    )
-
-
-def _check_order(roles: list[str]) -> None:
-    body = roles[1:] if roles[0] == "system" else roles
-    if "system" in body:
-        raise APIError(400, "only the first message may be a system message", "messages")
-    for i, role in enumerate(body):
-        if role != ("user" if i % 2 == 0 else "assistant"):
-            raise APIError(400, "messages must alternate user, assistant, user, ... (after an optional system message)", "messages")
-    if not body or body[-1] != "user":
-        raise APIError(400, "the last message must be from the user", "messages")
 
 
 def content_to_parts(text: str) -> list[dict]:
@@ -192,13 +93,38 @@ class Markup:
         return self.feed("text", "")
 
 
+class StopFilter:
+    """Cuts reply text at the first stop sequence. Text that could be the beginning of one is held back
+    until the next piece shows whether it is, so a stream never shows a stop sequence (or half of one)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.stopped = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held, self.stopped = "", True
+            return buf[:min(hits)]
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
 # -----------------------------------------------------------------------------
 # Worker pool
 
 @dataclass(eq=False)   # compared (and hashed) by identity: jobs live in a set while running
 class Job:
     ids: list[int]
-    req: ChatRequest
+    req: ChatCompletionRequest
+    max_tokens: int
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -211,67 +137,118 @@ class Job:
 
 
 class WorkerPool:
-    """One thread per Engine, all taking jobs from one queue. Each job's pieces go to its asyncio queue,
-    then an exception (if generation failed) and always a final None."""
+    """One thread per Engine, all taking jobs from one waiting line. Each job's pieces go to its asyncio
+    queue, then an exception (if generation failed) and always a final None. A cancelled job leaves the
+    line at once: it no longer counts towards max_queue and no worker ever starts it."""
 
     def __init__(self, engines: list, max_queue: int):
         self.engines, self.max_queue = engines, max_queue
-        self.jobs: queue.Queue = queue.Queue()
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.ready = threading.Condition()
+        self.closed = False
         self.threads: list[threading.Thread] = []
         self.running: set[Job] = set()
 
     def start(self) -> None:
+        self.closed = False
         for i, engine in enumerate(self.engines):
             t = threading.Thread(target=self._work, args=(engine,), name=f"nanochat-worker-{i}", daemon=True)
             t.start()
             self.threads.append(t)
 
-    def stop(self) -> None:
-        for job in list(self.running):   # shutting down: abandon replies in progress
+    def queued(self) -> int:
+        with self.ready:
+            self._drop_cancelled()
+            return len(self.waiting)
+
+    def _drop_cancelled(self) -> None:
+        if any(j.cancel.is_set() for j in self.waiting):
+            for j in self.waiting:
+                if j.cancel.is_set():
+                    j.put(None)   # never started: its request handler is waiting for this end
+            self.waiting = collections.deque(j for j in self.waiting if not j.cancel.is_set())
+
+    def submit(self, job: Job) -> None:
+        with self.ready:
+            self._drop_cancelled()
+            if self.closed:
+                raise APIError(503, "the server is shutting down: retry shortly", code="shutting_down", type="server_error")
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(429, f"the server is busy ({self.max_queue} requests waiting): retry shortly",
+                               code="server_busy", type="rate_limit_error")
+            self.waiting.append(job)
+            self.ready.notify()
+
+    def abort(self, reason: str) -> None:
+        """Shutting down: every reply waiting or in progress ends now with a 503 / an error event.
+        Runs on the event loop's thread (it writes to the jobs' asyncio queues directly)."""
+        with self.ready:
+            self.closed = True
+            jobs = list(self.waiting) + list(self.running)
+        for job in jobs:
             job.cancel.set()
-        for _ in self.threads:
-            self.jobs.put(None)
+            job.out.put_nowait(APIError(503, reason, code="shutting_down", type="server_error"))
+
+    def stop(self) -> None:
+        with self.ready:
+            self.closed = True
+            for job in list(self.waiting) + list(self.running):
+                job.cancel.set()
+            self._drop_cancelled()
+            self.ready.notify_all()
         for t in self.threads:
             t.join(timeout=10)
         self.threads = []
 
-    def submit(self, job: Job) -> None:
-        if self.jobs.qsize() >= self.max_queue:
-            raise APIError(429, f"the server is busy ({self.max_queue} requests waiting): retry shortly",
-                           code="server_busy", type="rate_limit_error")
-        self.jobs.put(job)
+    def _next(self) -> Job | None:
+        with self.ready:
+            while True:
+                self._drop_cancelled()
+                if self.closed:
+                    return None
+                if self.waiting:
+                    job = self.waiting.popleft()
+                    self.running.add(job)
+                    return job
+                self.ready.wait()
 
     def _work(self, engine: Any) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.running.add(job)
+        while (job := self._next()) is not None:
             try:
-                if job.cancel.is_set():
-                    continue
                 r = job.req
-                for piece in engine.stream_reply(job.ids, max_tokens=r.max_tokens, temperature=r.temperature,
-                                                 top_k=r.top_k or None, top_p=r.top_p, seed=r.seed, cancel=job.cancel):
+                for piece in engine.stream_reply(job.ids, max_tokens=job.max_tokens,
+                                                 temperature=DEFAULTS["temperature"] if r.temperature is None else r.temperature,
+                                                 top_k=(DEFAULTS["top_k"] if r.top_k is None else r.top_k) or None,
+                                                 top_p=r.top_p, seed=r.seed, cancel=job.cancel):
                     job.put(piece)
             except Exception as e:   # a bug or a device error: report it to this request, keep serving
                 job.put(e)
             finally:
-                self.running.discard(job)
+                with self.ready:
+                    self.running.discard(job)
                 job.put(None)
 
 
 # -----------------------------------------------------------------------------
 # The app
 
-def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_queue: int = 64):
-    """FastAPI app over already-loaded model(s): one model, or a list of replicas (one worker each)."""
+def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_queue: int = 64,
+               api_key: str | None = None, check_host: bool = True, limits: Any = None):
+    """FastAPI app over already-loaded model(s): one model, or a list of replicas (one worker each).
+    api_key: required as `Authorization: Bearer` on /v1/*; check_host: answer only requests addressed to a
+    loopback name (for a server bound to loopback); limits: serve_net.Limits (body size and timeouts)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from nanochat_core.engine import Engine
+    from nanochat_core.serve_net import Gate, Limits
 
-    engines = [Engine(m, tokenizer) for m in (models if isinstance(models, (list, tuple)) else [models])]
-    context_len = min(e.context_len for e in engines)
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    engines = [Engine(m, tokenizer) for m in models]
+    # the context is what the model was trained on: attention beyond its sequence length was never learned
+    context_len = min(m.config.sequence_len for m in models)
     pool = WorkerPool(engines, max_queue)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     created = int(time.time())
@@ -283,7 +260,8 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
         pool.stop()
 
     app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pool = pool
+    app.state.pool, app.state.limits = pool, limits or Limits()
+    app.add_middleware(Gate, api_key=api_key or None, check_host=check_host, limits=app.state.limits)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -296,7 +274,7 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
-        return JSONResponse(APIError(400, "invalid request").body(), status_code=400)
+        return JSONResponse(validation_error_body(exc.errors()), status_code=400)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -304,95 +282,141 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "workers": len(engines), "queued": pool.jobs.qsize()}
+        return {"status": "ok", "model": model_name, "workers": len(engines), "queued": pool.queued()}
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat",
+                "max_model_len": context_len}
+
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"The model '{name[:80]}' does not exist: this server has '{model_name}' (see /v1/models)",
+                        "model", code="model_not_found")
 
     @app.get("/v1/models")
     async def models_list():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_get(name: str):
+        if name != model_name:
+            raise unknown_model(name)
+        return model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        req = parse_request(bytes(raw))
-        conv = [m if m["role"] != "assistant" else {"role": "assistant", "content": content_to_parts(m["content"])}
-                for m in req.messages]
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if req.model is not None and req.model != model_name:
+            raise unknown_model(req.model)
+        conv = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": content_to_parts(m.text) if m.role == "assistant" else m.text} for m in req.messages]
         try:
             ids = tokenizer.render_for_completion({"messages": conv})
         except NanochatError as e:
             raise APIError(400, str(e), "messages") from None
-        if len(ids) >= context_len:
-            raise APIError(400, f"the conversation is {len(ids)} tokens; the model's context holds {context_len}",
-                           "messages", code="context_length_exceeded")
-        job = Job(ids, req, asyncio.get_running_loop())
+        asked = req.requested_max_tokens
+        if len(ids) >= context_len or (asked is not None and len(ids) + asked > context_len):
+            more = f" and max_tokens asks for {asked} more" if asked is not None else ""
+            raise APIError(400, f"the conversation is {len(ids)} tokens{more}; the model's context is {context_len} "
+                           "tokens (the sequence length it was trained with): shorten the conversation or lower max_tokens",
+                           "max_tokens" if asked is not None and len(ids) < context_len else "messages",
+                           code="context_length_exceeded")
+        max_tokens = asked if asked is not None else min(DEFAULTS["max_tokens"], context_len - len(ids))
+        job = Job(ids, req, max_tokens, asyncio.get_running_loop())
         pool.submit(job)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:   # no caching, and no buffering by a reverse proxy in front of us: tokens go out as made
             return StreamingResponse(_sse(job, rid, now), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(job, rid, now)
+        return await _complete(job, rid, now, request)
 
-    def chunk(rid: str, now: int, delta: dict, finish: str | None = None) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def event(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
+    def chunk(rid: str, now: int, delta: dict, finish: str | None = None) -> str:
+        return event({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    def usage(job: Job, n: int) -> dict:
+        return {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+
     async def _sse(job: Job, rid: str, now: int):
-        markup, finish, n = Markup(), "length", 0
         try:
             yield chunk(rid, now, {"role": "assistant", "content": ""})
-            while (item := await job.out.get()) is not None:
-                if isinstance(item, Exception):
-                    yield f"data: {json.dumps(APIError(500, f'generation failed: {item}', type='server_error').body())}\n\n"
-                    continue
-                if item.kind == "finish":
-                    finish, n = ("stop" if item.text == "stop" else "length"), item.num_tokens
-                    continue
-                if text := markup.feed(item.kind, item.text):
-                    yield chunk(rid, now, {"content": text})
-            if tail := markup.close():
-                yield chunk(rid, now, {"content": tail})
+            try:
+                async for kind, value, n in _reply(job):
+                    if kind == "text":
+                        yield chunk(rid, now, {"content": value})
+                    else:
+                        finish = value
+            except APIError as e:   # the reply is cut: say so, and no finish_reason pretends otherwise
+                yield event(e.body())
+                return
             yield chunk(rid, now, {}, finish)
             if job.req.include_usage:
-                usage = {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
-                body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [], "usage": usage}
-                yield f"data: {json.dumps(body)}\n\n"
+                yield event({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                             "choices": [], "usage": usage(job, n)})
             yield "data: [DONE]\n\n"
         finally:
             job.cancel.set()   # client gone (or done): stop generating for it
 
-    async def _complete(job: Job, rid: str, now: int):
-        markup, text, finish, n = Markup(), [], "length", 0
-        while (item := await job.out.get()) is not None:
-            if isinstance(item, Exception):
-                job.cancel.set()
-                raise APIError(500, f"generation failed: {item}", type="server_error")
-            if item.kind == "finish":
-                finish, n = ("stop" if item.text == "stop" else "length"), item.num_tokens
-            else:
-                text.append(markup.feed(item.kind, item.text))
-        text.append(markup.close())
+    async def _complete(job: Job, rid: str, now: int, request: Any):
+        async def watch():   # the only way to learn that a non-streaming client hung up is to listen for it
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            text, finish, n = [], "length", 0
+            async for kind, value, n in _reply(job):
+                if kind == "text":
+                    text.append(value)
+                else:
+                    finish = value
+        finally:
+            watcher.cancel()
+            job.cancel.set()
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}}
+                "usage": usage(job, n)}
 
     return app
 
 
-def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None, device: str | None = None) -> None:
+async def _reply(job: Job):
+    """The reply as ("text", delta, 0) items - tool markers included, stop sequences applied - then one
+    ("finish", finish_reason, tokens generated). Raises APIError if generation failed or was aborted."""
+    markup, stops, finish, n = Markup(), StopFilter(job.req.stops), "length", 0
+    while (item := await job.out.get()) is not None:
+        if isinstance(item, APIError):
+            raise item
+        if isinstance(item, Exception):
+            raise APIError(500, f"generation failed: {item}", code="generation_failed", type="server_error")
+        if item.kind == "finish":
+            n = item.num_tokens
+            finish = "stop" if stops.stopped or item.text == "stop" else "length"
+            continue
+        if text := stops.feed(markup.feed(item.kind, item.text)):
+            yield "text", text, 0
+        if stops.stopped:
+            job.cancel.set()   # the rest is not wanted; the worker stops at the next token and reports the count
+    tail = ("" if stops.stopped else stops.flush()) + markup.close()
+    if tail:
+        yield "text", tail, 0
+    yield "finish", finish, n
+
+
+def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None, device: str | None = None,
+               api_key: str | None = None) -> None:
     """Load the checkpoint (the latest local run if None) - one replica per GPU when several - and serve."""
     import torch
-    import uvicorn
 
     from nanochat_core.chat import find_checkpoint
     from nanochat_core.checkpoint import load_model
+    from nanochat_core.serve_net import is_loopback, make_server
 
     if not 0 < port < 65536:
         raise NanochatError(f"--port must be between 1 and 65535 (got {port})")
+    check_bind(host, api_key)
     _check_port_free(host, port)
     path = find_checkpoint(checkpoint)
     device = device or autodetect_device_type()
@@ -405,11 +429,18 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
         models.append(model)
     ckpt = Path(meta.get("path", path))
     name = f"nanochat-{ckpt.parent.parent.name}-{ckpt.parent.name}"   # run and stage: nanochat-<run>-sft
-    app = create_app(models, tokenizer, model_name=name)
-    print(f"nanochat: serving {meta.get('path', path)} on {', '.join(devices)} at http://{host}:{port}/", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach this machine can use the model", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws="none")
+    app = create_app(models, tokenizer, model_name=name, api_key=api_key, check_host=is_loopback(host))
+    key = " (API key required)" if api_key else ""
+    print(f"nanochat: serving {meta.get('path', path)} on {', '.join(devices)} at http://{host}:{port}/{key}", flush=True)
+    make_server(app, host, port).run()
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Anything but loopback without a key would give the model (and its GPU bill) to whoever finds the port."""
+    from nanochat_core.serve_net import is_loopback
+    if not is_loopback(host) and not api_key:
+        raise NanochatError(f"refusing to listen on {host} without an API key: anyone who can reach it could use "
+                            "the model. Set NANOCHAT_API_KEY (or pass --api-key), or listen on 127.0.0.1")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -426,12 +457,16 @@ def _check_port_free(host: str, port: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.serve", description="Web chat + OpenAI-compatible API.")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; "
+                   "anything else needs an API key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", default=None, help="run directory or checkpoint directory (default: the latest run)")
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: auto)")
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $NANOCHAT_API_KEY; prefer the "
+                        "variable: a command line is visible to every user of the machine)")
     a = p.parse_args()
-    run_server(a.host, a.port, a.checkpoint, a.device)
+    run_server(a.host, a.port, a.checkpoint, a.device, a.api_key)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from nanochat_core.serve import content_to_parts, create_app
 class LiveServer:
     """uvicorn running an app in a background thread on a free port of 127.0.0.1."""
 
-    def __init__(self, app):
-        import uvicorn
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none"))
+    def __init__(self, app, limits=None):
+        from nanochat_core.serve_net import make_server
+        self.server = make_server(app, "127.0.0.1", 0, limits)   # the server run_server runs, limits and all
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -161,6 +161,24 @@ BAD_REQUESTS = [
     ("stream string", ask(stream="yes"), 400),
     ("seed negative", ask(seed=-1), 400),
     ("body over 1 MB", {"messages": [{"role": "user", "content": "hi"}], "junk": "z" * (1 << 20)}, 413),
+    # strict types: no coercion from booleans, floats or strings
+    ("n true", ask(n=True), 400),
+    ("n 1.0", ask(n=1.0), 400),
+    ("max_tokens 5.0", ask(max_tokens=5.0), 400),
+    ("max_tokens string", ask(max_tokens="5"), 400),
+    ("seed float", ask(seed=1.0), 400),
+    ("stream 1", ask(stream=1), 400),
+    ("stop too many", ask(stop=["a", "b", "c", "d", "e"]), 400),
+    ("stop empty string", ask(stop=""), 400),
+    # fields this server would otherwise silently ignore
+    ("tools", ask(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400),
+    ("logprobs true", ask(logprobs=True), 400),
+    ("response_format json", ask(response_format={"type": "json_object"}), 400),
+    ("unknown field", ask(frobnicate=1), 400),
+    ("presence_penalty", ask(presence_penalty=0.5), 400),
+    ("message name", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400),
+    ("max_tokens past the context", ask(max_tokens=250), 400),
+    ("unknown model", ask(model="gpt-4o"), 404),
 ]
 
 
@@ -171,6 +189,100 @@ def test_bad_requests_get_4xx_in_openai_shape(url, name, body, status):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and err["type"]
+
+
+def test_refusals_name_the_field_and_the_reason(url):
+    def post(body):
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    err = post(ask(tools=[{"type": "function", "function": {"name": "f"}}])).json()["error"]
+    assert err["param"] == "tools" and "'tools' is not supported" in err["message"] and "calculator" in err["message"]
+    err = post(ask(n=True)).json()["error"]
+    assert err["param"] == "n" and "integer" in err["message"]
+    err = post(ask(stop=["a", "b", "c", "d", "e"])).json()["error"]   # a list of too many, not "not a string"
+    assert err["param"] == "stop" and "at most 4" in err["message"]
+    err = post(ask(model="gpt-4o")).json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "nanochat-test" in err["message"]
+    assert httpx.get(f"{url}/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
+    assert httpx.get(f"{url}/v1/models/nanochat-test").json()["id"] == "nanochat-test"
+    err = post(ask(max_tokens=250)).json()["error"]   # 250 + the prompt > 256
+    assert err["code"] == "context_length_exceeded" and "256" in err["message"]
+    # values that change nothing are accepted, and so is the model's own name
+    r = post(ask(model="nanochat-test", n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0,
+                 user="u1", temperature=1, max_completion_tokens=3))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_context_is_the_trained_sequence_length(url, tiny_tokenizer):
+    """The tiny model trained at 256 tokens: the server says so and refuses a 300-token prompt (the model's
+    rotary table is 10x longer, but attention beyond 256 was never trained)."""
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"] == 256
+    text = " ".join(f"w{i}" for i in range(400))
+    ids = tiny_tokenizer.render_for_completion({"messages": [{"role": "user", "content": text}]})
+    assert 256 < len(ids) < 2000
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask(text, max_tokens=None), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # without max_tokens, a prompt near the end of the context gets what is left, never more
+    ids_short = tiny_tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    body = {"messages": [{"role": "user", "content": "hi"}], "seed": 1}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 256 - len(ids_short)
+
+
+def test_stop_sequences_cut_the_reply(url):
+    base = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=5, temperature=1.0, max_tokens=40), timeout=60).json()
+    text = base["choices"][0]["message"]["content"]
+    assert len(text) > 12, text
+    stop = text[6:9]
+    want = text[:text.find(stop)]
+    for stops in (stop, ["zzzz-never", stop]):
+        r = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=5, temperature=1.0, max_tokens=40, stop=stops), timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == want and choice["finish_reason"] == "stop"
+        # streaming: the same text, and no piece of the stop sequence ever shown
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                          json=ask(seed=5, temperature=1.0, max_tokens=40, stop=stops, stream=True)) as s:
+            chunks = [json.loads(e) for e in sse_events(s)[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # a stop sequence the reply never contains changes nothing
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=5, temperature=1.0, max_tokens=40, stop="\x00never"), timeout=60)
+    assert r.json()["choices"][0]["message"]["content"] == text
+
+
+class FailingModel(torch.nn.Module):
+    """A real model whose device "fails" (raises) on its Nth forward call, as a GPU out of memory would."""
+
+    def __init__(self, model, fail_at: int):
+        super().__init__()
+        self.inner, self.config, self.rotary_len = model, model.config, model.rotary_len
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        self.calls += 1
+        if self.calls % self.fail_at == 0:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.inner(idx, kv_cache=kv_cache, last_only=last_only)
+
+
+def test_an_error_inside_a_stream_ends_it_with_an_error_event(tiny_tokenizer):
+    model = FailingModel(endless_model(tiny_tokenizer, 256), fail_at=6)
+    with LiveServer(create_app(model, tiny_tokenizer)) as base:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(stream=True, max_tokens=50), timeout=60) as r:
+            assert r.status_code == 200
+            events = sse_events(r)
+        last = json.loads(events[-1])
+        assert last["error"]["type"] == "server_error" and "out of memory" in last["error"]["message"]
+        assert "[DONE]" not in events                     # a cut reply does not pretend to have finished
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert len(chunks) >= 2 and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+        # non-streaming: a 500 in OpenAI's shape; and the server keeps serving
+        model.calls = 0
+        r = httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=50), timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+        model.calls = 0
+        assert httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=3), timeout=60).status_code == 200
 
 
 def test_unknown_routes_and_methods_are_4xx_json(url):
@@ -316,14 +428,21 @@ def test_serve_on_a_busy_port_is_a_one_line_error(saved_run):
             run_server(port=s.getsockname()[1])
 
 
-def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer.get_vocab_size())
-    with torch.no_grad():   # never sample a stop token (logit 0 is never in the top 50 of 512): replies run long
+def endless_model(tiny_tokenizer, sequence_len: int = 4096):
+    """A tiny model that never samples a stop token (logit 0 is never in the top 50 of 512): replies run
+    to max_tokens."""
+    model = tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=sequence_len)
+    with torch.no_grad():
         for name in tiny_tokenizer.get_special_tokens():
             model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
+    return model
+
+
+def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
+    model = endless_model(tiny_tokenizer)
     with LiveServer(create_app(PacedModel(model, 0.05), tiny_tokenizer)) as base:
-        # a reply of 4096 tokens would hold the only worker for minutes; read two chunks and hang up
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4096, stream=True), timeout=30) as r:
+        # a reply of 4000 tokens would hold the only worker for minutes; read two chunks and hang up
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4000, stream=True), timeout=30) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
         t0 = time.time()
@@ -352,11 +471,13 @@ def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tiny_tokenizer,
     assert "dropped the oldest exchange" in capsys.readouterr().err
 
 
-def test_request_parser_never_fails_with_anything_but_a_4xx():
-    """Whatever JSON a client sends, parse_request returns a request or raises APIError with a 4xx."""
+def test_request_model_never_fails_with_anything_but_a_validation_error():
+    """Whatever JSON a client sends, the request model accepts it or raises pydantic's ValidationError (which
+    the app answers with a 400), never anything else; what it accepts is within the limits."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
-    from nanochat_core.serve import APIError, ChatRequest, parse_request
+    from pydantic import ValidationError
+    from nanochat_core.api_models import ChatCompletionRequest, validation_error_body
     scalars = st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=20)
     values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                           max_leaves=12)
@@ -365,16 +486,19 @@ def test_request_parser_never_fails_with_anything_but_a_4xx():
     body = st.fixed_dictionaries({"messages": st.lists(message, max_size=5) | values},
                                  optional={k: values | st.floats(-1, 5) | st.integers(-5, 5000)
                                            for k in ["temperature", "top_k", "top_p", "max_tokens", "n", "seed",
-                                                     "stream", "stop", "stream_options"]})
+                                                     "stream", "stop", "stream_options", "tools"]})
 
     @given(body)
     @settings(max_examples=300, deadline=None)
     def check(b):
         try:
-            req = parse_request(json.dumps(b).encode())
-        except APIError as e:
-            assert 400 <= e.status < 500 and e.message
+            req = ChatCompletionRequest.model_validate_json(json.dumps(b))
+        except ValidationError as e:
+            err = validation_error_body(e.errors())["error"]
+            assert isinstance(err["message"], str) and err["message"]
         else:
-            assert isinstance(req, ChatRequest) and req.messages[-1]["role"] == "user"
-            assert 0 <= req.temperature <= 2 and 0 <= req.top_k <= 200 and 1 <= req.max_tokens <= 4096
+            assert req.messages[-1].role == "user" and req.n in (None, 1)
+            assert req.temperature is None or 0 <= req.temperature <= 2
+            assert req.top_k is None or 0 <= req.top_k <= 200
+            assert req.max_tokens is None or 1 <= req.max_tokens <= 4096
     check()

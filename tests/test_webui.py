@@ -10,6 +10,7 @@ import torch
 
 from tiny_models import PacedModel, tiny_chat_model
 from nanochat_core.serve import create_app
+from nanochat_core.serve_net import make_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -18,16 +19,28 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
 
 
 @pytest.fixture(scope="module")
-def url(tiny_tokenizer):
-    import uvicorn
-    model = tiny_chat_model(tiny_tokenizer.get_vocab_size())
+def paced(tiny_tokenizer):
+    model = tiny_chat_model(tiny_tokenizer.get_vocab_size(), sequence_len=4096)
     with torch.no_grad():
         # zero logit for every special token: with the page's top-k of 50 (of 512) they are never sampled,
         # so each reply runs to max_tokens of visible text and really streams
         for name in tiny_tokenizer.get_special_tokens():
             model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0
-    server = uvicorn.Server(uvicorn.Config(create_app(PacedModel(model, 0.01), tiny_tokenizer), host="127.0.0.1", port=0,
-                                           log_level="warning", ws="none"))
+    return PacedModel(model, 0.01)
+
+
+@pytest.fixture(scope="module")
+def url(paced, tiny_tokenizer):
+    yield from serving(create_app(paced, tiny_tokenizer))
+
+
+@pytest.fixture
+def keyed_url(paced, tiny_tokenizer):
+    yield from serving(create_app(paced, tiny_tokenizer, api_key="page-k3y"))
+
+
+def serving(app):
+    server = make_server(app, "127.0.0.1", 0)   # the server run_server runs (Host check, timeouts, ...)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -115,5 +128,40 @@ def test_chat_page_streams_a_reply_in_a_real_browser(url):
             assert shot.stat().st_size > 5000
             assert errors == []
             assert all(r.startswith(url) for r in requests), f"page fetched something external: {requests}"
+        finally:
+            browser.close()
+
+
+def test_chat_page_asks_for_the_api_key_and_uses_it(keyed_url):
+    """A server started with --api-key: the page shows a key field, refuses politely without it, and chats
+    once it is given (sent as `Authorization: Bearer`, kept for the tab only)."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs the system Chromium (.ci/run installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(keyed_url + "/")
+            expect(page.locator("#key_label")).to_be_visible()      # /v1/models said 401
+            expect(page.locator("#model")).to_have_text("")
+            page.fill("#max_tokens", "5")
+            page.fill("#input", "Hello?")
+            page.press("#input", "Enter")
+            expect(page.locator(".msg.error")).to_contain_text("needs an API key")
+            page.fill("#api_key", "page-k3y")
+            page.press("#api_key", "Enter")
+            expect(page.locator("#model")).to_have_text("nanochat")
+            page.fill("#input", "Hello again?")
+            page.press("#input", "Enter")
+            reply = page.locator(".msg.assistant .body").last
+            expect(reply).not_to_have_class("body cursor", timeout=30_000)
+            assert reply.inner_text().strip()
+            assert page.locator(".msg.error").count() == 1             # only the first, keyless try
+            assert "page-k3y" not in page.url
+            assert errors == []
         finally:
             browser.close()

@@ -6,10 +6,10 @@ import torch
 from nanochat_core.model import GPT, config_for_depth
 
 
-def tiny_chat_model(vocab_size: int) -> GPT:
+def tiny_chat_model(vocab_size: int, sequence_len: int = 256) -> GPT:
     """Depth 1, 16-dim heads, random; lm_head redrawn larger because the real init is near-uniform and
-    replies would be monotonous."""
-    cfg = config_for_depth(1, vocab_size, sequence_len=256, aspect_ratio=64, head_dim=16)
+    replies would be monotonous. The server's context is sequence_len (what the model "trained" with)."""
+    cfg = config_for_depth(1, vocab_size, sequence_len=sequence_len, aspect_ratio=64, head_dim=16)
     model = GPT.build(cfg, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
