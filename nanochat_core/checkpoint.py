@@ -319,14 +319,21 @@ def _prune(stage_dir: Path, keep: int) -> None:
 # -----------------------------------------------------------------------------
 # Finding and verifying
 
-def _meta_problem(meta: Any) -> str | None:
+_LEGACY_WARNED: set[str] = set()
+
+
+def _meta_problem(meta: Any, where: Path | None = None) -> str | None:
     """None if meta.json has the shape a checkpoint needs and vouches for itself, else a short reason."""
     if not isinstance(meta, dict):
         return "meta.json is not a JSON object"
-    digest = meta.get("meta_sha256")
-    if not isinstance(digest, str):
-        return "meta.json has no meta_sha256 (written by an older nanochat, or edited)"
-    if meta_digest(meta) != digest:
+    if "meta_sha256" not in meta:
+        # Saved before meta.json hashed itself: refusing it would make a resumed run start over (and its
+        # pruning then delete real work), so it is accepted with everything else still checked.
+        if str(where) not in _LEGACY_WARNED:
+            _LEGACY_WARNED.add(str(where))
+            print(f"warning: {where} was saved by an older nanochat: meta.json itself is not checksummed",
+                  file=sys.stderr, flush=True)
+    elif meta_digest(meta) != meta["meta_sha256"]:
         return "meta.json does not match its own sha256 (damaged or edited)"
     files = meta.get("files")
     if not isinstance(files, dict) or "model.safetensors" not in files:
@@ -373,7 +380,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True) -> str |
         return "meta.json is missing (the save did not finish)"
     except (OSError, ValueError) as e:
         return f"meta.json is unreadable ({e.__class__.__name__})"
-    problem = _meta_problem(meta)
+    problem = _meta_problem(meta, ckpt_dir)
     if problem:
         return problem
     for name, info in meta["files"].items():
@@ -412,7 +419,7 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     except (OSError, ValueError) as e:
         raise NanochatError(f"{path} is unreadable ({e.__class__.__name__}): the checkpoint is damaged; "
                             "use another one or the run directory") from None
-    problem = _meta_problem(meta)
+    problem = _meta_problem(meta, Path(ckpt_dir))
     if problem:
         raise NanochatError(f"checkpoint {ckpt_dir} is corrupt: {problem}; use another one or the run directory")
     return meta

@@ -61,6 +61,18 @@ def test_meta_json_is_covered_by_its_own_hash(tmp_path, capsys):
         load_checkpoint(ckpt, _tiny_net())
 
 
+def test_a_checkpoint_saved_before_meta_hashed_itself_still_resumes(tmp_path, capsys):
+    """Older checkpoints have no meta_sha256: still loaded (a resumed run must not start over), with a
+    warning, and every other check still applies."""
+    ckpt = _save(tmp_path / "s", 1)
+    _rewrite_meta(ckpt, lambda m: m.pop("meta_sha256"), rehash=False)
+    assert find_latest(tmp_path / "s") == ckpt
+    assert "older nanochat" in capsys.readouterr().err
+    load_checkpoint(ckpt, _tiny_net())
+    _flip_last_byte(ckpt / "model.safetensors")
+    assert "sha256" in verify_checkpoint(ckpt)
+
+
 @pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "sub/model.safetensors", "notes.txt"])
 def test_file_entries_cannot_leave_the_checkpoint_dir(tmp_path, name, monkeypatch):
     """A meta.json that names another file - with its true size and sha256 - is refused without reading it."""
