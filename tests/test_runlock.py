@@ -201,3 +201,32 @@ def test_a_grandchild_stage_stops_when_its_parent_is_killed(tmp_path):
     _wait(lambda: marker.exists(), 10, "the orphaned stage to get SIGTERM")
     _wait(lambda: not Path(f"/proc/{stage_pid}").exists() or
           Path(f"/proc/{stage_pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z", 10, "it to exit")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="counts processes through /proc")
+def test_kill9_of_the_local_supervisor_stops_its_pipeline_and_trainer(tmp_path, tiny_tokenizer):
+    """`nanochat train --local` runs supervisor -> pipeline -> stage; killing the supervisor with -9 leaves
+    nothing running (the trainer saves on the way out), so `nanochat down` has no orphan to miss."""
+    from nanochat_cli import state
+    from nanochat_cli.local_backend import LocalBackend
+    run = state.run_dir("lk")
+    tiny_tokenizer.save(run / "tokenizer")
+    job = LocalBackend().launch({"name": "local"}, run, ["--preset", "local", "--stages", "base", "--depth", "1",
+                                                        "--steps", "100000"])
+    try:
+        trainer = _wait(lambda: _trainers(run), 120, "the trainer")[0]
+        _wait(lambda: '"event": "progress"' in (run / "pipeline.log").read_text(), 180, "training")
+        pipeline = _wait(lambda: (state.read_job(run) or {}).get("child_pid"), 30, "the pipeline pid")
+        os.kill(job["pid"], signal.SIGKILL)
+        _wait(lambda: not _trainers(run), 60, "the trainer to stop")
+        _wait(lambda: not Path(f"/proc/{pipeline}").exists() or
+              Path(f"/proc/{pipeline}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z", 30, "the pipeline")
+        assert '"event": "checkpoint"' in (run / "pipeline.log").read_text()
+        assert trainer not in _trainers(run)
+    finally:
+        for pid in _trainers(run):
+            os.kill(pid, signal.SIGKILL)
+        child = (state.read_job(run) or {}).get("child_pid")
+        if child and Path(f"/proc/{child}").exists():
+            os.kill(child, signal.SIGKILL)
