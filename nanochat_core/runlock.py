@@ -135,11 +135,14 @@ def acquire(run_dir: str | os.PathLike, role: str = "pipeline", wait_s: float = 
                 os.close(fd)  # we run inside the holder's own process tree (e.g. a test driving a stage)
                 _held[str(run_dir.resolve())] = -1
                 return None
-            if any(r == "pipeline" for r, _ in who) or time.time() > deadline or not who:
+            # A live pipeline: refuse at once. Only stages of a dead pipeline (or, for an instant, nobody: the
+            # last holder is exiting between our two looks): they are on their way out, so wait for them.
+            if any(r == "pipeline" for r, _ in who) or time.time() >= deadline:
                 raise _busy(run_dir, who)
-            if not said:
-                print(f"waiting for {', '.join(f'{r} pid {p}' for r, p in who)} of a stopped run to save and "
-                      f"exit (up to {wait_s:.0f} s)", file=sys.stderr, flush=True)
+            if not said and (who or time.time() > deadline - wait_s + 2):
+                names = ", ".join(f"{r} pid {p}" for r, p in who) or "the process holding it"
+                print(f"{run_dir} is locked: waiting for {names} of a stopped run to save and exit "
+                      f"(up to {wait_s:.0f} s)", file=sys.stderr, flush=True)
                 said = True
             time.sleep(0.2)
     except OSError as e:
