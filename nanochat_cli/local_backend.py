@@ -73,7 +73,8 @@ class LocalBackend:
                "cmd": cmd, "state": RUNNING, "submitted_at": time.time(), "pid": None}
         state.write_job(rd, job)
         sup = [sys.executable, "-m", "nanochat_cli.local_backend", "supervise", "--run-dir", str(rd), "--", *cmd]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # NANOCHAT_DIE_WITH_PARENT: the pipeline stops (and its stage saves) if the supervisor is killed.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", NANOCHAT_DIE_WITH_PARENT="1")
         # The supervisor's own output is tiny; it goes to the log too so nothing is ever silently lost.
         with open(rd / "pipeline.log", "ab") as log:
             proc = subprocess.Popen(sup, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,

@@ -2,21 +2,34 @@
 Bringing a run home: rsync (resumable: --partial keeps half-copied files, a re-run only sends what is
 missing or changed) followed by verification against MANIFEST.sha256, the sha256sum-format list the
 pipeline writes on the node when it finishes. A file that does not match is reported by name and the
-command fails: a checkpoint that silently differs from what was trained is worse than none.
+command fails: a checkpoint that silently differs from what was trained is worse than none. Manifest
+entries are confined to the run directory: an absolute path, a `..` or a symlink that leads outside is
+refused, never hashed (the manifest comes from a remote machine).
+
+Host keys: SkyPilot's own ssh config for a cluster (~/.sky/generated/ssh/<cluster>, included from
+~/.ssh/config, written by `sky status`) gives host, user, key, port and proxy, but turns host-key checking
+off (StrictHostKeyChecking no, known-hosts files /dev/null): it trusts any machine at that address. We
+keep everything else from it and override the three host-key options on the command line, which take
+precedence over config files: trust on first use, pinned per cluster. The first pull from a newly
+launched cluster records its key in $NANOCHAT_HOME/known_hosts/<cluster>-<launch time> under the alias
+nanochat-<cluster>; every later pull from that cluster must present the same key, whatever its IP. A
+cluster launched again under the same name gets a new file (its launch time differs).
 """
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from nanochat_core.common import NanochatError, sha256_file
+from nanochat_core.common import NanochatError, nanochat_home, sha256_file
 
 MANIFEST = "MANIFEST.sha256"
 # What a run needs at home: checkpoints, tokenizer, evals, report, plan; optimizer shards stay behind by
 # default (they are only needed to resume training, and are 2-3x the model's size).
-EXCLUDES = ["optim_rank*.pt", ".logpos", ".job.json", ".*.tmp"]
+EXCLUDES = ["optim_rank*.pt", ".logpos", ".job.json", ".*.tmp", ".lock"]
 
 
 def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = False) -> None:
@@ -28,7 +41,7 @@ def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = F
     for pattern in excludes if excludes is not None else EXCLUDES:
         cmd += ["--exclude", pattern]
     if ssh:
-        cmd += ["-e", "ssh -o StrictHostKeyChecking=no -o ConnectTimeout=20"]
+        cmd += ["-e", ssh_command(src.partition(":")[0])]
     cmd += [src.rstrip("/") + "/", str(dest) + "/"]
     # rsync's own one-line progress (bytes, rate, ETA) when a person is watching; silent otherwise.
     show = sys.stdout.isatty()
@@ -39,14 +52,36 @@ def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = F
                             "again to resume where it stopped")
 
 
+def known_hosts_file(cluster: str) -> Path:
+    """Where this cluster's host key is pinned: one file per launch of the cluster (see the module doc)."""
+    from nanochat_cli import state
+    rec = state.get_cluster(cluster) or {}
+    launched = int(rec.get("launched_at") or 0)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cluster)
+    return nanochat_home() / "known_hosts" / f"{safe}-{launched}"
+
+
+def ssh_command(cluster: str) -> str:
+    """The ssh command rsync uses to reach `cluster`: SkyPilot's config, our host-key checking."""
+    pinned = known_hosts_file(cluster)
+    pinned.parent.mkdir(parents=True, exist_ok=True)
+    return shlex.join(["ssh", "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={pinned}",
+                       "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias=nanochat-{cluster}",
+                       "-o", "ConnectTimeout=20"])
+
+
 def read_manifest(path: Path) -> list[tuple[str, str]]:
     entries = []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         digest, _, rel = line.partition("  ")
-        if len(digest) != 64 or not rel:
-            raise NanochatError(f"{path} is not in sha256sum format (line: {line[:80]!r})")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not rel:
+            raise NanochatError(f"{path} is not in sha256sum format (line {n}: {line[:80]!r})")
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts or "\\" in rel or rel.startswith("~"):
+            raise NanochatError(f"{path} line {n} names a file outside the run directory ({rel[:80]!r}): the "
+                                "manifest is damaged or not from nanochat; nothing was verified")
         entries.append((digest, rel))
     return entries
 
@@ -58,10 +93,14 @@ def verify(run_dir: Path, skip_excluded: bool = True) -> int:
         raise NanochatError(f"{manifest} is missing: the run has not finished (the pipeline writes it at the "
                             "end); wait for `nanochat status` to say SUCCEEDED, then pull again")
     bad, checked = [], 0
+    root = run_dir.resolve()
     for digest, rel in read_manifest(manifest):
         if skip_excluded and Path(rel).match("optim_rank*.pt"):
             continue
         f = run_dir / rel
+        if not f.resolve().is_relative_to(root):  # a symlink in the pulled tree that leads out of it
+            raise NanochatError(f"{rel} in {run_dir} leads outside the run directory (a symlink to "
+                                f"{f.resolve()}): remove it and pull again; nothing was verified")
         if not f.is_file():
             bad.append(f"{rel} (missing)")
         elif sha256_file(f) != digest:

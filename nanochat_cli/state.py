@@ -8,11 +8,17 @@ What the CLI remembers between invocations, under $NANOCHAT_HOME (see docs/ARCHI
     runs/<name>/.logpos    how far `nanochat logs` has shown the log (so a re-attach neither loses nor repeats)
 
 All writes are atomic (temp file + rename): a crash or Ctrl-C never leaves half a record behind.
+Every read checks the shape (valid JSON of the wrong shape - `[]`, a pid that is a string - is as
+damaged as invalid JSON): clusters.json, which records what is costing money, stops the command with one
+line saying what to fix, never silently treated as empty (the next write would drop the records); a
+damaged run record (.job.json, plan.json) is ignored with a one-line warning, so one bad run never takes
+`status` down with it.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,15 +31,55 @@ def clusters_file() -> Path:
     return nanochat_home() / "clusters.json"
 
 
+# The types each record field must have when present (None is always allowed). bool is not an int here.
+NUM = (int, float)
+CLUSTER_FIELDS = {"name": str, "backend": str, "offer": dict, "nodes": int, "spot": bool, "price_per_hour": NUM,
+                  "launched_at": NUM, "budget": NUM, "autostop_minutes": int, "runs": list, "bucket": str,
+                  "keep": bool, "candidates": list}
+JOB_FIELDS = {"job_id": int, "backend": str, "cluster": str, "run": str, "cmd": list, "state": str, "pid": int,
+              "child_pid": int, "returncode": int, "managed": bool, "submitted_at": NUM, "started_at": NUM,
+              "ended_at": NUM}
+PLAN_FIELDS = {"budget": NUM, "price_per_hour": NUM, "deadline_at": NUM, "bucket": str, "preset": str,
+               "stages": list, "offer": dict, "nodes": int}
+
+
+def shape_problem(obj, fields: dict, required: tuple[str, ...] = ()) -> str | None:
+    """None if `obj` is a JSON object whose known fields have the right types, else what is wrong."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, found {type(obj).__name__}"
+    for key, want in fields.items():
+        value = obj.get(key)
+        if value is None:
+            if key in required:
+                return f"'{key}' is missing"
+            continue
+        kinds = want if isinstance(want, tuple) else (want,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            return f"'{key}' is {json.dumps(value)[:40]}, not {' or '.join(k.__name__ for k in kinds)}"
+    if "stages" in fields and any(not isinstance(s, dict) for s in obj.get("stages") or []):
+        return "'stages' holds something that is not an object"
+    return None
+
+
 def load_clusters() -> dict[str, dict]:
+    path = clusters_file()
     try:
-        data = json.loads(clusters_file().read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except ValueError:
-        raise NanochatError(f"{clusters_file()} is not valid JSON; fix or delete it "
-                            "(`sky status` still lists real clusters)") from None
-    return dict(data.get("clusters", {}))
+    except (ValueError, OSError) as e:
+        what = "is not valid JSON" if isinstance(e, ValueError) else f"cannot be read ({e.strerror})"
+        raise NanochatError(f"{path} {what}; fix or delete it (`sky status` still lists real clusters)") from None
+    problem = shape_problem(data, {"clusters": dict}, required=("clusters",))
+    for name, rec in (data.get("clusters") or {}).items() if problem is None else ():
+        problem = shape_problem(rec, CLUSTER_FIELDS, required=("name",))
+        if problem:
+            problem = f"cluster '{name}': {problem}"
+            break
+    if problem:
+        raise NanochatError(f"{path} is damaged ({problem}); fix or delete it "
+                            "(`sky status` still lists real clusters)")
+    return dict(data["clusters"])
 
 
 def save_cluster(record: dict) -> dict:
@@ -108,11 +154,29 @@ def latest_run() -> Path | None:
     return runs[0] if runs else None
 
 
+_SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",)), "plan.json": (PLAN_FIELDS, ())}
+_warned: set[str] = set()
+
+
 def read_json(path: Path) -> dict | None:
+    """A run record, or None if it is missing or damaged (then with a one-line warning on stderr)."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        problem = "not valid JSON" if isinstance(e, ValueError) else str(e)
+    else:
+        fields, required = _SCHEMAS.get(path.name, ({}, ()))
+        problem = shape_problem(data, fields, required)
+        if problem is None:
+            return data
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        print(f"warning: ignoring {path}: {problem}; delete it if that run no longer matters",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def write_plan(rd: Path, plan: dict) -> None:
@@ -129,8 +193,8 @@ def read_job(rd: Path) -> dict | None:
 
 def log_position(rd: Path) -> int:
     try:
-        return int((rd / ".logpos").read_text().strip() or 0)
-    except (FileNotFoundError, ValueError):
+        return max(0, int((rd / ".logpos").read_text().strip() or 0))
+    except (OSError, ValueError):
         return 0
 
 

@@ -46,7 +46,12 @@ def load_engine(checkpoint: str | Path | None = None, device: str | None = None)
     """(Engine, meta) for the checkpoint (see find_checkpoint) on the device (auto-detected if None)."""
     from nanochat_core.checkpoint import load_model
     from nanochat_core.engine import Engine
-    model, tokenizer, meta = load_model(find_checkpoint(checkpoint), device or autodetect_device_type())
+    path = find_checkpoint(checkpoint)
+    try:  # load_model turns damage into NanochatError; what is left is the environment saying no
+        model, tokenizer, meta = load_model(path, device or autodetect_device_type())
+    except OSError as e:
+        raise NanochatError(f"cannot read the checkpoint at {path}: {e.strerror or e}"
+                            + (f" ({e.filename})" if e.filename else "")) from None
     return Engine(model, tokenizer), meta
 
 

@@ -44,7 +44,11 @@ class NanochatError(Exception):
 
 def run_main(main: Callable[[], Any]) -> None:
     """Entry-point wrapper for `python -m nanochat_core.<stage>`: one-line errors, no tracebacks
-    for user errors, exit code 130 on Ctrl-C (stages that checkpoint handle SIGINT themselves)."""
+    for user errors, exit code 130 on Ctrl-C (stages that checkpoint handle SIGINT themselves).
+    A stage started by the pipeline stops (SIGTERM, so it saves) if the pipeline dies: see runlock.py."""
+    if os.environ.get("NANOCHAT_DIE_WITH_PARENT"):
+        from nanochat_core.runlock import watch_parent
+        watch_parent()
     try:
         main()
     except NanochatError as e:

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from nanochat_core import runlock
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
 
 ALL_STAGES = ["tok", "base", "mid", "sft", "rl", "eval", "report"]
@@ -162,6 +163,7 @@ class Pipeline:
         self.stages_file = self.run_dir / "stages.json"
         self.child: subprocess.Popen | None = None
         self.stopping = False
+        self.lock_fd: int | None = None
 
     def done_stages(self) -> dict:
         import json
@@ -178,8 +180,12 @@ class Pipeline:
 
     def run_cmd(self, cmd: list[str], env: dict) -> int:
         print(f"$ {shlex.join(cmd)}", flush=True)
-        # A new session so a preemption signal we forward reaches torchrun's whole process tree.
-        self.child = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # A new session so a preemption signal we forward reaches torchrun's whole process tree. The stage
+        # inherits the run dir's lock and dies with us (runlock.py): never an orphan trainer.
+        fds = (self.lock_fd,) if self.lock_fd is not None else ()
+        self.child = subprocess.Popen(cmd, env={**env, **runlock.stage_env(self.lock_fd)}, start_new_session=True,
+                                      pass_fds=fds, preexec_fn=runlock.child_setup(os.getpid()))
+        runlock.record_stage(self.lock_fd, self.child.pid)
         try:
             return self.child.wait()
         finally:
@@ -208,6 +214,7 @@ class Pipeline:
         if unknown:
             raise NanochatError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ALL_STAGES)}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_fd = runlock.acquire(self.run_dir)  # one writer per run dir; held until we exit
         signal.signal(signal.SIGTERM, self.forward_signal)
         signal.signal(signal.SIGINT, self.forward_signal)
 

@@ -1,0 +1,229 @@
+"""
+One writer per run directory, and no stage outliving its pipeline.
+
+Two trainers on one run dir write two interleaved checkpoint series, and pruning (keep the newest 3)
+assumes nobody else writes there. So:
+
+- The pipeline takes an exclusive flock on run_dir/.lock for its whole life. A second pipeline on the
+  same run dir fails at once with one line naming the pid that holds it. The lock file's text records who
+  holds it ("pipeline PID", "stage PID"); the kernel lock, not the text, is what counts, so a stale text
+  after a crash means nothing: the lock dies with the last process holding it.
+- Each stage inherits the locked file descriptor (Popen pass_fds; its number in $NANOCHAT_RUN_LOCK_FD).
+  An flock belongs to the open file, not the process, so if the pipeline is killed with -9 the lock
+  stays held until its stage has also exited: a restart can never start a trainer beside an orphan.
+- Stages die with their pipeline: PR_SET_PDEATHSIG (Linux) makes the kernel send the stage SIGTERM the
+  moment its parent dies - SIGTERM, not SIGKILL, so a trainer still saves its checkpoint on the way out
+  (the same path as a spot preemption). Where that is not available (macOS) or not inherited (torchrun's
+  workers are grandchildren) `watch_parent` - started by common.run_main when $NANOCHAT_DIE_WITH_PARENT
+  is set - notices that the process was re-parented and does the same.
+- A restart that finds the lock held only by such a stage (its pipeline is gone) waits for the stage to
+  finish saving instead of failing; one whose pipeline is alive fails at once.
+- save_checkpoint calls `check_writer`: a stage run by hand on a run dir that a pipeline (not its own
+  ancestor) is using refuses to write, and otherwise takes the lock itself for the rest of its life.
+
+flock is advisory and local to one machine; on a filesystem that does not support it (some bucket
+mounts) the lock is skipped with a warning - multi-node runs are coordinated by torchrun, not by this.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from nanochat_core.common import NanochatError
+
+LOCK_NAME = ".lock"
+FD_ENV = "NANOCHAT_RUN_LOCK_FD"
+DIE_ENV = "NANOCHAT_DIE_WITH_PARENT"
+PR_SET_PDEATHSIG = 1
+ORPHAN_WAIT_S = 300.0      # how long a restart waits for an orphaned stage to save and exit
+ORPHAN_GRACE_S = 240.0     # how long an orphaned stage gets to save after SIGTERM before SIGKILL
+
+_held: dict[str, int] = {}  # resolved run dir -> fd this process holds (-1: held by an ancestor)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def holders(path: Path) -> list[tuple[str, int]]:
+    """(role, pid) of the live processes the lock file names."""
+    out = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        role, _, pid = line.partition(" ")
+        if pid.strip().isdigit() and _alive(int(pid)):
+            out.append((role, int(pid)))
+    return out
+
+
+def _ancestors() -> set[int]:
+    """This process and every process above it (/proc; elsewhere just the parent)."""
+    pids, pid = {os.getpid()}, os.getpid()
+    for _ in range(64):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[-1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pids.add(os.getppid())
+            break
+        if pid <= 1:
+            break
+        pids.add(pid)
+    return pids
+
+
+def _write(fd: int, entries: list[tuple[str, int]]) -> None:
+    data = "".join(f"{role} {pid}\n" for role, pid in entries).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _try_lock(fd: int) -> bool:
+    """True if locked, False if someone else holds it; raises OSError if the filesystem cannot lock."""
+    import fcntl
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def _busy(run_dir: Path, who: list[tuple[str, int]]) -> NanochatError:
+    if who:
+        role, pid = next(((r, p) for r, p in who if r == "pipeline"), who[0])
+        named = f"pid {pid} (a nanochat {role})"
+    else:
+        named = "another process"
+    return NanochatError(f"run directory {run_dir} is in use by {named}: one writer per run - wait for it to "
+                         f"finish, or stop it (`nanochat down`, or kill it), then run the same command again")
+
+
+def acquire(run_dir: str | os.PathLike, role: str = "pipeline", wait_s: float = ORPHAN_WAIT_S) -> int | None:
+    """Take the run dir's lock for this process; returns the locked fd (keep it open; pass it to stages).
+    Fails with NanochatError naming the holder. If the only holders left are stages whose pipeline died
+    (they are saving and exiting), waits up to wait_s for them. None if the filesystem cannot lock."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline, said = time.time() + wait_s, False
+    try:
+        while not _try_lock(fd):
+            who = holders(path)
+            if any(p in _ancestors() for _, p in who):
+                os.close(fd)  # we run inside the holder's own process tree (e.g. a test driving a stage)
+                _held[str(run_dir.resolve())] = -1
+                return None
+            # A live pipeline: refuse at once. Only stages of a dead pipeline (or, for an instant, nobody: the
+            # last holder is exiting between our two looks): they are on their way out, so wait for them.
+            if any(r == "pipeline" for r, _ in who) or time.time() >= deadline:
+                raise _busy(run_dir, who)
+            if not said and (who or time.time() > deadline - wait_s + 2):
+                names = ", ".join(f"{r} pid {p}" for r, p in who) or "the process holding it"
+                print(f"{run_dir} is locked: waiting for {names} of a stopped run to save and exit "
+                      f"(up to {wait_s:.0f} s)", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(0.2)
+    except OSError as e:
+        os.close(fd)
+        print(f"warning: cannot lock {path} ({e.strerror}); not guarding against a second writer",
+              file=sys.stderr, flush=True)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    _write(fd, [(role, os.getpid())])
+    _held[str(run_dir.resolve())] = fd
+    return fd
+
+
+def record_stage(fd: int | None, stage_pid: int) -> None:
+    """Note the running stage in the lock file (for the message a second writer gets)."""
+    if fd is not None:
+        _write(fd, [("pipeline", os.getpid()), ("stage", stage_pid)])
+
+
+def stage_env(fd: int | None) -> dict[str, str]:
+    """What a stage's environment needs to inherit the lock and die with the pipeline."""
+    env = {DIE_ENV: "1"}
+    if fd is not None:
+        env[FD_ENV] = str(fd)
+    return env
+
+
+def check_writer(run_dir: str | os.PathLike) -> None:
+    """Called before a checkpoint is written: fine if this process (or an ancestor, or the pipeline that
+    passed us its lock) holds the run dir's lock; if nobody does, take it for the rest of this process;
+    otherwise refuse with one line naming the holder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    path = run_dir / LOCK_NAME
+    inherited = os.environ.get(FD_ENV, "")
+    if inherited.isdigit():
+        try:
+            a, b = os.fstat(int(inherited)), os.stat(path)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                _held[key] = int(inherited)
+                return
+        except OSError:
+            pass  # not ours (a grandchild that did not inherit it, or another run dir): check below
+    acquire(run_dir, role="stage", wait_s=0)
+
+
+def child_setup(parent_pid: int):
+    """preexec_fn for a stage: die (SIGTERM) when the pipeline dies. libc is looked up before the fork so
+    the child only makes one system call."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
+
+    def setup() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the pipeline died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return setup
+
+
+def watch_parent(poll_s: float = 0.5, grace_s: float = ORPHAN_GRACE_S) -> None:
+    """Background thread: when this process is re-parented (its parent died), SIGTERM ourselves - a
+    trainer saves and exits - and SIGKILL after grace_s if that did not end it."""
+    parent = os.getppid()
+    if parent <= 1:
+        return
+
+    def loop() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"parent process {parent} is gone: stopping (pid {os.getpid()})", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=loop, name="watch-parent", daemon=True).start()
