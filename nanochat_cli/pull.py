@@ -1,11 +1,13 @@
 """
-Bringing a run home: rsync (resumable: --partial keeps half-copied files, a re-run only sends what is
+Bringing a run home: a plain copy for a run on this machine, else rsync (resumable: --partial keeps half-copied files, a re-run only sends what is
 missing or changed) followed by verification against MANIFEST.sha256, the sha256sum-format list the
 pipeline writes on the node when it finishes. A file that does not match is reported by name and the
 command fails: a checkpoint that silently differs from what was trained is worse than none.
 """
 from __future__ import annotations
 
+import fnmatch
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +39,33 @@ def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = F
         last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise NanochatError(f"rsync from {src} failed (exit {proc.returncode}): {last}; run `nanochat pull` "
                             "again to resume where it stopped")
+
+
+def copy_local(src: Path, dest: Path, excludes: list[str] | None = None) -> int:
+    """A run on this machine comes home by a plain copy - no rsync needed. Same contract as rsync: the
+    excluded patterns match a file or folder name at any depth; a file whose size and mtime already match is
+    skipped (a re-run only copies what is missing or changed); each file is written to a temp name and renamed,
+    so an interrupted copy never leaves a half-written file under its real name. Returns files copied."""
+    excludes = excludes if excludes is not None else EXCLUDES
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pat) for pat in excludes)
+    copied = 0
+    for root, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not excluded(d)]
+        out_dir = dest / Path(root).relative_to(src)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if excluded(name):
+                continue
+            s, d = Path(root) / name, out_dir / name
+            st = s.stat()
+            if d.is_file() and d.stat().st_size == st.st_size and int(d.stat().st_mtime) == int(st.st_mtime):
+                continue
+            tmp = out_dir / f".{name}.tmp"
+            shutil.copy2(s, tmp)
+            os.replace(tmp, d)
+            copied += 1
+    return copied
 
 
 def read_manifest(path: Path) -> list[tuple[str, str]]:
