@@ -227,6 +227,22 @@ def serve(
 
 @app.command()
 @friendly
+def export(
+    out: Path = typer.Option(..., "--out", help="Folder to write (new, empty, or an earlier export)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint directory "
+                                                                        "(default: the latest run)."),
+) -> None:
+    """Write the model as a Hugging Face folder (transformers loads it with trust_remote_code=True)."""
+    from nanochat_cli import flows
+    ckpt = flows.resolve_checkpoint(checkpoint)
+    from nanochat_core.export import export as export_model
+    folder = export_model(ckpt, out)
+    print(f"exported {ckpt} -> {folder}\n"
+          f"load it: AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)")
+
+
+@app.command()
+@friendly
 def down(
     yes: bool = YES,
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Only this cluster (default: all of ours)."),

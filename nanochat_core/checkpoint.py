@@ -242,8 +242,9 @@ def _prune(stage_dir: Path, keep: int) -> None:
 # -----------------------------------------------------------------------------
 # Finding and verifying
 
-def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True) -> str | None:
-    """None if the checkpoint is complete and intact, else a short reason."""
+def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False) -> str | None:
+    """None if the checkpoint is complete and intact, else a short reason. weights_only: for inference, where
+    the optimizer shards may be absent (`nanochat pull` leaves them on the node)."""
     ckpt_dir = Path(ckpt_dir)
     try:
         meta = json.loads((ckpt_dir / "meta.json").read_text())
@@ -255,7 +256,9 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True) -> str |
     if "model.safetensors" not in files:
         return "meta.json lists no model.safetensors"
     shards = [f for f in files if f.startswith("optim_rank")]
-    if len(shards) != meta.get("world_size", len(shards)):
+    if weights_only:
+        files = {k: v for k, v in files.items() if k not in shards}
+    elif len(shards) != meta.get("world_size", len(shards)):
         return f"{len(shards)} optimizer shards for world size {meta.get('world_size')}"
     for name, info in files.items():
         p = ckpt_dir / name
@@ -268,11 +271,11 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True) -> str |
     return None
 
 
-def find_latest(stage_dir: str | os.PathLike, hashes: bool = True) -> Path | None:
+def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False) -> Path | None:
     """The newest complete, intact checkpoint in `stage_dir`, or None. Corrupt ones are reported on
     stderr and skipped (the previous one is used)."""
     for step, path in list_checkpoints(stage_dir):
-        problem = verify_checkpoint(path, hashes=hashes)
+        problem = verify_checkpoint(path, hashes=hashes, weights_only=weights_only)
         if problem is None:
             return path
         print(f"warning: checkpoint {path} is corrupt: {problem}; falling back to the previous one",
@@ -320,11 +323,11 @@ def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
         raise NanochatError(f"{path} is not a complete checkpoint (no meta.json): pass the run directory instead")
     stages = [stage] if stage else STAGE_PRIORITY
     for s in stages:
-        found = find_latest(path / s)
+        found = find_latest(path / s, weights_only=True)   # inference: no optimizer needed
         if found is not None:
             return found
     if list_checkpoints(path):
-        found = find_latest(path)  # a stage dir was passed
+        found = find_latest(path, weights_only=True)  # a stage dir was passed
         if found is not None:
             return found
     what = f"stage '{stage}'" if stage else "any stage (rl, sft, mid, base)"
