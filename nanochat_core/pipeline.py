@@ -212,6 +212,10 @@ class Pipeline:
                 if background.error is not None:
                     raise NanochatError(f"downloading the training shards failed: {background.error}")
             env = dict(os.environ)
+            # wandb tracking (tracking.py), when on, names its run after this directory; stages only, not us
+            env["NANOCHAT_RUN_DIR"] = str(self.run_dir)
+            if a.price_per_hour:
+                env["NANOCHAT_PRICE_PER_HOUR"] = str(a.price_per_hour)
             if a.preset == "local":
                 # The embedded default promises no network: hub-backed evals report "unavailable" at once
                 # (or use what an earlier online run cached) instead of retrying unreachable hosts.
