@@ -37,7 +37,10 @@ SUPPORTED_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 def root_requirements() -> list[Requirement]:
     """Our own requirements from this checkout's pyproject.toml (not the venv's copy of our metadata, which
     is stale whenever pyproject changed since the venv was made)."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pip carries the same parser
+        from pip._vendor import tomli as tomllib
     from pathlib import Path
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
