@@ -19,6 +19,7 @@ Writing it needs neither transformers nor a GPU; the folder is assembled aside a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,12 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             shutil.copyfile(HF_CODE / name, tmp / name)
         atomic_write_json(tmp / "nanochat_export.json", {"checkpoint": meta.get("path"), "step": meta.get("step"),
                                                          "tokenizer_hash": tokenizer.hash})
+        # temp dirs and atomic writes are private (0700/0600); a folder meant for sharing gets the usual modes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
     return out
 
 

@@ -63,6 +63,7 @@ def test_folder_has_what_the_hub_expects(exported):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanochatForCausalLM"
     assert cfg["window_sizes"] == [16, 16, 0] and cfg["value_embed_layers"] == [0, 2]
+    assert (out.stat().st_mode & 0o055) and all(p.stat().st_mode & 0o044 for p in out.iterdir())  # shareable
 
 
 def test_logits_equal_ours_in_fp32(exported, bundled_texts):
