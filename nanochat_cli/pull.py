@@ -1,6 +1,6 @@
 """
-Bringing a run home: a plain copy for a run on this machine, else rsync (resumable: --partial keeps half-copied files, a re-run only sends what is
-missing or changed) followed by verification against MANIFEST.sha256, the sha256sum-format list the
+Bringing a run home: a plain copy for a run on this machine, else rsync (resumable: --partial keeps
+half-copied files, a re-run only sends what is missing or changed), followed by verification against MANIFEST.sha256, the sha256sum-format list the
 pipeline writes on the node when it finishes. A file that does not match is reported by name and the
 command fails: a checkpoint that silently differs from what was trained is worse than none.
 """
@@ -46,7 +46,8 @@ def copy_local(src: Path, dest: Path, excludes: list[str] | None = None) -> int:
     excluded patterns match a file or folder name at any depth; a file whose size and mtime already match is
     skipped (a re-run only copies what is missing or changed); each file is written to a temp name and renamed,
     so an interrupted copy never leaves a half-written file under its real name. Returns files copied."""
-    excludes = excludes if excludes is not None else EXCLUDES
+    src, excludes = Path(src), (excludes if excludes is not None else EXCLUDES)
+
     def excluded(name: str) -> bool:
         return any(fnmatch.fnmatch(name, pat) for pat in excludes)
     copied = 0

@@ -86,3 +86,12 @@ def test_constraints_pin_every_requirement_of_the_dev_install():
     assert {"transformers", "wandb", "huggingface-hub", "typer", "uvicorn", "click"} <= pins
     assert wanted - pins == set(), f"constraints.txt lacks {sorted(wanted - pins)}: regenerate it (README, Development)"
     assert all("==" in ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln and not ln.startswith("#"))
+
+
+def test_readme_commands_use_the_constraints_and_ci_runs_the_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    commands = [ln for ln in readme.splitlines() if ln.startswith("python3 -m venv .venv && ")]
+    assert len(commands) == 2 and all("pip install -c constraints.txt torch==2.13.0 -e " in c for c in commands)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci.splitlines()
+    assert "pip==23.0.1" in ci and "-c constraints.txt" in ci.split(commands[1])[0]   # the oldest-pip check first
