@@ -8,6 +8,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a developer's WANDB_API_KEY must not send the suite's training runs to wandb (tests/test_tracking.py turns
+# tracking on explicitly, offline)
+os.environ["NANOCHAT_WANDB"] = "0"
 
 
 # Optional system tools a few tests drive for real, and how to get each. `@pytest.mark.needs_tool("rsync")`
