@@ -95,3 +95,26 @@ def test_readme_commands_use_the_constraints_and_ci_runs_the_test_command_verbat
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci.splitlines()
     assert "pip==23.0.1" in ci and "-c constraints.txt" in ci.split(commands[1])[0]   # the oldest-pip check first
+
+
+def test_a_pulled_run_without_optimizer_shards_loads_for_inference(tmp_path, tiny_tokenizer):
+    """`nanochat pull` leaves the optimizer shards on the node: chat, serve, eval and export must still load the
+    pulled copy; only resuming training needs the shards."""
+    import torch
+    from nanochat_core import checkpoint
+    from nanochat_core.model import GPT, config_for_depth
+    with torch.device("meta"):
+        model = GPT(config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=16))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    node = tmp_path / "node"
+    tiny_tokenizer.save(node / "tokenizer")
+    checkpoint.save_checkpoint(node / "sft", 3, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               {"tokenizer_hash": tiny_tokenizer.hash})
+    pull_mod.copy_local(node, tmp_path / "home")
+    home = tmp_path / "home"
+    assert not list(home.rglob("optim_rank*.pt"))
+    assert checkpoint.find_latest(home / "sft") is None                     # not resumable: shards are missing
+    assert checkpoint.find_latest(home / "sft", weights_only=True) is not None
+    loaded, tok, meta = checkpoint.load_model(home)
+    assert meta["step"] == 3 and tok.hash == tiny_tokenizer.hash
