@@ -14,6 +14,8 @@ What goes in DIR, and why:
   tokens and a Jinja chat template that renders exactly like Tokenizer.render_conversation /
   render_for_completion (system prompt folded into the first user turn, calculator calls and outputs);
 - generation_config.json: stop at <|assistant_end|> or <|bos|> (as our engine does), our chat's sampling.
+One difference stays by design: in plain text, the string "<|bos|>" is ordinary bytes to our encode() but a special
+token to transformers' default call; `tokenizer(text, split_special_tokens=True)` gives our ids exactly.
 Writing it needs neither transformers nor a GPU; the folder is assembled aside and renamed into place.
 """
 from __future__ import annotations

@@ -45,14 +45,20 @@ def make_run(run_dir, tokenizer):
 
 @pytest.fixture(scope="module")
 def exported(tiny_tokenizer, tmp_path_factory):
-    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))   # transformers' module cache stays here
+    # transformers copies the remote code into a module cache under HF_HOME, fixed when it is first imported
+    before = os.environ.get("HF_HOME")
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     root = tmp_path_factory.mktemp("export")
     model = make_run(root / "run", tiny_tokenizer)
     out = export_mod.export(root / "run", root / "hf")
     hf_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
-    return model, tiny_tokenizer, hf_model, hf_tok, out
+    yield model, tiny_tokenizer, hf_model, hf_tok, out
+    if before is None:
+        os.environ.pop("HF_HOME", None)
+    else:
+        os.environ["HF_HOME"] = before
 
 
 def test_folder_has_what_the_hub_expects(exported):
@@ -96,6 +102,8 @@ def test_tokenizer_gives_our_ids_for_text_and_for_a_rendered_conversation(export
     for text in bundled_texts[:20] + ["héllo 世界 123456 \n\n  tabs\tand  spaces", "x" * 300]:
         assert hf_tok(text)["input_ids"] == tok.encode(text)
         assert hf_tok.decode(tok.encode(text)) == text
+    literal = "a user typing <|bos|> or <|assistant_end|> gets plain text"
+    assert hf_tok(literal, split_special_tokens=True)["input_ids"] == tok.encode(literal)
     full = hf_tok.apply_chat_template(CONV["messages"], tokenize=True)
     full = full["input_ids"] if hasattr(full, "keys") else full
     assert list(full) == tok.render_conversation(CONV)[0]
