@@ -121,7 +121,7 @@ class LocalBackend:
 
     def pull(self, cluster: dict, rd: Path, dest: Path) -> int:
         if dest.resolve() != rd.resolve():
-            pull_mod.rsync(str(rd), dest)
+            pull_mod.copy_local(rd, dest)   # same machine: a copy, no rsync needed
         return pull_mod.verify(dest)
 
     def cancel(self, cluster: dict, rd: Path, sig: int = signal.SIGTERM, wait_s: float = 30.0) -> bool:

@@ -133,9 +133,17 @@ def train(
                                          "default); finished stages are skipped anyway."),
     bucket: Optional[str] = typer.Option(None, "--bucket", metavar="URL", help="Bucket for checkpoints (s3://..., gs://...) "
                                                                 "so they outlive the node; needed to resume spot runs."),
+    wandb: bool = typer.Option(False, "--wandb", help="Log every stage's progress to Weights & Biases (on by "
+                                                      "itself when WANDB_API_KEY is set; WANDB_MODE=offline works)."),
 ) -> None:
     """Plan the run from the budget, launch the whole pipeline and stream it with a live cost meter."""
     from nanochat_cli import flows
+    if wandb:
+        import os
+        from nanochat_core.common import NanochatError
+        if not local and not os.environ.get("WANDB_API_KEY"):
+            raise NanochatError("--wandb on a cloud run needs WANDB_API_KEY set here (it reaches the node as a secret)")
+        os.environ["NANOCHAT_WANDB"] = "1"   # the local job inherits our environment
     flows.cmd_train(budget=budget, depth=depth, local=local, spot=spot, detach=detach, dryrun=dryrun,
                     json_out=json_out, yes=yes, name=name, gpus=gpus, clouds=clouds, nodes=nodes,
                     cluster=cluster, keep=keep, steps=steps, minutes=minutes, data=data, bucket=bucket,
@@ -227,6 +235,22 @@ def serve(
     from nanochat_cli import flows
     ckpt = flows.resolve_checkpoint(checkpoint)
     run_server(host=host, port=port, checkpoint=str(ckpt), device=device, api_key=api_key)
+
+
+@app.command()
+@friendly
+def export(
+    out: Path = typer.Option(..., "--out", help="Folder to write (new, empty, or an earlier export)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint directory "
+                                                                        "(default: the latest run)."),
+) -> None:
+    """Write the model as a Hugging Face folder (transformers loads it with trust_remote_code=True)."""
+    from nanochat_cli import flows
+    ckpt = flows.resolve_checkpoint(checkpoint)
+    from nanochat_core.export import export as export_model
+    folder = export_model(ckpt, out)
+    print(f"exported {ckpt} -> {folder}\n"
+          f"load it: AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)")
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """
-Bringing a run home: rsync (resumable: --partial keeps half-copied files, a re-run only sends what is
-missing or changed) followed by verification against MANIFEST.sha256, the sha256sum-format list the
+Bringing a run home: a plain copy for a run on this machine, else rsync (resumable: --partial keeps
+half-copied files, a re-run only sends what is missing or changed), followed by verification against MANIFEST.sha256, the sha256sum-format list the
 pipeline writes on the node when it finishes. A file that does not match is reported by name and the
 command fails: a checkpoint that silently differs from what was trained is worse than none. Manifest
 entries are confined to the run directory: an absolute path, a `..` or a symlink that leads outside is
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import fnmatch
+import os
 import shutil
 import subprocess
 import sys
@@ -68,6 +70,32 @@ def ssh_command(cluster: str) -> str:
     return shlex.join(["ssh", "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={pinned}",
                        "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias=nanochat-{cluster}",
                        "-o", "ConnectTimeout=20"])
+def copy_local(src: Path, dest: Path, excludes: list[str] | None = None) -> int:
+    """A run on this machine comes home by a plain copy - no rsync needed. Same contract as rsync: the
+    excluded patterns match a file or folder name at any depth; a file whose size and mtime already match is
+    skipped (a re-run only copies what is missing or changed); each file is written to a temp name and renamed,
+    so an interrupted copy never leaves a half-written file under its real name. Returns files copied."""
+    src, excludes = Path(src), (excludes if excludes is not None else EXCLUDES)
+
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pat) for pat in excludes)
+    copied = 0
+    for root, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not excluded(d)]
+        out_dir = dest / Path(root).relative_to(src)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if excluded(name):
+                continue
+            s, d = Path(root) / name, out_dir / name
+            st = s.stat()
+            if d.is_file() and d.stat().st_size == st.st_size and int(d.stat().st_mtime) == int(st.st_mtime):
+                continue
+            tmp = out_dir / f".{name}.tmp"
+            shutil.copy2(s, tmp)
+            os.replace(tmp, d)
+            copied += 1
+    return copied
 
 
 def read_manifest(path: Path) -> list[tuple[str, str]]:

@@ -315,7 +315,7 @@ def _prune(stage_dir: Path, keep: int) -> None:
 _LEGACY_WARNED: set[str] = set()
 
 
-def _meta_problem(meta: Any, where: Path | None = None) -> str | None:
+def _meta_problem(meta: Any, where: Path | None = None, weights_only: bool = False) -> str | None:
     """None if meta.json has the shape a checkpoint needs and vouches for itself, else a short reason."""
     if not isinstance(meta, dict):
         return "meta.json is not a JSON object"
@@ -342,7 +342,7 @@ def _meta_problem(meta: Any, where: Path | None = None) -> str | None:
     if not _is_int(ws) or ws < 1 or not _is_int(meta.get("step")) or not isinstance(meta.get("config"), dict):
         return "meta.json lacks a valid step, world_size or config"
     shards = [f for f in files if f.startswith("optim_rank")]
-    if len(shards) != ws:
+    if len(shards) != ws and not weights_only:
         return f"{len(shards)} optimizer shards for world size {ws}"
     return None
 
@@ -364,8 +364,9 @@ def _stamp(ckpt_dir: Path) -> tuple | None:
     return (str(ckpt_dir.resolve()), tuple(files))
 
 
-def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True) -> str | None:
-    """None if the checkpoint is complete and intact, else a short reason."""
+def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False) -> str | None:
+    """None if the checkpoint is complete and intact, else a short reason. weights_only: for inference, where
+    the optimizer shards may be absent (`nanochat pull` leaves them on the node)."""
     ckpt_dir = Path(ckpt_dir)
     try:
         meta = json.loads((ckpt_dir / "meta.json").read_text())
@@ -373,31 +374,32 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True) -> str |
         return "meta.json is missing (the save did not finish)"
     except (OSError, ValueError) as e:
         return f"meta.json is unreadable ({e.__class__.__name__})"
-    problem = _meta_problem(meta, ckpt_dir)
+    problem = _meta_problem(meta, ckpt_dir, weights_only)
     if problem:
         return problem
-    for name, info in meta["files"].items():
+    files = {k: v for k, v in meta["files"].items() if not (weights_only and k.startswith("optim_rank"))}
+    for name, info in files.items():
         p = ckpt_dir / name
         if not p.is_file():
             return f"{name} is missing"
         if p.stat().st_size != info["size"]:
             return f"{name} is {p.stat().st_size} bytes, expected {info['size']} (truncated?)"
     if hashes:
-        stamp = _stamp(ckpt_dir)
-        if stamp not in _VERIFIED:
-            for name, info in meta["files"].items():
+        stamp = _stamp(ckpt_dir)   # a full verification also vouches for the weights alone, not the reverse
+        if (stamp, False) not in _VERIFIED and (stamp, weights_only) not in _VERIFIED:
+            for name, info in files.items():
                 if sha256_file(ckpt_dir / name) != info["sha256"]:
                     return f"{name} does not match its sha256"
             if stamp is not None:
-                _VERIFIED.add(stamp)
+                _VERIFIED.add((stamp, weights_only))
     return None
 
 
-def find_latest(stage_dir: str | os.PathLike, hashes: bool = True) -> Path | None:
+def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False) -> Path | None:
     """The newest complete, intact checkpoint in `stage_dir`, or None. Corrupt ones are reported on
     stderr and skipped (the previous one is used)."""
     for step, path in list_checkpoints(stage_dir):
-        problem = verify_checkpoint(path, hashes=hashes)
+        problem = verify_checkpoint(path, hashes=hashes, weights_only=weights_only)
         if problem is None:
             return path
         print(f"warning: checkpoint {path} is corrupt: {problem}; falling back to the previous one",
@@ -476,11 +478,11 @@ def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
         raise NanochatError(f"{path} is not a complete checkpoint (no meta.json): pass the run directory instead")
     stages = [stage] if stage else STAGE_PRIORITY
     for s in stages:
-        found = find_latest(path / s)
+        found = find_latest(path / s, weights_only=True)   # inference: no optimizer needed
         if found is not None:
             return found
     if list_checkpoints(path):
-        found = find_latest(path)  # a stage dir was passed
+        found = find_latest(path, weights_only=True)  # a stage dir was passed
         if found is not None:
             return found
     what = f"stage '{stage}'" if stage else "any stage (rl, sft, mid, base)"

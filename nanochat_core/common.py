@@ -121,7 +121,16 @@ def emit(event: str, /, all_ranks: bool = False, **fields: Any) -> dict:
     if all_ranks or int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write(EVENT_PREFIX + json.dumps(record, default=json_default) + "\n")
         sys.stdout.flush()
+        if int(os.environ.get("RANK", "0")) == 0 and _tracking_on():
+            from nanochat_core import tracking   # wandb (see tracking.py); never imported when off
+            tracking.log_event(record)
     return record
+
+
+def _tracking_on() -> bool:
+    """Same rule as tracking.enabled(), without importing it: WANDB_API_KEY or NANOCHAT_WANDB=1, not =0."""
+    flag = os.environ.get("NANOCHAT_WANDB", "")
+    return flag != "0" and (flag == "1" or bool(os.environ.get("WANDB_API_KEY")))
 
 
 def json_default(x: Any) -> Any:

@@ -141,7 +141,7 @@ def stage_costs(stages: dict, price_per_hour: float | None) -> tuple[list[str], 
 
 def _model_lines(run_dir: Path) -> list[str]:
     from nanochat_core import checkpoint
-    ckpt = checkpoint.find_latest(run_dir / "base", hashes=False) if (run_dir / "base").is_dir() else None
+    ckpt = checkpoint.find_latest(run_dir / "base", hashes=False, weights_only=True) if (run_dir / "base").is_dir() else None
     if ckpt is None:
         return ["- no base checkpoint yet"]
     meta = checkpoint.read_meta(ckpt)

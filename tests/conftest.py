@@ -1,12 +1,41 @@
 """Shared test fixtures. Tests never touch the network or the user's ~/.cache: every test gets its own
 NANOCHAT_HOME / HF_HOME under a temp dir."""
 import os
+import shutil
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a developer's WANDB_API_KEY must not send the suite's training runs to wandb (tests/test_tracking.py turns
+# tracking on explicitly, offline)
+os.environ["NANOCHAT_WANDB"] = "0"
+
+
+# Optional system tools a few tests drive for real, and how to get each. `@pytest.mark.needs_tool("rsync")`
+# skips such a test with a one-line reason where the tool is missing - a newcomer's machine must still pass
+# the README's test command - except under CI (CI=true), where a missing tool is a failure: CI installs every
+# tool (.ci/run), so a skip there would mean a test silently stopped running.
+TOOLS = {"rsync": "apt-get install rsync", "chromium": "apt-get install chromium"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_tool(name): needs this system tool; skipped where missing (not in CI)")
+
+
+def tool_missing(name: str) -> bool:
+    return shutil.which(name) is None
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_tool"):
+        name = mark.args[0]
+        if tool_missing(name):
+            why = f"{item.name} needs {name}, which is not installed ({TOOLS.get(name, 'install it')})"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"{why}; under CI=true a missing tool fails rather than skips", pytrace=False)
+            pytest.skip(why)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from nanochat_cli.main import app
 
 NANOCHAT = str(Path(sys.executable).parent / "nanochat")
-COMMANDS = ["up", "train", "logs", "status", "pull", "eval", "chat", "serve", "down"]
+COMMANDS = ["up", "train", "logs", "status", "pull", "eval", "chat", "serve", "export", "down"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["up", "--help"]])

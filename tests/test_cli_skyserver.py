@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve()
 
 
 @pytest.mark.slow
+@pytest.mark.needs_tool("rsync")   # SkyPilot's launch checks for rsync (it syncs the workdir with it)
 def test_launch_dryrun_through_a_real_api_server(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, str(HERE), str(tmp_path / "sky")], stdout=subprocess.PIPE,

@@ -1,6 +1,7 @@
 """The chat page in a real headless browser (Debian's Chromium driven by Playwright): type a message, watch
 the reply stream in, talk a second turn, check tool calls render as their own boxes, and save a screenshot
 to tests/artifacts/. The server is real (uvicorn on 127.0.0.1) and so is the model (tiny, random)."""
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from tiny_models import PacedModel, tiny_chat_model
 from nanochat_core.serve import create_app
 from nanochat_core.serve_net import make_server
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
@@ -52,9 +53,8 @@ def serving(app):
     thread.join(timeout=20)
 
 
+@pytest.mark.needs_tool("chromium")
 def test_chat_page_streams_a_reply_in_a_real_browser(url):
-    if not CHROMIUM.exists():
-        pytest.skip("needs the system Chromium (.ci/run installs it)")
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     present = [s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
-               and checkpoint.find_latest(a.run_dir / s, hashes=False)]
+               and checkpoint.find_latest(a.run_dir / s, hashes=False, weights_only=True)]
     if a.stage in (None, "all"):
         if not present:
             raise NanochatError(f"no chat checkpoint (mid, sft or rl) in {a.run_dir}: run chat_sft first")

@@ -148,10 +148,33 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
 _SECRET_MARKS = ("_TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY", "CREDENTIAL")
 
 
+SECRET_FREE_STAGES = ("eval", "report")
+
+
 def stage_env(stage: str, env: dict[str, str]) -> dict[str, str]:
-    if stage not in ("eval", "report"):
+    if stage not in SECRET_FREE_STAGES:
         return env
-    return {k: v for k, v in env.items() if not any(m in k.upper() for m in _SECRET_MARKS)}
+    clean = {k: v for k, v in env.items() if not any(m in k.upper() for m in _SECRET_MARKS)}
+    clean["NANOCHAT_WANDB"] = "0"   # no key here; the pipeline logs these stages' results itself (track_results)
+    return clean
+
+
+def track_results(run_dir: Path) -> None:
+    """wandb for the secret-free stages: the eval stage cannot reach wandb (it has no key, by design), so the
+    pipeline, which has one, logs what it wrote to run_dir/eval/*.json once it has finished."""
+    import json
+    from nanochat_core import tracking
+    if not tracking.enabled():
+        return
+    os.environ["NANOCHAT_RUN_DIR"] = str(run_dir)
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
+            tracking.log_event({"event": "eval", "stage": record.get("stage") or path.stem,
+                                "metrics": record["metrics"], "time": time.time()})
 
 
 # -----------------------------------------------------------------------------
@@ -233,6 +256,10 @@ class Pipeline:
                 if background.error is not None:
                     raise NanochatError(f"downloading the training shards failed: {background.error}")
             env = stage_env(stage, dict(os.environ))
+            # wandb tracking (tracking.py), when on, names its run after this directory; stages only, not us
+            env["NANOCHAT_RUN_DIR"] = str(self.run_dir)
+            if a.price_per_hour:
+                env["NANOCHAT_PRICE_PER_HOUR"] = str(a.price_per_hour)
             if a.preset == "local":
                 # The embedded default promises no network: hub-backed evals report "unavailable" at once
                 # (or use what an earlier online run cached) instead of retrying unreachable hosts.
@@ -253,6 +280,8 @@ class Pipeline:
                     raise NanochatError(f"stage '{stage}' failed (exit code {rc}); fix the cause and run the same "
                                         f"command again: finished stages are skipped, this one resumes")
             self.mark_done(stage, started)
+            if stage == "eval":
+                track_results(self.run_dir)
             emit("stage_end", stage=stage, seconds=round(time.time() - started, 2), pipeline=True)
             if stage != "report":
                 self.refresh_report()
