@@ -434,7 +434,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: Any, optimizer: Any = No
 
     ckpt_dir = Path(ckpt_dir)
     hashes = int(os.environ.get("RANK", "0")) == 0
-    problem = verify_checkpoint(ckpt_dir, hashes=hashes)
+    problem = verify_checkpoint(ckpt_dir, hashes=hashes, weights_only=optimizer is None)   # weights: no shards needed
     if problem:
         raise NanochatError(f"checkpoint {ckpt_dir} is corrupt: {problem}; use another one or the run directory")
     meta = read_meta(ckpt_dir)
@@ -468,8 +468,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: Any, optimizer: Any = No
 
 def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
     if (path / "meta.json").is_file():
-        # A checkpoint dir named directly gets the same full check find_latest gives the others.
-        problem = verify_checkpoint(path)
+        # A checkpoint dir named directly gets the same check find_latest gives the others (for inference:
+        # a pulled run has no optimizer shards).
+        problem = verify_checkpoint(path, weights_only=True)
         if problem:
             raise NanochatError(f"checkpoint {path} is corrupt: {problem}; pass an intact checkpoint or the run "
                                 "directory (its newest intact checkpoint is used)")

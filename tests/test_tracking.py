@@ -66,7 +66,7 @@ def data_dir(tmp_path_factory):
 
 def base_train(run_dir, data_dir, env, steps, stop_after=None):
     """Run the base stage; with stop_after, SIGTERM it (a preemption) once it has logged that step."""
-    cmd = [PY, "-m", "nanochat_core.base_train", "--run-dir", str(run_dir), "--data", str(data_dir), *TINY,
+    cmd = [PY, "-m", "nanochat_core.stages.base_train", "--run-dir", str(run_dir), "--data", str(data_dir), *TINY,
            "--steps", str(steps)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     losses, out = {}, []
@@ -144,3 +144,22 @@ def test_train_wandb_flag(monkeypatch):
     r = CliRunner().invoke(app, ["train", "--local", "--wandb", "--dryrun"])
     assert r.exit_code == 0, r.stderr
     assert os.environ["NANOCHAT_WANDB"] == "1"        # what the local job inherits
+
+
+def test_eval_results_reach_wandb_through_the_pipeline_not_the_secret_free_stage(run_dir, tmp_path):
+    """The eval stage runs model-written code, so it gets no WANDB_API_KEY and tracking off; the pipeline, which
+    has the key, logs what eval wrote to eval/*.json into the same wandb run once the stage is done."""
+    from nanochat_core.stages.pipeline import stage_env
+    env = stage_env("eval", {"WANDB_API_KEY": "k", "NANOCHAT_WANDB": "1", "PATH": "/bin"})
+    assert "WANDB_API_KEY" not in env and env["NANOCHAT_WANDB"] == "0" and env["PATH"] == "/bin"
+    assert stage_env("base", {"WANDB_API_KEY": "k"})["WANDB_API_KEY"] == "k"
+
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "sft.json").write_text(json.dumps({"stage": "sft", "metrics": {"ARC-Easy": 0.31, "GSM8K": 0.02}}))
+    env = wandb_env(tmp_path, run_dir)
+    env.pop("NANOCHAT_RUN_DIR")   # the pipeline's own environment does not name it
+    code = f"from pathlib import Path; from nanochat_core.stages.pipeline import track_results; track_results(Path({str(run_dir)!r}))"
+    r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [row for rows in history(run_dir).values() for row in rows]
+    assert any(row.get("sft/eval/ARC-Easy") == 0.31 and row.get("sft/eval/GSM8K") == 0.02 for row in rows), rows
