@@ -295,7 +295,7 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
         task.set_storage_mounts({"/nanochat-bucket": storage})
         bucket_dir = "/nanochat-bucket/runs"
     task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args),
-                      "NANOCHAT_DEADLINE_AT": f"{deadline_at:.0f}" if deadline_at else "",
+                      "NANOCHAT_DEADLINE_AT": str(int(deadline_at)) if deadline_at else "",
                       "NANOCHAT_BUCKET_DIR": bucket_dir})
     # Secrets travel as SkyPilot secrets (redacted in its records), taken from this shell's environment.
     secrets = {k: os.environ[k] for k in ("HF_TOKEN", "WANDB_API_KEY") if os.environ.get(k)}
@@ -310,19 +310,75 @@ def _sky_error(action: str, e: Exception) -> NanochatError:
                          "diagnose it")
 
 
+def _autostop(rec: dict) -> dict:
+    """Autostop (with teardown unless --keep) that waits for jobs only: an open ssh session must not keep a
+    budgeted node billing. Idle minutes: the record's (1 for a budgeted run: inside the plan's margin)."""
+    from sky.skylet.autostop_lib import AutostopWaitFor
+    return {"idle_minutes_to_autostop": rec.get("autostop_minutes") or 1, "wait_for": AutostopWaitFor.JOBS,
+            "down": not rec.get("keep")}
+
+
+def _launched_price(handle, nodes: int) -> float | None:
+    """$/h of what SkyPilot actually launched (after any failover), for the whole cluster."""
+    try:
+        return round(float(handle.launched_resources.get_cost(3600)) * nodes, 4)
+    except Exception:
+        return None
+
+
 class SkyBackend:
     name = "sky"
 
-    def provision(self, rec: dict) -> None:
+    def _run_launch(self, rec: dict, request_fn, action: str, created: bool):
+        """Send one provisioning request and wait for it. If it fails or is interrupted (Ctrl-C, a closed
+        laptop's SIGHUP surfaces the same way) after the node may exist, the cluster this command created is
+        torn down at once; if even that fails, its record stays and the error names the exact command."""
+        request_id = None
+        try:
+            request_id = request_fn()
+            return sky.stream_and_get(request_id)
+        except BaseException as e:  # noqa: KeyboardInterrupt included - that is the point
+            if not created:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise _sky_error(action, e) from None
+            interrupted = isinstance(e, KeyboardInterrupt)
+            print(f"{'interrupted' if interrupted else action + ' failed'}: tearing down cluster '{rec['name']}' "
+                  "so that nothing keeps billing...", file=__import__("sys").stderr, flush=True)
+            if request_id is not None:
+                with contextlib.suppress(Exception):
+                    sky.get(sky.api_cancel(request_id))
+            try:
+                with _quiet():
+                    sky.get(sky.down(rec["name"]))
+            except Exception as down_error:
+                if not ("does not exist" in str(down_error) or type(down_error).__name__ == "ClusterDoesNotExist"):
+                    raise NanochatError(
+                        f"{action} failed ({type(e).__name__}: {str(e).strip()[:200]}) and tearing the cluster down "
+                        f"failed too ({type(down_error).__name__}); it may be billing: run `nanochat down --cluster "
+                        f"{rec['name']}` (or `sky down {rec['name']}`) now") from None
+            state.remove_cluster(rec["name"])
+            if interrupted:
+                raise NanochatError(f"interrupted: cluster '{rec['name']}' was torn down; nothing is billing") from None
+            raise NanochatError(f"{_sky_error(action, e)}; cluster '{rec['name']}' was torn down, nothing is "
+                                "billing") from None
+
+    def provision(self, rec: dict, created: bool = True) -> None:
         """Bring the cluster up with the environment installed (setup only; `train` runs the job)."""
         task = build_task(rec, "warmup", [], None)
         task.run = None
-        try:
-            sky.stream_and_get(sky.launch(task, cluster_name=rec["name"],
-                                          idle_minutes_to_autostop=rec.get("autostop_minutes") or 10,
-                                          down=not rec.get("keep")))
-        except Exception as e:
-            raise _sky_error(f"provisioning {rec['name']}", e) from None
+        _job_id, handle = self._run_launch(
+            rec, lambda: sky.launch(task, cluster_name=rec["name"], **_autostop(rec)),
+            f"provisioning {rec['name']}", created) or (None, None)
+        self._record_price(rec, handle)
+
+    def _record_price(self, rec: dict, handle) -> None:
+        price = _launched_price(handle, int(rec.get("nodes") or 1)) if handle is not None else None
+        if price is not None and price > 0:
+            lr = handle.launched_resources
+            rec.update(price_per_hour=price, launched={"cloud": str(lr.cloud).lower(), "region": lr.region,
+                                                       "instance_type": lr.instance_type})
+            state.update_cluster(rec["name"], price_per_hour=price, launched=rec["launched"])
 
     def launch(self, rec: dict, rd: Path, args: list[str], plan: dict, dryrun: bool = False) -> dict:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
@@ -330,17 +386,19 @@ class SkyBackend:
         task = build_task(rec, rd.name, args, plan.get("deadline_at"))
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
                "state": "RUNNING", "submitted_at": time.time()}
-        try:
-            if job["managed"]:
-                job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=f"nanochat-{rd.name}"))
-                job["job_id"] = (job_ids or [None])[0]
-            else:
-                job_id, _ = sky.stream_and_get(sky.launch(
-                    task, cluster_name=rec["name"], idle_minutes_to_autostop=rec.get("autostop_minutes") or 10,
-                    down=not rec.get("keep"), dryrun=dryrun))
-                job["job_id"] = job_id
-        except Exception as e:
-            raise _sky_error(f"launching run '{rd.name}'", e) from None
+        created = bool(rec.get("created_by_this_launch")) and not dryrun
+        action = f"launching run '{rd.name}'"
+        if job["managed"]:
+            job_ids, _ = self._run_launch(rec, lambda: sky.jobs.launch(task, name=f"nanochat-{rd.name}"), action,
+                                          False) or (None, None)
+            job["job_id"] = (job_ids or [None])[0]
+        else:
+            job_id, handle = self._run_launch(
+                rec, lambda: sky.launch(task, cluster_name=rec["name"], dryrun=dryrun, **_autostop(rec)),
+                action, created) or (None, None)
+            job["job_id"] = job_id
+            if not dryrun:
+                self._record_price(rec, handle)
         if not dryrun:
             state.write_job(rd, job)
         return job

@@ -123,8 +123,9 @@ def test_train_launches_with_a_cluster_side_hard_cap(cluster, monkeypatch):
     import sky
     launched = {}
 
-    def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, dryrun=False):
-        launched.update(task=task, cluster=cluster_name, autostop=idle_minutes_to_autostop, down=down)
+    def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, wait_for=None, dryrun=False):
+        launched.update(task=task, cluster=cluster_name, autostop=idle_minutes_to_autostop, down=down,
+                        wait_for=wait_for)
         return "launch-request"
 
     monkeypatch.setattr(sky, "launch", fake_launch)
@@ -133,9 +134,12 @@ def test_train_launches_with_a_cluster_side_hard_cap(cluster, monkeypatch):
         r = CliRunner().invoke(app, ["train", "--budget", "100", "--yes", "--detach", "--name", "r1"])
     assert r.exit_code == 0, r.stderr
     envs = launched["task"].envs
-    expected_deadline = cluster["launched_at"] + 100 / 36.0 * 3600 - 300
+    expected_deadline = cluster["launched_at"] + 100 / 36.0 * 3600 - 600   # budget from launch, less the margin
     assert abs(float(envs["NANOCHAT_DEADLINE_AT"]) - expected_deadline) < 2
     assert f"--deadline-at {envs['NANOCHAT_DEADLINE_AT']}" in envs["NANOCHAT_ARGS"]
+    # Autodown waits for jobs only (an open ssh session must not keep the node billing), 1 idle minute.
+    from sky.skylet.autostop_lib import AutostopWaitFor
+    assert launched["wait_for"] == AutostopWaitFor.JOBS and launched["autostop"] == 1
     assert "--preset cloud" in envs["NANOCHAT_ARGS"] and envs["NANOCHAT_RUN"] == "r1"
     assert launched["cluster"] == "nc-test" and launched["down"] is True and launched["autostop"] >= 1
     job = state.read_job(state.run_dir("r1"))
