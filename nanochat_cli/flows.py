@@ -91,14 +91,14 @@ def offers_table(offers: list[dict], title: str):
     return t
 
 
-def rank(gpus, spot, clouds, allow_pcie, max_price, json_out):
+def rank(gpus, spot, clouds, allow_pcie, max_price, json_out, notes: bool = True):
     err = _console(stderr=True)
     # Importing SkyPilot and reading (on first use: downloading) every cloud's catalog takes seconds.
     with err.status("reading cloud price catalogs..."):
         result = sky_backend().rank_offers(gpus, clouds=split_clouds(clouds), spot=spot, allow_pcie=allow_pcie,
                                          max_price=max_price)
-    for note in result.notes:
-        err.print(f"[dim]note: {note}[/]")
+    for note in result.notes if notes else []:
+        err.print(f"[dim]note: {note}[/]", soft_wrap=True)
     if not json_out:
         _console().print(offers_table(result.offers[:25], f"{gpus} offers, cheapest first"
                                       + (" (spot prices)" if spot else "")))
@@ -228,7 +228,8 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
             offer = rec["offer"]
             nodes = rec.get("nodes", nodes)
         else:
-            result = rank(gpus, spot, clouds, False, None, json_out=True)  # quiet ranking; the plan is shown
+            # quiet ranking (no table, no notes about offers): the plan is what train shows
+            result = rank(gpus, spot, clouds, False, None, json_out=True, notes=False)
             try:
                 offer = sky_backend().choose(result, spot=spot, max_price=None)
             except NanochatError as e:

@@ -109,11 +109,12 @@ def _catalog_query(clouds: list[str], **kwargs) -> tuple[dict[str, dict], list[s
             t.start()
         for t in threads:
             t.join(max(0.0, deadline - time.time()))
+    skipped = {c: errors.get(c, f"no answer in {timeout_s:.0f}s") for c in clouds if c not in results}
     notes = []
-    for c in clouds:
-        if c not in results:
-            why = errors.get(c, f"no answer in {timeout_s:.0f}s")
-            notes.append(f"skipped {c}: its price catalog could not be read ({why}; offline?)")
+    if skipped:  # one line, however many clouds: the usual cause (offline) is the same for all of them
+        whys = ", ".join(sorted(set(skipped.values())))
+        notes.append(f"skipped {len(skipped)} cloud(s) whose price catalog could not be read ({whys}; offline?): "
+                     f"{', '.join(skipped)}")
     return dict(results), notes
 
 

@@ -206,7 +206,7 @@ class Pipeline:
         """(steps done, steps planned) of base training, from its latest checkpoint."""
         from nanochat_core import checkpoint
         try:
-            found = checkpoint.find_latest(self.run_dir / "base")
+            found = checkpoint.find_latest(self.run_dir / "base", hashes=False)  # sizes only: fast on GBs
             meta = checkpoint.read_meta(found) if found else None
         except Exception:
             return None
