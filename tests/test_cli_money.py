@@ -78,3 +78,13 @@ def test_train_hands_the_node_exactly_the_plans_deadlines_and_only_affordable_fa
     assert all(p * (plan["hours"] + plan["margin_hours"]) <= 30 for p in prices)
     # The record existed when the provisioning request went out.
     assert "nanochat-m1" in launched["records"]
+
+
+def test_a_budget_truncated_end_is_shown_as_such_not_as_success():
+    from nanochat_cli.cost import CostMeter
+    from nanochat_cli.stream import RunView
+    view = RunView(CostMeter(23.6, time.time(), 30.0), title="t")
+    line = view.feed({"event": "done", "run_dir": "/r", "state": "BUDGET_TRUNCATED",
+                      "message": "base training reached step 3 of 100 planned (3%)"})
+    assert line.startswith("== budget-truncated: base training reached step 3 of 100")
+    assert view.meter.outcome == "BUDGET_TRUNCATED"
