@@ -205,6 +205,11 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         stages = ",".join(chosen)
     if depth is not None and not 1 <= depth <= 64:
         raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+    if nodes > 1 and not bucket and not local:
+        # Refused here, before anyone pays for N nodes' setup: every node writes its optimizer shards and
+        # reads the others' checkpoints, which only a shared bucket makes possible.
+        raise NanochatError(f"--nodes {nodes} needs --bucket s3://... (or gs://...): the nodes share "
+                            "checkpoints through it")
     if local:
         plan = _local_plan(depth, steps, minutes)
         rec = None if dryrun else local_cluster()
@@ -218,8 +223,9 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
                                     "`nanochat up` makes one")
             if rec.get("backend") != "sky":
                 raise NanochatError(f"cluster '{cluster}' is this machine: use `nanochat train --local`")
-        else:  # the most recent cloud cluster `up` made, if any; otherwise pick an offer now
-            ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky"]
+        else:  # the most recent on-demand cloud cluster, if any; otherwise pick an offer now. A spot record
+            # is never reused: each spot run is its own managed job on its own node, priced at spot.
+            ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky" and not r.get("spot")]
             rec = max(ours, key=lambda r: r.get("launched_at", 0)) if ours else None
         if rec is not None and spot and not rec.get("spot"):
             raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
@@ -302,7 +308,8 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
             rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
                                            budget=budget_usd, autostop_minutes=DEFAULT_AUTOSTOP_MIN)
             rec["launched_at"] = now
-        rec.update(budget=budget_usd, keep=keep, bucket=bucket, candidates=candidates,
+        rec.update(budget=budget_usd, keep=keep, bucket=bucket, candidates=candidates, ended_at=None,
+                   ends_by=plan["deadline_at"] + TEARDOWN_MARGIN_S,
                    max_price_per_hour=plan["max_price_per_hour"], autostop_minutes=DEFAULT_AUTOSTOP_MIN,
                    runs=sorted(set(rec.get("runs", []) + [run_name])))
         # Recorded BEFORE the first provisioning request: whatever happens next (a failed setup, Ctrl-C, a

@@ -305,6 +305,10 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
     return task
 
 
+def _already_gone(e: Exception) -> bool:
+    return "does not exist" in str(e) or type(e).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
+
+
 def _sky_error(action: str, e: Exception) -> NanochatError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     return NanochatError(f"{action} failed ({type(e).__name__}: {first}); `sky status` and `sky check` help "
@@ -410,8 +414,11 @@ class SkyBackend:
             return job.get("state")
         try:
             if job.get("managed"):
-                records = sky.get(sky.jobs.queue(refresh=False, job_ids=[job["job_id"]]))
+                records = self._managed_jobs(job_ids=[job["job_id"]])
                 status = records[0]["status"] if records else None
+                if records and records[0].get("end_at"):
+                    job["ended_at"] = float(records[0]["end_at"])
+                    state.write_job(rd, {**(state.read_job(rd) or {}), "ended_at": job["ended_at"]})
             else:
                 status = sky.get(sky.job_status(rec["name"], [job["job_id"]])).get(job["job_id"])
         except Exception:
@@ -473,6 +480,54 @@ class SkyBackend:
         if buf:
             yield buf
 
+    @staticmethod
+    def _managed_jobs(**kwargs) -> list:
+        """Managed-job records (queue_v2: the v1 call is deprecated and says so on every use). refresh=False:
+        asking must never restart a stopped jobs controller (that would bill)."""
+        with _quiet():
+            got = sky.get(sky.jobs.queue_v2(refresh=False, **kwargs))
+        return list(got[0] if isinstance(got, tuple) else got or [])
+
+    def discover(self) -> list[dict]:
+        """nanochat's clusters and unfinished managed jobs as SkyPilot itself records them (their names start
+        with "nanochat"), so one whose local record is missing - another laptop, a lost clusters.json, a
+        launch killed before it could write anything - is still seen and can be torn down. Best effort:
+        [] when SkyPilot cannot be asked. A local API server that is not running is not started just to
+        look (SkyPilot keeps the one our launches used running in the background)."""
+        found = []
+        try:
+            from sky.server import common as server_common
+            if server_common.is_api_server_local() and \
+                    server_common.get_api_server_status().status != server_common.ApiServerStatus.HEALTHY:
+                return []
+        except Exception:
+            return []
+        with contextlib.suppress(Exception):
+            with _quiet():
+                records = sky.get(sky.status()) or []
+            for r in records:
+                if str(r["name"]).startswith("nanochat"):
+                    status = r["status"]
+                    found.append({"name": r["name"], "kind": "cluster",
+                                  "state": str(getattr(status, "value", status))})
+        with contextlib.suppress(Exception):
+            for j in self._managed_jobs(skip_finished=True, name_match="nanochat"):
+                if str(j.get("job_name") or "").startswith("nanochat"):
+                    found.append({"name": j["job_name"], "kind": "managed", "job_id": j.get("job_id"),
+                                  "state": _state_name(j.get("status")) or "UNKNOWN"})
+        return found
+
+    def down_discovered(self, item: dict) -> None:
+        try:
+            with _quiet():
+                if item["kind"] == "managed":
+                    sky.get(sky.jobs.cancel(job_ids=[item["job_id"]]))
+                else:
+                    sky.get(sky.down(item["name"]))
+        except Exception as e:
+            if not _already_gone(e):
+                raise _sky_error(f"tearing down {item['name']}", e) from None
+
     def cluster_state(self, rec: dict) -> str:
         if rec.get("spot"):
             return "MANAGED"
@@ -502,8 +557,16 @@ class SkyBackend:
             if rec.get("spot"):  # managed jobs: cancelling one releases the node SkyPilot made for it
                 for r in runs:
                     job = state.read_job(state.run_dir(r)) or {}
-                    if job.get("job_id") is not None:
-                        sky.get(sky.jobs.cancel(job_ids=[job["job_id"]]))
+                    try:
+                        if job.get("job_id") is not None:
+                            sky.get(sky.jobs.cancel(job_ids=[job["job_id"]]))
+                        else:  # the launch never reported an id: cancel by the name we gave it
+                            sky.get(sky.jobs.cancel(name=f"nanochat-{r}"))
+                    except Exception as e:
+                        # The jobs controller stops itself once no managed job is left: if it is not up,
+                        # none of ours is running, and the record must still be clearable.
+                        if type(e).__name__ != "ClusterNotUpError" and not _already_gone(e):
+                            raise
             # Always also tear down a cluster of this name, should one exist: never leave a node billing.
             sky.get(sky.down(rec["name"]))
         except Exception as e:

@@ -88,3 +88,191 @@ def test_a_budget_truncated_end_is_shown_as_such_not_as_success():
                       "message": "base training reached step 3 of 100 planned (3%)"})
     assert line.startswith("== budget-truncated: base training reached step 3 of 100")
     assert view.meter.outcome == "BUDGET_TRUNCATED"
+
+
+# -----------------------------------------------------------------------------
+# The record exists before provisioning; a failed or interrupted launch leaves nothing billing
+
+def launch_that(monkeypatch, outcome, down_error=None):
+    """sky.launch/stream_and_get/down at the cloud boundary: the launch request goes out (the node may now
+    exist), then `outcome` happens while we wait for it."""
+    import sky
+    seen = {"downed": [], "cancelled": []}
+
+    def fake_launch(task, cluster_name, **kw):
+        seen["records_at_launch"] = set(state.load_clusters())
+        seen["cluster"] = cluster_name
+        return "launch-req"
+
+    def fake_stream_and_get(req):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def fake_down(name):
+        seen["downed"].append(name)
+        if down_error:
+            raise down_error
+        return "down-req"
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", fake_stream_and_get)
+    monkeypatch.setattr(sky, "down", fake_down)
+    monkeypatch.setattr(sky, "api_cancel", lambda req: seen["cancelled"].append(req) or "cancel-req")
+    monkeypatch.setattr(sky, "get", lambda req: None)
+    return seen
+
+
+def train(monkeypatch, *args):
+    with cloud_boundary(CLOUDS, monkeypatch):
+        return CliRunner().invoke(app, ["train", "--budget", "100", "--yes", "--detach", *args])
+
+
+def test_a_launch_that_fails_in_setup_tears_the_new_cluster_down(monkeypatch):
+    from sky import exceptions
+    seen = launch_that(monkeypatch, exceptions.CommandError(1, "setup", "Failed to run setup", None))
+    r = train(monkeypatch, "--name", "f1")
+    assert "nanochat-f1" in seen["records_at_launch"]           # recorded before the provisioning request
+    assert r.exit_code == 2 and "torn down" in r.stderr and "nothing is billing" in r.stderr, r.stderr
+    assert seen["downed"] == ["nanochat-f1"] and state.load_clusters() == {}
+
+
+def test_ctrl_c_while_provisioning_cancels_the_request_and_tears_down(monkeypatch):
+    seen = launch_that(monkeypatch, KeyboardInterrupt())
+    r = train(monkeypatch, "--name", "f2")
+    assert r.exit_code == 2 and "interrupted" in r.stderr and "torn down" in r.stderr, r.stderr
+    assert seen["cancelled"] == ["launch-req"] and seen["downed"] == ["nanochat-f2"]
+    assert state.load_clusters() == {}
+
+
+def test_when_teardown_fails_too_the_record_stays_and_the_error_names_the_command(monkeypatch):
+    seen = launch_that(monkeypatch, RuntimeError("provisioner lost"), down_error=RuntimeError("cloud API down"))
+    r = train(monkeypatch, "--name", "f3")
+    assert r.exit_code == 2 and "`nanochat down --cluster nanochat-f3`" in r.stderr, r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert "nanochat-f3" in state.load_clusters()               # still known: status/down find it
+
+
+def test_the_launched_price_is_read_back_and_metered(monkeypatch):
+    """SkyPilot may fail over to another offer: the record (and so the meter and status) carry the price of
+    what was actually launched, read from the handle SkyPilot returns."""
+    import sky
+    from types import SimpleNamespace
+    with cloud_boundary(CLOUDS, monkeypatch):
+        lambda_res = sky.Resources(infra="lambda/us-east-1", instance_type="gpu_8x_h100_sxm5",
+                                   accelerators={"H100": 8})
+        launch_that(monkeypatch, (4, SimpleNamespace(launched_resources=lambda_res)))
+        # a small plan, so every candidate fits the budget and SkyPilot may fail over to any of them
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--depth", "12", "--yes", "--detach", "--name", "p1"])
+    assert r.exit_code == 0, r.stderr
+    rec = state.get_cluster("nanochat-p1")
+    assert rec["offer"]["cloud"] == "nebius" and rec["price_per_hour"] == pytest.approx(31.92)
+    assert rec["launched"]["cloud"] == "lambda" and rec["price_per_hour"] <= rec["max_price_per_hour"]
+    assert rec["max_price_per_hour"] == pytest.approx(57.0)      # the dearest candidate set the deadlines
+
+
+# -----------------------------------------------------------------------------
+# status and down also find nanochat's clusters and managed jobs from SkyPilot itself
+
+def skypilot_knows(monkeypatch, clusters, jobs):
+    import sky
+    from sky.server import common as server_common
+    monkeypatch.setattr(server_common, "get_api_server_status",
+                        lambda *a, **k: server_common.ApiServerInfo(status=server_common.ApiServerStatus.HEALTHY))
+    monkeypatch.setattr(sky, "status", lambda *a, **k: ("status", clusters))
+    monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", (jobs, len(jobs), {}, len(jobs))))
+    downed, cancelled = [], []
+    monkeypatch.setattr(sky, "down", lambda name: downed.append(name) or ("down", None))
+    monkeypatch.setattr(sky.jobs, "cancel", lambda **k: cancelled.append(k) or ("cancel", None))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    return downed, cancelled
+
+
+def test_status_and_down_find_unrecorded_nanochat_clusters_and_jobs_through_skypilot(monkeypatch):
+    from sky.utils import status_lib
+    from sky.jobs.state import ManagedJobStatus
+    downed, cancelled = skypilot_knows(
+        monkeypatch, [{"name": "nanochat-lost", "status": status_lib.ClusterStatus.INIT},
+                      {"name": "someone-elses", "status": status_lib.ClusterStatus.UP}],
+        [{"job_name": "nanochat-s9", "job_id": 9, "status": ManagedJobStatus.RUNNING}])
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    found = {d["name"]: d for d in json.loads(r.stdout)["unrecorded"]}
+    assert set(found) == {"nanochat-lost", "nanochat-s9"} and found["nanochat-s9"]["kind"] == "managed"
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert downed == ["nanochat-lost"] and cancelled == [{"job_ids": [9]}]
+
+
+# -----------------------------------------------------------------------------
+# Money shown right; stale records clearable
+
+def test_a_finished_spot_run_stops_counting_and_its_record_clears_with_the_controller_down(monkeypatch):
+    import sky
+    from sky import exceptions
+    from sky.jobs.state import ManagedJobStatus
+    monkeypatch.setattr(sky.jobs, "launch", lambda task, name: "jobs-launch")
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: ([21], None))
+    with cloud_boundary(CLOUDS, monkeypatch):
+        r = CliRunner().invoke(app, ["train", "--budget", "50", "--spot", "--yes", "--detach", "--name", "s2"])
+    assert r.exit_code == 0, r.stderr
+    # Two days later (the whole record shifted back in time, as if train had run then): the job ended.
+    rec = state.get_cluster("nanochat-s2")
+    shift = 2 * 86400
+    state.update_cluster("nanochat-s2", launched_at=rec["launched_at"] - shift, ends_by=rec["ends_by"] - shift)
+    ended = rec["launched_at"] - shift + 3600
+    monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", ([{"job_id": 21, "status":
+                        ManagedJobStatus.SUCCEEDED, "end_at": ended}], 1, {}, 1)))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    (c,) = json.loads(r.stdout)["clusters"]
+    assert c["spent"] == pytest.approx(rec["price_per_hour"], rel=0.01)   # one hour, not two days
+    assert 0 <= c["budget_left"] <= 50
+
+    def controller_down(**k):
+        raise exceptions.ClusterNotUpError("The jobs controller is not up.", cluster_status=None)
+
+    monkeypatch.setattr(sky.jobs, "cancel", controller_down)
+    monkeypatch.setattr(sky, "down", lambda name: (_ for _ in ()).throw(exceptions.ClusterDoesNotExist(name)))
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert state.load_clusters() == {}
+    cost = float(r.stdout.split("final cost $")[1].split()[0])
+    assert cost == pytest.approx(rec["price_per_hour"], rel=0.01)
+
+
+def test_train_without_spot_never_reuses_a_spot_record(monkeypatch):
+    spot_offer = {"cloud": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "accelerators": "H100:8",
+                  "spot": True, "price_per_hour": 10.5, "interconnect": "nvlink", "enabled": True}
+    state.save_cluster(state.new_cluster_record("nanochat-old-spot", "sky", spot_offer, spot=True))
+    r = dryrun(100, False, monkeypatch)
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["offer"]["spot"] is False and plan["offer"]["price_per_hour"] > 20
+
+
+def test_multi_node_without_a_bucket_is_refused_at_plan_time(monkeypatch):
+    r = dryrun(100, False, monkeypatch, ["--nodes", "2"])
+    assert r.exit_code == 2 and "--nodes 2 needs --bucket" in r.stderr
+
+
+def test_eval_on_a_cloud_run_does_not_send_the_old_deadline(monkeypatch):
+    import sky
+    from test_cli_skyops import OFFER
+    rec = state.new_cluster_record("nc-ev", "sky", OFFER, budget=100.0)
+    state.save_cluster(rec)
+    rd = state.run_dir("e1")
+    state.write_job(rd, {"backend": "sky", "cluster": "nc-ev", "run": "e1", "job_id": 1, "managed": False})
+    state.write_plan(rd, {"preset": "cloud", "deadline_at": time.time() - 86400, "budget": 100.0})
+    sent = {}
+
+    def fake_launch(task, cluster_name, **kw):
+        sent.update(envs=task.envs)
+        raise RuntimeError("stop here")                         # what happens after is not this test's
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: req)
+    with cloud_boundary(CLOUDS, monkeypatch):
+        CliRunner().invoke(app, ["eval", "--name", "e1", "--json"])
+    assert sent["envs"]["NANOCHAT_DEADLINE_AT"] == ""
