@@ -110,7 +110,10 @@ def cmd_status(*, json_out: bool) -> None:
             c["state"] = "UP"
     unrecorded = discovered_unrecorded()
     if json_out:
-        print(json.dumps({"clusters": clusters, "jobs": runs, "unrecorded": unrecorded}))
+        out = {"clusters": clusters, "jobs": runs}
+        if unrecorded:  # nanochat clusters/managed jobs SkyPilot knows of with no record here
+            out["unrecorded"] = unrecorded
+        print(json.dumps(out))
         return
     if json_out:
         print(json.dumps({"clusters": clusters, "jobs": runs}))

@@ -205,6 +205,9 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         stages = ",".join(chosen)
     if depth is not None and not 1 <= depth <= 64:
         raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+    if bucket and not local:
+        from nanochat_cli.bucket import parse
+        parse(bucket)  # a scheme we can mount and pull from, refused now rather than on the node
     if nodes > 1 and not bucket and not local:
         # Refused here, before anyone pays for N nodes' setup: every node writes its optimizer shards and
         # reads the others' checkpoints, which only a shared bucket makes possible.
