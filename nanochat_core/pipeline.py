@@ -155,6 +155,29 @@ class Pipeline:
         self.child: subprocess.Popen | None = None
         self.stopping = False
         self.deadline_hit = False
+        # Multi-node: every node runs this pipeline, but only node 0 keeps the books (stages.json, report,
+        # manifest, outcome) and runs the single-process stages (tok, report); the others would write the
+        # same files at once into a shared bucket directory, whose object-store semantics (last writer
+        # wins, late visibility) make that a race.
+        self.lead = os.environ.get("SKYPILOT_NODE_RANK", "0") == "0"
+
+    def save_manifest(self) -> None:
+        if self.lead:
+            write_manifest(self.run_dir)
+
+    def write_outcome(self, outcome: dict) -> None:
+        if self.lead:
+            atomic_write_json(self.run_dir / "outcome.json", outcome)
+
+    def wait_for_lead(self, path: Path, what: str, timeout_s: float = 3600) -> None:
+        """A non-lead node waits for node 0's output to become visible here (a bucket mount shows another
+        node's writes only after its upload and our cache refresh: poll, never assume)."""
+        end = time.time() + timeout_s
+        while not path.exists():
+            if time.time() > end or self.stopping:
+                raise NanochatError(f"{what} from node 0 did not appear in {path.parent} within "
+                                    f"{timeout_s / 60:.0f} min; check node 0's log")
+            time.sleep(2.0)
 
     def done_stages(self) -> dict:
         import json
@@ -164,6 +187,8 @@ class Pipeline:
             return {}
 
     def mark_done(self, stage: str, started: float) -> None:
+        if not self.lead:
+            return
         record = self.done_stages()
         now = time.time()
         record[stage] = {"seconds": round(now - started, 2), "started": started, "finished": now}
@@ -195,10 +220,10 @@ class Pipeline:
     def end_truncated(self, stage: str, why: str) -> None:
         """A clean end inside the budget: what exists is kept, listed in the manifest and reported; exit 0
         so that no scheduler (SkyPilot's managed-job recovery) treats it as a failure to retry."""
-        atomic_write_json(self.run_dir / "outcome.json", {"state": TRUNCATED, "stage": stage, "why": why})
+        self.write_outcome({"state": TRUNCATED, "stage": stage, "why": why})
         emit("error", stage=stage, message=why)
         self.refresh_report()
-        write_manifest(self.run_dir)
+        self.save_manifest()
         emit("done", run_dir=str(self.run_dir), state=TRUNCATED, message=why)
         sys.exit(0)
 
@@ -221,7 +246,7 @@ class Pipeline:
         done_steps, planned = progress
         why = (f"base training reached step {done_steps} of {planned} planned ({done_steps / planned:.0%}) "
                "by the budget's base deadline")
-        atomic_write_json(self.run_dir / "outcome.json", {"state": TRUNCATED, "stage": "base", "why": why})
+        self.write_outcome({"state": TRUNCATED, "stage": "base", "why": why})
         if done_steps < MIN_BASE_FRACTION * planned:
             # Not marked done: a rerun with a larger budget resumes base from its checkpoint.
             self.end_truncated("base", why + "; stopping before post-training")
@@ -241,6 +266,8 @@ class Pipeline:
 
     def refresh_report(self) -> None:
         """report.md is rewritten as stages finish, so a run cut short by its budget still has one."""
+        if not self.lead:
+            return
         from nanochat_core.report import write_report
         try:
             write_report(self.run_dir, self.a.price_per_hour)
@@ -266,7 +293,8 @@ class Pipeline:
         signal.signal(signal.SIGINT, self.forward_signal)
 
         # A relaunch (larger budget, after a preemption) decides its own outcome.
-        (self.run_dir / "outcome.json").unlink(missing_ok=True)
+        if self.lead:
+            (self.run_dir / "outcome.json").unlink(missing_ok=True)
         nproc = a.nproc_per_node or gpus_per_node()
         dist = launcher(nproc, a.nnodes)
         done = self.done_stages()
@@ -293,6 +321,10 @@ class Pipeline:
                 if time.time() >= deadline - 1:
                     self.end_truncated(stage, f"the budget's deadline for stage '{stage}' passed before it "
                                               "started; a larger --budget continues the run")
+            if not self.lead and stage in ("tok", "report"):
+                if stage == "tok":
+                    self.wait_for_lead(self.run_dir / "tokenizer" / "tokenizer.json", "the tokenizer")
+                continue
             started = time.time()
             emit("stage_start", stage=stage, pipeline=True)
             for cmd in stage_commands(stage, a, data, dist):
@@ -301,7 +333,7 @@ class Pipeline:
                     self.end_truncated(stage, f"stage '{stage}' was stopped at the budget's deadline")
                 if self.stopping:
                     emit("error", stage=stage, message="stopped by signal; run again to resume")
-                    write_manifest(self.run_dir)
+                    self.save_manifest()
                     sys.exit(143)
                 if rc != 0:
                     emit("error", stage=stage, message=f"exit code {rc}")
@@ -315,9 +347,9 @@ class Pipeline:
                 self.refresh_report()
             # The manifest lists what exists after every stage, so whatever ends the run later (deadline,
             # preemption, a crash), `nanochat pull` can verify what reached the bucket or the node's disk.
-            write_manifest(self.run_dir)
+            self.save_manifest()
 
-        write_manifest(self.run_dir)
+        self.save_manifest()
         outcome = self.read_outcome()
         if outcome:
             emit("done", run_dir=str(self.run_dir), state=outcome.get("state"), message=outcome.get("why"))

@@ -121,3 +121,26 @@ def test_train_yaml_run_script_lets_the_steps_skypilot_appends_run(tmp_path):
     assert "unknown stage(s) nosuchstage" in r.stdout + r.stderr
     assert marker.exists(), "the step SkyPilot appends after the run script never ran"
     assert r.returncode == 2                                      # the pipeline's own exit code
+
+
+def test_only_node_0_keeps_the_books_and_the_others_wait_for_its_tokenizer_to_become_visible(tmp_path):
+    """Multi-node: node 1 must not run tok/report or write stages.json, the report, the manifest, the outcome
+    (all nodes share one bucket directory); it waits for node 0's tokenizer, which - as through a bucket
+    mount - becomes visible only some time after node 0 wrote it."""
+    rd = tmp_path / "run"
+    rd.mkdir()
+
+    def node0_upload_lands_late():
+        time.sleep(2.0)
+        (rd / "tokenizer").mkdir()
+        (rd / "tokenizer" / "tokenizer.json").write_text("{}")
+
+    import threading
+    threading.Thread(target=node0_upload_lands_late, daemon=True).start()
+    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,report", "--deadline-at", str(time.time() + 600)],
+                                   {"SKYPILOT_NODE_RANK": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert took >= 2.0 and (rd / "sft.out").exists()
+    assert not (rd / "tok.out").exists() and not (rd / "report.out").exists()
+    for book in ("stages.json", "MANIFEST.sha256", "report.md", "outcome.json"):
+        assert not (rd / book).exists(), book
