@@ -187,7 +187,7 @@ def _print_plan(plan: dict, budget: float | None) -> None:
 
 def _dryrun_json(plan: dict) -> dict:
     keys = ("offer", "depth", "params", "tokens", "hours", "cost", "stages", "max_price_per_hour",
-            "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note")
+            "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards")
     return {k: plan[k] for k in keys if k in plan}
 
 
@@ -264,7 +264,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         plan["budget"] = budget_usd
         run_name = name or f"d{p.depth}"
         args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
-                "--nnodes", str(nodes)]
+                "--nnodes", str(nodes), "--num-shards", str(p.num_shards)]
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return

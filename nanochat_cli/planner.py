@@ -29,12 +29,19 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "A
 MFU = {"H100": 0.50, "H200": 0.52, "B200": 0.45, "A100": 0.45, "A100-80GB": 0.45,
        "L40S": 0.35, "L4": 0.30, "A10G": 0.30, "A10": 0.30}
 
-# Anchor's CORE per depth: what the reference reported (source in the string) - to set expectations.
+# Anchor's CORE per depth: what the reference reported (source in the string) - to set expectations. Only
+# points whose model is the one we train at that depth are quoted: the anchor's launch-era d20 report card
+# (CORE 0.2219) was a different model (561M params, ~11B tokens) from our d20 (897M params, 4.35B tokens),
+# so it is not a promise we can make. No interpolation across depths we have no comparable point for.
 EXPECTED_CORE = {
-    20: (0.2219, "nanochat launch report card, d20"),
     24: (0.2565, "nanochat time-to-GPT-2 leaderboard, d24 reaches GPT-2's CORE"),
     26: (0.26, "nanochat leaderboard d26 (+FP8), ~GPT-2 grade"),
 }
+# Training tokens per data shard of the default source (climbmix: ~250M characters per shard at ~4
+# characters per token with our 32768-token vocab; 170 shards ~ 10.6B tokens). An estimate: the node downloads
+# 10% more than the plan needs so that data never silently repeats.
+TOKENS_PER_SHARD = 62e6
+MIN_SHARDS = 8  # the tokenizer trains on the first 8 shards
 
 
 def expected_core(depth: int) -> tuple[float, str] | None:
@@ -138,6 +145,7 @@ class Plan:
     nodes: int = 1
     gpus: int = 8
     capped_note: str = ""     # said out loud when the budget could buy more than the largest depth
+    num_shards: int = MIN_SHARDS  # training shards the node downloads: enough for `tokens`, never repeating
     # The money path's single source of truth, all counted in hours after launch. max_price_per_hour is the
     # highest price (whole job) among the offers the launch may fail over to; the job must end by
     # deadline_hours (budget / max price, less the margin) and base training by base_deadline_hours (that,
@@ -202,8 +210,9 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Pl
     plan = Plan(offer=offer, price_per_hour=price, budget=budget, depth=depth, params=total_params(depth),
                 tokens=int(tokens), hours=total_h, cost=total_h * price, stages=stages, tokens_per_sec=tps,
                 throughput_source=source, expected_core=core[0] if core else None,
-                expected_core_source=core[1] if core else "not reported by the anchor at this depth",
+                expected_core_source=core[1] if core else "no comparable anchor result at this depth",
                 nodes=nodes, gpus=ngpu)
+    plan.num_shards = max(MIN_SHARDS, math.ceil(tokens * 1.1 / TOKENS_PER_SHARD))
     plan.set_max_price(price)
     return plan
 

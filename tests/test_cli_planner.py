@@ -107,3 +107,19 @@ def test_the_depth_cap_is_said_out_loud():
     p = planner.make_plan(OFFER, 5000)
     assert p.depth == planner.DEPTHS[-1] and "largest model" in p.capped_note
     assert "capped_note" in p.to_json() and not planner.make_plan(OFFER, 100).capped_note
+
+
+def test_the_node_downloads_enough_shards_for_the_planned_tokens():
+    for budget in (100, 400, 2000):          # d24 ... d32: 7B to 17B tokens
+        p = planner.make_plan(OFFER, budget)
+        assert p.num_shards * planner.TOKENS_PER_SHARD >= p.tokens    # data never silently repeats
+        assert p.num_shards >= planner.MIN_SHARDS
+    assert planner.make_plan(OFFER, 2000).num_shards > 170             # the node's old fixed count
+
+
+def test_anchor_scores_are_quoted_only_for_a_comparable_model():
+    # The anchor's launch d20 (561M params, ~11B tokens) is not our d20 (897M params, 4.35B tokens).
+    d20 = planner.plan_for_depth(OFFER, 20, 100)
+    assert d20.params > 800e6 and d20.expected_core is None and "no comparable" in d20.expected_core_source
+    assert planner.plan_for_depth(OFFER, 22, 100).expected_core is None    # no interpolation from d20
+    assert planner.plan_for_depth(OFFER, 24, 100).expected_core == pytest.approx(0.2565)
