@@ -309,8 +309,12 @@ def _already_gone(e: Exception) -> bool:
     return "does not exist" in str(e) or type(e).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def _sky_error(action: str, e: Exception) -> NanochatError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    # SkyPilot colours its messages for its own terminal UI: our one-line errors carry plain text.
+    first = (ANSI.sub("", str(e)).strip().splitlines() or [type(e).__name__])[0][:300]
     return NanochatError(f"{action} failed ({type(e).__name__}: {first}); `sky status` and `sky check` help "
                          "diagnose it")
 
@@ -546,8 +550,12 @@ class SkyBackend:
             pull_mod.bucket_sync(src, dest)
         else:
             # Only the `sky` CLI writes the ssh alias for a cluster; `sky status <name>` refreshes it.
-            subprocess.run(["sky", "status", rec["name"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           check=False)
+            # The `sky` next to this Python: works without an activated venv (PATH need not have it).
+            import sys
+            sky_cli = Path(sys.executable).parent / "sky"
+            with contextlib.suppress(OSError):
+                subprocess.run([str(sky_cli) if sky_cli.exists() else "sky", "status", rec["name"]],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             pull_mod.rsync(f"{rec['name']}:{REMOTE_RUNS}/{rd.name}", dest, ssh=True)
         return pull_mod.verify(dest)
 
