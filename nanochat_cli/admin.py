@@ -31,8 +31,9 @@ def cluster_summary(rec: dict, now: float) -> dict:
     price = float(rec.get("price_per_hour") or 0.0)
     spent = price * uptime / 3600
     budget = rec.get("budget")
-    return {"name": rec["name"], "backend": rec.get("backend"), "cloud": rec.get("offer", {}).get("cloud"),
-            "region": rec.get("offer", {}).get("region"), "instance_type": rec.get("offer", {}).get("instance_type"),
+    where = {**rec.get("offer", {}), **rec.get("launched", {})}  # what SkyPilot launched, when read back
+    return {"name": rec["name"], "backend": rec.get("backend"), "cloud": where.get("cloud"),
+            "region": where.get("region"), "instance_type": where.get("instance_type"),
             "nodes": rec.get("nodes", 1), "spot": bool(rec.get("spot")), "uptime_s": round(uptime, 1),
             "price_per_hour": price, "spent": round(spent, 4),
             "budget": budget, "budget_left": None if budget is None else round(budget - spent, 4)}

@@ -234,8 +234,10 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
             raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
                                 f"`nanochat down --cluster {rec['name']}` first, or train on it without --spot")
         if rec is not None:
-            offer = rec["offer"]
             nodes = rec.get("nodes", nodes)
+            # What SkyPilot actually launched (read back after a failover), at the price it actually costs.
+            offer = {**rec["offer"], **rec.get("launched", {}),
+                     "price_per_hour": float(rec.get("price_per_hour") or rec["offer"]["price_per_hour"]) / nodes}
         else:
             # quiet ranking (no table, no notes about offers): the plan is what train shows
             result = rank(gpus, spot, clouds, False, None, json_out=True, notes=False)

@@ -74,7 +74,10 @@ def test_the_job_deadline_kills_a_stage_that_ignores_sigterm_in_its_own_session(
                                    {"STANDIN_SFT": "hang"})
     pids = [int(p) for p in (rd / "pids.txt").read_text().split()]
     time.sleep(0.3)
-    assert not any(_alive(p) for p in pids), "a stage process outlived the budget's deadline"
+    leaked = [p for p in pids if _alive(p)]
+    for p in leaked:  # never leave them behind, even when the test fails
+        os.kill(p, 9)
+    assert not leaked, "a stage process outlived the budget's deadline"
     assert r.returncode == 0 and took < 15, r.stdout + r.stderr
     assert json.loads((rd / "outcome.json").read_text())["state"] == "BUDGET_TRUNCATED"
     assert not (rd / "eval.out").exists()
@@ -96,7 +99,10 @@ def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_ha
     assert r.returncode == 0 and time.time() - t0 < 10, r.stdout + r.stderr
     time.sleep(0.3)
     pids = [int(p) for p in pidfile.read_text().split()]
-    assert len(pids) == 3 and not any(_alive(p) for p in pids)
+    leaked = [p for p in pids if _alive(p)]
+    for p in leaked:
+        os.kill(p, 9)
+    assert len(pids) == 3 and not leaked
 
 
 def test_train_yaml_run_script_lets_the_steps_skypilot_appends_run(tmp_path):
