@@ -91,7 +91,7 @@ def offers_table(offers: list[dict], title: str):
     return t
 
 
-def rank(gpus, spot, clouds, allow_pcie, max_price, json_out, notes: bool = True):
+def rank(gpus, spot, clouds, allow_pcie, max_price, json_out, notes: bool = True, nodes: int = 1):
     err = _console(stderr=True)
     # Importing SkyPilot and reading (on first use: downloading) every cloud's catalog takes seconds.
     with err.status("reading cloud price catalogs..."):
@@ -100,8 +100,12 @@ def rank(gpus, spot, clouds, allow_pcie, max_price, json_out, notes: bool = True
     for note in result.notes if notes else []:
         err.print(f"[dim]note: {note}[/]", soft_wrap=True)
     if not json_out:
-        _console().print(offers_table(result.offers[:25], f"{gpus} offers, cheapest first"
-                                      + (" (spot prices)" if spot else "")))
+        out = _console()
+        if not out.is_terminal:
+            out.width = max(out.width, 160)  # piped or redirected: whole rows, never cut at 80 columns
+        per_node = f"; $/h per node, {nodes} nodes cost {nodes}x" if nodes > 1 else ""
+        out.print(offers_table(result.offers[:25], f"{gpus} offers, cheapest first"
+                               + (" (spot prices)" if spot else "") + per_node))
         if len(result.offers) > 25:
             print(f"... {len(result.offers) - 25} more (use --json for all)")
     return result
@@ -120,7 +124,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
         # preemption) when the job starts. A node provisioned here would only idle, and bill, beside it.
         raise NanochatError("spot runs provision their own node: run `nanochat train --spot --budget USD` "
                             "(`nanochat up --spot --dryrun` shows the spot offers)")
-    result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out)
+    result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out, nodes=nodes)
     if json_out:
         print(json.dumps({"offers": result.offers}))
     if dryrun:
@@ -416,6 +420,17 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
 def cmd_logs(*, name, from_start, follow):
     rd = state.find_run_for_logs(name)
     final = stream_run(rd, from_start=from_start, follow_on=follow)
+    job = state.read_job(rd) or {}
+    if final == "UNKNOWN" and job.get("backend") == "sky" and not job.get("managed"):
+        # SkyPilot can answer a gone cluster's log request with nothing at all: say so instead of exit 0.
+        cluster = state.get_cluster(job.get("cluster")) or {"name": job.get("cluster"), "backend": "sky"}
+        try:
+            gone = backend_for(cluster).cluster_state(cluster) == "DOWN"
+        except NanochatError:
+            gone = False
+        if gone:
+            raise NanochatError(f"cluster '{cluster['name']}' of run '{rd.name}' is gone, and its log with it; "
+                                f"{rd / 'pipeline.log'} has what was pulled; `nanochat status` shows what is left")
     if final == "FAILED":
         raise NanochatError(f"run '{rd.name}' failed; the log above says why. Run the same `nanochat train` "
                             "again to resume (finished stages are skipped)")

@@ -283,3 +283,29 @@ def test_skypilot_errors_reach_the_user_as_one_plain_line(monkeypatch):
     e = _sky_error("launching run 'x'", RuntimeError("\x1b[31mFailed to provision\x1b[0m: no capacity\nmore"))
     assert str(e).startswith("launching run 'x' failed (RuntimeError: Failed to provision: no capacity)")
     assert "\x1b" not in str(e) and "\n" not in str(e)
+
+
+def test_logs_of_a_cluster_that_is_gone_says_so(monkeypatch):
+    import sky
+    from sky import exceptions
+    from test_cli_skyops import OFFER
+    state.save_cluster(state.new_cluster_record("nc-gone", "sky", OFFER, budget=100.0))
+    state.write_job(state.run_dir("g1"), {"backend": "sky", "cluster": "nc-gone", "run": "g1", "job_id": 2,
+                                          "managed": False, "state": "RUNNING"})
+    monkeypatch.setattr(sky, "tail_logs", lambda *a, **k: iter(()))          # the server sends nothing
+
+    def no_cluster(*a, **k):
+        raise exceptions.ClusterDoesNotExist("Cluster 'nc-gone' does not exist.")
+
+    monkeypatch.setattr(sky, "job_status", no_cluster)
+    monkeypatch.setattr(sky, "status", lambda names: ("status", []))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    r = CliRunner().invoke(app, ["logs", "--name", "g1"])
+    assert r.exit_code == 2 and "is gone" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_piped_offer_tables_keep_whole_rows_and_say_prices_are_per_node(monkeypatch):
+    with cloud_boundary(CLOUDS, monkeypatch):
+        r = CliRunner().invoke(app, ["up", "--dryrun", "--nodes", "2"])
+    assert r.exit_code == 0, r.stderr
+    assert "gpu-h100-sxm_8gpu-128vcpu-1600gb" in r.stdout and "2 nodes cost 2x" in r.stdout
