@@ -343,17 +343,29 @@ class SkyBackend:
         laptop's SIGHUP surfaces the same way) after the node may exist, the cluster this command created is
         torn down at once; if even that fails, its record stays and the error names the exact command."""
         request_id = None
+        import signal
+        import sys
+
+        def hangup(_signum, _frame):  # a closed terminal or laptop: handled exactly like Ctrl-C
+            raise KeyboardInterrupt
+
+        old_hup = None
+        if threading.current_thread() is threading.main_thread():
+            old_hup = signal.signal(signal.SIGHUP, hangup)
         try:
             request_id = request_fn()
             return sky.stream_and_get(request_id)
         except BaseException as e:  # noqa: KeyboardInterrupt included - that is the point
+            if old_hup is not None:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal is gone: finish the teardown
             if not created:
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 raise _sky_error(action, e) from None
             interrupted = isinstance(e, KeyboardInterrupt)
-            print(f"{'interrupted' if interrupted else action + ' failed'}: tearing down cluster '{rec['name']}' "
-                  "so that nothing keeps billing...", file=__import__("sys").stderr, flush=True)
+            with contextlib.suppress(OSError):  # stderr may be a terminal that no longer exists
+                print(f"{'interrupted' if interrupted else action + ' failed'}: tearing down cluster "
+                      f"'{rec['name']}' so that nothing keeps billing...", file=sys.stderr, flush=True)
             if request_id is not None:
                 with contextlib.suppress(Exception):
                     sky.get(sky.api_cancel(request_id))
@@ -371,6 +383,9 @@ class SkyBackend:
                 raise NanochatError(f"interrupted: cluster '{rec['name']}' was torn down; nothing is billing") from None
             raise NanochatError(f"{_sky_error(action, e)}; cluster '{rec['name']}' was torn down, nothing is "
                                 "billing") from None
+        finally:
+            if old_hup is not None:
+                signal.signal(signal.SIGHUP, old_hup)
 
     def provision(self, rec: dict, created: bool = True) -> None:
         """Bring the cluster up with the environment installed (setup only; `train` runs the job)."""

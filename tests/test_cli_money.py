@@ -309,3 +309,21 @@ def test_piped_offer_tables_keep_whole_rows_and_say_prices_are_per_node(monkeypa
         r = CliRunner().invoke(app, ["up", "--dryrun", "--nodes", "2"])
     assert r.exit_code == 0, r.stderr
     assert "gpu-h100-sxm_8gpu-128vcpu-1600gb" in r.stdout and "2 nodes cost 2x" in r.stdout
+
+
+def test_a_closed_terminal_while_provisioning_tears_down_like_ctrl_c(monkeypatch):
+    import os
+    import signal
+    seen = launch_that(monkeypatch, None)
+    import sky
+
+    def hangup_while_waiting(req):
+        os.kill(os.getpid(), signal.SIGHUP)      # the laptop lid closes; the terminal hangs up
+        time.sleep(1)
+        raise AssertionError("SIGHUP did not interrupt the wait")
+
+    monkeypatch.setattr(sky, "stream_and_get", hangup_while_waiting)
+    before = signal.getsignal(signal.SIGHUP)
+    r = train(monkeypatch, "--name", "f4")
+    assert r.exit_code == 2 and "interrupted" in r.stderr and seen["downed"] == ["nanochat-f4"], r.stderr
+    assert state.load_clusters() == {} and signal.getsignal(signal.SIGHUP) == before
