@@ -265,7 +265,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         p = make_plan(offer, budget_usd - spent, depth, nodes)
         # Only offers at which this very plan stays within the budget may be failed over to; the dearest
         # of them sets the node's deadlines (so whichever one SkyPilot launches, the cap holds).
-        candidates = limit_failover(p, [rec["offer"]] if rec is not None else candidates)
+        candidates = limit_failover(p, [offer] if rec is not None else candidates)
         plan = p.to_json()
         plan["budget"] = budget_usd
         run_name = name or f"d{p.depth}"
