@@ -65,9 +65,27 @@ def _quiet():
 # -----------------------------------------------------------------------------
 # Offers
 
+def _remote_api_server() -> bool:
+    """With a remote API server (`sky api login`) credentials and enabled clouds live on the server: this
+    machine's own SkyPilot state knows nothing, so we ask the server through the SDK. A local server shares
+    this machine's state, which we read directly (no request, no server start-up)."""
+    try:
+        from sky.server import common as server_common
+        return not server_common.is_api_server_local(server_common.get_server_url())
+    except Exception:
+        return False
+
+
 def enabled_clouds() -> list[str]:
     from sky import check as sky_check
     from sky.clouds import cloud as sky_cloud
+    if _remote_api_server():
+        try:
+            with _quiet():
+                from sky.client import sdk as sky_sdk
+                return sorted(str(c).lower() for c in sky.get(sky_sdk.enabled_clouds()))
+        except Exception:
+            return []
     try:
         with _quiet():
             clouds = sky_check.get_cached_enabled_clouds_or_refresh(sky_cloud.CloudCapability.COMPUTE)
@@ -212,7 +230,11 @@ def choose(result: Offers, spot: bool = False, max_price: float | None = None) -
         dag.add(task)
     try:
         with _quiet():
-            Optimizer.optimize(dag, quiet=True)
+            if _remote_api_server():  # the server's optimizer, with the server's enabled clouds
+                dag = sky.get(sky.optimize(dag))
+                task = dag.tasks[0]
+            else:
+                Optimizer.optimize(dag, quiet=True)
     except Exception as e:
         raise NanochatError(f"SkyPilot could not place any offer ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}); `sky check` shows which clouds are usable") from None
@@ -516,7 +538,7 @@ class SkyBackend:
         found = []
         try:
             from sky.server import common as server_common
-            if server_common.is_api_server_local() and \
+            if server_common.is_api_server_local(server_common.get_server_url()) and \
                     server_common.get_api_server_status().status != server_common.ApiServerStatus.HEALTHY:
                 return []
         except Exception:

@@ -327,3 +327,34 @@ def test_a_closed_terminal_while_provisioning_tears_down_like_ctrl_c(monkeypatch
     r = train(monkeypatch, "--name", "f4")
     assert r.exit_code == 2 and "interrupted" in r.stderr and seen["downed"] == ["nanochat-f4"], r.stderr
     assert state.load_clusters() == {} and signal.getsignal(signal.SIGHUP) == before
+
+
+def test_with_a_remote_api_server_enabled_clouds_and_the_optimizer_come_from_the_server(monkeypatch):
+    """`sky api login`: this laptop's own SkyPilot state has no credentials (cloud_boundary([]) below); the
+    server (its two SDK calls faked at that boundary, the optimizer itself real) says Lambda is enabled."""
+    import sky
+    from sky.optimizer import Optimizer
+    from sky.server import common as server_common
+    monkeypatch.setenv("SKYPILOT_API_SERVER_ENDPOINT", "http://203.0.113.5:46580")
+    server_common.get_server_url.cache_clear()            # SkyPilot caches the endpoint per process
+    asked = []
+
+    def server_optimize(dag, **kw):
+        asked.append("optimize")
+        Optimizer.optimize(dag, quiet=True)     # what the server runs, here with Lambda enabled
+        return ("optimize", dag)
+
+    from sky.client import sdk as sky_sdk
+    monkeypatch.setattr(sky_sdk, "enabled_clouds", lambda **kw: asked.append("enabled") or ("enabled", ["Lambda"]))
+    monkeypatch.setattr(sky, "optimize", server_optimize)
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    with cloud_boundary([], monkeypatch):
+        from sky import check as sky_check
+        from sky.utils import registry
+        monkeypatch.setattr(sky_check, "get_cached_enabled_clouds_or_refresh",
+                            lambda *a, **k: [registry.CLOUD_REGISTRY.from_str("lambda")] if "optimize" in asked else [])
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--dryrun", "--json"])
+    assert r.exit_code == 0, r.stderr
+    server_common.get_server_url.cache_clear()
+    assert json.loads(r.stdout)["offer"]["cloud"] == "lambda", (asked, r.stderr)
+    assert asked[:1] == ["enabled"] and "optimize" in asked
