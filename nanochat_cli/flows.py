@@ -274,9 +274,12 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
-    if spot and not bucket and not local:
-        print("warning: --spot without --bucket: after a preemption the run restarts on a fresh node without "
-              "its checkpoints; add --bucket s3://... (or gs://...) so it resumes", file=sys.stderr)
+    if spot and not bucket and not local and not dryrun:
+        # A spot run's node is removed when its job ends (and replaced after a preemption): without a bucket
+        # nothing it trained could ever be pulled, nor resumed. Refused before anything is paid for.
+        raise NanochatError("--spot needs --bucket s3://... (or gs://...): a spot run's node is gone when its job "
+                            "ends or is preempted, so its checkpoints must live in a bucket to resume and to be "
+                            "pulled")
     if not json_out:
         _print_plan(plan, None if local else budget_usd)
     if dryrun:

@@ -214,7 +214,8 @@ def test_a_finished_spot_run_stops_counting_and_its_record_clears_with_the_contr
     monkeypatch.setattr(sky.jobs, "launch", lambda task, name: "jobs-launch")
     monkeypatch.setattr(sky, "stream_and_get", lambda req: ([21], None))
     with cloud_boundary(CLOUDS, monkeypatch):
-        r = CliRunner().invoke(app, ["train", "--budget", "50", "--spot", "--yes", "--detach", "--name", "s2"])
+        r = CliRunner().invoke(app, ["train", "--budget", "50", "--spot", "--yes", "--detach", "--name", "s2",
+                                     "--bucket", "s3://my-bucket"])
     assert r.exit_code == 0, r.stderr
     # Two days later (the whole record shifted back in time, as if train had run then): the job ended.
     rec = state.get_cluster("nanochat-s2")

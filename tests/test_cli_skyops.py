@@ -222,10 +222,13 @@ def test_train_spot_launches_a_managed_job_priced_at_spot(monkeypatch):
     monkeypatch.setattr(sky, "stream_and_get", lambda req: ([11], None))
     with cloud_boundary(["aws", "nebius"], monkeypatch):
         dry = CliRunner().invoke(app, ["up", "--spot", "--dryrun", "--json"])
-        r = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--yes", "--detach", "--name", "s1"])
+        no_bucket = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--yes", "--detach"])
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--yes", "--detach", "--name", "s1",
+                                     "--bucket", "s3://my-bucket"])
     assert dry.exit_code == 0 and r.exit_code == 0, dry.stderr + r.stderr
     cheapest_spot = json.loads(dry.stdout)["offers"][0]
-    assert "--spot without --bucket" in r.stderr          # it warns that a preempted run cannot resume
+    # Without a bucket nothing a spot run trained could be resumed or pulled: refused before any spending.
+    assert no_bucket.exit_code == 2 and "--spot needs --bucket" in no_bucket.stderr
     assert launched["name"] == "nanochat-s1"
     assert launched["task"].resources and all(res.use_spot for res in launched["task"].resources)
     job = state.read_job(state.run_dir("s1"))
