@@ -460,6 +460,8 @@ class SkyBackend:
                 if records and records[0].get("end_at"):
                     job["ended_at"] = float(records[0]["end_at"])
                     state.write_job(rd, {**(state.read_job(rd) or {}), "ended_at": job["ended_at"]})
+                if records:
+                    self._record_managed_price(rec, records[0])
             else:
                 status = sky.get(sky.job_status(rec["name"], [job["job_id"]])).get(job["job_id"])
         except Exception:
@@ -520,6 +522,20 @@ class SkyBackend:
             yield from lines
         if buf:
             yield buf
+
+    @staticmethod
+    def _record_managed_price(rec: dict, record) -> None:
+        """A managed job reports where SkyPilot placed it (cloud, region), not its price: the price is that
+        failover candidate's, so the meter and `status` show what the run really costs."""
+        cloud, region = str(record.get("cloud") or "").lower(), record.get("region")
+        current = state.get_cluster(rec["name"]) or rec
+        match = [c for c in current.get("candidates") or [] if c["cloud"] == cloud and c["region"] == region]
+        if not cloud or not match or (current.get("launched") or {}).get("region") == region:
+            return
+        nodes = int(current.get("nodes") or 1)
+        price = round(max(float(c["price_per_hour"]) for c in match) * nodes, 4)
+        state.update_cluster(rec["name"], price_per_hour=price, launched={
+            "cloud": cloud, "region": region, "instance_type": match[0]["instance_type"]})
 
     @staticmethod
     def _managed_jobs(**kwargs) -> list:

@@ -359,3 +359,24 @@ def test_with_a_remote_api_server_enabled_clouds_and_the_optimizer_come_from_the
     server_common.get_server_url.cache_clear()
     assert json.loads(r.stdout)["offer"]["cloud"] == "lambda", (asked, r.stderr)
     assert asked[:1] == ["enabled"] and "optimize" in asked
+
+
+def test_a_managed_spot_run_is_metered_at_the_offer_skypilot_placed_it_on(monkeypatch):
+    import sky
+    from sky.jobs.state import ManagedJobStatus
+    monkeypatch.setattr(sky.jobs, "launch", lambda task, name: "jobs-launch")
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: ([31], None))
+    with cloud_boundary(CLOUDS, monkeypatch):
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--yes", "--detach", "--name", "s3",
+                                     "--bucket", "s3://my-bucket"])
+    assert r.exit_code == 0, r.stderr
+    rec = state.get_cluster("nanochat-s3")
+    assert rec["offer"]["cloud"] == "nebius" and any(c["cloud"] == "aws" for c in rec["candidates"])
+    # Nebius had no spot capacity: SkyPilot failed over to AWS us-west-2 (the queue says where, not the price).
+    monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", ([{"job_id": 31, "status":
+                        ManagedJobStatus.RUNNING, "cloud": "AWS", "region": "us-west-2"}], 1, {}, 1)))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    (c,) = json.loads(r.stdout)["clusters"]
+    assert c["price_per_hour"] == pytest.approx(11.2) and c["cloud"] == "aws" and c["region"] == "us-west-2"
