@@ -15,13 +15,25 @@ from nanochat_cli.cost import fmt_duration
 from nanochat_cli.flows import _console, backend_for, confirm, local_cluster, stream_run
 
 
+def billing_end(rec: dict, now: float) -> float:
+    """When this record stops (or stopped) costing money: now while it runs; the moment its job or cluster
+    was seen to end; and never later than its budget's deadline plus the teardown margin, which the node
+    itself enforces - so a gone cluster or a finished spot run never shows a meter that grows forever."""
+    end = now
+    for k in ("ended_at", "ends_by"):
+        if rec.get(k):
+            end = min(end, float(rec[k]))
+    return end
+
+
 def cluster_summary(rec: dict, now: float) -> dict:
-    uptime = max(0.0, now - float(rec.get("launched_at") or now))
+    uptime = max(0.0, billing_end(rec, now) - float(rec.get("launched_at") or now))
     price = float(rec.get("price_per_hour") or 0.0)
     spent = price * uptime / 3600
     budget = rec.get("budget")
-    return {"name": rec["name"], "backend": rec.get("backend"), "cloud": rec.get("offer", {}).get("cloud"),
-            "region": rec.get("offer", {}).get("region"), "instance_type": rec.get("offer", {}).get("instance_type"),
+    where = {**rec.get("offer", {}), **rec.get("launched", {})}  # what SkyPilot launched, when read back
+    return {"name": rec["name"], "backend": rec.get("backend"), "cloud": where.get("cloud"),
+            "region": where.get("region"), "instance_type": where.get("instance_type"),
             "nodes": rec.get("nodes", 1), "spot": bool(rec.get("spot")), "uptime_s": round(uptime, 1),
             "price_per_hour": price, "spent": round(spent, 4),
             "budget": budget, "budget_left": None if budget is None else round(budget - spent, 4)}
@@ -48,8 +60,35 @@ def run_summaries() -> list[dict]:
     return out
 
 
+def note_ended(rec: dict, when: float) -> dict:
+    """Record (once) when a cluster or its managed job was seen to end: its spend stops counting there."""
+    if not rec.get("ended_at"):
+        rec = state.update_cluster(rec["name"], ended_at=when) or {**rec, "ended_at": when}
+    return rec
+
+
+def discovered_unrecorded() -> list[dict]:
+    """nanochat clusters/managed jobs SkyPilot knows of that have no local record (none without SkyPilot)."""
+    try:
+        from nanochat_cli.flows import sky_backend
+        found = sky_backend().SkyBackend().discover()
+    except NanochatError:
+        return []
+    recorded = set(state.load_clusters())
+    runs = {f"nanochat-{rd.name}" for rd in state.list_runs()
+            if (state.read_job(rd) or {}).get("cluster") in recorded}
+    return [d for d in found if d["name"] not in recorded and d["name"] not in runs
+            and d["state"] not in ("DOWN", "SUCCEEDED", "FAILED", "CANCELLED")]
+
+
 def cmd_status(*, json_out: bool) -> None:
     now = time.time()
+    runs = run_summaries()
+    for r in runs:  # a finished managed (spot) run: its spending stopped when the job ended
+        rec = state.get_cluster(r["cluster"])
+        if rec and rec.get("spot") and r["state"] in ("SUCCEEDED", "FAILED", "CANCELLED", "BUDGET_TRUNCATED"):
+            job = state.read_job(Path(r["run_dir"])) or {}
+            note_ended(rec, float(job.get("ended_at") or now))
     clusters = [cluster_summary(r, now) for r in state.load_clusters().values()]
     for c in clusters:
         rec = state.get_cluster(c["name"])
@@ -60,7 +99,9 @@ def cmd_status(*, json_out: bool) -> None:
                 if c["state"] == "DOWN":
                     # It tore itself down (autostop, budget): the meter stopped then; SkyPilot knows the total.
                     final = backend.final_cost(rec)
-                    if final is not None:
+                    if final is None:
+                        c.update(cluster_summary(note_ended(rec, now), now))
+                    else:
                         c["spent"] = round(final, 4)
                         if c["budget"] is not None:
                             c["budget_left"] = round(c["budget"] - final, 4)
@@ -68,13 +109,23 @@ def cmd_status(*, json_out: bool) -> None:
                 c["state"] = f"unknown ({e})"
         else:
             c["state"] = "UP"
-    runs = run_summaries()
+    unrecorded = discovered_unrecorded()
+    if json_out:
+        out = {"clusters": clusters, "jobs": runs}
+        if unrecorded:  # nanochat clusters/managed jobs SkyPilot knows of with no record here
+            out["unrecorded"] = unrecorded
+        print(json.dumps(out))
+        return
     if json_out:
         print(json.dumps({"clusters": clusters, "jobs": runs}))
         return
     from rich.table import Table
     con = _console()
-    if not clusters and not runs:
+    for d in unrecorded:
+        con.print(f"[yellow]SkyPilot also has nanochat {'managed job' if d['kind'] == 'managed' else 'cluster'} "
+                  f"'{d['name']}' ({d['state']}) that this machine has no record of; `nanochat down` tears it "
+                  "down too[/]", soft_wrap=True)
+    if not clusters and not runs and not unrecorded:
         con.print("no clusters and no runs. Start with `nanochat train --local`, or `nanochat up --dryrun` "
                   "to compare cloud offers.")
         return
@@ -164,7 +215,10 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
     if cluster.get("backend") == "local":
         backend.launch(cluster, rd, args)
     else:
-        backend.launch(cluster, rd, args, state.read_json(rd / "plan.json") or {})
+        # Not the training run's deadline (long past, perhaps): eval is short and the cluster's autodown
+        # still ends it; an old deadline would only make the node refuse to start.
+        plan = {k: v for k, v in (state.read_json(rd / "plan.json") or {}).items() if k != "deadline_at"}
+        backend.launch(cluster, rd, args, plan)
     state.save_log_position(rd, (rd / "pipeline.log").stat().st_size if (rd / "pipeline.log").exists() else 0)
     final = stream_run(rd) if not json_out else _wait_quietly(backend, cluster, rd)
     if final is None:
@@ -209,22 +263,29 @@ def _fmt(v) -> str:
 
 def cmd_down(*, yes: bool, cluster: str | None) -> None:
     clusters = state.load_clusters()
+    unrecorded = discovered_unrecorded()
     if cluster is not None:
         clusters = {k: v for k, v in clusters.items() if k == cluster}
-    if not clusters:
+        unrecorded = [d for d in unrecorded if d["name"] == cluster]
+    if not clusters and not unrecorded:
         print("nothing to tear down: no clusters are recorded" + (f" under the name '{cluster}'" if cluster else "")
-              + ". (`sky status` shows anything started outside nanochat.)")
+              + " and SkyPilot has no nanochat cluster or managed job running.")
         return
-    paid = [c for c in clusters.values() if c.get("backend") != "local"]
+    paid = [c["name"] for c in clusters.values() if c.get("backend") != "local"] + [d["name"] for d in unrecorded]
     if paid:
-        confirm("Tear down " + ", ".join(c["name"] for c in paid) + "? Anything not pulled is lost", yes)
+        confirm("Tear down " + ", ".join(paid) + "? Anything not pulled is lost", yes)
+    from nanochat_cli.flows import sky_backend
+    for d in unrecorded:  # found through SkyPilot itself, not in our records
+        sky_backend().SkyBackend().down_discovered(d)
+        print(f"down: '{d['name']}' (found through SkyPilot; no local record, so no cost shown)")
     total = 0.0
     now = time.time()
     for name, rec in clusters.items():
         backend = backend_for(rec)
         stopped = backend.down(rec)
         cost = None
-        if rec.get("backend") != "local":
+        if rec.get("backend") != "local" and not rec.get("spot"):
+            # SkyPilot's cost report covers clusters it launched directly, never managed-job (spot) nodes.
             cost = backend.final_cost(rec)
         if cost is None:
             cost = cluster_summary(rec, now)["spent"]

@@ -13,14 +13,16 @@ from pathlib import Path
 from nanochat_core.common import NanochatError
 from nanochat_cli import state
 from nanochat_cli.offers import failover_candidates
+from nanochat_cli.planner import MARGIN_H
 
 LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
                "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
                "enabled": True}
-# Minutes of idle time after which the cluster tears itself down (the cluster-side safety net).
-DEFAULT_AUTOSTOP_MIN = 10
-# Seconds kept free at the end of the budget for teardown (the node's job ends before this).
-TEARDOWN_MARGIN_S = 300
+# Minutes of idle time (jobs only: an open ssh session does not keep the node up) after which a cluster
+# running a budgeted job tears itself down: well inside the plan's teardown margin.
+DEFAULT_AUTOSTOP_MIN = 1
+# Seconds kept free at the end of the budget for teardown (the node's job ends before this): the planner's.
+TEARDOWN_MARGIN_S = MARGIN_H * 3600
 
 
 def sky_backend():
@@ -89,17 +91,21 @@ def offers_table(offers: list[dict], title: str):
     return t
 
 
-def rank(gpus, spot, clouds, allow_pcie, max_price, json_out):
+def rank(gpus, spot, clouds, allow_pcie, max_price, json_out, notes: bool = True, nodes: int = 1):
     err = _console(stderr=True)
     # Importing SkyPilot and reading (on first use: downloading) every cloud's catalog takes seconds.
     with err.status("reading cloud price catalogs..."):
         result = sky_backend().rank_offers(gpus, clouds=split_clouds(clouds), spot=spot, allow_pcie=allow_pcie,
                                          max_price=max_price)
-    for note in result.notes:
-        err.print(f"[dim]note: {note}[/]")
+    for note in result.notes if notes else []:
+        err.print(f"[dim]note: {note}[/]", soft_wrap=True)
     if not json_out:
-        _console().print(offers_table(result.offers[:25], f"{gpus} offers, cheapest first"
-                                      + (" (spot prices)" if spot else "")))
+        out = _console()
+        if not out.is_terminal:
+            out.width = max(out.width, 160)  # piped or redirected: whole rows, never cut at 80 columns
+        per_node = f"; $/h per node, {nodes} nodes cost {nodes}x" if nodes > 1 else ""
+        out.print(offers_table(result.offers[:25], f"{gpus} offers, cheapest first"
+                               + (" (spot prices)" if spot else "") + per_node))
         if len(result.offers) > 25:
             print(f"... {len(result.offers) - 25} more (use --json for all)")
     return result
@@ -118,7 +124,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
         # preemption) when the job starts. A node provisioned here would only idle, and bill, beside it.
         raise NanochatError("spot runs provision their own node: run `nanochat train --spot --budget USD` "
                             "(`nanochat up --spot --dryrun` shows the spot offers)")
-    result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out)
+    result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out, nodes=nodes)
     if json_out:
         print(json.dumps({"offers": result.offers}))
     if dryrun:
@@ -132,8 +138,8 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
             f"${offer['price_per_hour'] * nodes:.2f}/h?", yes)
     rec = state.new_cluster_record(name, "sky", offer, nodes=nodes, spot=spot, autostop_minutes=autostop)
     rec["candidates"] = failover_candidates(result, offer)
+    state.save_cluster(rec)  # before the provisioning request: a failure or Ctrl-C never leaves it unrecorded
     sky_backend().SkyBackend().provision(rec)
-    state.save_cluster(rec)
     if not json_out:
         print(f"cluster '{name}' is up: {offer['cloud']} {offer['instance_type']} ${rec['price_per_hour']:.2f}/h; "
               f"it tears itself down after {autostop} idle minutes. Next: `nanochat train --budget 100`")
@@ -175,13 +181,18 @@ def _print_plan(plan: dict, budget: float | None) -> None:
         c.print(f"model: {plan['params'] / 1e6:,.1f}M params, trained for as many steps as fit the time")
     if plan.get("expected_core") is not None:
         c.print(f"the anchor scored CORE {plan['expected_core']:.4f} at this size ({plan['expected_core_source']})")
+    if plan.get("capped_note"):
+        c.print(f"note: {plan['capped_note']}")
     if budget:
-        c.print(f"budget: ${budget:.2f} (hard cap: training stops early to leave room for SFT and evals)")
+        c.print(f"budget: ${budget:.2f} (hard cap: base training stops {plan['base_deadline_hours']:.2f} h after "
+                f"launch, everything {plan['deadline_hours']:.2f} h after launch; priced at up to "
+                f"${plan['max_price_per_hour']:.2f}/h, the dearest offer the launch may fail over to)")
 
 
 def _dryrun_json(plan: dict) -> dict:
-    keys = ("offer", "depth", "params", "tokens", "hours", "cost", "stages")
-    return {k: plan[k] for k in keys}
+    keys = ("offer", "depth", "params", "tokens", "hours", "cost", "stages", "max_price_per_hour",
+            "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards")
+    return {k: plan[k] for k in keys if k in plan}
 
 
 def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name, gpus, clouds, nodes,
@@ -198,6 +209,14 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         stages = ",".join(chosen)
     if depth is not None and not 1 <= depth <= 64:
         raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+    if bucket and not local:
+        from nanochat_cli.bucket import parse
+        parse(bucket)  # a scheme we can mount and pull from, refused now rather than on the node
+    if nodes > 1 and not bucket and not local:
+        # Refused here, before anyone pays for N nodes' setup: every node writes its optimizer shards and
+        # reads the others' checkpoints, which only a shared bucket makes possible.
+        raise NanochatError(f"--nodes {nodes} needs --bucket s3://... (or gs://...): the nodes share "
+                            "checkpoints through it")
     if local:
         plan = _local_plan(depth, steps, minutes)
         rec = None if dryrun else local_cluster()
@@ -211,17 +230,21 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
                                     "`nanochat up` makes one")
             if rec.get("backend") != "sky":
                 raise NanochatError(f"cluster '{cluster}' is this machine: use `nanochat train --local`")
-        else:  # the most recent cloud cluster `up` made, if any; otherwise pick an offer now
-            ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky"]
+        else:  # the most recent on-demand cloud cluster, if any; otherwise pick an offer now. A spot record
+            # is never reused: each spot run is its own managed job on its own node, priced at spot.
+            ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky" and not r.get("spot")]
             rec = max(ours, key=lambda r: r.get("launched_at", 0)) if ours else None
         if rec is not None and spot and not rec.get("spot"):
             raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
                                 f"`nanochat down --cluster {rec['name']}` first, or train on it without --spot")
         if rec is not None:
-            offer = rec["offer"]
             nodes = rec.get("nodes", nodes)
+            # What SkyPilot actually launched (read back after a failover), at the price it actually costs.
+            offer = {**rec["offer"], **rec.get("launched", {}),
+                     "price_per_hour": float(rec.get("price_per_hour") or rec["offer"]["price_per_hour"]) / nodes}
         else:
-            result = rank(gpus, spot, clouds, False, None, json_out=True)  # quiet ranking; the plan is shown
+            # quiet ranking (no table, no notes about offers): the plan is what train shows
+            result = rank(gpus, spot, clouds, False, None, json_out=True, notes=False)
             try:
                 offer = sky_backend().choose(result, spot=spot, max_price=None)
             except NanochatError as e:
@@ -238,18 +261,25 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
             if spent >= budget_usd:
                 raise NanochatError(f"cluster '{rec['name']}' has already cost ${spent:.2f} of the ${budget_usd:.2f} "
                                     "budget: raise --budget, or `nanochat down` and start afresh")
+        from nanochat_cli.planner import limit_failover
         p = make_plan(offer, budget_usd - spent, depth, nodes)
-        p.budget = budget_usd
+        # Only offers at which this very plan stays within the budget may be failed over to; the dearest
+        # of them sets the node's deadlines (so whichever one SkyPilot launches, the cap holds).
+        candidates = limit_failover(p, [offer] if rec is not None else candidates)
         plan = p.to_json()
+        plan["budget"] = budget_usd
         run_name = name or f"d{p.depth}"
         args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
-                "--nnodes", str(nodes)]
+                "--nnodes", str(nodes), "--num-shards", str(p.num_shards)]
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
-    if spot and not bucket and not local:
-        print("warning: --spot without --bucket: after a preemption the run restarts on a fresh node without "
-              "its checkpoints; add --bucket s3://... (or gs://...) so it resumes", file=sys.stderr)
+    if spot and not bucket and not local and not dryrun:
+        # A spot run's node is removed when its job ends (and replaced after a preemption): without a bucket
+        # nothing it trained could ever be pulled, nor resumed. Refused before anything is paid for.
+        raise NanochatError("--spot needs --bucket s3://... (or gs://...): a spot run's node is gone when its job "
+                            "ends or is preempted, so its checkpoints must live in a bucket to resume and to be "
+                            "pulled")
     if not json_out:
         _print_plan(plan, None if local else budget_usd)
     if dryrun:
@@ -267,12 +297,13 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     now = time.time()
     if not local:
         confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${budget_usd:.2f})?", yes)
-        # The budget is a hard cap counted from when the cluster started billing: the trainer's deadline
-        # leaves room for teardown; the pipeline reserves time for SFT and evals after base training.
-        started = rec.get("launched_at", now) if rec is not None else now
-        deadline = started + budget_usd / max(plan["price_per_hour"], 1e-9) * 3600 - TEARDOWN_MARGIN_S
-        args += ["--deadline-at", f"{deadline:.0f}"]
-        plan["deadline_at"] = deadline
+        # The budget is a hard cap: the plan's deadlines count from now (an existing cluster's earlier
+        # uptime was already taken off the budget the plan was made with); the node enforces exactly
+        # these two moments - base training stops at the first, the whole job at the second.
+        deadline = now + plan["deadline_hours"] * 3600
+        base_deadline = now + plan["base_deadline_hours"] * 3600
+        args += ["--deadline-at", str(int(deadline)), "--base-deadline-at", str(int(base_deadline))]
+        plan["deadline_at"], plan["base_deadline_at"], plan["launched_at"] = deadline, base_deadline, now
     plan.update(budget=None if local else budget_usd, price_per_hour=plan["offer"]["price_per_hour"] * (
         1 if local else nodes), run=run_name, created_at=now, preset="local" if local else "cloud",
         spot=spot, nodes=nodes, keep=keep, bucket=bucket)
@@ -284,13 +315,19 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         backend = backend_for(rec)
         job = backend.launch(rec, rd, args)
     else:
-        if rec is None:
+        created = rec is None
+        if created:
             rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
                                            budget=budget_usd, autostop_minutes=DEFAULT_AUTOSTOP_MIN)
-            rec["candidates"] = candidates
-        rec.update(budget=budget_usd, keep=keep, bucket=bucket)
-        job = sky_backend().SkyBackend().launch(rec, rd, args, plan)
+            rec["launched_at"] = now
+        rec.update(budget=budget_usd, keep=keep, bucket=bucket, candidates=candidates, ended_at=None,
+                   ends_by=plan["deadline_at"] + TEARDOWN_MARGIN_S,
+                   max_price_per_hour=plan["max_price_per_hour"], autostop_minutes=DEFAULT_AUTOSTOP_MIN,
+                   runs=sorted(set(rec.get("runs", []) + [run_name])))
+        # Recorded BEFORE the first provisioning request: whatever happens next (a failed setup, Ctrl-C, a
+        # closed laptop), `nanochat status` and `nanochat down` know this cluster may exist and bill.
         state.save_cluster(rec)
+        job = sky_backend().SkyBackend().launch({**rec, "created_by_this_launch": created}, rd, args, plan)
     state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
     state.save_log_position(rd, start_pos if local else 0)
     if json_out:
@@ -301,6 +338,10 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         print(f"`nanochat logs --name {run_name}` attaches to it; `nanochat down` stops it.", file=sys.stderr)
         return
     final = stream_run(rd)
+    if final == "BUDGET_TRUNCATED":
+        print_finish(rd, local)
+        raise NanochatError(f"run '{rd.name}' was cut short by its budget (see the log above); what it trained is "
+                            f"kept: `nanochat pull --name {rd.name}`, or rerun with a larger --budget to continue it")
     if final in ("FAILED", "CANCELLED"):
         raise NanochatError(f"run '{rd.name}' {final.lower()}; the log above says why. The same command resumes "
                             "it (finished stages are skipped)")
@@ -371,6 +412,8 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
                   f"Re-attach: `nanochat logs --name {rd.name}` · stop spending: `nanochat down`")
         return None
     final = backend.job_state(cluster, rd)
+    if final == "SUCCEEDED" and meter.outcome:
+        final = meter.outcome  # the job ended cleanly, but the pipeline says how (e.g. cut by its budget)
     if final and final != "RUNNING":
         err.print(f"run '{rd.name}': {final}" + (f" · cluster spend so far ${meter.spent():.2f}"
                                                  if meter.price_per_hour else ""))
@@ -380,6 +423,17 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
 def cmd_logs(*, name, from_start, follow):
     rd = state.find_run_for_logs(name)
     final = stream_run(rd, from_start=from_start, follow_on=follow)
+    job = state.read_job(rd) or {}
+    if final == "UNKNOWN" and job.get("backend") == "sky" and not job.get("managed"):
+        # SkyPilot can answer a gone cluster's log request with nothing at all: say so instead of exit 0.
+        cluster = state.get_cluster(job.get("cluster")) or {"name": job.get("cluster"), "backend": "sky"}
+        try:
+            gone = backend_for(cluster).cluster_state(cluster) == "DOWN"
+        except NanochatError:
+            gone = False
+        if gone:
+            raise NanochatError(f"cluster '{cluster['name']}' of run '{rd.name}' is gone, and its log with it; "
+                                f"{rd / 'pipeline.log'} has what was pulled; `nanochat status` shows what is left")
     if final == "FAILED":
         raise NanochatError(f"run '{rd.name}' failed; the log above says why. Run the same `nanochat train` "
                             "again to resume (finished stages are skipped)")

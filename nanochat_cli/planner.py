@@ -29,12 +29,19 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "A
 MFU = {"H100": 0.50, "H200": 0.52, "B200": 0.45, "A100": 0.45, "A100-80GB": 0.45,
        "L40S": 0.35, "L4": 0.30, "A10G": 0.30, "A10": 0.30}
 
-# Anchor's CORE per depth: what the reference reported (source in the string) - to set expectations.
+# Anchor's CORE per depth: what the reference reported (source in the string) - to set expectations. Only
+# points whose model is the one we train at that depth are quoted: the anchor's launch-era d20 report card
+# (CORE 0.2219) was a different model (561M params, ~11B tokens) from our d20 (897M params, 4.35B tokens),
+# so it is not a promise we can make. No interpolation across depths we have no comparable point for.
 EXPECTED_CORE = {
-    20: (0.2219, "nanochat launch report card, d20"),
     24: (0.2565, "nanochat time-to-GPT-2 leaderboard, d24 reaches GPT-2's CORE"),
     26: (0.26, "nanochat leaderboard d26 (+FP8), ~GPT-2 grade"),
 }
+# Training tokens per data shard of the default source (climbmix: ~250M characters per shard at ~4
+# characters per token with our 32768-token vocab; 170 shards ~ 10.6B tokens). An estimate: the node downloads
+# 10% more than the plan needs so that data never silently repeats.
+TOKENS_PER_SHARD = 62e6
+MIN_SHARDS = 8  # the tokenizer trains on the first 8 shards
 
 
 def expected_core(depth: int) -> tuple[float, str] | None:
@@ -106,6 +113,11 @@ SETUP_H = 0.10      # provisioning + cached setup (target: first step < 3 min) +
 TOKENIZER_H = 0.05  # tokenizer training overlaps the data download
 EVAL_H = 0.25       # CORE + chat evals + report
 SAVE_H = 0.03       # final checkpoint save and upload
+# Kept free at the end of the budget, after the job's own deadline: the node kills what is left of the job
+# (up to ~90 s), autodown waits one idle minute (jobs only, never for ssh sessions) and the cloud tears the
+# node down (a few minutes). Every plan keeps this margin on top of its hours, at the highest price the
+# launch may fail over to, so the hard cap holds whichever offer SkyPilot ends up launching.
+MARGIN_H = 10 / 60
 
 
 @dataclass
@@ -132,11 +144,24 @@ class Plan:
     expected_core_source: str = ""
     nodes: int = 1
     gpus: int = 8
+    capped_note: str = ""     # said out loud when the budget could buy more than the largest depth
+    num_shards: int = MIN_SHARDS  # training shards the node downloads: enough for `tokens`, never repeating
+    # The money path's single source of truth, all counted in hours after launch. max_price_per_hour is the
+    # highest price (whole job) among the offers the launch may fail over to; the job must end by
+    # deadline_hours (budget / max price, less the margin) and base training by base_deadline_hours (that,
+    # less the planned post-base stages). The node enforces exactly these two numbers.
+    max_price_per_hour: float = 0.0
+    deadline_hours: float = 0.0
+    base_deadline_hours: float = 0.0
+    margin_hours: float = MARGIN_H
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["hours"] = round(self.hours, 3)
         d["cost"] = round(self.cost, 2)
+        # Rounded down: the node must never stop later than the plan allowed.
+        for k in ("deadline_hours", "base_deadline_hours"):
+            d[k] = math.floor(d[k] * 1000) / 1000
         for s in d["stages"]:
             s["hours"] = round(s["hours"], 3)
             s["cost"] = round(s["cost"], 2)
@@ -145,6 +170,24 @@ class Plan:
     def post_base_hours(self) -> float:
         """Time the trainer must leave free after base training (what the deadline reserves)."""
         return sum(s.hours for s in self.stages if s.name in ("mid", "sft", "eval"))
+
+    def pre_base_end_hours(self) -> float:
+        """When base training is planned to end, in hours after launch (setup + tok + base)."""
+        return sum(s.hours for s in self.stages if s.name in ("setup", "tok", "base"))
+
+    def set_max_price(self, max_price: float) -> None:
+        """Derive the node's deadlines from the highest price the launch may end up paying."""
+        self.max_price_per_hour = max(max_price, self.price_per_hour)
+        self.deadline_hours = self.budget / self.max_price_per_hour - self.margin_hours
+        self.base_deadline_hours = self.deadline_hours - self.post_base_hours()
+
+    def fits(self, price: float | None = None) -> bool:
+        """The whole run plus the margin stays within the budget at `price` (default: this offer's)."""
+        return (price or self.price_per_hour) * (self.hours + self.margin_hours) <= self.budget + 1e-9
+
+    def min_budget(self) -> int:
+        """The smallest whole-dollar budget this plan fits in (plus the margin), at its max price."""
+        return math.ceil(max(self.price_per_hour, self.max_price_per_hour) * (self.hours + self.margin_hours) + 1e-6)
 
 
 def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Plan:
@@ -164,39 +207,61 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Pl
     stages = [Stage(n, h, h * price) for n, h in hours.items()]
     total_h = sum(hours.values())
     core = expected_core(depth)
-    return Plan(offer=offer, price_per_hour=price, budget=budget, depth=depth, params=total_params(depth),
+    plan = Plan(offer=offer, price_per_hour=price, budget=budget, depth=depth, params=total_params(depth),
                 tokens=int(tokens), hours=total_h, cost=total_h * price, stages=stages, tokens_per_sec=tps,
                 throughput_source=source, expected_core=core[0] if core else None,
-                expected_core_source=core[1] if core else "not reported by the anchor at this depth",
+                expected_core_source=core[1] if core else "no comparable anchor result at this depth",
                 nodes=nodes, gpus=ngpu)
+    plan.num_shards = max(MIN_SHARDS, math.ceil(tokens * 1.1 / TOKENS_PER_SHARD))
+    plan.set_max_price(price)
+    return plan
 
 
 def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int = 1) -> Plan:
-    """The largest depth whose whole run costs <= budget (or exactly `depth`, which must also fit)."""
+    """The largest depth whose whole run, plus the teardown margin, costs <= budget (or exactly `depth`,
+    which must also fit). A plan that fits gives base training its planned tokens by construction: its
+    base deadline is at or after the planned end of base. Failover offers are limited afterwards
+    (`limit_failover`) to those at which this plan still fits."""
     if not (budget > 0) or math.isinf(budget):
         raise NanochatError(f"budget must be a positive number of dollars, got {budget}")
     if depth is not None:
         if depth < 1 or depth > 64:
             raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
         p = plan_for_depth(offer, depth, budget, nodes)
-        if p.cost > budget:
-            fit = [d for d in DEPTHS if plan_for_depth(offer, d, budget, nodes).cost <= budget]
+        if not p.fits():
+            fit = [d for d in DEPTHS if plan_for_depth(offer, d, budget, nodes).fits()]
             hint = f"use --depth {fit[-1]} or less" if fit else "choose a cheaper offer"
-            raise NanochatError(f"depth {depth} needs about ${p.cost:.2f} on this offer, more than the "
-                                f"${budget:.2f} budget: raise --budget to {math.ceil(p.cost)} or {hint}")
+            raise NanochatError(f"depth {depth} needs about ${p.cost:.2f} on this offer plus "
+                                f"${p.margin_hours * p.price_per_hour:.2f} of teardown margin, more than the "
+                                f"${budget:.2f} budget: use --budget {p.min_budget()} or {hint}")
         return p
     best = None
     for d in DEPTHS:
         p = plan_for_depth(offer, d, budget, nodes)
-        if p.cost <= budget:
+        if p.fits():
             best = p
     if best is None:
         smallest = plan_for_depth(offer, DEPTHS[0], budget, nodes)
         raise NanochatError(f"a ${budget:.2f} budget is too small: the smallest model (depth {DEPTHS[0]}) needs "
-                            f"about ${smallest.cost:.2f} on {offer.get('cloud', '?')} at "
-                            f"${smallest.price_per_hour:.2f}/h; use --budget {math.ceil(smallest.cost)} or more "
-                            f"(or `nanochat train --local` for $0)")
+                            f"about ${smallest.cost:.2f} plus ${smallest.margin_hours * smallest.price_per_hour:.2f} "
+                            f"of teardown margin on {offer.get('cloud', '?')} at ${smallest.price_per_hour:.2f}/h; "
+                            f"use --budget {smallest.min_budget()} or more (or `nanochat train --local` for $0)")
+    if best.depth == DEPTHS[-1]:
+        best.capped_note = (f"depth {DEPTHS[-1]} is the largest model the planner trains; the budget beyond "
+                            f"${best.min_budget()} is not spent")
     return best
+
+
+def limit_failover(plan: Plan, candidates: list[dict]) -> list[dict]:
+    """The offers SkyPilot may fail over to, limited to those at which the whole plan (with its margin)
+    stays within the budget; sets the plan's max price (and so its deadlines) from them. The plan's own
+    offer always stays first."""
+    keep = [c for c in candidates
+            if plan.fits(float(c["price_per_hour"]) * plan.nodes)] or [plan.offer]
+    if plan.offer not in keep:
+        keep = [plan.offer] + keep
+    plan.set_max_price(max(float(c["price_per_hour"]) * plan.nodes for c in keep))
+    return keep
 
 
 def parse_budget(text: str) -> float:

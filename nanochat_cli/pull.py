@@ -143,18 +143,6 @@ def verify(run_dir: Path, skip_excluded: bool = True) -> int:
 
 
 def bucket_sync(src: str, dest: Path) -> None:
-    """Pull a run from a bucket with that cloud's own CLI (sync: resumable, only what differs)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    if src.startswith("s3://"):
-        cmd = ["aws", "s3", "sync", src, str(dest), "--exclude", "*/optim_rank*.pt"]
-    elif src.startswith("gs://"):
-        cmd = ["gcloud", "storage", "rsync", "-r", "-x", r".*optim_rank.*\.pt$", src, str(dest)]
-    else:
-        raise NanochatError(f"pulling from '{src}' is not supported; use an s3:// or gs:// bucket")
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    except FileNotFoundError:
-        raise NanochatError(f"`{cmd[0]}` is not installed; install that cloud's CLI to pull from {src}") from None
-    if proc.returncode != 0:
-        raise NanochatError(f"sync from {src} failed: {(proc.stderr.strip().splitlines() or [''])[-1]}; "
-                            "run `nanochat pull` again to resume")
+    """Pull a run from a bucket with that cloud's Python library (bucket.py: resumable, only what is missing)."""
+    from nanochat_cli import bucket
+    bucket.sync(src, dest, EXCLUDES)

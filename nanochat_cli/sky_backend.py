@@ -65,9 +65,27 @@ def _quiet():
 # -----------------------------------------------------------------------------
 # Offers
 
+def _remote_api_server() -> bool:
+    """With a remote API server (`sky api login`) credentials and enabled clouds live on the server: this
+    machine's own SkyPilot state knows nothing, so we ask the server through the SDK. A local server shares
+    this machine's state, which we read directly (no request, no server start-up)."""
+    try:
+        from sky.server import common as server_common
+        return not server_common.is_api_server_local(server_common.get_server_url())
+    except Exception:
+        return False
+
+
 def enabled_clouds() -> list[str]:
     from sky import check as sky_check
     from sky.clouds import cloud as sky_cloud
+    if _remote_api_server():
+        try:
+            with _quiet():
+                from sky.client import sdk as sky_sdk
+                return sorted(str(c).lower() for c in sky.get(sky_sdk.enabled_clouds()))
+        except Exception:
+            return []
     try:
         with _quiet():
             clouds = sky_check.get_cached_enabled_clouds_or_refresh(sky_cloud.CloudCapability.COMPUTE)
@@ -109,11 +127,12 @@ def _catalog_query(clouds: list[str], **kwargs) -> tuple[dict[str, dict], list[s
             t.start()
         for t in threads:
             t.join(max(0.0, deadline - time.time()))
+    skipped = {c: errors.get(c, f"no answer in {timeout_s:.0f}s") for c in clouds if c not in results}
     notes = []
-    for c in clouds:
-        if c not in results:
-            why = errors.get(c, f"no answer in {timeout_s:.0f}s")
-            notes.append(f"skipped {c}: its price catalog could not be read ({why}; offline?)")
+    if skipped:  # one line, however many clouds: the usual cause (offline) is the same for all of them
+        whys = ", ".join(sorted(set(skipped.values())))
+        notes.append(f"skipped {len(skipped)} cloud(s) whose price catalog could not be read ({whys}; offline?): "
+                     f"{', '.join(skipped)}")
     return dict(results), notes
 
 
@@ -211,7 +230,11 @@ def choose(result: Offers, spot: bool = False, max_price: float | None = None) -
         dag.add(task)
     try:
         with _quiet():
-            Optimizer.optimize(dag, quiet=True)
+            if _remote_api_server():  # the server's optimizer, with the server's enabled clouds
+                dag = sky.get(sky.optimize(dag))
+                task = dag.tasks[0]
+            else:
+                Optimizer.optimize(dag, quiet=True)
     except Exception as e:
         raise NanochatError(f"SkyPilot could not place any offer ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}); `sky check` shows which clouds are usable") from None
@@ -295,7 +318,7 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
         task.set_storage_mounts({"/nanochat-bucket": storage})
         bucket_dir = "/nanochat-bucket/runs"
     task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args),
-                      "NANOCHAT_DEADLINE_AT": f"{deadline_at:.0f}" if deadline_at else "",
+                      "NANOCHAT_DEADLINE_AT": str(int(deadline_at)) if deadline_at else "",
                       "NANOCHAT_BUCKET_DIR": bucket_dir})
     # Secrets travel as SkyPilot secrets (redacted in its records), taken from this shell's environment.
     secrets = {k: os.environ[k] for k in ("HF_TOKEN", "WANDB_API_KEY") if os.environ.get(k)}
@@ -304,25 +327,104 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
     return task
 
 
+def _already_gone(e: Exception) -> bool:
+    return "does not exist" in str(e) or type(e).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def _sky_error(action: str, e: Exception) -> NanochatError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    # SkyPilot colours its messages for its own terminal UI: our one-line errors carry plain text.
+    first = (ANSI.sub("", str(e)).strip().splitlines() or [type(e).__name__])[0][:300]
     return NanochatError(f"{action} failed ({type(e).__name__}: {first}); `sky status` and `sky check` help "
                          "diagnose it")
+
+
+def _autostop(rec: dict) -> dict:
+    """Autostop (with teardown unless --keep) that waits for jobs only: an open ssh session must not keep a
+    budgeted node billing. Idle minutes: the record's (1 for a budgeted run: inside the plan's margin)."""
+    from sky.skylet.autostop_lib import AutostopWaitFor
+    return {"idle_minutes_to_autostop": rec.get("autostop_minutes") or 1, "wait_for": AutostopWaitFor.JOBS,
+            "down": not rec.get("keep")}
+
+
+def _launched_price(handle, nodes: int) -> float | None:
+    """$/h of what SkyPilot actually launched (after any failover), for the whole cluster."""
+    try:
+        return round(float(handle.launched_resources.get_cost(3600)) * nodes, 4)
+    except Exception:
+        return None
 
 
 class SkyBackend:
     name = "sky"
 
-    def provision(self, rec: dict) -> None:
+    def _run_launch(self, rec: dict, request_fn, action: str, created: bool):
+        """Send one provisioning request and wait for it. If it fails or is interrupted (Ctrl-C, a closed
+        laptop's SIGHUP surfaces the same way) after the node may exist, the cluster this command created is
+        torn down at once; if even that fails, its record stays and the error names the exact command."""
+        request_id = None
+        import signal
+        import sys
+
+        def hangup(_signum, _frame):  # a closed terminal or laptop: handled exactly like Ctrl-C
+            raise KeyboardInterrupt
+
+        old_hup = None
+        if threading.current_thread() is threading.main_thread():
+            old_hup = signal.signal(signal.SIGHUP, hangup)
+        try:
+            request_id = request_fn()
+            return sky.stream_and_get(request_id)
+        except BaseException as e:  # noqa: KeyboardInterrupt included - that is the point
+            if old_hup is not None:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal is gone: finish the teardown
+            if not created:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise _sky_error(action, e) from None
+            interrupted = isinstance(e, KeyboardInterrupt)
+            with contextlib.suppress(OSError):  # stderr may be a terminal that no longer exists
+                print(f"{'interrupted' if interrupted else action + ' failed'}: tearing down cluster "
+                      f"'{rec['name']}' so that nothing keeps billing...", file=sys.stderr, flush=True)
+            if request_id is not None:
+                with contextlib.suppress(Exception):
+                    sky.get(sky.api_cancel(request_id))
+            try:
+                with _quiet():
+                    sky.get(sky.down(rec["name"]))
+            except Exception as down_error:
+                if not ("does not exist" in str(down_error) or type(down_error).__name__ == "ClusterDoesNotExist"):
+                    raise NanochatError(
+                        f"{action} failed ({type(e).__name__}: {str(e).strip()[:200]}) and tearing the cluster down "
+                        f"failed too ({type(down_error).__name__}); it may be billing: run `nanochat down --cluster "
+                        f"{rec['name']}` (or `sky down {rec['name']}`) now") from None
+            state.remove_cluster(rec["name"])
+            if interrupted:
+                raise NanochatError(f"interrupted: cluster '{rec['name']}' was torn down; nothing is billing") from None
+            raise NanochatError(f"{_sky_error(action, e)}; cluster '{rec['name']}' was torn down, nothing is "
+                                "billing") from None
+        finally:
+            if old_hup is not None:
+                signal.signal(signal.SIGHUP, old_hup)
+
+    def provision(self, rec: dict, created: bool = True) -> None:
         """Bring the cluster up with the environment installed (setup only; `train` runs the job)."""
         task = build_task(rec, "warmup", [], None)
         task.run = None
-        try:
-            sky.stream_and_get(sky.launch(task, cluster_name=rec["name"],
-                                          idle_minutes_to_autostop=rec.get("autostop_minutes") or 10,
-                                          down=not rec.get("keep")))
-        except Exception as e:
-            raise _sky_error(f"provisioning {rec['name']}", e) from None
+        _job_id, handle = self._run_launch(
+            rec, lambda: sky.launch(task, cluster_name=rec["name"], **_autostop(rec)),
+            f"provisioning {rec['name']}", created) or (None, None)
+        self._record_price(rec, handle)
+
+    def _record_price(self, rec: dict, handle) -> None:
+        price = _launched_price(handle, int(rec.get("nodes") or 1)) if handle is not None else None
+        if price is not None and price > 0:
+            lr = handle.launched_resources
+            rec.update(price_per_hour=price, launched={"cloud": str(lr.cloud).lower(), "region": lr.region,
+                                                       "instance_type": lr.instance_type})
+            state.update_cluster(rec["name"], price_per_hour=price, launched=rec["launched"])
 
     def launch(self, rec: dict, rd: Path, args: list[str], plan: dict, dryrun: bool = False) -> dict:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
@@ -330,17 +432,19 @@ class SkyBackend:
         task = build_task(rec, rd.name, args, plan.get("deadline_at"))
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
                "state": "RUNNING", "submitted_at": time.time()}
-        try:
-            if job["managed"]:
-                job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=f"nanochat-{rd.name}"))
-                job["job_id"] = (job_ids or [None])[0]
-            else:
-                job_id, _ = sky.stream_and_get(sky.launch(
-                    task, cluster_name=rec["name"], idle_minutes_to_autostop=rec.get("autostop_minutes") or 10,
-                    down=not rec.get("keep"), dryrun=dryrun))
-                job["job_id"] = job_id
-        except Exception as e:
-            raise _sky_error(f"launching run '{rd.name}'", e) from None
+        created = bool(rec.get("created_by_this_launch")) and not dryrun
+        action = f"launching run '{rd.name}'"
+        if job["managed"]:
+            job_ids, _ = self._run_launch(rec, lambda: sky.jobs.launch(task, name=f"nanochat-{rd.name}"), action,
+                                          False) or (None, None)
+            job["job_id"] = (job_ids or [None])[0]
+        else:
+            job_id, handle = self._run_launch(
+                rec, lambda: sky.launch(task, cluster_name=rec["name"], dryrun=dryrun, **_autostop(rec)),
+                action, created) or (None, None)
+            job["job_id"] = job_id
+            if not dryrun:
+                self._record_price(rec, handle)
         if not dryrun:
             state.write_job(rd, job)
         return job
@@ -351,8 +455,13 @@ class SkyBackend:
             return job.get("state")
         try:
             if job.get("managed"):
-                records = sky.get(sky.jobs.queue(refresh=False, job_ids=[job["job_id"]]))
+                records = self._managed_jobs(job_ids=[job["job_id"]])
                 status = records[0]["status"] if records else None
+                if records and records[0].get("end_at"):
+                    job["ended_at"] = float(records[0]["end_at"])
+                    state.write_job(rd, {**(state.read_job(rd) or {}), "ended_at": job["ended_at"]})
+                if records:
+                    self._record_managed_price(rec, records[0])
             else:
                 status = sky.get(sky.job_status(rec["name"], [job["job_id"]])).get(job["job_id"])
         except Exception:
@@ -414,6 +523,68 @@ class SkyBackend:
         if buf:
             yield buf
 
+    @staticmethod
+    def _record_managed_price(rec: dict, record) -> None:
+        """A managed job reports where SkyPilot placed it (cloud, region), not its price: the price is that
+        failover candidate's, so the meter and `status` show what the run really costs."""
+        cloud, region = str(record.get("cloud") or "").lower(), record.get("region")
+        current = state.get_cluster(rec["name"]) or rec
+        match = [c for c in current.get("candidates") or [] if c["cloud"] == cloud and c["region"] == region]
+        if not cloud or not match or (current.get("launched") or {}).get("region") == region:
+            return
+        nodes = int(current.get("nodes") or 1)
+        price = round(max(float(c["price_per_hour"]) for c in match) * nodes, 4)
+        state.update_cluster(rec["name"], price_per_hour=price, launched={
+            "cloud": cloud, "region": region, "instance_type": match[0]["instance_type"]})
+
+    @staticmethod
+    def _managed_jobs(**kwargs) -> list:
+        """Managed-job records (queue_v2: the v1 call is deprecated and says so on every use). refresh=False:
+        asking must never restart a stopped jobs controller (that would bill)."""
+        with _quiet():
+            got = sky.get(sky.jobs.queue_v2(refresh=False, **kwargs))
+        return list(got[0] if isinstance(got, tuple) else got or [])
+
+    def discover(self) -> list[dict]:
+        """nanochat's clusters and unfinished managed jobs as SkyPilot itself records them (their names start
+        with "nanochat"), so one whose local record is missing - another laptop, a lost clusters.json, a
+        launch killed before it could write anything - is still seen and can be torn down. Best effort:
+        [] when SkyPilot cannot be asked. A local API server that is not running is not started just to
+        look (SkyPilot keeps the one our launches used running in the background)."""
+        found = []
+        try:
+            from sky.server import common as server_common
+            if server_common.is_api_server_local(server_common.get_server_url()) and \
+                    server_common.get_api_server_status().status != server_common.ApiServerStatus.HEALTHY:
+                return []
+        except Exception:
+            return []
+        with contextlib.suppress(Exception):
+            with _quiet():
+                records = sky.get(sky.status()) or []
+            for r in records:
+                if str(r["name"]).startswith("nanochat"):
+                    status = r["status"]
+                    found.append({"name": r["name"], "kind": "cluster",
+                                  "state": str(getattr(status, "value", status))})
+        with contextlib.suppress(Exception):
+            for j in self._managed_jobs(skip_finished=True, name_match="nanochat"):
+                if str(j.get("job_name") or "").startswith("nanochat"):
+                    found.append({"name": j["job_name"], "kind": "managed", "job_id": j.get("job_id"),
+                                  "state": _state_name(j.get("status")) or "UNKNOWN"})
+        return found
+
+    def down_discovered(self, item: dict) -> None:
+        try:
+            with _quiet():
+                if item["kind"] == "managed":
+                    sky.get(sky.jobs.cancel(job_ids=[item["job_id"]]))
+                else:
+                    sky.get(sky.down(item["name"]))
+        except Exception as e:
+            if not _already_gone(e):
+                raise _sky_error(f"tearing down {item['name']}", e) from None
+
     def cluster_state(self, rec: dict) -> str:
         if rec.get("spot"):
             return "MANAGED"
@@ -432,8 +603,12 @@ class SkyBackend:
             pull_mod.bucket_sync(src, dest)
         else:
             # Only the `sky` CLI writes the ssh alias for a cluster; `sky status <name>` refreshes it.
-            subprocess.run(["sky", "status", rec["name"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           check=False)
+            # The `sky` next to this Python: works without an activated venv (PATH need not have it).
+            import sys
+            sky_cli = Path(sys.executable).parent / "sky"
+            with contextlib.suppress(OSError):
+                subprocess.run([str(sky_cli) if sky_cli.exists() else "sky", "status", rec["name"]],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             pull_mod.rsync(f"{rec['name']}:{REMOTE_RUNS}/{rd.name}", dest, ssh=True)
         return pull_mod.verify(dest)
 
@@ -443,8 +618,16 @@ class SkyBackend:
             if rec.get("spot"):  # managed jobs: cancelling one releases the node SkyPilot made for it
                 for r in runs:
                     job = state.read_job(state.run_dir(r)) or {}
-                    if job.get("job_id") is not None:
-                        sky.get(sky.jobs.cancel(job_ids=[job["job_id"]]))
+                    try:
+                        if job.get("job_id") is not None:
+                            sky.get(sky.jobs.cancel(job_ids=[job["job_id"]]))
+                        else:  # the launch never reported an id: cancel by the name we gave it
+                            sky.get(sky.jobs.cancel(name=f"nanochat-{r}"))
+                    except Exception as e:
+                        # The jobs controller stops itself once no managed job is left: if it is not up,
+                        # none of ours is running, and the record must still be clearable.
+                        if type(e).__name__ != "ClusterNotUpError" and not _already_gone(e):
+                            raise
             # Always also tear down a cluster of this name, should one exist: never leave a node billing.
             sky.get(sky.down(rec["name"]))
         except Exception as e:

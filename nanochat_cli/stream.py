@@ -81,6 +81,8 @@ class RunView:
         if kind == "error":
             return f"!! {event.get('stage')}: {event.get('message')}"
         if kind == "done":
+            if event.get("state"):
+                return f"== {str(event['state']).lower().replace('_', '-')}: {event.get('message') or ''}"
             return f"== done: {event.get('run_dir')}"
         return None
 

@@ -35,16 +35,19 @@ def test_plan_is_consistent():
     base = next(s for s in p.stages if s.name == "base")
     assert base.hours == pytest.approx(p.tokens / p.tokens_per_sec / 3600)
     assert p.expected_core == pytest.approx(0.2565)
-    # One more depth step would not fit.
-    assert planner.plan_for_depth(OFFER, 26, 100).cost > 100
+    # One more depth step would not fit (with the teardown margin every plan keeps).
+    assert not planner.plan_for_depth(OFFER, 26, 100).fits()
 
 
 def test_budget_too_small_names_the_minimum():
-    smallest = planner.plan_for_depth(OFFER, planner.DEPTHS[0], 1).cost
-    with pytest.raises(NanochatError, match=rf"smallest model \(depth 4\) needs about \${smallest:.2f}"):
-        planner.make_plan(OFFER, smallest * 0.9)
-    just_enough = planner.make_plan(OFFER, smallest * 1.01)
-    assert just_enough.depth >= 4 and just_enough.cost <= smallest * 1.01
+    d4 = planner.plan_for_depth(OFFER, planner.DEPTHS[0], 1)
+    need = d4.price_per_hour * (d4.hours + planner.MARGIN_H)      # the run plus its teardown margin
+    with pytest.raises(NanochatError, match=rf"smallest model \(depth 4\) needs about \${d4.cost:.2f}") as e:
+        planner.make_plan(OFFER, need * 0.99)
+    named = int(str(e.value).split("--budget ")[1].split()[0])
+    assert named == __import__("math").ceil(need)
+    just_enough = planner.make_plan(OFFER, named)                   # the budget the error names works
+    assert just_enough.depth >= 4 and just_enough.fits()
 
 
 def test_depth_override():
@@ -70,7 +73,8 @@ def test_never_above_budget_and_monotone(budget, price, more):
     except NanochatError as e:
         assert "too small" in str(e)
         return
-    assert p.cost <= budget
+    assert p.cost <= budget and p.max_price_per_hour * (p.hours + p.margin_hours) <= budget + 1e-6
+    assert p.base_deadline_hours >= p.pre_base_end_hours() - 1e-9
     bigger = planner.make_plan(offer, budget * more)
     assert bigger.cost <= budget * more and bigger.depth >= p.depth
 
@@ -83,3 +87,39 @@ def test_bad_budgets(text):
 
 def test_good_budgets():
     assert planner.parse_budget("$1,000") == 1000.0 and planner.parse_budget(" 99.5 ") == 99.5
+
+
+def test_deadlines_come_from_the_plan_and_the_dearest_failover_offer():
+    """One source of truth: the job's deadline is the budget at the dearest allowed failover price less the
+    margin; base must stop the planned post-base hours before it - never before base's planned end."""
+    p = planner.make_plan(OFFER, 100)
+    cands = [OFFER, dict(OFFER, cloud="lambda", price_per_hour=25.0), dict(OFFER, cloud="aws", price_per_hour=55.04)]
+    kept = planner.limit_failover(p, cands)
+    assert [c["cloud"] for c in kept] == ["nebius", "lambda"]           # aws at $55/h would overrun $100
+    assert p.max_price_per_hour == 25.0
+    assert p.deadline_hours == pytest.approx(100 / 25.0 - planner.MARGIN_H)
+    assert p.base_deadline_hours == pytest.approx(p.deadline_hours - p.post_base_hours())
+    assert p.base_deadline_hours >= p.pre_base_end_hours()
+    assert 25.0 * (p.hours + planner.MARGIN_H) <= 100
+
+
+def test_the_depth_cap_is_said_out_loud():
+    p = planner.make_plan(OFFER, 5000)
+    assert p.depth == planner.DEPTHS[-1] and "largest model" in p.capped_note
+    assert "capped_note" in p.to_json() and not planner.make_plan(OFFER, 100).capped_note
+
+
+def test_the_node_downloads_enough_shards_for_the_planned_tokens():
+    for budget in (100, 400, 2000):          # d24 ... d32: 7B to 17B tokens
+        p = planner.make_plan(OFFER, budget)
+        assert p.num_shards * planner.TOKENS_PER_SHARD >= p.tokens    # data never silently repeats
+        assert p.num_shards >= planner.MIN_SHARDS
+    assert planner.make_plan(OFFER, 2000).num_shards > 170             # the node's old fixed count
+
+
+def test_anchor_scores_are_quoted_only_for_a_comparable_model():
+    # The anchor's launch d20 (561M params, ~11B tokens) is not our d20 (897M params, 4.35B tokens).
+    d20 = planner.plan_for_depth(OFFER, 20, 100)
+    assert d20.params > 800e6 and d20.expected_core is None and "no comparable" in d20.expected_core_source
+    assert planner.plan_for_depth(OFFER, 22, 100).expected_core is None    # no interpolation from d20
+    assert planner.plan_for_depth(OFFER, 24, 100).expected_core == pytest.approx(0.2565)

@@ -30,11 +30,17 @@ from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_
 ALL_STAGES = ["tok", "base", "mid", "sft", "rl", "eval", "report"]
 DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "tok,base,mid,sft,eval,report"}
 
-# Seconds reserved after the base-training deadline for what must still happen inside the budget:
-# the final checkpoint save, SFT and the evals. The budget guard sets the trainer's deadline to
-# deadline_at - reserve. Estimates for an 8xH100 node (the anchor's SFT ~10 min, evals ~15 min);
-# the planner accounts for the same stages, so the two stay consistent.
+# When base training must stop comes from the plan (`--base-deadline-at`, which `nanochat train` computes
+# from the budget, the dearest failover price and the planned post-base stages): one source of truth. Only a
+# hand-made run with a --deadline-at and no base deadline falls back to reserving this much after base.
 RESERVE_AFTER_BASE_S = {"local": 0, "cloud": 45 * 60}
+# A base stage cut by its deadline below this fraction of its planned steps ends the run right there as
+# budget-truncated: SFT and evals of a barely trained model would only spend money. Above it, post-training
+# still runs, and the run is still reported as budget-truncated (never as a plain success).
+MIN_BASE_FRACTION = 0.5
+# Seconds a stage gets to save and exit after SIGTERM at the job deadline before its whole tree is killed.
+STOP_GRACE_S = 30.0
+TRUNCATED = "BUDGET_TRUNCATED"
 
 
 # -----------------------------------------------------------------------------
@@ -187,6 +193,30 @@ class Pipeline:
         self.child: subprocess.Popen | None = None
         self.stopping = False
         self.lock_fd: int | None = None
+        self.deadline_hit = False
+        # Multi-node: every node runs this pipeline, but only node 0 keeps the books (stages.json, report,
+        # manifest, outcome) and runs the single-process stages (tok, report); the others would write the
+        # same files at once into a shared bucket directory, whose object-store semantics (last writer
+        # wins, late visibility) make that a race.
+        self.lead = os.environ.get("SKYPILOT_NODE_RANK", "0") == "0"
+
+    def save_manifest(self) -> None:
+        if self.lead:
+            write_manifest(self.run_dir)
+
+    def write_outcome(self, outcome: dict) -> None:
+        if self.lead:
+            atomic_write_json(self.run_dir / "outcome.json", outcome)
+
+    def wait_for_lead(self, path: Path, what: str, timeout_s: float = 3600) -> None:
+        """A non-lead node waits for node 0's output to become visible here (a bucket mount shows another
+        node's writes only after its upload and our cache refresh: poll, never assume)."""
+        end = time.time() + timeout_s
+        while not path.exists():
+            if time.time() > end or self.stopping:
+                raise NanochatError(f"{what} from node 0 did not appear in {path.parent} within "
+                                    f"{timeout_s / 60:.0f} min; check node 0's log")
+            time.sleep(2.0)
 
     def done_stages(self) -> dict:
         import json
@@ -196,12 +226,18 @@ class Pipeline:
             return {}
 
     def mark_done(self, stage: str, started: float) -> None:
+        if not self.lead:
+            return
         record = self.done_stages()
         now = time.time()
         record[stage] = {"seconds": round(now - started, 2), "started": started, "finished": now}
         atomic_write_json(self.stages_file, record)
 
-    def run_cmd(self, cmd: list[str], env: dict) -> int:
+    def run_cmd(self, cmd: list[str], env: dict) -> int | None:
+        """Run one stage process; at the job deadline it gets SIGTERM, and STOP_GRACE_S later its whole
+        tree (whatever session its processes are in) is killed. Returns its exit code, or None when the
+        deadline ended it."""
+        from nanochat_core import proctree
         print(f"$ {shlex.join(cmd)}", flush=True)
         # A new session so a preemption signal we forward reaches torchrun's whole process tree. The stage
         # inherits the run dir's lock and dies with us (runlock.py): never an orphan trainer.
@@ -210,12 +246,71 @@ class Pipeline:
                                       pass_fds=fds, preexec_fn=runlock.child_setup(os.getpid()))
         runlock.record_stage(self.lock_fd, self.child.pid)
         try:
-            return self.child.wait()
+            while True:
+                left = None if not self.a.deadline_at else self.a.deadline_at - time.time()
+                try:
+                    return self.child.wait(timeout=None if left is None else max(0.0, min(left, 5.0)))
+                except subprocess.TimeoutExpired:
+                    if left is not None and left <= 0:
+                        print("budget deadline reached: stopping this stage", flush=True)
+                        proctree.kill_tree(self.child.pid, STOP_GRACE_S)
+                        self.child.wait()
+                        self.deadline_hit = True
+                        return None
         finally:
             self.child = None
 
+    def end_truncated(self, stage: str, why: str) -> None:
+        """A clean end inside the budget: what exists is kept, listed in the manifest and reported; exit 0
+        so that no scheduler (SkyPilot's managed-job recovery) treats it as a failure to retry."""
+        self.write_outcome({"state": TRUNCATED, "stage": stage, "why": why})
+        emit("error", stage=stage, message=why)
+        self.refresh_report()
+        self.save_manifest()
+        emit("done", run_dir=str(self.run_dir), state=TRUNCATED, message=why)
+        sys.exit(0)
+
+    def base_progress(self) -> tuple[int, int] | None:
+        """(steps done, steps planned) of base training, from its latest checkpoint."""
+        from nanochat_core import checkpoint
+        try:
+            found = checkpoint.find_latest(self.run_dir / "base", hashes=False)  # sizes only: fast on GBs
+            meta = checkpoint.read_meta(found) if found else None
+        except Exception:
+            return None
+        total = ((meta or {}).get("plan") or {}).get("total_steps")
+        return (int(meta.get("step") or 0), int(total)) if total else None
+
+    def check_base(self, deadline: float) -> None:
+        """After base exits cleanly: did it get its planned steps, or did the deadline cut it short?"""
+        progress = self.base_progress()
+        if not progress or progress[0] >= progress[1]:
+            return
+        done_steps, planned = progress
+        why = (f"base training reached step {done_steps} of {planned} planned ({done_steps / planned:.0%}) "
+               "by the budget's base deadline")
+        self.write_outcome({"state": TRUNCATED, "stage": "base", "why": why})
+        if done_steps < MIN_BASE_FRACTION * planned:
+            # Not marked done: a rerun with a larger budget resumes base from its checkpoint.
+            self.end_truncated("base", why + "; stopping before post-training")
+        print(f"note: {why}; post-training continues", flush=True)
+
+    def stage_deadline(self, stage: str) -> float | None:
+        """The NANOCHAT_DEADLINE a stage trains against: base stops at the plan's base deadline, every
+        other stage at the job deadline."""
+        a = self.a
+        limits = [a.deadline_at] if a.deadline_at else []
+        if stage == "base":
+            if a.base_deadline_at:
+                limits.append(a.base_deadline_at)
+            elif a.deadline_at:
+                limits.append(a.deadline_at - RESERVE_AFTER_BASE_S[a.preset])
+        return min(limits) if limits else None
+
     def refresh_report(self) -> None:
         """report.md is rewritten as stages finish, so a run cut short by its budget still has one."""
+        if not self.lead:
+            return
         from nanochat_core.report import write_report
         try:
             write_report(self.run_dir, self.a.price_per_hour)
@@ -241,6 +336,9 @@ class Pipeline:
         signal.signal(signal.SIGTERM, self.forward_signal)
         signal.signal(signal.SIGINT, self.forward_signal)
 
+        # A relaunch (larger budget, after a preemption) decides its own outcome.
+        if self.lead:
+            (self.run_dir / "outcome.json").unlink(missing_ok=True)
         nproc = a.nproc_per_node or gpus_per_node()
         dist = launcher(nproc, a.nnodes)
         done = self.done_stages()
@@ -265,43 +363,83 @@ class Pipeline:
                 # (or use what an earlier online run cached) instead of retrying unreachable hosts.
                 env.setdefault("HF_HUB_OFFLINE", "1")
                 env.setdefault("HF_DATASETS_OFFLINE", "1")
-            if a.deadline_at:
-                reserve = RESERVE_AFTER_BASE_S[a.preset] if stage == "base" else 0
-                env["NANOCHAT_DEADLINE"] = str(a.deadline_at - reserve)
+            deadline = self.stage_deadline(stage)
+            if deadline is not None:
+                env["NANOCHAT_DEADLINE"] = str(deadline)
+                if time.time() >= deadline - 1:
+                    self.end_truncated(stage, f"the budget's deadline for stage '{stage}' passed before it "
+                                              "started; a larger --budget continues the run")
+            if not self.lead and stage in ("tok", "report"):
+                if stage == "tok":
+                    self.wait_for_lead(self.run_dir / "tokenizer" / "tokenizer.json", "the tokenizer")
+                continue
             started = time.time()
             emit("stage_start", stage=stage, pipeline=True)
             for cmd in stage_commands(stage, a, data, dist):
                 rc = self.run_cmd(cmd, env)
+                if self.deadline_hit:
+                    self.end_truncated(stage, f"stage '{stage}' was stopped at the budget's deadline")
                 if self.stopping:
                     emit("error", stage=stage, message="stopped by signal; run again to resume")
+                    self.save_manifest()
                     sys.exit(143)
                 if rc != 0:
                     emit("error", stage=stage, message=f"exit code {rc}")
                     raise NanochatError(f"stage '{stage}' failed (exit code {rc}); fix the cause and run the same "
                                         f"command again: finished stages are skipped, this one resumes")
+            if stage == "base" and deadline is not None:
+                self.check_base(deadline)
             self.mark_done(stage, started)
             if stage == "eval":
                 track_results(self.run_dir)
             emit("stage_end", stage=stage, seconds=round(time.time() - started, 2), pipeline=True)
             if stage != "report":
                 self.refresh_report()
+            # The manifest lists what exists after every stage, so whatever ends the run later (deadline,
+            # preemption, a crash), `nanochat pull` can verify what reached the bucket or the node's disk.
+            self.save_manifest()
 
-        write_manifest(self.run_dir)
-        emit("done", run_dir=str(self.run_dir))
+        self.save_manifest()
+        outcome = self.read_outcome()
+        if outcome:
+            emit("done", run_dir=str(self.run_dir), state=outcome.get("state"), message=outcome.get("why"))
+        else:
+            emit("done", run_dir=str(self.run_dir))
+
+    def read_outcome(self) -> dict | None:
+        import json
+        try:
+            return json.loads((self.run_dir / "outcome.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
 
 def write_manifest(run_dir: Path) -> None:
     """sha256sum-format list of every file `nanochat pull` brings back (checkpoints, tokenizer, report).
-    Written on the node at the end; the puller verifies its copy against it."""
-    lines = []
+    Rewritten on the node after every stage (and at a deadline or signal stop); the puller verifies its copy
+    against it. Digests of files unchanged since the last time (same size and mtime) come from a hidden
+    cache, so rewriting it after each stage costs only the new files."""
+    import json
+    cache_file = run_dir / ".manifest_cache.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (FileNotFoundError, ValueError):
+        cache = {}
+    lines, fresh = [], {}
     for p in sorted(run_dir.rglob("*")):
         rel = p.relative_to(run_dir)
         if not p.is_file() or rel.name == "MANIFEST.sha256" or any(part.startswith(".") for part in rel.parts):
             continue
         if rel.name == "pipeline.log":  # still being appended to while we hash
             continue
-        lines.append(f"{sha256_file(p)}  {rel.as_posix()}")
+        st = p.stat()
+        key = rel.as_posix()
+        hit = cache.get(key)
+        digest = hit[2] if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns else sha256_file(p)
+        fresh[key] = [st.st_size, st.st_mtime_ns, digest]
+        lines.append(f"{digest}  {key}")
     atomic_write_text(run_dir / "MANIFEST.sha256", "\n".join(lines) + "\n")
+    atomic_write_json(cache_file, fresh)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -316,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="data source: bundled, climbmix, fineweb-edu, a URL list or a dir")
     p.add_argument("--num-shards", type=int, default=170, help="shards to download (cloud; the last is validation)")
     p.add_argument("--deadline-at", type=float, default=None, help="unix time by which everything must be done")
+    p.add_argument("--base-deadline-at", type=float, default=None,
+                   help="unix time by which base training must stop (the plan's; default: --deadline-at less a reserve)")
     p.add_argument("--price-per-hour", type=float, default=None, help="for the costs in report.md")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs)")
     p.add_argument("--nnodes", type=int, default=int(os.environ.get("SKYPILOT_NUM_NODES", "1")))

@@ -1,0 +1,67 @@
+"""
+Stand-in stage processes for the REAL pipeline (nanochat_core.stages.pipeline), so the node-side money logic -
+deadlines, budget-truncated ends, killing a stage's whole tree, the manifest after every stage - runs
+end to end in a second or two instead of training a model. Not a test module.
+
+    python tests/stage_standins.py pipeline PIPELINE_ARGS...   the real Pipeline, each stage replaced by
+                                                               `python stage_standins.py stage NAME RUN_DIR`
+Behaviour per stage from env STANDIN_<STAGE> (default "ok"):
+    ok                   write <stage>.out and exit 0
+    train:STEPS:STEP_S   train-like: a checkpoint every step, stop cleanly (exit 0) at NANOCHAT_DEADLINE
+                         (what base_train's StopGuard does), recording step and planned total_steps
+    hang                 ignore SIGTERM, start a grandchild in its own session that ignores SIGTERM too,
+                         write both pids to RUN_DIR/pids.txt, and sleep forever
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def stage(name: str, run_dir: Path) -> int:
+    spec = os.environ.get(f"STANDIN_{name.upper()}", "ok")
+    if spec == "ok":
+        (run_dir / f"{name}.out").write_text(f"{name} done\n")
+        return 0
+    if spec.startswith("train:"):
+        _, steps, step_s = spec.split(":")
+        deadline = float(os.environ.get("NANOCHAT_DEADLINE") or "inf")
+        (run_dir / f"{name}.deadline").write_text(os.environ.get("NANOCHAT_DEADLINE", ""))
+        step = 0
+        while step < int(steps) and time.time() < deadline:
+            time.sleep(float(step_s))
+            step += 1
+        d = run_dir / name / f"ckpt_{step:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        blob = os.urandom(256)
+        (d / "model.safetensors").write_bytes(blob)
+        meta = {"step": step, "plan": {"total_steps": int(steps)},
+                "files": {"model.safetensors": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}}}
+        (d / "meta.json").write_text(json.dumps(meta))
+        return 0
+    if spec == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        grand = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                  "signal.SIG_IGN); time.sleep(1000)"], start_new_session=True)
+        (run_dir / "pids.txt").write_text(f"{os.getpid()} {grand.pid}\n")
+        time.sleep(1000)
+    raise SystemExit(f"unknown stand-in {spec}")
+
+
+def pipeline(argv: list[str]) -> None:
+    from nanochat_core.stages import pipeline as pl
+    pl.stage_commands = lambda name, a, data, dist: [[sys.executable, __file__, "stage", name, str(a.run_dir)]]
+    pl.prepare_data = lambda a: (a.run_dir, None)
+    pl.STOP_GRACE_S = float(os.environ.get("STANDIN_GRACE_S", "1"))
+    from nanochat_core.common import run_main
+    run_main(lambda: pl.Pipeline(pl.parse_args(argv)).run())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "stage":
+        sys.exit(stage(sys.argv[2], Path(sys.argv[3])))
+    pipeline(sys.argv[2:])

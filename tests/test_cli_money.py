@@ -1,0 +1,389 @@
+"""The money path on SkyPilot's real SDK, task codegen, catalog reading and optimizer, faked only at the cloud
+boundary (catalog CSVs on disk, which clouds have credentials, and SkyPilot's request functions that would
+reach a cloud): one source of truth for the deadlines, failover within budget, the cluster record written
+before any provisioning request and a failed or interrupted launch torn down, stale records clearable."""
+import json
+import math
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from test_cli_skyfakes import cloud_boundary  # (also: SKY_RUNTIME_DIR before sky is imported)
+from nanochat_cli import state
+from nanochat_cli.main import app
+
+CLOUDS = ["aws", "lambda", "nebius"]
+
+
+def dryrun(budget, spot, monkeypatch, extra=()):
+    with cloud_boundary(CLOUDS, monkeypatch):
+        return CliRunner().invoke(app, ["train", "--budget", str(budget), "--dryrun", "--json"]
+                                  + (["--spot"] if spot else []) + list(extra))
+
+
+@pytest.mark.parametrize("spot", [False, True], ids=["on-demand", "spot"])
+@pytest.mark.parametrize("budget", [15, 20, 30, 50, 100])
+def test_every_dryrun_plan_gives_base_its_tokens_within_budget_or_names_a_budget_that_works(budget, spot, monkeypatch):
+    r = dryrun(budget, spot, monkeypatch)
+    if r.exit_code == 2:
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.output, r.output
+        n = int(lines[0].split("--budget ")[1].split()[0])
+        assert n > budget
+        ok = dryrun(n, spot, monkeypatch)                         # the budget it names does work
+        assert ok.exit_code == 0, ok.stderr
+        r = ok
+        budget = n
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    hours = {s["name"]: s["hours"] for s in plan["stages"]}
+    # Base may run until base_deadline_hours after launch: at least its planned end (setup + tok + base).
+    assert plan["base_deadline_hours"] >= hours["setup"] + hours["tok"] + hours["base"] - 1e-3
+    # At the dearest offer the launch may fail over to, the whole run (and its margin) stays within budget.
+    assert plan["max_price_per_hour"] >= plan["offer"]["price_per_hour"]
+    assert plan["max_price_per_hour"] * plan["hours"] <= budget
+    assert plan["max_price_per_hour"] * (plan["deadline_hours"] + plan["margin_hours"]) <= budget + 0.01
+    assert plan["deadline_hours"] >= plan["hours"] - 1e-3
+
+
+def test_train_hands_the_node_exactly_the_plans_deadlines_and_only_affordable_failover(monkeypatch):
+    import sky
+    launched = {}
+
+    def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, wait_for=None, dryrun=False):
+        launched.update(task=task, cluster=cluster_name, records=state.load_clusters())
+        return "launch-request"
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: (5, None))
+    dry = dryrun(30, False, monkeypatch)
+    plan = json.loads(dry.stdout)
+    with cloud_boundary(CLOUDS, monkeypatch):
+        t0 = time.time()
+        r = CliRunner().invoke(app, ["train", "--budget", "30", "--yes", "--detach", "--name", "m1"])
+    assert r.exit_code == 0, r.stderr
+    args = launched["task"].envs["NANOCHAT_ARGS"].split()
+    base_at = float(args[args.index("--base-deadline-at") + 1])
+    end_at = float(args[args.index("--deadline-at") + 1])
+    assert t0 + plan["base_deadline_hours"] * 3600 - 2 <= base_at <= t0 + plan["base_deadline_hours"] * 3600 + 5
+    assert end_at == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
+    # The pipeline trains base against exactly that moment (not a fixed reserve before the job's end).
+    from nanochat_core.stages.pipeline import Pipeline, parse_args
+    pipe = Pipeline(parse_args(["--run-dir", "/tmp/x", "--preset", "cloud"] + args[args.index("--deadline-at"):]))
+    assert pipe.stage_deadline("base") == base_at and pipe.stage_deadline("sft") == end_at
+    # Failover only to offers at which this plan fits the budget: every candidate SkyPilot may launch.
+    prices = sorted(res.get_cost(3600) for res in launched["task"].resources)
+    assert prices and prices[-1] == pytest.approx(plan["max_price_per_hour"])
+    assert all(p * (plan["hours"] + plan["margin_hours"]) <= 30 for p in prices)
+    # The record existed when the provisioning request went out.
+    assert "nanochat-m1" in launched["records"]
+
+
+def test_a_budget_truncated_end_is_shown_as_such_not_as_success():
+    from nanochat_cli.cost import CostMeter
+    from nanochat_cli.stream import RunView
+    view = RunView(CostMeter(23.6, time.time(), 30.0), title="t")
+    line = view.feed({"event": "done", "run_dir": "/r", "state": "BUDGET_TRUNCATED",
+                      "message": "base training reached step 3 of 100 planned (3%)"})
+    assert line.startswith("== budget-truncated: base training reached step 3 of 100")
+    assert view.meter.outcome == "BUDGET_TRUNCATED"
+
+
+# -----------------------------------------------------------------------------
+# The record exists before provisioning; a failed or interrupted launch leaves nothing billing
+
+def launch_that(monkeypatch, outcome, down_error=None):
+    """sky.launch/stream_and_get/down at the cloud boundary: the launch request goes out (the node may now
+    exist), then `outcome` happens while we wait for it."""
+    import sky
+    seen = {"downed": [], "cancelled": []}
+
+    def fake_launch(task, cluster_name, **kw):
+        seen["records_at_launch"] = set(state.load_clusters())
+        seen["cluster"] = cluster_name
+        return "launch-req"
+
+    def fake_stream_and_get(req):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def fake_down(name):
+        seen["downed"].append(name)
+        if down_error:
+            raise down_error
+        return "down-req"
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", fake_stream_and_get)
+    monkeypatch.setattr(sky, "down", fake_down)
+    monkeypatch.setattr(sky, "api_cancel", lambda req: seen["cancelled"].append(req) or "cancel-req")
+    monkeypatch.setattr(sky, "get", lambda req: None)
+    return seen
+
+
+def train(monkeypatch, *args):
+    with cloud_boundary(CLOUDS, monkeypatch):
+        return CliRunner().invoke(app, ["train", "--budget", "100", "--yes", "--detach", *args])
+
+
+def test_a_launch_that_fails_in_setup_tears_the_new_cluster_down(monkeypatch):
+    from sky import exceptions
+    seen = launch_that(monkeypatch, exceptions.CommandError(1, "setup", "Failed to run setup", None))
+    r = train(monkeypatch, "--name", "f1")
+    assert "nanochat-f1" in seen["records_at_launch"]           # recorded before the provisioning request
+    assert r.exit_code == 2 and "torn down" in r.stderr and "nothing is billing" in r.stderr, r.stderr
+    assert seen["downed"] == ["nanochat-f1"] and state.load_clusters() == {}
+
+
+def test_ctrl_c_while_provisioning_cancels_the_request_and_tears_down(monkeypatch):
+    seen = launch_that(monkeypatch, KeyboardInterrupt())
+    r = train(monkeypatch, "--name", "f2")
+    assert r.exit_code == 2 and "interrupted" in r.stderr and "torn down" in r.stderr, r.stderr
+    assert seen["cancelled"] == ["launch-req"] and seen["downed"] == ["nanochat-f2"]
+    assert state.load_clusters() == {}
+
+
+def test_when_teardown_fails_too_the_record_stays_and_the_error_names_the_command(monkeypatch):
+    seen = launch_that(monkeypatch, RuntimeError("provisioner lost"), down_error=RuntimeError("cloud API down"))
+    r = train(monkeypatch, "--name", "f3")
+    assert r.exit_code == 2 and "`nanochat down --cluster nanochat-f3`" in r.stderr, r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert "nanochat-f3" in state.load_clusters()               # still known: status/down find it
+
+
+def test_the_launched_price_is_read_back_and_metered(monkeypatch):
+    """SkyPilot may fail over to another offer: the record (and so the meter and status) carry the price of
+    what was actually launched, read from the handle SkyPilot returns."""
+    import sky
+    from types import SimpleNamespace
+    with cloud_boundary(CLOUDS, monkeypatch):
+        lambda_res = sky.Resources(infra="lambda/us-east-1", instance_type="gpu_8x_h100_sxm5",
+                                   accelerators={"H100": 8})
+        launch_that(monkeypatch, (4, SimpleNamespace(launched_resources=lambda_res)))
+        # a small plan, so every candidate fits the budget and SkyPilot may fail over to any of them
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--depth", "12", "--yes", "--detach", "--name", "p1"])
+    assert r.exit_code == 0, r.stderr
+    rec = state.get_cluster("nanochat-p1")
+    assert rec["offer"]["cloud"] == "nebius" and rec["price_per_hour"] == pytest.approx(31.92)
+    assert rec["launched"]["cloud"] == "lambda" and rec["price_per_hour"] <= rec["max_price_per_hour"]
+    assert rec["max_price_per_hour"] == pytest.approx(57.0)      # the dearest candidate set the deadlines
+
+
+# -----------------------------------------------------------------------------
+# status and down also find nanochat's clusters and managed jobs from SkyPilot itself
+
+def skypilot_knows(monkeypatch, clusters, jobs):
+    import sky
+    from sky.server import common as server_common
+    monkeypatch.setattr(server_common, "get_api_server_status",
+                        lambda *a, **k: server_common.ApiServerInfo(status=server_common.ApiServerStatus.HEALTHY))
+    monkeypatch.setattr(sky, "status", lambda *a, **k: ("status", clusters))
+    monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", (jobs, len(jobs), {}, len(jobs))))
+    downed, cancelled = [], []
+    monkeypatch.setattr(sky, "down", lambda name: downed.append(name) or ("down", None))
+    monkeypatch.setattr(sky.jobs, "cancel", lambda **k: cancelled.append(k) or ("cancel", None))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    return downed, cancelled
+
+
+def test_status_and_down_find_unrecorded_nanochat_clusters_and_jobs_through_skypilot(monkeypatch):
+    from sky.utils import status_lib
+    from sky.jobs.state import ManagedJobStatus
+    downed, cancelled = skypilot_knows(
+        monkeypatch, [{"name": "nanochat-lost", "status": status_lib.ClusterStatus.INIT},
+                      {"name": "someone-elses", "status": status_lib.ClusterStatus.UP}],
+        [{"job_name": "nanochat-s9", "job_id": 9, "status": ManagedJobStatus.RUNNING}])
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    found = {d["name"]: d for d in json.loads(r.stdout)["unrecorded"]}
+    assert set(found) == {"nanochat-lost", "nanochat-s9"} and found["nanochat-s9"]["kind"] == "managed"
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert downed == ["nanochat-lost"] and cancelled == [{"job_ids": [9]}]
+
+
+# -----------------------------------------------------------------------------
+# Money shown right; stale records clearable
+
+def test_a_finished_spot_run_stops_counting_and_its_record_clears_with_the_controller_down(monkeypatch):
+    import sky
+    from sky import exceptions
+    from sky.jobs.state import ManagedJobStatus
+    monkeypatch.setattr(sky.jobs, "launch", lambda task, name: "jobs-launch")
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: ([21], None))
+    with cloud_boundary(CLOUDS, monkeypatch):
+        r = CliRunner().invoke(app, ["train", "--budget", "50", "--spot", "--yes", "--detach", "--name", "s2",
+                                     "--bucket", "s3://my-bucket"])
+    assert r.exit_code == 0, r.stderr
+    # Two days later (the whole record shifted back in time, as if train had run then): the job ended.
+    rec = state.get_cluster("nanochat-s2")
+    shift = 2 * 86400
+    state.update_cluster("nanochat-s2", launched_at=rec["launched_at"] - shift, ends_by=rec["ends_by"] - shift)
+    ended = rec["launched_at"] - shift + 3600
+    monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", ([{"job_id": 21, "status":
+                        ManagedJobStatus.SUCCEEDED, "end_at": ended}], 1, {}, 1)))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    (c,) = json.loads(r.stdout)["clusters"]
+    assert c["spent"] == pytest.approx(rec["price_per_hour"], rel=0.01)   # one hour, not two days
+    assert 0 <= c["budget_left"] <= 50
+
+    def controller_down(**k):
+        raise exceptions.ClusterNotUpError("The jobs controller is not up.", cluster_status=None)
+
+    monkeypatch.setattr(sky.jobs, "cancel", controller_down)
+    monkeypatch.setattr(sky, "down", lambda name: (_ for _ in ()).throw(exceptions.ClusterDoesNotExist(name)))
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert state.load_clusters() == {}
+    cost = float(r.stdout.split("final cost $")[1].split()[0])
+    assert cost == pytest.approx(rec["price_per_hour"], rel=0.01)
+
+
+def test_train_without_spot_never_reuses_a_spot_record(monkeypatch):
+    spot_offer = {"cloud": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "accelerators": "H100:8",
+                  "spot": True, "price_per_hour": 10.5, "interconnect": "nvlink", "enabled": True}
+    state.save_cluster(state.new_cluster_record("nanochat-old-spot", "sky", spot_offer, spot=True))
+    r = dryrun(100, False, monkeypatch)
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["offer"]["spot"] is False and plan["offer"]["price_per_hour"] > 20
+
+
+def test_multi_node_without_a_bucket_is_refused_at_plan_time(monkeypatch):
+    r = dryrun(100, False, monkeypatch, ["--nodes", "2"])
+    assert r.exit_code == 2 and "--nodes 2 needs --bucket" in r.stderr
+
+
+def test_eval_on_a_cloud_run_does_not_send_the_old_deadline(monkeypatch):
+    import sky
+    from test_cli_skyops import OFFER
+    rec = state.new_cluster_record("nc-ev", "sky", OFFER, budget=100.0)
+    state.save_cluster(rec)
+    rd = state.run_dir("e1")
+    state.write_job(rd, {"backend": "sky", "cluster": "nc-ev", "run": "e1", "job_id": 1, "managed": False})
+    state.write_plan(rd, {"preset": "cloud", "deadline_at": time.time() - 86400, "budget": 100.0})
+    sent = {}
+
+    def fake_launch(task, cluster_name, **kw):
+        sent.update(envs=task.envs)
+        raise RuntimeError("stop here")                         # what happens after is not this test's
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: req)
+    with cloud_boundary(CLOUDS, monkeypatch):
+        CliRunner().invoke(app, ["eval", "--name", "e1", "--json"])
+    assert sent["envs"]["NANOCHAT_DEADLINE_AT"] == ""
+
+
+def test_skypilot_errors_reach_the_user_as_one_plain_line(monkeypatch):
+    from nanochat_cli.sky_backend import _sky_error
+    e = _sky_error("launching run 'x'", RuntimeError("\x1b[31mFailed to provision\x1b[0m: no capacity\nmore"))
+    assert str(e).startswith("launching run 'x' failed (RuntimeError: Failed to provision: no capacity)")
+    assert "\x1b" not in str(e) and "\n" not in str(e)
+
+
+def test_logs_of_a_cluster_that_is_gone_says_so(monkeypatch):
+    import sky
+    from sky import exceptions
+    from test_cli_skyops import OFFER
+    state.save_cluster(state.new_cluster_record("nc-gone", "sky", OFFER, budget=100.0))
+    state.write_job(state.run_dir("g1"), {"backend": "sky", "cluster": "nc-gone", "run": "g1", "job_id": 2,
+                                          "managed": False, "state": "RUNNING"})
+    monkeypatch.setattr(sky, "tail_logs", lambda *a, **k: iter(()))          # the server sends nothing
+
+    def no_cluster(*a, **k):
+        raise exceptions.ClusterDoesNotExist("Cluster 'nc-gone' does not exist.")
+
+    monkeypatch.setattr(sky, "job_status", no_cluster)
+    monkeypatch.setattr(sky, "status", lambda names: ("status", []))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    r = CliRunner().invoke(app, ["logs", "--name", "g1"])
+    assert r.exit_code == 2 and "is gone" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_piped_offer_tables_keep_whole_rows_and_say_prices_are_per_node(monkeypatch):
+    with cloud_boundary(CLOUDS, monkeypatch):
+        r = CliRunner().invoke(app, ["up", "--dryrun", "--nodes", "2"])
+    assert r.exit_code == 0, r.stderr
+    assert "gpu-h100-sxm_8gpu-128vcpu-1600gb" in r.stdout and "2 nodes cost 2x" in r.stdout
+
+
+def test_a_closed_terminal_while_provisioning_tears_down_like_ctrl_c(monkeypatch):
+    import os
+    import signal
+    seen = launch_that(monkeypatch, None)
+    import sky
+
+    def hangup_while_waiting(req):
+        os.kill(os.getpid(), signal.SIGHUP)      # the laptop lid closes; the terminal hangs up
+        time.sleep(1)
+        raise AssertionError("SIGHUP did not interrupt the wait")
+
+    def unhandled(*_):  # stands in for the default action (which would end this test process)
+        raise AssertionError("SIGHUP was not handled by nanochat during the launch")
+
+    monkeypatch.setattr(sky, "stream_and_get", hangup_while_waiting)
+    before = signal.signal(signal.SIGHUP, unhandled)
+    try:
+        r = train(monkeypatch, "--name", "f4")
+        assert signal.getsignal(signal.SIGHUP) is unhandled          # restored after the launch
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert r.exit_code == 2 and "interrupted" in r.stderr and seen["downed"] == ["nanochat-f4"], r.stderr
+    assert state.load_clusters() == {}
+
+
+def test_with_a_remote_api_server_enabled_clouds_and_the_optimizer_come_from_the_server(monkeypatch):
+    """`sky api login`: this laptop's own SkyPilot state has no credentials (cloud_boundary([]) below); the
+    server (its two SDK calls faked at that boundary, the optimizer itself real) says Lambda is enabled."""
+    import sky
+    from sky.optimizer import Optimizer
+    from sky.server import common as server_common
+    monkeypatch.setenv("SKYPILOT_API_SERVER_ENDPOINT", "http://203.0.113.5:46580")
+    server_common.get_server_url.cache_clear()            # SkyPilot caches the endpoint per process
+    asked = []
+
+    def server_optimize(dag, **kw):
+        asked.append("optimize")
+        Optimizer.optimize(dag, quiet=True)     # what the server runs, here with Lambda enabled
+        return ("optimize", dag)
+
+    from sky.client import sdk as sky_sdk
+    monkeypatch.setattr(sky_sdk, "enabled_clouds", lambda **kw: asked.append("enabled") or ("enabled", ["Lambda"]))
+    monkeypatch.setattr(sky, "optimize", server_optimize)
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    with cloud_boundary([], monkeypatch):
+        from sky import check as sky_check
+        from sky.utils import registry
+        monkeypatch.setattr(sky_check, "get_cached_enabled_clouds_or_refresh",
+                            lambda *a, **k: [registry.CLOUD_REGISTRY.from_str("lambda")] if "optimize" in asked else [])
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--dryrun", "--json"])
+    assert r.exit_code == 0, r.stderr
+    server_common.get_server_url.cache_clear()
+    assert json.loads(r.stdout)["offer"]["cloud"] == "lambda", (asked, r.stderr)
+    assert asked[:1] == ["enabled"] and "optimize" in asked
+
+
+def test_a_managed_spot_run_is_metered_at_the_offer_skypilot_placed_it_on(monkeypatch):
+    import sky
+    from sky.jobs.state import ManagedJobStatus
+    monkeypatch.setattr(sky.jobs, "launch", lambda task, name: "jobs-launch")
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: ([31], None))
+    with cloud_boundary(CLOUDS, monkeypatch):
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--yes", "--detach", "--name", "s3",
+                                     "--bucket", "s3://my-bucket"])
+    assert r.exit_code == 0, r.stderr
+    rec = state.get_cluster("nanochat-s3")
+    assert rec["offer"]["cloud"] == "nebius" and any(c["cloud"] == "aws" for c in rec["candidates"])
+    # Nebius had no spot capacity: SkyPilot failed over to AWS us-west-2 (the queue says where, not the price).
+    monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", ([{"job_id": 31, "status":
+                        ManagedJobStatus.RUNNING, "cloud": "AWS", "region": "us-west-2"}], 1, {}, 1)))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    (c,) = json.loads(r.stdout)["clusters"]
+    assert c["price_per_hour"] == pytest.approx(11.2) and c["cloud"] == "aws" and c["region"] == "us-west-2"

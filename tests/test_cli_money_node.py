@@ -1,0 +1,152 @@
+"""The node side of the money path, with the REAL pipeline and real processes (each stage a stand-in
+process, tests/stage_standins.py): base trains against the plan's own base deadline; a base stage cut far
+short ends the run as budget-truncated (exit 0, never a failure to retry), with a manifest of what exists;
+at the job deadline a stage that ignores SIGTERM in its own session dies with its whole tree; the manifest
+is rewritten after every stage; train.yaml's run script lets the steps SkyPilot appends after it run."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nanochat_core.common import parse_event
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def run_pipeline(run_dir: Path, args: list[str], env: dict, timeout: float = 30):
+    full = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}", **env)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(HERE / "stage_standins.py"), "pipeline", "--run-dir", str(run_dir),
+                        "--preset", "cloud", *args], capture_output=True, text=True, env=full, timeout=timeout)
+    events = [e for e in map(parse_event, r.stdout.splitlines()) if e]
+    return r, events, time.time() - t0
+
+
+def manifest_names(run_dir: Path) -> set[str]:
+    return {ln.split("  ", 1)[1] for ln in (run_dir / "MANIFEST.sha256").read_text().splitlines() if ln}
+
+
+def test_base_cut_far_short_by_its_deadline_ends_the_run_budget_truncated(tmp_path):
+    now = time.time()
+    rd = tmp_path / "run"
+    r, events, _ = run_pipeline(rd, ["--stages", "tok,base,sft,eval", "--deadline-at", str(now + 3600),
+                                     "--base-deadline-at", str(now + 4)],
+                                {"STANDIN_BASE": "train:100:0.1"})
+    assert r.returncode == 0, r.stdout + r.stderr               # a clean end: no managed-job "recovery"
+    # base trained against exactly the plan's base deadline, not the job deadline less a fixed reserve
+    assert float((rd / "base.deadline").read_text()) == pytest.approx(now + 4)
+    outcome = json.loads((rd / "outcome.json").read_text())
+    assert outcome["state"] == "BUDGET_TRUNCATED" and "of 100 planned" in outcome["why"]
+    assert not (rd / "sft.out").exists()                          # no SFT/eval on a barely trained model
+    done = [e for e in events if e["event"] == "done"]
+    assert done and done[-1]["state"] == "BUDGET_TRUNCATED"
+    assert "base" not in json.loads((rd / "stages.json").read_text())   # a larger budget resumes base
+    assert any(n.startswith("base/ckpt_") for n in manifest_names(rd))  # pull can verify what exists
+
+
+def test_a_base_that_gets_its_planned_steps_runs_on_and_succeeds(tmp_path):
+    now = time.time()
+    rd = tmp_path / "run"
+    r, events, _ = run_pipeline(rd, ["--stages", "tok,base,sft", "--deadline-at", str(now + 3600),
+                                     "--base-deadline-at", str(now + 600)], {"STANDIN_BASE": "train:5:0.01"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (rd / "sft.out").exists() and not (rd / "outcome.json").exists()
+    assert [e for e in events if e["event"] == "done"][-1].get("state") is None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_job_deadline_kills_a_stage_that_ignores_sigterm_in_its_own_session(tmp_path):
+    rd = tmp_path / "run"
+    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,eval", "--deadline-at", str(time.time() + 4)],
+                                   {"STANDIN_SFT": "hang"})
+    pids = [int(p) for p in (rd / "pids.txt").read_text().split()]
+    time.sleep(0.3)
+    leaked = [p for p in pids if _alive(p)]
+    for p in leaked:  # never leave them behind, even when the test fails
+        os.kill(p, 9)
+    assert not leaked, "a stage process outlived the budget's deadline"
+    assert r.returncode == 0 and took < 15, r.stdout + r.stderr
+    assert json.loads((rd / "outcome.json").read_text())["state"] == "BUDGET_TRUNCATED"
+    assert not (rd / "eval.out").exists()
+    # The manifest was rewritten after tok finished (and at the deadline): pull can verify what exists.
+    assert "tok.out" in manifest_names(rd)
+    assert [e for e in events if e["event"] == "done"][-1]["state"] == "BUDGET_TRUNCATED"
+
+
+def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_hangs(tmp_path):
+    """proctree (what train.yaml's run script wraps the pipeline in) at its deadline: SIGTERM, then SIGKILL
+    to every process below it - in any session, orphaned or not - and a clean exit 0."""
+    pidfile = tmp_path / "pids"
+    script = (f"trap '' TERM; setsid bash -c \"trap '' TERM; sleep 1000\" & echo $! >> {pidfile}; "
+              f"(trap '' TERM; sleep 1000) & echo $! >> {pidfile}; echo $$ >> {pidfile}; sleep 1000")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "nanochat_core.proctree", "--deadline-at", str(time.time() + 1),
+                        "--grace", "1", "--", "bash", "-c", script], capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and time.time() - t0 < 10, r.stdout + r.stderr
+    time.sleep(0.3)
+    pids = [int(p) for p in pidfile.read_text().split()]
+    leaked = [p for p in pids if _alive(p)]
+    for p in leaked:
+        os.kill(p, 9)
+    assert len(pids) == 3 and not leaked
+
+
+def test_train_yaml_run_script_lets_the_steps_skypilot_appends_run(tmp_path):
+    """SkyPilot's own codegen (TaskCodeGen.build_task_bash_script) appends the wait for MOUNT_CACHED uploads
+    after our run script. The script must not `exit` before it: the appended step runs (it calls findmnt,
+    here a stand-in that records the call) and the job's exit code is still the pipeline's."""
+    from sky.backends.task_codegen import TaskCodeGen
+    run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
+    script = TaskCodeGen.build_task_bash_script(run)
+    home = tmp_path / "home"
+    (home / "nanochat-venv" / "bin").mkdir(parents=True)
+    (home / "nanochat-venv" / "bin" / "python").symlink_to(sys.executable)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "appended-step-ran"
+    (bin_dir / "findmnt").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (bin_dir / "findmnt").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(ROOT), "NANOCHAT_RUN": "r",
+           "NANOCHAT_ARGS": "--stages nosuchstage", "NANOCHAT_DEADLINE_AT": str(int(time.time()) + 600),
+           "NANOCHAT_BUCKET_DIR": ""}
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert "unknown stage(s) nosuchstage" in r.stdout + r.stderr
+    assert marker.exists(), "the step SkyPilot appends after the run script never ran"
+    assert r.returncode == 2                                      # the pipeline's own exit code
+
+
+def test_only_node_0_keeps_the_books_and_the_others_wait_for_its_tokenizer_to_become_visible(tmp_path):
+    """Multi-node: node 1 must not run tok/report or write stages.json, the report, the manifest, the outcome
+    (all nodes share one bucket directory); it waits for node 0's tokenizer, which - as through a bucket
+    mount - becomes visible only some time after node 0 wrote it."""
+    rd = tmp_path / "run"
+    rd.mkdir()
+
+    def node0_upload_lands_late():
+        time.sleep(2.0)
+        (rd / "tokenizer").mkdir()
+        (rd / "tokenizer" / "tokenizer.json").write_text("{}")
+
+    import threading
+    threading.Thread(target=node0_upload_lands_late, daemon=True).start()
+    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,report", "--deadline-at", str(time.time() + 600)],
+                                   {"SKYPILOT_NODE_RANK": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert took >= 2.0 and (rd / "sft.out").exists()
+    assert not (rd / "tok.out").exists() and not (rd / "report.out").exists()
+    for book in ("stages.json", "MANIFEST.sha256", "report.md", "outcome.json"):
+        assert not (rd / book).exists(), book
