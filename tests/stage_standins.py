@@ -37,10 +37,14 @@ def stage(name: str, run_dir: Path) -> int:
             step += 1
         d = run_dir / name / f"ckpt_{step:06d}"
         d.mkdir(parents=True, exist_ok=True)
-        blob = os.urandom(256)
-        (d / "model.safetensors").write_bytes(blob)
-        meta = {"step": step, "plan": {"total_steps": int(steps)},
-                "files": {"model.safetensors": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}}}
+        files = {}
+        for fname in ("model.safetensors", "optim_rank000.pt"):   # what a real 1-rank checkpoint holds
+            blob = os.urandom(256)
+            (d / fname).write_bytes(blob)
+            files[fname] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+        meta = {"step": step, "world_size": 1, "config": {}, "plan": {"total_steps": int(steps)}, "files": files}
+        from nanochat_core.checkpoint import meta_digest
+        meta["meta_sha256"] = meta_digest(meta)   # checkpoint.verify_checkpoint accepts only self-vouching meta
         (d / "meta.json").write_text(json.dumps(meta))
         return 0
     if spec == "hang":

@@ -64,7 +64,7 @@ def test_pip_installed_workdir_is_a_staging_copy(monkeypatch, tmp_path):
     from nanochat_cli import sky_backend
     monkeypatch.setattr(sky_backend, "REPO_ROOT", tmp_path / "site-packages")
     wd = sky_backend.workdir()
-    assert (wd / "nanochat_core" / "pipeline.py").exists() and not (wd / "nanochat_cli").exists()
+    assert (wd / "nanochat_core" / "stages" / "pipeline.py").exists() and not (wd / "nanochat_cli").exists()
     meta = tomllib.loads((wd / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "nanochat"
     assert any(d.startswith("torch") for d in meta["project"]["dependencies"])

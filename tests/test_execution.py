@@ -155,8 +155,9 @@ def test_stages_that_run_model_code_get_no_secrets():
     from nanochat_core.stages.pipeline import stage_env
     env = {"HF_TOKEN": "hf_x", "WANDB_API_KEY": "w", "AWS_SECRET_ACCESS_KEY": "a", "PATH": "/usr/bin",
            "TOKENIZERS_PARALLELISM": "false"}
-    assert stage_env("eval", env) == {"PATH": "/usr/bin", "TOKENIZERS_PARALLELISM": "false"}
-    assert stage_env("report", env) == {"PATH": "/usr/bin", "TOKENIZERS_PARALLELISM": "false"}
+    clean = {"PATH": "/usr/bin", "TOKENIZERS_PARALLELISM": "false", "NANOCHAT_WANDB": "0"}   # wandb: via the pipeline
+    assert stage_env("eval", env) == clean
+    assert stage_env("report", env) == clean
     assert stage_env("base", env) == env   # training may download gated data or log
 
 
