@@ -12,7 +12,8 @@ from pathlib import Path
 from nanochat_core.common import NanochatError
 from nanochat_cli import state
 from nanochat_cli.cost import fmt_duration
-from nanochat_cli.flows import _console, backend_for, confirm, local_cluster, stream_run
+from nanochat_cli.backend import backend_for, sky_backend
+from nanochat_cli.flows import _console, confirm, local_cluster, stream_run
 
 
 def billing_end(rec: dict, now: float) -> float:
@@ -70,7 +71,6 @@ def note_ended(rec: dict, when: float) -> dict:
 def discovered_unrecorded() -> list[dict]:
     """nanochat clusters/managed jobs SkyPilot knows of that have no local record (none without SkyPilot)."""
     try:
-        from nanochat_cli.flows import sky_backend
         found = sky_backend().SkyBackend().discover()
     except NanochatError:
         return []
@@ -149,21 +149,8 @@ def cmd_status(*, json_out: bool) -> None:
         con.print(j)
 
 
-def _pick_run(name: str | None) -> Path:
-    if name:
-        rd = state.run_dir(name)
-        if not rd.exists():
-            raise NanochatError(f"nothing to pull: no run named '{name}'; `nanochat status` lists runs")
-        return rd
-    for rd in state.list_runs():
-        if (rd / ".job.json").exists():
-            return rd
-    raise NanochatError("nothing to pull: no run has been started. Train one with `nanochat train` "
-                        "(or `nanochat train --local`) first")
-
-
 def cmd_pull(*, name: str | None, dest: Path | None) -> None:
-    rd = _pick_run(name)
+    rd = state.find_latest_run(name, has="job", nothing="nothing to pull")
     job = state.read_job(rd) or {}
     cluster = state.get_cluster(job.get("cluster"))
     plan = state.read_json(rd / "plan.json") or {}
@@ -212,14 +199,11 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         args = ["--preset", plan.get("preset", "cloud")]
     args += ["--stages", "eval,report", "--force"]
     backend = backend_for(cluster)
-    if cluster.get("backend") == "local":
-        backend.launch(cluster, rd, args)
-    else:
-        # Not the training run's deadline (long past, perhaps): eval is short and the cluster's autodown
-        # still ends it; an old deadline would only make the node refuse to start.
-        plan = {k: v for k, v in (state.read_json(rd / "plan.json") or {}).items() if k != "deadline_at"}
-        backend.launch(cluster, rd, args, plan)
-    state.save_log_position(rd, (rd / "pipeline.log").stat().st_size if (rd / "pipeline.log").exists() else 0)
+    # Not the training run's deadline (long past, perhaps): eval is short and the cluster's autodown still
+    # ends it; an old deadline would only make the node refuse to start.
+    plan = {k: v for k, v in (state.read_json(rd / "plan.json") or {}).items() if k != "deadline_at"}
+    job = backend.launch(cluster, rd, args, plan)
+    state.save_log_cursor(rd, backend.name, job.get("cursor"))
     final = stream_run(rd) if not json_out else _wait_quietly(backend, cluster, rd)
     if final is None:
         return  # detached with Ctrl-C; stream_run() said how to re-attach
@@ -237,7 +221,7 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
 
 
 def _wait_quietly(backend, cluster, rd) -> str | None:
-    for _line, _pos in backend.tail(cluster, rd, state.log_position(rd)):
+    for _line, _pos in backend.tail(cluster, rd, state.log_cursor(rd, backend.name)):
         pass
     return backend.job_state(cluster, rd)
 
@@ -274,7 +258,6 @@ def cmd_down(*, yes: bool, cluster: str | None) -> None:
     paid = [c["name"] for c in clusters.values() if c.get("backend") != "local"] + [d["name"] for d in unrecorded]
     if paid:
         confirm("Tear down " + ", ".join(paid) + "? Anything not pulled is lost", yes)
-    from nanochat_cli.flows import sky_backend
     for d in unrecorded:  # found through SkyPilot itself, not in our records
         sky_backend().SkyBackend().down_discovered(d)
         print(f"down: '{d['name']}' (found through SkyPilot; no local record, so no cost shown)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nanochat_core.common import NanochatError
 from nanochat_cli import state
+from nanochat_cli.backend import backend_for, sky_backend
 from nanochat_cli.offers import failover_candidates
 from nanochat_cli.planner import MARGIN_H
 
@@ -23,23 +24,6 @@ LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node()
 DEFAULT_AUTOSTOP_MIN = 1
 # Seconds kept free at the end of the budget for teardown (the node's job ends before this): the planner's.
 TEARDOWN_MARGIN_S = MARGIN_H * 3600
-
-
-def sky_backend():
-    """The SkyPilot adapter, imported on first use (SkyPilot is the optional `cloud` extra)."""
-    try:
-        from nanochat_cli import sky_backend as module
-    except ImportError as e:
-        raise NanochatError(f"SkyPilot is not installed ({e.name or e}): `pip install 'nanochat[cloud]'` for "
-                            "cloud commands, or use --local") from None
-    return module
-
-
-def backend_for(cluster: dict):
-    if cluster.get("backend") == "local":
-        from nanochat_cli.local_backend import LocalBackend
-        return LocalBackend()
-    return sky_backend().SkyBackend()
 
 
 def _console(stderr: bool = False):
@@ -197,80 +181,20 @@ def _dryrun_json(plan: dict) -> dict:
 
 def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name, gpus, clouds, nodes,
               cluster, keep, steps, minutes, data, bucket, stages=None):
-    from nanochat_cli.planner import make_plan, parse_budget
+    """`nanochat train`: check the flags, choose where to run (this machine, a recorded cluster or the
+    cheapest offer), plan the run within the budget, then launch it and follow its log."""
+    from nanochat_cli.planner import parse_budget
     budget_usd = parse_budget(budget)
-    if stages is not None:
-        from nanochat_core.stages.pipeline import ALL_STAGES
-        chosen = [x.strip() for x in stages.split(",") if x.strip()]
-        unknown = [x for x in chosen if x not in ALL_STAGES]
-        if not chosen or unknown:
-            raise NanochatError(f"--stages takes a comma list from {','.join(ALL_STAGES)}; "
-                                f"got '{stages}'")
-        stages = ",".join(chosen)
-    if depth is not None and not 1 <= depth <= 64:
-        raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
-    if bucket and not local:
-        from nanochat_cli.bucket import parse
-        parse(bucket)  # a scheme we can mount and pull from, refused now rather than on the node
-    if nodes > 1 and not bucket and not local:
-        # Refused here, before anyone pays for N nodes' setup: every node writes its optimizer shards and
-        # reads the others' checkpoints, which only a shared bucket makes possible.
-        raise NanochatError(f"--nodes {nodes} needs --bucket s3://... (or gs://...): the nodes share "
-                            "checkpoints through it")
+    stages = _check_train_flags(depth, local, nodes, bucket, stages)
+    candidates = None
     if local:
         plan = _local_plan(depth, steps, minutes)
         rec = None if dryrun else local_cluster()
         run_name = name or "local"
         args = ["--preset", "local"]
     else:
-        if cluster:
-            rec = state.get_cluster(cluster)
-            if rec is None:
-                raise NanochatError(f"no cluster named '{cluster}': `nanochat status` lists them, "
-                                    "`nanochat up` makes one")
-            if rec.get("backend") != "sky":
-                raise NanochatError(f"cluster '{cluster}' is this machine: use `nanochat train --local`")
-        else:  # the most recent on-demand cloud cluster, if any; otherwise pick an offer now. A spot record
-            # is never reused: each spot run is its own managed job on its own node, priced at spot.
-            ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky" and not r.get("spot")]
-            rec = max(ours, key=lambda r: r.get("launched_at", 0)) if ours else None
-        if rec is not None and spot and not rec.get("spot"):
-            raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
-                                f"`nanochat down --cluster {rec['name']}` first, or train on it without --spot")
-        if rec is not None:
-            nodes = rec.get("nodes", nodes)
-            # What SkyPilot actually launched (read back after a failover), at the price it actually costs.
-            offer = {**rec["offer"], **rec.get("launched", {}),
-                     "price_per_hour": float(rec.get("price_per_hour") or rec["offer"]["price_per_hour"]) / nodes}
-        else:
-            # quiet ranking (no table, no notes about offers): the plan is what train shows
-            result = rank(gpus, spot, clouds, False, None, json_out=True, notes=False)
-            try:
-                offer = sky_backend().choose(result, spot=spot, max_price=None)
-            except NanochatError as e:
-                if not dryrun:
-                    raise
-                # A dry run needs no credentials: plan on the cheapest offer anywhere, and say why.
-                offer = result.offers[0]
-                print(f"note: {e}\nnote: planning on the cheapest offer anyway ({offer['cloud']})", file=sys.stderr)
-            candidates = failover_candidates(result, offer)
-        # The budget caps what the cluster costs in all: time it has already been up counts against it.
-        spent = 0.0
-        if rec is not None:
-            spent = float(rec.get("price_per_hour") or 0) * max(0.0, time.time() - rec.get("launched_at", 0)) / 3600
-            if spent >= budget_usd:
-                raise NanochatError(f"cluster '{rec['name']}' has already cost ${spent:.2f} of the ${budget_usd:.2f} "
-                                    "budget: raise --budget, or `nanochat down` and start afresh")
-        from nanochat_cli.planner import limit_failover
-        p = make_plan(offer, budget_usd - spent, depth, nodes)
-        # Only offers at which this very plan stays within the budget may be failed over to; the dearest
-        # of them sets the node's deadlines (so whichever one SkyPilot launches, the cap holds).
-        candidates = limit_failover(p, [offer] if rec is not None else candidates)
-        plan = p.to_json()
-        plan["budget"] = budget_usd
-        run_name = name or f"d{p.depth}"
-        args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
-                "--nnodes", str(nodes), "--num-shards", str(p.num_shards)]
+        rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
+        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name)
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
@@ -290,6 +214,97 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     args += ["--minutes", str(minutes)] if minutes else []
     args += ["--data", data] if data else []
     args += ["--stages", stages] if stages else []
+    launch_and_follow(rec, plan, args, run_name, budget_usd=None if local else budget_usd, candidates=candidates,
+                      local=local, spot=spot, nodes=nodes, keep=keep, bucket=bucket, yes=yes, detach=detach,
+                      json_out=json_out)
+
+
+def _check_train_flags(depth, local, nodes, bucket, stages) -> str | None:
+    """One-line refusals before anything is chosen or paid for; returns --stages normalised."""
+    if stages is not None:
+        from nanochat_core.stages.pipeline import ALL_STAGES
+        chosen = [x.strip() for x in stages.split(",") if x.strip()]
+        unknown = [x for x in chosen if x not in ALL_STAGES]
+        if not chosen or unknown:
+            raise NanochatError(f"--stages takes a comma list from {','.join(ALL_STAGES)}; "
+                                f"got '{stages}'")
+        stages = ",".join(chosen)
+    if depth is not None and not 1 <= depth <= 64:
+        raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+    if bucket and not local:
+        from nanochat_cli.bucket import parse
+        parse(bucket)  # a scheme we can mount and pull from, refused now rather than on the node
+    if nodes > 1 and not bucket and not local:
+        # Refused here, before anyone pays for N nodes' setup: every node writes its optimizer shards and
+        # reads the others' checkpoints, which only a shared bucket makes possible.
+        raise NanochatError(f"--nodes {nodes} needs --bucket s3://... (or gs://...): the nodes share "
+                            "checkpoints through it")
+    return stages
+
+
+def choose_offer(cluster, spot, gpus, clouds, nodes, dryrun):
+    """Where a cloud run goes: (cluster record or None, offer priced per node, failover candidates, nodes)."""
+    candidates = None
+    if cluster:
+        rec = state.get_cluster(cluster)
+        if rec is None:
+            raise NanochatError(f"no cluster named '{cluster}': `nanochat status` lists them, "
+                                "`nanochat up` makes one")
+        if rec.get("backend") != "sky":
+            raise NanochatError(f"cluster '{cluster}' is this machine: use `nanochat train --local`")
+    else:  # the most recent on-demand cloud cluster, if any; otherwise pick an offer now. A spot record
+        # is never reused: each spot run is its own managed job on its own node, priced at spot.
+        ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky" and not r.get("spot")]
+        rec = max(ours, key=lambda r: r.get("launched_at", 0)) if ours else None
+    if rec is not None and spot and not rec.get("spot"):
+        raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
+                            f"`nanochat down --cluster {rec['name']}` first, or train on it without --spot")
+    if rec is not None:
+        nodes = rec.get("nodes", nodes)
+        # What SkyPilot actually launched (read back after a failover), at the price it actually costs.
+        offer = {**rec["offer"], **rec.get("launched", {}),
+                 "price_per_hour": float(rec.get("price_per_hour") or rec["offer"]["price_per_hour"]) / nodes}
+    else:
+        # quiet ranking (no table, no notes about offers): the plan is what train shows
+        result = rank(gpus, spot, clouds, False, None, json_out=True, notes=False)
+        try:
+            offer = sky_backend().choose(result, spot=spot, max_price=None)
+        except NanochatError as e:
+            if not dryrun:
+                raise
+            # A dry run needs no credentials: plan on the cheapest offer anywhere, and say why.
+            offer = result.offers[0]
+            print(f"note: {e}\nnote: planning on the cheapest offer anyway ({offer['cloud']})", file=sys.stderr)
+        candidates = failover_candidates(result, offer)
+    return rec, offer, candidates, nodes
+
+
+def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name):
+    """The plan within what is left of the budget: (plan dict, failover candidates kept, run name, node args)."""
+    from nanochat_cli.planner import make_plan
+    # The budget caps what the cluster costs in all: time it has already been up counts against it.
+    spent = 0.0
+    if rec is not None:
+        spent = float(rec.get("price_per_hour") or 0) * max(0.0, time.time() - rec.get("launched_at", 0)) / 3600
+        if spent >= budget_usd:
+            raise NanochatError(f"cluster '{rec['name']}' has already cost ${spent:.2f} of the ${budget_usd:.2f} "
+                                "budget: raise --budget, or `nanochat down` and start afresh")
+    from nanochat_cli.planner import limit_failover
+    p = make_plan(offer, budget_usd - spent, depth, nodes)
+    # Only offers at which this very plan stays within the budget may be failed over to; the dearest
+    # of them sets the node's deadlines (so whichever one SkyPilot launches, the cap holds).
+    candidates = limit_failover(p, [offer] if rec is not None else candidates)
+    plan = p.to_json()
+    plan["budget"] = budget_usd
+    run_name = name or f"d{p.depth}"
+    args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
+            "--nnodes", str(nodes), "--num-shards", str(p.num_shards)]
+    return plan, candidates, run_name, args
+
+
+def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, local, spot, nodes, keep, bucket, yes,
+                      detach, json_out) -> None:
+    """Record, launch and (unless detached) stream the run; the plan's deadlines start counting here."""
     rd = state.run_dir(run_name)
     if (rd / "MANIFEST.sha256").exists():
         print(f"note: run '{run_name}' already finished; running it again skips every finished stage. "
@@ -308,13 +323,8 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         1 if local else nodes), run=run_name, created_at=now, preset="local" if local else "cloud",
         spot=spot, nodes=nodes, keep=keep, bucket=bucket)
     state.write_plan(rd, plan)
-    # A relaunch (after a preemption or a failure) appends to the same log: show this job's output only.
-    log = rd / "pipeline.log"
-    start_pos = log.stat().st_size if log.exists() else 0
-    if local:
-        backend = backend_for(rec)
-        job = backend.launch(rec, rd, args)
-    else:
+    launch_rec = rec
+    if not local:
         created = rec is None
         if created:
             rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
@@ -327,9 +337,10 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         # Recorded BEFORE the first provisioning request: whatever happens next (a failed setup, Ctrl-C, a
         # closed laptop), `nanochat status` and `nanochat down` know this cluster may exist and bill.
         state.save_cluster(rec)
-        job = sky_backend().SkyBackend().launch({**rec, "created_by_this_launch": created}, rd, args, plan)
+        launch_rec = {**rec, "created_by_this_launch": created}   # only a cluster this launch made is torn down
+    job = backend_for(rec).launch(launch_rec, rd, args, plan)
     state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
-    state.save_log_position(rd, start_pos if local else 0)
+    state.save_log_cursor(rd, rec["backend"], job.get("cursor"))   # a relaunch shows this job's output only
     if json_out:
         print(json.dumps({"run": run_name, "run_dir": str(rd), "cluster": rec["name"], "job_id": job["job_id"]}))
     else:
@@ -397,7 +408,7 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
                       planned_stages={s["name"]: s["hours"] for s in plan.get("stages", []) if s.get("hours")})
     view = RunView(meter, title=f"nanochat · {rd.name} on {cluster['name']}",
                    run_started_at=job.get("submitted_at"))
-    pos = 0 if from_start else state.log_position(rd)
+    pos = None if from_start else state.log_cursor(rd, backend.name)
     err = _console(stderr=True)
 
     def on_retry(e: Exception, n: int) -> None:
@@ -406,7 +417,8 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
     lines = resilient(lambda p: backend.tail(cluster, rd, p, follow=follow_on), pos, on_retry=on_retry)
     console = _console()
     try:
-        watch(lines, view, rd, console, live=console.is_terminal, pos=pos)
+        watch(lines, view, lambda cursor: state.save_log_cursor(rd, backend.name, cursor), console,
+              live=console.is_terminal, pos=pos)
     except KeyboardInterrupt:
         err.print(f"\ndetached: run '{rd.name}' keeps running (and spending). "
                   f"Re-attach: `nanochat logs --name {rd.name}` · stop spending: `nanochat down`")
@@ -421,7 +433,7 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
 
 
 def cmd_logs(*, name, from_start, follow):
-    rd = state.find_run_for_logs(name)
+    rd = state.find_latest_run(name, has="job", nothing="no run to show logs for")
     final = stream_run(rd, from_start=from_start, follow_on=follow)
     job = state.read_job(rd) or {}
     if final == "UNKNOWN" and job.get("backend") == "sky" and not job.get("managed"):
@@ -440,12 +452,9 @@ def cmd_logs(*, name, from_start, follow):
 
 
 def resolve_checkpoint(path: Path | None) -> Path:
+    """What chat, serve, eval and export load: the path given, else the latest run with a trained model."""
     if path is not None:
         if not path.exists():
             raise NanochatError(f"checkpoint {path} does not exist")
         return path
-    for rd in state.list_runs():
-        if any((rd / stage).is_dir() for stage in ("rl", "sft", "mid", "base")):
-            return rd
-    raise NanochatError("no trained model found: run `nanochat train --local` (a few minutes, $0) "
-                        "or `nanochat pull` to bring a cloud run home")
+    return state.find_latest_run(has="model", nothing="no trained model found")

@@ -59,8 +59,20 @@ def _supervisor_alive(pid: int | None) -> bool:
 class LocalBackend:
     name = "local"
 
-    def launch(self, cluster: dict, rd: Path, pipeline_args: list[str]) -> dict:
-        """Start the pipeline for run dir `rd`; returns the job record (also written to rd/.job.json)."""
+    def provision(self, cluster: dict) -> None:
+        """This machine exists already."""
+
+    def cluster_state(self, cluster: dict) -> str:
+        return "UP"
+
+    def final_cost(self, cluster: dict) -> float | None:
+        return 0.0
+
+    def launch(self, cluster: dict, rd: Path, args: list[str], plan: dict | None = None,
+               dryrun: bool = False) -> dict:
+        """Start the pipeline for run dir `rd`; returns the job record (also written to rd/.job.json).
+        A relaunch appends to the same log: the job's cursor is where this job's output starts."""
+        pipeline_args = args
         old = state.read_job(rd)
         if old and self.job_state(cluster, rd) == RUNNING:
             raise NanochatError(f"run '{rd.name}' is already running (pid {old.get('pid')}): "
@@ -69,8 +81,12 @@ class LocalBackend:
         job_id = int((old or {}).get("job_id", 0)) + 1
         module = os.environ.get(PIPELINE_MODULE_ENV, "nanochat_core.stages.pipeline")
         cmd = [sys.executable, "-u", "-m", module, "--run-dir", str(rd), *pipeline_args]
+        log = rd / "pipeline.log"
         job = {"job_id": job_id, "backend": "local", "cluster": cluster["name"], "run": rd.name,
-               "cmd": cmd, "state": RUNNING, "submitted_at": time.time(), "pid": None}
+               "cmd": cmd, "state": RUNNING, "submitted_at": time.time(), "pid": None,
+               "cursor": log.stat().st_size if log.exists() else 0}
+        if dryrun:
+            return job
         state.write_job(rd, job)
         sup = [sys.executable, "-m", "nanochat_cli.local_backend", "supervise", "--run-dir", str(rd), "--", *cmd]
         # NANOCHAT_DIE_WITH_PARENT: the pipeline stops (and its stage saves) if the supervisor is killed.
@@ -92,10 +108,11 @@ class LocalBackend:
             return FAILED if job.get("returncode") is None else job["state"]
         return job.get("state")
 
-    def tail(self, cluster: dict, rd: Path, pos: int, follow: bool = True,
+    def tail(self, cluster: dict, rd: Path, cursor: int | None, follow: bool = True,
              poll_s: float = 0.1) -> Iterator[tuple[str, int]]:
-        """Complete lines of rd/pipeline.log from byte offset `pos`, as (line, offset after it).
+        """Complete lines of rd/pipeline.log from byte offset `cursor`, as (line, offset after it).
         Follows until the job is no longer running and the file is fully read."""
+        pos = cursor if isinstance(cursor, int) and cursor > 0 else 0   # anything else: the start
         path = rd / "pipeline.log"
         buf = b""
         while True:

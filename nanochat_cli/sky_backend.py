@@ -426,12 +426,13 @@ class SkyBackend:
                                                        "instance_type": lr.instance_type})
             state.update_cluster(rec["name"], price_per_hour=price, launched=rec["launched"])
 
-    def launch(self, rec: dict, rd: Path, args: list[str], plan: dict, dryrun: bool = False) -> dict:
+    def launch(self, rec: dict, rd: Path, args: list[str], plan: dict | None = None, dryrun: bool = False) -> dict:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
         rec["spot"], as a managed job. dryrun: SkyPilot plans the launch and stops (nothing recorded)."""
-        task = build_task(rec, rd.name, args, plan.get("deadline_at"))
+        task = build_task(rec, rd.name, args, (plan or {}).get("deadline_at"))
+        # cursor 0: SkyPilot replays a job's own log from its start (tail counts lines)
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
-               "state": "RUNNING", "submitted_at": time.time()}
+               "state": "RUNNING", "submitted_at": time.time(), "cursor": 0}
         created = bool(rec.get("created_by_this_launch")) and not dryrun
         action = f"launching run '{rd.name}'"
         if job["managed"]:
@@ -468,9 +469,10 @@ class SkyBackend:
             return "UNKNOWN"
         return _state_name(status) or "UNKNOWN"
 
-    def tail(self, rec: dict, rd: Path, pos: int, follow: bool = True) -> Iterator[tuple[str, int]]:
-        """Log lines from line number `pos` on (SkyPilot replays a job's log from its start on every
+    def tail(self, rec: dict, rd: Path, cursor: int | None, follow: bool = True) -> Iterator[tuple[str, int]]:
+        """Log lines from line number `cursor` on (SkyPilot replays a job's log from its start on every
         connection, so the lines already delivered are skipped: nothing is shown twice)."""
+        pos = cursor if isinstance(cursor, int) and cursor > 0 else 0   # anything else: the start
         job = state.read_job(rd) or {}
         n = 0
         try:

@@ -17,12 +17,12 @@ damaged run record (.job.json, plan.json) is ignored with a one-line warning, so
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
-from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, nanochat_home, runs_dir
+from nanochat_core.common import NanochatError, atomic_write_json, nanochat_home, runs_dir
 
 LOCAL_CLUSTER = "local"
 
@@ -149,11 +149,6 @@ def _run_mtime(p: Path) -> float:
     return newest
 
 
-def latest_run() -> Path | None:
-    runs = list_runs()
-    return runs[0] if runs else None
-
-
 _SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",)), "plan.json": (PLAN_FIELDS, ())}
 _warned: set[str] = set()
 
@@ -191,30 +186,40 @@ def read_job(rd: Path) -> dict | None:
     return read_json(rd / ".job.json")
 
 
-def log_position(rd: Path) -> int:
+def log_cursor(rd: Path, backend: str) -> Any:
+    """How far `nanochat logs` has shown this run's log: the cursor its backend last yielded (backend.py),
+    or None (from the start) if none was saved, or it was saved by the other backend, or the file is damaged."""
     try:
-        return max(0, int((rd / ".logpos").read_text().strip() or 0))
+        saved = json.loads((rd / ".logpos").read_text())
     except (OSError, ValueError):
-        return 0
+        return None
+    return saved.get("cursor") if isinstance(saved, dict) and saved.get("backend") == backend else None
 
 
-def save_log_position(rd: Path, pos: int) -> None:
-    atomic_write_text(rd / ".logpos", f"{pos}\n")
+def save_log_cursor(rd: Path, backend: str, cursor: Any) -> None:
+    atomic_write_json(rd / ".logpos", {"backend": backend, "cursor": cursor})
 
 
-def find_run_for_logs(name: str | None) -> Path:
-    """The run `nanochat logs` attaches to: the named one, else the most recent with a job record."""
+def find_latest_run(name: str | None = None, *, has: str = "job", nothing: str = "no run") -> Path:
+    """The run a command works on: the one named, else the most recent run that has what the command needs.
+    has="job": it was started (logs, pull); has="model": it holds a trained checkpoint stage (chat, serve,
+    eval, export). One rule for every command, so they never disagree about which run is "the latest".
+    `nothing` starts the error when there is none ("nothing to pull", ...)."""
+    def fits(rd: Path) -> bool:
+        if has == "job":
+            return (rd / ".job.json").exists()
+        return any((rd / stage).is_dir() for stage in ("rl", "sft", "mid", "base"))
     if name:
         rd = run_dir(name)
-        if not (rd / ".job.json").exists():
-            raise NanochatError(f"no run named '{name}' has been started; `nanochat status` lists runs")
+        if not fits(rd):
+            what = "has been started" if has == "job" else "has a trained model"
+            raise NanochatError(f"{nothing}: no run named '{name}' {what}; `nanochat status` lists runs")
         return rd
     for rd in list_runs():
-        if (rd / ".job.json").exists():
+        if fits(rd):
             return rd
-    raise NanochatError("no run to show logs for: start one with `nanochat train` "
-                        "(or `nanochat train --local` on this machine)")
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+    if has == "job":
+        raise NanochatError(f"{nothing}: no run has been started. Train one with `nanochat train` "
+                            "(or `nanochat train --local` on this machine) first")
+    raise NanochatError(f"{nothing}: run `nanochat train --local` (a few minutes, $0) "
+                        "or `nanochat pull` to bring a cloud run home")

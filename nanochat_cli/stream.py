@@ -10,19 +10,17 @@ Positions are opaque to this module: byte offsets for the local backend, line co
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from nanochat_core.common import NanochatError, parse_event
-from nanochat_cli import state
 from nanochat_cli.cost import CostMeter, fmt_duration
 
-TailFn = Callable[[int], Iterator[tuple[str, int]]]
+TailFn = Callable[[Any], Iterator[tuple[str, Any]]]
 
 
-def resilient(open_tail: TailFn, pos: int, retries: int = 8, backoff_s: float = 0.5,
-              on_retry: Callable[[Exception, int], None] | None = None) -> Iterator[tuple[str, int]]:
-    """Yield (line, position) from open_tail(pos), reopening it at the last delivered position when the
+def resilient(open_tail: TailFn, pos: Any, retries: int = 8, backoff_s: float = 0.5,
+              on_retry: Callable[[Exception, int], None] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (line, cursor) from open_tail(cursor), reopening it at the last delivered cursor when the
     transport fails. Gives up after `retries` consecutive failures with a one-line, actionable error."""
     failures = 0
     while True:
@@ -117,10 +115,10 @@ class RunView:
         return "   [" + " | ".join(f"{k} {v}" for k, v in self.fields()) + "]"
 
 
-def watch(lines: Iterator[tuple[str, int]], view: RunView, rd: Path, console, live: bool,
-          pos: int, save_every_s: float = 1.0) -> int:
-    """Print lines and keep the panel current until the stream ends. Saves how far it got to
-    rd/.logpos (periodically and on the way out, Ctrl-C included) and returns the final position."""
+def watch(lines: Iterator[tuple[str, Any]], view: RunView, save: Callable[[Any], None], console, live: bool,
+          pos: Any, save_every_s: float = 1.0) -> Any:
+    """Print lines and keep the panel current until the stream ends. Saves how far it got with `save(cursor)`
+    (periodically and on the way out, Ctrl-C included) and returns the final cursor."""
     last_save = time.time()
 
     def handle(line: str) -> None:
@@ -150,7 +148,7 @@ def watch(lines: Iterator[tuple[str, int]], view: RunView, rd: Path, console, li
                     pos = p  # only after the line was shown: Ctrl-C in between must not skip it
                     lv.update(view.panel())
                     if time.time() - last_save > save_every_s:
-                        state.save_log_position(rd, pos)
+                        save(pos)
                         last_save = time.time()
         else:
             def out(text: str) -> None:
@@ -159,10 +157,10 @@ def watch(lines: Iterator[tuple[str, int]], view: RunView, rd: Path, console, li
                 handle(line)
                 pos = p
                 if time.time() - last_save > save_every_s:
-                    state.save_log_position(rd, pos)
+                    save(pos)
                     last_save = time.time()
             if view.meter.stage:
                 print(view.plain_status(), flush=True)
     finally:
-        state.save_log_position(rd, pos)
+        save(pos)
     return pos

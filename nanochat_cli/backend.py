@@ -1,0 +1,65 @@
+"""
+Where a run's job runs. Two backends keep one contract, `Backend` below, so the commands (flows.py, admin.py)
+call it without asking which one they hold:
+
+  LocalBackend (local_backend.py)  this machine: the pipeline as a supervised subprocess, free
+  SkyBackend   (sky_backend.py)    a SkyPilot cluster, or a managed job for spot runs; the only module that
+                                   imports sky, loaded on first use
+
+A log cursor is opaque to everyone but its backend: tail() yields it with every line and takes it back to go
+on after that line (a byte offset in the local log, a line count of SkyPilot's replayed log). launch() returns
+the cursor at which the new job's output starts. state.save_log_cursor() keeps it with the backend's name, so a
+cursor is never handed to the other backend; None means "from the start".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from nanochat_core.common import NanochatError
+
+
+class Backend(Protocol):
+    name: str   # "local" | "sky": what cluster records and job records call it
+
+    def provision(self, cluster: dict) -> None:
+        """Make the cluster exist (nanochat up); nothing to do for this machine."""
+
+    def launch(self, cluster: dict, rd: Path, args: list[str], plan: dict, dryrun: bool = False) -> dict:
+        """Start the pipeline with `args` for run dir `rd`; the job record (also in rd/.job.json), whose
+        "cursor" is where this job's log starts."""
+
+    def job_state(self, cluster: dict, rd: Path) -> str | None:
+        """RUNNING, SUCCEEDED, FAILED, ... (SkyPilot's names), UNKNOWN, or None without a job."""
+
+    def tail(self, cluster: dict, rd: Path, cursor: Any, follow: bool = True) -> Iterator[tuple[str, Any]]:
+        """(line, cursor after it) from `cursor` on; follows the job until it ends unless follow=False."""
+
+    def cluster_state(self, cluster: dict) -> str:
+        """UP, STOPPED, INIT or DOWN."""
+
+    def pull(self, cluster: dict, rd: Path, dest: Path) -> int:
+        """Bring the run's results to `dest` and verify them against the manifest; files verified."""
+
+    def down(self, cluster: dict) -> list[str]:
+        """Stop the job(s) and the spending; what was done, one line each."""
+
+    def final_cost(self, cluster: dict) -> float | None:
+        """What the cluster cost in all, as the provider's records say (None if they do not)."""
+
+
+def sky_backend():
+    """The SkyPilot adapter module, imported on first use (SkyPilot is the optional `cloud` extra)."""
+    try:
+        from nanochat_cli import sky_backend as module
+    except ImportError as e:
+        raise NanochatError(f"SkyPilot is not installed ({e.name or e}): `pip install 'nanochat[cloud]'` for "
+                            "cloud commands, or use --local") from None
+    return module
+
+
+def backend_for(cluster: dict) -> Backend:
+    if cluster.get("backend") == "local":
+        from nanochat_cli.local_backend import LocalBackend
+        return LocalBackend()
+    return sky_backend().SkyBackend()
