@@ -133,13 +133,16 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
 # train
 
 def _local_plan(depth, steps, minutes) -> dict:
-    stages = ["tok", "base", "sft", "eval", "report"]
-    est_min = {"tok": 0.5, "base": (minutes or 2.5), "sft": 1.0, "eval": 1.0, "report": 0.1}
     from nanochat_core.model_config import config_for_depth, count_params
-    # The local preset's model (pipeline.py: vocab 4096, 64-dim heads, 256-token rows). Tokens depend on
-    # how many steps fit in --minutes on this machine, which only the trainer's timed first step knows.
-    params = count_params(config_for_depth(depth or 4, 4096, sequence_len=256, head_dim=64))["total"]
-    return {"offer": dict(LOCAL_OFFER), "depth": depth or 4, "params": params, "tokens": None,
+    from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_MODEL
+    stages = DEFAULT_STAGES["local"].split(",")
+    est_min = {"tok": 0.5, "base": (minutes or LOCAL_BASE_MINUTES), "sft": 1.0, "eval": 1.0, "report": 0.1}
+    # The model the local preset trains. Tokens depend on how many steps fit in --minutes on this machine,
+    # which only the trainer's timed first steps know.
+    m = {**LOCAL_MODEL, "depth": depth or LOCAL_MODEL["depth"]}
+    params = count_params(config_for_depth(m["depth"], m["vocab_size"], sequence_len=m["sequence_len"],
+                                           head_dim=m["head_dim"]))["total"]
+    return {"offer": dict(LOCAL_OFFER), "depth": m["depth"], "params": params, "tokens": None,
             "hours": round(sum(est_min.values()) / 60, 3), "cost": 0.0,
             "stages": [{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in stages]}
 

@@ -48,6 +48,7 @@ class RunView:
         # "elapsed" is this run's time; "spent" counts the whole cluster's uptime (that is what is billed).
         self.run_started_at = run_started_at if run_started_at is not None else meter.started_at
         self.loss: float | None = None
+        self.reward: float | None = None   # RL reports its mean reward instead of a loss
         self.tps: float | None = None
         self.mfu: float | None = None
         self.last_plain = 0.0
@@ -58,6 +59,7 @@ class RunView:
         kind = event.get("event")
         if kind == "progress":
             self.loss, self.tps, self.mfu = event.get("loss"), event.get("tokens_per_sec"), event.get("mfu")
+            self.reward = event.get("reward")
             return None
         # Stages announce themselves too; print the pipeline's own lines so each shows once.
         if kind in ("stage_start", "stage_end") and not event.get("pipeline"):
@@ -89,8 +91,9 @@ class RunView:
         step = f"{m.step}/{m.total_steps}" if m.total_steps else (str(m.step) if m.step else "-")
         spent = m.spent(now)
         proj = m.projected_total(now)
-        rows = [("stage", m.stage or "starting"), ("step", step),
-                ("loss", f"{self.loss:.4f}" if isinstance(self.loss, (int, float)) else "-"),
+        loss = (("reward", f"{self.reward:.4f}") if isinstance(self.reward, (int, float)) else
+                ("loss", f"{self.loss:.4f}" if isinstance(self.loss, (int, float)) else "-"))
+        rows = [("stage", m.stage or "starting"), ("step", step), loss,
                 ("tok/s", f"{self.tps:,.0f}" if isinstance(self.tps, (int, float)) else "-"),
                 ("MFU", f"{self.mfu:.1f}%" if isinstance(self.mfu, (int, float)) else "-"),
                 ("elapsed", fmt_duration((now or time.time()) - self.run_started_at)),

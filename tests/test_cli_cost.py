@@ -71,3 +71,12 @@ def test_inner_stage_announcements_are_not_printed_twice():
     outer = dict(inner, pipeline=True)
     assert view.feed(inner) is None
     assert view.feed(outer) == "== stage base finished in 0m05s"
+
+
+def test_rl_progress_shows_its_reward_instead_of_a_loss():
+    """RL has no loss: its progress events carry loss null and the mean reward, which the panel shows."""
+    view = RunView(CostMeter(PRICE, T0), "test")
+    view.feed({"event": "progress", "stage": "rl", "step": 3, "total_steps": 10, "loss": None, "reward": 0.25,
+               "tokens_per_sec": 100.0, "mfu": 1.0, "elapsed_s": 3.0, "time": T0 + 3})
+    fields = dict(view.fields(now=T0 + 4))
+    assert fields["reward"] == "0.2500" and "loss" not in fields

@@ -29,6 +29,10 @@ from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_
 
 ALL_STAGES = ["tok", "base", "mid", "sft", "rl", "eval", "report"]
 DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "tok,base,mid,sft,eval,report"}
+# The local preset's model, for a 2-core CPU: depth 4, 64-dim heads, 256-token rows, a 4096-token vocab, about
+# 2.5 minutes of base training. Written once: `nanochat train --local --dryrun` counts the same model.
+LOCAL_MODEL = {"depth": 4, "vocab_size": 4096, "head_dim": 64, "sequence_len": 256}
+LOCAL_BASE_MINUTES = 2.5
 
 # When base training must stop comes from the plan (`--base-deadline-at`, which `nanochat train` computes
 # from the budget, the dearest failover price and the planned post-base stages): one source of truth. Only a
@@ -80,16 +84,16 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
     py = [sys.executable, "-m"]
     local = a.preset == "local"
     if stage == "tok":
-        vocab = "4096" if local else "32768"
+        vocab = str(LOCAL_MODEL["vocab_size"]) if local else "32768"
         max_chars = "20000000" if local else "2000000000"
         return [py + ["nanochat_core.stages.tok_train", "--data", str(data), "--out", f"{run}/tokenizer",
                       "--vocab-size", vocab, "--max-chars", max_chars, "--doc-cap", "10000"]]
     if stage == "base":
         cmd = dist + ["-m", "nanochat_core.stages.base_train", "--run-dir", run, "--data", str(data)]
         if local:
-            # Tiny model for a 2-core CPU: depth 4, 64-dim heads, 256-token context, ~2.5 minutes.
-            cmd += ["--depth", str(a.depth or 4), "--head-dim", "64", "--seq-len", "256"]
-            cmd += ["--steps", str(a.steps)] if a.steps else ["--minutes", str(a.minutes or 2.5)]
+            m = LOCAL_MODEL
+            cmd += ["--depth", str(a.depth or m["depth"]), "--head-dim", str(m["head_dim"]), "--seq-len", str(m["sequence_len"])]
+            cmd += ["--steps", str(a.steps)] if a.steps else ["--minutes", str(a.minutes or LOCAL_BASE_MINUTES)]
         else:
             cmd += ["--depth", str(a.depth or 20)]
             cmd += ["--steps", str(a.steps)] if a.steps else []
