@@ -111,6 +111,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 g.setdefault("momentum", 0.95)
                 g.setdefault("beta2", 0.95)
                 g.setdefault("weight_decay", 0.0)
+                g.setdefault("initial_weight_decay", g["weight_decay"])   # schedules decay it towards 0
                 g.setdefault("ns_steps", 5)
             else:
                 g.setdefault("betas", (0.8, 0.95))

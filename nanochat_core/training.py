@@ -173,6 +173,64 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0,
     return progress + (1 - progress) * final_frac
 
 
+def lr_multiplier_at(progress: float, step: int, warmup_steps: int = 0,
+                     warmdown_ratio: float = WARMDOWN_RATIO, final_frac: float = FINAL_LR_FRAC) -> float:
+    """The same curve as lr_multiplier, driven by the fraction of the run done (0..1) instead of the step:
+    a time-bounded run passes the fraction of its time used, so it reaches the end of the warmdown at
+    its deadline whatever the throughput did on the way. Warmup counts steps, but is over by 5% of the
+    run at the latest (a run that gets far fewer steps than planned must not spend them all warming up)."""
+    progress = min(max(progress, 0.0), 1.0)
+    warm = 1.0 if step >= warmup_steps else min(1.0, max((step + 1) / warmup_steps, progress / 0.05))
+    if warmdown_ratio <= 0 or progress <= 1 - warmdown_ratio:
+        return warm
+    left = (1 - progress) / warmdown_ratio
+    return min(warm, left + (1 - left) * final_frac)
+
+
+class TimeHorizon:
+    """The horizon of a time-bounded run: `budget_s` seconds of training in all, `used_before` of them
+    spent before a resume, ending no later than `hard_end` (a unix time: the deadline minus room to save).
+
+    progress() is the fraction of the training time used; the schedules are driven by it. done() says
+    whether the next step would overrun, judging by the slowest recent step (a machine that just got
+    busier must not start a step it cannot finish). So the last step runs with progress close to 1 - at
+    the very end of the warmdown - however many steps the run managed on the way.
+    Why not time one step and fix the step count (as this once did): on a shared machine the timing
+    can be 30x off either way, and a run then ends mid-schedule at its deadline, or finishes its few
+    steps early and quits with an untrained model."""
+
+    def __init__(self, budget_s: float, used_before: float = 0.0, hard_end: float | None = None):
+        self.start = time.time()
+        self.end = self.start + max(0.0, budget_s - used_before)
+        self.used_before = used_before
+        self.recent: list[float] = []
+        self.limit(hard_end)
+
+    def limit(self, hard_end: float | None) -> None:
+        """Move the end earlier (never later): the stop guard's margin grows once it has timed a save."""
+        if hard_end is not None:
+            self.end = min(self.end, hard_end)
+        self.span = max(1e-6, self.used_before + (self.end - self.start))
+
+    def progress(self, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        return min(1.0, (self.used_before + now - self.start) / self.span)
+
+    def note_step(self, seconds: float) -> None:
+        self.recent = (self.recent + [seconds])[-3:]
+
+    def done(self) -> bool:
+        next_step = max(self.recent) if self.recent else 0.0
+        return time.time() + next_step >= self.end
+
+    def steps_estimate(self, step: int) -> int:
+        """Steps the run will have taken at its end if the recent pace holds (for progress display)."""
+        if not self.recent:
+            return step + 1
+        pace = sum(self.recent) / len(self.recent)
+        return step + max(0, int((self.end - time.time()) / max(pace, 1e-9)))
+
+
 def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: float = 0.97) -> float:
     """Muon momentum ramps 0.85 -> 0.97 over the first 400 steps: low momentum while the weights are
     moving fast at the start, high once the direction is stable (DESIGN.md)."""
@@ -180,16 +238,29 @@ def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: fl
     return (1 - frac) * start + frac * end
 
 
-def apply_schedule(optimizer: Any, lr_mult: float, momentum: float | None = None) -> None:
+def muon_weight_decay_multiplier(progress: float) -> float:
+    """Muon weight decay falls linearly from its full value to 0 over the run (progress 0 -> 1), as the
+    reference now does. The reference point (0.28 at d12) was tuned with this decay; a constant weight
+    decay integrates to twice as much decay as it was tuned for."""
+    return max(0.0, 1.0 - progress)
+
+
+def apply_schedule(optimizer: Any, lr_mult: float, momentum: float | None = None,
+                   muon_wd_mult: float | None = None) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group.get("initial_lr", group["lr"]) * lr_mult
-        if momentum is not None and group.get("kind") == "muon":
-            group["momentum"] = momentum
+        if group.get("kind") == "muon":
+            if momentum is not None:
+                group["momentum"] = momentum
+            if muon_wd_mult is not None:
+                group["weight_decay"] = group.get("initial_weight_decay", group["weight_decay"]) * muon_wd_mult
 
 
 def remember_initial_lr(optimizer: Any) -> None:
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
+        if "weight_decay" in group:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
 
 
 # -----------------------------------------------------------------------------
