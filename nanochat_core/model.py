@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -98,8 +99,20 @@ def attention_sdpa(q, k, v, pos0: int, window: int | None, mask_cache: dict | No
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-_BLOCK_MASKS: dict = {}   # (T, window, device) -> BlockMask; built once per shape, reused every step
-_FLEX_COMPILED = None     # torch.compile(flex_attention), made on first CUDA use
+_BLOCK_MASKS: "OrderedDict" = OrderedDict()   # (T, window, device) -> BlockMask, least recently used first
+BLOCK_MASK_CACHE_MAX = 16 # a handful of training/eval shapes; evals with many lengths must not grow it forever
+_FLEX_COMPILED = None     # torch.compile(flex_attention), made on first use on a device in FLEX_COMPILE_DEVICES
+# Compiled flex is specialised to each (B, T) it sees (dynamic=False). Dynamo recompiles for every new shape
+# and after 8 silently falls back to EAGER flex, which materialises the whole score matrix - so callers
+# without a KV cache that feed a new length on almost every call (CORE, categorical chat eval, RL's policy
+# loss, greedy sampling) would first pay 8 compiles and then make every later flex call (the bpb eval at
+# 32 x 2048 included) slow and memory-hungry. So outside an enclosing torch.compile, compiled flex serves
+# only full-length rows (T == sequence_len) and at most FLEX_SHAPES_MAX batch sizes; every other call goes
+# to SDPA (fused causal kernel; an explicit mask for windows), as the engine's cached decode already does.
+FLEX_SHAPES_MAX = 4
+_FLEX_SHAPES: set = set()
+FLEX_COMPILE_DEVICES = ("cuda",)   # CPU runs flex eagerly (no compile: it has no fused CPU kernel worth it)
+FLEX_COMPILE_BACKEND = "inductor"  # tests swap in a counting backend to check how often flex compiles
 _FLEX_MASKS_UNTRACED = None  # flex_block_masks wrapped in torch.compiler.disable (made when CUDA exists:
                              # the wrapper imports dynamo, ~1.5 s of CPU we do not want on every import)
 
@@ -109,12 +122,16 @@ def flex_block_masks(T: int, windows: list[int | None], device: torch.device) ->
     of torch.compile on purpose (a graph break at the top of forward costs nothing): building masks and
     filling a global cache are side effects that should not be traced into the model's graph."""
     global _FLEX_COMPILED
-    if device.type == "cuda" and _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    if device.type in FLEX_COMPILE_DEVICES and _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False, backend=FLEX_COMPILE_BACKEND)
     out = {}
     for window in windows:
         key = (T, window, str(device))
-        if key not in _BLOCK_MASKS:
+        if key in _BLOCK_MASKS:
+            _BLOCK_MASKS.move_to_end(key)
+        else:
+            while len(_BLOCK_MASKS) >= BLOCK_MASK_CACHE_MAX:
+                _BLOCK_MASKS.popitem(last=False)
             def mask_mod(b, h, q_idx, kv_idx, window=window):
                 m = q_idx >= kv_idx
                 if window is not None:
@@ -130,12 +147,27 @@ def attention_flex(q, k, v, block_mask) -> torch.Tensor:
     cache, Tq == Tk). On CUDA it runs compiled (eager flex is an unfused reference; inside a compiled
     model the outer compile captures it anyway); on CPU eagerly - correct but slow, used by the tests."""
     gqa = q.size(1) != k.size(1)
-    if q.is_cuda:
+    if q.device.type in FLEX_COMPILE_DEVICES:
         fn = _FLEX_COMPILED if _FLEX_COMPILED is not None else flex_attention
         return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     with warnings.catch_warnings():  # eager flex warns that it is unfused: on CPU we know, and accept it
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def flex_shape_admitted(B: int, T: int, sequence_len: int, device: torch.device) -> bool:
+    """May this eager (not inside torch.compile) forward use compiled flex? See FLEX_SHAPES_MAX."""
+    if device.type not in FLEX_COMPILE_DEVICES:
+        return True   # eager flex: no compile, any shape is fine
+    if T != sequence_len:
+        return False
+    key = (B, T, str(device))
+    if key in _FLEX_SHAPES:
+        return True
+    if len(_FLEX_SHAPES) >= FLEX_SHAPES_MAX:
+        return False
+    _FLEX_SHAPES.add(key)
+    return True
 
 
 def resolve_attn_impl(impl: str, device: torch.device) -> str:
@@ -306,6 +338,11 @@ class GPT(nn.Module):
         # flex serves training shapes only (no cache) and, on CPU, only without autograd (torch has no CPU
         # flex backward); everything else - decode steps included - goes to SDPA
         if impl == "flex" and (kv_cache is not None or (idx.device.type != "cuda" and torch.is_grad_enabled())):
+            impl = "sdpa"
+        # outside a compiled model, odd shapes must not trigger a compile each (see FLEX_SHAPES_MAX); inside
+        # one (training), the outer compile has fixed the shapes and captures flex itself
+        if (impl == "flex" and not torch.compiler.is_compiling()
+                and not flex_shape_admitted(B, T, self.config.sequence_len, idx.device)):
             impl = "sdpa"
         # masks shared by all layers of this forward: flex {window: BlockMask}, SDPA explicit bool masks
         masks = {}
