@@ -25,7 +25,10 @@ synchronisation; the training loop only calls backward() and step(). Gradients a
   as slices and all-gathered; small ones are all-reduced and updated redundantly on every rank.
 All reductions are launched asynchronously up front and consumed in order, so communication of later
 groups overlaps with the maths of earlier ones; the all-gathers likewise overlap the remaining updates.
-Gloo (CPU) implements reduce_scatter_single / all_gather_single, so the same path runs in the tests.
+The two collectives go through _reduce_scatter / _all_gather below: torch's newest names
+(reduce_scatter_single / all_gather_single, added in 2026 - torch 2.11 lacks them) when present, else the
+long-standing reduce_scatter_tensor / all_gather_into_tensor (torch >= 1.13; NCCL and gloo). Gloo (CPU)
+runs the same path in the tests, both variants.
 
 Checkpointing: state_dict_shard() is this rank's state keyed by parameter name with the dim-0 range it
 covers; load_state_dict_shards(shards) accepts the shards of ANY old world size and rebuilds this rank's
@@ -86,6 +89,30 @@ def normuon_rescale(u: torch.Tensor, second_moment: torch.Tensor, beta2: float) 
     step_size = second_moment.clamp_min(1e-10).rsqrt()
     norm_after = ((mean_sq * n_red) * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
     return u * (step_size * (norm_before / norm_after.clamp_min(1e-10)))
+
+
+# None = pick by what this torch has; tests force True to run the old-torch path on a new torch
+USE_LEGACY_COLLECTIVES: bool | None = None
+
+
+def _legacy() -> bool:
+    if USE_LEGACY_COLLECTIVES is not None:
+        return USE_LEGACY_COLLECTIVES
+    return not hasattr(dist, "reduce_scatter_single")
+
+
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+    """Sum inp (world x out's rows) over ranks; this rank gets its contiguous slice in out."""
+    if _legacy():
+        return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, async_op=async_op)
+    return dist.reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, async_op=async_op)
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+    """Every rank's inp, concatenated along dim 0 in rank order, into out."""
+    if _legacy():
+        return dist.all_gather_into_tensor(out, inp, async_op=async_op)
+    return dist.all_gather_single(out, inp, async_op=async_op)
 
 
 def _world() -> tuple[int, int]:
@@ -187,7 +214,7 @@ class MuonAdamW(torch.optim.Optimizer):
             pad = stacked.new_zeros((per * world - len(params), *stacked.shape[1:]))
             stacked = torch.cat([stacked, pad])
         mine = stacked.new_empty((per, *stacked.shape[1:]))
-        return mine, dist.reduce_scatter_single(mine, stacked, op=dist.ReduceOp.SUM, async_op=True)
+        return mine, _reduce_scatter(mine, stacked)
 
     def _launch_adamw_reduce(self, g: dict, world: int):
         jobs = []
@@ -197,7 +224,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 jobs.append((grad, None))
             elif self._adamw_sharded(p, world):
                 mine = grad.new_empty((p.size(0) // world, *p.shape[1:]))
-                jobs.append((mine, dist.reduce_scatter_single(mine, grad.contiguous(), op=dist.ReduceOp.SUM, async_op=True)))
+                jobs.append((mine, _reduce_scatter(mine, grad.contiguous())))
             else:
                 grad = grad.clone()   # all-reduce in place on our own copy, never on p.grad
                 jobs.append((grad, dist.all_reduce(grad, op=dist.ReduceOp.SUM, async_op=True)))
@@ -244,7 +271,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if w.size(0) < per:                                                          # pad (rank owns < per)
             w = torch.cat([w, w.new_zeros((per - w.size(0), rows, cols))])
         gathered = w.new_empty((per * world, rows, cols))
-        work = dist.all_gather_single(gathered, w.contiguous(), async_op=True)
+        work = _all_gather(gathered, w.contiguous())
         def write_back():
             work.wait()
             for i, p in enumerate(params):
@@ -279,7 +306,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if w is not view:
                 view.copy_(w)
             if sharded:   # everyone's updated rows, gathered straight into the parameter
-                finish.append(dist.all_gather_single(p.detach(), view.clone(), async_op=True).wait)
+                finish.append(_all_gather(p.detach(), view.clone()).wait)
         return finish
 
     # -- checkpoints ----------------------------------------------------------------

@@ -11,9 +11,9 @@ from nanochat_core.model import GPT, config_for_depth
 pytestmark = pytest.mark.skipif(not M.HAS_FLEX, reason="needs FlexAttention (torch >= 2.5)")
 
 
-def _tiny(impl="flex", T=32):
+def _tiny(impl="flex", T=32, vocab=256):
     torch.manual_seed(0)
-    cfg = config_for_depth(2, 256, sequence_len=T, head_dim=32)
+    cfg = config_for_depth(2, vocab, sequence_len=T, head_dim=32)
     cfg.attn_impl = impl
     with torch.device("meta"):
         m = GPT(cfg)
@@ -106,3 +106,45 @@ def test_time_horizon_progress_reaches_the_end_when_steps_slow_down():
         h.note_step(time.time() - t0)
     assert time.time() <= h.end + 0.1
     assert mults[-1] < 0.2 and max(mults) == 1.0, mults
+
+
+# -----------------------------------------------------------------------------
+# Multi-GPU Muon on a torch without reduce_scatter_single / all_gather_single (torch 2.11, the GPU image's):
+# the long-standing collectives give the very same update, under real gloo with 2 processes.
+
+def _collectives_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import torch.distributed as dist
+    from nanochat_core import muon
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for legacy in (True, False):
+            muon.USE_LEGACY_COLLECTIVES = legacy
+            model = _tiny("sdpa", vocab=512)    # wte 512 x 128: big enough to be row-sharded (AdamW path)
+            model.train()
+            opt = model.setup_optimizer(weight_decay=0.1)
+            g = torch.Generator().manual_seed(7)
+            for _ in range(2):
+                x = torch.randint(0, 512, (4, 33), generator=g)[rank * 2:(rank + 1) * 2]
+                model(x[:, :-1], x[:, 1:]).backward()
+                opt.step()
+                model.zero_grad(set_to_none=True)
+            torch.save(model.state_dict(), f"{tmp}/legacy{int(legacy)}_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow   # ~10 s idle: two processes start torch
+def test_multi_rank_muon_on_the_long_standing_collectives_matches_the_new_ones(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_collectives_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    load = lambda legacy, rank: torch.load(tmp_path / f"legacy{legacy}_rank{rank}.pt")
+    old, new, old1 = load(1, 0), load(0, 0), load(1, 1)
+    init = _tiny("sdpa", vocab=512).state_dict()
+    for k in new:
+        assert torch.equal(old[k], new[k]) and torch.equal(old[k], old1[k]), k
+    assert any(not torch.equal(new[k], init[k]) for k in new)   # the steps did move the weights
