@@ -148,3 +148,13 @@ def test_multi_rank_muon_on_the_long_standing_collectives_matches_the_new_ones(t
     for k in new:
         assert torch.equal(old[k], new[k]) and torch.equal(old[k], old1[k]), k
     assert any(not torch.equal(new[k], init[k]) for k in new)   # the steps did move the weights
+
+
+def test_base_eval_bpb_batch_follows_the_per_gpu_presets():
+    from nanochat_core.base_eval import bpb_device_batch
+    from nanochat_core.base_train import preset_device_batch
+    # a 24 GB card at d20 gets the preset's 4 rows of 2048 (it used to get 32 on any GPU)
+    assert bpb_device_batch(20, 2048, "cuda", 24.0) == 4
+    assert bpb_device_batch(26, 2048, "cuda", 80.0) == 16 and bpb_device_batch(12, 1024, "cuda", 141.0) == 128
+    for depth, T, dev, gb in [(20, 2048, "cuda", 40.0), (4, 256, "cpu", None), (32, 2048, "cuda", 8.0)]:
+        assert bpb_device_batch(depth, T, dev, gb) == preset_device_batch(depth, T, dev, gb)
