@@ -243,7 +243,7 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         plan = p.to_json()
         run_name = name or f"d{p.depth}"
         args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
-                "--nnodes", str(nodes)]
+                "--nnodes", str(nodes), "--planned-tokens-per-sec", f"{p.tokens_per_sec / max(1, p.gpus * nodes):.0f}"]
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return

@@ -1,5 +1,5 @@
 """
-Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train,infer} [flags]
+Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train,infer,preflight} [flags]
 Each subcommand lives in its own module; this file only dispatches.
 """
 import sys
@@ -10,6 +10,7 @@ COMMANDS = {
     "tokenizer": "nanochat_core.bench_tokenizer",
     "train": "nanochat_core.bench_train",
     "infer": "nanochat_core.bench_infer",
+    "preflight": "nanochat_core.preflight",
 }
 
 
