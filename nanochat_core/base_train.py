@@ -164,9 +164,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None, help="stop and save before this many seconds after process start")
     p.add_argument("--log-every", type=int, default=0, help="progress event every N steps (default: about every 2 s)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--muon-wd-schedule", choices=["decay", "constant"], default="decay",
+                   help="Muon weight decay: decay linearly to 0 over the run (default), or constant (ablations)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile (auto: on for CUDA, and on CPU for a --minutes run)")
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
+    # speed switches (docs/PERFORMANCE.md: `bench train` sweeps them; defaults change only on measurements)
+    p.add_argument("--bf16-residual", choices=["on", "off"], default="off",
+                   help="keep the residual stream in bf16 under autocast (CUDA)")
+    p.add_argument("--compile-muon", choices=["on", "off"], default="off", help="torch.compile Muon's step maths")
+    p.add_argument("--gc-freeze", choices=["on", "off"], default="on",
+                   help="freeze the garbage collector's view of everything alive after the first step")
     a = p.parse_args(argv)
     for name in ("depth", "seq_len", "head_dim", "device_batch_size", "total_batch_size", "steps"):
         v = getattr(a, name)
@@ -187,10 +195,10 @@ def build_model(config_dict: dict, device, compile_model: bool):
     return model, (torch.compile(model, dynamic=False) if compile_model else model)
 
 
-def make_optimizer(model, plan: dict):
+def make_optimizer(model, plan: dict, compile_muon: bool = False):
     s = plan["lr_scale"]
     opt = model.setup_optimizer(matrix_lr=0.02 * s, embedding_lr=0.3 * s, unembedding_lr=0.008 * s,
-                                scalar_lr=0.5 * s, weight_decay=plan["weight_decay"])
+                                scalar_lr=0.5 * s, weight_decay=plan["weight_decay"], compile_muon=compile_muon)
     training.remember_initial_lr(opt)
     return opt
 
@@ -322,7 +330,8 @@ def main(argv=None) -> None:
         guard.deadline = cap if guard.deadline is None else min(guard.deadline, cap)
     if "warmup_steps" not in plan:
         finish_plan(plan)
-    optimizer = make_optimizer(model, plan)
+    optimizer = make_optimizer(model, plan, compile_muon=args.compile_muon == "on")
+    model.residual_bf16 = args.bf16_residual == "on"
     total_steps = plan["total_steps"]
 
     loader = DataLoader(tokenizer, B, T, data, split="train", rank=rt.rank, world_size=rt.world_size,
@@ -389,11 +398,13 @@ def main(argv=None) -> None:
         lr_mult = (training.lr_multiplier_at(frac, step, plan["warmup_steps"]) if horizon
                    else training.lr_multiplier(step, total_steps, plan["warmup_steps"]))
         training.apply_schedule(optimizer, lr_mult, training.muon_momentum(step),
-                                training.muon_weight_decay_multiplier(frac))
+                                training.muon_weight_decay_multiplier(frac) if args.muon_wd_schedule == "decay" else 1.0)
         loss = training.forward_backward(fwd, batches, grad_accum, rt.device_type)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         step += 1
+        if step == start_step + 1 and args.gc_freeze == "on":
+            training.freeze_gc()   # after the first step: compiled graphs and loader tables now exist
         guard.note_step(time.time() - t0)
         if horizon:
             horizon.note_step(time.time() - t0)

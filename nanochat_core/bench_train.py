@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", type=_list(str), default=["auto"], help="on | off | auto (auto: on for CUDA)")
     p.add_argument("--attn", type=_list(str), default=["auto"], help="auto | flex | sdpa | reference")
     p.add_argument("--fp8", type=_list(str), default=["off"], help="on | off: FP8 matmuls with tensorwise scaling (torchao, H100+)")
+    p.add_argument("--bf16-residual", type=_list(str), default=["off"], help="on | off: residual stream in bf16 under autocast")
+    p.add_argument("--compile-muon", type=_list(str), default=["off"], help="on | off: torch.compile Muon's step maths")
+    p.add_argument("--gc-freeze", type=_list(str), default=["on"], help="on | off: gc.freeze() after the warm-up steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default: 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on GPU, 1 on CPU)")
     p.add_argument("--device", default=None)
@@ -94,7 +97,8 @@ def apply_fp8(model) -> None:
 
 
 def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, compile_mode: str, attn: str,
-              fp8: str, steps: int, warmup: int, device, device_type: str, matmul_peak: float) -> dict:
+              fp8: str, steps: int, warmup: int, device, device_type: str, matmul_peak: float,
+              bf16_residual: str = "off", compile_muon: str = "off", gc_freeze: str = "on") -> dict:
     import torch
     from nanochat_core.base_train import preset_device_batch
     from nanochat_core.model import GPT, config_for_depth
@@ -103,7 +107,8 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
     compiled = compile_mode == "on" or (compile_mode == "auto" and device_type == "cuda")
     row = {"device": torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
            "depth": depth, "device_batch_size": B, "seq_len": T, "head_dim": head_dim, "vocab_size": vocab,
-           "compile": compiled, "attn": attn, "fp8": fp8 == "on",
+           "compile": compiled, "attn": attn, "fp8": fp8 == "on", "bf16_residual": bf16_residual == "on",
+           "compile_muon": compile_muon == "on", "gc_freeze": gc_freeze == "on",
            "dtype": "bf16 autocast" if device_type == "cuda" else "fp32"}
     config = config_for_depth(depth, vocab, sequence_len=T, head_dim=head_dim)
     config.attn_impl = attn
@@ -114,7 +119,8 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
     model.init_weights()
     if fp8 == "on":
         apply_fp8(model)
-    opt = model.setup_optimizer()
+    model.residual_bf16 = bf16_residual == "on"
+    opt = model.setup_optimizer(compile_muon=compile_muon == "on")
     fwd = torch.compile(model, dynamic=False) if compiled else model
     row["params"] = model.num_params()
     flops_per_token = model.estimate_flops()
@@ -126,6 +132,8 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
     try:
         for i in range(warmup + steps):
             if i == warmup:
+                if gc_freeze == "on":
+                    training.freeze_gc()
                 _sync(device_type)
                 t0 = time.perf_counter()
             training.forward_backward(fwd, batches, 1, device_type)
@@ -137,6 +145,8 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
         row.update(oom=True, peak_memory_gb=round(_peak_memory_gb(device_type), 2))
         return row
     finally:
+        import gc
+        gc.unfreeze()
         del opt, fwd, model
         if device_type == "cuda":
             torch.cuda.empty_cache()
@@ -155,9 +165,10 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["depth", "device_batch_size", "seq_len", "compile", "attn", "fp8", "tokens_per_sec",
-            "mfu_datasheet", "mfu_measured", "peak_memory_gb"]
-    head = ["depth", "batch", "seq", "compile", "attn", "fp8", "tok/s", "MFU% sheet", "MFU% meas", "peak GB"]
+    cols = ["depth", "device_batch_size", "seq_len", "compile", "attn", "fp8", "bf16_residual", "compile_muon",
+            "gc_freeze", "tokens_per_sec", "mfu_datasheet", "mfu_measured", "peak_memory_gb"]
+    head = ["depth", "batch", "seq", "compile", "attn", "fp8", "bf16 res", "cmp muon", "gc frz", "tok/s",
+            "MFU% sheet", "MFU% meas", "peak GB"]
     cells = [head] + [[("OOM" if r.get("oom") and c == "tokens_per_sec" else str(r.get(c, "-"))) for c in cols]
                       for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
@@ -176,19 +187,21 @@ def main(argv=None) -> None:
     for v in args.compile:
         if v not in ("on", "off", "auto"):
             raise NanochatError(f"--compile takes on, off or auto (got {v!r})")
-    for v in args.fp8:
-        if v not in ("on", "off"):
-            raise NanochatError(f"--fp8 takes on or off (got {v!r})")
+    for flag in ("fp8", "bf16_residual", "compile_muon", "gc_freeze"):
+        for v in getattr(args, flag):
+            if v not in ("on", "off"):
+                raise NanochatError(f"--{flag.replace('_', '-')} takes on or off (got {v!r})")
     seq_lens = args.seq_len or [2048 if on_gpu else 256]
     head_dim = args.head_dim or (128 if on_gpu else 64)
     steps = args.steps or (10 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     matmul_peak = measure_matmul_peak(device, device_type)
     rows = []
-    for depth, B, T, comp, attn, fp8 in itertools.product(args.depth, args.device_batch_size or [None], seq_lens,
-                                                          args.compile, args.attn, args.fp8):
+    for depth, B, T, comp, attn, fp8, bres, cmuon, gcf in itertools.product(
+            args.depth, args.device_batch_size or [None], seq_lens, args.compile, args.attn, args.fp8,
+            args.bf16_residual, args.compile_muon, args.gc_freeze):
         row = bench_one(depth, B, T, head_dim, args.vocab_size, comp, attn, fp8, steps, warmup, device,
-                        device_type, matmul_peak)
+                        device_type, matmul_peak, bres, cmuon, gcf)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if len(rows) > 1:

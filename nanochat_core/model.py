@@ -268,6 +268,10 @@ class GPT(nn.Module):
         self.rotary_len = 10 * config.sequence_len
         self.register_buffer("cos", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
+        # Residual stream in bf16 under autocast (the reference keeps bf16 activations): half the activation
+        # memory and bandwidth between the blocks. Off by default until a GPU has measured it; base_train
+        # --bf16-residual and the benchmark sweep toggle it. No effect without autocast (fp32 on CPU).
+        self.residual_bf16 = False
         global _FLEX_MASKS_UNTRACED
         if HAS_FLEX and _FLEX_MASKS_UNTRACED is None and torch.cuda.is_available():
             _FLEX_MASKS_UNTRACED = torch.compiler.disable(flex_block_masks)
@@ -350,9 +354,12 @@ class GPT(nn.Module):
             masks = (_FLEX_MASKS_UNTRACED or flex_block_masks)(T, sorted(set(self.window_sizes), key=str), idx.device)
 
         x = norm(self.transformer.wte(idx))
+        if self.residual_bf16 and torch.is_autocast_enabled(idx.device.type):
+            x = x.to(torch.bfloat16)
         x0 = x
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            # the fp32 scalars cast to the stream's dtype, or bf16 x fp32 would promote the stream back to fp32
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, masks)
         x = norm(x)
@@ -371,7 +378,7 @@ class GPT(nn.Module):
     # -- optimizer ------------------------------------------------------------
     def setup_optimizer(self, matrix_lr: float = 0.02, embedding_lr: float = 0.3, unembedding_lr: float = 0.008,
                         scalar_lr: float = 0.5, weight_decay: float = 0.0,
-                        adam_betas: tuple[float, float] = (0.8, 0.95)):
+                        adam_betas: tuple[float, float] = (0.8, 0.95), compile_muon: bool = False):
         """Muon for every 2-D matrix inside the blocks, AdamW for embeddings, lm_head and scalars.
         Groups come in a fixed order (AdamW groups, then one Muon group per matrix shape in order of first
         appearance), and every group carries the parameter names (optimizer-state checkpoints are keyed by
@@ -405,4 +412,4 @@ class GPT(nn.Module):
                                momentum=0.95, beta2=0.95, weight_decay=weight_decay, ns_steps=5))
         covered = [n for g in groups for n in g["names"]]
         assert sorted(covered) == sorted(named), "every parameter must be in exactly one optimizer group"
-        return MuonAdamW(groups)
+        return MuonAdamW(groups, compile_step=compile_muon)

@@ -115,6 +115,21 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
     return dist.all_gather_single(out, inp, async_op=async_op)
 
 
+def muon_math(grads, mom, v, w, mu, beta2, lr, wd, ns_steps: int):
+    """Steps 1-5 of the docstring for a stack of same-shaped matrices (n, rows, cols), all fp32. Updates
+    the momentum `mom` and NorMuon's second moment `v` in place and returns the new weights. A function of
+    tensors alone, so that MuonAdamW(compile_step=True) can hand it to torch.compile whole."""
+    mom.lerp_(grads, 1 - mu)
+    u = grads.lerp(mom, mu)                                                  # Nesterov
+    u = polar_express(u, ns_steps).float()
+    u = normuon_rescale(u, v, beta2)
+    cautious = (u * w) >= 0                                                  # same sign -> decay
+    return w - (lr * u + (lr * wd) * w * cautious)
+
+
+MUON_COMPILE_BACKEND = "inductor"   # tests swap in a cheap backend that counts compiles
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -122,7 +137,7 @@ def _world() -> tuple[int, int]:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    def __init__(self, param_groups: list[dict]):
+    def __init__(self, param_groups: list[dict], compile_step: bool = False):
         for g in param_groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise NanochatError(f"optimizer group kind must be 'muon' or 'adamw', got {g.get('kind')!r}")
@@ -145,6 +160,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 g.setdefault("eps", 1e-10)
                 g.setdefault("weight_decay", 0.0)
         super().__init__(param_groups, {})
+        # compile_step: Muon's maths (Polar Express's 15 matmuls, NorMuon, the update) as one compiled graph
+        # per matrix shape instead of ~40 eager kernels each; the reference compiles its step the same way
+        self._compiled_math = (torch.compile(muon_math, dynamic=False, backend=MUON_COMPILE_BACKEND)
+                               if compile_step else None)
         self.steps_taken = 0   # optimizer steps so far (saved in the shards; per-param AdamW steps live in state)
 
     # -- layout: which part of which parameter this rank updates -----------------
@@ -248,17 +267,18 @@ class MuonAdamW(torch.optim.Optimizer):
                     st["momentum_buffer"] = torch.zeros(rows, cols, dtype=torch.float32, device=p.device)
                     st["second_momentum_buffer"] = torch.zeros(
                         (rows, 1) if rows >= cols else (1, cols), dtype=torch.float32, device=p.device)
-            mu = g["momentum"]
             mom = torch.stack([self.state[p]["momentum_buffer"] for p in own])
-            mom.lerp_(grads_own, 1 - mu)
-            u = grads_own.lerp(mom, mu)                                              # Nesterov
-            u = polar_express(u, g["ns_steps"]).float()
             v = torch.stack([self.state[p]["second_momentum_buffer"] for p in own])
-            u = normuon_rescale(u, v, g["beta2"])
-            lr = g["lr"] * math.sqrt(max(1.0, rows / cols))
             w = torch.stack([p.detach().float() for p in own])
-            cautious = (u * w) >= 0                                                  # same sign -> decay
-            w.sub_(lr * u + (lr * g["weight_decay"]) * w * cautious)
+            lr = g["lr"] * math.sqrt(max(1.0, rows / cols))
+            hyper = (g["momentum"], g["beta2"], lr, g["weight_decay"])
+            if self._compiled_math is not None:
+                # 0-dim tensors, not floats: the schedules change lr / momentum / wd every step, and a
+                # compiled function specialises on Python floats (a recompile per step)
+                hyper = tuple(torch.tensor(h, dtype=torch.float32, device=w.device) for h in hyper)
+                w = self._compiled_math(grads_own, mom, v, w, *hyper, g["ns_steps"])
+            else:
+                w = muon_math(grads_own, mom, v, w, *hyper, g["ns_steps"])
             for i, p in enumerate(own):
                 self.state[p]["momentum_buffer"].copy_(mom[i])
                 self.state[p]["second_momentum_buffer"].copy_(v[i])
