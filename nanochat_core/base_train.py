@@ -8,6 +8,10 @@ rule and its source written next to each line. The plan is stored in every check
 flags or from a fresh timing - and continues on exactly the same curve. On CPU the continuation is bit
 for bit the same as a run that was never interrupted (tested with kill -9).
 
+Time-bounded runs (--minutes): the LR warmdown and the Muon weight-decay decay are driven by the fraction
+of the time budget used (training.TimeHorizon), so the run reaches the end of its schedule at its deadline
+however its throughput changes, and says so loudly when it got far fewer steps than planned.
+
 Stopping: SIGTERM (spot preemption notice) or a deadline (--deadline / env NANOCHAT_DEADLINE, set by the
 budget guard) -> save a checkpoint, exit 0. Ctrl-C -> save, exit 130. Ctrl-C twice -> exit at once.
 """
@@ -207,8 +211,8 @@ def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, device
     """Seconds per optimizer step on random tokens: 5 warm-up steps, then the median of 5. The first
     steps after torch.compile run slow for a while (measured on CPU at d4: 3.9, 2.2, 0.9, 1.0, 0.5, 3.4 s,
     then a steady 0.54 s), and the median ignores one step that a busy machine stretched.
-    Used once, to turn --minutes into a fixed number of steps; the caller re-initialises model and
-    optimizer. Random tokens, not the loader: a fresh loader's first seconds are spent tokenising ahead
+    Used once, to turn --minutes into a PLANNED number of steps (warmup and weight decay are sized by it;
+    the schedule itself follows the clock); the caller re-initialises model and optimizer. Random tokens, not the loader: a fresh loader's first seconds are spent tokenising ahead
     and would make the steady-state step look several times slower than it is on a small CPU."""
     import torch
     g = torch.Generator().manual_seed(0)

@@ -5,8 +5,10 @@ The pieces every training stage (base, mid, SFT, RL) shares, so that each stage'
 - SaveCadence: checkpoint every N minutes and/or every N steps (and the loop saves at the end).
 - agree(): one small all-reduce per step so that every rank stops / saves at the SAME step (a rank
   that saves alone would hang in the checkpoint's collectives).
-- lr_multiplier / muon_momentum / apply_schedule: the schedules (DESIGN.md: warmup, constant, linear
-  warmdown; Muon momentum 0.85 -> 0.97 over 400 steps). Pure functions of the step, so resume is exact.
+- lr_multiplier / muon_momentum / muon_weight_decay_multiplier / apply_schedule: the schedules (warmup,
+  constant, linear warmdown; Muon momentum 0.85 -> 0.97 over 400 steps; Muon weight decay linearly to 0).
+  Pure functions of the step for a fixed horizon, so resume is exact.
+- TimeHorizon / lr_multiplier_at: the same schedules driven by the fraction of a time budget used.
 - ProgressMeter: `progress` events (the CLI's cost meter and progress panel read nothing else).
 - resume(): find the latest good checkpoint, load it, say `resumed from step N`.
 - evaluate_bpb(): validation bits per byte, the vocab-independent loss.
