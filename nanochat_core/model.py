@@ -107,9 +107,10 @@ _FLEX_COMPILED = None     # torch.compile(flex_attention), made on first use on 
 # without a KV cache that feed a new length on almost every call (CORE, categorical chat eval, RL's policy
 # loss, greedy sampling) would first pay 8 compiles and then make every later flex call (the bpb eval at
 # 32 x 2048 included) slow and memory-hungry. So outside an enclosing torch.compile, compiled flex serves
-# only full-length rows (T == sequence_len) and at most FLEX_SHAPES_MAX batch sizes; every other call goes
-# to SDPA (fused causal kernel; an explicit mask for windows), as the engine's cached decode already does.
-FLEX_SHAPES_MAX = 4
+# only full-length rows (T == sequence_len) and at most FLEX_SHAPES_MAX shapes (batch size x heads); every
+# other call goes to SDPA (fused causal kernel; an explicit mask for windows), as the engine's cached decode
+# already does. 3 shapes x up to 2 distinct windows = 6 graphs, under dynamo's default limit of 8.
+FLEX_SHAPES_MAX = 3
 _FLEX_SHAPES: set = set()
 FLEX_COMPILE_DEVICES = ("cuda",)   # CPU runs flex eagerly (no compile: it has no fused CPU kernel worth it)
 FLEX_COMPILE_BACKEND = "inductor"  # tests swap in a counting backend to check how often flex compiles
@@ -155,13 +156,13 @@ def attention_flex(q, k, v, block_mask) -> torch.Tensor:
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
-def flex_shape_admitted(B: int, T: int, sequence_len: int, device: torch.device) -> bool:
+def flex_shape_admitted(B: int, T: int, sequence_len: int, device: torch.device, heads: tuple = ()) -> bool:
     """May this eager (not inside torch.compile) forward use compiled flex? See FLEX_SHAPES_MAX."""
     if device.type not in FLEX_COMPILE_DEVICES:
         return True   # eager flex: no compile, any shape is fine
     if T != sequence_len:
         return False
-    key = (B, T, str(device))
+    key = (B, T, *heads, str(device))
     if key in _FLEX_SHAPES:
         return True
     if len(_FLEX_SHAPES) >= FLEX_SHAPES_MAX:
@@ -346,7 +347,8 @@ class GPT(nn.Module):
         # outside a compiled model, odd shapes must not trigger a compile each (see FLEX_SHAPES_MAX); inside
         # one (training), the outer compile has fixed the shapes and captures flex itself
         if (impl == "flex" and not torch.compiler.is_compiling()
-                and not flex_shape_admitted(B, T, self.config.sequence_len, idx.device)):
+                and not flex_shape_admitted(B, T, self.config.sequence_len, idx.device,
+                                            (self.config.n_head, self.config.n_kv_head, self.config.head_dim))):
             impl = "sdpa"
         # masks shared by all layers of this forward: flex {window: BlockMask}, SDPA explicit bool masks
         masks = {}
