@@ -85,3 +85,12 @@ def test_cloud_pipeline_opens_with_preflight_at_the_planned_depth_and_throughput
     assert cmd[:3] == [PY, "-m", "nanochat_core.preflight"]          # one process: per-device numbers
     assert cmd[cmd.index("--depth") + 1] == "24" and cmd[cmd.index("--planned-tokens-per-sec") + 1] == "100000.0"
     assert cmd[cmd.index("--matrix") + 1] == "train" and "--events" in cmd
+
+
+def test_preflight_fails_a_node_slower_than_half_the_plan():
+    p = subprocess.run([PY, "-m", "nanochat_core.preflight", "--depth", "1", "--matrix", "train", "--steps", "1",
+                        "--planned-tokens-per-sec", "1e9"], capture_output=True, text=True, timeout=300, env=_env())
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    verdict = p.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("PREFLIGHT FAIL: d1 train[compile off, auto]: ") and \
+        "is under half the plan's 1,000,000,000 per device" in verdict, verdict
