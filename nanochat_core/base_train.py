@@ -407,8 +407,6 @@ def main(argv=None) -> None:
         optimizer.step()
         model.zero_grad(set_to_none=True)
         step += 1
-        if step == start_step + 1 and args.gc_freeze == "on":
-            training.freeze_gc()   # after the first step: compiled graphs and loader tables now exist
         guard.note_step(time.time() - t0)
         if horizon:
             horizon.note_step(time.time() - t0)
@@ -418,6 +416,8 @@ def main(argv=None) -> None:
             meter.total_steps = step if finished else horizon.steps_estimate(step)
         else:
             finished = step >= total_steps
+        if step == start_step + 1 and args.gc_freeze == "on":
+            training.freeze_gc()   # after the first step: compiled graphs and loader tables now exist
         meter.update(step, loss)
         if eval_every and step % eval_every == 0 and not finished:
             run_eval()

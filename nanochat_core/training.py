@@ -206,6 +206,7 @@ class TimeHorizon:
         self.end = self.start + max(0.0, budget_s - used_before)
         self.used_before = used_before
         self.recent: list[float] = []
+        self.seen = 0
         self.limit(hard_end)
 
     def limit(self, hard_end: float | None) -> None:
@@ -219,7 +220,10 @@ class TimeHorizon:
         return min(1.0, (self.used_before + now - self.start) / self.span)
 
     def note_step(self, seconds: float) -> None:
-        self.recent = (self.recent + [seconds])[-3:]
+        """The first step of a process is not a pace (torch.compile, warm-up: tens of seconds on a resume)."""
+        self.seen += 1
+        if self.seen > 1:
+            self.recent = (self.recent + [seconds])[-3:]
 
     def done(self) -> bool:
         next_step = max(self.recent) if self.recent else 0.0

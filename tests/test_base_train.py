@@ -226,7 +226,7 @@ def test_minutes_horizon_is_honoured(run, data_dir):
     assert plan["horizon"] == "--minutes 0.25" and 0 < plan["time_budget_s"] < 15
 
 
-# base_train as it is, with one thing changed: from step 6 on every step takes 0.15 s longer (a machine
+# base_train as it is, with one thing changed: from step 6 on every step takes 0.1 s longer (a machine
 # that got busy after the timing). Each step's LR multiplier is printed.
 SLOWDOWN_SCRIPT = textwrap.dedent('''
     import sys, time
@@ -235,7 +235,7 @@ SLOWDOWN_SCRIPT = textwrap.dedent('''
     def slow_forward_backward(*a, **k):
         steps[0] += 1
         if steps[0] > 10 + 6:          # 10 timing steps first, then 6 at full speed
-            time.sleep(0.15)
+            time.sleep(0.1)
         return fb(*a, **k)
     def logged_schedule(opt, lr_mult, *a, **k):
         print("LRMULT", lr_mult, time.time(), flush=True)
@@ -249,14 +249,17 @@ def test_time_bounded_run_whose_throughput_drops_still_ends_its_schedule_at_the_
     script = tmp_path / "slow.py"
     script.write_text(SLOWDOWN_SCRIPT)
     t0 = time.time()
-    p = subprocess.run([PY, str(script), "--run-dir", str(run), "--data", str(data_dir), *TINY, "--minutes", "0.15",
+    # 15 s in all: on a busy machine startup and the timing steps take half of it, leaving ~5-8 s to train
+    p = subprocess.run([PY, str(script), "--run-dir", str(run), "--data", str(data_dir), *TINY, "--minutes", "0.25",
                        "--compile", "off"], capture_output=True, text=True, env=_env(), timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     wall = time.time() - t0
     mults = [float(l.split()[1]) for l in p.stdout.splitlines() if l.startswith("LRMULT")]
     plan = read_meta(find_latest(run / "base"))["plan"]
-    end = _events(p.stdout, "stage_end")[0]
-    assert wall < 9 * 1.2
+    ends = _events(p.stdout, "stage_end")
+    assert ends, "\n".join(l for l in p.stdout.splitlines() if "progress" not in l)
+    end = ends[0]
+    assert wall < 15 * 1.2
     # far fewer steps than the timing promised, yet the schedule ran to its end: the last step was at the
     # bottom of the warmdown (the old fixed-step schedule stopped at the deadline with the LR still at ~1)
     assert end["steps"] < plan["total_steps"] / 2, (end, plan)
