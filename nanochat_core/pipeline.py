@@ -212,12 +212,14 @@ class Pipeline:
         dist = launcher(nproc, a.nnodes)
         done = self.done_stages()
         need_data = any(s in stages and (a.force or s not in done) for s in ("tok", "base", "eval"))
-        data, background = prepare_data(a) if need_data else (Path(a.data or "."), None)
+        data = background = None
 
         for stage in stages:
             if stage in done and not a.force:
                 print(f"stage {stage}: already done, skipping", flush=True)
                 continue
+            if data is None and stage != "preflight":   # after preflight: a failing node downloads nothing
+                data, background = prepare_data(a) if need_data else (Path(a.data or "."), None)
             if stage == "base" and background is not None:
                 background.join()  # all shards must be on disk before training reads past the first ones
                 if background.error is not None:

@@ -94,3 +94,15 @@ def test_preflight_fails_a_node_slower_than_half_the_plan():
     verdict = p.stdout.strip().splitlines()[-1]
     assert verdict.startswith("PREFLIGHT FAIL: d1 train[compile off, auto]: ") and \
         "is under half the plan's 1,000,000,000 per device" in verdict, verdict
+
+
+def test_pipeline_stops_at_a_failed_preflight_before_fetching_data(tmp_path):
+    home = tmp_path / "home"
+    p = subprocess.run([PY, "-m", "nanochat_core.pipeline", "--run-dir", str(tmp_path / "run"), "--depth", "1",
+                        "--stages", "preflight,tok,base"], capture_output=True, text=True, timeout=300,
+                       env=_env(NANOCHAT_HOME=str(home), NANOCHAT_PREFLIGHT_FAIL="bf16"))
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "PREFLIGHT FAIL: d1 bf16 vs fp32 loss: forced failure" in p.stdout
+    assert "stage 'preflight' failed" in p.stderr and "Traceback" not in p.stderr
+    assert not (home / "data").exists() and not (tmp_path / "run" / "tokenizer").exists()
+    assert '"stage": "data"' not in p.stdout
