@@ -301,7 +301,9 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name):
     plan["budget"] = budget_usd
     run_name = name or f"d{p.depth}"
     args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
-            "--nnodes", str(nodes), "--num-shards", str(p.num_shards)]
+            "--nnodes", str(nodes), "--num-shards", str(p.num_shards),
+            # per GPU: the node's preflight stops the run below half of it
+            "--planned-tokens-per-sec", f"{p.tokens_per_sec / max(1, p.gpus * nodes):.0f}"]
     return plan, candidates, run_name, args
 
 

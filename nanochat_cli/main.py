@@ -129,12 +129,14 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Data source: bundled, climbmix, fineweb-edu, "
                                                             "a directory or URL list."),
     stages: Optional[str] = typer.Option(None, "--stages", metavar="LIST", help="Only these pipeline stages, "
-                                         "comma-separated, from tok,base,mid,sft,rl,eval,report (RL is off by "
+                                         "comma-separated, from preflight,tok,base,mid,sft,rl,eval,report (RL is off by "
                                          "default); finished stages are skipped anyway."),
     bucket: Optional[str] = typer.Option(None, "--bucket", metavar="URL", help="Bucket for checkpoints (s3://..., gs://...) "
                                                                 "so they outlive the node; needed to resume spot runs."),
     wandb: bool = typer.Option(False, "--wandb", help="Log every stage's progress to Weights & Biases (on by "
                                                       "itself when WANDB_API_KEY is set; WANDB_MODE=offline works)."),
+    preflight_only: bool = typer.Option(False, "--preflight-only", help="Run only the preflight checks (every "
+                                        "device path at the planned depth, about a minute) and stop."),
 ) -> None:
     """Plan the run from the budget, launch the whole pipeline and stream it with a live cost meter."""
     from nanochat_cli import flows
@@ -147,7 +149,7 @@ def train(
     flows.cmd_train(budget=budget, depth=depth, local=local, spot=spot, detach=detach, dryrun=dryrun,
                     json_out=json_out, yes=yes, name=name, gpus=gpus, clouds=clouds, nodes=nodes,
                     cluster=cluster, keep=keep, steps=steps, minutes=minutes, data=data, bucket=bucket,
-                    stages=stages)
+                    stages="preflight" if preflight_only else stages)
 
 
 @app.command()

@@ -19,10 +19,6 @@ SEQ_LEN = 2048
 TOKENS_PER_PARAM = 10  # nanochat trains ~8-12 tokens per scaling param (Chinchilla: 20); we take the middle
 DEPTHS = list(range(4, 34, 2))  # the planner's search space; d4 is the smallest model worth training
 
-# Dense bf16 peaks (FLOP/s) per GPU, from vendor datasheets (no sparsity).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "A100-80GB": 312e12,
-             "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12}
-
 # Model FLOPs utilisation assumed per GPU family. H100 = 0.50 is the anchor's measured figure
 # (nanochat: ~50% bf16 MFU on 8xH100, ~800K tok/s at d24); the others are ESTIMATES (older or
 # smaller cards reach lower MFU with the same kernels). Small models are penalised below.
@@ -95,8 +91,10 @@ def throughput(gpu: str, depth: int) -> tuple[float, str]:
         raise NanochatError(f"no throughput estimate for GPU '{gpu}'; known: {', '.join(sorted(MFU))}")
     # Small models cannot keep tensor cores busy: scale MFU down linearly below d16 (estimate).
     mfu = MFU[key] * min(1.0, 0.4 + 0.6 * depth / 16)
-    tps = mfu * PEAK_BF16[key] / flops_per_token(depth)
-    return tps, f"estimate: {mfu:.0%} MFU x {PEAK_BF16[key] / 1e12:.0f} TFLOP/s peak / FLOPs per token"
+    from nanochat_core.device import peak_bf16   # the datasheet table MFU is reported against on the node too
+    peak = peak_bf16(key)
+    tps = mfu * peak / flops_per_token(depth)
+    return tps, f"estimate: {mfu:.0%} MFU x {peak / 1e12:.0f} TFLOP/s peak / FLOPs per token"
 
 
 # The table the benchmark issue refines: tokens/s per GPU for each GPU type and depth. Rows are

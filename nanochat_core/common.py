@@ -250,27 +250,15 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s, no sparsity). MFU is reported
-# against these; the benchmark also reports against a measured matmul peak.
-_PEAK_BF16 = [
-    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12),
-    ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-    ("V100", 125e12), ("T4", 65e12),
-]
-
-
 def device_peak_flops(device: Any = None) -> float:
     """Peak dense FLOP/s of the device for the dtype we train in (bf16 on GPU, fp32 on CPU).
     CPU: a rough per-core estimate (AVX2 FMA, fp32) - MFU on CPU is only indicative."""
     import torch
     dev = torch.device(device) if device is not None else torch.device(autodetect_device_type())
     if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        for key, flops in _PEAK_BF16:
-            if key in name:
-                return flops
-        return 100e12  # unknown GPU: a conservative placeholder, stated as such in bench output
+        from nanochat_core.device import peak_bf16
+        # unknown GPU: a conservative placeholder, stated as such in bench output
+        return peak_bf16(torch.cuda.get_device_name(dev)) or 100e12
     return torch.get_num_threads() * _cpu_core_peak_flops()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -98,8 +99,21 @@ def attention_sdpa(q, k, v, pos0: int, window: int | None, mask_cache: dict | No
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-_BLOCK_MASKS: dict = {}   # (T, window, device) -> BlockMask; built once per shape, reused every step
-_FLEX_COMPILED = None     # torch.compile(flex_attention), made on first CUDA use
+_BLOCK_MASKS: "OrderedDict" = OrderedDict()   # (T, window, device) -> BlockMask, least recently used first
+BLOCK_MASK_CACHE_MAX = 16 # a handful of training/eval shapes; evals with many lengths must not grow it forever
+_FLEX_COMPILED = None     # torch.compile(flex_attention), made on first use on a device in FLEX_COMPILE_DEVICES
+# Compiled flex is specialised to each (B, T) it sees (dynamic=False). Dynamo recompiles for every new shape
+# and after 8 silently falls back to EAGER flex, which materialises the whole score matrix - so callers
+# without a KV cache that feed a new length on almost every call (CORE, categorical chat eval, RL's policy
+# loss, greedy sampling) would first pay 8 compiles and then make every later flex call (the bpb eval at
+# 32 x 2048 included) slow and memory-hungry. So outside an enclosing torch.compile, compiled flex serves
+# only full-length rows (T == sequence_len) and at most FLEX_SHAPES_MAX shapes (batch size x heads); every
+# other call goes to SDPA (fused causal kernel; an explicit mask for windows), as the engine's cached decode
+# already does. 3 shapes x up to 2 distinct windows = 6 graphs, under dynamo's default limit of 8.
+FLEX_SHAPES_MAX = 3
+_FLEX_SHAPES: set = set()
+FLEX_COMPILE_DEVICES = ("cuda",)   # CPU runs flex eagerly (no compile: it has no fused CPU kernel worth it)
+FLEX_COMPILE_BACKEND = "inductor"  # tests swap in a counting backend to check how often flex compiles
 _FLEX_MASKS_UNTRACED = None  # flex_block_masks wrapped in torch.compiler.disable (made when CUDA exists:
                              # the wrapper imports dynamo, ~1.5 s of CPU we do not want on every import)
 
@@ -109,12 +123,16 @@ def flex_block_masks(T: int, windows: list[int | None], device: torch.device) ->
     of torch.compile on purpose (a graph break at the top of forward costs nothing): building masks and
     filling a global cache are side effects that should not be traced into the model's graph."""
     global _FLEX_COMPILED
-    if device.type == "cuda" and _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    if device.type in FLEX_COMPILE_DEVICES and _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False, backend=FLEX_COMPILE_BACKEND)
     out = {}
     for window in windows:
         key = (T, window, str(device))
-        if key not in _BLOCK_MASKS:
+        if key in _BLOCK_MASKS:
+            _BLOCK_MASKS.move_to_end(key)
+        else:
+            while len(_BLOCK_MASKS) >= BLOCK_MASK_CACHE_MAX:
+                _BLOCK_MASKS.popitem(last=False)
             def mask_mod(b, h, q_idx, kv_idx, window=window):
                 m = q_idx >= kv_idx
                 if window is not None:
@@ -130,12 +148,27 @@ def attention_flex(q, k, v, block_mask) -> torch.Tensor:
     cache, Tq == Tk). On CUDA it runs compiled (eager flex is an unfused reference; inside a compiled
     model the outer compile captures it anyway); on CPU eagerly - correct but slow, used by the tests."""
     gqa = q.size(1) != k.size(1)
-    if q.is_cuda:
+    if q.device.type in FLEX_COMPILE_DEVICES:
         fn = _FLEX_COMPILED if _FLEX_COMPILED is not None else flex_attention
         return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     with warnings.catch_warnings():  # eager flex warns that it is unfused: on CPU we know, and accept it
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def flex_shape_admitted(B: int, T: int, sequence_len: int, device: torch.device, heads: tuple = ()) -> bool:
+    """May this eager (not inside torch.compile) forward use compiled flex? See FLEX_SHAPES_MAX."""
+    if device.type not in FLEX_COMPILE_DEVICES:
+        return True   # eager flex: no compile, any shape is fine
+    if T != sequence_len:
+        return False
+    key = (B, T, *heads, str(device))
+    if key in _FLEX_SHAPES:
+        return True
+    if len(_FLEX_SHAPES) >= FLEX_SHAPES_MAX:
+        return False
+    _FLEX_SHAPES.add(key)
+    return True
 
 
 def resolve_attn_impl(impl: str, device: torch.device) -> str:
@@ -236,6 +269,10 @@ class GPT(nn.Module):
         self.rotary_len = 10 * config.sequence_len
         self.register_buffer("cos", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(1, 1, self.rotary_len, config.head_dim // 2), persistent=False)
+        # Residual stream in bf16 under autocast (the reference keeps bf16 activations): half the activation
+        # memory and bandwidth between the blocks. Off by default until a GPU has measured it; base_train
+        # --bf16-residual and the benchmark sweep toggle it. No effect without autocast (fp32 on CPU).
+        self.residual_bf16 = False
         global _FLEX_MASKS_UNTRACED
         if HAS_FLEX and _FLEX_MASKS_UNTRACED is None and torch.cuda.is_available():
             _FLEX_MASKS_UNTRACED = torch.compiler.disable(flex_block_masks)
@@ -316,15 +353,24 @@ class GPT(nn.Module):
         # flex backward); everything else - decode steps included - goes to SDPA
         if impl == "flex" and (kv_cache is not None or (idx.device.type != "cuda" and torch.is_grad_enabled())):
             impl = "sdpa"
+        # outside a compiled model, odd shapes must not trigger a compile each (see FLEX_SHAPES_MAX); inside
+        # one (training), the outer compile has fixed the shapes and captures flex itself
+        if (impl == "flex" and not torch.compiler.is_compiling()
+                and not flex_shape_admitted(B, T, self.config.sequence_len, idx.device,
+                                            (self.config.n_head, self.config.n_kv_head, self.config.head_dim))):
+            impl = "sdpa"
         # masks shared by all layers of this forward: flex {window: BlockMask}, SDPA explicit bool masks
         masks = {}
         if impl == "flex":
             masks = (_FLEX_MASKS_UNTRACED or flex_block_masks)(T, sorted(set(self.window_sizes), key=str), idx.device)
 
         x = norm(self.transformer.wte(idx))
+        if self.residual_bf16 and torch.is_autocast_enabled(idx.device.type):
+            x = x.to(torch.bfloat16)
         x0 = x
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            # the fp32 scalars cast to the stream's dtype, or bf16 x fp32 would promote the stream back to fp32
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, masks)
         x = norm(x)
@@ -343,7 +389,7 @@ class GPT(nn.Module):
     # -- optimizer ------------------------------------------------------------
     def setup_optimizer(self, lr_scale: float = 1.0, weight_decay: float = 0.0, *, matrix_lr: float = 0.02,
                         embedding_lr: float = 0.3, unembedding_lr: float = 0.008, scalar_lr: float = 0.5,
-                        adam_betas: tuple[float, float] = (0.8, 0.95)):
+                        adam_betas: tuple[float, float] = (0.8, 0.95), compile_muon: bool = False):
         """Muon for every 2-D matrix inside the blocks, AdamW for embeddings, lm_head and scalars.
         The base learning rates are the reference's (docs/ARCHITECTURE.md); every stage scales them all by
         `lr_scale` (base training by its batch size, mid/SFT/RL by a fraction of base's) rather than restating them.
@@ -381,4 +427,4 @@ class GPT(nn.Module):
                                momentum=0.95, beta2=0.95, weight_decay=weight_decay, ns_steps=5))
         covered = [n for g in groups for n in g["names"]]
         assert sorted(covered) == sorted(named), "every parameter must be in exactly one optimizer group"
-        return MuonAdamW(groups)
+        return MuonAdamW(groups, compile_step=compile_muon)

@@ -25,7 +25,10 @@ synchronisation; the training loop only calls backward() and step(). Gradients a
   as slices and all-gathered; small ones are all-reduced and updated redundantly on every rank.
 All reductions are launched asynchronously up front and consumed in order, so communication of later
 groups overlaps with the maths of earlier ones; the all-gathers likewise overlap the remaining updates.
-Gloo (CPU) implements reduce_scatter_single / all_gather_single, so the same path runs in the tests.
+The two collectives go through _reduce_scatter / _all_gather below: torch's newest names
+(reduce_scatter_single / all_gather_single, added in 2026 - torch 2.11 lacks them) when present, else the
+long-standing reduce_scatter_tensor / all_gather_into_tensor (torch >= 1.13; NCCL and gloo). Gloo (CPU)
+runs the same path in the tests, both variants.
 
 Checkpointing: state_dict_shard() is this rank's state keyed by parameter name with the dim-0 range it
 covers; load_state_dict_shards(shards) accepts the shards of ANY old world size and rebuilds this rank's
@@ -88,6 +91,45 @@ def normuon_rescale(u: torch.Tensor, second_moment: torch.Tensor, beta2: float) 
     return u * (step_size * (norm_before / norm_after.clamp_min(1e-10)))
 
 
+# None = pick by what this torch has; tests force True to run the old-torch path on a new torch
+USE_LEGACY_COLLECTIVES: bool | None = None
+
+
+def _legacy() -> bool:
+    if USE_LEGACY_COLLECTIVES is not None:
+        return USE_LEGACY_COLLECTIVES
+    return not hasattr(dist, "reduce_scatter_single")
+
+
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+    """Sum inp (world x out's rows) over ranks; this rank gets its contiguous slice in out."""
+    if _legacy():
+        return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, async_op=async_op)
+    return dist.reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, async_op=async_op)
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+    """Every rank's inp, concatenated along dim 0 in rank order, into out."""
+    if _legacy():
+        return dist.all_gather_into_tensor(out, inp, async_op=async_op)
+    return dist.all_gather_single(out, inp, async_op=async_op)
+
+
+def muon_math(grads, mom, v, w, mu, beta2, lr, wd, ns_steps: int):
+    """Steps 1-5 of the docstring for a stack of same-shaped matrices (n, rows, cols), all fp32. Updates
+    the momentum `mom` and NorMuon's second moment `v` in place and returns the new weights. A function of
+    tensors alone, so that MuonAdamW(compile_step=True) can hand it to torch.compile whole."""
+    mom.lerp_(grads, 1 - mu)
+    u = grads.lerp(mom, mu)                                                  # Nesterov
+    u = polar_express(u, ns_steps).float()
+    u = normuon_rescale(u, v, beta2)
+    cautious = (u * w) >= 0                                                  # same sign -> decay
+    return w - (lr * u + (lr * wd) * w * cautious)
+
+
+MUON_COMPILE_BACKEND = "inductor"   # tests swap in a cheap backend that counts compiles
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -95,7 +137,7 @@ def _world() -> tuple[int, int]:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    def __init__(self, param_groups: list[dict]):
+    def __init__(self, param_groups: list[dict], compile_step: bool = False):
         for g in param_groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise NanochatError(f"optimizer group kind must be 'muon' or 'adamw', got {g.get('kind')!r}")
@@ -111,12 +153,17 @@ class MuonAdamW(torch.optim.Optimizer):
                 g.setdefault("momentum", 0.95)
                 g.setdefault("beta2", 0.95)
                 g.setdefault("weight_decay", 0.0)
+                g.setdefault("initial_weight_decay", g["weight_decay"])   # schedules decay it towards 0
                 g.setdefault("ns_steps", 5)
             else:
                 g.setdefault("betas", (0.8, 0.95))
                 g.setdefault("eps", 1e-10)
                 g.setdefault("weight_decay", 0.0)
         super().__init__(param_groups, {})
+        # compile_step: Muon's maths (Polar Express's 15 matmuls, NorMuon, the update) as one compiled graph
+        # per matrix shape instead of ~40 eager kernels each; the reference compiles its step the same way
+        self._compiled_math = (torch.compile(muon_math, dynamic=False, backend=MUON_COMPILE_BACKEND)
+                               if compile_step else None)
         self.steps_taken = 0   # optimizer steps so far (saved in the shards; per-param AdamW steps live in state)
 
     # -- layout: which part of which parameter this rank updates -----------------
@@ -186,7 +233,7 @@ class MuonAdamW(torch.optim.Optimizer):
             pad = stacked.new_zeros((per * world - len(params), *stacked.shape[1:]))
             stacked = torch.cat([stacked, pad])
         mine = stacked.new_empty((per, *stacked.shape[1:]))
-        return mine, dist.reduce_scatter_single(mine, stacked, op=dist.ReduceOp.SUM, async_op=True)
+        return mine, _reduce_scatter(mine, stacked)
 
     def _launch_adamw_reduce(self, g: dict, world: int):
         jobs = []
@@ -196,7 +243,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 jobs.append((grad, None))
             elif self._adamw_sharded(p, world):
                 mine = grad.new_empty((p.size(0) // world, *p.shape[1:]))
-                jobs.append((mine, dist.reduce_scatter_single(mine, grad.contiguous(), op=dist.ReduceOp.SUM, async_op=True)))
+                jobs.append((mine, _reduce_scatter(mine, grad.contiguous())))
             else:
                 grad = grad.clone()   # all-reduce in place on our own copy, never on p.grad
                 jobs.append((grad, dist.all_reduce(grad, op=dist.ReduceOp.SUM, async_op=True)))
@@ -220,17 +267,18 @@ class MuonAdamW(torch.optim.Optimizer):
                     st["momentum_buffer"] = torch.zeros(rows, cols, dtype=torch.float32, device=p.device)
                     st["second_momentum_buffer"] = torch.zeros(
                         (rows, 1) if rows >= cols else (1, cols), dtype=torch.float32, device=p.device)
-            mu = g["momentum"]
             mom = torch.stack([self.state[p]["momentum_buffer"] for p in own])
-            mom.lerp_(grads_own, 1 - mu)
-            u = grads_own.lerp(mom, mu)                                              # Nesterov
-            u = polar_express(u, g["ns_steps"]).float()
             v = torch.stack([self.state[p]["second_momentum_buffer"] for p in own])
-            u = normuon_rescale(u, v, g["beta2"])
-            lr = g["lr"] * math.sqrt(max(1.0, rows / cols))
             w = torch.stack([p.detach().float() for p in own])
-            cautious = (u * w) >= 0                                                  # same sign -> decay
-            w.sub_(lr * u + (lr * g["weight_decay"]) * w * cautious)
+            lr = g["lr"] * math.sqrt(max(1.0, rows / cols))
+            hyper = (g["momentum"], g["beta2"], lr, g["weight_decay"])
+            if self._compiled_math is not None:
+                # 0-dim tensors, not floats: the schedules change lr / momentum / wd every step, and a
+                # compiled function specialises on Python floats (a recompile per step)
+                hyper = tuple(torch.tensor(h, dtype=torch.float32, device=w.device) for h in hyper)
+                w = self._compiled_math(grads_own, mom, v, w, *hyper, g["ns_steps"])
+            else:
+                w = muon_math(grads_own, mom, v, w, *hyper, g["ns_steps"])
             for i, p in enumerate(own):
                 self.state[p]["momentum_buffer"].copy_(mom[i])
                 self.state[p]["second_momentum_buffer"].copy_(v[i])
@@ -243,7 +291,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if w.size(0) < per:                                                          # pad (rank owns < per)
             w = torch.cat([w, w.new_zeros((per - w.size(0), rows, cols))])
         gathered = w.new_empty((per * world, rows, cols))
-        work = dist.all_gather_single(gathered, w.contiguous(), async_op=True)
+        work = _all_gather(gathered, w.contiguous())
         def write_back():
             work.wait()
             for i, p in enumerate(params):
@@ -278,7 +326,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if w is not view:
                 view.copy_(w)
             if sharded:   # everyone's updated rows, gathered straight into the parameter
-                finish.append(dist.all_gather_single(p.detach(), view.clone(), async_op=True).wait)
+                finish.append(_all_gather(p.detach(), view.clone()).wait)
         return finish
 
     # -- checkpoints ----------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train,infer} [flags]
+Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train,infer,preflight} [flags]
 Each subcommand lives in its own module of this package; this file only dispatches.
 """
 import sys
@@ -8,6 +8,7 @@ COMMANDS = {
     "tokenizer": "nanochat_core.bench.tokenizer",
     "train": "nanochat_core.bench.train",
     "infer": "nanochat_core.bench.infer",
+    "preflight": "nanochat_core.preflight",
 }
 
 

@@ -22,6 +22,7 @@ import time
 
 from nanochat_core import training
 from nanochat_core.common import NanochatError, autodetect_device_type, device_memory_gb, device_peak_flops
+from nanochat_core.device import apply_fp8, measure_matmul_peak, peak_memory_gb, sync
 
 
 def _list(kind):
@@ -43,58 +44,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", type=_list(str), default=["auto"], help="on | off | auto (auto: on for CUDA)")
     p.add_argument("--attn", type=_list(str), default=["auto"], help="auto | flex | sdpa | reference")
     p.add_argument("--fp8", type=_list(str), default=["off"], help="on | off: FP8 matmuls with tensorwise scaling (torchao, H100+)")
+    p.add_argument("--bf16-residual", type=_list(str), default=["off"], help="on | off: residual stream in bf16 under autocast")
+    p.add_argument("--compile-muon", type=_list(str), default=["off"], help="on | off: torch.compile Muon's step maths")
+    p.add_argument("--gc-freeze", type=_list(str), default=["on"], help="on | off: gc.freeze() after the warm-up steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default: 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 on GPU, 1 on CPU)")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
 
-def measure_matmul_peak(device, device_type: str) -> float:
-    """FLOP/s of a large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU): the best this
-    device does in practice, so 'MFU vs measured' separates our overheads from the hardware's ceiling."""
-    import torch
-    n, dtype, reps = (8192, torch.bfloat16, 20) if device_type == "cuda" else (512, torch.float32, 5)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device_type)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device_type)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def _sync(device_type: str) -> None:
-    import torch
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_memory_gb(device_type: str) -> float:
-    import resource
-    import torch
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB; whole process, indicative
-
-
-def apply_fp8(model) -> None:
-    """FP8 (e4m3 forward, tensorwise scales) for the transformer's Linear layers via torchao, which is what
-    gave the reference 1.17x tokens/s at d26. The lm_head stays bf16 (its logits feed the softcap)."""
-    import torch
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-        raise NanochatError("--fp8 on needs an FP8 GPU (H100/H200/L40S/RTX 4090 or newer)")
-    try:
-        from torchao.float8 import convert_to_float8_training
-    except ImportError:
-        raise NanochatError("--fp8 on needs torchao: pip install torchao") from None
-    convert_to_float8_training(model.transformer.h)
-
-
 def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, compile_mode: str, attn: str,
-              fp8: str, steps: int, warmup: int, device, device_type: str, matmul_peak: float) -> dict:
+              fp8: str, steps: int, warmup: int, device, device_type: str, matmul_peak: float,
+              bf16_residual: str = "off", compile_muon: str = "off", gc_freeze: str = "on") -> dict:
     import torch
     from nanochat_core.training import preset_device_batch
     from nanochat_core.model import GPT, config_for_depth
@@ -103,7 +64,8 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
     compiled = compile_mode == "on" or (compile_mode == "auto" and device_type == "cuda")
     row = {"device": torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
            "depth": depth, "device_batch_size": B, "seq_len": T, "head_dim": head_dim, "vocab_size": vocab,
-           "compile": compiled, "attn": attn, "fp8": fp8 == "on",
+           "compile": compiled, "attn": attn, "fp8": fp8 == "on", "bf16_residual": bf16_residual == "on",
+           "compile_muon": compile_muon == "on", "gc_freeze": gc_freeze == "on",
            "dtype": "bf16 autocast" if device_type == "cuda" else "fp32"}
     config = config_for_depth(depth, vocab, sequence_len=T, head_dim=head_dim)
     config.attn_impl = attn
@@ -114,7 +76,8 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
     model.init_weights()
     if fp8 == "on":
         apply_fp8(model)
-    opt = model.setup_optimizer()
+    model.residual_bf16 = bf16_residual == "on"
+    opt = model.setup_optimizer(compile_muon=compile_muon == "on")
     fwd = torch.compile(model, dynamic=False) if compiled else model
     row["params"] = model.num_params()
     flops_per_token = model.estimate_flops()
@@ -126,17 +89,21 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
     try:
         for i in range(warmup + steps):
             if i == warmup:
-                _sync(device_type)
+                if gc_freeze == "on":
+                    training.freeze_gc()
+                sync(device_type)
                 t0 = time.perf_counter()
             training.forward_backward(fwd, batches, 1, device_type)
             opt.step()
             model.zero_grad(set_to_none=True)
-        _sync(device_type)
+        sync(device_type)
         dt = time.perf_counter() - t0
     except torch.cuda.OutOfMemoryError:
-        row.update(oom=True, peak_memory_gb=round(_peak_memory_gb(device_type), 2))
+        row.update(oom=True, peak_memory_gb=round(peak_memory_gb(device_type), 2))
         return row
     finally:
+        import gc
+        gc.unfreeze()
         del opt, fwd, model
         if device_type == "cuda":
             torch.cuda.empty_cache()
@@ -148,16 +115,17 @@ def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, comp
         mfu_datasheet=round(100 * tps * flops_per_token / device_peak_flops(device), 2),
         mfu_measured=round(100 * tps * flops_per_token / matmul_peak, 2),
         matmul_peak_tflops=round(matmul_peak / 1e12, 4),
-        peak_memory_gb=round(_peak_memory_gb(device_type), 2),
+        peak_memory_gb=round(peak_memory_gb(device_type), 2),
         flops_per_token=flops_per_token,
     )
     return row
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["depth", "device_batch_size", "seq_len", "compile", "attn", "fp8", "tokens_per_sec",
-            "mfu_datasheet", "mfu_measured", "peak_memory_gb"]
-    head = ["depth", "batch", "seq", "compile", "attn", "fp8", "tok/s", "MFU% sheet", "MFU% meas", "peak GB"]
+    cols = ["depth", "device_batch_size", "seq_len", "compile", "attn", "fp8", "bf16_residual", "compile_muon",
+            "gc_freeze", "tokens_per_sec", "mfu_datasheet", "mfu_measured", "peak_memory_gb"]
+    head = ["depth", "batch", "seq", "compile", "attn", "fp8", "bf16 res", "cmp muon", "gc frz", "tok/s",
+            "MFU% sheet", "MFU% meas", "peak GB"]
     cells = [head] + [[("OOM" if r.get("oom") and c == "tokens_per_sec" else str(r.get(c, "-"))) for c in cols]
                       for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
@@ -176,19 +144,21 @@ def main(argv=None) -> None:
     for v in args.compile:
         if v not in ("on", "off", "auto"):
             raise NanochatError(f"--compile takes on, off or auto (got {v!r})")
-    for v in args.fp8:
-        if v not in ("on", "off"):
-            raise NanochatError(f"--fp8 takes on or off (got {v!r})")
+    for flag in ("fp8", "bf16_residual", "compile_muon", "gc_freeze"):
+        for v in getattr(args, flag):
+            if v not in ("on", "off"):
+                raise NanochatError(f"--{flag.replace('_', '-')} takes on or off (got {v!r})")
     seq_lens = args.seq_len or [2048 if on_gpu else 256]
     head_dim = args.head_dim or (128 if on_gpu else 64)
     steps = args.steps or (10 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     matmul_peak = measure_matmul_peak(device, device_type)
     rows = []
-    for depth, B, T, comp, attn, fp8 in itertools.product(args.depth, args.device_batch_size or [None], seq_lens,
-                                                          args.compile, args.attn, args.fp8):
+    for depth, B, T, comp, attn, fp8, bres, cmuon, gcf in itertools.product(
+            args.depth, args.device_batch_size or [None], seq_lens, args.compile, args.attn, args.fp8,
+            args.bf16_residual, args.compile_muon, args.gc_freeze):
         row = bench_one(depth, B, T, head_dim, args.vocab_size, comp, attn, fp8, steps, warmup, device,
-                        device_type, matmul_peak)
+                        device_type, matmul_peak, bres, cmuon, gcf)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if len(rows) > 1:

@@ -14,11 +14,20 @@ import time
 from pathlib import Path
 
 from nanochat_core import checkpoint, training
-from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, emit, init_runtime, print0, run_main)
+from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, device_memory_gb, emit, init_runtime, print0,
+                                  run_main)
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
            "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
            "If 5*x + 3 = 13, then x is"]
+
+
+def bpb_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: float | None) -> int:
+    """Rows per device for the bpb eval: base_train's per-GPU preset for this depth and card. A fixed 32 x 2048
+    would hold 8.6 GB of fp32 logits alone at vocab 32K - too much on a 24 GB card next to a d20 model.
+    (No activations are kept for backward here, so the training preset leaves room to spare.)"""
+    from nanochat_core.training import preset_device_batch
+    return preset_device_batch(depth, seq_len, device_type, memory_gb)
 
 
 def greedy_complete(model, tokenizer, prompt: str, max_tokens: int = 24) -> str:
@@ -86,7 +95,8 @@ def main(argv=None) -> None:
                 ensure_bundled(data)
             checkpoint._barrier()
         on_gpu = rt.device_type == "cuda"
-        B = a.device_batch_size or (max(1, 32 * 2048 // T) if on_gpu else max(1, 2048 // T))
+        B = a.device_batch_size or bpb_device_batch(model.config.n_layer, T, rt.device_type,
+                                                     device_memory_gb(rt.device) if on_gpu else None)
         tokens = a.eval_tokens or (10 * 2 ** 20 if on_gpu else 8 * B * T * rt.world_size)
         steps = max(1, tokens // (B * T * rt.world_size))
         val = iter(DataLoader(tokenizer, B, T, data, split="val", rank=rt.rank, world_size=rt.world_size,

@@ -8,6 +8,10 @@ rule and its source written next to each line. The plan is stored in every check
 flags or from a fresh timing - and continues on exactly the same curve. On CPU the continuation is bit
 for bit the same as a run that was never interrupted (tested with kill -9).
 
+Time-bounded runs (--minutes): the LR warmdown and the Muon weight-decay decay are driven by the fraction
+of the time budget used (training.TimeHorizon), so the run reaches the end of its schedule at its deadline
+however its throughput changes, and says so loudly when it got far fewer steps than planned.
+
 Stopping: SIGTERM (spot preemption notice) or a deadline (--deadline / env NANOCHAT_DEADLINE, set by the
 budget guard) -> save a checkpoint, exit 0. Ctrl-C -> save, exit 130. Ctrl-C twice -> exit at once.
 """
@@ -94,7 +98,8 @@ def finish_plan(plan: dict) -> None:
     """Derivations that need the horizon: weight decay and warmup."""
     steps = plan["total_steps"]
     ref_steps = DEFAULT_RATIO * reference_scaling_params() / B_REF
-    # Weight decay: keep the total decay over training (sum of lr x wd over steps) equal to the reference
+    # Weight decay (Muon; the peak value - it decays linearly to 0 over the run, as in the reference run
+    # whose 0.28 it scales): keep the total decay over training (sum of lr x wd over steps) equal to the reference
     # run's - the "AdamW timescale" argument, equivalent to wd ~ sqrt(B/B_ref) x D_ref/D when LR ~ sqrt(B).
     # Very short runs would get a huge per-step decay from that, so lr x wd is capped at 1% per step.
     matrix_lr = 0.02 * plan["lr_scale"]
@@ -131,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per GPU per micro-step (default: per-GPU preset)")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: derived from depth)")
     p.add_argument("--steps", type=int, default=None, help="horizon: a fixed number of steps")
-    p.add_argument("--minutes", type=float, default=None, help="horizon: as many steps as fit in this many minutes (timed once, then fixed)")
+    p.add_argument("--minutes", type=float, default=None, help="horizon: this many minutes; the LR schedule follows the clock and ends at the deadline")
     p.add_argument("--target-param-data-ratio", type=float, default=DEFAULT_RATIO, help="horizon: tokens = ratio x scaling params")
     p.add_argument("--eval-every", type=int, default=None, help="val bits-per-byte every N steps (default: 250 on GPU, only at the end on CPU)")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation")
@@ -140,9 +145,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None, help="stop and save before this many seconds after process start")
     p.add_argument("--log-every", type=int, default=0, help="progress event every N steps (default: about every 2 s)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--muon-wd-schedule", choices=["decay", "constant"], default="decay",
+                   help="Muon weight decay: decay linearly to 0 over the run (default), or constant (ablations)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile (auto: on for CUDA, and on CPU for a --minutes run)")
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
+    # speed switches (docs/PERFORMANCE.md: `bench train` sweeps them; defaults change only on measurements)
+    p.add_argument("--bf16-residual", choices=["on", "off"], default="off",
+                   help="keep the residual stream in bf16 under autocast (CUDA)")
+    p.add_argument("--compile-muon", choices=["on", "off"], default="off", help="torch.compile Muon's step maths")
+    p.add_argument("--gc-freeze", choices=["on", "off"], default="on",
+                   help="freeze the garbage collector's view of everything alive after the first step")
     a = p.parse_args(argv)
     for name in ("depth", "seq_len", "head_dim", "device_batch_size", "total_batch_size", "steps"):
         v = getattr(a, name)
@@ -163,9 +176,9 @@ def build_model(config_dict: dict, device, compile_model: bool):
     return model, (torch.compile(model, dynamic=False) if compile_model else model)
 
 
-def make_optimizer(model, plan: dict):
+def make_optimizer(model, plan: dict, compile_muon: bool = False):
     s = plan["lr_scale"]
-    opt = model.setup_optimizer(lr_scale=s, weight_decay=plan["weight_decay"])
+    opt = model.setup_optimizer(lr_scale=s, weight_decay=plan["weight_decay"], compile_muon=compile_muon)
     training.remember_initial_lr(opt)
     return opt
 
@@ -174,8 +187,8 @@ def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, device
     """Seconds per optimizer step on random tokens: 5 warm-up steps, then the median of 5. The first
     steps after torch.compile run slow for a while (measured on CPU at d4: 3.9, 2.2, 0.9, 1.0, 0.5, 3.4 s,
     then a steady 0.54 s), and the median ignores one step that a busy machine stretched.
-    Used once, to turn --minutes into a fixed number of steps; the caller re-initialises model and
-    optimizer. Random tokens, not the loader: a fresh loader's first seconds are spent tokenising ahead
+    Used once, to turn --minutes into a PLANNED number of steps (warmup and weight decay are sized by it;
+    the schedule itself follows the clock); the caller re-initialises model and optimizer. Random tokens, not the loader: a fresh loader's first seconds are spent tokenising ahead
     and would make the steady-state step look several times slower than it is on a small CPU."""
     import torch
     g = torch.Generator().manual_seed(0)
@@ -282,7 +295,11 @@ def main(argv=None) -> None:
             step_s = time_one_step(model, fwd, opt, B, T, grad_accum, rt.device, rt.device_type)
         reserve = 0.1  # of the minutes: room for the final eval, save and sample
         budget = args.minutes * 60 * (1 - reserve) - (time.time() - training.process_start_time())
-        plan["total_steps"] = checkpoint.broadcast(max(1, int(budget / step_s)))  # rank 0's count for all
+        # The timed step gives the PLANNED step count (it sets warmup and weight decay, and is what a slow
+        # run is compared against); the schedule itself follows the clock (training.TimeHorizon).
+        budget = checkpoint.broadcast(budget)   # rank 0's numbers for all
+        plan["total_steps"] = checkpoint.broadcast(max(1, int(budget / step_s)))
+        plan["time_budget_s"] = round(max(budget, 0.0), 3)
         plan["timed_step_s"] = round(step_s, 4)
         del opt
         set_seed(plan["seed"])
@@ -293,7 +310,8 @@ def main(argv=None) -> None:
         guard.deadline = cap if guard.deadline is None else min(guard.deadline, cap)
     if "warmup_steps" not in plan:
         finish_plan(plan)
-    optimizer = make_optimizer(model, plan)
+    optimizer = make_optimizer(model, plan, compile_muon=args.compile_muon == "on")
+    model.residual_bf16 = args.bf16_residual == "on"
     total_steps = plan["total_steps"]
 
     loader = DataLoader(tokenizer, B, T, data, split="train", rank=rt.rank, world_size=rt.world_size,
@@ -341,24 +359,52 @@ def main(argv=None) -> None:
                       STAGE, guard)
         cadence.saved()
 
+    # A time-bounded run (--minutes) follows the clock: its schedules are driven by the fraction of its
+    # time budget used, and it ends - at the end of the warmdown - when the next step would overrun.
+    horizon = None
+    if plan.get("time_budget_s") is not None:
+        hard_end = guard.deadline - guard.margin() if guard.deadline is not None else None
+        horizon = training.TimeHorizon(plan["time_budget_s"], elapsed_before, hard_end)
+
+    def progress() -> float:
+        return horizon.progress() if horizon else step / total_steps
+
     model.train()
     stopped = False
-    while step < total_steps:
+    done = training.agree(horizon.done() if horizon else step >= total_steps, device=rt.device)[0]
+    while not done:
         t0 = time.time()
-        training.apply_schedule(optimizer, training.lr_multiplier(step, total_steps, plan["warmup_steps"]),
-                                training.muon_momentum(step))
+        frac = progress()
+        lr_mult = (training.lr_multiplier_at(frac, step, plan["warmup_steps"]) if horizon
+                   else training.lr_multiplier(step, total_steps, plan["warmup_steps"]))
+        training.apply_schedule(optimizer, lr_mult, training.muon_momentum(step),
+                                training.muon_weight_decay_multiplier(frac) if args.muon_wd_schedule == "decay" else 1.0)
         loss = training.forward_backward(fwd, batches, grad_accum, rt.device_type)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         step += 1
-        meter.update(step, loss)
         guard.note_step(time.time() - t0)
-        if eval_every and step % eval_every == 0 and step < total_steps:
+        if horizon:
+            horizon.note_step(time.time() - t0)
+            if guard.deadline is not None:   # end before the guard would have to cut the run short
+                horizon.limit(guard.deadline - guard.margin())
+            finished = horizon.done()
+            meter.total_steps = step if finished else horizon.steps_estimate(step)
+        else:
+            finished = step >= total_steps
+        if step == start_step + 1 and args.gc_freeze == "on":
+            training.freeze_gc()   # after the first step: compiled graphs and loader tables now exist
+        meter.update(step, loss)
+        if eval_every and step % eval_every == 0 and not finished:
             run_eval()
-        stop, due = training.agree(guard.should_stop(), cadence.due(step), device=rt.device)
-        if training.save_or_stop(stop, due, step >= total_steps, save_now, step, guard, total_steps):
+        stop, due, done = training.agree(guard.should_stop(), cadence.due(step), finished, device=rt.device)
+        if training.save_or_stop(stop, due, done, save_now, step, guard, meter.total_steps):
             stopped = True
             break
+    if horizon and step < 0.5 * total_steps:
+        print0(f"WARNING: this run trained only {step} steps of the {total_steps} planned for its "
+               f"{plan['horizon']} (the machine ran slower than when it was timed); the schedule still "
+               "finished, but the model is undertrained - give it more time or a less busy machine")
 
     if not stopped:
         bpb = run_eval()
@@ -367,7 +413,8 @@ def main(argv=None) -> None:
     if rt.master and (not stopped or guard.signum is None):  # a deadline stop still shows a sample; a signal does not wait
         emit("sample", stage=STAGE, text=greedy_sample(model, tokenizer, "The", 24, rt.device))
     if not stopped:
-        emit("stage_end", stage=STAGE, seconds=round(time.time() - t_start, 2), val_bpb=round(bpb, 6))
+        emit("stage_end", stage=STAGE, seconds=round(time.time() - t_start, 2), val_bpb=round(bpb, 6),
+             steps=step, planned_steps=total_steps)
     loader.close()  # cancel queued tokenisation work so the process can exit promptly
     guard.restore()
     cleanup_runtime()

@@ -1,7 +1,7 @@
 """
 The whole run, stage after stage:  python -m nanochat_core.stages.pipeline --run-dir DIR [--preset local|cloud]
 
-    tok (data + tokenizer) -> base -> mid -> sft -> rl -> eval -> report
+    preflight -> tok (data + tokenizer) -> base -> mid -> sft -> rl -> eval -> report
 
 Each stage is its own process (torchrun when there is more than one GPU or node), so a crash in one
 never corrupts another and every stage can also be run by hand. The pipeline is idempotent: finished
@@ -27,8 +27,10 @@ from pathlib import Path
 from nanochat_core import runlock
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
 
-ALL_STAGES = ["tok", "base", "mid", "sft", "rl", "eval", "report"]
-DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "tok,base,mid,sft,eval,report"}
+ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
+# preflight (nanochat_core/preflight.py) opens every cloud run: a minute of checks at the planned depth and
+# device batch, so a broken device path or a slow node stops the job before the budget goes on it.
+DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "preflight,tok,base,mid,sft,eval,report"}
 # The local preset's model, for a 2-core CPU: depth 4, 64-dim heads, 256-token rows, a 4096-token vocab, about
 # 2.5 minutes of base training. Written once: `nanochat train --local --dryrun` counts the same model.
 LOCAL_MODEL = {"depth": 4, "vocab_size": 4096, "head_dim": 64, "sequence_len": 256}
@@ -83,6 +85,17 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
     run = str(a.run_dir)
     py = [sys.executable, "-m"]
     local = a.preset == "local"
+    if stage == "preflight":   # one process, one device: the per-device numbers are what it checks
+        cmd = py + ["nanochat_core.preflight", "--matrix", "train", "--events", "--workdir", f"{run}/.preflight"]
+        if local:
+            m = LOCAL_MODEL
+            cmd += ["--depth", str(a.depth or m["depth"]), "--seq-len", str(m["sequence_len"]),
+                    "--head-dim", str(m["head_dim"]), "--vocab-size", str(m["vocab_size"])]
+        else:
+            cmd += ["--depth", str(a.depth or 20)]
+        if a.planned_tokens_per_sec:
+            cmd += ["--planned-tokens-per-sec", str(a.planned_tokens_per_sec)]
+        return [cmd]
     if stage == "tok":
         vocab = str(LOCAL_MODEL["vocab_size"]) if local else "32768"
         max_chars = "20000000" if local else "2000000000"
@@ -347,12 +360,14 @@ class Pipeline:
         dist = launcher(nproc, a.nnodes)
         done = self.done_stages()
         need_data = any(s in stages and (a.force or s not in done) for s in ("tok", "base", "eval"))
-        data, background = prepare_data(a) if need_data else (Path(a.data or "."), None)
+        data = background = None
 
         for stage in stages:
             if stage in done and not a.force:
                 print(f"stage {stage}: already done, skipping", flush=True)
                 continue
+            if data is None and stage != "preflight":   # after preflight: a failing node downloads nothing
+                data, background = prepare_data(a) if need_data else (Path(a.data or "."), None)
             if stage == "base" and background is not None:
                 background.join()  # all shards must be on disk before training reads past the first ones
                 if background.error is not None:
@@ -464,6 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs)")
     p.add_argument("--nnodes", type=int, default=int(os.environ.get("SKYPILOT_NUM_NODES", "1")))
     p.add_argument("--force", action="store_true", help="re-run stages already marked done")
+    p.add_argument("--planned-tokens-per-sec", type=float, default=None,
+                   help="the plan's tokens/s per GPU: preflight stops the run under half of it")
     a = p.parse_args(argv)
     a.run_dir = a.run_dir.expanduser().resolve()
     return a

@@ -1,0 +1,74 @@
+"""
+What an accelerator can do, in one place: its datasheet bf16 peak (the planner prices runs with it, MFU is
+reported against it), a measured matmul peak, peak memory, and FP8 conversion. Torch is imported inside the
+functions: the CLI's planner imports this module without it.
+"""
+from __future__ import annotations
+
+import time
+
+from nanochat_core.common import NanochatError
+
+# Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s, no sparsity). MFU is reported
+# against these; the benchmark also reports against a measured matmul peak.
+PEAK_BF16 = [
+    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12),
+    ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("V100", 125e12), ("T4", 65e12),
+]
+
+
+
+def peak_bf16(gpu_name: str) -> float | None:
+    """Datasheet dense bf16 FLOP/s for a GPU name as CUDA ("NVIDIA H100 80GB HBM3") or a catalog ("H100",
+    "A100-80GB", "H100-SXM") spells it; None if unknown. First match wins, so the longer names come first."""
+    name = gpu_name.upper().replace("-", " ")
+    for key, flops in PEAK_BF16:
+        if key.upper() in name:
+            return flops
+    return None
+
+
+def measure_matmul_peak(device, device_type: str) -> float:
+    """FLOP/s of a large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU): the best this
+    device does in practice, so 'MFU vs measured' separates our overheads from the hardware's ceiling."""
+    import torch
+    n, dtype, reps = (8192, torch.bfloat16, 20) if device_type == "cuda" else (512, torch.float32, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device_type)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device_type)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device_type: str) -> None:
+    import torch
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb(device_type: str) -> float:
+    import resource
+    import torch
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB; whole process, indicative
+
+
+def apply_fp8(model) -> None:
+    """FP8 (e4m3 forward, tensorwise scales) for the transformer's Linear layers via torchao, which is what
+    gave the reference 1.17x tokens/s at d26. The lm_head stays bf16 (its logits feed the softcap)."""
+    import torch
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise NanochatError("--fp8 on needs an FP8 GPU (H100/H200/L40S/RTX 4090 or newer)")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise NanochatError("--fp8 on needs torchao: pip install torchao") from None
+    convert_to_float8_training(model.transformer.h)
