@@ -188,7 +188,7 @@ class Engine:
     """Generation for one model replica. Not thread-safe: the server runs one Engine per worker."""
 
     def __init__(self, model: Any, tokenizer: Any):
-        self.model = model.eval()
+        self.model = model   # no train()/eval() flip: the model has no dropout, and callers keep their mode
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         sp = tokenizer.encode_special
@@ -213,20 +213,12 @@ class Engine:
         return contextlib.nullcontext()
 
     def _forward_last(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Logits of the last position, fp32. Attention runs on SDPA here even where training uses flex: prompts
-        come in every length and the compiled flex path specialises on the sequence length (one recompile per
-        new prompt length on CUDA), while SDPA takes any shape plus the cache's offset and windows.
-        (The switch is undone after the call: the engine may be sampling from a model that is training.)"""
-        cfg = self.model.config
-        impl = getattr(cfg, "attn_impl", None)
-        if impl in ("auto", "flex"):
-            cfg.attn_impl = "sdpa"
-        try:
-            with self._autocast():
-                return self.model(ids, kv_cache=cache, last_only=True)[:, -1, :self.vocab_size].float()
-        finally:
-            if impl is not None:
-                cfg.attn_impl = impl
+        """Logits of the last position, fp32. The model itself routes every call with a cache, or of a length
+        it was not compiled for, to SDPA (model.forward): prompts come in every length, and the compiled flex
+        path would specialise on each. Nothing about the model is switched here, so sampling from a model
+        that is training leaves it exactly as it was."""
+        with self._autocast():
+            return self.model(ids, kv_cache=cache, last_only=True)[:, -1, :self.vocab_size].float()
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,

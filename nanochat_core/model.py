@@ -17,6 +17,7 @@ Construction: `GPT.build(config, device)` builds under torch.device("meta"), the
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -114,12 +115,10 @@ FLEX_SHAPES_MAX = 3
 _FLEX_SHAPES: set = set()
 FLEX_COMPILE_DEVICES = ("cuda",)   # CPU runs flex eagerly (no compile: it has no fused CPU kernel worth it)
 FLEX_COMPILE_BACKEND = "inductor"  # tests swap in a counting backend to check how often flex compiles
-_FLEX_MASKS_UNTRACED = None  # flex_block_masks wrapped in torch.compiler.disable (made when CUDA exists:
-                             # the wrapper imports dynamo, ~1.5 s of CPU we do not want on every import)
 
 
 def flex_block_masks(T: int, windows: list[int | None], device: torch.device) -> dict:
-    """{window: BlockMask} for one forward. On CUDA called through _FLEX_MASKS_UNTRACED, i.e. kept out
+    """{window: BlockMask} for one forward. On CUDA called through untraced_block_masks(), i.e. kept out
     of torch.compile on purpose (a graph break at the top of forward costs nothing): building masks and
     filling a global cache are side effects that should not be traced into the model's graph."""
     global _FLEX_COMPILED
@@ -141,6 +140,14 @@ def flex_block_masks(T: int, windows: list[int | None], device: torch.device) ->
             _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
         out[window] = _BLOCK_MASKS[key]
     return out
+
+
+@functools.cache
+def untraced_block_masks():
+    """flex_block_masks wrapped in torch.compiler.disable, so building masks and filling their cache stay out
+    of a compiled model's graph. Made on first use on CUDA: the wrapper imports dynamo (~1.5 s of CPU that an
+    import of this module, or a CPU run, should not pay)."""
+    return torch.compiler.disable(flex_block_masks)
 
 
 def attention_flex(q, k, v, block_mask) -> torch.Tensor:
@@ -273,9 +280,6 @@ class GPT(nn.Module):
         # memory and bandwidth between the blocks. Off by default until a GPU has measured it; base_train
         # --bf16-residual and the benchmark sweep toggle it. No effect without autocast (fp32 on CPU).
         self.residual_bf16 = False
-        global _FLEX_MASKS_UNTRACED
-        if HAS_FLEX and _FLEX_MASKS_UNTRACED is None and torch.cuda.is_available():
-            _FLEX_MASKS_UNTRACED = torch.compiler.disable(flex_block_masks)
 
     @classmethod
     def build(cls, config: "GPTConfig | dict", device: Any = "cpu") -> "GPT":
@@ -362,7 +366,8 @@ class GPT(nn.Module):
         # masks shared by all layers of this forward: flex {window: BlockMask}, SDPA explicit bool masks
         masks = {}
         if impl == "flex":
-            masks = (_FLEX_MASKS_UNTRACED or flex_block_masks)(T, sorted(set(self.window_sizes), key=str), idx.device)
+            build = untraced_block_masks() if idx.device.type == "cuda" else flex_block_masks
+            masks = build(T, sorted(set(self.window_sizes), key=str), idx.device)
 
         x = norm(self.transformer.wte(idx))
         if self.residual_bf16 and torch.is_autocast_enabled(idx.device.type):

@@ -51,7 +51,7 @@ def test_kv_cache_greedy_equals_full_recompute(engine, tiny_tokenizer):
         engine.stop_ids = saved
     assert len(cached) == 40
     assert cached == full
-    assert engine.model.config.attn_impl == "auto"   # the engine's switch to SDPA is undone after each call
+    assert engine.model.config.attn_impl == "auto"   # the engine never touches the model's settings
     assert len(set(cached)) > 3          # a real sequence, not one token repeated
 
 
@@ -245,3 +245,23 @@ def test_bench_infer_runs_and_reports_the_bound(tmp_path, monkeypatch):
     assert r["prefill_tok_s"] > 0 and r["copy_bandwidth_gbs"] > 0.1
     assert [(run["kv_cache"], run["batch"]) for run in r["runs"]] == [(True, 1), (True, 2), (False, 1), (False, 2)]
     assert all(run["tok_s"] > 0 and 0 < run["fraction_of_bound"] for run in r["runs"])
+
+
+def test_the_engine_leaves_the_model_as_it_found_it(tiny_tokenizer):
+    """Sampling from a model in the middle of training (SFT's sample, RL's rollouts) must not change its mode
+    or its attention setting: the engine neither flips attn_impl nor calls eval()."""
+    model = tiny_model(tiny_tokenizer.get_vocab_size())
+    model.train()
+    model.config.attn_impl = "flex"
+    seen = []
+    original = type(model).forward
+    def spy(self, *a, **k):
+        seen.append((self.config.attn_impl, self.training))
+        return original(self, *a, **k)
+    type(model).forward = spy
+    try:
+        Engine(model, tiny_tokenizer).generate_batch(prompt_ids(tiny_tokenizer), 1, max_tokens=3, temperature=0.0, seed=0)
+    finally:
+        type(model).forward = original
+    assert seen and set(seen) == {("flex", True)}
+    assert model.training and model.config.attn_impl == "flex"
