@@ -29,7 +29,8 @@ from nanochat_core.common import NanochatError, cleanup_runtime, emit, init_runt
 
 class StageRun:
     def __init__(self, stage: str, run_dir: str | Path, *, device: str | None = None, deadline: float | None = None,
-                 save_every_minutes: float | None = None):
+                 save_every_minutes: float | None = None, save_every_steps: int | None = None,
+                 gpu_save_minutes: float = 30.0):
         from nanochat_core.tokenizer import get_tokenizer
         self.stage = stage
         self.run_dir = Path(run_dir)
@@ -38,9 +39,11 @@ class StageRun:
         self.guard = training.StopGuard(deadline)
         self.t_start = time.time()
         self.tokenizer = get_tokenizer(self.run_dir)
-        # checkpoints every 30 minutes on a GPU (a save of a big model takes a while), every minute on a CPU
-        minutes = save_every_minutes if save_every_minutes is not None else (30.0 if self.rt.device_type == "cuda" else 1.0)
-        self.cadence = training.SaveCadence(minutes)
+        # checkpoints every gpu_save_minutes on a GPU (a save of a big model takes a while), every minute on a CPU
+        minutes = save_every_minutes if save_every_minutes is not None else (
+            gpu_save_minutes if self.rt.device_type == "cuda" else 1.0)
+        self.cadence = training.SaveCadence(minutes, save_every_steps)
+        checkpoint.check_shared_dir(self.stage_dir)   # several nodes: every rank must see the same stage dir
         found = checkpoint.find_latest(self.stage_dir) if self.rt.master and self.stage_dir.is_dir() else None
         found = checkpoint.broadcast(str(found) if found else None)
         self.resume_from: Path | None = Path(found) if found else None   # our own latest good checkpoint
@@ -75,11 +78,11 @@ class StageRun:
                       self.stage, self.guard)
         self.cadence.saved()
 
-    def finish(self, steps: int) -> None:
-        """End of the stage: `stage_end` unless stopped early, then signal handlers back and the process group
-        gone; a stop by SIGTERM/deadline exits with the guard's code so the pipeline knows it was not done."""
+    def finish(self, steps: int, **fields: Any) -> None:
+        """End of the stage: `stage_end` (with `fields`) unless stopped early, then signal handlers back and the
+        process group gone; a stop by SIGTERM/deadline exits with the guard's code so the pipeline knows."""
         if not self.stopped:
-            emit("stage_end", stage=self.stage, seconds=round(time.time() - self.t_start, 2), steps=steps)
+            emit("stage_end", stage=self.stage, seconds=round(time.time() - self.t_start, 2), steps=steps, **fields)
         self.guard.restore()
         cleanup_runtime()
         if self.stopped and self.guard.exit_code():

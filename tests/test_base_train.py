@@ -228,7 +228,8 @@ def test_minutes_horizon_is_honoured(run, data_dir):
 # that got busy after the timing). Each step's LR multiplier is printed.
 SLOWDOWN_SCRIPT = textwrap.dedent('''
     import sys, time
-    from nanochat_core import base_train, training
+    from nanochat_core import training
+    from nanochat_core.stages import base_train
     fb, sched, steps = training.forward_backward, training.apply_schedule, [0]
     def slow_forward_backward(*a, **k):
         steps[0] += 1

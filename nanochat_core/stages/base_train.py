@@ -21,14 +21,14 @@ import argparse
 import dataclasses
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from nanochat_core import checkpoint, training
+from nanochat_core.common import (NanochatError, data_dir, device_memory_gb, device_peak_flops, emit, print0, run_main,
+                                  set_seed)
+from nanochat_core.stage_run import StageRun
 from nanochat_core.training import preset_device_batch
-from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, device_memory_gb, device_peak_flops,
-                                  emit, init_runtime, print0, run_main, set_seed)
 
 STAGE = "base"
 
@@ -227,16 +227,15 @@ def main(argv=None) -> None:
     import torch
     from nanochat_core.dataloader import DataLoader
     from nanochat_core.dataset import ensure_bundled
-    from nanochat_core.tokenizer import get_tokenizer
 
     args = parse_args(argv)
-    rt = init_runtime(args.device)
+    run = StageRun(STAGE, args.run_dir, device=args.device, deadline=args.deadline,
+                   save_every_minutes=args.save_every_minutes, save_every_steps=args.save_every_steps,
+                   gpu_save_minutes=20.0)
+    rt, guard, tokenizer, stage_dir = run.rt, run.guard, run.tokenizer, run.stage_dir
     if rt.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    guard = training.StopGuard(args.deadline)
-    t_start = time.time()
-    tokenizer = get_tokenizer(args.run_dir)
     if args.data is None:
         data = data_dir() / "bundled"
         if rt.master:
@@ -244,12 +243,9 @@ def main(argv=None) -> None:
         checkpoint._barrier()
     else:
         data = args.data
-    stage_dir = args.run_dir / STAGE
-    checkpoint.check_shared_dir(stage_dir)
 
     # Resume point first: if there is one, its plan wins over flags and timing (exact continuation).
-    found = checkpoint.find_latest(stage_dir) if rt.master else None
-    found = checkpoint.broadcast(str(found) if found else None)
+    found = run.resume_from
     if found:
         plan = checkpoint.read_meta(found)["plan"]
         if (args.depth or plan["depth"]) != plan["depth"] or (args.seq_len or plan["seq_len"]) != plan["seq_len"]:
@@ -318,7 +314,7 @@ def main(argv=None) -> None:
                         device=rt.device, seed=plan["seed"])
     step, elapsed_before = 0, 0.0
     if found:
-        meta = training.resume(stage_dir, model, optimizer, STAGE, rt.rank, tokenizer.hash, ckpt=found)
+        meta = run.resume(model, optimizer)
         step, elapsed_before = meta["step"], meta.get("train_seconds", 0.0)
         loader.load_state_dict(meta["loader_states"])
         if meta["world_size"] == rt.world_size:
@@ -337,8 +333,6 @@ def main(argv=None) -> None:
     eval_tokens = args.eval_tokens or (10 * 2**20 if on_gpu else 8 * B * T * rt.world_size)
     eval_steps = max(1, eval_tokens // (B * T * rt.world_size))
     token_bytes = tokenizer.token_bytes().to(rt.device)
-    cadence = training.SaveCadence(args.save_every_minutes if args.save_every_minutes is not None
-                                   else (20.0 if on_gpu else 1.0), args.save_every_steps)
     meter = training.ProgressMeter(STAGE, total_steps, tokens_per_step, model.estimate_flops(),
                                    device_peak_flops(rt.device), rt.world_size, every_steps=args.log_every,
                                    elapsed_before=elapsed_before)
@@ -353,11 +347,8 @@ def main(argv=None) -> None:
         return bpb
 
     def save_now() -> None:
-        meta = {"stage": STAGE, "plan": plan, "tokenizer_hash": tokenizer.hash,
-                "train_seconds": round(meter.elapsed(), 2), "last_loss": meter.last.get("loss")}
-        training.save(stage_dir, step, model, optimizer, meta, rt.rank, rt.world_size, loader.state_dict(),
-                      STAGE, guard)
-        cadence.saved()
+        run.save(step, model, optimizer, {"plan": plan, "train_seconds": round(meter.elapsed(), 2),
+                                          "last_loss": meter.last.get("loss")}, loader.state_dict())
 
     # A time-bounded run (--minutes) follows the clock: its schedules are driven by the fraction of its
     # time budget used, and it ends - at the end of the warmdown - when the next step would overrun.
@@ -397,9 +388,9 @@ def main(argv=None) -> None:
         meter.update(step, loss)
         if eval_every and step % eval_every == 0 and not finished:
             run_eval()
-        stop, due, done = training.agree(guard.should_stop(), cadence.due(step), finished, device=rt.device)
+        stop, due, done = training.agree(guard.should_stop(), run.cadence.due(step), finished, device=rt.device)
         if training.save_or_stop(stop, due, done, save_now, step, guard, meter.total_steps):
-            stopped = True
+            run.stopped = stopped = True
             break
     if horizon and step < 0.5 * total_steps:
         print0(f"WARNING: this run trained only {step} steps of the {total_steps} planned for its "
@@ -412,14 +403,8 @@ def main(argv=None) -> None:
             save_now()
     if rt.master and (not stopped or guard.signum is None):  # a deadline stop still shows a sample; a signal does not wait
         emit("sample", stage=STAGE, text=greedy_sample(model, tokenizer, "The", 24, rt.device))
-    if not stopped:
-        emit("stage_end", stage=STAGE, seconds=round(time.time() - t_start, 2), val_bpb=round(bpb, 6),
-             steps=step, planned_steps=total_steps)
     loader.close()  # cancel queued tokenisation work so the process can exit promptly
-    guard.restore()
-    cleanup_runtime()
-    if stopped and guard.exit_code():
-        sys.exit(guard.exit_code())
+    run.finish(step, **({} if stopped else {"val_bpb": round(bpb, 6), "planned_steps": total_steps}))
 
 
 if __name__ == "__main__":
