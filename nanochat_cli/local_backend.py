@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nanochat_core.common import NanochatError
+from nanochat_core.proctree import pid_alive
 from nanochat_cli import pull as pull_mod
 from nanochat_cli import state
 
@@ -29,26 +30,9 @@ PIPELINE_MODULE_ENV = "NANOCHAT_PIPELINE_MODULE"
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _supervisor_alive(pid: int | None) -> bool:
     """Alive AND still our supervisor: after a reboot the recorded pid may belong to something else."""
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         return b"nanochat_cli.local_backend" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -153,10 +137,10 @@ class LocalBackend:
             except ProcessLookupError:
                 pass
         deadline = time.time() + wait_s
-        while time.time() < deadline and any(_alive(p) for p in pids):
+        while time.time() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.1)
         for pid in pids:
-            if _alive(pid):
+            if pid_alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

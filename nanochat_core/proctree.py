@@ -66,17 +66,28 @@ def kill_tree(pid: int, grace_s: float, include_self: bool = True) -> None:
     """SIGTERM to `pid` and everything below it, then SIGKILL to whatever is left after `grace_s`."""
     signal_tree(pid, signal.SIGTERM, include_self)
     end = time.time() + grace_s
-    while time.time() < end and (descendants(pid) or (include_self and _alive(pid))):
+    while time.time() < end and (descendants(pid) or (include_self and pid_alive(pid))):
         time.sleep(0.1)
     signal_tree(pid, signal.SIGKILL, include_self)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Is process `pid` running? A zombie (exited, not yet reaped by its parent) counts as gone. Without /proc
+    (macOS) the answer of kill(pid, 0) stands. The one test of liveness the pipeline, the run lock and the
+    local backend share."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass   # someone else's process: it exists
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    except (OSError, IndexError):
+        return not os.path.isdir("/proc/self")   # no /proc at all: trust kill; else the pid just went away
 
 
 def become_subreaper() -> bool:

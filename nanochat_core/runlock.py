@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from nanochat_core.common import NanochatError
+from nanochat_core.proctree import pid_alive
 
 LOCK_NAME = ".lock"
 FD_ENV = "NANOCHAT_RUN_LOCK_FD"
@@ -47,20 +48,6 @@ ORPHAN_GRACE_S = 240.0     # how long an orphaned stage gets to save after SIGTE
 _held: dict[str, int] = {}  # resolved run dir -> fd this process holds (-1: held by an ancestor)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def holders(path: Path) -> list[tuple[str, int]]:
     """(role, pid) of the live processes the lock file names."""
     out = []
@@ -70,7 +57,7 @@ def holders(path: Path) -> list[tuple[str, int]]:
         return out
     for line in text.splitlines():
         role, _, pid = line.partition(" ")
-        if pid.strip().isdigit() and _alive(int(pid)):
+        if pid.strip().isdigit() and pid_alive(int(pid)):
             out.append((role, int(pid)))
     return out
 

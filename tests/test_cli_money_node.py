@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from nanochat_core.common import parse_event
+from nanochat_core.proctree import pid_alive
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -60,21 +61,13 @@ def test_a_base_that_gets_its_planned_steps_runs_on_and_succeeds(tmp_path):
     assert [e for e in events if e["event"] == "done"][-1].get("state") is None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_the_job_deadline_kills_a_stage_that_ignores_sigterm_in_its_own_session(tmp_path):
     rd = tmp_path / "run"
     r, events, took = run_pipeline(rd, ["--stages", "tok,sft,eval", "--deadline-at", str(time.time() + 4)],
                                    {"STANDIN_SFT": "hang"})
     pids = [int(p) for p in (rd / "pids.txt").read_text().split()]
     time.sleep(0.3)
-    leaked = [p for p in pids if _alive(p)]
+    leaked = [p for p in pids if pid_alive(p)]
     for p in leaked:  # never leave them behind, even when the test fails
         os.kill(p, 9)
     assert not leaked, "a stage process outlived the budget's deadline"
@@ -99,7 +92,7 @@ def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_ha
     assert r.returncode == 0 and time.time() - t0 < 10, r.stdout + r.stderr
     time.sleep(0.3)
     pids = [int(p) for p in pidfile.read_text().split()]
-    leaked = [p for p in pids if _alive(p)]
+    leaked = [p for p in pids if pid_alive(p)]
     for p in leaked:
         os.kill(p, 9)
     assert len(pids) == 3 and not leaked
