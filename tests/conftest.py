@@ -17,7 +17,8 @@ os.environ["NANOCHAT_WANDB"] = "0"
 # skips such a test with a one-line reason where the tool is missing - a newcomer's machine must still pass
 # the README's test command - except under CI (CI=true), where a missing tool is a failure: CI installs every
 # tool (.ci/run), so a skip there would mean a test silently stopped running.
-TOOLS = {"rsync": "apt-get install rsync", "chromium": "apt-get install chromium"}
+TOOLS = {"rsync": "apt-get install rsync", "chromium": "apt-get install chromium",
+         "bwrap": "apt-get install bubblewrap"}
 
 
 def pytest_configure(config):

@@ -41,17 +41,20 @@ def _humaneval_task(tmp_path):
 
 # ---- what must still work ----------------------------------------------------------------------
 
+@pytest.mark.needs_tool("bwrap")
 def test_correct_solution_passes():
     r = run_sandboxed(SOLUTION, timeout=5)
     assert r.passed and r.status == "passed"
     assert r.stdout.strip() == "ok"
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_wrong_solution_fails():
     r = run_sandboxed("def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5\n", timeout=5)
     assert not r.passed and r.status == "failed" and "AssertionError" in r.stderr
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_check_mode_passes_honest_and_fails_wrong_code():
     r = run_sandboxed("def add(a, b):\n    print('adding', a, b)\n    return a + b\n", timeout=5,
                       check=ADD_CHECK, entry_point="add")
@@ -66,6 +69,7 @@ def test_check_mode_passes_honest_and_fails_wrong_code():
     assert not run_sandboxed("def add(a, b):\n    return 0\n", timeout=5, check=by_name, entry_point="add").passed
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_infinite_loop_is_killed():
     t0 = time.time()
     r = run_sandboxed("while True:\n    pass\n", timeout=1)
@@ -75,12 +79,14 @@ def test_infinite_loop_is_killed():
     assert not r.passed and r.status == "timeout"
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_sleeping_program_is_killed():
     t0 = time.time()
     r = run_sandboxed("import time\ntime.sleep(60)\n", timeout=1)
     assert r.status == "timeout" and time.time() - t0 < 5
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_memory_bomb_is_stopped():
     r = run_sandboxed("x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n", timeout=10, memory_mb=256)
     assert not r.passed and r.status == "memory"
@@ -88,6 +94,7 @@ def test_memory_bomb_is_stopped():
 
 # ---- the escapes ---------------------------------------------------------------------------------
 
+@pytest.mark.needs_tool("bwrap")
 def test_files_outside_cannot_be_deleted(tmp_path):
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
@@ -104,6 +111,7 @@ def test_files_outside_cannot_be_deleted(tmp_path):
     assert r.status == "failed" and "FileNotFoundError" in r.stderr  # the file is not even visible
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_only_a_small_private_tmp_is_writable(tmp_path):
     prog = ("import os\n"
             f"for path in ['/x', '/dev/x', '/usr/x', {str(tmp_path / 'new.txt')!r}]:\n"
@@ -121,6 +129,7 @@ def test_only_a_small_private_tmp_is_writable(tmp_path):
         assert r.status == "failed" and "No space left on device" in r.stderr
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_the_evaluating_process_cannot_be_killed():
     # In a helper process, so that on a broken sandbox the helper dies and not pytest. Never kill(-1) here:
     # on a broken sandbox, as root, that would kill every process on the machine.
@@ -131,6 +140,7 @@ def test_the_evaluating_process_cannot_be_killed():
     assert p.returncode == 0 and "alive failed" in p.stdout, (p.returncode, p.stdout, p.stderr)
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_secrets_in_the_environment_cannot_be_read():
     """The evaluating process holds a token in its environment from its start (as a pipeline stage would):
     /proc/<pid>/environ shows that initial block, so the evaluation runs in a helper started with it."""
@@ -161,6 +171,7 @@ def test_stages_that_run_model_code_get_no_secrets():
     assert stage_env("base", env) == env   # training may download gated data or log
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_a_pass_cannot_be_forged(tmp_path):
     """The old runner kept a nonce in its globals and trusted the child to print it at the end."""
     task = _humaneval_task(tmp_path)
@@ -179,12 +190,14 @@ def test_a_pass_cannot_be_forged(tmp_path):
         assert not task.evaluate(conv, f"```python\n{code}```"), code
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_memory_status_cannot_be_spoofed():
     r = run_sandboxed("import sys\nprint('MemoryError')\nprint('MemoryError', file=sys.stderr)\nsys.exit(1)\n",
                       timeout=5)
     assert not r.passed and r.status == "failed"
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_huge_output_keeps_the_caller_bounded():
     # Peak memory of the helper as VmHWM (this process image only; ru_maxrss would carry pytest's over exec).
     # The helper caps its own address space at 1.5 GB so a broken sandbox fails the test, not the machine.
@@ -211,6 +224,7 @@ def _running(marker: str) -> list[str]:
     return left
 
 
+@pytest.mark.needs_tool("bwrap")
 @pytest.mark.parametrize("main_ends", [True, False], ids=["program-ends", "program-times-out"])
 def test_forked_and_setsid_children_die_with_the_call(main_ends):
     marker = f"59.{uuid.uuid4().int % 10**6:06d}"  # a sleep that ends by itself even on a broken sandbox
@@ -232,6 +246,7 @@ def test_forked_and_setsid_children_die_with_the_call(main_ends):
     assert not _running(marker), "sandbox processes outlived the call"   # at once: no grace period
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_network_is_unreachable(tmp_path):
     tcp = socket.create_server(("127.0.0.1", 0))
     unix_path = str(tmp_path / "s.sock")
