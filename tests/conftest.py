@@ -18,7 +18,7 @@ os.environ["NANOCHAT_WANDB"] = "0"
 # the README's test command - except under CI (CI=true), where a missing tool is a failure: CI installs every
 # tool (.ci/run), so a skip there would mean a test silently stopped running.
 TOOLS = {"rsync": "apt-get install rsync", "chromium": "apt-get install chromium",
-         "bwrap": "apt-get install bubblewrap"}
+         "bwrap": "apt-get install bubblewrap", "ssh": "apt-get install openssh-client"}
 
 
 def pytest_configure(config):

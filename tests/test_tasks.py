@@ -78,6 +78,7 @@ def test_gsm8k_calculator_calls_and_answer_checking(tmp_path, tiny_tokenizer):
     assert render_solution("no calls #### 5") == [{"type": "text", "text": "no calls #### 5"}]
 
 
+@pytest.mark.needs_tool("bwrap")
 def test_humaneval_renders_and_runs_in_sandbox(tmp_path):
     row = {"task_id": "HumanEval/0", "entry_point": "add",
            "prompt": 'def add(a: int, b: int) -> int:\n    """Sum of a and b."""\n',
