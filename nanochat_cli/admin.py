@@ -116,9 +116,6 @@ def cmd_status(*, json_out: bool) -> None:
             out["unrecorded"] = unrecorded
         print(json.dumps(out))
         return
-    if json_out:
-        print(json.dumps({"clusters": clusters, "jobs": runs}))
-        return
     from rich.table import Table
     con = _console()
     for d in unrecorded:

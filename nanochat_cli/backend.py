@@ -48,6 +48,11 @@ class Backend(Protocol):
         """What the cluster cost in all, as the provider's records say (None if they do not)."""
 
 
+def start_of(cursor: Any) -> int:
+    """Both backends' cursors are non-negative ints; anything else (None, a damaged .logpos) means the start."""
+    return cursor if isinstance(cursor, int) and cursor > 0 else 0
+
+
 def sky_backend():
     """The SkyPilot adapter module, imported on first use (SkyPilot is the optional `cloud` extra)."""
     try:

@@ -27,7 +27,6 @@ class CostMeter:
     last_time: float | None = None
     done: bool = False
     outcome: str | None = None         # the pipeline's own verdict on `done` (e.g. BUDGET_TRUNCATED)
-    outcome_message: str | None = None
     warned: bool = False
 
     def feed(self, event: dict) -> None:
@@ -46,7 +45,7 @@ class CostMeter:
             self.finished_stages.add(event.get("stage"))
         elif kind == "done":
             self.done = True
-            self.outcome, self.outcome_message = event.get("state"), event.get("message")
+            self.outcome = event.get("state")
 
     def spent(self, now: float | None = None) -> float:
         hours = max(0.0, (time.time() if now is None else now) - self.started_at) / 3600

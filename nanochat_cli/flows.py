@@ -14,14 +14,11 @@ from nanochat_core.common import NanochatError
 from nanochat_cli import state
 from nanochat_cli.backend import backend_for, sky_backend
 from nanochat_cli.offers import failover_candidates
-from nanochat_cli.planner import MARGIN_H
+from nanochat_cli.planner import AUTOSTOP_MIN, MARGIN_H
 
 LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
                "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
                "enabled": True}
-# Minutes of idle time (jobs only: an open ssh session does not keep the node up) after which a cluster
-# running a budgeted job tears itself down: well inside the plan's teardown margin.
-DEFAULT_AUTOSTOP_MIN = 1
 # Seconds kept free at the end of the budget for teardown (the node's job ends before this): the planner's.
 TEARDOWN_MARGIN_S = MARGIN_H * 3600
 
@@ -333,18 +330,19 @@ def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, loca
         created = rec is None
         if created:
             rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
-                                           budget=budget_usd, autostop_minutes=DEFAULT_AUTOSTOP_MIN)
+                                           budget=budget_usd, autostop_minutes=AUTOSTOP_MIN)
             rec["launched_at"] = now
         rec.update(budget=budget_usd, keep=keep, bucket=bucket, candidates=candidates, ended_at=None,
                    ends_by=plan["deadline_at"] + TEARDOWN_MARGIN_S,
-                   max_price_per_hour=plan["max_price_per_hour"], autostop_minutes=DEFAULT_AUTOSTOP_MIN,
+                   max_price_per_hour=plan["max_price_per_hour"], autostop_minutes=AUTOSTOP_MIN,
                    runs=sorted(set(rec.get("runs", []) + [run_name])))
         # Recorded BEFORE the first provisioning request: whatever happens next (a failed setup, Ctrl-C, a
         # closed laptop), `nanochat status` and `nanochat down` know this cluster may exist and bill.
         state.save_cluster(rec)
         launch_rec = {**rec, "created_by_this_launch": created}   # only a cluster this launch made is torn down
     job = backend_for(rec).launch(launch_rec, rd, args, plan)
-    state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
+    if local:   # a cloud record already got these fields before the launch
+        state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
     state.save_log_cursor(rd, rec["backend"], job.get("cursor"))   # a relaunch shows this job's output only
     if json_out:
         print(json.dumps({"run": run_name, "run_dir": str(rd), "cluster": rec["name"], "job_id": job["job_id"]}))

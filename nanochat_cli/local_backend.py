@@ -23,6 +23,7 @@ from nanochat_core.common import NanochatError
 from nanochat_core.proctree import pid_alive
 from nanochat_cli import pull as pull_mod
 from nanochat_cli import state
+from nanochat_cli.backend import start_of
 
 # Tests and developers may point the backend at another module with the pipeline's command line.
 PIPELINE_MODULE_ENV = "NANOCHAT_PIPELINE_MODULE"
@@ -96,7 +97,7 @@ class LocalBackend:
              poll_s: float = 0.1) -> Iterator[tuple[str, int]]:
         """Complete lines of rd/pipeline.log from byte offset `cursor`, as (line, offset after it).
         Follows until the job is no longer running and the file is fully read."""
-        pos = cursor if isinstance(cursor, int) and cursor > 0 else 0   # anything else: the start
+        pos = start_of(cursor)
         path = rd / "pipeline.log"
         buf = b""
         while True:

@@ -116,6 +116,9 @@ SAVE_H = 0.03       # final checkpoint save and upload
 # node down (a few minutes). Every plan keeps this margin on top of its hours, at the highest price the
 # launch may fail over to, so the hard cap holds whichever offer SkyPilot ends up launching.
 MARGIN_H = 10 / 60
+# Minutes of idle time (jobs only: an open ssh session does not keep the node up) after which a cluster
+# running a budgeted job tears itself down: well inside MARGIN_H.
+AUTOSTOP_MIN = 1
 
 
 @dataclass
@@ -185,7 +188,7 @@ class Plan:
 
     def min_budget(self) -> int:
         """The smallest whole-dollar budget this plan fits in (plus the margin), at its max price."""
-        return math.ceil(max(self.price_per_hour, self.max_price_per_hour) * (self.hours + self.margin_hours) + 1e-6)
+        return math.ceil(self.max_price_per_hour * (self.hours + self.margin_hours) + 1e-6)   # >= price (set_max_price)
 
 
 def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Plan:

@@ -29,24 +29,18 @@ from typing import Iterator
 
 import sky  # noqa: the one place
 
-from nanochat_core.common import NanochatError, nanochat_home
+from nanochat_core.common import NanochatError
 from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
+from nanochat_cli.sky_replies import already_gone, sky_error, job_state_name, record_managed_price
+from nanochat_cli.task_files import workdir, yaml_path
+from nanochat_cli.backend import start_of
 
 # Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
 ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
                "~/.lambda_cloud/lambda_keys or `nebius` CLI login, then run `sky check`")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_RUNS = "~/nanochat_runs"
-
-
-def yaml_path(name: str) -> Path:
-    """sky/<name>.yaml from the source tree (next to nanochat_cli), or the copy packaged inside it."""
-    for p in (REPO_ROOT / "sky" / f"{name}.yaml", Path(__file__).parent / "sky" / f"{name}.yaml"):
-        if p.exists():
-            return p
-    raise NanochatError(f"sky/{name}.yaml not found next to nanochat_cli; reinstall nanochat")
 
 
 @contextlib.contextmanager
@@ -252,19 +246,6 @@ def choose(result: Offers, spot: bool = False, max_price: float | None = None) -
 # -----------------------------------------------------------------------------
 # Running things
 
-_JOB_STATES = {"PENDING": "RUNNING", "SUBMITTED": "RUNNING", "SETTING_UP": "RUNNING", "RUNNING": "RUNNING", "STARTING": "RUNNING",
-               "RECOVERING": "RUNNING", "INIT": "RUNNING", "SUCCEEDED": "SUCCEEDED", "CANCELLED": "CANCELLED",
-               "CANCELLING": "CANCELLED"}
-
-
-def _state_name(status) -> str | None:
-    if status is None:
-        return None
-    name = getattr(status, "value", None) or getattr(status, "name", None) or str(status)
-    name = str(name).split(".")[-1].upper()
-    return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
-
-
 def _resources(offer: dict, spot: bool) -> "sky.Resources":
     acc, n = offer["accelerators"].split(":")
     it = None if offer["instance_type"] == offer["accelerators"] else offer["instance_type"]
@@ -275,32 +256,6 @@ def _resources(offer: dict, spot: bool) -> "sky.Resources":
         kwargs["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 3}
     return sky.Resources(infra=f"{offer['cloud']}/{offer['region']}", instance_type=it,
                          accelerators={acc: int(n)}, use_spot=spot, disk_size=512, **kwargs)
-
-
-def workdir() -> Path:
-    """What `workdir` ships to the node: the source tree when we run from one (.skyignore trims it);
-    for a pip-installed nanochat, a staging copy of nanochat_core with a pyproject.toml listing the
-    installed distribution's own requirements (never site-packages itself)."""
-    if (REPO_ROOT / "pyproject.toml").exists() and (REPO_ROOT / "nanochat_core").is_dir():
-        return REPO_ROOT
-    import importlib.metadata as md
-    import shutil
-    import nanochat_core
-    stage = nanochat_home() / "workdir"
-    if stage.exists():
-        shutil.rmtree(stage)
-    shutil.copytree(Path(nanochat_core.__file__).parent, stage / "nanochat_core",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    reqs = [r for r in (md.requires("nanochat") or []) if "extra ==" not in r or 'extra == "tasks"' in r]
-    reqs = [r.split(";")[0].strip() for r in reqs]
-    deps = ",\n".join(f"    {r!r}".replace("'", '"') for r in reqs)
-    (stage / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        f'[project]\nname = "nanochat"\nversion = "{md.version("nanochat")}"\ndependencies = [\n{deps}\n]\n'
-        '[project.optional-dependencies]\ntasks = []\n\n'
-        '[tool.setuptools.packages.find]\ninclude = ["nanochat_core*"]\n\n'
-        '[tool.setuptools.package-data]\nnanochat_core = ["data/*", "data/**/*", "static/*", "static/**/*"]\n')
-    return stage
 
 
 def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | None) -> "sky.Task":
@@ -327,25 +282,12 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
     return task
 
 
-def _already_gone(e: Exception) -> bool:
-    return "does not exist" in str(e) or type(e).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
-
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def _sky_error(action: str, e: Exception) -> NanochatError:
-    # SkyPilot colours its messages for its own terminal UI: our one-line errors carry plain text.
-    first = (ANSI.sub("", str(e)).strip().splitlines() or [type(e).__name__])[0][:300]
-    return NanochatError(f"{action} failed ({type(e).__name__}: {first}); `sky status` and `sky check` help "
-                         "diagnose it")
-
-
 def _autostop(rec: dict) -> dict:
     """Autostop (with teardown unless --keep) that waits for jobs only: an open ssh session must not keep a
-    budgeted node billing. Idle minutes: the record's (1 for a budgeted run: inside the plan's margin)."""
+    budgeted node billing. Idle minutes: the record's (planner.AUTOSTOP_MIN for a budgeted run)."""
     from sky.skylet.autostop_lib import AutostopWaitFor
-    return {"idle_minutes_to_autostop": rec.get("autostop_minutes") or 1, "wait_for": AutostopWaitFor.JOBS,
+    from nanochat_cli.planner import AUTOSTOP_MIN
+    return {"idle_minutes_to_autostop": rec.get("autostop_minutes") or AUTOSTOP_MIN, "wait_for": AutostopWaitFor.JOBS,
             "down": not rec.get("keep")}
 
 
@@ -383,7 +325,7 @@ class SkyBackend:
             if not created:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                raise _sky_error(action, e) from None
+                raise sky_error(action, e) from None
             interrupted = isinstance(e, KeyboardInterrupt)
             with contextlib.suppress(OSError):  # stderr may be a terminal that no longer exists
                 print(f"{'interrupted' if interrupted else action + ' failed'}: tearing down cluster "
@@ -403,7 +345,7 @@ class SkyBackend:
             state.remove_cluster(rec["name"])
             if interrupted:
                 raise NanochatError(f"interrupted: cluster '{rec['name']}' was torn down; nothing is billing") from None
-            raise NanochatError(f"{_sky_error(action, e)}; cluster '{rec['name']}' was torn down, nothing is "
+            raise NanochatError(f"{sky_error(action, e)}; cluster '{rec['name']}' was torn down, nothing is "
                                 "billing") from None
         finally:
             if old_hup is not None:
@@ -458,21 +400,21 @@ class SkyBackend:
             if job.get("managed"):
                 records = self._managed_jobs(job_ids=[job["job_id"]])
                 status = records[0]["status"] if records else None
-                if records and records[0].get("end_at"):
+                if records and records[0].get("end_at") and not job.get("ended_at"):   # recorded once
                     job["ended_at"] = float(records[0]["end_at"])
-                    state.write_job(rd, {**(state.read_job(rd) or {}), "ended_at": job["ended_at"]})
+                    state.write_job(rd, job)
                 if records:
-                    self._record_managed_price(rec, records[0])
+                    record_managed_price(rec, records[0])
             else:
                 status = sky.get(sky.job_status(rec["name"], [job["job_id"]])).get(job["job_id"])
         except Exception:
             return "UNKNOWN"
-        return _state_name(status) or "UNKNOWN"
+        return job_state_name(status) or "UNKNOWN"
 
     def tail(self, rec: dict, rd: Path, cursor: int | None, follow: bool = True) -> Iterator[tuple[str, int]]:
         """Log lines from line number `cursor` on (SkyPilot replays a job's log from its start on every
         connection, so the lines already delivered are skipped: nothing is shown twice)."""
-        pos = cursor if isinstance(cursor, int) and cursor > 0 else 0   # anything else: the start
+        pos = start_of(cursor)
         job = state.read_job(rd) or {}
         n = 0
         try:
@@ -483,7 +425,7 @@ class SkyBackend:
         except (ConnectionError, TimeoutError, OSError):
             raise  # a dropped transport: stream.resilient reconnects
         except Exception as e:  # cluster gone, job unknown, server refused: say so in one line
-            raise _sky_error(f"reading the log of run '{rd.name}' on {rec['name']}", e) from None
+            raise sky_error(f"reading the log of run '{rd.name}' on {rec['name']}", e) from None
 
     def _raw_lines(self, rec: dict, job: dict, follow: bool) -> Iterator[str]:
         if not job.get("managed"):
@@ -526,20 +468,6 @@ class SkyBackend:
             yield buf
 
     @staticmethod
-    def _record_managed_price(rec: dict, record) -> None:
-        """A managed job reports where SkyPilot placed it (cloud, region), not its price: the price is that
-        failover candidate's, so the meter and `status` show what the run really costs."""
-        cloud, region = str(record.get("cloud") or "").lower(), record.get("region")
-        current = state.get_cluster(rec["name"]) or rec
-        match = [c for c in current.get("candidates") or [] if c["cloud"] == cloud and c["region"] == region]
-        if not cloud or not match or (current.get("launched") or {}).get("region") == region:
-            return
-        nodes = int(current.get("nodes") or 1)
-        price = round(max(float(c["price_per_hour"]) for c in match) * nodes, 4)
-        state.update_cluster(rec["name"], price_per_hour=price, launched={
-            "cloud": cloud, "region": region, "instance_type": match[0]["instance_type"]})
-
-    @staticmethod
     def _managed_jobs(**kwargs) -> list:
         """Managed-job records (queue_v2: the v1 call is deprecated and says so on every use). refresh=False:
         asking must never restart a stopped jobs controller (that would bill)."""
@@ -573,7 +501,7 @@ class SkyBackend:
             for j in self._managed_jobs(skip_finished=True, name_match="nanochat"):
                 if str(j.get("job_name") or "").startswith("nanochat"):
                     found.append({"name": j["job_name"], "kind": "managed", "job_id": j.get("job_id"),
-                                  "state": _state_name(j.get("status")) or "UNKNOWN"})
+                                  "state": job_state_name(j.get("status")) or "UNKNOWN"})
         return found
 
     def down_discovered(self, item: dict) -> None:
@@ -584,8 +512,8 @@ class SkyBackend:
                 else:
                     sky.get(sky.down(item["name"]))
         except Exception as e:
-            if not _already_gone(e):
-                raise _sky_error(f"tearing down {item['name']}", e) from None
+            if not already_gone(e):
+                raise sky_error(f"tearing down {item['name']}", e) from None
 
     def cluster_state(self, rec: dict) -> str:
         if rec.get("spot"):
@@ -593,7 +521,7 @@ class SkyBackend:
         try:
             records = sky.get(sky.status([rec["name"]]))
         except Exception as e:
-            raise _sky_error("sky status", e) from None
+            raise sky_error("sky status", e) from None
         if not records:
             return "DOWN"
         status = records[0]["status"] if isinstance(records[0], dict) else getattr(records[0], "status", None)
@@ -628,14 +556,14 @@ class SkyBackend:
                     except Exception as e:
                         # The jobs controller stops itself once no managed job is left: if it is not up,
                         # none of ours is running, and the record must still be clearable.
-                        if type(e).__name__ != "ClusterNotUpError" and not _already_gone(e):
+                        if type(e).__name__ != "ClusterNotUpError" and not already_gone(e):
                             raise
             # Always also tear down a cluster of this name, should one exist: never leave a node billing.
             sky.get(sky.down(rec["name"]))
         except Exception as e:
             if "does not exist" in str(e) or type(e).__name__ == "ClusterDoesNotExist":
                 return runs if rec.get("spot") else []  # already gone: down is idempotent
-            raise _sky_error(f"tearing down {rec['name']}", e) from None
+            raise sky_error(f"tearing down {rec['name']}", e) from None
         return runs
 
     def final_cost(self, rec: dict) -> float | None:

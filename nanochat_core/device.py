@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from nanochat_core.common import NanochatError
+from nanochat_core.common import NanochatError, autodetect_device_type
 
 # Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s, no sparsity). MFU is reported
 # against these; the benchmark also reports against a measured matmul peak.
@@ -18,6 +18,24 @@ PEAK_BF16 = [
     ("V100", 125e12), ("T4", 65e12),
 ]
 
+
+
+def allow_tf32() -> None:
+    """fp32 matmuls on tensor cores (TF32): what every fp32 op left under bf16 autocast should use on a GPU."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def open_device(device_type: str | None = None):
+    """The torch.device a single-process tool (a benchmark, the preflight) runs on: --device or autodetected,
+    the first GPU on CUDA, with TF32 allowed there."""
+    import torch
+    device_type = device_type or autodetect_device_type()
+    if device_type != "cuda":
+        return torch.device(device_type)
+    allow_tf32()
+    return torch.device("cuda", 0)
 
 
 def peak_bf16(gpu_name: str) -> float | None:

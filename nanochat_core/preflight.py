@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 
-from nanochat_core.common import NanochatError, autodetect_device_type, device_memory_gb, device_peak_flops, emit
+from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops, emit
 
 MIN_HEADROOM = 0.05          # fraction of device memory that must stay free at peak
 BF16_LOSS_RTOL = 0.03        # bf16 and fp32 losses after a few steps agree to 3%
@@ -392,13 +392,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     import torch
+    from nanochat_core.device import open_device
     from nanochat_core.training import preset_device_batch
     a = parse_args(argv)
-    dev_type = a.device or autodetect_device_type()
-    device = torch.device("cuda", 0) if dev_type == "cuda" else torch.device(dev_type)
+    device = open_device(a.device)
+    dev_type = device.type
     on_gpu = dev_type == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
     try:
         depths = [int(d) for d in (a.depth or ("12,24" if on_gpu else "4")).split(",") if d.strip()]
     except ValueError:

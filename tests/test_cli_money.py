@@ -280,8 +280,8 @@ def test_eval_on_a_cloud_run_does_not_send_the_old_deadline(monkeypatch):
 
 
 def test_skypilot_errors_reach_the_user_as_one_plain_line(monkeypatch):
-    from nanochat_cli.sky_backend import _sky_error
-    e = _sky_error("launching run 'x'", RuntimeError("\x1b[31mFailed to provision\x1b[0m: no capacity\nmore"))
+    from nanochat_cli.sky_replies import sky_error
+    e = sky_error("launching run 'x'", RuntimeError("\x1b[31mFailed to provision\x1b[0m: no capacity\nmore"))
     assert str(e).startswith("launching run 'x' failed (RuntimeError: Failed to provision: no capacity)")
     assert "\x1b" not in str(e) and "\n" not in str(e)
 

@@ -61,15 +61,15 @@ def test_pip_installed_workdir_is_a_staging_copy(monkeypatch, tmp_path):
     """Without a source tree (a pip install), the node gets nanochat_core + a generated pyproject.toml,
     never site-packages."""
     import tomllib
-    from nanochat_cli import sky_backend
-    monkeypatch.setattr(sky_backend, "REPO_ROOT", tmp_path / "site-packages")
-    wd = sky_backend.workdir()
+    from nanochat_cli import task_files
+    monkeypatch.setattr(task_files, "REPO_ROOT", tmp_path / "site-packages")
+    wd = task_files.workdir()
     assert (wd / "nanochat_core" / "stages" / "pipeline.py").exists() and not (wd / "nanochat_cli").exists()
     meta = tomllib.loads((wd / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "nanochat"
     assert any(d.startswith("torch") for d in meta["project"]["dependencies"])
     assert not any("pytest" in d for d in meta["project"]["dependencies"])
-    assert sky_backend.workdir() == wd                  # rebuilt in place, idempotent
+    assert task_files.workdir() == wd                  # rebuilt in place, idempotent
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)

@@ -21,8 +21,8 @@ import sys
 import time
 
 from nanochat_core import training
-from nanochat_core.common import NanochatError, autodetect_device_type, device_memory_gb, device_peak_flops
-from nanochat_core.device import apply_fp8, measure_matmul_peak, peak_memory_gb, sync
+from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops
+from nanochat_core.device import apply_fp8, measure_matmul_peak, open_device, peak_memory_gb, sync
 
 
 def _list(kind):
@@ -134,13 +134,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> None:
-    import torch
     args = parse_args(argv)
-    device_type = args.device or autodetect_device_type()
-    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device(device_type)
+    device = open_device(args.device)
+    device_type = device.type
     on_gpu = device_type == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
     for v in args.compile:
         if v not in ("on", "off", "auto"):
             raise NanochatError(f"--compile takes on, off or auto (got {v!r})")

@@ -234,8 +234,8 @@ def main(argv=None) -> None:
                    gpu_save_minutes=20.0)
     rt, guard, tokenizer, stage_dir = run.rt, run.guard, run.tokenizer, run.stage_dir
     if rt.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        from nanochat_core.device import allow_tf32
+        allow_tf32()
     if args.data is None:
         data = data_dir() / "bundled"
         if rt.master:

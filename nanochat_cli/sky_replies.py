@@ -1,0 +1,51 @@
+"""
+SkyPilot's answers turned into ours, in plain Python (sky_backend.py is the only module that imports sky):
+job states in the names the CLI uses, SkyPilot errors as one plain line, and what a managed job costs once
+SkyPilot has placed it.
+"""
+from __future__ import annotations
+
+import re
+
+from nanochat_core.common import NanochatError
+from nanochat_cli import state
+
+_JOB_STATES = {"PENDING": "RUNNING", "SUBMITTED": "RUNNING", "SETTING_UP": "RUNNING", "RUNNING": "RUNNING", "STARTING": "RUNNING",
+               "RECOVERING": "RUNNING", "INIT": "RUNNING", "SUCCEEDED": "SUCCEEDED", "CANCELLED": "CANCELLED",
+               "CANCELLING": "CANCELLED"}
+
+
+def job_state_name(status) -> str | None:
+    if status is None:
+        return None
+    name = getattr(status, "value", None) or getattr(status, "name", None) or str(status)
+    name = str(name).split(".")[-1].upper()
+    return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
+
+
+def already_gone(e: Exception) -> bool:
+    return "does not exist" in str(e) or type(e).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def sky_error(action: str, e: Exception) -> NanochatError:
+    # SkyPilot colours its messages for its own terminal UI: our one-line errors carry plain text.
+    first = (ANSI.sub("", str(e)).strip().splitlines() or [type(e).__name__])[0][:300]
+    return NanochatError(f"{action} failed ({type(e).__name__}: {first}); `sky status` and `sky check` help "
+                         "diagnose it")
+
+
+def record_managed_price(rec: dict, record) -> None:
+    """A managed job reports where SkyPilot placed it (cloud, region), not its price: the price is that
+    failover candidate's, so the meter and `status` show what the run really costs."""
+    cloud, region = str(record.get("cloud") or "").lower(), record.get("region")
+    current = state.get_cluster(rec["name"]) or rec
+    match = [c for c in current.get("candidates") or [] if c["cloud"] == cloud and c["region"] == region]
+    if not cloud or not match or (current.get("launched") or {}).get("region") == region:
+        return
+    nodes = int(current.get("nodes") or 1)
+    price = round(max(float(c["price_per_hour"]) for c in match) * nodes, 4)
+    state.update_cluster(rec["name"], price_per_hour=price, launched={
+        "cloud": cloud, "region": region, "instance_type": match[0]["instance_type"]})

@@ -1,0 +1,45 @@
+"""
+What a SkyPilot task reads from this machine: the task YAMLs (sky/) and the workdir it ships to the node.
+No SkyPilot import here (sky_backend.py is the only module that has one); this is file work.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanochat_core.common import NanochatError, nanochat_home
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def yaml_path(name: str) -> Path:
+    """sky/<name>.yaml from the source tree (next to nanochat_cli), or the copy packaged inside it."""
+    for p in (REPO_ROOT / "sky" / f"{name}.yaml", Path(__file__).parent / "sky" / f"{name}.yaml"):
+        if p.exists():
+            return p
+    raise NanochatError(f"sky/{name}.yaml not found next to nanochat_cli; reinstall nanochat")
+
+
+def workdir() -> Path:
+    """What `workdir` ships to the node: the source tree when we run from one (.skyignore trims it);
+    for a pip-installed nanochat, a staging copy of nanochat_core with a pyproject.toml listing the
+    installed distribution's own requirements (never site-packages itself)."""
+    if (REPO_ROOT / "pyproject.toml").exists() and (REPO_ROOT / "nanochat_core").is_dir():
+        return REPO_ROOT
+    import importlib.metadata as md
+    import shutil
+    import nanochat_core
+    stage = nanochat_home() / "workdir"
+    if stage.exists():
+        shutil.rmtree(stage)
+    shutil.copytree(Path(nanochat_core.__file__).parent, stage / "nanochat_core",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    reqs = [r for r in (md.requires("nanochat") or []) if "extra ==" not in r or 'extra == "tasks"' in r]
+    reqs = [r.split(";")[0].strip() for r in reqs]
+    deps = ",\n".join(f"    {r!r}".replace("'", '"') for r in reqs)
+    (stage / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "nanochat"\nversion = "{md.version("nanochat")}"\ndependencies = [\n{deps}\n]\n'
+        '[project.optional-dependencies]\ntasks = []\n\n'
+        '[tool.setuptools.packages.find]\ninclude = ["nanochat_core*"]\n\n'
+        '[tool.setuptools.package-data]\nnanochat_core = ["data/*", "data/**/*", "static/*", "static/**/*"]\n')
+    return stage
