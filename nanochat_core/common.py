@@ -149,14 +149,15 @@ def emit(event: str, /, all_ranks: bool = False, **fields: Any) -> dict:
     if all_ranks or int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write(EVENT_PREFIX + json.dumps(record, default=json_default) + "\n")
         sys.stdout.flush()
-        if int(os.environ.get("RANK", "0")) == 0 and _tracking_on():
+        if int(os.environ.get("RANK", "0")) == 0 and tracking_enabled():
             from nanochat_core import tracking   # wandb (see tracking.py); never imported when off
             tracking.log_event(record)
     return record
 
 
-def _tracking_on() -> bool:
-    """Same rule as tracking.enabled(), without importing it: WANDB_API_KEY or NANOCHAT_WANDB=1, not =0."""
+def tracking_enabled() -> bool:
+    """wandb tracking (tracking.py) is on with WANDB_API_KEY or NANOCHAT_WANDB=1; NANOCHAT_WANDB=0 wins. Decided
+    here, so that emit() never imports tracking (let alone wandb) when it is off."""
     flag = os.environ.get("NANOCHAT_WANDB", "")
     return flag != "0" and (flag == "1" or bool(os.environ.get("WANDB_API_KEY")))
 

@@ -90,3 +90,23 @@ def apply_fp8(model) -> None:
     except ImportError:
         raise NanochatError("--fp8 on needs torchao: pip install torchao") from None
     convert_to_float8_training(model.transformer.h)
+
+
+def copy_bandwidth(device, megabytes: int) -> float:
+    """Bytes/s moved by a large device-to-device copy (read + write counted), best of a few runs: the memory
+    bandwidth that bounds a decode step (the inference benchmark and the preflight compare against it)."""
+    import torch
+    n = megabytes * (1 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        dst.copy_(src)   # warm-up (first touch of the pages, clocks)
+    for _ in range(5):
+        sync(device.type)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            dst.copy_(src)
+        sync(device.type)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * src.nbytes / best

@@ -434,11 +434,5 @@ def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
     except (OSError, ValueError):  # kernels without that file: look for processes whose parent is pid
-        found = []
-        for entry in os.listdir("/proc"):
-            try:
-                if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-        return found
+        from nanochat_core.proctree import children_map
+        return children_map().get(pid, [])

@@ -34,6 +34,7 @@ import time
 import traceback
 
 from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops, emit
+from nanochat_core.device import copy_bandwidth, sync
 
 MIN_HEADROOM = 0.05          # fraction of device memory that must stay free at peak
 BF16_LOSS_RTOL = 0.03        # bf16 and fp32 losses after a few steps agree to 3%
@@ -43,23 +44,13 @@ class Row(dict):
     """One check: name, ok (True / False / None = skipped), note, plus numbers."""
 
 
-def _sync(device) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _build(depth: int, vocab: int, T: int, head_dim: int, attn: str, device):
     import torch
     from nanochat_core.model import GPT, config_for_depth
     cfg = config_for_depth(depth, vocab, sequence_len=T, head_dim=head_dim)
     cfg.attn_impl = attn
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+    return GPT.build(cfg, device)
 
 
 def _batch(B: int, T: int, vocab: int, device, seed: int = 0):
@@ -109,11 +100,11 @@ def check_train(s, compile_on: bool, attn: str) -> Row:
     try:
         t0 = time.perf_counter()
         first = _train_steps(model, fwd, opt, batch, s.warmup, dev, dtype)
-        _sync(dev)
+        sync(dev.type)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         losses = _train_steps(model, fwd, opt, batch, s.steps, dev, dtype)
-        _sync(dev)
+        sync(dev.type)
         dt = time.perf_counter() - t0
     except torch.cuda.OutOfMemoryError:
         if what_base_train_runs:
@@ -185,10 +176,10 @@ def check_fp8(s) -> Row:
     batch = _batch(s.B, s.T, s.vocab, dev)
     try:
         _train_steps(model, fwd, opt, batch, s.warmup, dev, torch.bfloat16)
-        _sync(dev)
+        sync(dev.type)
         t0 = time.perf_counter()
         losses = _train_steps(model, fwd, opt, batch, s.steps, dev, torch.bfloat16)
-        _sync(dev)
+        sync(dev.type)
         dt = time.perf_counter() - t0
     finally:
         torch._dynamo.reset()
@@ -218,22 +209,6 @@ def check_attention(s) -> Row:
                note=("max |diff| " + ", ".join(f"{k2} {v2:.1e}" for k2, v2 in worst.items())))
 
 
-def measure_bandwidth(device) -> float:
-    """Bytes/s of a large on-device copy (read + write)."""
-    import torch
-    n = (1 << 28) if device.type == "cuda" else (1 << 24)   # 1 GiB / 64 MiB of fp32
-    a = torch.empty(n, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    _sync(device)
-    t0 = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        b.copy_(a)
-    _sync(device)
-    return 2 * 4 * n * reps / (time.perf_counter() - t0)
-
-
 def check_decode(s) -> Row:
     import torch
     from nanochat_core.engine import KVCache
@@ -247,12 +222,12 @@ def check_decode(s) -> Row:
     cache = KVCache.for_model(model, 1, prompt + new)
     with torch.no_grad():
         logits = model(ids, kv_cache=cache, last_only=True)
-        _sync(dev)
+        sync(dev.type)
         t0 = time.perf_counter()
         for _ in range(new):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             logits = model(nxt, kv_cache=cache, last_only=True)
-        _sync(dev)
+        sync(dev.type)
         dt = time.perf_counter() - t0
     tps = new / dt
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -281,7 +256,7 @@ def check_core_batch(s) -> Row:
             n_tok += ids.numel()
             if not torch.isfinite(loss):
                 return Row(name="core batch", ok=False, note="non-finite loss on a CORE-like batch")
-    _sync(dev)
+    sync(dev.type)
     dt = time.perf_counter() - t0
     grew = len(M._FLEX_SHAPES) - shapes_before
     ok = grew == 0
@@ -342,7 +317,7 @@ def run(s) -> tuple[list[Row], bool]:
               f"({row['seconds']} s)", file=sys.stderr, flush=True)
 
     s.matmul_peak = measure_matmul_peak(s.device, s.device.type)
-    s.bandwidth = measure_bandwidth(s.device)
+    s.bandwidth = copy_bandwidth(s.device, 1024 if s.device.type == "cuda" else 64)
     for compile_on, attn in s.matrix:
         attempt(f"train[compile {'on' if compile_on else 'off'}, {attn}]", check_train, compile_on, attn)
     attempt("bf16 vs fp32 loss", check_bf16)

@@ -54,9 +54,11 @@ class StageRun:
         the first of `sources` (earlier stages, most trained first) that has one."""
         if self.resume_from is not None:
             return self.resume_from
-        for s in sources:
-            found = checkpoint.find_latest(self.run_dir / s) if (self.run_dir / s).is_dir() else None
+        for s in sources:   # rank 0 looks (hashing a big checkpoint once, not once per GPU), every rank gets its answer
+            found = checkpoint.find_latest(self.run_dir / s) if self.rt.master and (self.run_dir / s).is_dir() else None
+            found = checkpoint.broadcast(str(found) if found else None)
             if found is not None:
+                found = Path(found)
                 meta = checkpoint.read_meta(found)
                 if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != self.tokenizer.hash:
                     raise NanochatError(f"{found} was trained with a different tokenizer than {self.run_dir}/tokenizer")

@@ -31,19 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanochat_core.common import atomic_write_json
+from nanochat_core.common import atomic_write_json, tracking_enabled
 
+enabled = tracking_enabled   # the one rule, in common.py
 STATE_FILE = ".wandb.json"
 _run: Any = None          # the live wandb run of this process (None until the first event)
 _off = False              # set after a failure: stop trying in this process
 _state: dict = {}
-
-
-def enabled() -> bool:
-    flag = os.environ.get("NANOCHAT_WANDB", "")
-    if flag == "0":
-        return False
-    return flag == "1" or bool(os.environ.get("WANDB_API_KEY"))
 
 
 def run_state(run_dir: Path, now: float | None = None) -> dict:

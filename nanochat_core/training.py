@@ -292,9 +292,7 @@ def apply_schedule(optimizer: Any, lr_mult: float, momentum: float | None = None
 
 def remember_initial_lr(optimizer: Any) -> None:
     for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-        if "weight_decay" in group:
-            group.setdefault("initial_weight_decay", group["weight_decay"])
+        group.setdefault("initial_lr", group["lr"])   # (Muon groups keep their initial weight decay themselves)
 
 
 # -----------------------------------------------------------------------------

@@ -20,29 +20,7 @@ import time
 import torch
 
 from nanochat_core.common import NanochatError, atomic_write_json, autodetect_device_type, run_main
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, megabytes: int) -> float:
-    """Bytes/s moved by a large device-to-device copy (read + write counted), best of a few runs."""
-    n = megabytes * (1 << 20) // 4
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(3):
-        dst.copy_(src)   # warm-up (first touch of the pages, clocks)
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(4):
-            dst.copy_(src)
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * src.nbytes / best
+from nanochat_core.device import copy_bandwidth, sync
 
 
 def random_model(depth: int, vocab_size: int, sequence_len: int, device: torch.device):
@@ -103,10 +81,10 @@ def time_prefill(model, prompt_len: int, vocab: int, device: torch.device, reps:
     with torch.inference_mode(), ctx:
         for i in range(reps + 1):
             cache = KVCache.for_model(model, 1, prompt_len)
-            _sync(device)
+            sync(device.type)
             t0 = time.perf_counter()
             model(ids, kv_cache=cache)
-            _sync(device)
+            sync(device.type)
             if i > 0:   # the first run is warm-up
                 best = min(best, time.perf_counter() - t0)
     return prompt_len / best
