@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from nanochat_core.common import NanochatError
 # The shape of the model as plain data (torch-free, shared with the CLI's planner), re-exported here.
 from nanochat_core.model_config import (  # noqa: F401
-    ATTN_IMPLS, VE_GATE_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
+    ABLATE, ATTN_IMPLS, VE_GATE_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
 )
 
 # FlexAttention is optional: present in torch >= 2.5; the CUDA fast path uses it, everything else
@@ -217,10 +217,12 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if ve is not None:
             # value embedding: a second, token-indexed source of values; the gate in (0, 2) starts at 1
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))       # (B, T, Hkv)
+            gate = (3 if "vegate" in ABLATE else 2) * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)   # QK-norm, then rotary
+        if "qk12" in ABLATE:
+            q, k = q * 1.2, k * 1.2
         q, k = q.to(v.dtype), k.to(v.dtype)   # under autocast the norm may run in fp32; kernels want one dtype
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -271,6 +273,11 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in sorted(ve_layers)})
         self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        if "smear" in ABLATE:
+            self.smear_gate = nn.Linear(24, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.empty(1))
+        if "backout" in ABLATE:
+            self.backout_lambda = nn.Parameter(torch.empty(1))
         # Rotary tables for 10x the training context so the engine can generate past it. Not
         # persistent: they are a pure function of the config and are rebuilt by init_weights().
         self.rotary_len = 10 * config.sequence_len
@@ -302,19 +309,36 @@ class GPT(nn.Module):
         - rotary cos/sin recomputed (base 100k)."""
         d = self.config.n_embd
         s = math.sqrt(3.0 / d)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        init2 = "init2" in ABLATE
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if init2 else 1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
+            fc = 0.4 * s if init2 else s
+            nn.init.uniform_(block.mlp.c_fc.weight, -fc, fc)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+                if "vegate" in ABLATE:
+                    nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+                else:
+                    nn.init.zeros_(block.attn.ve_gate.weight)
         for emb in self.value_embeds.values():
             nn.init.uniform_(emb.weight, -s, s)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+        L = self.config.n_layer
+        if init2:
+            for i in range(L):
+                self.resid_lambdas[i] = 1.15 - 0.10 * i / max(L - 1, 1)
+                self.x0_lambdas[i] = 0.20 - 0.15 * i / max(L - 1, 1)
+        else:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.1)
+        if "smear" in ABLATE:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()
+        if "backout" in ABLATE:
+            self.backout_lambda.fill_(0.2)
         self._init_rotary()
 
     def _init_rotary(self) -> None:
@@ -372,12 +396,21 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx))
         if self.residual_bf16 and torch.is_autocast_enabled(idx.device.type):
             x = x.to(torch.bfloat16)
+        if "smear" in ABLATE:
+            assert kv_cache is None, "smear ablation: training forward only"
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
+            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0 = x
+        x_backout = None
         for i, block in enumerate(self.transformer.h):
             # the fp32 scalars cast to the stream's dtype, or bf16 x fp32 would promote the stream back to fp32
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, masks)
+            if "backout" in ABLATE and i == self.config.n_layer // 2:
+                x_backout = x
+        if x_backout is not None:
+            x = x - self.backout_lambda.to(x.dtype) * x_backout
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -411,17 +444,24 @@ class GPT(nn.Module):
         def names(prefix: str) -> list[str]:
             return [n for n in named if n == prefix or n.startswith(prefix + ".")]
         groups: list[dict] = []
-        def adamw(ns: list[str], lr: float, betas=adam_betas) -> None:
+        def adamw(ns: list[str], lr: float, betas=adam_betas, wd: float = 0.0) -> None:
             if ns:
                 groups.append(dict(kind="adamw", names=ns, params=[named[n] for n in ns], lr=lr,
-                                   betas=betas, eps=1e-10, weight_decay=0.0))
-        adamw(names("lm_head"), unembedding_lr * scale)
-        adamw(names("transformer.wte"), embedding_lr * scale)
-        adamw(names("value_embeds"), embedding_lr * scale)
-        # residual scalars sit on the main path of every layer: 0.01 x the scalar LR (as the reference does);
-        # x0 scalars get a slower first moment (beta1 0.96), also as the reference does.
-        adamw(names("resid_lambdas"), scalar_lr * 0.01)
+                                   betas=betas, eps=1e-10, weight_decay=wd))
+        if "adamw2" in ABLATE:
+            adamw(names("lm_head"), unembedding_lr * scale, betas=(0.8, 0.96), wd=0.01)
+            adamw(names("transformer.wte"), embedding_lr * scale, betas=(0.8, 0.995), wd=0.001)
+            adamw(names("value_embeds"), embedding_lr * scale * 0.5, betas=(0.8, 0.995), wd=0.01)
+            adamw(names("resid_lambdas"), scalar_lr * 0.01, wd=0.05)
+        else:
+            adamw(names("lm_head"), unembedding_lr * scale)
+            adamw(names("transformer.wte"), embedding_lr * scale)
+            adamw(names("value_embeds"), embedding_lr * scale)
+            # residual scalars sit on the main path of every layer: 0.01 x the scalar LR (as the reference does);
+            # x0 scalars get a slower first moment (beta1 0.96), also as the reference does.
+            adamw(names("resid_lambdas"), scalar_lr * 0.01)
         adamw(names("x0_lambdas"), scalar_lr, betas=(0.96, adam_betas[1]))
+        adamw(names("smear_gate") + names("smear_lambda") + names("backout_lambda"), 0.2 * lr_scale)
         by_shape: dict[tuple, list[str]] = {}
         for n in names("transformer.h"):
             if named[n].ndim != 2:
@@ -429,7 +469,7 @@ class GPT(nn.Module):
             by_shape.setdefault(tuple(named[n].shape), []).append(n)
         for ns in by_shape.values():
             groups.append(dict(kind="muon", names=ns, params=[named[n] for n in ns], lr=matrix_lr,
-                               momentum=0.95, beta2=0.95, weight_decay=weight_decay, ns_steps=5))
+                               momentum=0.95, beta2=0.9 if "nb09" in ABLATE else 0.95, weight_decay=weight_decay, ns_steps=5))
         covered = [n for g in groups for n in g["names"]]
         assert sorted(covered) == sorted(named), "every parameter must be in exactly one optimizer group"
         return MuonAdamW(groups, compile_step=compile_muon)

@@ -6,13 +6,18 @@ prices runs with these same functions (so a plan and the trained model can never
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from nanochat_core.common import NanochatError
 
+# Recipe ablation switches (temporary: the GPU-readiness issue's ablation table is measured with them, one
+# row per switch, e.g. NANOCHAT_ABLATE=smear,backout). The winners become the code; the switches go.
+ABLATE = frozenset(filter(None, os.environ.get("NANOCHAT_ABLATE", "").split(",")))
+
 ATTN_IMPLS = ("auto", "reference", "sdpa", "flex")
 VOCAB_PAD = 64         # pad the embedding tables to a multiple of 64 for friendlier matmul shapes
-VE_GATE_CHANNELS = 32  # the value-embedding gate looks at the first 32 channels of the block input
+VE_GATE_CHANNELS = 12 if "vegate" in ABLATE else 32  # the value-embedding gate looks at the first channels of the block input
 
 
 @dataclass
@@ -96,7 +101,7 @@ def count_params(config: GPTConfig) -> dict[str, int]:
         "value_embeds": n_ve * V * kv_dim,
         "lm_head": V * d,
         "transformer_matrices": matrices,
-        "scalars": 2 * L,
+        "scalars": 2 * L + (25 if "smear" in ABLATE else 0) + (1 if "backout" in ABLATE else 0),
     }
     counts["scaling"] = counts["transformer_matrices"] + counts["lm_head"]
     counts["total"] = sum(v for k, v in counts.items() if k != "scaling")

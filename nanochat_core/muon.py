@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat_core.common import NanochatError
+from nanochat_core.model_config import ABLATE
 
 # Polar Express coefficients (a, b, c) per iteration, X <- a X + b (X X^T) X + c (X X^T)^2 X, for 5
 # iterations with the 2% safety margin (the input is divided by 1.02 * its Frobenius norm), as published
@@ -56,7 +57,7 @@ POLAR_EXPRESS_COEFFS = (
 ADAMW_SHARD_MIN_NUMEL = 1 << 16   # below this an AdamW tensor is simply all-reduced (not worth slicing)
 
 
-def polar_express(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def polar_express(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, safety: float = 1.02) -> torch.Tensor:
     """Approximate orthogonal polar factor of G (..., rows, cols): same shape, singular values pushed
     towards 1. bf16 on CUDA (tensor cores; the iteration is robust to it), fp32 elsewhere (bf16 matmuls
     on CPUs are very slow). Returns the compute dtype; callers cast."""
@@ -69,7 +70,7 @@ def polar_express(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     if tall:                      # iterate on the wide orientation: X X^T is the smaller Gram matrix
         X = X.mT
     # Frobenius norm >= spectral norm, so after this every singular value is <= 1/1.02
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + eps)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety + eps)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -121,7 +122,15 @@ def muon_math(grads, mom, v, w, mu, beta2, lr, wd, ns_steps: int):
     tensors alone, so that MuonAdamW(compile_step=True) can hand it to torch.compile whole."""
     mom.lerp_(grads, 1 - mu)
     u = grads.lerp(mom, mu)                                                  # Nesterov
-    u = polar_express(u, ns_steps).float()
+    if "muoneq" in ABLATE:
+        # MuonEq: every row rescaled to the mean row norm before orthogonalising
+        target = u.norm(dim=(-2, -1), keepdim=True) / u.size(-2) ** 0.5
+        u = u * (target / u.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        u = polar_express(u, ns_steps, safety=1.01).float()
+        # Muon+: Frobenius norm snapped to sqrt(min(rows, cols)), that of an exactly semi-orthogonal matrix
+        u = u * (min(u.size(-2), u.size(-1)) ** 0.5 / u.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+    else:
+        u = polar_express(u, ns_steps).float()
     u = normuon_rescale(u, v, beta2)
     cautious = (u * w) >= 0                                                  # same sign -> decay
     return w - (lr * u + (lr * wd) * w * cautious)

@@ -187,8 +187,9 @@ def save_or_stop(stop: bool, due: bool, finished: bool, save_now, step: int, gua
 # -----------------------------------------------------------------------------
 # Schedules (pure functions of the step: a resumed run follows exactly the same curve)
 
-WARMDOWN_RATIO = 0.5   # linear decay to zero over the last 50% of steps (the reference: ~50-65%)
-FINAL_LR_FRAC = 0.0
+from nanochat_core.model_config import ABLATE  # noqa: E402
+WARMDOWN_RATIO = 0.65 if "wd65" in ABLATE else 0.5   # linear decay over the last 50% of steps (the reference: ~50-65%)
+FINAL_LR_FRAC = 0.05 if "wd65" in ABLATE else 0.0
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0,
@@ -265,11 +266,16 @@ class TimeHorizon:
         return step + max(0, int((self.end - time.time()) / max(pace, 1e-9)))
 
 
-def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: float = 0.97) -> float:
+def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: float = 0.97,
+                  progress: float | None = None) -> float:
     """Muon momentum ramps 0.85 -> 0.97 over the first 400 steps: low momentum while the weights are
     moving fast at the start, high once the direction is stable (the reference recipe)."""
     frac = min(step / ramp_steps, 1.0)
-    return (1 - frac) * start + frac * end
+    mu = (1 - frac) * start + frac * end
+    if "momdown" in ABLATE and progress is not None and progress > 1 - WARMDOWN_RATIO:
+        down = (progress - (1 - WARMDOWN_RATIO)) / WARMDOWN_RATIO
+        mu = (1 - down) * mu + down * 0.90
+    return mu
 
 
 def muon_weight_decay_multiplier(progress: float) -> float:

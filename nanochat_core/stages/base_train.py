@@ -368,7 +368,7 @@ def main(argv=None) -> None:
         frac = progress()
         lr_mult = (training.lr_multiplier_at(frac, step, plan["warmup_steps"]) if horizon
                    else training.lr_multiplier(step, total_steps, plan["warmup_steps"]))
-        training.apply_schedule(optimizer, lr_mult, training.muon_momentum(step),
+        training.apply_schedule(optimizer, lr_mult, training.muon_momentum(step, progress=frac),
                                 training.muon_weight_decay_multiplier(frac) if args.muon_wd_schedule == "decay" else 1.0)
         loss = training.forward_backward(fwd, batches, grad_accum, rt.device_type)
         optimizer.step()
