@@ -145,13 +145,19 @@ class Plan:
     expected_core_source: str = ""
     nodes: int = 1
     gpus: int = 8
-    capped_note: str = ""     # said out loud when the budget could buy more than the largest depth
     num_shards: int = MIN_SHARDS  # training shards the node downloads: enough for `tokens`, never repeating
+    # Why this plan spends less than its budget by design ("" when it may spend all of it): it trains the
+    # largest depth. Then its own cost plus the margin is its hard cap (spend_cap), so
+    # a run that goes wrong cannot spend the rest of a budget the plan never meant to use; capped_note says so.
+    capped_by: str = ""
+    capped_note: str = ""
     # The money path's single source of truth, all counted in hours after launch. max_price_per_hour is the
-    # highest price (whole job) among the offers the launch may fail over to; the job must end by
-    # deadline_hours (budget / max price, less the margin) and base training by base_deadline_hours (that,
-    # less the planned post-base stages). The node enforces exactly these two numbers.
+    # highest price (whole job) among the offers the launch may fail over to; spend_cap is the most the plan
+    # may spend (the budget, or less when capped_by); the job must end by deadline_hours (spend_cap / max
+    # price, less the margin) and base training by base_deadline_hours (that, less the planned post-base
+    # stages). The node enforces exactly these two moments.
     max_price_per_hour: float = 0.0
+    spend_cap: float = 0.0
     deadline_hours: float = 0.0
     base_deadline_hours: float = 0.0
     margin_hours: float = MARGIN_H
@@ -177,9 +183,16 @@ class Plan:
         return sum(s.hours for s in self.stages if s.name in ("setup", "tok", "base"))
 
     def set_max_price(self, max_price: float) -> None:
-        """Derive the node's deadlines from the highest price the launch may end up paying."""
+        """Derive the hard cap and the node's deadlines from the highest price the launch may end up paying."""
         self.max_price_per_hour = max(max_price, self.price_per_hour)
-        self.deadline_hours = self.budget / self.max_price_per_hour - self.margin_hours
+        self.spend_cap = self.budget
+        if self.capped_by:
+            # Whole dollars, rounded up: a cap a person can read, never below the plan plus its margin.
+            self.spend_cap = min(self.budget, self.min_budget())
+            self.capped_note = (f"{self.capped_by}: at most ${self.spend_cap:.2f} is spent (its own cost plus the "
+                                f"teardown margin, at up to ${self.max_price_per_hour:.2f}/h), not the "
+                                f"${self.budget:.2f} budget; the node stops it there")
+        self.deadline_hours = self.spend_cap / self.max_price_per_hour - self.margin_hours
         self.base_deadline_hours = self.deadline_hours - self.post_base_hours()
 
     def fits(self, price: float | None = None) -> bool:
@@ -248,15 +261,15 @@ def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int =
                             f"of teardown margin on {offer.get('cloud', '?')} at ${smallest.price_per_hour:.2f}/h; "
                             f"use --budget {smallest.min_budget()} or more (or `nanochat train --local` for $0)")
     if best.depth == DEPTHS[-1]:
-        best.capped_note = (f"depth {DEPTHS[-1]} is the largest model the planner trains; the budget beyond "
-                            f"${best.min_budget()} is not spent")
+        best.capped_by = f"depth {DEPTHS[-1]} is the largest model the planner trains"
+        best.set_max_price(best.max_price_per_hour)
     return best
 
 
 def limit_failover(plan: Plan, candidates: list[dict]) -> list[dict]:
     """The offers SkyPilot may fail over to, limited to those at which the whole plan (with its margin)
-    stays within the budget; sets the plan's max price (and so its deadlines) from them. The plan's own
-    offer always stays first."""
+    stays within the budget; sets the plan's max price (and so its hard cap and deadlines) from them. The
+    plan's own offer always stays first."""
     keep = [c for c in candidates
             if plan.fits(float(c["price_per_hour"]) * plan.nodes)] or [plan.offer]
     if plan.offer not in keep:

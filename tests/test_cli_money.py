@@ -80,6 +80,52 @@ def test_train_hands_the_node_exactly_the_plans_deadlines_and_only_affordable_fa
     assert "nanochat-m1" in launched["records"]
 
 
+def launch_recording(monkeypatch, *args):
+    """`nanochat train ... --yes --detach` with SkyPilot's launch faked at the cloud boundary: (result, start
+    time, the node's pipeline arguments, the cluster records when the request went out)."""
+    import sky
+    launched = {}
+
+    def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, wait_for=None, dryrun=False):
+        launched.update(args=task.envs["NANOCHAT_ARGS"].split(), records=state.load_clusters())
+        return "launch-request"
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: (5, None))
+    with cloud_boundary(CLOUDS, monkeypatch):
+        t0 = time.time()
+        r = CliRunner().invoke(app, ["train", "--yes", "--detach", *args])
+    return r, t0, launched.get("args"), launched.get("records")
+
+
+def test_a_plan_capped_at_the_largest_depth_is_capped_at_its_own_cost_on_the_node_too(monkeypatch):
+    """$1000 buys more than d32: the plan trains d32, and its deadlines (so what a run gone wrong can spend)
+    follow the plan's own cost plus the margin at the dearest failover price - not the whole $1000."""
+    from nanochat_cli import planner
+    r = dryrun(1000, False, monkeypatch)
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["depth"] == planner.DEPTHS[-1]
+    price = plan["max_price_per_hour"]
+    cap = math.ceil(price * (plan["hours"] + plan["margin_hours"]))
+    assert plan["hours"] <= plan["deadline_hours"] <= plan["hours"] + 1 / price      # not 1000 / price
+    assert plan["spend_cap"] == cap < 1000
+    assert price * (plan["deadline_hours"] + plan["margin_hours"]) <= cap + 0.01
+    assert plan["base_deadline_hours"] >= plan["hours"] - sum(s["hours"] for s in plan["stages"]
+                                                              if s["name"] in ("mid", "sft", "eval")) - 1e-3
+    assert f"${cap}" in plan["capped_note"] and "$1000" in plan["capped_note"]
+    with cloud_boundary(CLOUDS, monkeypatch):                    # the human plan says what is spent at most
+        human = CliRunner().invoke(app, ["train", "--budget", "1000", "--dryrun"])
+    assert human.exit_code == 0 and f"at most ${cap}.00" in " ".join(human.stdout.split()), human.stdout
+    r, t0, args, records = launch_recording(monkeypatch, "--budget", "1000", "--name", "c1")
+    assert r.exit_code == 0, r.stderr
+    assert float(args[args.index("--deadline-at") + 1]) == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
+    assert float(args[args.index("--base-deadline-at") + 1]) == pytest.approx(
+        t0 + plan["base_deadline_hours"] * 3600, abs=5)
+    assert records["nanochat-c1"]["budget"] == cap               # status and the meter count down from it
+    assert state.read_json(state.run_dir("c1") / "plan.json")["spend_cap"] == cap
+
+
 def test_a_budget_truncated_end_is_shown_as_such_not_as_success():
     from nanochat_cli.cost import CostMeter
     from nanochat_cli.stream import RunView
