@@ -129,18 +129,20 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
 # -----------------------------------------------------------------------------
 # train
 
-def _local_plan(depth, steps, minutes) -> dict:
+def _local_plan(depth, steps, minutes, stages=None) -> dict:
     from nanochat_core.model_config import config_for_depth, count_params
     from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_MODEL
-    stages = DEFAULT_STAGES["local"].split(",")
-    est_min = {"tok": 0.5, "base": (minutes or LOCAL_BASE_MINUTES), "sft": 1.0, "eval": 1.0, "report": 0.1}
+    stages = (stages or DEFAULT_STAGES["local"]).split(",")
+    # preflight: the toy-size checks take ~35 s on a CPU (docs/PERFORMANCE.md); mid/sft/rl get `--minutes 1`
+    est_min = {"preflight": 0.6, "tok": 0.5, "base": (minutes or LOCAL_BASE_MINUTES), "mid": 1.0, "sft": 1.0,
+               "rl": 1.0, "eval": 1.0, "report": 0.1}
     # The model the local preset trains. Tokens depend on how many steps fit in --minutes on this machine,
     # which only the trainer's timed first steps know.
     m = {**LOCAL_MODEL, "depth": depth or LOCAL_MODEL["depth"]}
     params = count_params(config_for_depth(m["depth"], m["vocab_size"], sequence_len=m["sequence_len"],
                                            head_dim=m["head_dim"]))["total"]
     return {"offer": dict(LOCAL_OFFER), "depth": m["depth"], "params": params, "tokens": None,
-            "hours": round(sum(est_min.values()) / 60, 3), "cost": 0.0,
+            "hours": round(sum(est_min[s] for s in stages) / 60, 3), "cost": 0.0,
             "stages": [{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in stages]}
 
 
@@ -193,13 +195,14 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     stages = _check_train_flags(depth, local, nodes, bucket, stages)
     candidates = None
     if local:
-        plan = _local_plan(depth, steps, minutes)
+        plan = _local_plan(depth, steps, minutes, stages)
         rec = None if dryrun else local_cluster()
         run_name = name or "local"
         args = ["--preset", "local"]
     else:
         rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
-        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name)
+        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name,
+                                                          preflight_only=stages == "preflight")
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
@@ -284,8 +287,9 @@ def choose_offer(cluster, spot, gpus, clouds, nodes, dryrun):
     return rec, offer, candidates, nodes
 
 
-def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name):
-    """The plan within what is left of the budget: (plan dict, failover candidates kept, run name, node args)."""
+def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name, preflight_only=False):
+    """The plan within what is left of the budget: (plan dict, failover candidates kept, run name, node args).
+    preflight_only: the node runs only its preflight stage, at the depth the budget would train."""
     from nanochat_cli.planner import make_plan
     # The budget caps what the cluster costs in all: time it has already been up counts against it.
     spent = 0.0
@@ -296,6 +300,8 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name):
                                 "budget: raise --budget, or `nanochat down` and start afresh")
     from nanochat_cli.planner import limit_failover
     p = make_plan(offer, budget_usd - spent, depth, nodes)
+    if preflight_only:
+        p.preflight_only()
     # Only offers at which this very plan stays within the budget may be failed over to; the dearest
     # of them sets the node's deadlines (so whichever one SkyPilot launches, the cap holds).
     candidates = limit_failover(p, [offer] if rec is not None else candidates)

@@ -75,7 +75,7 @@ def test_optimizer_picks_cheapest_enabled_offer_for_the_plan(monkeypatch):
     assert (plan["offer"]["cloud"], plan["offer"]["instance_type"]) == ("lambda", "gpu_8x_h100_sxm5")
     assert 0 < plan["cost"] <= 150
     assert abs(sum(s["cost"] for s in plan["stages"]) - plan["cost"]) < 0.05
-    assert [s["name"] for s in plan["stages"]][:3] == ["setup", "tok", "base"]
+    assert [s["name"] for s in plan["stages"]][:4] == ["setup", "preflight", "tok", "base"]
 
 
 def test_no_credentials_is_a_clear_error(monkeypatch):

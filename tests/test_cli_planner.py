@@ -119,6 +119,18 @@ def test_the_depth_cap_is_said_out_loud_and_is_the_hard_cap():
     assert planner.make_plan(OFFER, 100).spend_cap == 100        # an uncapped plan may use its whole budget
 
 
+def test_preflight_is_planned_before_base_and_preflight_only_plans_nothing_else():
+    p = planner.make_plan(OFFER, 100)
+    assert [s.name for s in p.stages][:4] == ["setup", "preflight", "tok", "base"]
+    assert p.pre_base_end_hours() == pytest.approx(planner.SETUP_H + planner.PREFLIGHT_H + planner.TOKENIZER_H
+                                                   + next(s.hours for s in p.stages if s.name == "base"))
+    depth = p.depth
+    p.preflight_only()
+    assert p.depth == depth and [s.name for s in p.stages] == ["setup", "preflight"]
+    assert p.cost == pytest.approx((planner.SETUP_H + planner.PREFLIGHT_H) * 23.6)
+    assert p.spend_cap == p.min_budget() and p.hours <= p.deadline_hours == p.base_deadline_hours
+
+
 def test_the_node_downloads_enough_shards_for_the_planned_tokens():
     for budget in (100, 400, 2000):          # d24 ... d32: 7B to 17B tokens
         p = planner.make_plan(OFFER, budget)
