@@ -240,6 +240,7 @@ def test_when_teardown_fails_too_the_record_stays_and_the_error_names_the_comman
     r = train(monkeypatch, "--name", "f3")
     assert r.exit_code == 2 and "`nanochat down --cluster nanochat-f3`" in r.stderr, r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert seen["downed"] == ["nanochat-f3"]                    # the teardown was tried
     assert "nanochat-f3" in state.load_clusters()               # still known: status/down find it
 
 
