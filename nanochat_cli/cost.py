@@ -9,14 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-WARN_FRACTION = 0.8  # the meter warns once when spending crosses 80% of the budget
+WARN_FRACTION = 0.8  # the meter warns once when spending crosses 80% of the hard cap
 
 
 @dataclass
 class CostMeter:
     price_per_hour: float              # whole job ($/h, all nodes)
     started_at: float                  # unix time the meter (cluster) started charging
-    budget: float | None = None
+    budget: float | None = None        # the hard cap the node enforces: the budget, or a capped plan's own
     planned_stages: dict[str, float] = field(default_factory=dict)  # stage -> planned hours
     # live state from events
     stage: str | None = None
@@ -84,14 +84,14 @@ class CostMeter:
         return None if self.budget is None else self.budget - self.spent(now)
 
     def check_warning(self, now: float | None = None) -> str | None:
-        """A one-time warning when spending crosses 80% of the budget (None otherwise)."""
+        """A one-time warning when spending crosses 80% of the hard cap (None otherwise)."""
         if self.warned or not self.budget or self.price_per_hour <= 0:
             return None
         spent = self.spent(now)
         if spent >= WARN_FRACTION * self.budget:
             self.warned = True
-            return (f"${spent:.2f} spent: {spent / self.budget:.0%} of the ${self.budget:.2f} budget. "
-                    f"The run stops itself at the budget; `nanochat down` stops spending now.")
+            return (f"${spent:.2f} spent: {spent / self.budget:.0%} of the ${self.budget:.2f} hard cap. "
+                    f"The run stops itself there; `nanochat down` stops spending now.")
         return None
 
 

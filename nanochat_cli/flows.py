@@ -129,18 +129,20 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
 # -----------------------------------------------------------------------------
 # train
 
-def _local_plan(depth, steps, minutes) -> dict:
+def _local_plan(depth, steps, minutes, stages=None) -> dict:
     from nanochat_core.model_config import config_for_depth, count_params
     from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_MODEL
-    stages = DEFAULT_STAGES["local"].split(",")
-    est_min = {"tok": 0.5, "base": (minutes or LOCAL_BASE_MINUTES), "sft": 1.0, "eval": 1.0, "report": 0.1}
+    stages = (stages or DEFAULT_STAGES["local"]).split(",")
+    # preflight: the toy-size checks take ~35 s on a CPU (docs/PERFORMANCE.md); mid/sft/rl get `--minutes 1`
+    est_min = {"preflight": 0.6, "tok": 0.5, "base": (minutes or LOCAL_BASE_MINUTES), "mid": 1.0, "sft": 1.0,
+               "rl": 1.0, "eval": 1.0, "report": 0.1}
     # The model the local preset trains. Tokens depend on how many steps fit in --minutes on this machine,
     # which only the trainer's timed first steps know.
     m = {**LOCAL_MODEL, "depth": depth or LOCAL_MODEL["depth"]}
     params = count_params(config_for_depth(m["depth"], m["vocab_size"], sequence_len=m["sequence_len"],
                                            head_dim=m["head_dim"]))["total"]
     return {"offer": dict(LOCAL_OFFER), "depth": m["depth"], "params": params, "tokens": None,
-            "hours": round(sum(est_min.values()) / 60, 3), "cost": 0.0,
+            "hours": round(sum(est_min[s] for s in stages) / 60, 3), "cost": 0.0,
             "stages": [{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in stages]}
 
 
@@ -168,14 +170,19 @@ def _print_plan(plan: dict, budget: float | None) -> None:
     if plan.get("capped_note"):
         c.print(f"note: {plan['capped_note']}")
     if budget:
-        c.print(f"budget: ${budget:.2f} (hard cap: base training stops {plan['base_deadline_hours']:.2f} h after "
-                f"launch, everything {plan['deadline_hours']:.2f} h after launch; priced at up to "
-                f"${plan['max_price_per_hour']:.2f}/h, the dearest offer the launch may fail over to)")
+        # What the node enforces, in dollars and in time: the budget, or a capped plan's own cap (the note above).
+        cap = plan.get("spend_cap", budget)
+        base = (f"base training stops {plan['base_deadline_hours']:.2f} h after launch, "
+                if any(s["name"] == "base" for s in plan["stages"]) else "")
+        c.print(f"budget: ${budget:.2f}; at most ${cap:.2f} will be spent ({base}everything "
+                f"{plan['deadline_hours']:.2f} h after launch, then {plan['margin_hours'] * 60:.0f} min of teardown "
+                f"margin; priced at up to ${plan['max_price_per_hour']:.2f}/h, the dearest offer the launch may fail "
+                f"over to)")
 
 
 def _dryrun_json(plan: dict) -> dict:
     keys = ("offer", "depth", "params", "tokens", "hours", "cost", "stages", "max_price_per_hour",
-            "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards")
+            "spend_cap", "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards")
     return {k: plan[k] for k in keys if k in plan}
 
 
@@ -188,13 +195,14 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     stages = _check_train_flags(depth, local, nodes, bucket, stages)
     candidates = None
     if local:
-        plan = _local_plan(depth, steps, minutes)
+        plan = _local_plan(depth, steps, minutes, stages)
         rec = None if dryrun else local_cluster()
         run_name = name or "local"
         args = ["--preset", "local"]
     else:
         rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
-        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name)
+        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name,
+                                                          preflight_only=stages == "preflight")
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
@@ -279,8 +287,9 @@ def choose_offer(cluster, spot, gpus, clouds, nodes, dryrun):
     return rec, offer, candidates, nodes
 
 
-def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name):
-    """The plan within what is left of the budget: (plan dict, failover candidates kept, run name, node args)."""
+def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name, preflight_only=False):
+    """The plan within what is left of the budget: (plan dict, failover candidates kept, run name, node args).
+    preflight_only: the node runs only its preflight stage, at the depth the budget would train."""
     from nanochat_cli.planner import make_plan
     # The budget caps what the cluster costs in all: time it has already been up counts against it.
     spent = 0.0
@@ -291,11 +300,15 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name):
                                 "budget: raise --budget, or `nanochat down` and start afresh")
     from nanochat_cli.planner import limit_failover
     p = make_plan(offer, budget_usd - spent, depth, nodes)
+    if preflight_only:
+        p.preflight_only()
     # Only offers at which this very plan stays within the budget may be failed over to; the dearest
     # of them sets the node's deadlines (so whichever one SkyPilot launches, the cap holds).
     candidates = limit_failover(p, [offer] if rec is not None else candidates)
     plan = p.to_json()
     plan["budget"] = budget_usd
+    # The hard cap on the whole cluster's cost: what it has already cost plus the most this plan may spend.
+    plan["spend_cap"] = min(budget_usd, spent + p.spend_cap)
     run_name = name or f"d{p.depth}"
     args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
             "--nnodes", str(nodes), "--num-shards", str(p.num_shards),
@@ -313,10 +326,10 @@ def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, loca
               "Use --name NEW for a fresh run.", file=sys.stderr)
     now = time.time()
     if not local:
-        confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${budget_usd:.2f})?", yes)
-        # The budget is a hard cap: the plan's deadlines count from now (an existing cluster's earlier
-        # uptime was already taken off the budget the plan was made with); the node enforces exactly
-        # these two moments - base training stops at the first, the whole job at the second.
+        confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${plan['spend_cap']:.2f})?", yes)
+        # The budget (or a capped plan's own cap) is a hard cap: the plan's deadlines count from now (an
+        # existing cluster's earlier uptime was already taken off the budget the plan was made with); the node
+        # enforces exactly these two moments - base training stops at the first, the whole job at the second.
         deadline = now + plan["deadline_hours"] * 3600
         base_deadline = now + plan["base_deadline_hours"] * 3600
         args += ["--deadline-at", str(int(deadline)), "--base-deadline-at", str(int(base_deadline))]
@@ -330,9 +343,10 @@ def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, loca
         created = rec is None
         if created:
             rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
-                                           budget=budget_usd, autostop_minutes=AUTOSTOP_MIN)
+                                           budget=plan["spend_cap"], autostop_minutes=AUTOSTOP_MIN)
             rec["launched_at"] = now
-        rec.update(budget=budget_usd, keep=keep, bucket=bucket, candidates=candidates, ended_at=None,
+        # The record's budget is the cap the node enforces, so `status` counts "budget left" down from it.
+        rec.update(budget=plan["spend_cap"], keep=keep, bucket=bucket, candidates=candidates, ended_at=None,
                    ends_by=plan["deadline_at"] + TEARDOWN_MARGIN_S,
                    max_price_per_hour=plan["max_price_per_hour"], autostop_minutes=AUTOSTOP_MIN,
                    runs=sorted(set(rec.get("runs", []) + [run_name])))
@@ -406,8 +420,10 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
                                                         "price_per_hour": 0.0, "launched_at": time.time()}
     plan = state.read_json(rd / "plan.json") or {}
     backend = backend_for(cluster)
+    # The meter counts down from the cap the node enforces: the budget, or a capped plan's own cap.
     meter = CostMeter(price_per_hour=float(cluster.get("price_per_hour") or 0.0),
-                      started_at=float(cluster.get("launched_at") or time.time()), budget=plan.get("budget"),
+                      started_at=float(cluster.get("launched_at") or time.time()),
+                      budget=plan.get("spend_cap") or plan.get("budget"),
                       planned_stages={s["name"]: s["hours"] for s in plan.get("stages", []) if s.get("hours")})
     view = RunView(meter, title=f"nanochat · {rd.name} on {cluster['name']}",
                    run_started_at=job.get("submitted_at"))

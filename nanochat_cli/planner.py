@@ -111,6 +111,15 @@ SETUP_H = 0.10      # provisioning + cached setup (target: first step < 3 min) +
 TOKENIZER_H = 0.05  # tokenizer training overlaps the data download
 EVAL_H = 0.25       # CORE + chat evals + report
 SAVE_H = 0.03       # final checkpoint save and upload
+# The node's `preflight` stage (nanochat_core/preflight.py, the first stage of the cloud pipeline): one process
+# on one GPU builds the planned model, compiles it and runs 3 warm-up + 5 timed training steps at the run's
+# device batch, then the bf16-vs-fp32, attention, decode, CORE-batch and checkpoint checks. Its docstring says
+# "about a minute"; docs/PERFORMANCE.md estimates 8 minutes on one H100 for the full matrix at two depths (four
+# train configurations each, two compiled), i.e. ~2 minutes per compiled configuration with its share of the
+# other checks - and `--matrix train` runs one. We take 3 minutes: that, plus importing torch and measuring
+# the device's matmul peak, with compile time at d26-d32 (larger than the d24 of that estimate) unmeasured.
+# An ESTIMATE (no GPU timing of it yet); a measured PREFLIGHT PASS line ("..., N s") replaces it.
+PREFLIGHT_H = 3 / 60
 # Kept free at the end of the budget, after the job's own deadline: the node kills what is left of the job
 # (up to ~90 s), autodown waits one idle minute (jobs only, never for ssh sessions) and the cloud tears the
 # node down (a few minutes). Every plan keeps this margin on top of its hours, at the highest price the
@@ -145,13 +154,19 @@ class Plan:
     expected_core_source: str = ""
     nodes: int = 1
     gpus: int = 8
-    capped_note: str = ""     # said out loud when the budget could buy more than the largest depth
     num_shards: int = MIN_SHARDS  # training shards the node downloads: enough for `tokens`, never repeating
+    # Why this plan spends less than its budget by design ("" when it may spend all of it): it trains the
+    # largest depth, or runs preflight only. Then its own cost plus the margin is its hard cap (spend_cap), so
+    # a run that goes wrong cannot spend the rest of a budget the plan never meant to use; capped_note says so.
+    capped_by: str = ""
+    capped_note: str = ""
     # The money path's single source of truth, all counted in hours after launch. max_price_per_hour is the
-    # highest price (whole job) among the offers the launch may fail over to; the job must end by
-    # deadline_hours (budget / max price, less the margin) and base training by base_deadline_hours (that,
-    # less the planned post-base stages). The node enforces exactly these two numbers.
+    # highest price (whole job) among the offers the launch may fail over to; spend_cap is the most the plan
+    # may spend (the budget, or less when capped_by); the job must end by deadline_hours (spend_cap / max
+    # price, less the margin) and base training by base_deadline_hours (that, less the planned post-base
+    # stages). The node enforces exactly these two moments.
     max_price_per_hour: float = 0.0
+    spend_cap: float = 0.0
     deadline_hours: float = 0.0
     base_deadline_hours: float = 0.0
     margin_hours: float = MARGIN_H
@@ -173,14 +188,31 @@ class Plan:
         return sum(s.hours for s in self.stages if s.name in ("mid", "sft", "eval"))
 
     def pre_base_end_hours(self) -> float:
-        """When base training is planned to end, in hours after launch (setup + tok + base)."""
-        return sum(s.hours for s in self.stages if s.name in ("setup", "tok", "base"))
+        """When base training is planned to end, in hours after launch (setup + preflight + tok + base)."""
+        return sum(s.hours for s in self.stages if s.name in ("setup", "preflight", "tok", "base"))
 
     def set_max_price(self, max_price: float) -> None:
-        """Derive the node's deadlines from the highest price the launch may end up paying."""
+        """Derive the hard cap and the node's deadlines from the highest price the launch may end up paying."""
         self.max_price_per_hour = max(max_price, self.price_per_hour)
-        self.deadline_hours = self.budget / self.max_price_per_hour - self.margin_hours
+        self.spend_cap = self.budget
+        if self.capped_by:
+            # Whole dollars, rounded up: a cap a person can read, never below the plan plus its margin.
+            self.spend_cap = min(self.budget, self.min_budget())
+            self.capped_note = (f"{self.capped_by}: at most ${self.spend_cap:.2f} is spent (its own cost plus the "
+                                f"teardown margin, at up to ${self.max_price_per_hour:.2f}/h), not the "
+                                f"${self.budget:.2f} budget; the node stops it there")
+        self.deadline_hours = self.spend_cap / self.max_price_per_hour - self.margin_hours
         self.base_deadline_hours = self.deadline_hours - self.post_base_hours()
+
+    def preflight_only(self) -> None:
+        """`--preflight-only`: the node sets up and runs the preflight checks at this plan's depth, nothing
+        else. The plan counts just those, and its own cost (plus the margin) becomes its hard cap: a preflight
+        that hangs must not spend the budget the training run was planned with."""
+        self.stages = [s for s in self.stages if s.name in ("setup", "preflight")]
+        self.hours = sum(s.hours for s in self.stages)
+        self.cost = self.hours * self.price_per_hour
+        self.capped_by = f"--preflight-only runs setup and the d{self.depth} preflight checks alone"
+        self.set_max_price(self.max_price_per_hour)
 
     def fits(self, price: float | None = None) -> bool:
         """The whole run plus the margin stays within the budget at `price` (default: this offer's)."""
@@ -201,9 +233,9 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Pl
     scaling = scaling_params(depth)
     tokens = TOKENS_PER_PARAM * scaling
     base_h = tokens / tps / 3600
-    # Stage names are the pipeline's (tok, base, mid, sft, eval), so the meter can match events to them;
-    # "setup" is provisioning + environment, "eval" includes the final save and the report.
-    hours = {"setup": SETUP_H, "tok": TOKENIZER_H, "base": base_h,
+    # Stage names are the pipeline's (preflight, tok, base, mid, sft, eval), in its order, so the meter can
+    # match events to them; "setup" is provisioning + environment, "eval" includes the final save and the report.
+    hours = {"setup": SETUP_H, "preflight": PREFLIGHT_H, "tok": TOKENIZER_H, "base": base_h,
              "mid": max(0.05, 0.05 * base_h), "sft": max(0.05, 0.04 * base_h), "eval": EVAL_H + SAVE_H}
     stages = [Stage(n, h, h * price) for n, h in hours.items()]
     total_h = sum(hours.values())
@@ -248,15 +280,15 @@ def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int =
                             f"of teardown margin on {offer.get('cloud', '?')} at ${smallest.price_per_hour:.2f}/h; "
                             f"use --budget {smallest.min_budget()} or more (or `nanochat train --local` for $0)")
     if best.depth == DEPTHS[-1]:
-        best.capped_note = (f"depth {DEPTHS[-1]} is the largest model the planner trains; the budget beyond "
-                            f"${best.min_budget()} is not spent")
+        best.capped_by = f"depth {DEPTHS[-1]} is the largest model the planner trains"
+        best.set_max_price(best.max_price_per_hour)
     return best
 
 
 def limit_failover(plan: Plan, candidates: list[dict]) -> list[dict]:
     """The offers SkyPilot may fail over to, limited to those at which the whole plan (with its margin)
-    stays within the budget; sets the plan's max price (and so its deadlines) from them. The plan's own
-    offer always stays first."""
+    stays within the budget; sets the plan's max price (and so its hard cap and deadlines) from them. The
+    plan's own offer always stays first."""
     keep = [c for c in candidates
             if plan.fits(float(c["price_per_hour"]) * plan.nodes)] or [plan.offer]
     if plan.offer not in keep:

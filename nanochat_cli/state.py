@@ -39,7 +39,7 @@ CLUSTER_FIELDS = {"name": str, "backend": str, "offer": dict, "nodes": int, "spo
 JOB_FIELDS = {"job_id": int, "backend": str, "cluster": str, "run": str, "cmd": list, "state": str, "pid": int,
               "child_pid": int, "returncode": int, "managed": bool, "submitted_at": NUM, "started_at": NUM,
               "ended_at": NUM}
-PLAN_FIELDS = {"budget": NUM, "price_per_hour": NUM, "deadline_at": NUM, "bucket": str, "preset": str,
+PLAN_FIELDS = {"budget": NUM, "spend_cap": NUM, "price_per_hour": NUM, "deadline_at": NUM, "bucket": str, "preset": str,
                "stages": list, "offer": dict, "nodes": int}
 
 

@@ -41,7 +41,7 @@ def test_replay_of_a_recorded_stream():
 def test_warns_once_at_80_percent():
     events = [e for e in map(parse_event, recorded_stream()) if e]
     meter, warnings = replay(events, PRICE, budget=14.2)   # 80% = $11.36, crossed at T0 + 1136 s
-    assert len(warnings) == 1 and warnings[0].startswith("$11.40 spent: 80% of the $14.20 budget")
+    assert len(warnings) == 1 and warnings[0].startswith("$11.40 spent: 80% of the $14.20 hard cap")
     assert "nanochat down" in warnings[0] and meter.warned
 
 
@@ -62,7 +62,7 @@ def test_panel_fields_from_events():
     assert fields["loss"] == "0.0333" and fields["tok/s"] == "500,000" and fields["MFU"] == "48.5%"
     assert fields["spent"] == "$12.00" and fields["elapsed"] == "10m00s"
     assert fields["ETA"] == "6m00s"                         # base is at its last step; sft's 0.1 h remains
-    assert fields["projected"] == "$15.60" and fields["budget"] == "$100.00 ($88.00 left)"
+    assert fields["projected"] == "$15.60" and fields["cap"] == "$100.00 ($88.00 left)"
 
 
 def test_inner_stage_announcements_are_not_printed_twice():

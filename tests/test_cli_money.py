@@ -38,8 +38,9 @@ def test_every_dryrun_plan_gives_base_its_tokens_within_budget_or_names_a_budget
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
     hours = {s["name"]: s["hours"] for s in plan["stages"]}
-    # Base may run until base_deadline_hours after launch: at least its planned end (setup + tok + base).
-    assert plan["base_deadline_hours"] >= hours["setup"] + hours["tok"] + hours["base"] - 1e-3
+    # Base may run until base_deadline_hours after launch: at least its planned end (setup + the node's
+    # preflight + tok + base).
+    assert plan["base_deadline_hours"] >= hours["setup"] + hours["preflight"] + hours["tok"] + hours["base"] - 1e-3
     # At the dearest offer the launch may fail over to, the whole run (and its margin) stays within budget.
     assert plan["max_price_per_hour"] >= plan["offer"]["price_per_hour"]
     assert plan["max_price_per_hour"] * plan["hours"] <= budget
@@ -78,6 +79,95 @@ def test_train_hands_the_node_exactly_the_plans_deadlines_and_only_affordable_fa
     assert all(p * (plan["hours"] + plan["margin_hours"]) <= 30 for p in prices)
     # The record existed when the provisioning request went out.
     assert "nanochat-m1" in launched["records"]
+
+
+def launch_recording(monkeypatch, *args):
+    """`nanochat train ... --yes --detach` with SkyPilot's launch faked at the cloud boundary: (result, start
+    time, the node's pipeline arguments, the cluster records when the request went out)."""
+    import sky
+    launched = {}
+
+    def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, wait_for=None, dryrun=False):
+        launched.update(args=task.envs["NANOCHAT_ARGS"].split(), records=state.load_clusters())
+        return "launch-request"
+
+    monkeypatch.setattr(sky, "launch", fake_launch)
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: (5, None))
+    with cloud_boundary(CLOUDS, monkeypatch):
+        t0 = time.time()
+        r = CliRunner().invoke(app, ["train", "--yes", "--detach", *args])
+    return r, t0, launched.get("args"), launched.get("records")
+
+
+def test_the_nodes_preflight_stage_is_planned_priced_and_not_taken_out_of_base(monkeypatch):
+    """The cloud pipeline opens with preflight (compile and a few steps at the planned depth): the plan counts
+    it, in the pipeline's order, so base's deadline leaves base its planned time after it. At $20 the old plan
+    (no preflight) chose d14 and set base's deadline 3 minutes before preflight + base could end."""
+    from nanochat_cli import planner
+    from nanochat_core.stages.pipeline import DEFAULT_STAGES
+    node = DEFAULT_STAGES["cloud"].split(",")
+    to_base = node[:node.index("base") + 1]                      # what runs on the node before base ends
+    for budget in (20, 100):
+        r = dryrun(budget, False, monkeypatch)
+        assert r.exit_code == 0, r.stderr
+        plan = json.loads(r.stdout)
+        hours = {s["name"]: s["hours"] for s in plan["stages"]}
+        assert [s["name"] for s in plan["stages"]][:len(to_base) + 1] == ["setup"] + to_base
+        assert hours["preflight"] == pytest.approx(planner.PREFLIGHT_H, abs=1e-3)
+        assert plan["hours"] == pytest.approx(sum(hours.values()), abs=2e-3)
+        assert plan["cost"] == pytest.approx(plan["hours"] * plan["offer"]["price_per_hour"], abs=0.05)
+        assert plan["base_deadline_hours"] >= sum(hours[n] for n in ["setup"] + to_base) - 1e-3
+
+
+def test_preflight_only_is_planned_priced_and_capped_as_setup_plus_preflight(monkeypatch):
+    """`--preflight-only` checks the depth the budget would train, and pays for setup and preflight alone: its
+    plan says so, and its own cost plus the margin - not the training budget - is the hard cap on the node."""
+    from nanochat_cli import planner
+    full = json.loads(dryrun(100, False, monkeypatch).stdout)
+    r = dryrun(100, False, monkeypatch, ["--preflight-only"])
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["depth"] == full["depth"]                        # the depth the full run would train
+    assert [s["name"] for s in plan["stages"]] == ["setup", "preflight"]
+    assert plan["hours"] == pytest.approx(planner.SETUP_H + planner.PREFLIGHT_H, abs=1e-3)
+    price = plan["max_price_per_hour"]
+    assert plan["hours"] <= plan["deadline_hours"] <= plan["hours"] + 1 / price
+    assert plan["spend_cap"] == math.ceil(price * (plan["hours"] + plan["margin_hours"]))
+    assert price * (plan["deadline_hours"] + plan["margin_hours"]) <= plan["spend_cap"] + 0.01
+    assert "preflight" in plan["capped_note"] and f"${plan['spend_cap']}" in plan["capped_note"]
+    r, t0, args, records = launch_recording(monkeypatch, "--budget", "100", "--preflight-only", "--name", "pf1")
+    assert r.exit_code == 0, r.stderr
+    assert args[args.index("--stages") + 1] == "preflight" and args[args.index("--depth") + 1] == str(plan["depth"])
+    assert float(args[args.index("--deadline-at") + 1]) == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
+    assert records["nanochat-pf1"]["budget"] == plan["spend_cap"]  # status counts down from the real cap
+
+
+def test_a_plan_capped_at_the_largest_depth_is_capped_at_its_own_cost_on_the_node_too(monkeypatch):
+    """$1000 buys more than d32: the plan trains d32, and its deadlines (so what a run gone wrong can spend)
+    follow the plan's own cost plus the margin at the dearest failover price - not the whole $1000."""
+    from nanochat_cli import planner
+    r = dryrun(1000, False, monkeypatch)
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["depth"] == planner.DEPTHS[-1]
+    price = plan["max_price_per_hour"]
+    cap = math.ceil(price * (plan["hours"] + plan["margin_hours"]))
+    assert plan["hours"] <= plan["deadline_hours"] <= plan["hours"] + 1 / price      # not 1000 / price
+    assert plan["spend_cap"] == cap < 1000
+    assert price * (plan["deadline_hours"] + plan["margin_hours"]) <= cap + 0.01
+    assert plan["base_deadline_hours"] >= plan["hours"] - sum(s["hours"] for s in plan["stages"]
+                                                              if s["name"] in ("mid", "sft", "eval")) - 1e-3
+    assert f"${cap}" in plan["capped_note"] and "$1000" in plan["capped_note"]
+    with cloud_boundary(CLOUDS, monkeypatch):                    # the human plan says what is spent at most
+        human = CliRunner().invoke(app, ["train", "--budget", "1000", "--dryrun"])
+    assert human.exit_code == 0 and f"at most ${cap}.00" in " ".join(human.stdout.split()), human.stdout
+    r, t0, args, records = launch_recording(monkeypatch, "--budget", "1000", "--name", "c1")
+    assert r.exit_code == 0, r.stderr
+    assert float(args[args.index("--deadline-at") + 1]) == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
+    assert float(args[args.index("--base-deadline-at") + 1]) == pytest.approx(
+        t0 + plan["base_deadline_hours"] * 3600, abs=5)
+    assert records["nanochat-c1"]["budget"] == cap               # status and the meter count down from it
+    assert state.read_json(state.run_dir("c1") / "plan.json")["spend_cap"] == cap
 
 
 def test_a_budget_truncated_end_is_shown_as_such_not_as_success():
@@ -150,6 +240,7 @@ def test_when_teardown_fails_too_the_record_stays_and_the_error_names_the_comman
     r = train(monkeypatch, "--name", "f3")
     assert r.exit_code == 2 and "`nanochat down --cluster nanochat-f3`" in r.stderr, r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert seen["downed"] == ["nanochat-f3"]                    # the teardown was tried
     assert "nanochat-f3" in state.load_clusters()               # still known: status/down find it
 
 

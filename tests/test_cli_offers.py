@@ -70,11 +70,12 @@ def test_optimizer_picks_cheapest_enabled_offer_for_the_plan(monkeypatch):
     assert code == 0, err
     plan = json.loads(out)
     assert set(plan) == {"offer", "depth", "params", "tokens", "hours", "cost", "stages", "max_price_per_hour",
-                         "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards"}
+                         "spend_cap", "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note",
+                         "num_shards"}
     assert (plan["offer"]["cloud"], plan["offer"]["instance_type"]) == ("lambda", "gpu_8x_h100_sxm5")
     assert 0 < plan["cost"] <= 150
     assert abs(sum(s["cost"] for s in plan["stages"]) - plan["cost"]) < 0.05
-    assert [s["name"] for s in plan["stages"]][:3] == ["setup", "tok", "base"]
+    assert [s["name"] for s in plan["stages"]][:4] == ["setup", "preflight", "tok", "base"]
 
 
 def test_no_credentials_is_a_clear_error(monkeypatch):

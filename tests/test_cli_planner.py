@@ -74,6 +74,8 @@ def test_never_above_budget_and_monotone(budget, price, more):
         assert "too small" in str(e)
         return
     assert p.cost <= budget and p.max_price_per_hour * (p.hours + p.margin_hours) <= budget + 1e-6
+    # The node's deadlines never let it spend more than the plan's hard cap, which is never above the budget.
+    assert p.max_price_per_hour * (p.deadline_hours + p.margin_hours) <= p.spend_cap + 1e-6 <= budget + 2e-6
     assert p.base_deadline_hours >= p.pre_base_end_hours() - 1e-9
     bigger = planner.make_plan(offer, budget * more)
     assert bigger.cost <= budget * more and bigger.depth >= p.depth
@@ -103,10 +105,30 @@ def test_deadlines_come_from_the_plan_and_the_dearest_failover_offer():
     assert 25.0 * (p.hours + planner.MARGIN_H) <= 100
 
 
-def test_the_depth_cap_is_said_out_loud():
+def test_the_depth_cap_is_said_out_loud_and_is_the_hard_cap():
     p = planner.make_plan(OFFER, 5000)
     assert p.depth == planner.DEPTHS[-1] and "largest model" in p.capped_note
     assert "capped_note" in p.to_json() and not planner.make_plan(OFFER, 100).capped_note
+    # The plan's own cost plus the margin, in whole dollars - not the $5000 - bounds the node's deadlines.
+    assert p.spend_cap == p.min_budget() < 5000 and f"${p.spend_cap:.2f}" in p.capped_note
+    assert p.hours <= p.deadline_hours == pytest.approx(p.spend_cap / 23.6 - planner.MARGIN_H)
+    # Failing over to a dearer offer raises the cap (and the note) with it, never the deadline past the plan.
+    planner.limit_failover(p, [OFFER, dict(OFFER, cloud="lambda", price_per_hour=31.92)])
+    assert p.spend_cap == p.min_budget() and f"${p.spend_cap:.2f}" in p.capped_note and "31.92/h" in p.capped_note
+    assert p.hours <= p.deadline_hours <= p.hours + 1 / 31.92
+    assert planner.make_plan(OFFER, 100).spend_cap == 100        # an uncapped plan may use its whole budget
+
+
+def test_preflight_is_planned_before_base_and_preflight_only_plans_nothing_else():
+    p = planner.make_plan(OFFER, 100)
+    assert [s.name for s in p.stages][:4] == ["setup", "preflight", "tok", "base"]
+    assert p.pre_base_end_hours() == pytest.approx(planner.SETUP_H + planner.PREFLIGHT_H + planner.TOKENIZER_H
+                                                   + next(s.hours for s in p.stages if s.name == "base"))
+    depth = p.depth
+    p.preflight_only()
+    assert p.depth == depth and [s.name for s in p.stages] == ["setup", "preflight"]
+    assert p.cost == pytest.approx((planner.SETUP_H + planner.PREFLIGHT_H) * 23.6)
+    assert p.spend_cap == p.min_budget() and p.hours <= p.deadline_hours == p.base_deadline_hours
 
 
 def test_the_node_downloads_enough_shards_for_the_planned_tokens():

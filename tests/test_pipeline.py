@@ -69,3 +69,8 @@ def test_local_dryrun_plan_counts_the_model_the_local_preset_trains():
     with torch.device("meta"):
         model = GPT(config_for_depth(4, 4096, sequence_len=256, head_dim=64))
     assert plan["params"] == sum(p.numel() for p in model.parameters())
+    # --preflight-only (and --stages) plan the stages that run, and only those
+    r = CliRunner().invoke(app, ["train", "--local", "--preflight-only", "--dryrun", "--json"])
+    assert r.exit_code == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert [s["name"] for s in plan["stages"]] == ["preflight"] and plan["hours"] == plan["stages"][0]["hours"]

@@ -37,7 +37,8 @@ LOCAL_MODEL = {"depth": 4, "vocab_size": 4096, "head_dim": 64, "sequence_len": 2
 LOCAL_BASE_MINUTES = 2.5
 
 # When base training must stop comes from the plan (`--base-deadline-at`, which `nanochat train` computes
-# from the budget, the dearest failover price and the planned post-base stages): one source of truth. Only a
+# from the plan's hard cap - the budget, or a capped plan's own cost - the dearest failover price and the
+# planned post-base stages; the plan counts preflight before base): one source of truth. Only a
 # hand-made run with a --deadline-at and no base deadline falls back to reserving this much after base.
 RESERVE_AFTER_BASE_S = {"local": 0, "cloud": 45 * 60}
 # A base stage cut by its deadline below this fraction of its planned steps ends the run right there as
