@@ -43,6 +43,7 @@ class _Mount:
     dirty: dict[str, _File] = field(default_factory=dict)   # local changes not uploaded yet
     scanned_at: float = 0.0
     refreshed_at: float = 0.0
+    frozen: bool = False    # a listing that has not expired yet, for as long as a test needs it
 
     def local_files(self) -> dict[str, tuple[int, int]]:
         out = {}
@@ -168,6 +169,10 @@ class ObjectStore:
     def view(self, node: int) -> Path:
         return self.mounts[node].view
 
+    def freeze(self, node: int, frozen: bool = True) -> None:
+        """Node `node` keeps its current listing (sees no other node's change) until freeze(node, False)."""
+        self.mounts[node].frozen = frozen
+
     def __enter__(self) -> "ObjectStore":
         for t in self._threads:
             t.start()
@@ -183,7 +188,7 @@ class ObjectStore:
         next_refresh = time.monotonic() + self.dir_cache_s * (1 + node / max(1, len(self.mounts))) / 2
         while not self._stop.is_set():
             m.scan()
-            if time.monotonic() >= next_refresh:
+            if time.monotonic() >= next_refresh and not m.frozen:
                 m.refresh()
                 next_refresh = time.monotonic() + self.dir_cache_s
             time.sleep(self.tick_s)

@@ -206,5 +206,70 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_on_both_views(tmp
             assert not (store.view(node) / "run" / "base" / "ckpt_000002").exists()
 
 
+
+# -----------------------------------------------------------------------------
+# The pipeline on two nodes: the other node follows node 0's word, never its own (stale) view of the books
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_pipelines(tmp_path: Path, store, stages: str, while_running=None) -> list[list[str]]:
+    """Node 0's and node 1's real pipeline (stand-in stages, tests/stage_standins.py), each on its own view;
+    returns the stages each node ran, as "<stage> <tokenizer sha prefix>" lines."""
+    port, procs, logs = _free_port(), [], []
+    for node in (0, 1):
+        logs.append(tmp_path / f"node{node}.log")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), SKYPILOT_NODE_RANK=str(node),
+                   SKYPILOT_NODE_IPS="127.0.0.1\n127.0.0.1", NANOCHAT_LEAD_PORT=str(port), STANDIN_LOG=str(logs[-1]))
+        procs.append(subprocess.Popen([PY, str(HERE / "stage_standins.py"), "pipeline", "--run-dir",
+                                       str(store.view(node) / "run"), "--preset", "cloud", "--stages", stages,
+                                       "--nnodes", "2", "--nproc-per-node", "1", "--deadline-at",
+                                       str(time.time() + 600), "--base-deadline-at", str(time.time() + 600)],
+                                      env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    if while_running:
+        while_running()
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=60)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()       # our own child, by its pid
+            outs.append(p.communicate()[0])
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, "\n".join(outs)[-4000:]
+    return [f.read_text().splitlines() if f.exists() else [] for f in logs]
+
+
+def test_the_other_node_skips_what_node_0_skips_even_when_it_sees_an_older_stages_json(tmp_path):
+    with ObjectStore(tmp_path / "s") as store:
+        run0 = store.view(0) / "run"
+        (run0 / "tokenizer").mkdir(parents=True)
+        (run0 / "tokenizer" / "tokenizer.json").write_text("tok-v1")
+        (run0 / "stages.json").write_text(json.dumps({"tok": {}}))
+        store.settle()
+        store.freeze(1)                  # node 1's listing of the run dir has not expired yet ...
+        (run0 / "stages.json").write_text(json.dumps({"tok": {}, "base": {}}))   # ... when base is done
+        ran = _two_pipelines(tmp_path, store, "tok,base,sft", while_running=lambda: (time.sleep(4),
+                                                                                     store.freeze(1, False)))
+    assert [r.split()[0] for r in ran[0]] == ["sft"]
+    assert ran[1] == ran[0]              # node 1 ran base neither: its torchrun jobs pair up with node 0's
+
+
+def test_the_other_node_trains_with_node_0s_new_tokenizer_not_the_older_one_it_still_sees(tmp_path):
+    with ObjectStore(tmp_path / "s", dir_cache_s=1.5) as store:
+        run0 = store.view(0) / "run"
+        (run0 / "tokenizer").mkdir(parents=True)
+        (run0 / "tokenizer" / "tokenizer.json").write_text("an older tokenizer")
+        store.settle()
+        ran = _two_pipelines(tmp_path, store, "tok,sft,report")
+    assert [r.split()[0] for r in ran[0]] == ["tok", "sft", "report"]
+    assert [r.split()[0] for r in ran[1]] == ["sft"]          # tok and report are node 0's alone
+    assert ran[1][0] == ran[0][1]                               # the same tokenizer as node 0's sft
+
 if __name__ == "__main__":
     _node_main(json.loads(sys.argv[1]))
