@@ -17,7 +17,7 @@ seen from a node other than its writer's is in the bucket, so meta.json never vo
 A step dir without meta.json is an unfinished save: find_latest skips it, rank 0 removes it after a later
 commit (when nobody writes into it any more). Readers on other nodes wait until they see, whole, the
 checkpoint rank 0 picked (pick_on_rank0). Pruning keeps the checkpoint just committed and the keep-1
-complete ones before it.
+complete ones before it; nothing else.
 `find_latest` still checks every file against meta.json, because no protocol protects against a disk that
 lies, a copy that was cut short, or a person poking at files: a corrupt checkpoint is reported on stderr and
 the previous one is used. Every load path verifies (a checkpoint dir passed by hand included), and file names
@@ -276,13 +276,13 @@ def list_checkpoints(stage_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def _prune(stage_dir: Path, keep: int, newest: int) -> None:
     """Rank 0, right after committing step `newest`: keep it and the keep-1 complete checkpoints before it;
-    remove older ones, unfinished step dirs before it and temp dirs. Nobody writes into those: this job's
-    ranks finished writing before the commit, and runlock allows one job per run dir. Step dirs after
-    `newest` are left alone (an earlier attempt's that could not be resumed; a save of that step clears it)."""
-    before = [p for s, p in list_checkpoints(stage_dir) if s < newest]
-    complete = [p for p in before if (p / "meta.json").is_file()]
-    for p in complete[max(keep, 1) - 1:] + [p for p in before if p not in complete]:
-        shutil.rmtree(p, ignore_errors=True)
+    remove the rest - older ones, unfinished saves, and step dirs after `newest` (an abandoned attempt's,
+    which this run could not resume from) - and temp dirs. Nobody writes into those: this job's ranks
+    finished writing before the commit, and runlock allows one job per run dir."""
+    before = [p for s, p in list_checkpoints(stage_dir) if s < newest and (p / "meta.json").is_file()]
+    for s, p in list_checkpoints(stage_dir):
+        if s != newest and p not in before[:max(keep, 1) - 1]:
+            shutil.rmtree(p, ignore_errors=True)
     for p in stage_dir.glob(".ckpt_*"):  # temp dirs of single-node saves that were killed
         shutil.rmtree(p, ignore_errors=True)
 
