@@ -185,6 +185,16 @@ def test_two_node_save_is_complete_on_both_views_once_the_store_settles(tmp_path
                                                               for f in files]   # no temp dirs, no probes
 
 
+def test_a_save_whose_files_never_become_visible_fails_in_one_line_and_commits_nothing(tmp_path):
+    apart = [tmp_path / "n0" / "run", tmp_path / "n1" / "run"]      # two nodes that share nothing
+    res = _run_nodes(tmp_path, "save", apart, wait_s=2, steps=[1])
+    for r in res:
+        msg = r.get("error", "")
+        assert "was not saved" in msg and "optim_rank00" in msg and "\n" not in msg, res
+    assert not list(tmp_path.glob("n*/run/base/ckpt_*/meta.json"))
+    assert not list(tmp_path.glob("n*/run/base/ckpt_*/*"))           # each rank removed what it wrote
+
+
 @pytest.mark.parametrize("die", [{"rank": 0, "step": 2, "at": "meta"}, {"rank": 1, "step": 2, "at": "shard"}])
 def test_a_save_killed_half_way_leaves_the_previous_checkpoint_on_both_views(tmp_path, capsys, die):
     """kill -9 of a node before meta.json is committed (or half-way through a shard): every view's newest
