@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from nanochat_core import runlock
-from nanochat_core.lead_link import LeadLink, wait_for_file
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
+from nanochat_core.lead_link import LeadLink, wait_for_file
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
 # preflight (nanochat_core/preflight.py) opens every cloud run: a minute of checks at the planned depth and
