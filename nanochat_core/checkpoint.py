@@ -8,18 +8,22 @@ One checkpoint is one directory, `<stage_dir>/ckpt_{step:06d}/`:
                            world size, the size + sha256 of every other file, and `meta_sha256`: the
                            sha256 of meta.json's own canonical text without that field (so a damaged
                            meta.json - a flipped digit in the config or a size - is caught too)
-The directory is assembled under a hidden temp name and renamed into place in one step, so a reader
-(or the next run) never sees a half-written checkpoint under its final name. `find_latest` still
-checks every file against meta.json, because a rename protects against crashes but not against a
-disk that lies, a copy that was cut short, or a person poking at files: a corrupt checkpoint is
-reported on stderr and the previous one is used. Every load path verifies (a checkpoint dir passed by
-hand included), and file names in meta.json are confined to the checkpoint dir: only model.safetensors
-and optim_rankNNN.pt are accepted, so a meta.json naming `../../etc/passwd` is refused, never read.
-A save that fails (a full disk) removes its temp dir and says so in one line.
-
-Multi-rank saving needs all ranks to see the same directory (one node, or a shared/bucket-mounted run
-dir on several nodes): every rank writes its optimizer shard into the temp dir, rank 0 writes the rest
-and does the rename. Collectives (gather, barrier) keep the ranks in step.
+Only a complete checkpoint ever gets a meta.json: every rank writes and fsyncs its files, rank 0 gathers
+their sizes + sha256, every rank waits until it SEES every file at its size, and rank 0 then writes meta.json
+(atomically). On one node all of that happens in a hidden temp dir that rank 0 renames into place, so a half-
+written checkpoint never has its final name. On several nodes (a bucket-mounted run dir, see shared_dir.py)
+no directory rename is safe, so every rank writes under the final name and meta.json alone commits; a file
+seen from a node other than its writer's is in the bucket, so meta.json never vouches for one that is not.
+A step dir without meta.json is an unfinished save: find_latest skips it, rank 0 removes it after a later
+commit (when nobody writes into it any more). Readers on other nodes wait until they see, whole, the
+checkpoint rank 0 picked (pick_on_rank0). Pruning keeps the checkpoint just committed and the keep-1
+complete ones before it; nothing else.
+`find_latest` still checks every file against meta.json, because no protocol protects against a disk that
+lies, a copy that was cut short, or a person poking at files: a corrupt checkpoint is reported on stderr and
+the previous one is used. Every load path verifies (a checkpoint dir passed by hand included), and file names
+in meta.json are confined to the checkpoint dir: only model.safetensors and optim_rankNNN.pt are accepted, so
+a meta.json naming `../../etc/passwd` is refused, never read. A save that fails (a full disk) removes what it
+wrote and says so in one line. All ranks must see the same directory: shared_dir.check_shared_dir, at start.
 """
 from __future__ import annotations
 
@@ -33,10 +37,13 @@ import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from nanochat_core.common import NanochatError, fsync_dir, json_default, sha256_file
+from nanochat_core import shared_dir
+from nanochat_core.shared_dir import all_gather, barrier, broadcast   # broadcast and barrier: the stages' too
+from nanochat_core.common import NanochatError, atomic_write_bytes, fsync_dir, json_default, sha256_file
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 FILE_RE = re.compile(r"^(model\.safetensors|optim_rank\d{3,}\.pt)$")  # the only names a checkpoint may list
@@ -47,63 +54,6 @@ DEFAULT_KEEP = 3
 
 def ckpt_name(step: int) -> str:
     return f"ckpt_{step:06d}"
-
-
-# -----------------------------------------------------------------------------
-# Small distributed helpers (no-ops when torch.distributed is not initialised)
-
-def _dist_active() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _dist_active():
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not _dist_active():
-        return [obj]
-    import torch.distributed as dist
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast(obj: Any) -> Any:
-    """Rank 0's value of obj on every rank (a no-op without torch.distributed)."""
-    if not _dist_active():
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def check_shared_dir(stage_dir: str | os.PathLike) -> None:
-    """Collective. All ranks must see the same stage dir (every rank writes its optimizer shard into the
-    checkpoint rank 0 renames into place). One node always does; several nodes only with a shared or
-    bucket-mounted run dir. Checked at start-up so a misconfigured multi-node run fails in seconds, not
-    at its first checkpoint."""
-    if not _dist_active():
-        return
-    import secrets
-    stage_dir = Path(stage_dir)
-    token = broadcast(secrets.token_hex(8))
-    probe = stage_dir / f".shared-probe-{token}"
-    if int(os.environ.get("RANK", "0")) == 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token)
-    _barrier()
-    seen = _all_gather(probe.is_file())
-    _barrier()
-    if int(os.environ.get("RANK", "0")) == 0:
-        probe.unlink(missing_ok=True)
-    if not all(seen):
-        raise NanochatError(f"{stage_dir} is not shared by all nodes ({seen.count(False)} ranks cannot see it): "
-                            "multi-node training needs the run dir on shared storage (e.g. a bucket mount)")
 
 
 # -----------------------------------------------------------------------------
@@ -210,22 +160,29 @@ def _disk_full(e: BaseException, where: Path) -> bool:
 def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimizer: Any, meta: dict,
                     rank: int = 0, world_size: int = 1, *, loader_state: dict | None = None,
                     keep: int = DEFAULT_KEEP) -> Path:
-    """Write `stage_dir/ckpt_{step:06d}` atomically. Every rank must call this (it is collective).
-    `meta` is the caller's record (stage, args, horizon, ...); `loader_state` is this rank's data
-    loader state - all ranks' states are gathered into meta.json. Keeps the newest `keep` checkpoints.
-    Returns the final directory. A failed save removes its temp dir (a full disk is not left full) and
-    a full disk raises NanochatError("no space left on device ..."); the previous checkpoint is untouched."""
+    """Write `stage_dir/ckpt_{step:06d}`; only a complete one ever gets a meta.json. Every rank must call this
+    (it is collective). `meta` is the caller's record (stage, args, horizon, ...); `loader_state` is this
+    rank's data loader state - all ranks' states are gathered into meta.json. Keeps the newest `keep`
+    checkpoints. Returns the final directory. A failed save removes what it wrote (a full disk is not left
+    full) and a full disk raises NanochatError("no space left on device ..."); the previous checkpoint is
+    untouched."""
     stage_dir = Path(stage_dir)
     final = stage_dir / ckpt_name(step)
-    tmp = stage_dir / f".{ckpt_name(step)}.tmp"
+    # One node: built in a hidden temp dir, renamed into place. Several nodes: written in place (see the
+    # module docstring), meta.json last.
+    work = final if shared_dir.spans_nodes() else stage_dir / f".{ckpt_name(step)}.tmp"
     if rank == 0:
         from nanochat_core import runlock
         runlock.check_writer(stage_dir.parent)  # one writer per run dir (see runlock.py)
+    written: list[Path] = []   # this rank's files, until they may belong to a committed checkpoint
     try:
-        _save(stage_dir, step, model, optimizer, meta, rank, world_size, loader_state, keep, final, tmp)
+        _save(stage_dir, step, model, optimizer, meta, rank, world_size, loader_state, keep, final, work, written)
     except BaseException as e:
         full = _disk_full(e, stage_dir) if not isinstance(e, (KeyboardInterrupt, NanochatError)) else False
-        shutil.rmtree(tmp, ignore_errors=True)
+        if work != final:
+            shutil.rmtree(work, ignore_errors=True)
+        for p in written:   # in place: only our own files - another rank may still be writing its own
+            p.unlink(missing_ok=True)
         if full:
             raise NanochatError(f"no space left on device while saving checkpoint {final.name} in {stage_dir}; "
                                 "the unfinished save was removed and the previous checkpoint is intact: free "
@@ -235,37 +192,47 @@ def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimiz
 
 
 def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, rank: int, world_size: int,
-          loader_state: dict | None, keep: int, final: Path, tmp: Path) -> None:
+          loader_state: dict | None, keep: int, final: Path, work: Path, written: list[Path]) -> None:
     import torch
     from safetensors.torch import save_file
 
-    # 1. rank 0 clears any leftover temp dir of a save that was killed half-way, then everyone writes.
+    # 1. rank 0 clears what a killed save (or an earlier save of this very step) left there; then everyone
+    # writes. Every rank makes the dir: on a bucket, rank 0's empty dir is not visible to another node.
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    shard_name = f"optim_rank{rank:03d}.pt"
-    _write_fsynced(tmp / shard_name, lambda f: torch.save(_optimizer_shard(optimizer), f))
-    mine = {
-        "file": shard_name,
-        "size": (tmp / shard_name).stat().st_size,
-        "sha256": sha256_file(tmp / shard_name),
-        "loader_state": loader_state,
-        "rng": capture_rng_state(),
-    }
-    everyone = _all_gather(mine)  # also a barrier: all shards are on disk after this line
-
-    # 2. rank 0 writes the weights and, last, the meta that vouches for all files; then renames.
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
+    work.mkdir(parents=True, exist_ok=True)
+    shard = f"optim_rank{rank:03d}.pt"
+    written.append(work / shard)
+    _write_fsynced(work / shard, lambda f: torch.save(_optimizer_shard(optimizer), f))
     if rank == 0:
         sd = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous()
               for k, v in _unwrap(model).state_dict().items()}
-        save_file(sd, str(tmp / "model.safetensors"))
-        with open(tmp / "model.safetensors", "rb") as f:
+        written.append(work / "model.safetensors")
+        save_file(sd, str(work / "model.safetensors"))
+        with open(work / "model.safetensors", "rb") as f:
             os.fsync(f.fileno())
         del sd
-        files = {r["file"]: {"size": r["size"], "sha256": r["sha256"]} for r in everyone}
-        files["model.safetensors"] = {"size": (tmp / "model.safetensors").stat().st_size,
-                                      "sha256": sha256_file(tmp / "model.safetensors")}
+    mine = {"files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in written},
+            "loader_state": loader_state, "rng": capture_rng_state()}
+    everyone = all_gather(mine)
+    files = {name: info for r in everyone for name, info in r["files"].items()}
+
+    # 2. Nothing is committed before every rank SEES every file at its size (at once on one node). A file seen
+    # from a node other than its writer's is in the bucket, so meta.json never vouches for one that is not.
+    patience = shared_dir.wait_s() if work == final else 0.0
+    unseen = shared_dir.wait_until_seen(work, {n: i["size"] for n, i in files.items()}, patience)
+    blind = [(r, u) for r, u in enumerate(all_gather(unseen)) if u]
+    if blind:
+        r, names = blind[0]
+        raise NanochatError(f"checkpoint {final.name} in {stage_dir} was not saved: rank {r} still cannot see "
+                            f"{', '.join(names[:4])} after {patience:.0f} s (is the run dir shared storage, is its "
+                            "upload stuck?); the previous checkpoint is intact")
+    if rank != 0:
+        written.clear()   # rank 0 may commit from here on: our file is no longer ours to remove
+
+    # 3. rank 0 writes, last, the meta that vouches for every file; on one node it then renames the dir into place.
+    if rank == 0:
         record = {
             **meta,
             "step": step,
@@ -278,19 +245,24 @@ def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, ra
         # Through JSON once so the digest is taken over exactly what a reader will parse back.
         record = json.loads(json.dumps(record, default=json_default))
         record["meta_sha256"] = meta_digest(record)
-        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        _write_fsynced(tmp / "meta.json", lambda f: f.write(text.encode("utf-8")))
-        if final.exists():  # re-saving the same step (e.g. stopped right after a resume)
-            old = stage_dir / f".{ckpt_name(step)}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(stage_dir)
-        _prune(stage_dir, keep)
-    _barrier()  # nobody moves on (or exits) before the checkpoint exists
+        atomic_write_bytes(work / "meta.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        written.clear()   # committed
+        if work != final:
+            _rename_into_place(work, final)
+        _prune(stage_dir, keep, step)
+    barrier()  # nobody moves on (or exits) before the checkpoint exists
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():  # re-saving the same step (e.g. stopped right after a resume)
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def list_checkpoints(stage_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -302,10 +274,16 @@ def list_checkpoints(stage_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _prune(stage_dir: Path, keep: int) -> None:
-    for _, path in list_checkpoints(stage_dir)[max(keep, 1):]:
-        shutil.rmtree(path, ignore_errors=True)
-    for p in stage_dir.glob(".ckpt_*"):  # temp dirs of saves that were killed; nobody is writing now
+def _prune(stage_dir: Path, keep: int, newest: int) -> None:
+    """Rank 0, right after committing step `newest`: keep it and the keep-1 complete checkpoints before it;
+    remove the rest - older ones, unfinished saves, and step dirs after `newest` (an abandoned attempt's,
+    which this run could not resume from) - and temp dirs. Nobody writes into those: this job's ranks
+    finished writing before the commit, and runlock allows one job per run dir."""
+    before = [p for s, p in list_checkpoints(stage_dir) if s < newest and (p / "meta.json").is_file()]
+    for s, p in list_checkpoints(stage_dir):
+        if s != newest and p not in before[:max(keep, 1) - 1]:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in stage_dir.glob(".ckpt_*"):  # temp dirs of single-node saves that were killed
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -405,6 +383,39 @@ def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only:
         print(f"warning: checkpoint {path} is corrupt: {problem}; falling back to the previous one",
               file=sys.stderr, flush=True)
     return None
+
+
+def pick_on_rank0(find: Callable[[], Path | None], weights_only: bool = False) -> Path | None:
+    """Rank 0 picks a checkpoint (hashing it once, not once per GPU) and every rank gets its answer - its
+    NanochatError included, so that no rank is left waiting in a collective. On another node the answer is
+    only usable once that node can see the checkpoint whole: wait_visible."""
+    answer: dict = {}
+    if shared_dir.rank() == 0:
+        try:
+            found = find()
+            answer = {"path": str(found) if found else None}
+        except NanochatError as e:
+            answer = {"error": str(e)}
+    answer = broadcast(answer)
+    if "error" in answer:
+        raise NanochatError(answer["error"])
+    if answer["path"] is None:
+        return None
+    wait_visible(Path(answer["path"]), weights_only)
+    return Path(answer["path"])
+
+
+def wait_visible(ckpt_dir: Path, weights_only: bool = False) -> None:
+    """On several nodes, wait (bounded) until this node sees the checkpoint rank 0 picked whole: meta.json and
+    every file it lists at its size. A bucket mount shows another node's files late (shared_dir.py)."""
+    if not shared_dir.spans_nodes():
+        return
+    end = time.monotonic() + shared_dir.wait_s()
+    while (problem := verify_checkpoint(ckpt_dir, hashes=False, weights_only=weights_only)) is not None:
+        if time.monotonic() > end:
+            raise NanochatError(f"checkpoint {ckpt_dir} is still not complete as seen from this node after "
+                                f"{shared_dir.wait_s():.0f} s ({problem}): is the run dir shared storage?")
+        time.sleep(shared_dir.POLL_S)
 
 
 def read_meta(ckpt_dir: str | os.PathLike) -> dict:
@@ -508,7 +519,7 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
     path = Path(path).expanduser()
     if not path.exists():
         raise NanochatError(f"{path} does not exist: pass a run directory or a checkpoint directory")
-    ckpt = _resolve_checkpoint(path, stage)
+    ckpt = pick_on_rank0(lambda: _resolve_checkpoint(path, stage), weights_only=True)   # every rank: the same one
     meta = read_meta(ckpt)
     tok_dir = _find_tokenizer_dir(ckpt)
     try:

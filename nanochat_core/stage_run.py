@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanochat_core import checkpoint, training
+from nanochat_core import checkpoint, shared_dir, training
 from nanochat_core.common import NanochatError, cleanup_runtime, emit, init_runtime
 
 
@@ -43,10 +43,9 @@ class StageRun:
         minutes = save_every_minutes if save_every_minutes is not None else (
             gpu_save_minutes if self.rt.device_type == "cuda" else 1.0)
         self.cadence = training.SaveCadence(minutes, save_every_steps)
-        checkpoint.check_shared_dir(self.stage_dir)   # several nodes: every rank must see the same stage dir
-        found = checkpoint.find_latest(self.stage_dir) if self.rt.master and self.stage_dir.is_dir() else None
-        found = checkpoint.broadcast(str(found) if found else None)
-        self.resume_from: Path | None = Path(found) if found else None   # our own latest good checkpoint
+        shared_dir.check_shared_dir(self.stage_dir)   # several nodes: every rank must see the same stage dir
+        self.resume_from: Path | None = checkpoint.pick_on_rank0(   # our own latest good checkpoint
+            lambda: checkpoint.find_latest(self.stage_dir) if self.stage_dir.is_dir() else None)
         self.stopped = False
 
     def init_checkpoint(self, sources: list[str]) -> Path:
@@ -55,10 +54,9 @@ class StageRun:
         if self.resume_from is not None:
             return self.resume_from
         for s in sources:   # rank 0 looks (hashing a big checkpoint once, not once per GPU), every rank gets its answer
-            found = checkpoint.find_latest(self.run_dir / s) if self.rt.master and (self.run_dir / s).is_dir() else None
-            found = checkpoint.broadcast(str(found) if found else None)
+            stage_dir = self.run_dir / s
+            found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir) if stage_dir.is_dir() else None)
             if found is not None:
-                found = Path(found)
                 meta = checkpoint.read_meta(found)
                 if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != self.tokenizer.hash:
                     raise NanochatError(f"{found} was trained with a different tokenizer than {self.run_dir}/tokenizer")

@@ -404,8 +404,7 @@ def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str,
     if ckpt is not None:
         found = str(ckpt)
     else:
-        found = checkpoint.find_latest(stage_dir) if rank == 0 else None
-        found = checkpoint.broadcast(str(found) if found else None)
+        found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir))
     if found is None:
         return None
     meta = checkpoint.load_checkpoint(found, model, optimizer)

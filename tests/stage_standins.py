@@ -5,8 +5,9 @@ end to end in a second or two instead of training a model. Not a test module.
 
     python tests/stage_standins.py pipeline PIPELINE_ARGS...   the real Pipeline, each stage replaced by
                                                                `python stage_standins.py stage NAME RUN_DIR`
+With env STANDIN_LOG, every stage appends "<stage> <tokenizer sha256 prefix>" to that file.
 Behaviour per stage from env STANDIN_<STAGE> (default "ok"):
-    ok                   write <stage>.out and exit 0
+    ok                   write <stage>.out (tok: also a fresh tokenizer/tokenizer.json) and exit 0
     train:STEPS:STEP_S   train-like: a checkpoint every step, stop cleanly (exit 0) at NANOCHAT_DEADLINE
                          (what base_train's StopGuard does), recording step and planned total_steps
     hang                 ignore SIGTERM, start a grandchild in its own session that ignores SIGTERM too,
@@ -24,7 +25,15 @@ from pathlib import Path
 
 def stage(name: str, run_dir: Path) -> int:
     spec = os.environ.get(f"STANDIN_{name.upper()}", "ok")
+    if os.environ.get("STANDIN_LOG"):   # which node ran which stage, with which tokenizer (multi-node tests)
+        tok = run_dir / "tokenizer" / "tokenizer.json"
+        sha = hashlib.sha256(tok.read_bytes()).hexdigest()[:12] if tok.is_file() else "-"
+        with open(os.environ["STANDIN_LOG"], "a") as f:
+            f.write(f"{name} {sha}\n")
     if spec == "ok":
+        if name == "tok":   # a fresh tokenizer each time, as a retrained one may differ
+            (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+            (run_dir / "tokenizer" / "tokenizer.json").write_text(os.urandom(16).hex())
         (run_dir / f"{name}.out").write_text(f"{name} done\n")
         return 0
     if spec.startswith("train:"):

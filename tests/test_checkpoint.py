@@ -119,6 +119,25 @@ def test_interrupted_save_leaves_no_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["ckpt_000001", "ckpt_000003"]
 
 
+def test_pruning_never_deletes_the_checkpoint_it_just_wrote(tmp_path, capsys):
+    """Step dirs after the one being saved (an abandoned attempt's: unfinished, or corrupt, which is why the run
+    resumed from an earlier one) never push the new checkpoint out of the `keep` newest; they are removed."""
+    model = _tiny_net()
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2):
+        _save(tmp_path / "s", step, model, opt, keep=2)
+    for step in (7, 8, 9):
+        bad = tmp_path / "s" / f"ckpt_{step:06d}"
+        bad.mkdir()
+        (bad / "optim_rank000.pt").write_bytes(b"half a shard")
+        if step == 9:
+            (bad / "meta.json").write_text("{not json")
+    assert find_latest(tmp_path / "s").name == "ckpt_000002"
+    _save(tmp_path / "s", 3, model, opt, keep=2)
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "s")] == [3, 2]
+    assert find_latest(tmp_path / "s").name == "ckpt_000003"
+
+
 def test_rng_state_roundtrip():
     random.seed(5)
     torch.manual_seed(5)

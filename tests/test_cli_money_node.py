@@ -122,24 +122,43 @@ def test_train_yaml_run_script_lets_the_steps_skypilot_appends_run(tmp_path):
     assert r.returncode == 2                                      # the pipeline's own exit code
 
 
-def test_only_node_0_keeps_the_books_and_the_others_wait_for_its_tokenizer_to_become_visible(tmp_path):
+def test_only_node_0_keeps_the_books_and_the_others_follow_its_word_and_wait_for_its_tokenizer(tmp_path):
     """Multi-node: node 1 must not run tok/report or write stages.json, the report, the manifest, the outcome
-    (all nodes share one bucket directory); it waits for node 0's tokenizer, which - as through a bucket
-    mount - becomes visible only some time after node 0 wrote it."""
+    (all nodes share one bucket directory); it runs what node 0 says it runs (lead_link.py: here the test is
+    node 0), with node 0's tokenizer - which, as through a bucket mount, becomes visible only some time after
+    node 0 said so - and it ends when node 0 ends the run."""
+    import datetime
+    import socket
+    import threading
+    from torch.distributed import TCPStore
+    from nanochat_core.common import sha256_file
     rd = tmp_path / "run"
     rd.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node0 = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30))
+    node0.set("plan", json.dumps({"run": ["tok", "sft", "eval", "report"]}))
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    node0.set("stage/sft", json.dumps({"tokenizer": sha256_file(tok)}))
 
     def node0_upload_lands_late():
         time.sleep(2.0)
         (rd / "tokenizer").mkdir()
         (rd / "tokenizer" / "tokenizer.json").write_text("{}")
+        while not (rd / "sft.out").exists():
+            time.sleep(0.1)
+        node0.set("end", json.dumps({"code": 0, "why": "the budget's deadline"}))   # instead of "stage/eval"
 
-    import threading
     threading.Thread(target=node0_upload_lands_late, daemon=True).start()
-    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,report", "--deadline-at", str(time.time() + 600)],
-                                   {"SKYPILOT_NODE_RANK": "1"})
+    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,eval,report", "--deadline-at", str(time.time() + 600),
+                                        "--nnodes", "2", "--nproc-per-node", "1"],
+                                   {"SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
+                                    "NANOCHAT_LEAD_PORT": str(port)})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert took >= 2.0 and (rd / "sft.out").exists()
-    assert not (rd / "tok.out").exists() and not (rd / "report.out").exists()
+    assert took >= 2.0 and (rd / "sft.out").exists() and "node 0 ended the run" in r.stdout
+    assert not (rd / "tok.out").exists() and not (rd / "eval.out").exists() and not (rd / "report.out").exists()
     for book in ("stages.json", "MANIFEST.sha256", "report.md", "outcome.json"):
         assert not (rd / book).exists(), book
+    assert node0.add("bye", 0) == 1          # it said it heard the last word, so node 0 may exit

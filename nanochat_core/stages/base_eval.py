@@ -93,7 +93,7 @@ def main(argv=None) -> None:
             data = data_dir() / "bundled"
             if rt.master:
                 ensure_bundled(data)
-            checkpoint._barrier()
+            checkpoint.barrier()
         on_gpu = rt.device_type == "cuda"
         B = a.device_batch_size or bpb_device_batch(model.config.n_layer, T, rt.device_type,
                                                      device_memory_gb(rt.device) if on_gpu else None)

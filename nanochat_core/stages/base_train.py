@@ -240,7 +240,7 @@ def main(argv=None) -> None:
         data = data_dir() / "bundled"
         if rt.master:
             ensure_bundled(data)
-        checkpoint._barrier()
+        checkpoint.barrier()
     else:
         data = args.data
 

@@ -26,8 +26,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256 GPU, 128 CPU)")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    present = [s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
-               and checkpoint.find_latest(a.run_dir / s, hashes=False, weights_only=True)]
+    rt = init_runtime(a.device)
+    # rank 0 looks and every rank gets its list: another node may not see the newest stage's files yet
+    present = checkpoint.broadcast([s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
+                                    and checkpoint.find_latest(a.run_dir / s, hashes=False, weights_only=True)]
+                                   if rt.master else None)
     if a.stage in (None, "all"):
         if not present:
             raise NanochatError(f"no chat checkpoint (mid, sft or rl) in {a.run_dir}: run chat_sft first")
@@ -37,7 +40,6 @@ def main(argv=None) -> None:
     else:
         raise NanochatError("--stage must be base, mid, sft, rl or all")
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    rt = init_runtime(a.device)
     if a.max_new_tokens is None:
         a.max_new_tokens = 256 if rt.device_type == "cuda" else 128
     for stage in stages:

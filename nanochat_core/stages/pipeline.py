@@ -26,6 +26,7 @@ from pathlib import Path
 
 from nanochat_core import runlock
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
+from nanochat_core.lead_link import LeadLink, wait_for_file
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
 # preflight (nanochat_core/preflight.py) opens every cloud run: a minute of checks at the planned depth and
@@ -213,10 +214,11 @@ class Pipeline:
         self.lock_fd: int | None = None
         self.deadline_hit = False
         # Multi-node: every node runs this pipeline, but only node 0 keeps the books (stages.json, report,
-        # manifest, outcome) and runs the single-process stages (tok, report); the others would write the
-        # same files at once into a shared bucket directory, whose object-store semantics (last writer
-        # wins, late visibility) make that a race.
+        # manifest, outcome), runs the single-process stages (tok, report) and decides; the others would
+        # write the same files at once into a shared bucket directory (last writer wins) and read them late
+        # or stale, so they follow node 0's word instead (lead_link.py).
         self.lead = os.environ.get("SKYPILOT_NODE_RANK", "0") == "0"
+        self.link = LeadLink(self.lead, 1)   # run() opens the real one; the others follow node 0 through it
 
     def save_manifest(self) -> None:
         if self.lead:
@@ -225,16 +227,6 @@ class Pipeline:
     def write_outcome(self, outcome: dict) -> None:
         if self.lead:
             atomic_write_json(self.run_dir / "outcome.json", outcome)
-
-    def wait_for_lead(self, path: Path, what: str, timeout_s: float = 3600) -> None:
-        """A non-lead node waits for node 0's output to become visible here (a bucket mount shows another
-        node's writes only after its upload and our cache refresh: poll, never assume)."""
-        end = time.time() + timeout_s
-        while not path.exists():
-            if time.time() > end or self.stopping:
-                raise NanochatError(f"{what} from node 0 did not appear in {path.parent} within "
-                                    f"{timeout_s / 60:.0f} min; check node 0's log")
-            time.sleep(2.0)
 
     def done_stages(self) -> dict:
         import json
@@ -281,6 +273,7 @@ class Pipeline:
     def end_truncated(self, stage: str, why: str) -> None:
         """A clean end inside the budget: what exists is kept, listed in the manifest and reported; exit 0
         so that no scheduler (SkyPilot's managed-job recovery) treats it as a failure to retry."""
+        self.link.end(0, why)
         self.write_outcome({"state": TRUNCATED, "stage": stage, "why": why})
         emit("error", stage=stage, message=why)
         self.refresh_report()
@@ -353,13 +346,26 @@ class Pipeline:
         self.lock_fd = runlock.acquire(self.run_dir)  # one writer per run dir; held until we exit
         signal.signal(signal.SIGTERM, self.forward_signal)
         signal.signal(signal.SIGINT, self.forward_signal)
+        dist = launcher(a.nproc_per_node or gpus_per_node(), a.nnodes)
+        self.link = LeadLink(self.lead, a.nnodes)
+        try:
+            self.run_stages(stages, dist)
+        except BaseException as e:   # node 0 ends early: the other nodes end with it
+            code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 2
+            self.link.end(code, f"exit code {code}" if isinstance(e, SystemExit) else str(e)[:200])
+            raise
+        finally:
+            self.link.close()
 
-        # A relaunch (larger budget, after a preemption) decides its own outcome.
+    def run_stages(self, stages: list[str], dist: list[str]) -> None:
+        a = self.a
         if self.lead:
-            (self.run_dir / "outcome.json").unlink(missing_ok=True)
-        nproc = a.nproc_per_node or gpus_per_node()
-        dist = launcher(nproc, a.nnodes)
-        done = self.done_stages()
+            (self.run_dir / "outcome.json").unlink(missing_ok=True)   # a relaunch decides its own outcome
+            done = self.done_stages()
+            self.link.tell("plan", {"run": [s for s in stages if a.force or s not in done]})
+        else:   # node 0's books, never our (possibly stale) view of stages.json: see lead_link.py
+            plan = self.link.ask("plan", lambda: self.stopping)
+            done = {s: {} for s in stages if s not in plan["run"]}
         need_data = any(s in stages and (a.force or s not in done) for s in ("tok", "base", "eval"))
         data = background = None
 
@@ -386,13 +392,18 @@ class Pipeline:
             deadline = self.stage_deadline(stage)
             if deadline is not None:
                 env["NANOCHAT_DEADLINE"] = str(deadline)
-                if time.time() >= deadline - 1:
+                if time.time() >= deadline - 1 and self.lead:   # the others follow node 0's clock
                     self.end_truncated(stage, f"the budget's deadline for stage '{stage}' passed before it "
                                               "started; a larger --budget continues the run")
-            if not self.lead and stage in ("tok", "report"):
-                if stage == "tok":
-                    self.wait_for_lead(self.run_dir / "tokenizer" / "tokenizer.json", "the tokenizer")
-                continue
+            tokenizer = self.run_dir / "tokenizer" / "tokenizer.json"
+            if self.lead:   # we start this stage now, with this tokenizer
+                self.link.tell(f"stage/{stage}", {"tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else None})
+            elif stage in ("tok", "report"):
+                continue    # node 0's alone
+            else:
+                go = self.link.ask(f"stage/{stage}", lambda: self.stopping)
+                if go["tokenizer"]:   # node 0's, not an older one still visible here
+                    wait_for_file(tokenizer, go["tokenizer"], "the tokenizer", lambda: self.stopping)
             started = time.time()
             emit("stage_start", stage=stage, pipeline=True)
             for cmd in stage_commands(stage, a, data, dist):
@@ -407,7 +418,7 @@ class Pipeline:
                     emit("error", stage=stage, message=f"exit code {rc}")
                     raise NanochatError(f"stage '{stage}' failed (exit code {rc}); fix the cause and run the same "
                                         f"command again: finished stages are skipped, this one resumes")
-            if stage == "base" and deadline is not None:
+            if stage == "base" and deadline is not None and self.lead:
                 self.check_base(deadline)
             self.mark_done(stage, started)
             if stage == "eval":
