@@ -47,6 +47,7 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None   # (B, 1, d): the last token's embedding (the model's smear)
 
     @classmethod
     def for_model(cls, model: Any, batch_size: int, max_len: int) -> "KVCache":
@@ -89,6 +90,8 @@ class KVCache:
         self.k[:, :, :, :other.pos] = other.k[:, :, :, :other.pos]   # broadcasts B=1 -> B=N
         self.v[:, :, :, :other.pos] = other.v[:, :, :, :other.pos]
         self.pos = other.pos
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
 
     def _allocate(self, length: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (self.num_layers, self.batch_size, self.num_kv_heads, length, self.head_dim)

@@ -82,7 +82,12 @@ def hf_config(cfg, tokenizer) -> dict:
         "max_position_embeddings": 10 * cfg.sequence_len,   # our rotary table's reach (model.py)
         "window_sizes": [w or 0 for w in cfg.window_sizes()],
         "value_embed_layers": cfg.value_embed_layers(),
-        "ve_gate_channels": _model_const("VE_GATE_CHANNELS"),
+        "ve_gate_channels": cfg.ve_gate_channels,
+        "ve_gate_scale": cfg.ve_gate_scale,
+        "qk_scale": cfg.qk_scale,
+        "smear": cfg.smear,
+        "smear_channels": _model_const("SMEAR_CHANNELS"),
+        "backout": cfg.backout,
         "logit_softcap": _model_const("SOFTCAP"),
         "rope_theta": float(_model_const("ROPE_BASE")),
         "bos_token_id": bos,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from nanochat_core.common import NanochatError
 # The shape of the model as plain data (torch-free, shared with the CLI's planner), re-exported here.
 from nanochat_core.model_config import (  # noqa: F401
-    ABLATE, ATTN_IMPLS, VE_GATE_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
+    ATTN_IMPLS, SMEAR_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
 )
 
 # FlexAttention is optional: present in torch >= 2.5; the CUDA fast path uses it, everything else
@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - old torch
 
 SOFTCAP = 15.0         # logits = 15 * tanh(logits / 15)
 ROPE_BASE = 100_000    # rotary base (the reference uses 100k rather than the classic 10k)
+SMEAR_LR = 0.2         # AdamW LR of the smear gate/lambda and the backout lambda (the reference's)
 
 
 # -----------------------------------------------------------------------------
@@ -207,8 +208,9 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(d, self.n_kv_head * hd, bias=False)
         self.c_v = nn.Linear(d, self.n_kv_head * hd, bias=False)
         self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
-        self.ve_gate_channels = min(VE_GATE_CHANNELS, d)
+        self.ve_gate_channels, self.ve_gate_scale = min(config.ve_gate_channels, d), config.ve_gate_scale
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
+        self.qk_scale = config.qk_scale
 
     def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, masks):
         B, T, _ = x.shape
@@ -216,13 +218,13 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if ve is not None:
-            # value embedding: a second, token-indexed source of values; the gate in (0, 2) starts at 1
-            gate = (3 if "vegate" in ABLATE else 2) * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            # value embedding: a second, token-indexed source of values, mixed in by a gate in (0, scale)
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)
             ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)   # QK-norm, then rotary
-        if "qk12" in ABLATE:
-            q, k = q * 1.2, k * 1.2
+        if self.qk_scale != 1.0:   # sharper attention than 1/sqrt(D) alone (split between q and k)
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k = q.to(v.dtype), k.to(v.dtype)   # under autocast the norm may run in fp32; kernels want one dtype
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
@@ -273,10 +275,10 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in sorted(ve_layers)})
         self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
-        if "smear" in ABLATE:
-            self.smear_gate = nn.Linear(24, 1, bias=False)
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.empty(1))
-        if "backout" in ABLATE:
+        if config.backout:
             self.backout_lambda = nn.Parameter(torch.empty(1))
         # Rotary tables for 10x the training context so the engine can generate past it. Not
         # persistent: they are a pure function of the config and are rebuilt by init_weights().
@@ -292,52 +294,47 @@ class GPT(nn.Module):
     def build(cls, config: "GPTConfig | dict", device: Any = "cpu") -> "GPT":
         """A freshly initialised model on `device` (config: a GPTConfig or its dict, as checkpoints store it)."""
         with torch.device("meta"):
-            model = cls(GPTConfig(**config) if isinstance(config, dict) else config)
+            model = cls(GPTConfig.from_dict(config) if isinstance(config, dict) else config)
         model.to_empty(device=device)
         model.init_weights()
         return model
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The init, in one place (sizes: d = n_embd):
-        - wte ~ N(0, 1): RMSNorm follows, so only direction matters; unit scale keeps AdamW steps relative.
+        """The init, in one place (sizes: d = n_embd, L = n_layer, layer i = 0..L-1):
+        - wte ~ N(0, 0.8): RMSNorm follows, so only direction matters for the forward; the scale sets how
+          big AdamW's steps are relative to the weights (the reference moved 1.0 -> 0.8).
         - lm_head ~ N(0, 0.001): near-zero logits, so the first loss is ~ln(vocab).
-        - c_q, c_k, c_v, c_fc and value embeddings ~ U(-s, s), s = sqrt(3/d): std 1/sqrt(d), which keeps
-          unit-RMS inputs at unit-RMS outputs.
+        - c_q, c_k, c_v and value embeddings ~ U(-s, s), s = sqrt(3/d): std 1/sqrt(d), which keeps unit-RMS
+          inputs at unit-RMS outputs; c_fc at 0.4x that (a quieter MLP at the start).
         - both output projections (attn c_proj, mlp c_proj) = 0: every block starts as the identity.
-        - ve_gate = 0 (gate = 2*sigmoid(0) = 1); resid_lambdas = 1, x0_lambdas = 0.1.
-        - rotary cos/sin recomputed (base 100k)."""
-        d = self.config.n_embd
+        - ve_gate ~ U(0, 0.02): gates start a little above the middle of their range.
+        - resid_lambdas 1.15 -> 1.05 and x0_lambdas 0.20 -> 0.05, linear over the layers: early layers keep
+          more of the stream and of the embedding.
+        - smear: gate ~ U(0, 0.02), lambda 0 (starts off); backout lambda 0.2.
+        - rotary cos/sin recomputed (base 100k).
+        Checkpoints written before this recipe do not care: their weights replace all of it."""
+        d, L = self.config.n_embd, self.config.n_layer
         s = math.sqrt(3.0 / d)
-        init2 = "init2" in ABLATE
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if init2 else 1.0)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
-            fc = 0.4 * s if init2 else s
-            nn.init.uniform_(block.mlp.c_fc.weight, -fc, fc)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                if "vegate" in ABLATE:
-                    nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
-                else:
-                    nn.init.zeros_(block.attn.ve_gate.weight)
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for emb in self.value_embeds.values():
             nn.init.uniform_(emb.weight, -s, s)
-        L = self.config.n_layer
-        if init2:
-            for i in range(L):
-                self.resid_lambdas[i] = 1.15 - 0.10 * i / max(L - 1, 1)
-                self.x0_lambdas[i] = 0.20 - 0.15 * i / max(L - 1, 1)
-        else:
-            self.resid_lambdas.fill_(1.0)
-            self.x0_lambdas.fill_(0.1)
-        if "smear" in ABLATE:
+        for i in range(L):
+            self.resid_lambdas[i] = 1.15 - 0.10 * i / max(L - 1, 1)
+            self.x0_lambdas[i] = 0.20 - 0.15 * i / max(L - 1, 1)
+        if self.config.smear:
             nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
             self.smear_lambda.zero_()
-        if "backout" in ABLATE:
+        if self.config.backout:
             self.backout_lambda.fill_(0.2)
         self._init_rotary()
 
@@ -396,10 +393,8 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx))
         if self.residual_bf16 and torch.is_autocast_enabled(idx.device.type):
             x = x.to(torch.bfloat16)
-        if "smear" in ABLATE:
-            assert kv_cache is None, "smear ablation: training forward only"
-            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
-            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        if self.config.smear:
+            x = self._smear(x, kv_cache)
         x0 = x
         x_backout = None
         for i, block in enumerate(self.transformer.h):
@@ -407,9 +402,11 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, masks)
-            if "backout" in ABLATE and i == self.config.n_layer // 2:
+            if self.config.backout and i == self.config.n_layer // 2:
                 x_backout = x
         if x_backout is not None:
+            # backout: take a learned share of the mid-depth stream (low-level features) back out before the
+            # unembedding reads it
             x = x - self.backout_lambda.to(x.dtype) * x_backout
         x = norm(x)
         if kv_cache is not None:
@@ -424,10 +421,22 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
 
+    def _smear(self, x: torch.Tensor, kv_cache: Any) -> torch.Tensor:
+        """Each position gets a gated share of the previous token's normed embedding (cheap bigram information;
+        the gate reads the current token). With a KV cache, a chunk's first position takes the last embedding
+        of the chunk before, which the cache keeps; the very first token has no previous one."""
+        before = getattr(kv_cache, "prev_embedding", None)
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]
+        prev = x[:, :-1] if before is None else torch.cat([before.to(x.dtype), x[:, :-1]], dim=1)
+        start = x.size(1) - prev.size(1)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, start:, :SMEAR_CHANNELS]))
+        return torch.cat([x[:, :start], x[:, start:] + gate * prev], dim=1)
+
     # -- optimizer ------------------------------------------------------------
     def setup_optimizer(self, lr_scale: float = 1.0, weight_decay: float = 0.0, *, matrix_lr: float = 0.02,
                         embedding_lr: float = 0.3, unembedding_lr: float = 0.008, scalar_lr: float = 0.5,
-                        adam_betas: tuple[float, float] = (0.8, 0.95), compile_muon: bool = False):
+                        compile_muon: bool = False):
         """Muon for every 2-D matrix inside the blocks, AdamW for embeddings, lm_head and scalars.
         The base learning rates are the reference's (docs/ARCHITECTURE.md); every stage scales them all by
         `lr_scale` (base training by its batch size, mid/SFT/RL by a fraction of base's) rather than restating them.
@@ -444,24 +453,21 @@ class GPT(nn.Module):
         def names(prefix: str) -> list[str]:
             return [n for n in named if n == prefix or n.startswith(prefix + ".")]
         groups: list[dict] = []
-        def adamw(ns: list[str], lr: float, betas=adam_betas, wd: float = 0.0) -> None:
+        def adamw(ns: list[str], lr: float, betas=(0.8, 0.95), wd: float = 0.0) -> None:
             if ns:
                 groups.append(dict(kind="adamw", names=ns, params=[named[n] for n in ns], lr=lr,
                                    betas=betas, eps=1e-10, weight_decay=wd))
-        if "adamw2" in ABLATE:
-            adamw(names("lm_head"), unembedding_lr * scale, betas=(0.8, 0.96), wd=0.01)
-            adamw(names("transformer.wte"), embedding_lr * scale, betas=(0.8, 0.995), wd=0.001)
-            adamw(names("value_embeds"), embedding_lr * scale * 0.5, betas=(0.8, 0.995), wd=0.01)
-            adamw(names("resid_lambdas"), scalar_lr * 0.01, wd=0.05)
-        else:
-            adamw(names("lm_head"), unembedding_lr * scale)
-            adamw(names("transformer.wte"), embedding_lr * scale)
-            adamw(names("value_embeds"), embedding_lr * scale)
-            # residual scalars sit on the main path of every layer: 0.01 x the scalar LR (as the reference does);
-            # x0 scalars get a slower first moment (beta1 0.96), also as the reference does.
-            adamw(names("resid_lambdas"), scalar_lr * 0.01)
-        adamw(names("x0_lambdas"), scalar_lr, betas=(0.96, adam_betas[1]))
-        adamw(names("smear_gate") + names("smear_lambda") + names("backout_lambda"), 0.2 * lr_scale)
+        # Per-group betas and decoupled weight decay as the reference settled them: embeddings keep a long
+        # second-moment memory (beta2 0.995: rare tokens get rare, noisy gradients) and a little weight decay;
+        # value embeddings learn at half the embedding LR; residual scalars sit on the main path of every layer
+        # (0.01 x the scalar LR); x0 scalars get a slower first moment (beta1 0.96); smear/backout scalars
+        # have their own fixed LR.
+        adamw(names("lm_head"), unembedding_lr * scale, betas=(0.8, 0.96), wd=0.01)
+        adamw(names("transformer.wte"), embedding_lr * scale, betas=(0.8, 0.995), wd=0.001)
+        adamw(names("value_embeds"), embedding_lr * scale * 0.5, betas=(0.8, 0.995), wd=0.01)
+        adamw(names("resid_lambdas"), scalar_lr * 0.01, wd=0.05)
+        adamw(names("x0_lambdas"), scalar_lr, betas=(0.96, 0.95))
+        adamw(names("smear_gate") + names("smear_lambda") + names("backout_lambda"), SMEAR_LR * lr_scale)
         by_shape: dict[tuple, list[str]] = {}
         for n in names("transformer.h"):
             if named[n].ndim != 2:
@@ -469,7 +475,7 @@ class GPT(nn.Module):
             by_shape.setdefault(tuple(named[n].shape), []).append(n)
         for ns in by_shape.values():
             groups.append(dict(kind="muon", names=ns, params=[named[n] for n in ns], lr=matrix_lr,
-                               momentum=0.95, beta2=0.9 if "nb09" in ABLATE else 0.95, weight_decay=weight_decay, ns_steps=5))
+                               momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5))
         covered = [n for g in groups for n in g["names"]]
         assert sorted(covered) == sorted(named), "every parameter must be in exactly one optimizer group"
         return MuonAdamW(groups, compile_step=compile_muon)

@@ -6,18 +6,13 @@ prices runs with these same functions (so a plan and the trained model can never
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from nanochat_core.common import NanochatError
 
-# Recipe ablation switches (temporary: the GPU-readiness issue's ablation table is measured with them, one
-# row per switch, e.g. NANOCHAT_ABLATE=smear,backout). The winners become the code; the switches go.
-ABLATE = frozenset(filter(None, os.environ.get("NANOCHAT_ABLATE", "").split(",")))
-
 ATTN_IMPLS = ("auto", "reference", "sdpa", "flex")
 VOCAB_PAD = 64         # pad the embedding tables to a multiple of 64 for friendlier matmul shapes
-VE_GATE_CHANNELS = 12 if "vegate" in ABLATE else 32  # the value-embedding gate looks at the first channels of the block input
+SMEAR_CHANNELS = 24    # the smear gate looks at the first 24 channels of the normed embedding
 
 
 @dataclass
@@ -30,6 +25,22 @@ class GPTConfig:
     n_embd: int = 768
     window_pattern: str = "SSSL"  # per layer, tiled: S = short window, L = full context; last layer always L
     attn_impl: str = "auto"       # "auto" | "reference" | "sdpa" | "flex" (auto: flex on CUDA, else sdpa)
+    # The 2026 recipe pieces (docs/PERFORMANCE.md has the ablation that kept them). Checkpoints written before
+    # them lack these keys and load with LEGACY_RECIPE's values (from_dict), so an old run resumes unchanged.
+    ve_gate_channels: int = 12    # the value-embedding gate reads this many channels of the block input
+    ve_gate_scale: float = 3.0    # gate = scale * sigmoid(.), in (0, scale)
+    qk_scale: float = 1.2         # q and k are each multiplied by this after QK-norm: logits x 1.44
+    smear: bool = True            # mix the previous token's embedding into each position (gated)
+    backout: bool = True          # subtract a learned share of the mid-depth residual before the final norm
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """A config as a checkpoint stores it; keys it lacks are from before the recipe changes above."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NanochatError(f"model config has unknown keys {unknown}: written by a newer nanochat?")
+        return cls(**{**LEGACY_RECIPE, **d})
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +83,10 @@ class GPTConfig:
             raise NanochatError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
 
 
+# What a checkpoint without the recipe keys was trained with (see GPTConfig.from_dict).
+LEGACY_RECIPE = dict(ve_gate_channels=32, ve_gate_scale=2.0, qk_scale=1.0, smear=False, backout=False)
+
+
 def config_for_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
                      head_dim: int = 128, n_kv_head: int | None = None, window_pattern: str = "SSSL") -> GPTConfig:
     """The one dial. width = aspect_ratio * depth rounded UP to a multiple of head_dim (d20 -> 1280,
@@ -95,13 +110,14 @@ def count_params(config: GPTConfig) -> dict[str, int]:
     q_dim = config.n_head * config.head_dim
     n_ve = len(config.value_embed_layers())
     per_layer = d * q_dim + 2 * d * kv_dim + q_dim * d + 2 * d * 4 * d   # q,k,v,proj + MLP fc,proj
-    matrices = L * per_layer + n_ve * min(VE_GATE_CHANNELS, d) * config.n_kv_head
+    matrices = L * per_layer + n_ve * min(config.ve_gate_channels, d) * config.n_kv_head
     counts = {
         "wte": V * d,
         "value_embeds": n_ve * V * kv_dim,
         "lm_head": V * d,
         "transformer_matrices": matrices,
-        "scalars": 2 * L + (25 if "smear" in ABLATE else 0) + (1 if "backout" in ABLATE else 0),
+        # resid/x0 lambdas per layer; the smear gate (SMEAR_CHANNELS -> 1) and its lambda; backout's lambda
+        "scalars": 2 * L + (SMEAR_CHANNELS + 1 if config.smear else 0) + (1 if config.backout else 0),
     }
     counts["scaling"] = counts["transformer_matrices"] + counts["lm_head"]
     counts["total"] = sum(v for k, v in counts.items() if k != "scaling")

@@ -150,7 +150,7 @@ def _model_lines(run_dir: Path) -> list[str]:
     config = meta.get("config") or plan.get("config")
     if config:
         from nanochat_core.model import GPTConfig, count_params
-        counts = count_params(GPTConfig(**config))
+        counts = count_params(GPTConfig.from_dict(config))
         lines.append(f"- Parameters: {counts['total']:,} ({counts['scaling']:,} scaling); depth {config['n_layer']}, "
                      f"width {config['n_embd']}, vocab {config['vocab_size']:,}, context {config['sequence_len']}")
     if plan.get("total_batch_size"):

@@ -6,7 +6,8 @@ The pieces every training stage (base, mid, SFT, RL) shares, so that each stage'
 - agree(): one small all-reduce per step so that every rank stops / saves at the SAME step (a rank
   that saves alone would hang in the checkpoint's collectives).
 - lr_multiplier / muon_momentum / muon_weight_decay_multiplier / apply_schedule: the schedules (warmup,
-  constant, linear warmdown; Muon momentum 0.85 -> 0.97 over 400 steps; Muon weight decay linearly to 0).
+  constant, linear warmdown to 5%; Muon momentum 0.85 -> 0.97 over 400 steps, easing to 0.90 in the
+  warmdown; Muon weight decay linearly to 0).
   Pure functions of the step for a fixed horizon, so resume is exact.
 - TimeHorizon / lr_multiplier_at: the same schedules driven by the fraction of a time budget used.
 - ProgressMeter: `progress` events (the CLI's cost meter and progress panel read nothing else).
@@ -187,9 +188,9 @@ def save_or_stop(stop: bool, due: bool, finished: bool, save_now, step: int, gua
 # -----------------------------------------------------------------------------
 # Schedules (pure functions of the step: a resumed run follows exactly the same curve)
 
-from nanochat_core.model_config import ABLATE  # noqa: E402
-WARMDOWN_RATIO = 0.65 if "wd65" in ABLATE else 0.5   # linear decay over the last 50% of steps (the reference: ~50-65%)
-FINAL_LR_FRAC = 0.05 if "wd65" in ABLATE else 0.0
+WARMDOWN_RATIO = 0.65  # linear decay over the last 65% of the run ...
+FINAL_LR_FRAC = 0.05   # ... to 5% of the peak LR, not to 0 (the reference's settings since mid-2026)
+MOMENTUM_END = 0.90    # Muon momentum eases from 0.97 to this over the warmdown
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0,
@@ -269,12 +270,14 @@ class TimeHorizon:
 def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: float = 0.97,
                   progress: float | None = None) -> float:
     """Muon momentum ramps 0.85 -> 0.97 over the first 400 steps: low momentum while the weights are
-    moving fast at the start, high once the direction is stable (the reference recipe)."""
+    moving fast at the start, high once the direction is stable (the reference recipe). Given the run's
+    progress (0..1), it then eases towards MOMENTUM_END over the warmdown, as the reference now does (less
+    averaging while the LR falls). A run shorter than the ramp blends the two."""
     frac = min(step / ramp_steps, 1.0)
     mu = (1 - frac) * start + frac * end
-    if "momdown" in ABLATE and progress is not None and progress > 1 - WARMDOWN_RATIO:
-        down = (progress - (1 - WARMDOWN_RATIO)) / WARMDOWN_RATIO
-        mu = (1 - down) * mu + down * 0.90
+    if progress is not None and progress > 1 - WARMDOWN_RATIO:
+        down = min(1.0, (progress - (1 - WARMDOWN_RATIO)) / WARMDOWN_RATIO)
+        mu = (1 - down) * mu + down * MOMENTUM_END
     return mu
 
 

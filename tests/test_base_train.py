@@ -322,5 +322,9 @@ def test_compiled_step_matches_eager_over_20_steps():
     finally:
         torch._dynamo.reset()
     assert compiled[0] == pytest.approx(eager[0], abs=1e-5)
-    assert all(abs(a - b) < 2e-2 for a, b in zip(eager, compiled)), list(zip(eager, compiled))
+    # reassociation differences grow as training goes on (a chaotic system: the first 10 steps agree to 2e-3, the
+    # last ones drift to ~3e-2 since MuonEq rescales quiet rows, rounding included); a wrong compiled graph would
+    # be off from the first steps, or by whole units
+    assert all(abs(a - b) < 2e-3 for a, b in zip(eager[:10], compiled[:10])), str([a - b for a, b in zip(eager, compiled)])
+    assert all(abs(a - b) < 6e-2 for a, b in zip(eager, compiled)), str([round(a - b, 4) for a, b in zip(eager, compiled)])
     assert eager[-1] < eager[0] - 3  # it learned the two batches: the comparison is not of two flat lines

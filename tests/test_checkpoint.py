@@ -154,12 +154,16 @@ def test_lr_schedule_shape():
     total, warm = 100, 5
     m = [training.lr_multiplier(s, total, warm) for s in range(total)]
     assert m[0] == pytest.approx(1 / warm) and m[warm - 1] == 1.0
-    assert all(x == 1.0 for x in m[warm:50])            # constant until warmdown starts (last 50%)
-    assert all(a > b for a, b in zip(m[50:], m[51:]))  # strictly decreasing warmdown
-    assert m[-1] == pytest.approx(1 / 50) and m[-1] > 0
+    assert all(x == 1.0 for x in m[warm:36])            # constant until warmdown starts (last 65%)
+    assert all(a > b for a, b in zip(m[35:], m[36:]))  # strictly decreasing warmdown ...
+    assert m[-1] == pytest.approx(1 / 65 + (64 / 65) * 0.05)   # ... towards 5% of the peak, not 0
     assert training.muon_momentum(0) == 0.85
     assert training.muon_momentum(200) == pytest.approx(0.91)
     assert training.muon_momentum(400) == training.muon_momentum(5000) == pytest.approx(0.97)
+    # given the progress, momentum eases to 0.90 over the warmdown (which starts at 35% of the run)
+    assert training.muon_momentum(5000, progress=0.35) == pytest.approx(0.97)
+    assert training.muon_momentum(5000, progress=0.675) == pytest.approx(0.935)
+    assert training.muon_momentum(5000, progress=1.0) == pytest.approx(0.90)
 
 
 def test_apply_schedule_sets_lr_from_initial():

@@ -27,6 +27,7 @@ def tiny_model(vocab_size: int, depth: int = 2, seed: int = 0, sequence_len: int
                 if name == "lm_head.weight":
                     std = 4.0 / math.sqrt(p.size(1))
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+        model.smear_lambda.fill_(0.7)   # smear starts switched off (lambda 0): the cache must carry it when on
     return model.eval()
 
 
@@ -47,10 +48,14 @@ def test_kv_cache_greedy_equals_full_recompute(engine, tiny_tokenizer):
     try:
         cached = [c[0] for c, _ in engine.generate(ids, max_tokens=40, temperature=0.0)]
         full = [c[0] for c, _ in engine.generate(ids, max_tokens=40, temperature=0.0, use_kv_cache=False)]
+        # several samples share one prefill: the batch-1 cache (keys, values, the smear's last embedding) is
+        # copied to every row
+        pair = [c for c, _ in engine.generate(ids, num_samples=2, max_tokens=40, temperature=0.0)]
     finally:
         engine.stop_ids = saved
     assert len(cached) == 40
     assert cached == full
+    assert [c[0] for c in pair] == full and [c[1] for c in pair] == full
     assert engine.model.config.attn_impl == "auto"   # the engine never touches the model's settings
     assert len(set(cached)) > 3          # a real sequence, not one token repeated
 

@@ -24,6 +24,7 @@ def build(cfg: GPTConfig, seed: int = 0, randomize: bool = True) -> GPT:
                 p.normal_(0.0, 1.0 / math.sqrt(p.size(1)))
             model.lm_head.weight.normal_(0.0, 0.05)
             model.x0_lambdas.uniform_(0.0, 0.3)
+            model.smear_lambda.fill_(0.5)   # smear starts switched off (lambda 0): switch it on
     return model.eval()
 
 
@@ -234,12 +235,18 @@ def test_setup_optimizer_groups():
     model = build(cfg, randomize=False)
     opt = model.setup_optimizer(weight_decay=0.1)
     kinds = [(g["kind"], g["names"][0]) for g in opt.param_groups]
-    assert kinds[:5] == [("adamw", "lm_head.weight"), ("adamw", "transformer.wte.weight"),
-                         ("adamw", "value_embeds.0.weight"), ("adamw", "resid_lambdas"), ("adamw", "x0_lambdas")]
-    assert all(k == "muon" for k, _ in kinds[5:])
+    assert kinds[:6] == [("adamw", "lm_head.weight"), ("adamw", "transformer.wte.weight"),
+                         ("adamw", "value_embeds.0.weight"), ("adamw", "resid_lambdas"), ("adamw", "x0_lambdas"),
+                         ("adamw", "smear_gate.weight")]
+    assert opt.param_groups[5]["names"] == ["smear_gate.weight", "smear_lambda", "backout_lambda"]
+    assert all(k == "muon" for k, _ in kinds[6:])
     scale = (128 / 768) ** -0.5
     assert opt.param_groups[1]["lr"] == pytest.approx(0.3 * scale)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.008 * scale)
+    assert opt.param_groups[2]["lr"] == pytest.approx(0.5 * 0.3 * scale)   # value embeddings: half the LR
+    assert [g["betas"] for g in opt.param_groups[:5]] == [(0.8, 0.96), (0.8, 0.995), (0.8, 0.995), (0.8, 0.95),
+                                                         (0.96, 0.95)]
+    assert [g["weight_decay"] for g in opt.param_groups[:6]] == [0.01, 0.001, 0.01, 0.05, 0.0, 0.0]
     for g in opt.param_groups:
         assert g["initial_lr"] == g["lr"]
         if g["kind"] == "muon":
@@ -249,3 +256,21 @@ def test_setup_optimizer_groups():
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     # deterministic order
     assert names == [n for g in build(cfg, randomize=False).setup_optimizer().param_groups for n in g["names"]]
+
+
+def test_a_config_from_before_the_recipe_keys_builds_the_model_it_was_trained_as():
+    """Checkpoints store the config as a dict. One written before smear/backout/the VE-gate and q.k changes
+    lacks those keys: it must come back as the architecture it was trained with (so its weights load and a
+    resumed run goes on unchanged), not as today's default."""
+    import dataclasses
+    new = dataclasses.asdict(tiny())
+    old = {k: v for k, v in new.items() if k not in ("ve_gate_channels", "ve_gate_scale", "qk_scale", "smear", "backout")}
+    legacy = GPT.build(old)
+    assert not hasattr(legacy, "smear_gate") and not hasattr(legacy, "backout_lambda")
+    assert legacy.transformer.h[0].attn.ve_gate.in_features == 32 and legacy.config.qk_scale == 1.0
+    assert legacy.num_params() == count_params(legacy.config)["total"]
+    current = GPT.build(new)
+    assert current.transformer.h[0].attn.ve_gate.in_features == 12 and hasattr(current, "smear_gate")
+    assert current.num_params() == count_params(current.config)["total"]
+    with pytest.raises(NanochatError, match="unknown keys"):
+        GPT.build({**new, "mystery": 1})

@@ -178,12 +178,15 @@ def _assert_same_updates(got: dict, want: dict, rel_tol: float) -> None:
     """Per tensor, the total update got - init differs from want - init by < rel_tol in relative Frobenius
     norm. Not elementwise: summation order differs between 1 and 2 ranks, and where a gradient entry is ~0
     Adam (eps 1e-10) turns that rounding noise into a sizeable step, and a cautious weight-decay mask
-    can flip; such entries are few, so they barely move the norm (measured worst: ~5e-4 over 3 steps)."""
+    can flip; such entries are few, so they barely move the norm (measured worst: ~5e-4 over 3 steps).
+    A lone scalar (the backout lambda) has no other entries to dilute that: its gradient is one long sum with
+    heavy cancellation, so the order of summation moves it by ~1% (measured 1.2%); a missing average or a
+    dropped rank would still be off by ~50-100%."""
     init = _model().state_dict()
     assert got.keys() == want.keys()
     for k in want:
         rel = ((got[k] - want[k]).norm() / (want[k] - init[k]).norm()).item()
-        assert rel < rel_tol, (k, rel)
+        assert rel < (rel_tol if want[k].numel() > 1 else 0.05), (k, rel)
 
 
 def test_two_rank_gloo_run_matches_one_rank(runs):
@@ -226,8 +229,9 @@ def test_two_rank_shards_are_partial_and_load_into_one_rank(runs):
 def test_one_rank_shard_resumed_on_two_ranks_gives_the_same_next_update(runs):
     for k in runs["B"][0]:
         assert torch.equal(runs["B"][0][k], runs["B"][1][k]), k
-    # resuming re-uses the exact state, so only the last step's summation order differs (measured ~3e-6)
-    _assert_same_updates(runs["B"][0], runs["ref"], rel_tol=1e-4)
+    # resuming re-uses the exact state, so only the last step's summation order differs (measured ~3e-6 before
+    # MuonEq, 1.2e-4 with it: rescaling every row to the mean row norm also scales up a quiet row's rounding)
+    _assert_same_updates(runs["B"][0], runs["ref"], rel_tol=5e-4)
 
 
 def test_updates_are_bitwise_deterministic_on_cpu(runs):

@@ -5,8 +5,10 @@ Self-contained (torch + transformers only). The test suite checks its logits aga
 
 - token embedding -> RMSNorm (no weights anywhere) = x0; before every layer x = resid_lambda*x + x0_lambda*x0
 - attention: QK-norm then rotary (base 100k, halves rotated), grouped-query heads, a causal window per layer
-  (sliding on some, full on others), value embeddings on some layers mixed into V by a gate 2*sigmoid(.)
-  that looks at the first ve_gate_channels channels of the layer input
+  (sliding on some, full on others), value embeddings on some layers mixed into V by a gate scale*sigmoid(.)
+  that looks at the first ve_gate_channels channels of the layer input; q and k scaled by qk_scale after the norm
+- smear (optional): each position adds lambda * sigmoid(gate(x_t)) * x_{t-1} of the normed embeddings;
+  backout (optional): lambda * (the stream after layer L//2) is subtracted before the final norm
 - MLP relu(x)^2, 4x wide; untied unembedding; logits = softcap * tanh(logits / softcap)
 - KV cache: transformers' DynamicCache (full keys are kept; the window is applied by the mask). Batches with
   left padding work: rotary positions come from the attention mask, padded keys are masked out.
@@ -42,7 +44,8 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(d, self.n_kv_head * hd, bias=False)
         self.c_v = nn.Linear(d, self.n_kv_head * hd, bias=False)
         self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
-        self.ve_gate_channels = min(config.ve_gate_channels, d)
+        self.ve_gate_channels, self.ve_gate_scale = min(config.ve_gate_channels, d), config.ve_gate_scale
+        self.qk_scale = config.qk_scale
         has_ve = layer_idx in config.value_embed_layers
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
 
@@ -52,10 +55,11 @@ class Attention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
         q, k = rotary(norm(q), cos, sin), rotary(norm(k), cos, sin)
+        q, k = q * self.qk_scale, k * self.qk_scale
         q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -105,6 +109,11 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in config.value_embed_layers})
         self.resid_lambdas = nn.Parameter(torch.ones(config.num_hidden_layers))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.num_hidden_layers))
+        if config.smear:
+            self.smear_gate = nn.Linear(config.smear_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.post_init()
 
     def _init_weights(self, module):
@@ -137,6 +146,20 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
             out[w] = m
         return out
 
+    def _smear(self, x, key_valid, cache, Tk):
+        """Position t gets lambda * sigmoid(gate(x_t)) * x_{t-1}. The previous token of a decode step is the
+        last one of the call before (kept on the cache object); a padding token is nobody's previous token."""
+        T = x.size(1)
+        before = getattr(cache, "nanochat_prev_embedding", None) if cache is not None else None
+        if cache is not None:
+            cache.nanochat_prev_embedding = x[:, -1:]
+        prev = torch.cat([before if before is not None else torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        if key_valid is not None:
+            prev_valid = F.pad(key_valid, (1, 0), value=False)[:, Tk - T:Tk]   # is position t-1 a real token?
+            prev = prev * prev_valid[..., None].to(prev.dtype)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.config.smear_channels]))
+        return x + gate * prev
+
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, position_ids=None, return_dict=None, **kwargs):
         if input_ids is None:
@@ -163,11 +186,18 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         masks = self._masks(T, Tk, key_valid, device)
 
         x = norm(self.transformer.wte(input_ids))
+        if self.config.smear:
+            x = self._smear(x, key_valid, past_key_values if use_cache else None, Tk)
         x0 = x
+        mid = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, masks[self.config.window_sizes[i]], past_key_values if use_cache else None)
+            if self.config.backout and i == self.config.num_hidden_layers // 2:
+                mid = x
+        if mid is not None:
+            x = x - self.backout_lambda * mid
         x = norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:, :]

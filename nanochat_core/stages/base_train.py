@@ -170,7 +170,7 @@ def build_model(config_dict: dict, device, compile_model: bool):
     import torch
     from nanochat_core.model import GPT, GPTConfig
     with torch.device("meta"):
-        model = GPT(GPTConfig(**config_dict))
+        model = GPT(GPTConfig.from_dict(config_dict))
     model.to_empty(device=device)
     model.init_weights()
     return model, (torch.compile(model, dynamic=False) if compile_model else model)
