@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 from nanochat_core import shared_dir
 from nanochat_core.shared_dir import all_gather, barrier, broadcast   # broadcast and barrier: the stages' too
-from nanochat_core.common import NanochatError, atomic_write_bytes, fsync_dir, json_default, sha256_file
+from nanochat_core.common import NanochatError, atomic_write_bytes, json_default, replace_dir, sha256_file
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 FILE_RE = re.compile(r"^(model\.safetensors|optim_rank\d{3,}\.pt)$")  # the only names a checkpoint may list
@@ -248,21 +248,9 @@ def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, ra
         atomic_write_bytes(work / "meta.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         written.clear()   # committed
         if work != final:
-            _rename_into_place(work, final)
+            replace_dir(work, final)   # re-saving the same step (e.g. stopped right after a resume) swaps it
         _prune(stage_dir, keep, step)
     barrier()  # nobody moves on (or exits) before the checkpoint exists
-
-
-def _rename_into_place(tmp: Path, final: Path) -> None:
-    if final.exists():  # re-saving the same step (e.g. stopped right after a resume)
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 def list_checkpoints(stage_dir: str | os.PathLike) -> list[tuple[int, Path]]:
