@@ -84,7 +84,6 @@ def hf_config(cfg, tokenizer) -> dict:
         "value_embed_layers": cfg.value_embed_layers(),
         "ve_gate_channels": cfg.ve_gate_channels,
         "ve_gate_scale": cfg.ve_gate_scale,
-        "qk_scale": cfg.qk_scale,
         "smear": cfg.smear,
         "smear_channels": _model_const("SMEAR_CHANNELS"),
         "backout": cfg.backout,

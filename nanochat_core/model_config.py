@@ -29,7 +29,6 @@ class GPTConfig:
     # them lack these keys and load with LEGACY_RECIPE's values (from_dict), so an old run resumes unchanged.
     ve_gate_channels: int = 12    # the value-embedding gate reads this many channels of the block input
     ve_gate_scale: float = 3.0    # gate = scale * sigmoid(.), in (0, scale)
-    qk_scale: float = 1.2         # q and k are each multiplied by this after QK-norm: logits x 1.44
     smear: bool = True            # mix the previous token's embedding into each position (gated)
     backout: bool = True          # subtract a learned share of the mid-depth residual before the final norm
 
@@ -84,7 +83,7 @@ class GPTConfig:
 
 
 # What a checkpoint without the recipe keys was trained with (see GPTConfig.from_dict).
-LEGACY_RECIPE = dict(ve_gate_channels=32, ve_gate_scale=2.0, qk_scale=1.0, smear=False, backout=False)
+LEGACY_RECIPE = dict(ve_gate_channels=32, ve_gate_scale=2.0, smear=False, backout=False)
 
 
 def config_for_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,

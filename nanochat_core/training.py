@@ -282,9 +282,9 @@ def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: fl
 
 
 def muon_weight_decay_multiplier(progress: float) -> float:
-    """Muon weight decay falls linearly from its full value to 0 over the run (progress 0 -> 1), as the
-    reference now does. The reference point (0.28 at d12) was tuned with this decay; a constant weight
-    decay integrates to twice as much decay as it was tuned for."""
+    """Muon weight decay falls linearly from its full value to 0 over the run (progress 0 -> 1). The
+    reference falls along a cosine, which integrates to the same half; its reference point (0.28 at d12) was
+    tuned with that decay, and a constant weight decay integrates to twice as much as it was tuned for."""
     return max(0.0, 1.0 - progress)
 
 

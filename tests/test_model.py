@@ -264,10 +264,10 @@ def test_a_config_from_before_the_recipe_keys_builds_the_model_it_was_trained_as
     resumed run goes on unchanged), not as today's default."""
     import dataclasses
     new = dataclasses.asdict(tiny())
-    old = {k: v for k, v in new.items() if k not in ("ve_gate_channels", "ve_gate_scale", "qk_scale", "smear", "backout")}
+    old = {k: v for k, v in new.items() if k not in ("ve_gate_channels", "ve_gate_scale", "smear", "backout")}
     legacy = GPT.build(old)
     assert not hasattr(legacy, "smear_gate") and not hasattr(legacy, "backout_lambda")
-    assert legacy.transformer.h[0].attn.ve_gate.in_features == 32 and legacy.config.qk_scale == 1.0
+    assert legacy.transformer.h[0].attn.ve_gate.in_features == 32 and legacy.config.ve_gate_scale == 2.0
     assert legacy.num_params() == count_params(legacy.config)["total"]
     current = GPT.build(new)
     assert current.transformer.h[0].attn.ve_gate.in_features == 12 and hasattr(current, "smear_gate")

@@ -14,7 +14,7 @@ class NanochatConfig(PretrainedConfig):
     def __init__(self, vocab_size=32768, padded_vocab_size=32768, hidden_size=768, num_hidden_layers=12,
                  num_attention_heads=6, num_key_value_heads=6, sequence_len=2048, max_position_embeddings=20480,
                  window_sizes=None, value_embed_layers=None, ve_gate_channels=32, logit_softcap=15.0,
-                 rope_theta=100000.0, use_cache=True, ve_gate_scale=2.0, qk_scale=1.0, smear=False,
+                 rope_theta=100000.0, use_cache=True, ve_gate_scale=2.0, smear=False,
                  smear_channels=24, backout=False, **kwargs):
         self.vocab_size = vocab_size                    # real tokens; the embedding tables are padded to:
         self.padded_vocab_size = padded_vocab_size      # a multiple of 64 (friendlier matmul shapes)
@@ -30,7 +30,6 @@ class NanochatConfig(PretrainedConfig):
         self.value_embed_layers = list(value_embed_layers) if value_embed_layers is not None else []
         self.ve_gate_channels = ve_gate_channels
         self.ve_gate_scale = ve_gate_scale              # gate = scale * sigmoid(.)
-        self.qk_scale = qk_scale                        # q and k multiplied by this after QK-norm
         self.smear = smear                              # previous token's embedding mixed in (gated)
         self.smear_channels = smear_channels
         self.backout = backout                          # a share of the mid-depth stream subtracted at the end

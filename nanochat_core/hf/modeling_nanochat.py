@@ -6,7 +6,7 @@ Self-contained (torch + transformers only). The test suite checks its logits aga
 - token embedding -> RMSNorm (no weights anywhere) = x0; before every layer x = resid_lambda*x + x0_lambda*x0
 - attention: QK-norm then rotary (base 100k, halves rotated), grouped-query heads, a causal window per layer
   (sliding on some, full on others), value embeddings on some layers mixed into V by a gate scale*sigmoid(.)
-  that looks at the first ve_gate_channels channels of the layer input; q and k scaled by qk_scale after the norm
+  that looks at the first ve_gate_channels channels of the layer input
 - smear (optional): each position adds lambda * sigmoid(gate(x_t)) * x_{t-1} of the normed embeddings;
   backout (optional): lambda * (the stream after layer L//2) is subtracted before the final norm
 - MLP relu(x)^2, 4x wide; untied unembedding; logits = softcap * tanh(logits / softcap)
@@ -45,7 +45,6 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(d, self.n_kv_head * hd, bias=False)
         self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
         self.ve_gate_channels, self.ve_gate_scale = min(config.ve_gate_channels, d), config.ve_gate_scale
-        self.qk_scale = config.qk_scale
         has_ve = layer_idx in config.value_embed_layers
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve else None
 
@@ -59,7 +58,6 @@ class Attention(nn.Module):
             ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
         q, k = rotary(norm(q), cos, sin), rotary(norm(k), cos, sin)
-        q, k = q * self.qk_scale, k * self.qk_scale
         q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
