@@ -66,7 +66,7 @@ def equilibrate_rows(u: torch.Tensor) -> torch.Tensor:
     return u * (target / u.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
 
-def polar_express(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, safety: float = 1.01) -> torch.Tensor:
+def polar_express(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate orthogonal polar factor of G (..., rows, cols): same shape, singular values pushed
     towards 1. bf16 on CUDA (tensor cores; the iteration is robust to it), fp32 elsewhere (bf16 matmuls
     on CPUs are very slow). Returns the compute dtype; callers cast."""
@@ -78,9 +78,9 @@ def polar_express(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, safety: fl
     tall = X.size(-2) > X.size(-1)
     if tall:                      # iterate on the wide orientation: X X^T is the smaller Gram matrix
         X = X.mT
-    # Frobenius norm >= spectral norm, so after this every singular value is <= 1/safety (the published
-    # coefficients assume a 2% margin; the reference now uses 1%, and Muon+ below corrects the overall scale)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety + eps)
+    # Frobenius norm >= spectral norm, so after this every singular value is <= 1/1.01 (the published
+    # coefficients assume a 2% margin; the reference now uses 1%, and Muon+ in muon_math corrects the scale)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + eps)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         B = b * A + c * (A @ A)

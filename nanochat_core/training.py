@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from nanochat_core import checkpoint
 from nanochat_core.common import NanochatError, emit, print0
+from nanochat_core.shared_dir import dist_active
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def agree(*flags: bool, device: Any = "cpu") -> list[bool]:
     """True for a flag if it is true on ANY rank (one tiny all-reduce; no-op on a single process)."""
     import torch
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not dist_active():
         return list(flags)
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -455,7 +456,7 @@ def evaluate_bpb(model: Any, batches: Iterator, steps: int, token_bytes, device_
             nats = n if nats is None else nats + n
             bytes_ = b if bytes_ is None else bytes_ + b
     totals = torch.stack([nats, bytes_]).to(torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist_active():
         dist.all_reduce(totals)
     model.train(was_training)
     if totals[1].item() == 0:
