@@ -16,7 +16,10 @@ A client that disconnects - streaming or not, running or still queued - cancels 
 (between tokens), so abandoned requests never hold the queue.
 
 The context is the sequence length the model was trained with: prompt + max_tokens beyond it is refused
-(400 context_length_exceeded), as OpenAI does. Without max_tokens the reply gets min(512, what is left).
+(400 context_length_exceeded), as OpenAI and vLLM do - a client that asked for N tokens must learn it cannot
+have them, not get fewer in silence. Without max_tokens the reply gets min(512, what is left): the page
+sends none unless its field is filled in, so a 256-token model answers its first message, and when the
+conversation outgrows the context the page leaves out the oldest exchange and sends again.
 A `stop` sequence cuts the reply before it (finish_reason "stop"); while streaming, text that might be the
 start of a stop sequence is held back until it is known not to be.
 An error during generation ends a stream with an error event (`data: {"error": ...}`) and no
