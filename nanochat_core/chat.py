@@ -67,7 +67,7 @@ def check_sampling(temperature: float, top_k: int, max_tokens: int) -> None:
 
 class _Painter:
     """Writes reply pieces to a stream: text as is, a calculator call and its forced result as
-    [calc EXPR = RESULT] (engine.ToolText, the form every surface uses), coloured on a terminal."""
+    [calc EXPR = RESULT] (calculator.ToolText, the form every surface uses), coloured on a terminal."""
     COLORS = {"python": "\033[33m", "python_output": "\033[32m"}
     RESET = "\033[0m"
 

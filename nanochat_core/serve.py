@@ -25,12 +25,12 @@ start of a stop sequence is held back until it is known not to be.
 An error during generation ends a stream with an error event (`data: {"error": ...}`) and no
 finish_reason and no [DONE]: a client can tell a cut reply from a finished one.
 
-Tool calls are text in `content`, written as every surface writes them (engine.ToolText):
+Tool calls are text in `content`, written as every surface writes them (calculator.ToolText):
   Let me compute [calc 12*7 = 84] so it is 84.
 Never the model's special tokens (<|python_start|>...), and never OpenAI's `tool_calls` fields: those ask
 the client to run a function and send back a `tool` message, while nanochat's calculator runs here, in the
-middle of the reply, and the reply goes on after its result (as server-side tools' results are text in
-OpenAI's own replies). A client that sends the history back gets the model's exact tokens: in an assistant
+middle of the reply, and the reply goes on after its result (the Chat Completions format has no field for a
+tool the server runs itself). A client that sends the history back gets the model's exact tokens: in an assistant
 message "[calc EXPR = RESULT]" is parsed back into a call and its output (in user text it stays plain text).
 The round trip is exact unless the expression itself contains "]" or " = " (a string literal could).
 
@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from nanochat_core.api_models import DEFAULTS, ChatCompletionRequest, validation_error_body
-from nanochat_core.common import NanochatError, autodetect_device_type, run_main
 from nanochat_core.calculator import CALC_CLOSE, CALC_OPEN, CALC_SEP, ToolText
+from nanochat_core.common import NanochatError, autodetect_device_type, run_main
 
 STATIC = Path(__file__).parent / "static"
 
