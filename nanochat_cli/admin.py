@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import SPEC_FILE, left, spent
 from nanochat_cli import state
 from nanochat_cli.cost import fmt_duration
 from nanochat_cli.backend import backend_for, sky_backend
@@ -28,16 +29,17 @@ def billing_end(rec: dict, now: float) -> float:
 
 
 def cluster_summary(rec: dict, now: float) -> dict:
-    uptime = max(0.0, billing_end(rec, now) - float(rec.get("launched_at") or now))
+    start = float(rec.get("launched_at") or now)
+    uptime = max(0.0, billing_end(rec, now) - start)
     price = float(rec.get("price_per_hour") or 0.0)
-    spent = price * uptime / 3600
+    cost = spent(price, start, billing_end(rec, now))
     budget = rec.get("budget")
     where = {**rec.get("offer", {}), **rec.get("launched", {})}  # what SkyPilot launched, when read back
     return {"name": rec["name"], "backend": rec.get("backend"), "cloud": where.get("cloud"),
             "region": where.get("region"), "instance_type": where.get("instance_type"),
             "nodes": rec.get("nodes", 1), "spot": bool(rec.get("spot")), "uptime_s": round(uptime, 1),
-            "price_per_hour": price, "spent": round(spent, 4),
-            "budget": budget, "budget_left": None if budget is None else round(budget - spent, 4)}
+            "price_per_hour": price, "spent": round(cost, 4),
+            "budget": budget, "budget_left": None if budget is None else round(left(budget, cost), 4)}
 
 
 def run_summaries() -> list[dict]:
@@ -150,12 +152,12 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
     rd = state.find_latest_run(name, has="job", nothing="nothing to pull")
     job = state.read_job(rd) or {}
     cluster = state.get_cluster(job.get("cluster"))
-    plan = state.read_json(rd / "plan.json") or {}
+    spec = state.read_spec(rd)
     if job.get("backend") == "local":
         cluster = local_cluster(record=False)
-    elif cluster is None and plan.get("bucket"):
+    elif cluster is None and spec is not None and spec.bucket:
         # The node is gone but the checkpoints outlived it in the bucket.
-        cluster = {"name": job.get("cluster"), "backend": "sky", "bucket": plan["bucket"]}
+        cluster = {"name": job.get("cluster"), "backend": "sky", "bucket": spec.bucket}
     if cluster is None:
         raise NanochatError(f"nothing to pull: the cluster of run '{rd.name}' is gone and the run had no "
                             f"--bucket; whatever was pulled before is in {rd}")
@@ -170,7 +172,7 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
           f"({time.time() - start:.1f}s). Next: `nanochat chat --checkpoint {target}`")
 
 
-def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool) -> None:
+def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool, yes: bool = False) -> None:
     if checkpoint is not None:
         rd = checkpoint.expanduser().resolve()
         # A checkpoint directory (run/base/ckpt_000500) belongs to the run two levels up.
@@ -188,18 +190,16 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         raise NanochatError(f"no run at {rd}: `nanochat status` lists runs")
     job = state.read_job(rd) or {}
     cluster = None if local else state.get_cluster(job.get("cluster"))
+    spec_file = None
     if cluster is None or cluster.get("backend") == "local":
         cluster = local_cluster()
         args = ["--preset", "local"]
     else:
-        plan = state.read_json(rd / "plan.json") or {}
-        args = ["--preset", plan.get("preset", "cloud")]
+        spec_file = _cloud_eval_spec(cluster, rd, yes)
+        args = ["--preset", "cloud"]
     args += ["--stages", "eval,report", "--force"]
     backend = backend_for(cluster)
-    # Not the training run's deadline (long past, perhaps): eval is short and the cluster's autodown still
-    # ends it; an old deadline would only make the node refuse to start.
-    plan = {k: v for k, v in (state.read_json(rd / "plan.json") or {}).items() if k != "deadline_at"}
-    job = backend.launch(cluster, rd, args, plan)
+    job = backend.launch(cluster, rd, args, spec_file)
     state.save_log_cursor(rd, backend.name, job.get("cursor"))
     final = stream_run(rd) if not json_out else _wait_quietly(backend, cluster, rd)
     if final is None:
@@ -215,6 +215,37 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         print(json.dumps(metrics))
         return
     print_metrics(metrics, rd)
+
+
+def _cloud_eval_spec(cluster: dict, rd: Path, yes: bool) -> Path:
+    """Evaluating on the run's cloud cluster spends money, so only where a node is already up and billing,
+    under the run's own spec (the same hard cap and deadline: eval never extends them), after saying what
+    it costs. Anything that would make a new node - the cluster tore itself down, a spot run's node is
+    gone with its job, the deadline passed - is refused with the ways that do work."""
+    home = (f"`nanochat pull --name {rd.name}` then `nanochat eval --local --name {rd.name}` evaluates on this "
+            f"machine for $0, or `nanochat train --name {rd.name} --stages eval,report --budget USD` on a new "
+            "node, planned and capped")
+    if cluster.get("spot"):
+        raise NanochatError(f"run '{rd.name}' ran as a spot job, whose node is gone once the job ends: "
+                            f"evaluating on the cloud would launch a new node. {home}")
+    try:
+        up = backend_for(cluster).cluster_state(cluster) == "UP"
+    except NanochatError:
+        up = False
+    spec = state.read_spec(rd)
+    if not up or spec is None or spec.deadline_at is None:
+        why = "is not up" if not up else "has no run spec with a deadline"
+        raise NanochatError(f"cluster '{cluster['name']}' of run '{rd.name}' {why}: evaluating there would "
+                            f"launch a node without a budget. {home}")
+    now = time.time()
+    if spec.deadline_at <= now:
+        raise NanochatError(f"run '{rd.name}' is past its budget's deadline: its node is being torn down. {home}")
+    s = cluster_summary(cluster, now)
+    cap = spec.spend_cap if spec.spend_cap is not None else s["budget"]
+    confirm(f"Evaluate run '{rd.name}' on '{cluster['name']}' (up, ${s['price_per_hour']:.2f}/h, "
+            f"${s['spent']:.2f} spent so far; the run's hard cap ${cap:.2f} and its deadline in "
+            f"{(spec.deadline_at - now) / 60:.0f} min still hold)?", yes)
+    return rd / SPEC_FILE
 
 
 def _wait_quietly(backend, cluster, rd) -> str | None:

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import deadline_hours, job_price, spend_cap
 
 VOCAB = 32768          # the cloud preset's tokenizer (2^15, as the reference)
 SEQ_LEN = 2048
@@ -194,14 +195,13 @@ class Plan:
     def set_max_price(self, max_price: float) -> None:
         """Derive the hard cap and the node's deadlines from the highest price the launch may end up paying."""
         self.max_price_per_hour = max(max_price, self.price_per_hour)
-        self.spend_cap = self.budget
+        # Whole dollars, rounded up when capped: a cap a person can read, never below the plan plus its margin.
+        self.spend_cap = spend_cap(self.budget, 0.0, self.min_budget() if self.capped_by else None)
         if self.capped_by:
-            # Whole dollars, rounded up: a cap a person can read, never below the plan plus its margin.
-            self.spend_cap = min(self.budget, self.min_budget())
             self.capped_note = (f"{self.capped_by}: at most ${self.spend_cap:.2f} is spent (its own cost plus the "
                                 f"teardown margin, at up to ${self.max_price_per_hour:.2f}/h), not the "
                                 f"${self.budget:.2f} budget; the node stops it there")
-        self.deadline_hours = self.spend_cap / self.max_price_per_hour - self.margin_hours
+        self.deadline_hours = deadline_hours(self.spend_cap, self.max_price_per_hour, self.margin_hours)
         self.base_deadline_hours = self.deadline_hours - self.post_base_hours()
 
     def preflight_only(self) -> None:
@@ -226,7 +226,7 @@ class Plan:
 def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Plan:
     gpu = offer["accelerators"].split(":")[0]
     ngpu = int(offer["accelerators"].split(":")[1]) if ":" in offer["accelerators"] else 1
-    price = float(offer["price_per_hour"]) * nodes
+    price = job_price(offer["price_per_hour"], nodes)
     tps_gpu, source = THROUGHPUT_TABLE.get((canonical_gpu(gpu), depth)) or throughput(gpu, depth)
     # Multi-node pays an interconnect tax; 0.9 per extra node is an estimate (no measurement yet).
     tps = tps_gpu * ngpu * nodes * (0.9 if nodes > 1 else 1.0)
@@ -289,11 +289,10 @@ def limit_failover(plan: Plan, candidates: list[dict]) -> list[dict]:
     """The offers SkyPilot may fail over to, limited to those at which the whole plan (with its margin)
     stays within the budget; sets the plan's max price (and so its hard cap and deadlines) from them. The
     plan's own offer always stays first."""
-    keep = [c for c in candidates
-            if plan.fits(float(c["price_per_hour"]) * plan.nodes)] or [plan.offer]
+    keep = [c for c in candidates if plan.fits(job_price(c["price_per_hour"], plan.nodes))] or [plan.offer]
     if plan.offer not in keep:
         keep = [plan.offer] + keep
-    plan.set_max_price(max(float(c["price_per_hour"]) * plan.nodes for c in keep))
+    plan.set_max_price(max(job_price(c["price_per_hour"], plan.nodes) for c in keep))
     return keep
 
 

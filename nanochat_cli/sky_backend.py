@@ -41,6 +41,7 @@ from nanochat_cli.backend import start_of
 ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
                "~/.lambda_cloud/lambda_keys or `nebius` CLI login, then run `sky check`")
 REMOTE_RUNS = "~/nanochat_runs"
+REMOTE_SPECS = "~/.nanochat/specs"   # where each run's spec file lands on the node
 
 
 @contextlib.contextmanager
@@ -258,7 +259,9 @@ def _resources(offer: dict, spot: bool) -> "sky.Resources":
                          accelerators={acc: int(n)}, use_spot=spot, disk_size=512, **kwargs)
 
 
-def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | None) -> "sky.Task":
+def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None) -> "sky.Task":
+    """train.yaml with the record's resources, the pipeline's arguments and the run spec shipped as a file:
+    the node reads its budget and deadlines from that file alone (nanochat_core/run_spec.py)."""
     task = sky.Task.from_yaml(str(yaml_path("train")))
     task.workdir = str(workdir())
     task.num_nodes = int(rec.get("nodes") or 1)
@@ -272,8 +275,11 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
         storage = sky.Storage(source=rec["bucket"], mode=sky.StorageMode.MOUNT_CACHED)
         task.set_storage_mounts({"/nanochat-bucket": storage})
         bucket_dir = "/nanochat-bucket/runs"
-    task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args),
-                      "NANOCHAT_DEADLINE_AT": str(int(deadline_at)) if deadline_at else "",
+    remote_spec = ""
+    if spec_file is not None:
+        remote_spec = f"{REMOTE_SPECS}/{run_name}/{spec_file.name}"
+        task.update_file_mounts({remote_spec: str(spec_file)})
+    task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args), "NANOCHAT_SPEC": remote_spec,
                       "NANOCHAT_BUCKET_DIR": bucket_dir})
     # Secrets travel as SkyPilot secrets (redacted in its records), taken from this shell's environment.
     secrets = {k: os.environ[k] for k in ("HF_TOKEN", "WANDB_API_KEY") if os.environ.get(k)}
@@ -297,6 +303,17 @@ def _launched_price(handle, nodes: int) -> float | None:
         return round(float(handle.launched_resources.get_cost(3600)) * nodes, 4)
     except Exception:
         return None
+
+
+def _server_answers() -> bool:
+    """Can SkyPilot be asked without starting anything? A remote server: yes (it is asked); a local one only
+    when it is running (SkyPilot keeps the one our launches used running in the background)."""
+    try:
+        from sky.server import common as server_common
+        return not server_common.is_api_server_local(server_common.get_server_url()) or \
+            server_common.get_api_server_status().status == server_common.ApiServerStatus.HEALTHY
+    except Exception:
+        return False
 
 
 class SkyBackend:
@@ -325,7 +342,9 @@ class SkyBackend:
             if not created:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                raise sky_error(action, e) from None
+                raise NanochatError(f"{sky_error(action, e)}; cluster '{rec['name']}' was up before this launch "
+                                    "and stays up until its autostop: `nanochat down --cluster "
+                                    f"{rec['name']}` stops it now") from None
             interrupted = isinstance(e, KeyboardInterrupt)
             with contextlib.suppress(OSError):  # stderr may be a terminal that no longer exists
                 print(f"{'interrupted' if interrupted else action + ' failed'}: tearing down cluster "
@@ -368,10 +387,12 @@ class SkyBackend:
                                                        "instance_type": lr.instance_type})
             state.update_cluster(rec["name"], price_per_hour=price, launched=rec["launched"])
 
-    def launch(self, rec: dict, rd: Path, args: list[str], plan: dict | None = None, dryrun: bool = False) -> dict:
+    def launch(self, rec: dict, rd: Path, args: list[str], spec_file: Path | None = None,
+               dryrun: bool = False) -> dict:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
-        rec["spot"], as a managed job. dryrun: SkyPilot plans the launch and stops (nothing recorded)."""
-        task = build_task(rec, rd.name, args, (plan or {}).get("deadline_at"))
+        rec["spot"], as a managed job, with the run spec at `spec_file` shipped to the node. dryrun: SkyPilot
+        plans the launch and stops (nothing recorded)."""
+        task = build_task(rec, rd.name, args, spec_file)
         # cursor 0: SkyPilot replays a job's own log from its start (tail counts lines)
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
                "state": "RUNNING", "submitted_at": time.time(), "cursor": 0}
@@ -482,12 +503,7 @@ class SkyBackend:
         [] when SkyPilot cannot be asked. A local API server that is not running is not started just to
         look (SkyPilot keeps the one our launches used running in the background)."""
         found = []
-        try:
-            from sky.server import common as server_common
-            if server_common.is_api_server_local(server_common.get_server_url()) and \
-                    server_common.get_api_server_status().status != server_common.ApiServerStatus.HEALTHY:
-                return []
-        except Exception:
+        if not _server_answers():
             return []
         with contextlib.suppress(Exception):
             with _quiet():
@@ -515,9 +531,13 @@ class SkyBackend:
             if not already_gone(e):
                 raise sky_error(f"tearing down {item['name']}", e) from None
 
-    def cluster_state(self, rec: dict) -> str:
+    def cluster_state(self, rec: dict, start_server: bool = True) -> str:
+        """UP, STOPPED, INIT or DOWN as SkyPilot records it; MANAGED for a spot run's managed job. With
+        start_server=False a local API server that is not running is not started just to look: UNKNOWN."""
         if rec.get("spot"):
             return "MANAGED"
+        if not start_server and not _server_answers():
+            return "UNKNOWN"
         try:
             records = sky.get(sky.status([rec["name"]]))
         except Exception as e:

@@ -23,6 +23,7 @@ from typing import Any
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, atomic_write_json, nanochat_home, runs_dir
+from nanochat_core.run_spec import SPEC_FILE, RunSpec
 
 LOCAL_CLUSTER = "local"
 
@@ -176,6 +177,21 @@ def read_json(path: Path) -> dict | None:
 
 def write_plan(rd: Path, plan: dict) -> None:
     atomic_write_json(rd / "plan.json", plan)
+
+
+def read_spec(rd: Path) -> RunSpec | None:
+    """The run's spec (plan.json, today's or one written before specs existed), or None if it has none or it
+    is damaged (then with a one-line warning, like any damaged run record)."""
+    data = read_json(rd / SPEC_FILE)
+    if data is None:
+        return None
+    try:
+        return RunSpec.from_json(data, str(rd / SPEC_FILE))
+    except NanochatError as e:
+        if str(rd) not in _warned:
+            _warned.add(str(rd))
+            print(f"warning: ignoring it: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def write_job(rd: Path, job: dict) -> None:

@@ -64,21 +64,32 @@ def test_train_hands_the_node_exactly_the_plans_deadlines_and_only_affordable_fa
         t0 = time.time()
         r = CliRunner().invoke(app, ["train", "--budget", "30", "--yes", "--detach", "--name", "m1"])
     assert r.exit_code == 0, r.stderr
-    args = launched["task"].envs["NANOCHAT_ARGS"].split()
-    base_at = float(args[args.index("--base-deadline-at") + 1])
-    end_at = float(args[args.index("--deadline-at") + 1])
+    # The deadlines travel in one file, the run spec, and nowhere else (no argument, no environment variable).
+    task = launched["task"]
+    spec = shipped_spec(task)
+    assert "deadline" not in task.envs["NANOCHAT_ARGS"] and not any("DEADLINE" in k for k in task.envs)
+    assert spec.spend_cap == plan["spend_cap"] and spec.max_price_per_hour == plan["max_price_per_hour"]
+    base_at, end_at = spec.base_deadline_at, spec.deadline_at
     assert t0 + plan["base_deadline_hours"] * 3600 - 2 <= base_at <= t0 + plan["base_deadline_hours"] * 3600 + 5
     assert end_at == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
     # The pipeline trains base against exactly that moment (not a fixed reserve before the job's end).
     from nanochat_core.stages.pipeline import Pipeline, parse_args
-    pipe = Pipeline(parse_args(["--run-dir", "/tmp/x", "--preset", "cloud"] + args[args.index("--deadline-at"):]))
+    spec_file = task.file_mounts[task.envs["NANOCHAT_SPEC"]]
+    pipe = Pipeline(parse_args(["--run-dir", "/tmp/x", "--spec", spec_file] + task.envs["NANOCHAT_ARGS"].split()))
     assert pipe.stage_deadline("base") == base_at and pipe.stage_deadline("sft") == end_at
+    assert pipe.a.price_per_hour == spec.price_per_hour
     # Failover only to offers at which this plan fits the budget: every candidate SkyPilot may launch.
     prices = sorted(res.get_cost(3600) for res in launched["task"].resources)
     assert prices and prices[-1] == pytest.approx(plan["max_price_per_hour"])
     assert all(p * (plan["hours"] + plan["margin_hours"]) <= 30 for p in prices)
     # The record existed when the provisioning request went out.
     assert "nanochat-m1" in launched["records"]
+
+
+def shipped_spec(task):
+    """The run spec a SkyPilot task carries to the node: the local file its NANOCHAT_SPEC mount copies."""
+    from nanochat_core import run_spec
+    return run_spec.read(task.file_mounts[task.envs["NANOCHAT_SPEC"]])
 
 
 def launch_recording(monkeypatch, *args):
@@ -88,7 +99,8 @@ def launch_recording(monkeypatch, *args):
     launched = {}
 
     def fake_launch(task, cluster_name, idle_minutes_to_autostop, down, wait_for=None, dryrun=False):
-        launched.update(args=task.envs["NANOCHAT_ARGS"].split(), records=state.load_clusters())
+        launched.update(args=task.envs["NANOCHAT_ARGS"].split(), records=state.load_clusters(),
+                        spec=shipped_spec(task))
         return "launch-request"
 
     monkeypatch.setattr(sky, "launch", fake_launch)
@@ -96,7 +108,7 @@ def launch_recording(monkeypatch, *args):
     with cloud_boundary(CLOUDS, monkeypatch):
         t0 = time.time()
         r = CliRunner().invoke(app, ["train", "--yes", "--detach", *args])
-    return r, t0, launched.get("args"), launched.get("records")
+    return r, t0, launched.get("args"), launched.get("records"), launched.get("spec")
 
 
 def test_the_nodes_preflight_stage_is_planned_priced_and_not_taken_out_of_base(monkeypatch):
@@ -135,10 +147,10 @@ def test_preflight_only_is_planned_priced_and_capped_as_setup_plus_preflight(mon
     assert plan["spend_cap"] == math.ceil(price * (plan["hours"] + plan["margin_hours"]))
     assert price * (plan["deadline_hours"] + plan["margin_hours"]) <= plan["spend_cap"] + 0.01
     assert "preflight" in plan["capped_note"] and f"${plan['spend_cap']}" in plan["capped_note"]
-    r, t0, args, records = launch_recording(monkeypatch, "--budget", "100", "--preflight-only", "--name", "pf1")
+    r, t0, args, records, spec = launch_recording(monkeypatch, "--budget", "100", "--preflight-only", "--name", "pf1")
     assert r.exit_code == 0, r.stderr
     assert args[args.index("--stages") + 1] == "preflight" and args[args.index("--depth") + 1] == str(plan["depth"])
-    assert float(args[args.index("--deadline-at") + 1]) == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
+    assert spec.deadline_at == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
     assert records["nanochat-pf1"]["budget"] == plan["spend_cap"]  # status counts down from the real cap
 
 
@@ -161,11 +173,10 @@ def test_a_plan_capped_at_the_largest_depth_is_capped_at_its_own_cost_on_the_nod
     with cloud_boundary(CLOUDS, monkeypatch):                    # the human plan says what is spent at most
         human = CliRunner().invoke(app, ["train", "--budget", "1000", "--dryrun"])
     assert human.exit_code == 0 and f"at most ${cap}.00" in " ".join(human.stdout.split()), human.stdout
-    r, t0, args, records = launch_recording(monkeypatch, "--budget", "1000", "--name", "c1")
+    r, t0, args, records, spec = launch_recording(monkeypatch, "--budget", "1000", "--name", "c1")
     assert r.exit_code == 0, r.stderr
-    assert float(args[args.index("--deadline-at") + 1]) == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
-    assert float(args[args.index("--base-deadline-at") + 1]) == pytest.approx(
-        t0 + plan["base_deadline_hours"] * 3600, abs=5)
+    assert spec.deadline_at == pytest.approx(t0 + plan["deadline_hours"] * 3600, abs=5)
+    assert spec.base_deadline_at == pytest.approx(t0 + plan["base_deadline_hours"] * 3600, abs=5)
     assert records["nanochat-c1"]["budget"] == cap               # status and the meter count down from it
     assert state.read_json(state.run_dir("c1") / "plan.json")["spend_cap"] == cap
 
@@ -349,25 +360,63 @@ def test_multi_node_without_a_bucket_is_refused_at_plan_time(monkeypatch):
     assert r.exit_code == 2 and "--nodes 2 needs --bucket" in r.stderr
 
 
-def test_eval_on_a_cloud_run_does_not_send_the_old_deadline(monkeypatch):
+def eval_on(monkeypatch, cluster_status, spec: dict, *flags):
+    """`nanochat eval --name e1` of a cloud run whose cluster SkyPilot reports in `cluster_status` (None: gone),
+    with SkyPilot's launch faked at the cloud boundary. Returns (result, what the launch was sent or None)."""
     import sky
+    from sky.utils import status_lib
     from test_cli_skyops import OFFER
     rec = state.new_cluster_record("nc-ev", "sky", OFFER, budget=100.0)
+    rec["launched_at"] = time.time() - 1800
     state.save_cluster(rec)
     rd = state.run_dir("e1")
     state.write_job(rd, {"backend": "sky", "cluster": "nc-ev", "run": "e1", "job_id": 1, "managed": False})
-    state.write_plan(rd, {"preset": "cloud", "deadline_at": time.time() - 86400, "budget": 100.0})
+    from nanochat_core.common import atomic_write_json
+    atomic_write_json(rd / "plan.json", spec)
     sent = {}
+    states = [] if cluster_status is None else [{"name": "nc-ev", "status": getattr(status_lib.ClusterStatus,
+                                                                                    cluster_status)}]
 
     def fake_launch(task, cluster_name, **kw):
-        sent.update(envs=task.envs)
+        sent.update(task=task, cluster=cluster_name)
         raise RuntimeError("stop here")                         # what happens after is not this test's
 
+    monkeypatch.setattr(sky, "status", lambda names: ("status", states))
+    monkeypatch.setattr(sky, "get", lambda req: req[1] if isinstance(req, tuple) else None)
     monkeypatch.setattr(sky, "launch", fake_launch)
     monkeypatch.setattr(sky, "stream_and_get", lambda req: req)
     with cloud_boundary(CLOUDS, monkeypatch):
-        CliRunner().invoke(app, ["eval", "--name", "e1", "--json"])
-    assert sent["envs"]["NANOCHAT_DEADLINE_AT"] == ""
+        r = CliRunner().invoke(app, ["eval", "--name", "e1", "--json", *flags])
+    return r, sent
+
+
+def test_eval_never_launches_a_node_the_run_no_longer_has(monkeypatch):
+    """The cluster tore itself down (autodown at the budget's end): eval used to launch a fresh 8xH100 node
+    with no deadline and no prompt. Now it says how to evaluate (pulled, here, for $0) and launches nothing."""
+    today = {"preset": "cloud", "budget": 100.0, "spend_cap": 100.0, "deadline_at": time.time() + 3600,
+             "offer": {"cloud": "lambda"}, "stages": []}                 # a plan.json as today's version wrote it
+    for gone in (None, "STOPPED"):
+        r, sent = eval_on(monkeypatch, gone, today, "--yes")
+        assert r.exit_code == 2 and not sent, r.output
+        (line,) = r.stderr.strip().splitlines()
+        assert "is not up" in line and "`nanochat eval --local --name e1`" in line
+    # Up, but past the run's deadline (the node is on its way down): refused too, never a new deadline.
+    r, sent = eval_on(monkeypatch, "UP", {**today, "deadline_at": time.time() - 60}, "--yes")
+    assert r.exit_code == 2 and not sent and "past its budget's deadline" in r.stderr
+
+
+def test_eval_on_an_up_cluster_asks_and_ships_the_runs_own_spec(monkeypatch):
+    """On a cluster that is up (and billing anyway), eval shows what it spends and asks; the node gets the
+    run's own spec file, so its hard cap and deadline still hold (eval cannot extend them)."""
+    deadline = time.time() + 3600
+    spec = {"preset": "cloud", "budget": 100.0, "spend_cap": 80.0, "deadline_at": deadline,
+            "offer": {"cloud": "lambda"}, "stages": []}
+    r, sent = eval_on(monkeypatch, "UP", spec)                  # no --yes, and no terminal to ask on
+    assert r.exit_code == 2 and not sent and "hard cap $80.00" in r.stderr and "add --yes" in r.stderr
+    r, sent = eval_on(monkeypatch, "UP", spec, "--yes")
+    assert sent["cluster"] == "nc-ev"
+    assert shipped_spec(sent["task"]).deadline_at == deadline and shipped_spec(sent["task"]).spend_cap == 80.0
+    assert "--stages eval,report" in sent["task"].envs["NANOCHAT_ARGS"]
 
 
 def test_skypilot_errors_reach_the_user_as_one_plain_line(monkeypatch):

@@ -24,19 +24,25 @@ def test_yaml_loads_with_sky(path):
     assert "hf_" not in text.lower() or "HF_TOKEN" in text  # no token values written down
 
 
-def test_cli_task_carries_plan_and_secrets(monkeypatch):
+def test_cli_task_carries_plan_and_secrets(monkeypatch, tmp_path):
     from nanochat_cli import sky_backend
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     rec = {"name": "c1", "nodes": 2, "spot": True, "bucket": "s3://my-bucket",
            "offer": {"cloud": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "accelerators": "H100:8"}}
     with cloud_boundary(["aws"], monkeypatch):  # Resources are validated against the (test) catalog
-        task = sky_backend.build_task(rec, "d20", ["--preset", "cloud", "--depth", "20"], deadline_at=1_800_000_000)
+        from nanochat_core import run_spec
+        spec_file = run_spec.write(tmp_path, run_spec.RunSpec(run="d20", preset="cloud", offer=rec["offer"],
+                                                              deadline_at=1_800_000_000.0))
+        task = sky_backend.build_task(rec, "d20", ["--preset", "cloud", "--depth", "20"], spec_file)
     assert task.num_nodes == 2
     (res,) = task.resources
     assert res.use_spot and res.instance_type == "p5.48xlarge" and res.accelerators == {"H100": 8}
     assert task.envs["NANOCHAT_RUN"] == "d20" and task.envs["NANOCHAT_ARGS"] == "--preset cloud --depth 20"
-    assert task.envs["NANOCHAT_DEADLINE_AT"] == "1800000000"
+    # The spec travels as a file mount: the node reads its deadline from that file alone.
+    assert task.file_mounts[task.envs["NANOCHAT_SPEC"]] == str(spec_file)
+    assert task.envs["NANOCHAT_SPEC"] == "~/.nanochat/specs/d20/plan.json"
+    assert run_spec.read(spec_file).deadline_at == 1_800_000_000
     assert task.envs["NANOCHAT_BUCKET_DIR"] == "/nanochat-bucket/runs"
     mount = task.to_yaml_config()["file_mounts"]["/nanochat-bucket"]
     assert mount["source"] == "s3://my-bucket" and mount["mode"] == "MOUNT_CACHED"
@@ -86,9 +92,16 @@ def test_train_run_script_enforces_the_deadline(tmp_path):
     """The node-side hard cap: a deadline in the past stops the job before anything starts."""
     import subprocess
     import yaml
+    import sys
+    from nanochat_core import run_spec
     run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
+    (tmp_path / "nanochat-venv" / "bin").mkdir(parents=True)
+    (tmp_path / "nanochat-venv" / "bin" / "python").symlink_to(sys.executable)
+    # The spec as SkyPilot's file mount puts it on the node, with a deadline long past.
+    run_spec.write(tmp_path / ".nanochat" / "specs" / "r", run_spec.RunSpec(
+        run="r", preset="cloud", offer={}, budget=10.0, spend_cap=10.0, deadline_at=1000.0, base_deadline_at=900.0))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
-           "NANOCHAT_DEADLINE_AT": "1000", "NANOCHAT_BUCKET_DIR": ""}
+           "NANOCHAT_SPEC": "~/.nanochat/specs/r/plan.json", "NANOCHAT_BUCKET_DIR": "", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(["bash", "-c", run], capture_output=True, text=True, env=env, timeout=30)
     # A clean end, not a failure: a managed job must not be "recovered" onto a new (billing) node.
     assert r.returncode == 0 and "budget deadline already passed" in r.stdout
