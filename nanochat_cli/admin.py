@@ -44,6 +44,7 @@ def cluster_summary(rec: dict, now: float) -> dict:
 
 def run_summaries() -> list[dict]:
     out = []
+    found = None   # what SkyPilot lists, asked once and only when a run's cluster has no record
     for rd in state.list_runs():
         job = state.read_job(rd)
         if not job:
@@ -52,7 +53,13 @@ def run_summaries() -> list[dict]:
         if job.get("backend") == "local":
             job_state = backend_for({"backend": "local"}).job_state({}, rd)
         elif cluster is None:
-            job_state = job.get("state") if job.get("state") != "RUNNING" else "ENDED (cluster gone)"
+            if found is None:
+                found = {d["name"]: d for d in discovered_unrecorded()}
+            seen = found.get(job.get("cluster")) or found.get(f"nanochat-{rd.name}")
+            if seen is not None:   # no record here, but SkyPilot still has it (and it may bill)
+                job_state = f"UNKNOWN (cluster {seen['state']}, not recorded: `nanochat down` tears it down)"
+            else:
+                job_state = job.get("state") if job.get("state") != "RUNNING" else "ENDED (cluster gone)"
         else:
             try:
                 job_state = backend_for(cluster).job_state(cluster, rd)
@@ -70,13 +77,14 @@ def note_ended(rec: dict, when: float) -> dict:
     return rec
 
 
-def discovered_unrecorded() -> list[dict]:
-    """nanochat clusters/managed jobs SkyPilot knows of that have no local record (none without SkyPilot)."""
+def discovered_unrecorded(recorded: set[str] | None = None) -> list[dict]:
+    """nanochat clusters/managed jobs SkyPilot knows of that have no local record (none without SkyPilot).
+    `recorded`: the names with a record (default: clusters.json's)."""
     try:
         found = sky_backend().SkyBackend().discover()
     except NanochatError:
         return []
-    recorded = set(state.load_clusters())
+    recorded = set(state.load_clusters()) if recorded is None else recorded
     runs = {f"nanochat-{rd.name}" for rd in state.list_runs()
             if (state.read_job(rd) or {}).get("cluster") in recorded}
     return [d for d in found if d["name"] not in recorded and d["name"] not in runs
@@ -274,8 +282,16 @@ def _fmt(v) -> str:
 
 
 def cmd_down(*, yes: bool, cluster: str | None) -> None:
-    clusters = state.load_clusters()
-    unrecorded = discovered_unrecorded()
+    # A damaged clusters.json must not stop `down` from tearing down what SkyPilot itself lists: with no
+    # record to trust, every nanochat cluster and managed job SkyPilot has counts as unrecorded.
+    damaged = None
+    try:
+        clusters = state.load_clusters()
+    except NanochatError as e:
+        clusters, damaged = {}, e
+    unrecorded = discovered_unrecorded(set(clusters))
+    if damaged is not None and not unrecorded:
+        raise NanochatError(f"{damaged}; SkyPilot lists no nanochat cluster or managed job to tear down")
     if cluster is not None:
         clusters = {k: v for k, v in clusters.items() if k == cluster}
         unrecorded = [d for d in unrecorded if d["name"] == cluster]
@@ -307,3 +323,5 @@ def cmd_down(*, yes: bool, cluster: str | None) -> None:
     if len(clusters) > 1:
         print(f"total: ${total:.2f}")
     sys.stdout.flush()
+    if damaged is not None:   # what SkyPilot lists is down; the file still needs the user's attention
+        raise NanochatError(f"{damaged}; what SkyPilot lists was torn down")

@@ -14,6 +14,9 @@ from nanochat_cli import state
 from nanochat_cli.main import app
 
 CLOUDS = ["aws", "lambda", "nebius"]
+OFFER_LAMBDA = {"cloud": "lambda", "region": "us-east-1", "instance_type": "gpu_8x_h100_sxm5",
+                "accelerators": "H100:8", "spot": False, "price_per_hour": 31.92, "interconnect": "nvlink",
+                "enabled": True}
 
 
 def dryrun(budget, spot, monkeypatch, extra=()):
@@ -255,6 +258,46 @@ def test_when_teardown_fails_too_the_record_stays_and_the_error_names_the_comman
     assert "nanochat-f3" in state.load_clusters()               # still known: status/down find it
 
 
+def skypilot_reports(monkeypatch, states: dict):
+    """sky.status at the cloud boundary: {cluster name: ClusterStatus name}; a name not listed is gone."""
+    import sky
+    from sky.utils import status_lib
+    monkeypatch.setattr(sky, "status", lambda names: ("status", [
+        {"name": n, "status": getattr(status_lib.ClusterStatus, states[n])} for n in names if n in states]))
+    monkeypatch.setattr(sky, "get", lambda req: req[1] if isinstance(req, tuple) else None)
+
+
+def test_a_record_whose_node_is_gone_is_not_reused_and_a_relaunch_tears_down_what_it_made(monkeypatch):
+    """The newest on-demand record was reused even when SkyPilot reported it DOWN (autodown had removed it),
+    and `created = rec is None` meant a failed setup on the re-provisioned node left it up, without autostop.
+    Now a gone cluster is skipped (or, named with --cluster, refused in one line), and any launch onto a
+    cluster that is not up is torn down when it fails."""
+    from sky import exceptions
+    old = state.new_cluster_record("nanochat-old", "sky", {**OFFER_LAMBDA}, budget=30.0)
+    old["launched_at"] = time.time() - 7200
+    state.save_cluster(old)
+    setup_fails = exceptions.CommandError(1, "setup", "Failed to run setup", None)
+    seen = launch_that(monkeypatch, setup_fails)
+    skypilot_reports(monkeypatch, {})                            # SkyPilot: nanochat-old is gone
+    r = train(monkeypatch, "--name", "n2")
+    assert seen["cluster"] == "nanochat-n2" and seen["downed"] == ["nanochat-n2"], r.stderr
+    assert "already cost" not in r.stderr                        # the gone node's hours are not charged
+    r = train(monkeypatch, "--name", "n3", "--cluster", "nanochat-old")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "is gone" in r.stderr
+    # A recorded cluster that is stopped: this launch provisions it again, so a failure tears it down.
+    seen = launch_that(monkeypatch, setup_fails)
+    skypilot_reports(monkeypatch, {"nanochat-old": "STOPPED"})
+    r = train(monkeypatch, "--name", "n4", "--cluster", "nanochat-old")
+    assert seen["cluster"] == "nanochat-old" and seen["downed"] == ["nanochat-old"], r.stderr
+    assert r.exit_code == 2 and "torn down" in r.stderr
+    # One that is up stays up (it was billing before this launch, with its autostop), and the error says so.
+    state.save_cluster(old)
+    seen = launch_that(monkeypatch, setup_fails)
+    skypilot_reports(monkeypatch, {"nanochat-old": "UP"})
+    r = train(monkeypatch, "--name", "n5", "--cluster", "nanochat-old", "--budget", "200")
+    assert seen["downed"] == [] and "`nanochat down --cluster nanochat-old`" in r.stderr, r.stderr
+
+
 def test_the_launched_price_is_read_back_and_metered(monkeypatch):
     """SkyPilot may fail over to another offer: the record (and so the meter and status) carry the price of
     what was actually launched, read from the handle SkyPilot returns."""
@@ -308,6 +351,36 @@ def test_status_and_down_find_unrecorded_nanochat_clusters_and_jobs_through_skyp
 
 # -----------------------------------------------------------------------------
 # Money shown right; stale records clearable
+
+def test_a_damaged_clusters_json_still_lets_down_tear_down_what_skypilot_lists(monkeypatch):
+    """`down` used to stop at the damaged file and tear down nothing, not even clusters SkyPilot itself
+    lists. Now everything nanochat SkyPilot lists comes down, and the damaged file is still named, in one line."""
+    from sky.utils import status_lib
+    downed, _ = skypilot_knows(monkeypatch, [{"name": "nanochat-d1", "status": status_lib.ClusterStatus.UP}], [])
+    state.clusters_file().parent.mkdir(parents=True, exist_ok=True)
+    state.clusters_file().write_text('{"clusters": [')             # cut off mid-write by some other tool
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert downed == ["nanochat-d1"], r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert "clusters.json is not valid JSON" in line and "torn down" in line
+
+
+def test_the_run_table_does_not_call_a_run_ended_while_skypilot_still_has_its_cluster(monkeypatch):
+    """A run whose cluster has no record here (another laptop's record, a deleted clusters.json) was shown
+    as "ENDED (cluster gone)" while its cluster was up and billing."""
+    from sky.utils import status_lib
+    skypilot_knows(monkeypatch, [{"name": "nanochat-u1", "status": status_lib.ClusterStatus.UP}], [])
+    state.write_job(state.run_dir("u1"), {"backend": "sky", "cluster": "nanochat-u1", "run": "u1", "job_id": 1,
+                                          "managed": False, "state": "RUNNING"})
+    state.write_job(state.run_dir("g1"), {"backend": "sky", "cluster": "nanochat-g1", "run": "g1", "job_id": 1,
+                                          "managed": False, "state": "RUNNING"})
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    jobs = {j["run"]: j["state"] for j in json.loads(r.stdout)["jobs"]}
+    assert jobs["u1"].startswith("UNKNOWN (cluster UP") and jobs["g1"] == "ENDED (cluster gone)"
+
+
 
 def test_a_finished_spot_run_stops_counting_and_its_record_clears_with_the_controller_down(monkeypatch):
     import sky
