@@ -247,7 +247,7 @@ def choose(result: Offers, spot: bool = False, max_price: float | None = None) -
 # -----------------------------------------------------------------------------
 # Running things
 
-def _resources(offer: dict, spot: bool) -> "sky.Resources":
+def _resources(offer: dict, spot: bool, zone: str | None = None) -> "sky.Resources":
     acc, n = offer["accelerators"].split(":")
     it = None if offer["instance_type"] == offer["accelerators"] else offer["instance_type"]
     kwargs = {}
@@ -255,8 +255,50 @@ def _resources(offer: dict, spot: bool) -> "sky.Resources":
         # Managed-job recovery: on preemption SkyPilot relaunches elsewhere and the pipeline resumes
         # from the latest checkpoint (in the bucket), skipping finished stages.
         kwargs["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 3}
-    return sky.Resources(infra=f"{offer['cloud']}/{offer['region']}", instance_type=it,
-                         accelerators={acc: int(n)}, use_spot=spot, disk_size=512, **kwargs)
+    infra = f"{offer['cloud']}/{offer['region']}" + (f"/{zone}" if zone else "")
+    return sky.Resources(infra=infra, instance_type=it, accelerators={acc: int(n)}, use_spot=spot, disk_size=512,
+                         **kwargs)
+
+
+def zone_prices(offer: dict, spot: bool) -> dict[str, float]:
+    """{zone: $/h per node} of the zones SkyPilot's provisioner tries for this offer's region, from its own
+    catalog; {} for a cloud without zones (the region's price is then the only one). A region is listed at
+    its cheapest zone's price, but a launch pinned to the region alone tries every zone of it, cheapest
+    first - on AWS spot, zones of one region differ by 3x - so what a launch may pay is a zone's price."""
+    it = None if offer["instance_type"] == offer["accelerators"] else offer["instance_type"]
+    if it is None:
+        return {}
+    try:
+        with _quiet():
+            regions = sky.catalog.get_region_zones_for_instance_type(it, spot, clouds=offer["cloud"])
+            zones = [z.name for r in regions if r.name == offer["region"] for z in (r.zones or [])]
+            return {z: float(sky.catalog.get_hourly_cost(it, spot, offer["region"], z, clouds=offer["cloud"]))
+                    for z in zones}
+    except Exception:   # a catalog without zone rows: the region's price stands
+        return {}
+
+
+def bounded_resources(rec: dict) -> tuple[set, dict[str, float]]:
+    """The resources a launch may land on, each within the price the plan assumed: every candidate offer, and
+    for a cloud with zones only the zones of its region whose price (per node) is at most the plan's max price
+    per node (rec["max_price_per_hour"] is for the whole job). Returns (resources, {"cloud/region/zone": $/h
+    per node}) so the price a managed job actually pays can be read back from where SkyPilot placed it."""
+    spot = bool(rec.get("spot"))
+    nodes = int(rec.get("nodes") or 1)
+    cap = float(rec.get("max_price_per_hour") or 0.0) / nodes
+    out, prices = set(), {}
+    for o in rec.get("candidates") or [rec["offer"]]:
+        zones = zone_prices(o, spot)
+        fitting = {z: p for z, p in zones.items() if not cap or p <= cap + 1e-9}
+        if not zones:
+            out.add(_resources(o, spot))
+        for z, p in fitting.items():
+            out.add(_resources(o, spot, z))
+            prices[f"{o['cloud']}/{o['region']}/{z}"] = round(p, 4)
+    if not out:
+        raise NanochatError(f"no zone of the planned offers costs ${cap:.2f}/h per node or less in SkyPilot's "
+                            "catalog: run `nanochat train --dryrun` again to plan on today's prices")
+    return out, prices
 
 
 def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None) -> "sky.Task":
@@ -265,9 +307,10 @@ def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None
     task = sky.Task.from_yaml(str(yaml_path("train")))
     task.workdir = str(workdir())
     task.num_nodes = int(rec.get("nodes") or 1)
-    # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error.
-    offers = rec.get("candidates") or [rec["offer"]]
-    task.set_resources({_resources(o, bool(rec.get("spot"))) for o in offers})
+    # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error - but only in
+    # zones whose price the plan allowed for (its max price set the deadlines that keep the cap).
+    resources, _ = bounded_resources(rec)
+    task.set_resources(resources)
     bucket_dir = ""
     if rec.get("bucket"):
         # MOUNT_CACHED: checkpoints are written to local disk and uploaded in the background, so saving
@@ -384,7 +427,7 @@ class SkyBackend:
         if price is not None and price > 0:
             lr = handle.launched_resources
             rec.update(price_per_hour=price, launched={"cloud": str(lr.cloud).lower(), "region": lr.region,
-                                                       "instance_type": lr.instance_type})
+                                                       "zone": lr.zone, "instance_type": lr.instance_type})
             state.update_cluster(rec["name"], price_per_hour=price, launched=rec["launched"])
 
     def launch(self, rec: dict, rd: Path, args: list[str], spec_file: Path | None = None,
@@ -398,6 +441,10 @@ class SkyBackend:
                "state": "RUNNING", "submitted_at": time.time(), "cursor": 0}
         created = bool(rec.get("created_by_this_launch")) and not dryrun
         action = f"launching run '{rd.name}'"
+        if job["managed"] and not dryrun:
+            # Where SkyPilot places a managed job is read back later (cloud, region, zone): keep what each
+            # allowed zone costs, so the meter and `status` show the price actually paid.
+            state.update_cluster(rec["name"], zone_prices=bounded_resources(rec)[1])
         if job["managed"]:
             job_ids, _ = self._run_launch(rec, lambda: sky.jobs.launch(task, name=f"nanochat-{rd.name}"), action,
                                           False) or (None, None)

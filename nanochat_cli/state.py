@@ -36,7 +36,7 @@ def clusters_file() -> Path:
 NUM = (int, float)
 CLUSTER_FIELDS = {"name": str, "backend": str, "offer": dict, "nodes": int, "spot": bool, "price_per_hour": NUM,
                   "launched_at": NUM, "budget": NUM, "autostop_minutes": int, "runs": list, "bucket": str,
-                  "keep": bool, "candidates": list}
+                  "keep": bool, "candidates": list, "zone_prices": dict}
 JOB_FIELDS = {"job_id": int, "backend": str, "cluster": str, "run": str, "cmd": list, "state": str, "pid": int,
               "child_pid": int, "returncode": int, "managed": bool, "submitted_at": NUM, "started_at": NUM,
               "ended_at": NUM}

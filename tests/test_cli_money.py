@@ -600,3 +600,40 @@ def test_a_managed_spot_run_is_metered_at_the_offer_skypilot_placed_it_on(monkey
     assert r.exit_code == 0, r.stderr
     (c,) = json.loads(r.stdout)["clusters"]
     assert c["price_per_hour"] == pytest.approx(11.2) and c["cloud"] == "aws" and c["region"] == "us-west-2"
+
+
+def test_a_spot_launch_only_tries_zones_whose_price_the_plan_allowed_and_records_the_zone_paid(monkeypatch):
+    """SkyPilot lists a region at its cheapest zone but, launched on the region alone, its provisioner tries
+    every zone of it (AWS us-east-1 here: $10.50 and $17.63 spot): a spot run could land above the price its
+    deadlines were computed from, and the record showed the region's price. Every zone SkyPilot's real zone
+    loop would try is now within the plan's max price, and the price recorded is the zone's."""
+    import sky
+    from sky.backends.cloud_vm_ray_backend import RetryingVmProvisioner
+    from sky.jobs.state import ManagedJobStatus
+    launched = {}
+    monkeypatch.setattr(sky.jobs, "launch", lambda task, name: launched.update(task=task) or "jobs-launch")
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: ([31], None))
+    with cloud_boundary(["aws", "nebius"], monkeypatch):
+        r = CliRunner().invoke(app, ["train", "--budget", "100", "--spot", "--depth", "12", "--yes", "--detach",
+                                     "--name", "z1", "--bucket", "s3://my-bucket"])
+        assert r.exit_code == 0, r.stderr
+        spec = shipped_spec(launched["task"])
+        tried = {}
+        for res in launched["task"].resources:     # what the provisioner tries for each resource it may launch
+            for zones in RetryingVmProvisioner._yield_zones(None, res, 1, "nanochat-z1", None, False):
+                for z in zones or [None]:
+                    name = z.name if z is not None else None
+                    tried[(str(res.cloud).lower(), res.region, name)] = sky.catalog.get_hourly_cost(
+                        res.instance_type, True, res.region, name, clouds=str(res.cloud).lower())
+    assert ("aws", "us-east-1", "us-east-1a") in tried and ("aws", "us-east-1", "us-east-1b") not in tried
+    assert max(tried.values()) <= spec.max_price_per_hour + 1e-9, (tried, spec.max_price_per_hour)
+    # SkyPilot placed the job in us-east-1a: the meter and `status` charge that zone's price.
+    import sky.jobs
+    monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", ([{"job_id": 31, "status":
+                        ManagedJobStatus.RUNNING, "cloud": "AWS", "region": "us-east-1", "zone": "us-east-1a"}],
+                        1, {}, 1)))
+    monkeypatch.setattr(sky, "get", lambda req: req[1])
+    r = CliRunner().invoke(app, ["status", "--json"])
+    assert r.exit_code == 0, r.stderr
+    rec = state.get_cluster("nanochat-z1")
+    assert rec["launched"]["zone"] == "us-east-1a" and rec["price_per_hour"] == pytest.approx(10.5)
