@@ -22,7 +22,6 @@ version were in the node's arguments, not in the file) stays None. Anything else
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -56,8 +55,9 @@ def spend_cap(budget: float, already_spent: float = 0.0, own_cap: float | None =
 
 def deadline_hours(cap_left: float, max_price: float, margin_h: float) -> float:
     """Hours after launch by which the job must end, so that at the dearest price the launch may land on
-    the cap holds with the teardown margin on top. Rounded down to the millisecond-hour: never later."""
-    return math.floor((cap_left / max_price - margin_h) * 1000) / 1000
+    the cap holds with the teardown margin on top. (The plan shows it rounded down to 1/1000 h, and the
+    spec's absolute deadlines count from that: never later.)"""
+    return cap_left / max_price - margin_h
 
 
 def spent(price_per_hour: float, since: float, until: float) -> float:
