@@ -2,7 +2,8 @@
 What the CLI remembers between invocations, under $NANOCHAT_HOME (see docs/ARCHITECTURE.md):
 
     clusters.json          {"clusters": {name: record}}  - every cluster `up`/`train` started, until `down`
-    runs/<name>/plan.json  the plan `train` made (offer, $/h, budget, depth, ...); report.md reads the price
+    runs/<name>/plan.json  the run spec `train` built (nanochat_core/run_spec.py): offer, $/h, budget, cap,
+                           deadlines, depth...; the node gets this very file; report.md reads the price
     runs/<name>/.job.json  the job running that plan (backend, cluster, job id, state); hidden, so the
                            node's MANIFEST.sha256 never covers this laptop-side record
     runs/<name>/.logpos    how far `nanochat logs` has shown the log (so a re-attach neither loses nor repeats)
@@ -40,8 +41,6 @@ CLUSTER_FIELDS = {"name": str, "backend": str, "offer": dict, "nodes": int, "spo
 JOB_FIELDS = {"job_id": int, "backend": str, "cluster": str, "run": str, "cmd": list, "state": str, "pid": int,
               "child_pid": int, "returncode": int, "managed": bool, "submitted_at": NUM, "started_at": NUM,
               "ended_at": NUM}
-PLAN_FIELDS = {"budget": NUM, "spend_cap": NUM, "price_per_hour": NUM, "deadline_at": NUM, "bucket": str, "preset": str,
-               "stages": list, "offer": dict, "nodes": int}
 
 
 def shape_problem(obj, fields: dict, required: tuple[str, ...] = ()) -> str | None:
@@ -150,7 +149,7 @@ def _run_mtime(p: Path) -> float:
     return newest
 
 
-_SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",)), "plan.json": (PLAN_FIELDS, ())}
+_SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",))}   # plan.json: the run spec checks its own shape
 _warned: set[str] = set()
 
 
@@ -175,10 +174,6 @@ def read_json(path: Path) -> dict | None:
     return None
 
 
-def write_plan(rd: Path, plan: dict) -> None:
-    atomic_write_json(rd / "plan.json", plan)
-
-
 def read_spec(rd: Path) -> RunSpec | None:
     """The run's spec (plan.json, today's or one written before specs existed), or None if it has none or it
     is damaged (then with a one-line warning, like any damaged run record)."""
@@ -190,7 +185,7 @@ def read_spec(rd: Path) -> RunSpec | None:
     except NanochatError as e:
         if str(rd) not in _warned:
             _warned.add(str(rd))
-            print(f"warning: ignoring it: {e}", file=sys.stderr, flush=True)
+            print(f"warning: ignoring the run spec: {e}", file=sys.stderr, flush=True)
         return None
 
 
