@@ -196,8 +196,9 @@ def _print_plan(spec: RunSpec) -> None:
         c.print(f"model: {spec.params / 1e6:,.1f}M params, trained for as many steps as fit the time")
     if spec.expected_core is not None:
         c.print(f"the anchor scored CORE {spec.expected_core:.4f} at this size ({spec.expected_core_source})")
-    if spec.capped_note:
-        c.print(f"note: {spec.capped_note}")
+    for note in (spec.capped_note, spec.setup_note):
+        if note:
+            c.print(f"note: {note}")
     if spec.budget:
         # What the node enforces, in dollars and in time: the budget, or a capped plan's own cap (the note above).
         base = (f"base training stops {spec.base_deadline_hours:.2f} h after launch, "
@@ -344,7 +345,7 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages) ->
         spot=f.spot, keep=f.keep, num_shards=p.num_shards, data=f.data, steps=f.steps, minutes=f.minutes,
         planned_tokens_per_sec=p.tokens_per_sec / max(1, p.gpus * nodes),
         **{k: d[k] for k in ("hours", "cost", "stages", "deadline_hours", "base_deadline_hours", "margin_hours",
-                             "capped_note", "params", "tokens", "tokens_per_sec", "throughput_source",
+                             "capped_note", "setup_note", "params", "tokens", "tokens_per_sec", "throughput_source",
                              "expected_core", "expected_core_source")})
     return spec, candidates
 

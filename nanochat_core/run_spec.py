@@ -102,6 +102,7 @@ class RunSpec:
     base_deadline_hours: float | None = None
     margin_hours: float = 0.0
     capped_note: str = ""
+    setup_note: str = ""                 # when base's deadline keeps little room for a slow setup
     params: int | None = None
     tokens: int | None = None
     tokens_per_sec: float = 0.0
