@@ -33,7 +33,7 @@ from nanochat_core.common import NanochatError
 from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
-from nanochat_cli.sky_replies import already_gone, sky_error, job_state_name, record_managed_price
+from nanochat_cli.sky_replies import ANSI, already_gone, sky_error, job_state_name, record_managed_price
 from nanochat_cli.task_files import workdir, yaml_path
 from nanochat_cli.backend import start_of
 
@@ -55,6 +55,42 @@ def _quiet():
             yield
     finally:
         logger.setLevel(old)
+
+
+class _PlainStderr(io.TextIOBase):
+    """Where SkyPilot's launch output goes: stderr (stdout carries our results and --json), without colour
+    codes when stderr is not a terminal (a pipe, a log file)."""
+
+    def write(self, s: str) -> int:
+        import sys
+        err = sys.stderr
+        try:
+            err.write(s if err.isatty() else ANSI.sub("", s))
+        except (OSError, ValueError):   # a terminal that is gone: the launch goes on regardless
+            pass
+        return len(s)
+
+    def flush(self) -> None:
+        import sys
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _launch_output():
+    """SkyPilot streams a launch (its resources table, failover warnings, setup logs) to stdout, and its
+    logger holds stdout too: both go to stderr, in plain text unless stderr is a terminal."""
+    sink = _PlainStderr()
+    handlers = [h for h in logging.getLogger("sky").handlers if isinstance(h, logging.StreamHandler)]
+    old = [h.stream for h in handlers]
+    for h in handlers:
+        h.setStream(sink)
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        for h, stream in zip(handlers, old):
+            h.setStream(stream)
 
 
 # -----------------------------------------------------------------------------
@@ -377,8 +413,9 @@ class SkyBackend:
         if threading.current_thread() is threading.main_thread():
             old_hup = signal.signal(signal.SIGHUP, hangup)
         try:
-            request_id = request_fn()
-            return sky.stream_and_get(request_id)
+            with _launch_output():
+                request_id = request_fn()
+                return sky.stream_and_get(request_id)
         except BaseException as e:  # noqa: KeyboardInterrupt included - that is the point
             if old_hup is not None:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal is gone: finish the teardown

@@ -662,3 +662,27 @@ def test_a_spot_launch_only_tries_zones_whose_price_the_plan_allowed_and_records
     assert r.exit_code == 0, r.stderr
     rec = state.get_cluster("nanochat-z1")
     assert rec["launched"]["zone"] == "us-east-1a" and rec["price_per_hour"] == pytest.approx(10.5)
+
+
+def test_train_json_prints_only_json_on_stdout_and_skypilots_launch_output_goes_to_stderr_plain(monkeypatch):
+    """SkyPilot streams a launch (its "Considered resources" table in colour, failover warnings from its
+    logger) to stdout: in a pipe, `train --json` printed that before its JSON. Now stdout is one JSON object
+    and SkyPilot's lines reach stderr without colour codes."""
+    import logging
+    import sys
+    import sky
+
+    def chatty_stream_and_get(req):
+        print("\x1b[1mConsidered resources (1 node):\x1b[0m", file=sys.stdout, flush=True)
+        logging.getLogger("sky.optimizer").warning("\x1b[33mFailed to provision in us-east-1; trying next\x1b[0m")
+        return (5, None)
+
+    monkeypatch.setattr(sky, "launch", lambda task, cluster_name, **kw: "launch-request")
+    monkeypatch.setattr(sky, "stream_and_get", chatty_stream_and_get)
+    with cloud_boundary(CLOUDS, monkeypatch):
+        r = CliRunner().invoke(app, ["train", "--budget", "30", "--yes", "--json", "--name", "j1"])
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)                                     # nothing else on stdout
+    assert out["run"] == "j1" and out["cluster"] == "nanochat-j1" and out["job_id"] == 5
+    assert "Considered resources (1 node):" in r.stderr and "trying next" in r.stderr
+    assert "\x1b[" not in r.stderr
