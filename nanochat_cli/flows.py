@@ -299,6 +299,11 @@ def choose_offer(f: TrainFlags):
     if rec is not None and f.spot and not rec.get("spot"):
         raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
                             f"`nanochat down --cluster {rec['name']}` first, or train on it without --spot")
+    if rec is not None and f.keep and not f.dryrun:
+        why = sky_backend().budget_unsafe({**rec["offer"], **rec.get("launched", {})}, bool(rec.get("spot")), True)
+        if why:
+            raise NanochatError(f"--keep needs a node that can stop itself, and cluster '{rec['name']}' cannot "
+                                f"({why}): train without --keep, or on another cluster")
     if rec is not None:
         nodes = rec.get("nodes", f.nodes)
         # What SkyPilot actually launched (read back after a failover), at the price it actually costs.
@@ -308,6 +313,7 @@ def choose_offer(f: TrainFlags):
     else:
         # quiet ranking (no table, no notes about offers): the plan is what train shows
         result = rank(f.gpus, f.spot, f.clouds, False, None, json_out=True, notes=False)
+        _only_budget_safe(result, f)
         try:
             offer = sky_backend().choose(result, spot=f.spot, max_price=None)
         except NanochatError as e:
@@ -318,6 +324,25 @@ def choose_offer(f: TrainFlags):
             print(f"note: {e}\nnote: planning on the cheapest offer anyway ({offer['cloud']})", file=sys.stderr)
         candidates = failover_candidates(result, offer)
     return rec, offer, candidates
+
+
+def _only_budget_safe(result, f: TrainFlags) -> None:
+    """Keep only offers whose node can end its own billing when the job ends: tear itself down, or with --keep
+    stop itself (SkyPilot's feature table per cloud). Said in one line when that leaves nothing."""
+    unsafe = {}
+    for o in result.offers:
+        why = sky_backend().budget_unsafe(o, f.spot, f.keep)
+        if why:
+            unsafe.setdefault(o["cloud"], why)
+    if not unsafe:
+        return
+    kept = [o for o in result.offers if o["cloud"] not in unsafe]
+    what = "stop itself (--keep)" if f.keep else "tear itself down when its job ends"
+    if not kept:
+        raise NanochatError(f"no offer's node can {what}: {'; '.join(f'{c}: {w}' for c, w in unsafe.items())}"
+                            + (" - train without --keep" if f.keep else ""))
+    print(f"note: left out {', '.join(sorted(unsafe))}: a node there cannot {what}", file=sys.stderr)
+    result.offers[:] = kept
 
 
 def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages) -> tuple[RunSpec, list[dict]]:

@@ -296,6 +296,25 @@ def _resources(offer: dict, spot: bool, zone: str | None = None) -> "sky.Resourc
                          **kwargs)
 
 
+def budget_unsafe(offer: dict, spot: bool, keep: bool) -> str | None:
+    """Why a budgeted run must not go to this offer, from SkyPilot's own per-cloud feature table, or None:
+    the node must be able to take itself down when its job ends (AUTODOWN), or with --keep to stop itself
+    (STOP + AUTOSTOP) - otherwise nothing ends the billing once the job is over."""
+    from sky import clouds as sky_clouds
+    from sky import exceptions
+    f = sky_clouds.CloudImplementationFeatures
+    needed = {f.STOP, f.AUTOSTOP} if keep else {f.AUTODOWN}
+    try:
+        with _quiet():
+            res = _resources(offer, spot)
+            res.cloud.check_features_are_supported(res, needed)
+    except exceptions.NotSupportedError as e:
+        return ANSI.sub("", str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception:
+        return None   # not decidable here (a catalog quirk): the launch itself will say
+    return None
+
+
 def zone_prices(offer: dict, spot: bool) -> dict[str, float]:
     """{zone: $/h per node} of the zones SkyPilot's provisioner tries for this offer's region, from its own
     catalog; {} for a cloud without zones (the region's price is then the only one). A region is listed at

@@ -686,3 +686,19 @@ def test_train_json_prints_only_json_on_stdout_and_skypilots_launch_output_goes_
     assert out["run"] == "j1" and out["cluster"] == "nanochat-j1" and out["job_id"] == 5
     assert "Considered resources (1 node):" in r.stderr and "trying next" in r.stderr
     assert "\x1b[" not in r.stderr
+
+
+def test_keep_never_goes_to_a_cloud_whose_nodes_cannot_stop(monkeypatch):
+    """--keep stops the node instead of tearing it down, which Lambda (and RunPod, Fluidstack, Cudo,
+    Shadeform) cannot do: such a node would never stop. SkyPilot's own feature table decides; the plan goes
+    elsewhere, or is refused in one line when nothing else is enabled."""
+    with cloud_boundary(["aws", "lambda"], monkeypatch):
+        plain = CliRunner().invoke(app, ["train", "--budget", "150", "--dryrun", "--json"])
+        kept = CliRunner().invoke(app, ["train", "--budget", "150", "--dryrun", "--json", "--keep"])
+        only = CliRunner().invoke(app, ["train", "--budget", "150", "--dryrun", "--keep", "--clouds", "lambda"])
+    assert json.loads(plain.stdout)["offer"]["cloud"] == "lambda"          # the cheapest enabled offer
+    assert kept.exit_code == 0 and json.loads(kept.stdout)["offer"]["cloud"] == "aws", kept.stderr
+    assert "left out lambda" in kept.stderr
+    assert only.exit_code == 2 and "Traceback" not in only.output
+    (line,) = only.stderr.strip().splitlines()
+    assert "stop itself (--keep)" in line and "lambda" in line.lower()
