@@ -28,7 +28,8 @@ def test_cli_task_carries_plan_and_secrets(monkeypatch, tmp_path):
     from nanochat_cli import sky_backend
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    rec = {"name": "c1", "nodes": 2, "spot": True, "bucket": "s3://my-bucket",
+    # The plan allows $21/h for the whole job (2 nodes): us-east-1a ($10.50 spot per node) fits, 1b does not.
+    rec = {"name": "c1", "nodes": 2, "spot": True, "bucket": "s3://my-bucket", "max_price_per_hour": 21.0,
            "offer": {"cloud": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "accelerators": "H100:8"}}
     with cloud_boundary(["aws"], monkeypatch):  # Resources are validated against the (test) catalog
         from nanochat_core import run_spec
@@ -37,7 +38,7 @@ def test_cli_task_carries_plan_and_secrets(monkeypatch, tmp_path):
         task = sky_backend.build_task(rec, "d20", ["--preset", "cloud", "--depth", "20"], spec_file)
     assert task.num_nodes == 2
     (res,) = task.resources
-    assert res.use_spot and res.instance_type == "p5.48xlarge" and res.accelerators == {"H100": 8}
+    assert res.zone == "us-east-1a" and res.use_spot and res.instance_type == "p5.48xlarge" and res.accelerators == {"H100": 8}
     assert task.envs["NANOCHAT_RUN"] == "d20" and task.envs["NANOCHAT_ARGS"] == "--preset cloud --depth 20"
     # The spec travels as a file mount: the node reads its deadline from that file alone.
     assert task.file_mounts[task.envs["NANOCHAT_SPEC"]] == str(spec_file)
