@@ -212,18 +212,24 @@ def read(path: Path) -> RunSpec:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m nanochat_core.run_spec FILE`: one line saying what the spec enforces (the run script logs
-    it, so a node's log shows the moments it stops at); exit 2 with one line if the file is unusable."""
+    it, so a node's log shows the moments it stops at); exit 2 with one line if the file is unusable.
+    `--passed FILE`: exit 0 if its job deadline has passed, 1 if not. Standard library only, so the node's
+    system python3 runs it before any environment is installed."""
     import sys
     import time
     argv = list(sys.argv[1:] if argv is None else argv)
+    passed = argv[:1] == ["--passed"]
+    argv = argv[1:] if passed else argv
     if len(argv) != 1:
-        print("usage: python -m nanochat_core.run_spec FILE", file=sys.stderr)
+        print("usage: python -m nanochat_core.run_spec [--passed] FILE", file=sys.stderr)
         return 2
     try:
         s = read(Path(argv[0]))
     except NanochatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if passed:   # exit 0 when the job's deadline has passed (train.yaml's setup then installs nothing)
+        return 0 if s.deadline_at is not None and s.deadline_at <= time.time() else 1
     if s.deadline_at is None:
         print(f"run spec: run '{s.run}', no deadline")
     else:

@@ -89,23 +89,30 @@ def test_yaml_scripts_are_valid_bash(path):
         assert r.returncode == 0, f"{path.name} {section}: {r.stderr}"
 
 
-def test_train_run_script_enforces_the_deadline(tmp_path):
-    """The node-side hard cap: a deadline in the past stops the job before anything starts."""
+def test_a_relaunch_after_the_deadline_installs_nothing_and_ends_cleanly(tmp_path):
+    """The node-side hard cap for a spot recovery (or any relaunch) that starts after the budget's deadline:
+    setup installs nothing (it used to build the whole environment first), and the run script - with no
+    environment at all, only the node's python3 - ends at once as budget-truncated, exit 0, so a managed job
+    is never "recovered" onto yet another node."""
     import subprocess
-    import yaml
     import sys
+    import yaml
     from nanochat_core import run_spec
-    run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
-    (tmp_path / "nanochat-venv" / "bin").mkdir(parents=True)
-    (tmp_path / "nanochat-venv" / "bin" / "python").symlink_to(sys.executable)
-    # The spec as SkyPilot's file mount puts it on the node, with a deadline long past.
-    run_spec.write(tmp_path / ".nanochat" / "specs" / "r", run_spec.RunSpec(
+    cfg = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)                  # the node's system python
+    home = tmp_path / "home"
+    run_spec.write(home / ".nanochat" / "specs" / "r", run_spec.RunSpec(
         run="r", preset="cloud", offer={}, budget=10.0, spend_cap=10.0, deadline_at=1000.0, base_deadline_at=900.0))
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
-           "NANOCHAT_SPEC": "~/.nanochat/specs/r/plan.json", "NANOCHAT_BUCKET_DIR": "", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(["bash", "-c", run], capture_output=True, text=True, env=env, timeout=30)
-    # A clean end, not a failure: a managed job must not be "recovered" onto a new (billing) node.
-    assert r.returncode == 0 and "budget deadline already passed" in r.stdout
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
+           "NANOCHAT_SPEC": "~/.nanochat/specs/r/plan.json", "NANOCHAT_BUCKET_DIR": ""}
+    setup = subprocess.run(["bash", "-c", cfg["setup"]], capture_output=True, text=True, env=env, timeout=60,
+                           cwd=ROOT)                                    # SkyPilot runs setup in the workdir
+    assert setup.returncode == 0 and "skipping setup" in setup.stdout, setup.stdout + setup.stderr
+    assert not (home / "nanochat-venv").exists()
+    r = subprocess.run(["bash", "-c", cfg["run"]], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and "budget deadline already passed" in r.stdout, r.stdout + r.stderr
     from nanochat_core.common import parse_event
     (done,) = [e for e in map(parse_event, r.stdout.splitlines()) if e]
     assert done["event"] == "done" and done["state"] == "BUDGET_TRUNCATED"
