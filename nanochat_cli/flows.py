@@ -119,7 +119,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
         raise NanochatError(f"cluster '{name}' is already up; `nanochat train` uses it, "
                             f"`nanochat down --cluster {name}` removes it, --cluster picks another name")
     confirm(f"Provision {nodes} x {offer['instance_type']} on {offer['cloud']} ({offer['region']}) at "
-            f"${offer['price_per_hour'] * nodes:.2f}/h?", yes)
+            f"${job_price(offer['price_per_hour'], nodes):.2f}/h?", yes)
     rec = state.new_cluster_record(name, "sky", offer, nodes=nodes, spot=spot, autostop_minutes=autostop)
     rec["candidates"] = failover_candidates(result, offer)
     state.save_cluster(rec)  # before the provisioning request: a failure or Ctrl-C never leaves it unrecorded

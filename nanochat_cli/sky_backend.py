@@ -30,6 +30,7 @@ from typing import Iterator
 import sky  # noqa: the one place
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import job_price
 from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
@@ -398,7 +399,7 @@ def _autostop(rec: dict) -> dict:
 def _launched_price(handle, nodes: int) -> float | None:
     """$/h of what SkyPilot actually launched (after any failover), for the whole cluster."""
     try:
-        return round(float(handle.launched_resources.get_cost(3600)) * nodes, 4)
+        return round(job_price(handle.launched_resources.get_cost(3600), nodes), 4)
     except Exception:
         return None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import job_price
 from nanochat_cli import state
 
 _JOB_STATES = {"PENDING": "RUNNING", "SUBMITTED": "RUNNING", "SETTING_UP": "RUNNING", "RUNNING": "RUNNING", "STARTING": "RUNNING",
@@ -52,5 +53,5 @@ def record_managed_price(rec: dict, record) -> None:
     per_node = (current.get("zone_prices") or {}).get(f"{cloud}/{region}/{zone}")
     if per_node is None:
         per_node = max(float(c["price_per_hour"]) for c in match)
-    state.update_cluster(rec["name"], price_per_hour=round(float(per_node) * nodes, 4), launched={
+    state.update_cluster(rec["name"], price_per_hour=round(job_price(per_node, nodes), 4), launched={
         "cloud": cloud, "region": region, "zone": zone, "instance_type": match[0]["instance_type"]})

@@ -24,7 +24,7 @@ from typing import Any
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, atomic_write_json, nanochat_home, runs_dir
-from nanochat_core.run_spec import SPEC_FILE, RunSpec
+from nanochat_core.run_spec import SPEC_FILE, RunSpec, job_price
 
 LOCAL_CLUSTER = "local"
 
@@ -118,7 +118,7 @@ def get_cluster(name: str | None) -> dict | None:
 def new_cluster_record(name: str, backend: str, offer: dict, nodes: int = 1, spot: bool = False,
                        budget: float | None = None, autostop_minutes: int | None = None) -> dict:
     return {"name": name, "backend": backend, "offer": offer, "nodes": nodes, "spot": spot,
-            "price_per_hour": float(offer.get("price_per_hour") or 0.0) * nodes,
+            "price_per_hour": job_price(offer.get("price_per_hour") or 0.0, nodes),
             "launched_at": time.time(), "budget": budget, "autostop_minutes": autostop_minutes,
             "runs": []}
 
