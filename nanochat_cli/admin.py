@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import SPEC_FILE, left, spent
 from nanochat_cli import state
 from nanochat_cli.cost import fmt_duration
 from nanochat_cli.backend import backend_for, sky_backend
@@ -28,20 +29,22 @@ def billing_end(rec: dict, now: float) -> float:
 
 
 def cluster_summary(rec: dict, now: float) -> dict:
-    uptime = max(0.0, billing_end(rec, now) - float(rec.get("launched_at") or now))
+    start = float(rec.get("launched_at") or now)
+    uptime = max(0.0, billing_end(rec, now) - start)
     price = float(rec.get("price_per_hour") or 0.0)
-    spent = price * uptime / 3600
+    cost = spent(price, start, billing_end(rec, now))
     budget = rec.get("budget")
     where = {**rec.get("offer", {}), **rec.get("launched", {})}  # what SkyPilot launched, when read back
     return {"name": rec["name"], "backend": rec.get("backend"), "cloud": where.get("cloud"),
             "region": where.get("region"), "instance_type": where.get("instance_type"),
             "nodes": rec.get("nodes", 1), "spot": bool(rec.get("spot")), "uptime_s": round(uptime, 1),
-            "price_per_hour": price, "spent": round(spent, 4),
-            "budget": budget, "budget_left": None if budget is None else round(budget - spent, 4)}
+            "price_per_hour": price, "spent": round(cost, 4),
+            "budget": budget, "budget_left": None if budget is None else round(left(budget, cost), 4)}
 
 
 def run_summaries() -> list[dict]:
     out = []
+    found = None   # what SkyPilot lists, asked once and only when a run's cluster has no record
     for rd in state.list_runs():
         job = state.read_job(rd)
         if not job:
@@ -50,7 +53,13 @@ def run_summaries() -> list[dict]:
         if job.get("backend") == "local":
             job_state = backend_for({"backend": "local"}).job_state({}, rd)
         elif cluster is None:
-            job_state = job.get("state") if job.get("state") != "RUNNING" else "ENDED (cluster gone)"
+            if found is None:
+                found = {d["name"]: d for d in discovered_unrecorded()}
+            seen = found.get(job.get("cluster")) or found.get(f"nanochat-{rd.name}")
+            if seen is not None:   # no record here, but SkyPilot still has it (and it may bill)
+                job_state = f"UNKNOWN (cluster {seen['state']}, not recorded: `nanochat down` tears it down)"
+            else:
+                job_state = job.get("state") if job.get("state") != "RUNNING" else "ENDED (cluster gone)"
         else:
             try:
                 job_state = backend_for(cluster).job_state(cluster, rd)
@@ -68,13 +77,14 @@ def note_ended(rec: dict, when: float) -> dict:
     return rec
 
 
-def discovered_unrecorded() -> list[dict]:
-    """nanochat clusters/managed jobs SkyPilot knows of that have no local record (none without SkyPilot)."""
+def discovered_unrecorded(recorded: set[str] | None = None) -> list[dict]:
+    """nanochat clusters/managed jobs SkyPilot knows of that have no local record (none without SkyPilot).
+    `recorded`: the names with a record (default: clusters.json's)."""
     try:
         found = sky_backend().SkyBackend().discover()
     except NanochatError:
         return []
-    recorded = set(state.load_clusters())
+    recorded = set(state.load_clusters()) if recorded is None else recorded
     runs = {f"nanochat-{rd.name}" for rd in state.list_runs()
             if (state.read_job(rd) or {}).get("cluster") in recorded}
     return [d for d in found if d["name"] not in recorded and d["name"] not in runs
@@ -150,12 +160,12 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
     rd = state.find_latest_run(name, has="job", nothing="nothing to pull")
     job = state.read_job(rd) or {}
     cluster = state.get_cluster(job.get("cluster"))
-    plan = state.read_json(rd / "plan.json") or {}
+    spec = state.read_spec(rd)
     if job.get("backend") == "local":
         cluster = local_cluster(record=False)
-    elif cluster is None and plan.get("bucket"):
+    elif cluster is None and spec is not None and spec.bucket:
         # The node is gone but the checkpoints outlived it in the bucket.
-        cluster = {"name": job.get("cluster"), "backend": "sky", "bucket": plan["bucket"]}
+        cluster = {"name": job.get("cluster"), "backend": "sky", "bucket": spec.bucket}
     if cluster is None:
         raise NanochatError(f"nothing to pull: the cluster of run '{rd.name}' is gone and the run had no "
                             f"--bucket; whatever was pulled before is in {rd}")
@@ -170,7 +180,7 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
           f"({time.time() - start:.1f}s). Next: `nanochat chat --checkpoint {target}`")
 
 
-def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool) -> None:
+def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool, yes: bool = False) -> None:
     if checkpoint is not None:
         rd = checkpoint.expanduser().resolve()
         # A checkpoint directory (run/base/ckpt_000500) belongs to the run two levels up.
@@ -188,18 +198,16 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         raise NanochatError(f"no run at {rd}: `nanochat status` lists runs")
     job = state.read_job(rd) or {}
     cluster = None if local else state.get_cluster(job.get("cluster"))
+    spec_file = None
     if cluster is None or cluster.get("backend") == "local":
         cluster = local_cluster()
         args = ["--preset", "local"]
     else:
-        plan = state.read_json(rd / "plan.json") or {}
-        args = ["--preset", plan.get("preset", "cloud")]
+        spec_file = _cloud_eval_spec(cluster, rd, yes)
+        args = ["--preset", "cloud"]
     args += ["--stages", "eval,report", "--force"]
     backend = backend_for(cluster)
-    # Not the training run's deadline (long past, perhaps): eval is short and the cluster's autodown still
-    # ends it; an old deadline would only make the node refuse to start.
-    plan = {k: v for k, v in (state.read_json(rd / "plan.json") or {}).items() if k != "deadline_at"}
-    job = backend.launch(cluster, rd, args, plan)
+    job = backend.launch(cluster, rd, args, spec_file)
     state.save_log_cursor(rd, backend.name, job.get("cursor"))
     final = stream_run(rd) if not json_out else _wait_quietly(backend, cluster, rd)
     if final is None:
@@ -215,6 +223,37 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         print(json.dumps(metrics))
         return
     print_metrics(metrics, rd)
+
+
+def _cloud_eval_spec(cluster: dict, rd: Path, yes: bool) -> Path:
+    """Evaluating on the run's cloud cluster spends money, so only where a node is already up and billing,
+    under the run's own spec (the same hard cap and deadline: eval never extends them), after saying what
+    it costs. Anything that would make a new node - the cluster tore itself down, a spot run's node is
+    gone with its job, the deadline passed - is refused with the ways that do work."""
+    home = (f"`nanochat pull --name {rd.name}` then `nanochat eval --local --name {rd.name}` evaluates on this "
+            f"machine for $0, or `nanochat train --name {rd.name} --stages eval,report --budget USD` on a new "
+            "node, planned and capped")
+    if cluster.get("spot"):
+        raise NanochatError(f"run '{rd.name}' ran as a spot job, whose node is gone once the job ends: "
+                            f"evaluating on the cloud would launch a new node. {home}")
+    try:
+        up = backend_for(cluster).cluster_state(cluster) == "UP"
+    except NanochatError:
+        up = False
+    spec = state.read_spec(rd)
+    if not up or spec is None or spec.deadline_at is None:
+        why = "is not up" if not up else "has no run spec with a deadline"
+        raise NanochatError(f"cluster '{cluster['name']}' of run '{rd.name}' {why}: evaluating there would "
+                            f"launch a node without a budget. {home}")
+    now = time.time()
+    if spec.deadline_at <= now:
+        raise NanochatError(f"run '{rd.name}' is past its budget's deadline: its node is being torn down. {home}")
+    s = cluster_summary(cluster, now)
+    cap = spec.spend_cap if spec.spend_cap is not None else s["budget"]
+    confirm(f"Evaluate run '{rd.name}' on '{cluster['name']}' (up, ${s['price_per_hour']:.2f}/h, "
+            f"${s['spent']:.2f} spent so far; the run's hard cap ${cap:.2f} and its deadline in "
+            f"{(spec.deadline_at - now) / 60:.0f} min still hold)?", yes)
+    return rd / SPEC_FILE
 
 
 def _wait_quietly(backend, cluster, rd) -> str | None:
@@ -243,8 +282,16 @@ def _fmt(v) -> str:
 
 
 def cmd_down(*, yes: bool, cluster: str | None) -> None:
-    clusters = state.load_clusters()
-    unrecorded = discovered_unrecorded()
+    # A damaged clusters.json must not stop `down` from tearing down what SkyPilot itself lists: with no
+    # record to trust, every nanochat cluster and managed job SkyPilot has counts as unrecorded.
+    damaged = None
+    try:
+        clusters = state.load_clusters()
+    except NanochatError as e:
+        clusters, damaged = {}, e
+    unrecorded = discovered_unrecorded(set(clusters))
+    if damaged is not None and not unrecorded:
+        raise NanochatError(f"{damaged}; SkyPilot lists no nanochat cluster or managed job to tear down")
     if cluster is not None:
         clusters = {k: v for k, v in clusters.items() if k == cluster}
         unrecorded = [d for d in unrecorded if d["name"] == cluster]
@@ -276,3 +323,5 @@ def cmd_down(*, yes: bool, cluster: str | None) -> None:
     if len(clusters) > 1:
         print(f"total: ${total:.2f}")
     sys.stdout.flush()
+    if damaged is not None:   # what SkyPilot lists is down; the file still needs the user's attention
+        raise NanochatError(f"{damaged}; what SkyPilot lists was torn down")

@@ -25,9 +25,11 @@ class Backend(Protocol):
     def provision(self, cluster: dict) -> None:
         """Make the cluster exist (nanochat up); nothing to do for this machine."""
 
-    def launch(self, cluster: dict, rd: Path, args: list[str], plan: dict, dryrun: bool = False) -> dict:
-        """Start the pipeline with `args` for run dir `rd`; the job record (also in rd/.job.json), whose
-        "cursor" is where this job's log starts."""
+    def launch(self, cluster: dict, rd: Path, args: list[str], spec_file: Path | None = None,
+               dryrun: bool = False) -> dict:
+        """Start the pipeline with `args` for run dir `rd`, its money read from the run spec `spec_file` (the
+        one channel for budget and deadlines); the job record (also in rd/.job.json), whose "cursor" is where
+        this job's log starts."""
 
     def job_state(self, cluster: dict, rd: Path) -> str | None:
         """RUNNING, SUCCEEDED, FAILED, ... (SkyPilot's names), UNKNOWN, or None without a job."""

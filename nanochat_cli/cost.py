@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from nanochat_core.run_spec import left, spent
+
 WARN_FRACTION = 0.8  # the meter warns once when spending crosses 80% of the hard cap
 
 
@@ -48,8 +50,7 @@ class CostMeter:
             self.outcome = event.get("state")
 
     def spent(self, now: float | None = None) -> float:
-        hours = max(0.0, (time.time() if now is None else now) - self.started_at) / 3600
-        return hours * self.price_per_hour
+        return spent(self.price_per_hour, self.started_at, time.time() if now is None else now)
 
     def eta_s(self, now: float | None = None) -> float | None:
         """Seconds until the run ends: the current stage from its measured rate, the stages not yet
@@ -81,7 +82,7 @@ class CostMeter:
         return self.spent(now) + eta / 3600 * self.price_per_hour
 
     def budget_left(self, now: float | None = None) -> float | None:
-        return None if self.budget is None else self.budget - self.spent(now)
+        return left(self.budget, self.spent(now))
 
     def check_warning(self, now: float | None = None) -> str | None:
         """A one-time warning when spending crosses 80% of the hard cap (None otherwise)."""

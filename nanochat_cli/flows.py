@@ -8,9 +8,12 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import RunSpec, job_price, spend_cap, spent
+from nanochat_core.run_spec import write as write_spec
 from nanochat_cli import state
 from nanochat_cli.backend import backend_for, sky_backend
 from nanochat_cli.offers import failover_candidates
@@ -116,7 +119,7 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
         raise NanochatError(f"cluster '{name}' is already up; `nanochat train` uses it, "
                             f"`nanochat down --cluster {name}` removes it, --cluster picks another name")
     confirm(f"Provision {nodes} x {offer['instance_type']} on {offer['cloud']} ({offer['region']}) at "
-            f"${offer['price_per_hour'] * nodes:.2f}/h?", yes)
+            f"${job_price(offer['price_per_hour'], nodes):.2f}/h?", yes)
     rec = state.new_cluster_record(name, "sky", offer, nodes=nodes, spot=spot, autostop_minutes=autostop)
     rec["candidates"] = failover_candidates(result, offer)
     state.save_cluster(rec)  # before the provisioning request: a failure or Ctrl-C never leaves it unrecorded
@@ -129,102 +132,110 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
 # -----------------------------------------------------------------------------
 # train
 
-def _local_plan(depth, steps, minutes, stages=None) -> dict:
+@dataclass(frozen=True)
+class TrainFlags:
+    """`nanochat train`'s options as Typer parsed them: one record from main.py to the flow."""
+    budget: str = "100"
+    depth: int | None = None
+    local: bool = False
+    spot: bool = False
+    detach: bool = False
+    dryrun: bool = False
+    json_out: bool = False
+    yes: bool = False
+    name: str | None = None
+    gpus: str = "H100:8"
+    clouds: str | None = None
+    nodes: int = 1
+    cluster: str | None = None
+    keep: bool = False
+    steps: int | None = None
+    minutes: float | None = None
+    data: str | None = None
+    bucket: str | None = None
+    stages: str | None = None
+
+
+def _local_spec(f: TrainFlags, stages: str | None) -> RunSpec:
+    """A free run on this machine: the local preset's model and an estimate of each stage's minutes."""
     from nanochat_core.model_config import config_for_depth, count_params
     from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_MODEL
-    stages = (stages or DEFAULT_STAGES["local"]).split(",")
+    names = (stages or DEFAULT_STAGES["local"]).split(",")
     # preflight: the toy-size checks take ~35 s on a CPU (docs/PERFORMANCE.md); mid/sft/rl get `--minutes 1`
-    est_min = {"preflight": 0.6, "tok": 0.5, "base": (minutes or LOCAL_BASE_MINUTES), "mid": 1.0, "sft": 1.0,
+    est_min = {"preflight": 0.6, "tok": 0.5, "base": (f.minutes or LOCAL_BASE_MINUTES), "mid": 1.0, "sft": 1.0,
                "rl": 1.0, "eval": 1.0, "report": 0.1}
     # The model the local preset trains. Tokens depend on how many steps fit in --minutes on this machine,
     # which only the trainer's timed first steps know.
-    m = {**LOCAL_MODEL, "depth": depth or LOCAL_MODEL["depth"]}
+    m = {**LOCAL_MODEL, "depth": f.depth or LOCAL_MODEL["depth"]}
     params = count_params(config_for_depth(m["depth"], m["vocab_size"], sequence_len=m["sequence_len"],
                                            head_dim=m["head_dim"]))["total"]
-    return {"offer": dict(LOCAL_OFFER), "depth": m["depth"], "params": params, "tokens": None,
-            "hours": round(sum(est_min[s] for s in stages) / 60, 3), "cost": 0.0,
-            "stages": [{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in stages]}
+    return RunSpec(run=f.name or "local", preset="local", offer=dict(LOCAL_OFFER), depth=m["depth"],
+                   params=params, hours=round(sum(est_min[s] for s in names) / 60, 3),
+                   stages=[{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in names],
+                   pipeline_stages=stages, steps=f.steps, minutes=f.minutes, data=f.data)
 
 
-def _print_plan(plan: dict, budget: float | None) -> None:
+def _print_plan(spec: RunSpec) -> None:
     from rich.table import Table
-    o = plan["offer"]
+    o = spec.offer
     c = _console()
-    c.print(f"[bold]Plan:[/] depth {plan['depth']} on {o['cloud']} {o['region']} {o['instance_type']} "
+    c.print(f"[bold]Plan:[/] depth {spec.depth} on {o['cloud']} {o['region']} {o['instance_type']} "
             f"({o['accelerators']}{', spot' if o['spot'] else ''}) at ${o['price_per_hour']:.2f}/h")
     t = Table()
     t.add_column("stage")
     t.add_column("hours", justify="right")
     t.add_column("cost", justify="right")
-    for s in plan["stages"]:
+    for s in spec.stages:
         t.add_row(s["name"], f"{s['hours']:.2f}", f"${s['cost']:.2f}")
-    t.add_row("[bold]total", f"[bold]{plan['hours']:.2f}", f"[bold]${plan['cost']:.2f}")
+    t.add_row("[bold]total", f"[bold]{spec.hours:.2f}", f"[bold]${spec.cost:.2f}")
     c.print(t)
-    if plan.get("params") and plan.get("tokens"):
-        c.print(f"model: {plan['params'] / 1e6:,.0f}M params, {plan['tokens'] / 1e9:.2f}B training tokens; "
-                f"throughput {plan.get('tokens_per_sec', 0):,.0f} tok/s ({plan.get('throughput_source', '')})")
-    elif plan.get("params"):
-        c.print(f"model: {plan['params'] / 1e6:,.1f}M params, trained for as many steps as fit the time")
-    if plan.get("expected_core") is not None:
-        c.print(f"the anchor scored CORE {plan['expected_core']:.4f} at this size ({plan['expected_core_source']})")
-    if plan.get("capped_note"):
-        c.print(f"note: {plan['capped_note']}")
-    if budget:
+    if spec.params and spec.tokens:
+        c.print(f"model: {spec.params / 1e6:,.0f}M params, {spec.tokens / 1e9:.2f}B training tokens; "
+                f"throughput {spec.tokens_per_sec:,.0f} tok/s ({spec.throughput_source})")
+    elif spec.params:
+        c.print(f"model: {spec.params / 1e6:,.1f}M params, trained for as many steps as fit the time")
+    if spec.expected_core is not None:
+        c.print(f"the anchor scored CORE {spec.expected_core:.4f} at this size ({spec.expected_core_source})")
+    for note in (spec.capped_note, spec.setup_note):
+        if note:
+            c.print(f"note: {note}")
+    if spec.budget:
         # What the node enforces, in dollars and in time: the budget, or a capped plan's own cap (the note above).
-        cap = plan.get("spend_cap", budget)
-        base = (f"base training stops {plan['base_deadline_hours']:.2f} h after launch, "
-                if any(s["name"] == "base" for s in plan["stages"]) else "")
-        c.print(f"budget: ${budget:.2f}; at most ${cap:.2f} will be spent ({base}everything "
-                f"{plan['deadline_hours']:.2f} h after launch, then {plan['margin_hours'] * 60:.0f} min of teardown "
-                f"margin; priced at up to ${plan['max_price_per_hour']:.2f}/h, the dearest offer the launch may fail "
+        base = (f"base training stops {spec.base_deadline_hours:.2f} h after launch, "
+                if any(s["name"] == "base" for s in spec.stages) else "")
+        c.print(f"budget: ${spec.budget:.2f}; at most ${spec.spend_cap:.2f} will be spent ({base}everything "
+                f"{spec.deadline_hours:.2f} h after launch, then {spec.margin_hours * 60:.0f} min of teardown "
+                f"margin; priced at up to ${spec.max_price_per_hour:.2f}/h, the dearest offer the launch may fail "
                 f"over to)")
 
 
-def _dryrun_json(plan: dict) -> dict:
-    keys = ("offer", "depth", "params", "tokens", "hours", "cost", "stages", "max_price_per_hour",
-            "spend_cap", "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards")
-    return {k: plan[k] for k in keys if k in plan}
-
-
-def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name, gpus, clouds, nodes,
-              cluster, keep, steps, minutes, data, bucket, stages=None):
+def cmd_train(f: TrainFlags) -> None:
     """`nanochat train`: check the flags, choose where to run (this machine, a recorded cluster or the
-    cheapest offer), plan the run within the budget, then launch it and follow its log."""
+    cheapest offer), build the run spec within the budget, then launch it and follow its log."""
     from nanochat_cli.planner import parse_budget
-    budget_usd = parse_budget(budget)
-    stages = _check_train_flags(depth, local, nodes, bucket, stages)
+    budget_usd = parse_budget(f.budget)
+    stages = _check_train_flags(f.depth, f.local, f.nodes, f.bucket, f.stages)
     candidates = None
-    if local:
-        plan = _local_plan(depth, steps, minutes, stages)
-        rec = None if dryrun else local_cluster()
-        run_name = name or "local"
-        args = ["--preset", "local"]
+    if f.local:
+        spec = _local_spec(f, stages)
+        rec = None if f.dryrun else local_cluster()
     else:
-        rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
-        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name,
-                                                          preflight_only=stages == "preflight")
-    if json_out and dryrun:
-        print(json.dumps(_dryrun_json(plan)))
+        rec, offer, candidates = choose_offer(f)
+        spec, candidates = plan_cloud_run(rec, offer, candidates, budget_usd, f, stages)
+    if f.json_out and f.dryrun:
+        print(json.dumps(spec.to_json()))
         return
-    if spot and not bucket and not local and not dryrun:
+    if f.spot and not f.bucket and not f.local and not f.dryrun:
         # A spot run's node is removed when its job ends (and replaced after a preemption): without a bucket
         # nothing it trained could ever be pulled, nor resumed. Refused before anything is paid for.
         raise NanochatError("--spot needs --bucket s3://... (or gs://...): a spot run's node is gone when its job "
                             "ends or is preempted, so its checkpoints must live in a bucket to resume and to be "
                             "pulled")
-    if not json_out:
-        _print_plan(plan, None if local else budget_usd)
-    if dryrun:
+    if not f.json_out:
+        _print_plan(spec)
+    if f.dryrun:
         return
-    if depth is not None and local:
-        args += ["--depth", str(depth)]
-    args += ["--steps", str(steps)] if steps else []
-    args += ["--minutes", str(minutes)] if minutes else []
-    args += ["--data", data] if data else []
-    args += ["--stages", stages] if stages else []
-    launch_and_follow(rec, plan, args, run_name, budget_usd=None if local else budget_usd, candidates=candidates,
-                      local=local, spot=spot, nodes=nodes, keep=keep, bucket=bucket, yes=yes, detach=detach,
-                      json_out=json_out)
+    launch_and_follow(rec, spec, candidates, f)
 
 
 def _check_train_flags(depth, local, nodes, bucket, stages) -> str | None:
@@ -250,131 +261,180 @@ def _check_train_flags(depth, local, nodes, bucket, stages) -> str | None:
     return stages
 
 
-def choose_offer(cluster, spot, gpus, clouds, nodes, dryrun):
-    """Where a cloud run goes: (cluster record or None, offer priced per node, failover candidates, nodes)."""
+def _reusable(rec: dict, ask: bool) -> bool:
+    """May `train` put a new job on this recorded cluster? Not when SkyPilot says it is gone: its node tore
+    itself down (autodown), and reusing the record would bill a re-provisioned node against an old one's
+    start and leave it without a teardown on failure. Unknown (SkyPilot cannot be asked; a dry run does not
+    start a local API server just to ask) counts as usable: a real launch asks again before it provisions,
+    and tears down on failure whatever it made."""
+    return _sky_state(rec, ask) != "DOWN"
+
+
+def _sky_state(rec: dict, ask: bool = True) -> str:
+    try:
+        return sky_backend().SkyBackend().cluster_state(rec, start_server=ask)
+    except NanochatError:
+        return "UNKNOWN"
+
+
+def choose_offer(f: TrainFlags):
+    """Where a cloud run goes: (cluster record or None, offer priced per node, failover candidates)."""
     candidates = None
-    if cluster:
-        rec = state.get_cluster(cluster)
+    if f.cluster:
+        rec = state.get_cluster(f.cluster)
         if rec is None:
-            raise NanochatError(f"no cluster named '{cluster}': `nanochat status` lists them, "
+            raise NanochatError(f"no cluster named '{f.cluster}': `nanochat status` lists them, "
                                 "`nanochat up` makes one")
         if rec.get("backend") != "sky":
-            raise NanochatError(f"cluster '{cluster}' is this machine: use `nanochat train --local`")
-    else:  # the most recent on-demand cloud cluster, if any; otherwise pick an offer now. A spot record
-        # is never reused: each spot run is its own managed job on its own node, priced at spot.
+            raise NanochatError(f"cluster '{f.cluster}' is this machine: use `nanochat train --local`")
+        if not _reusable(rec, ask=not f.dryrun):
+            raise NanochatError(f"cluster '{f.cluster}' is gone (SkyPilot reports it DOWN): `nanochat down "
+                                f"--cluster {f.cluster}` clears its record and shows what it cost; then train "
+                                "without --cluster")
+    else:  # the most recent on-demand cloud cluster that is still there, if any; otherwise pick an offer now.
+        # A spot record is never reused: each spot run is its own managed job on its own node, priced at spot.
         ours = [r for r in state.load_clusters().values() if r.get("backend") == "sky" and not r.get("spot")]
-        rec = max(ours, key=lambda r: r.get("launched_at", 0)) if ours else None
-    if rec is not None and spot and not rec.get("spot"):
+        ours = sorted(ours, key=lambda r: r.get("launched_at", 0), reverse=True)
+        rec = next((r for r in ours if _reusable(r, ask=not f.dryrun)), None)
+    if rec is not None and f.spot and not rec.get("spot"):
         raise NanochatError(f"cluster '{rec['name']}' is on-demand and a --spot run brings its own node: "
                             f"`nanochat down --cluster {rec['name']}` first, or train on it without --spot")
+    if rec is not None and f.keep and not f.dryrun:
+        why = sky_backend().budget_unsafe({**rec["offer"], **rec.get("launched", {})}, bool(rec.get("spot")), True)
+        if why:
+            raise NanochatError(f"--keep needs a node that can stop itself, and cluster '{rec['name']}' cannot "
+                                f"({why}): train without --keep, or on another cluster")
     if rec is not None:
-        nodes = rec.get("nodes", nodes)
+        nodes = rec.get("nodes", f.nodes)
         # What SkyPilot actually launched (read back after a failover), at the price it actually costs.
         offer = {**rec["offer"], **rec.get("launched", {}),
-                 "price_per_hour": float(rec.get("price_per_hour") or rec["offer"]["price_per_hour"]) / nodes}
+                 "price_per_hour": float(rec.get("price_per_hour") or job_price(rec["offer"]["price_per_hour"],
+                                                                                  nodes)) / nodes}
     else:
         # quiet ranking (no table, no notes about offers): the plan is what train shows
-        result = rank(gpus, spot, clouds, False, None, json_out=True, notes=False)
+        result = rank(f.gpus, f.spot, f.clouds, False, None, json_out=True, notes=False)
+        _only_budget_safe(result, f)
         try:
-            offer = sky_backend().choose(result, spot=spot, max_price=None)
+            offer = sky_backend().choose(result, spot=f.spot, max_price=None)
         except NanochatError as e:
-            if not dryrun:
+            if not f.dryrun:
                 raise
             # A dry run needs no credentials: plan on the cheapest offer anywhere, and say why.
             offer = result.offers[0]
             print(f"note: {e}\nnote: planning on the cheapest offer anyway ({offer['cloud']})", file=sys.stderr)
         candidates = failover_candidates(result, offer)
-    return rec, offer, candidates, nodes
+    return rec, offer, candidates
 
 
-def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name, preflight_only=False):
-    """The plan within what is left of the budget: (plan dict, failover candidates kept, run name, node args).
-    preflight_only: the node runs only its preflight stage, at the depth the budget would train."""
-    from nanochat_cli.planner import make_plan
+def _only_budget_safe(result, f: TrainFlags) -> None:
+    """Keep only offers whose node can end its own billing when the job ends: tear itself down, or with --keep
+    stop itself (SkyPilot's feature table per cloud). Said in one line when that leaves nothing."""
+    unsafe = {}
+    for o in result.offers:
+        why = sky_backend().budget_unsafe(o, f.spot, f.keep)
+        if why:
+            unsafe.setdefault(o["cloud"], why)
+    if not unsafe:
+        return
+    kept = [o for o in result.offers if o["cloud"] not in unsafe]
+    what = "stop itself (--keep)" if f.keep else "tear itself down when its job ends"
+    if not kept:
+        raise NanochatError(f"no offer's node can {what}: {'; '.join(f'{c}: {w}' for c, w in unsafe.items())}"
+                            + (" - train without --keep" if f.keep else ""))
+    print(f"note: left out {', '.join(sorted(unsafe))}: a node there cannot {what}", file=sys.stderr)
+    result.offers[:] = kept
+
+
+def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages) -> tuple[RunSpec, list[dict]]:
+    """The run spec within what is left of the budget, and the failover candidates it keeps. With
+    --stages preflight the node runs only its preflight stage, at the depth the budget would train."""
+    from nanochat_cli.planner import limit_failover, make_plan
+    nodes = rec.get("nodes", f.nodes) if rec is not None else f.nodes
     # The budget caps what the cluster costs in all: time it has already been up counts against it.
-    spent = 0.0
-    if rec is not None:
-        spent = float(rec.get("price_per_hour") or 0) * max(0.0, time.time() - rec.get("launched_at", 0)) / 3600
-        if spent >= budget_usd:
-            raise NanochatError(f"cluster '{rec['name']}' has already cost ${spent:.2f} of the ${budget_usd:.2f} "
-                                "budget: raise --budget, or `nanochat down` and start afresh")
-    from nanochat_cli.planner import limit_failover
-    p = make_plan(offer, budget_usd - spent, depth, nodes)
-    if preflight_only:
+    already = cluster_spent(rec, time.time()) if rec is not None else 0.0
+    if already >= budget_usd:
+        raise NanochatError(f"cluster '{rec['name']}' has already cost ${already:.2f} of the ${budget_usd:.2f} "
+                            "budget: raise --budget, or `nanochat down` and start afresh")
+    p = make_plan(offer, budget_usd - already, f.depth, nodes)
+    if stages == "preflight":
         p.preflight_only()
     # Only offers at which this very plan stays within the budget may be failed over to; the dearest
     # of them sets the node's deadlines (so whichever one SkyPilot launches, the cap holds).
     candidates = limit_failover(p, [offer] if rec is not None else candidates)
-    plan = p.to_json()
-    plan["budget"] = budget_usd
-    # The hard cap on the whole cluster's cost: what it has already cost plus the most this plan may spend.
-    plan["spend_cap"] = min(budget_usd, spent + p.spend_cap)
-    run_name = name or f"d{p.depth}"
-    args = ["--preset", "cloud", "--depth", str(p.depth), "--price-per-hour", f"{p.price_per_hour:.4f}",
-            "--nnodes", str(nodes), "--num-shards", str(p.num_shards),
-            # per GPU: the node's preflight stops the run below half of it
-            "--planned-tokens-per-sec", f"{p.tokens_per_sec / max(1, p.gpus * nodes):.0f}"]
-    return plan, candidates, run_name, args
+    d = p.to_json()
+    spec = RunSpec(
+        run=f.name or f"d{p.depth}", preset="cloud", offer=p.offer, depth=p.depth, nodes=nodes,
+        price_per_hour=p.price_per_hour, max_price_per_hour=p.max_price_per_hour, budget=budget_usd,
+        # The hard cap on the whole cluster's cost: what it has already cost plus the most this plan may spend.
+        spend_cap=spend_cap(budget_usd, already, p.spend_cap), pipeline_stages=stages, bucket=f.bucket,
+        spot=f.spot, keep=f.keep, num_shards=p.num_shards, data=f.data, steps=f.steps, minutes=f.minutes,
+        planned_tokens_per_sec=p.tokens_per_sec / max(1, p.gpus * nodes),
+        **{k: d[k] for k in ("hours", "cost", "stages", "deadline_hours", "base_deadline_hours", "margin_hours",
+                             "capped_note", "setup_note", "params", "tokens", "tokens_per_sec", "throughput_source",
+                             "expected_core", "expected_core_source")})
+    return spec, candidates
 
 
-def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, local, spot, nodes, keep, bucket, yes,
-                      detach, json_out) -> None:
-    """Record, launch and (unless detached) stream the run; the plan's deadlines start counting here."""
-    rd = state.run_dir(run_name)
+def cluster_spent(rec: dict, now: float) -> float:
+    """What a recorded cluster has cost so far, at its recorded price since launch (until it ended)."""
+    from nanochat_cli.admin import billing_end
+    return spent(float(rec.get("price_per_hour") or 0.0), float(rec.get("launched_at") or now),
+                 billing_end(rec, now))
+
+
+def launch_and_follow(rec, spec: RunSpec, candidates, f: TrainFlags) -> None:
+    """Record, launch and (unless detached) stream the run; the spec's deadlines start counting here."""
+    rd = state.run_dir(spec.run)
     if (rd / "MANIFEST.sha256").exists():
-        print(f"note: run '{run_name}' already finished; running it again skips every finished stage. "
+        print(f"note: run '{spec.run}' already finished; running it again skips every finished stage. "
               "Use --name NEW for a fresh run.", file=sys.stderr)
+    if not f.local:
+        confirm(f"Launch run '{spec.run}' (about ${spec.cost:.2f}, hard cap ${spec.spend_cap:.2f})?", f.yes)
+    # The budget (or a capped plan's own cap) is a hard cap: the plan's deadlines count from now (an
+    # existing cluster's earlier uptime was already taken off the budget the plan was made with); the node
+    # enforces exactly these two moments - base training stops at the first, the whole job at the second.
     now = time.time()
-    if not local:
-        confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${plan['spend_cap']:.2f})?", yes)
-        # The budget (or a capped plan's own cap) is a hard cap: the plan's deadlines count from now (an
-        # existing cluster's earlier uptime was already taken off the budget the plan was made with); the node
-        # enforces exactly these two moments - base training stops at the first, the whole job at the second.
-        deadline = now + plan["deadline_hours"] * 3600
-        base_deadline = now + plan["base_deadline_hours"] * 3600
-        args += ["--deadline-at", str(int(deadline)), "--base-deadline-at", str(int(base_deadline))]
-        plan["deadline_at"], plan["base_deadline_at"], plan["launched_at"] = deadline, base_deadline, now
-    plan.update(budget=None if local else budget_usd, price_per_hour=plan["offer"]["price_per_hour"] * (
-        1 if local else nodes), run=run_name, created_at=now, preset="local" if local else "cloud",
-        spot=spot, nodes=nodes, keep=keep, bucket=bucket)
-    state.write_plan(rd, plan)
+    spec = spec.launched(now)
+    rd.mkdir(parents=True, exist_ok=True)
+    spec_file = write_spec(rd, spec)   # the one copy of the spec; the node gets this very file
     launch_rec = rec
-    if not local:
-        created = rec is None
-        if created:
-            rec = state.new_cluster_record(f"nanochat-{run_name}", "sky", plan["offer"], nodes=nodes, spot=spot,
-                                           budget=plan["spend_cap"], autostop_minutes=AUTOSTOP_MIN)
+    if not f.local:
+        # Any launch that makes a node tears it down when it fails: a new record, and also a recorded cluster
+        # that is not up now (SkyPilot provisions it again, and sets autostop only after setup succeeds).
+        created = rec is None or _sky_state(rec) not in ("UP", "UNKNOWN")
+        if rec is None:
+            rec = state.new_cluster_record(f"nanochat-{spec.run}", "sky", spec.offer, nodes=spec.nodes,
+                                           spot=spec.spot, budget=spec.spend_cap, autostop_minutes=AUTOSTOP_MIN)
             rec["launched_at"] = now
         # The record's budget is the cap the node enforces, so `status` counts "budget left" down from it.
-        rec.update(budget=plan["spend_cap"], keep=keep, bucket=bucket, candidates=candidates, ended_at=None,
-                   ends_by=plan["deadline_at"] + TEARDOWN_MARGIN_S,
-                   max_price_per_hour=plan["max_price_per_hour"], autostop_minutes=AUTOSTOP_MIN,
-                   runs=sorted(set(rec.get("runs", []) + [run_name])))
+        rec.update(budget=spec.spend_cap, keep=spec.keep, bucket=spec.bucket, candidates=candidates, ended_at=None,
+                   ends_by=spec.deadline_at + TEARDOWN_MARGIN_S, max_price_per_hour=spec.max_price_per_hour,
+                   autostop_minutes=AUTOSTOP_MIN, runs=sorted(set(rec.get("runs", []) + [spec.run])))
         # Recorded BEFORE the first provisioning request: whatever happens next (a failed setup, Ctrl-C, a
         # closed laptop), `nanochat status` and `nanochat down` know this cluster may exist and bill.
         state.save_cluster(rec)
         launch_rec = {**rec, "created_by_this_launch": created}   # only a cluster this launch made is torn down
-    job = backend_for(rec).launch(launch_rec, rd, args, plan)
-    if local:   # a cloud record already got these fields before the launch
-        state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [run_name])), budget=plan["budget"])
+    job = backend_for(rec).launch(launch_rec, rd, spec.node_args(), spec_file)
+    if f.local:   # a cloud record already got these fields before the launch
+        state.update_cluster(rec["name"], runs=sorted(set(rec.get("runs", []) + [spec.run])), budget=None)
     state.save_log_cursor(rd, rec["backend"], job.get("cursor"))   # a relaunch shows this job's output only
-    if json_out:
-        print(json.dumps({"run": run_name, "run_dir": str(rd), "cluster": rec["name"], "job_id": job["job_id"]}))
+    if f.json_out:
+        print(json.dumps({"run": spec.run, "run_dir": str(rd), "cluster": rec["name"], "job_id": job["job_id"]}))
     else:
-        print(f"run '{run_name}' started on '{rec['name']}' (job {job['job_id']}); results in {rd}")
-    if detach or json_out:
-        print(f"`nanochat logs --name {run_name}` attaches to it; `nanochat down` stops it.", file=sys.stderr)
+        print(f"run '{spec.run}' started on '{rec['name']}' (job {job['job_id']}); results in {rd}")
+    if f.detach or f.json_out:
+        print(f"`nanochat logs --name {spec.run}` attaches to it; `nanochat down` stops it.", file=sys.stderr)
         return
     final = stream_run(rd)
     if final == "BUDGET_TRUNCATED":
-        print_finish(rd, local)
+        print_finish(rd, f.local)
         raise NanochatError(f"run '{rd.name}' was cut short by its budget (see the log above); what it trained is "
                             f"kept: `nanochat pull --name {rd.name}`, or rerun with a larger --budget to continue it")
     if final in ("FAILED", "CANCELLED"):
         raise NanochatError(f"run '{rd.name}' {final.lower()}; the log above says why. The same command resumes "
                             "it (finished stages are skipped)")
     if final == "SUCCEEDED":
-        print_finish(rd, local)
+        print_finish(rd, f.local)
 
 
 def last_sample(rd: Path) -> str | None:
@@ -418,13 +478,13 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
         raise NanochatError(f"run '{rd.name}' has no job yet: start it with `nanochat train`")
     cluster = state.get_cluster(job.get("cluster")) or {"name": job.get("cluster"), "backend": job["backend"],
                                                         "price_per_hour": 0.0, "launched_at": time.time()}
-    plan = state.read_json(rd / "plan.json") or {}
+    spec = state.read_spec(rd)
     backend = backend_for(cluster)
     # The meter counts down from the cap the node enforces: the budget, or a capped plan's own cap.
     meter = CostMeter(price_per_hour=float(cluster.get("price_per_hour") or 0.0),
                       started_at=float(cluster.get("launched_at") or time.time()),
-                      budget=plan.get("spend_cap") or plan.get("budget"),
-                      planned_stages={s["name"]: s["hours"] for s in plan.get("stages", []) if s.get("hours")})
+                      budget=spec and (spec.spend_cap or spec.budget),
+                      planned_stages={s["name"]: s["hours"] for s in (spec.stages if spec else []) if s.get("hours")})
     view = RunView(meter, title=f"nanochat · {rd.name} on {cluster['name']}",
                    run_started_at=job.get("submitted_at"))
     pos = None if from_start else state.log_cursor(rd, backend.name)

@@ -53,11 +53,12 @@ class LocalBackend:
     def final_cost(self, cluster: dict) -> float | None:
         return 0.0
 
-    def launch(self, cluster: dict, rd: Path, args: list[str], plan: dict | None = None,
+    def launch(self, cluster: dict, rd: Path, args: list[str], spec_file: Path | None = None,
                dryrun: bool = False) -> dict:
-        """Start the pipeline for run dir `rd`; returns the job record (also written to rd/.job.json).
-        A relaunch appends to the same log: the job's cursor is where this job's output starts."""
-        pipeline_args = args
+        """Start the pipeline for run dir `rd` (reading its run spec from `spec_file`); returns the job record
+        (also written to rd/.job.json). A relaunch appends to the same log: the job's cursor is where this
+        job's output starts."""
+        pipeline_args = [*args, "--spec", str(spec_file)] if spec_file is not None else args
         old = state.read_job(rd)
         if old and self.job_state(cluster, rd) == RUNNING:
             raise NanochatError(f"run '{rd.name}' is already running (pid {old.get('pid')}): "

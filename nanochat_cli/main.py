@@ -146,10 +146,10 @@ def train(
         if not local and not os.environ.get("WANDB_API_KEY"):
             raise NanochatError("--wandb on a cloud run needs WANDB_API_KEY set here (it reaches the node as a secret)")
         os.environ["NANOCHAT_WANDB"] = "1"   # the local job inherits our environment
-    flows.cmd_train(budget=budget, depth=depth, local=local, spot=spot, detach=detach, dryrun=dryrun,
-                    json_out=json_out, yes=yes, name=name, gpus=gpus, clouds=clouds, nodes=nodes,
-                    cluster=cluster, keep=keep, steps=steps, minutes=minutes, data=data, bucket=bucket,
-                    stages="preflight" if preflight_only else stages)
+    flows.cmd_train(flows.TrainFlags(
+        budget=budget, depth=depth, local=local, spot=spot, detach=detach, dryrun=dryrun, json_out=json_out, yes=yes,
+        name=name, gpus=gpus, clouds=clouds, nodes=nodes, cluster=cluster, keep=keep, steps=steps, minutes=minutes,
+        data=data, bucket=bucket, stages="preflight" if preflight_only else stages))
 
 
 @app.command()
@@ -193,10 +193,11 @@ def eval_(
                                                                         "directory (default: latest run)."),
     name: Optional[str] = RUN,
     json_out: bool = JSON,
+    yes: bool = YES,
 ) -> None:
     """Run the evaluation suite, update report.md and print the metrics table."""
     from nanochat_cli import admin
-    admin.cmd_eval(local=local, checkpoint=checkpoint, name=name, json_out=json_out)
+    admin.cmd_eval(local=local, checkpoint=checkpoint, name=name, json_out=json_out, yes=yes)
 
 
 @app.command()

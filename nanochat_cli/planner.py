@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import deadline_hours, job_price, spend_cap
 
 VOCAB = 32768          # the cloud preset's tokenizer (2^15, as the reference)
 SEQ_LEN = 2048
@@ -128,6 +129,12 @@ MARGIN_H = 10 / 60
 # Minutes of idle time (jobs only: an open ssh session does not keep the node up) after which a cluster
 # running a budgeted job tears itself down: well inside MARGIN_H.
 AUTOSTOP_MIN = 1
+# Time base training's deadline keeps free after its planned end, for a setup slower than planned (the CUDA
+# torch install, a slow image, a busy catalog): at least as long again as SETUP_H, so a setup twice as slow
+# still leaves base its planned tokens. Without it the smallest budgets had 2 minutes to spare and a setup
+# 4 minutes slow cut base short after most of the money was spent. The planner prefers a depth that keeps
+# it; where no depth can, the plan says so (setup_note).
+SLOW_SETUP_H = SETUP_H
 
 
 @dataclass
@@ -160,6 +167,7 @@ class Plan:
     # a run that goes wrong cannot spend the rest of a budget the plan never meant to use; capped_note says so.
     capped_by: str = ""
     capped_note: str = ""
+    setup_note: str = ""   # set when base's deadline keeps less than SLOW_SETUP_H after its planned end
     # The money path's single source of truth, all counted in hours after launch. max_price_per_hour is the
     # highest price (whole job) among the offers the launch may fail over to; spend_cap is the most the plan
     # may spend (the budget, or less when capped_by); the job must end by deadline_hours (spend_cap / max
@@ -194,15 +202,22 @@ class Plan:
     def set_max_price(self, max_price: float) -> None:
         """Derive the hard cap and the node's deadlines from the highest price the launch may end up paying."""
         self.max_price_per_hour = max(max_price, self.price_per_hour)
-        self.spend_cap = self.budget
+        # Whole dollars, rounded up when capped: a cap a person can read, never below the plan plus its margin.
+        self.spend_cap = spend_cap(self.budget, 0.0, self.min_budget(slack=self.has_base())
+                                   if self.capped_by else None)
         if self.capped_by:
-            # Whole dollars, rounded up: a cap a person can read, never below the plan plus its margin.
-            self.spend_cap = min(self.budget, self.min_budget())
             self.capped_note = (f"{self.capped_by}: at most ${self.spend_cap:.2f} is spent (its own cost plus the "
                                 f"teardown margin, at up to ${self.max_price_per_hour:.2f}/h), not the "
                                 f"${self.budget:.2f} budget; the node stops it there")
-        self.deadline_hours = self.spend_cap / self.max_price_per_hour - self.margin_hours
+        self.deadline_hours = deadline_hours(self.spend_cap, self.max_price_per_hour, self.margin_hours)
         self.base_deadline_hours = self.deadline_hours - self.post_base_hours()
+        spare = self.base_deadline_hours - self.pre_base_end_hours()
+        self.setup_note = ""
+        if any(s.name == "base" for s in self.stages) and spare < SLOW_SETUP_H - 1e-6:
+            self.setup_note = (f"base training's deadline leaves only {max(0.0, spare) * 60:.0f} min after its "
+                               f"planned end: a setup that much slower than the {SETUP_H * 60:.0f} min planned "
+                               f"cuts base short; --budget {self.min_budget(slack=True)} leaves "
+                               f"{SLOW_SETUP_H * 60:.0f} min")
 
     def preflight_only(self) -> None:
         """`--preflight-only`: the node sets up and runs the preflight checks at this plan's depth, nothing
@@ -214,19 +229,26 @@ class Plan:
         self.capped_by = f"--preflight-only runs setup and the d{self.depth} preflight checks alone"
         self.set_max_price(self.max_price_per_hour)
 
-    def fits(self, price: float | None = None) -> bool:
-        """The whole run plus the margin stays within the budget at `price` (default: this offer's)."""
-        return (price or self.price_per_hour) * (self.hours + self.margin_hours) <= self.budget + 1e-9
+    def has_base(self) -> bool:
+        return any(s.name == "base" for s in self.stages)
 
-    def min_budget(self) -> int:
-        """The smallest whole-dollar budget this plan fits in (plus the margin), at its max price."""
-        return math.ceil(self.max_price_per_hour * (self.hours + self.margin_hours) + 1e-6)   # >= price (set_max_price)
+    def fits(self, price: float | None = None, slack: bool = False) -> bool:
+        """The whole run plus the margin (and with slack=True, SLOW_SETUP_H for a slow setup) stays within
+        the budget at `price` (default: this offer's)."""
+        extra = SLOW_SETUP_H if slack else 0.0
+        return (price or self.price_per_hour) * (self.hours + self.margin_hours + extra) <= self.budget + 1e-9
+
+    def min_budget(self, slack: bool = False) -> int:
+        """The smallest whole-dollar budget this plan fits in (plus the margin, and with slack=True the time
+        for a slow setup), at its max price."""
+        extra = SLOW_SETUP_H if slack else 0.0
+        return math.ceil(self.max_price_per_hour * (self.hours + self.margin_hours + extra) + 1e-6)
 
 
 def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Plan:
     gpu = offer["accelerators"].split(":")[0]
     ngpu = int(offer["accelerators"].split(":")[1]) if ":" in offer["accelerators"] else 1
-    price = float(offer["price_per_hour"]) * nodes
+    price = job_price(offer["price_per_hour"], nodes)
     tps_gpu, source = THROUGHPUT_TABLE.get((canonical_gpu(gpu), depth)) or throughput(gpu, depth)
     # Multi-node pays an interconnect tax; 0.9 per extra node is an estimate (no measurement yet).
     tps = tps_gpu * ngpu * nodes * (0.9 if nodes > 1 else 1.0)
@@ -268,11 +290,14 @@ def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int =
                                 f"${p.margin_hours * p.price_per_hour:.2f} of teardown margin, more than the "
                                 f"${budget:.2f} budget: use --budget {p.min_budget()} or {hint}")
         return p
-    best = None
+    best = roomy = None
     for d in DEPTHS:
         p = plan_for_depth(offer, d, budget, nodes)
         if p.fits():
             best = p
+        if p.fits(slack=True):
+            roomy = p     # the largest depth that also survives a slow setup: preferred
+    best = roomy or best
     if best is None:
         smallest = plan_for_depth(offer, DEPTHS[0], budget, nodes)
         raise NanochatError(f"a ${budget:.2f} budget is too small: the smallest model (depth {DEPTHS[0]}) needs "
@@ -289,11 +314,13 @@ def limit_failover(plan: Plan, candidates: list[dict]) -> list[dict]:
     """The offers SkyPilot may fail over to, limited to those at which the whole plan (with its margin)
     stays within the budget; sets the plan's max price (and so its hard cap and deadlines) from them. The
     plan's own offer always stays first."""
-    keep = [c for c in candidates
-            if plan.fits(float(c["price_per_hour"]) * plan.nodes)] or [plan.offer]
+    # A plan that keeps room for a slow setup at its own price keeps it at every offer it may land on.
+    roomy = plan.fits(slack=True) and plan.has_base()
+    keep = [c for c in candidates if plan.fits(job_price(c["price_per_hour"], plan.nodes), slack=roomy)] \
+        or [plan.offer]
     if plan.offer not in keep:
         keep = [plan.offer] + keep
-    plan.set_max_price(max(float(c["price_per_hour"]) * plan.nodes for c in keep))
+    plan.set_max_price(max(job_price(c["price_per_hour"], plan.nodes) for c in keep))
     return keep
 
 

@@ -30,10 +30,11 @@ from typing import Iterator
 import sky  # noqa: the one place
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import job_price
 from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
-from nanochat_cli.sky_replies import already_gone, sky_error, job_state_name, record_managed_price
+from nanochat_cli.sky_replies import ANSI, already_gone, sky_error, job_state_name, record_managed_price
 from nanochat_cli.task_files import workdir, yaml_path
 from nanochat_cli.backend import start_of
 
@@ -41,6 +42,7 @@ from nanochat_cli.backend import start_of
 ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
                "~/.lambda_cloud/lambda_keys or `nebius` CLI login, then run `sky check`")
 REMOTE_RUNS = "~/nanochat_runs"
+REMOTE_SPECS = "~/.nanochat/specs"   # where each run's spec file lands on the node
 
 
 @contextlib.contextmanager
@@ -54,6 +56,42 @@ def _quiet():
             yield
     finally:
         logger.setLevel(old)
+
+
+class _PlainStderr(io.TextIOBase):
+    """Where SkyPilot's launch output goes: stderr (stdout carries our results and --json), without colour
+    codes when stderr is not a terminal (a pipe, a log file)."""
+
+    def write(self, s: str) -> int:
+        import sys
+        err = sys.stderr
+        try:
+            err.write(s if err.isatty() else ANSI.sub("", s))
+        except (OSError, ValueError):   # a terminal that is gone: the launch goes on regardless
+            pass
+        return len(s)
+
+    def flush(self) -> None:
+        import sys
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _launch_output():
+    """SkyPilot streams a launch (its resources table, failover warnings, setup logs) to stdout, and its
+    logger holds stdout too: both go to stderr, in plain text unless stderr is a terminal."""
+    sink = _PlainStderr()
+    handlers = [h for h in logging.getLogger("sky").handlers if isinstance(h, logging.StreamHandler)]
+    old = [h.stream for h in handlers]
+    for h in handlers:
+        h.setStream(sink)
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        for h, stream in zip(handlers, old):
+            h.setStream(stream)
 
 
 # -----------------------------------------------------------------------------
@@ -246,7 +284,7 @@ def choose(result: Offers, spot: bool = False, max_price: float | None = None) -
 # -----------------------------------------------------------------------------
 # Running things
 
-def _resources(offer: dict, spot: bool) -> "sky.Resources":
+def _resources(offer: dict, spot: bool, zone: str | None = None) -> "sky.Resources":
     acc, n = offer["accelerators"].split(":")
     it = None if offer["instance_type"] == offer["accelerators"] else offer["instance_type"]
     kwargs = {}
@@ -254,17 +292,81 @@ def _resources(offer: dict, spot: bool) -> "sky.Resources":
         # Managed-job recovery: on preemption SkyPilot relaunches elsewhere and the pipeline resumes
         # from the latest checkpoint (in the bucket), skipping finished stages.
         kwargs["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 3}
-    return sky.Resources(infra=f"{offer['cloud']}/{offer['region']}", instance_type=it,
-                         accelerators={acc: int(n)}, use_spot=spot, disk_size=512, **kwargs)
+    infra = f"{offer['cloud']}/{offer['region']}" + (f"/{zone}" if zone else "")
+    return sky.Resources(infra=infra, instance_type=it, accelerators={acc: int(n)}, use_spot=spot, disk_size=512,
+                         **kwargs)
 
 
-def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | None) -> "sky.Task":
+def budget_unsafe(offer: dict, spot: bool, keep: bool) -> str | None:
+    """Why a budgeted run must not go to this offer, from SkyPilot's own per-cloud feature table, or None:
+    the node must be able to take itself down when its job ends (AUTODOWN), or with --keep to stop itself
+    (STOP + AUTOSTOP) - otherwise nothing ends the billing once the job is over."""
+    from sky import clouds as sky_clouds
+    from sky import exceptions
+    f = sky_clouds.CloudImplementationFeatures
+    needed = {f.STOP, f.AUTOSTOP} if keep else {f.AUTODOWN}
+    try:
+        with _quiet():
+            res = _resources(offer, spot)
+            res.cloud.check_features_are_supported(res, needed)
+    except exceptions.NotSupportedError as e:
+        return ANSI.sub("", str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception:
+        return None   # not decidable here (a catalog quirk): the launch itself will say
+    return None
+
+
+def zone_prices(offer: dict, spot: bool) -> dict[str, float]:
+    """{zone: $/h per node} of the zones SkyPilot's provisioner tries for this offer's region, from its own
+    catalog; {} for a cloud without zones (the region's price is then the only one). A region is listed at
+    its cheapest zone's price, but a launch pinned to the region alone tries every zone of it, cheapest
+    first - on AWS spot, zones of one region differ by 3x - so what a launch may pay is a zone's price."""
+    it = None if offer["instance_type"] == offer["accelerators"] else offer["instance_type"]
+    if it is None:
+        return {}
+    try:
+        with _quiet():
+            regions = sky.catalog.get_region_zones_for_instance_type(it, spot, clouds=offer["cloud"])
+            zones = [z.name for r in regions if r.name == offer["region"] for z in (r.zones or [])]
+            return {z: float(sky.catalog.get_hourly_cost(it, spot, offer["region"], z, clouds=offer["cloud"]))
+                    for z in zones}
+    except Exception:   # a catalog without zone rows: the region's price stands
+        return {}
+
+
+def bounded_resources(rec: dict) -> tuple[set, dict[str, float]]:
+    """The resources a launch may land on, each within the price the plan assumed: every candidate offer, and
+    for a cloud with zones only the zones of its region whose price (per node) is at most the plan's max price
+    per node (rec["max_price_per_hour"] is for the whole job). Returns (resources, {"cloud/region/zone": $/h
+    per node}) so the price a managed job actually pays can be read back from where SkyPilot placed it."""
+    spot = bool(rec.get("spot"))
+    nodes = int(rec.get("nodes") or 1)
+    cap = float(rec.get("max_price_per_hour") or 0.0) / nodes
+    out, prices = set(), {}
+    for o in rec.get("candidates") or [rec["offer"]]:
+        zones = zone_prices(o, spot)
+        fitting = {z: p for z, p in zones.items() if not cap or p <= cap + 1e-9}
+        if not zones:
+            out.add(_resources(o, spot))
+        for z, p in fitting.items():
+            out.add(_resources(o, spot, z))
+            prices[f"{o['cloud']}/{o['region']}/{z}"] = round(p, 4)
+    if not out:
+        raise NanochatError(f"no zone of the planned offers costs ${cap:.2f}/h per node or less in SkyPilot's "
+                            "catalog: run `nanochat train --dryrun` again to plan on today's prices")
+    return out, prices
+
+
+def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None) -> "sky.Task":
+    """train.yaml with the record's resources, the pipeline's arguments and the run spec shipped as a file:
+    the node reads its budget and deadlines from that file alone (nanochat_core/run_spec.py)."""
     task = sky.Task.from_yaml(str(yaml_path("train")))
     task.workdir = str(workdir())
     task.num_nodes = int(rec.get("nodes") or 1)
-    # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error.
-    offers = rec.get("candidates") or [rec["offer"]]
-    task.set_resources({_resources(o, bool(rec.get("spot"))) for o in offers})
+    # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error - but only in
+    # zones whose price the plan allowed for (its max price set the deadlines that keep the cap).
+    resources, _ = bounded_resources(rec)
+    task.set_resources(resources)
     bucket_dir = ""
     if rec.get("bucket"):
         # MOUNT_CACHED: checkpoints are written to local disk and uploaded in the background, so saving
@@ -272,8 +374,11 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
         storage = sky.Storage(source=rec["bucket"], mode=sky.StorageMode.MOUNT_CACHED)
         task.set_storage_mounts({"/nanochat-bucket": storage})
         bucket_dir = "/nanochat-bucket/runs"
-    task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args),
-                      "NANOCHAT_DEADLINE_AT": str(int(deadline_at)) if deadline_at else "",
+    remote_spec = ""
+    if spec_file is not None:
+        remote_spec = f"{REMOTE_SPECS}/{run_name}/{spec_file.name}"
+        task.update_file_mounts({remote_spec: str(spec_file)})
+    task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args), "NANOCHAT_SPEC": remote_spec,
                       "NANOCHAT_BUCKET_DIR": bucket_dir})
     # Secrets travel as SkyPilot secrets (redacted in its records), taken from this shell's environment.
     secrets = {k: os.environ[k] for k in ("HF_TOKEN", "WANDB_API_KEY") if os.environ.get(k)}
@@ -294,9 +399,20 @@ def _autostop(rec: dict) -> dict:
 def _launched_price(handle, nodes: int) -> float | None:
     """$/h of what SkyPilot actually launched (after any failover), for the whole cluster."""
     try:
-        return round(float(handle.launched_resources.get_cost(3600)) * nodes, 4)
+        return round(job_price(handle.launched_resources.get_cost(3600), nodes), 4)
     except Exception:
         return None
+
+
+def _server_answers() -> bool:
+    """Can SkyPilot be asked without starting anything? A remote server: yes (it is asked); a local one only
+    when it is running (SkyPilot keeps the one our launches used running in the background)."""
+    try:
+        from sky.server import common as server_common
+        return not server_common.is_api_server_local(server_common.get_server_url()) or \
+            server_common.get_api_server_status().status == server_common.ApiServerStatus.HEALTHY
+    except Exception:
+        return False
 
 
 class SkyBackend:
@@ -317,15 +433,18 @@ class SkyBackend:
         if threading.current_thread() is threading.main_thread():
             old_hup = signal.signal(signal.SIGHUP, hangup)
         try:
-            request_id = request_fn()
-            return sky.stream_and_get(request_id)
+            with _launch_output():
+                request_id = request_fn()
+                return sky.stream_and_get(request_id)
         except BaseException as e:  # noqa: KeyboardInterrupt included - that is the point
             if old_hup is not None:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal is gone: finish the teardown
             if not created:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                raise sky_error(action, e) from None
+                raise NanochatError(f"{sky_error(action, e)}; cluster '{rec['name']}' was up before this launch "
+                                    "and stays up until its autostop: `nanochat down --cluster "
+                                    f"{rec['name']}` stops it now") from None
             interrupted = isinstance(e, KeyboardInterrupt)
             with contextlib.suppress(OSError):  # stderr may be a terminal that no longer exists
                 print(f"{'interrupted' if interrupted else action + ' failed'}: tearing down cluster "
@@ -365,18 +484,24 @@ class SkyBackend:
         if price is not None and price > 0:
             lr = handle.launched_resources
             rec.update(price_per_hour=price, launched={"cloud": str(lr.cloud).lower(), "region": lr.region,
-                                                       "instance_type": lr.instance_type})
+                                                       "zone": lr.zone, "instance_type": lr.instance_type})
             state.update_cluster(rec["name"], price_per_hour=price, launched=rec["launched"])
 
-    def launch(self, rec: dict, rd: Path, args: list[str], plan: dict | None = None, dryrun: bool = False) -> dict:
+    def launch(self, rec: dict, rd: Path, args: list[str], spec_file: Path | None = None,
+               dryrun: bool = False) -> dict:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
-        rec["spot"], as a managed job. dryrun: SkyPilot plans the launch and stops (nothing recorded)."""
-        task = build_task(rec, rd.name, args, (plan or {}).get("deadline_at"))
+        rec["spot"], as a managed job, with the run spec at `spec_file` shipped to the node. dryrun: SkyPilot
+        plans the launch and stops (nothing recorded)."""
+        task = build_task(rec, rd.name, args, spec_file)
         # cursor 0: SkyPilot replays a job's own log from its start (tail counts lines)
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
                "state": "RUNNING", "submitted_at": time.time(), "cursor": 0}
         created = bool(rec.get("created_by_this_launch")) and not dryrun
         action = f"launching run '{rd.name}'"
+        if job["managed"] and not dryrun:
+            # Where SkyPilot places a managed job is read back later (cloud, region, zone): keep what each
+            # allowed zone costs, so the meter and `status` show the price actually paid.
+            state.update_cluster(rec["name"], zone_prices=bounded_resources(rec)[1])
         if job["managed"]:
             job_ids, _ = self._run_launch(rec, lambda: sky.jobs.launch(task, name=f"nanochat-{rd.name}"), action,
                                           False) or (None, None)
@@ -482,12 +607,7 @@ class SkyBackend:
         [] when SkyPilot cannot be asked. A local API server that is not running is not started just to
         look (SkyPilot keeps the one our launches used running in the background)."""
         found = []
-        try:
-            from sky.server import common as server_common
-            if server_common.is_api_server_local(server_common.get_server_url()) and \
-                    server_common.get_api_server_status().status != server_common.ApiServerStatus.HEALTHY:
-                return []
-        except Exception:
+        if not _server_answers():
             return []
         with contextlib.suppress(Exception):
             with _quiet():
@@ -515,9 +635,13 @@ class SkyBackend:
             if not already_gone(e):
                 raise sky_error(f"tearing down {item['name']}", e) from None
 
-    def cluster_state(self, rec: dict) -> str:
+    def cluster_state(self, rec: dict, start_server: bool = True) -> str:
+        """UP, STOPPED, INIT or DOWN as SkyPilot records it; MANAGED for a spot run's managed job. With
+        start_server=False a local API server that is not running is not started just to look: UNKNOWN."""
         if rec.get("spot"):
             return "MANAGED"
+        if not start_server and not _server_answers():
+            return "UNKNOWN"
         try:
             records = sky.get(sky.status([rec["name"]]))
         except Exception as e:

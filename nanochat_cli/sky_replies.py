@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from nanochat_core.common import NanochatError
+from nanochat_core.run_spec import job_price
 from nanochat_cli import state
 
 _JOB_STATES = {"PENDING": "RUNNING", "SUBMITTED": "RUNNING", "SETTING_UP": "RUNNING", "RUNNING": "RUNNING", "STARTING": "RUNNING",
@@ -38,14 +39,19 @@ def sky_error(action: str, e: Exception) -> NanochatError:
 
 
 def record_managed_price(rec: dict, record) -> None:
-    """A managed job reports where SkyPilot placed it (cloud, region), not its price: the price is that
-    failover candidate's, so the meter and `status` show what the run really costs."""
+    """A managed job reports where SkyPilot placed it (cloud, region, zone), not its price: the price is that
+    zone's (recorded at launch from SkyPilot's catalog), else that failover candidate's, so the meter and
+    `status` show what the run really costs."""
     cloud, region = str(record.get("cloud") or "").lower(), record.get("region")
+    zone = record.get("zone") if record.get("zone") not in (None, "-") else None
     current = state.get_cluster(rec["name"]) or rec
     match = [c for c in current.get("candidates") or [] if c["cloud"] == cloud and c["region"] == region]
-    if not cloud or not match or (current.get("launched") or {}).get("region") == region:
+    launched = current.get("launched") or {}
+    if not cloud or not match or (launched.get("region"), launched.get("zone")) == (region, zone):
         return
     nodes = int(current.get("nodes") or 1)
-    price = round(max(float(c["price_per_hour"]) for c in match) * nodes, 4)
-    state.update_cluster(rec["name"], price_per_hour=price, launched={
-        "cloud": cloud, "region": region, "instance_type": match[0]["instance_type"]})
+    per_node = (current.get("zone_prices") or {}).get(f"{cloud}/{region}/{zone}")
+    if per_node is None:
+        per_node = max(float(c["price_per_hour"]) for c in match)
+    state.update_cluster(rec["name"], price_per_hour=round(job_price(per_node, nodes), 4), launched={
+        "cloud": cloud, "region": region, "zone": zone, "instance_type": match[0]["instance_type"]})

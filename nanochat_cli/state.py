@@ -2,7 +2,8 @@
 What the CLI remembers between invocations, under $NANOCHAT_HOME (see docs/ARCHITECTURE.md):
 
     clusters.json          {"clusters": {name: record}}  - every cluster `up`/`train` started, until `down`
-    runs/<name>/plan.json  the plan `train` made (offer, $/h, budget, depth, ...); report.md reads the price
+    runs/<name>/plan.json  the run spec `train` built (nanochat_core/run_spec.py): offer, $/h, budget, cap,
+                           deadlines, depth...; the node gets this very file; report.md reads the price
     runs/<name>/.job.json  the job running that plan (backend, cluster, job id, state); hidden, so the
                            node's MANIFEST.sha256 never covers this laptop-side record
     runs/<name>/.logpos    how far `nanochat logs` has shown the log (so a re-attach neither loses nor repeats)
@@ -23,6 +24,7 @@ from typing import Any
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, atomic_write_json, nanochat_home, runs_dir
+from nanochat_core.run_spec import SPEC_FILE, RunSpec, job_price
 
 LOCAL_CLUSTER = "local"
 
@@ -35,12 +37,10 @@ def clusters_file() -> Path:
 NUM = (int, float)
 CLUSTER_FIELDS = {"name": str, "backend": str, "offer": dict, "nodes": int, "spot": bool, "price_per_hour": NUM,
                   "launched_at": NUM, "budget": NUM, "autostop_minutes": int, "runs": list, "bucket": str,
-                  "keep": bool, "candidates": list}
+                  "keep": bool, "candidates": list, "zone_prices": dict}
 JOB_FIELDS = {"job_id": int, "backend": str, "cluster": str, "run": str, "cmd": list, "state": str, "pid": int,
               "child_pid": int, "returncode": int, "managed": bool, "submitted_at": NUM, "started_at": NUM,
               "ended_at": NUM}
-PLAN_FIELDS = {"budget": NUM, "spend_cap": NUM, "price_per_hour": NUM, "deadline_at": NUM, "bucket": str, "preset": str,
-               "stages": list, "offer": dict, "nodes": int}
 
 
 def shape_problem(obj, fields: dict, required: tuple[str, ...] = ()) -> str | None:
@@ -118,7 +118,7 @@ def get_cluster(name: str | None) -> dict | None:
 def new_cluster_record(name: str, backend: str, offer: dict, nodes: int = 1, spot: bool = False,
                        budget: float | None = None, autostop_minutes: int | None = None) -> dict:
     return {"name": name, "backend": backend, "offer": offer, "nodes": nodes, "spot": spot,
-            "price_per_hour": float(offer.get("price_per_hour") or 0.0) * nodes,
+            "price_per_hour": job_price(offer.get("price_per_hour") or 0.0, nodes),
             "launched_at": time.time(), "budget": budget, "autostop_minutes": autostop_minutes,
             "runs": []}
 
@@ -149,7 +149,7 @@ def _run_mtime(p: Path) -> float:
     return newest
 
 
-_SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",)), "plan.json": (PLAN_FIELDS, ())}
+_SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",))}   # plan.json: the run spec checks its own shape
 _warned: set[str] = set()
 
 
@@ -174,8 +174,19 @@ def read_json(path: Path) -> dict | None:
     return None
 
 
-def write_plan(rd: Path, plan: dict) -> None:
-    atomic_write_json(rd / "plan.json", plan)
+def read_spec(rd: Path) -> RunSpec | None:
+    """The run's spec (plan.json, today's or one written before specs existed), or None if it has none or it
+    is damaged (then with a one-line warning, like any damaged run record)."""
+    data = read_json(rd / SPEC_FILE)
+    if data is None:
+        return None
+    try:
+        return RunSpec.from_json(data, str(rd / SPEC_FILE))
+    except NanochatError as e:
+        if str(rd) not in _warned:
+            _warned.add(str(rd))
+            print(f"warning: ignoring the run spec: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def write_job(rd: Path, job: dict) -> None:

@@ -101,7 +101,7 @@ class RunView:
                 ("projected", f"${proj:,.2f}" if proj is not None else "-"),
                 ("ETA", fmt_duration(m.eta_s(now)))]
         if m.budget:
-            rows.append(("cap", f"${m.budget:,.2f} (${m.budget - spent:,.2f} left)"))
+            rows.append(("cap", f"${m.budget:,.2f} (${m.budget_left(now):,.2f} left)"))
         return rows
 
     def panel(self):

@@ -8,12 +8,19 @@ survive `timeout` and keep the job - and the billing node - alive. Here we find 
 (/proc/<pid>/stat's parent pid, Linux) instead of by group, and the supervisor below makes itself a child
 subreaper, so a process orphaned when its parent dies is re-parented to us, not to init, and stays findable.
 
-    python -m nanochat_core.proctree --deadline-at UNIX_TIME [--grace S] -- CMD ...
+    python -m nanochat_core.proctree --spec RUN_SPEC [--grace S] -- CMD ...
+    python -m nanochat_core.proctree --watch PID --spec RUN_SPEC
 
-runs CMD; at the deadline it sends SIGTERM to CMD (the pipeline then stops its stage, writes the manifest
-and exits 0), `--grace` seconds later SIGKILL to every process still below us. A deadline stop exits 0: it
+The first form runs CMD under the backstop: at the spec's job deadline plus run_spec.BACKSTOP_S (or at a
+hand-made run's --deadline-at) it sends SIGTERM to CMD (the pipeline then stops its stage, writes the
+manifest and exits 0), `--grace` seconds later SIGKILL to every process still below us. A deadline stop exits 0: it
 is the budget doing its job, not a failure, and must never make SkyPilot's managed-job controller
-"recover" (restart) the run. Otherwise CMD's own exit code is returned.
+"recover" (restart) the run. Otherwise CMD's own exit code is returned. A spec whose deadline has already
+passed starts nothing and ends the same clean way.
+
+The second form is the job script's watchdog (sky/train.yaml): the backstop covers only CMD, but SkyPilot
+appends steps of its own after the script (the wait for a bucket's uploads), which must not run unbounded
+either; at the spec's deadline plus run_spec.WATCHDOG_S it ends the script's shell and all below it.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def children_map() -> dict[int, list[int]]:
@@ -136,21 +144,69 @@ def supervise(cmd: list[str], deadline_at: float | None, grace_s: float) -> int:
     return 0 if hit else rc
 
 
+def watch(pid: int, at: float, grace_s: float = 10.0, poll_s: float = 1.0) -> bool:
+    """The job's watchdog: once `at` has passed, `pid` (the job script's shell) and everything below it -
+    except this watchdog - get SIGTERM, and SIGKILL `grace_s` later. It returns as soon as `pid` is gone
+    (within `poll_s`), so it never outlives a job that ended in time. True if it had to stop the job."""
+    me = os.getpid()
+    while pid_alive(pid):
+        if time.time() < at:
+            time.sleep(min(poll_s, max(0.0, at - time.time())))
+            continue
+        print("budget deadline passed: the watchdog stops what is left of the job", flush=True)
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+            for p in [pid] + [d for d in descendants(pid) if d != me]:
+                try:
+                    os.kill(p, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            end = time.time() + wait
+            while time.time() < end and pid_alive(pid):
+                time.sleep(0.1)
+        return True
+    return False
+
+
+def deadline_from_spec(path: str) -> float | None:
+    """The backstop moment of a run spec file (its job deadline plus run_spec.BACKSTOP_S); None without one."""
+    from nanochat_core.run_spec import read
+    return read(Path(path)).backstop_at() if path.strip() else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nanochat_core.common import NanochatError
+    from nanochat_core.run_spec import read
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        print("usage: python -m nanochat_core.proctree [--deadline-at T] [--grace S] -- CMD ...", file=sys.stderr)
-        return 2
-    i = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m nanochat_core.proctree")
-    p.add_argument("--deadline-at", default="", help="unix time; empty = no deadline")
+    usage = ("usage: python -m nanochat_core.proctree [--spec FILE | --deadline-at T] [--grace S] -- CMD ...\n"
+             "       python -m nanochat_core.proctree --watch PID --spec FILE")
+    i = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(prog="python -m nanochat_core.proctree", usage=usage)
+    p.add_argument("--spec", default="", help="run spec file: its deadline (+ BACKSTOP_S) is the one enforced")
+    p.add_argument("--deadline-at", default="", help="unix time; empty = no deadline (runs by hand)")
     p.add_argument("--grace", type=float, default=30.0)
+    p.add_argument("--watch", type=int, default=None, help="be the watchdog of this process (the job script)")
     a = p.parse_args(argv[:i])
+    try:
+        spec = read(Path(a.spec)) if a.spec.strip() else None
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.watch is not None:
+        at = spec.watchdog_at() if spec else None
+        if at is not None:
+            watch(a.watch, at)
+        return 0
     cmd = argv[i + 1:]
     if not cmd:
-        print("error: nothing to run after --", file=sys.stderr)
+        print(usage + "\nerror: nothing to run after --", file=sys.stderr)
         return 2
-    deadline = float(a.deadline_at) if a.deadline_at.strip() else None
+    deadline = spec.backstop_at() if spec else (float(a.deadline_at) if a.deadline_at.strip() else None)
+    if spec is not None and spec.deadline_at is not None and spec.deadline_at <= time.time():
+        # A clean end (exit 0), not a failure: a managed job must not be "recovered" onto a new node.
+        print("budget deadline already passed; not starting", flush=True)
+        print('@@nanochat {"event": "done", "state": "BUDGET_TRUNCATED", "message": "budget deadline already '
+              'passed"}', flush=True)
+        return 0
     return supervise(cmd, deadline, a.grace)
 
 

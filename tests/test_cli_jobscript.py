@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--nproc-per-node", type=int)
     p.add_argument("--force", action="store_true")
     p.add_argument("--planned-tokens-per-sec", type=float)
+    p.add_argument("--spec", type=Path)   # the run spec (its money is the real pipeline's business)
     a = p.parse_args()
     if a.data == "fail":  # how a stage failure looks to the CLI: a message, a non-zero exit
         print("error: no data source named 'fail'", flush=True)

@@ -98,7 +98,8 @@ def test_pull_from_an_s3_bucket_uses_the_library_and_is_verified(s3, tmp_path, m
     monkeypatch.setattr(sky_backend.SkyBackend, "job_state", lambda self, rec, rd: "SUCCEEDED")
     rd = state.run_dir("b1")
     state.write_job(rd, {"backend": "sky", "cluster": "gone", "run": "b1", "job_id": 4, "managed": False})
-    state.write_plan(rd, {"bucket": "s3://my-bucket", "price_per_hour": 36.0})
+    from nanochat_core.common import atomic_write_json
+    atomic_write_json(rd / "plan.json", {"bucket": "s3://my-bucket", "price_per_hour": 36.0})   # today's shape
     r = CliRunner().invoke(app, ["pull", "--name", "b1", "--dest", str(tmp_path / "copy")])
     assert r.exit_code == 0, r.stderr
     assert "2 files verified" in r.stdout

@@ -98,28 +98,84 @@ def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_ha
     assert len(pids) == 3 and not leaked
 
 
-def test_train_yaml_run_script_lets_the_steps_skypilot_appends_run(tmp_path):
-    """SkyPilot's own codegen (TaskCodeGen.build_task_bash_script) appends the wait for MOUNT_CACHED uploads
-    after our run script. The script must not `exit` before it: the appended step runs (it calls findmnt,
-    here a stand-in that records the call) and the job's exit code is still the pipeline's."""
+def skypilot_job(tmp_path: Path, spec, args: str, rclone_log: str | None, timeout: float = 120):
+    """train.yaml's run script as SkyPilot 0.14 really runs it: its task codegen appends the MOUNT_CACHED
+    upload wait (TaskCodeGen.build_task_bash_script), log_lib wraps it (make_task_bash_script: the env
+    exports, `cd ~/sky_workdir`) and it runs as `/bin/bash -i SCRIPT`. Faked at the node's boundary only:
+    `findmnt` reports an rclone mount, `sleep` returns at once (SkyPilot's loop polls every 10 s; the waits
+    that matter here are our own, in Python), and the rclone log is the given text. Returns (result, s)."""
     from sky.backends.task_codegen import TaskCodeGen
-    run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
-    script = TaskCodeGen.build_task_bash_script(run)
+    from sky.skylet import log_lib
+    from nanochat_core import run_spec
     home = tmp_path / "home"
     (home / "nanochat-venv" / "bin").mkdir(parents=True)
     (home / "nanochat-venv" / "bin" / "python").symlink_to(sys.executable)
+    (home / "sky_workdir").mkdir()
+    run_spec.write(home / ".nanochat" / "specs" / "r", spec)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    marker = tmp_path / "appended-step-ran"
-    (bin_dir / "findmnt").write_text(f"#!/bin/sh\ntouch {marker}\n")
-    (bin_dir / "findmnt").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(ROOT), "NANOCHAT_RUN": "r",
-           "NANOCHAT_ARGS": "--stages nosuchstage", "NANOCHAT_DEADLINE_AT": str(int(time.time()) + 600),
-           "NANOCHAT_BUCKET_DIR": ""}
-    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
-    assert "unknown stage(s) nosuchstage" in r.stdout + r.stderr
-    assert marker.exists(), "the step SkyPilot appends after the run script never ran"
+    mounted = "/nanochat-bucket bucket fuse.rclone rw" if rclone_log is not None else ""
+    (bin_dir / "findmnt").write_text(f"#!/bin/sh\necho '{mounted}'\n" if mounted else "#!/bin/sh\n")
+    (bin_dir / "sleep").write_text("#!/bin/sh\nexit 0\n")
+    for f in ("findmnt", "sleep"):
+        (bin_dir / f).chmod(0o755)
+    if rclone_log is not None:
+        (home / ".sky" / "rclone_log").mkdir(parents=True)
+        (home / ".sky" / "rclone_log" / "bucket.log").write_text(rclone_log)
+    run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
+    envs = {"NANOCHAT_RUN": "r", "NANOCHAT_ARGS": args, "NANOCHAT_SPEC": "~/.nanochat/specs/r/plan.json",
+            "NANOCHAT_BUCKET_DIR": ""}
+    script = tmp_path / "job.sh"
+    script.write_text(log_lib.make_task_bash_script(TaskCodeGen.build_task_bash_script(run), env_vars=envs))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(ROOT)}
+    t0 = time.time()
+    r = subprocess.run(["/bin/bash", "-i", str(script)], capture_output=True, text=True, env=env,
+                       timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
+    return r, time.time() - t0
+
+
+def rclone_lines(n: int, last: str) -> str:
+    """An rclone log as MOUNT_CACHED writes it at INFO (one cache status line per poll), ending in `last`."""
+    line = ("2026/01/01 00:00:00 INFO  : vfs cache: cleaned: objects 12 (was 12) in use 1, to upload 1, "
+            "uploading 1, total size 9.5Gi (was 9.5Gi)\n")
+    return line * n + f"2026/01/01 01:00:00 INFO  : vfs cache: cleaned: objects 12 (was 12) {last}, " \
+                      "total size 9.5Gi (was 9.5Gi)\n"
+
+
+def spec_ending_in(seconds: float):
+    from nanochat_core.run_spec import RunSpec
+    now = time.time()
+    return RunSpec(run="r", preset="cloud", offer={}, budget=10.0, spend_cap=10.0, launched_at=now,
+                   deadline_at=now + seconds, base_deadline_at=now + seconds)
+
+
+def test_the_upload_wait_skypilot_appends_ends_once_uploads_are_done_with_a_large_rclone_log(tmp_path):
+    """An hour into a bucket run the rclone log is megabytes: the appended wait's `tac LOG | grep -m 1 ...`
+    then dies of SIGPIPE, and under our script's pipefail the wait looped forever (the node billed on,
+    since autodown waits for the job). The tail of our script now hands SkyPilot's steps the shell state
+    they expect: the wait sees "to upload 0, uploading 0" and ends, and the job's exit code is still the
+    pipeline's."""
+    log = rclone_lines(20000, "in use 0, to upload 0, uploading 0")     # ~2.6 MB, far above a pipe buffer
+    assert len(log) > 1_000_000
+    r, _ = skypilot_job(tmp_path, spec_ending_in(3600), "--stages nosuchstage", log, timeout=90)
+    out = r.stdout + r.stderr
+    assert "unknown stage(s) nosuchstage" in out
+    assert "skypilot: cached mount upload complete" in out, out[-2000:]
     assert r.returncode == 2                                      # the pipeline's own exit code
+
+
+def test_nothing_after_the_job_deadline_runs_unbounded(tmp_path):
+    """An upload that never finishes (the wait would poll forever): the watchdog ends the job script -
+    SkyPilot's appended steps included - WATCHDOG_S after the job deadline, as a clean end (exit 0, never a
+    failure a managed job would "recover" onto a new node)."""
+    from nanochat_core.run_spec import WATCHDOG_S
+    log = rclone_lines(10, "in use 1, to upload 3, uploading 1")
+    r, took = skypilot_job(tmp_path, spec_ending_in(-WATCHDOG_S + 2), "", log, timeout=90)
+    out = r.stdout + r.stderr
+    assert "budget deadline already passed; not starting" in out              # the backstop started nothing
+    assert "cached mount is still uploading" in out                          # the wait did run, and loop
+    assert "the watchdog stops what is left of the job" in out and "the job ends now (watchdog)" in out
+    assert r.returncode == 0, out[-2000:]
 
 
 def test_only_node_0_keeps_the_books_and_the_others_follow_its_word_and_wait_for_its_tokenizer(tmp_path):

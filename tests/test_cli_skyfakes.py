@@ -28,9 +28,11 @@ A10G,AWS
 A10,Lambda
 L4,GCP
 """,
-    # AWS: on-demand + spot, two regions for the 8xH100 NVLink instance, and a single-GPU instance.
+    # AWS: on-demand + spot, two regions for the 8xH100 NVLink instance (us-east-1 with two zones whose spot
+    # prices differ as AWS's do: the catalog lists the region at its cheapest zone), and a single-GPU instance.
     "aws/vms.csv": f"""InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,AvailabilityZone,Arch
 p5.48xlarge,H100,8,192,2048,{GPU8},55.04,10.5,us-east-1,us-east-1a,x86_64
+p5.48xlarge,H100,8,192,2048,{GPU8},55.04,17.63,us-east-1,us-east-1b,x86_64
 p5.48xlarge,H100,8,192,2048,{GPU8},57.0,11.2,us-west-2,us-west-2a,x86_64
 g5.xlarge,A10G,1,4,16,"{{'Gpus': [{{'Name': 'A10G', 'Count': 1, 'MemoryInfo': {{'SizeInMiB': 24576}}}}]}}",1.006,0.4,us-east-1,us-east-1a,x86_64
 m6i.large,,,2,8,,0.096,0.04,us-east-1,us-east-1a,x86_64

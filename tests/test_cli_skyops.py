@@ -17,7 +17,14 @@ OFFER = {"cloud": "lambda", "region": "us-east-1", "instance_type": "gpu_8x_h100
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
+    """A recorded cluster that SkyPilot reports UP (sky.status at the cloud boundary; requests are tuples
+    whose payload sky.get returns)."""
+    import sky
+    from sky.utils import status_lib
+    monkeypatch.setattr(sky, "status", lambda names: ("status", [{"name": "nc-test",
+                                                                  "status": status_lib.ClusterStatus.UP}]))
+    monkeypatch.setattr(sky, "get", lambda req: req[1] if isinstance(req, tuple) else None)
     rec = state.new_cluster_record("nc-test", "sky", OFFER, budget=100.0)
     rec["launched_at"] = time.time() - 600          # up for 10 minutes at $36/h -> $6
     rec["runs"] = ["d12"]
@@ -134,10 +141,12 @@ def test_train_launches_with_a_cluster_side_hard_cap(cluster, monkeypatch):
         r = CliRunner().invoke(app, ["train", "--budget", "100", "--yes", "--detach", "--name", "r1"])
     assert r.exit_code == 0, r.stderr
     envs = launched["task"].envs
+    from nanochat_core import run_spec
+    spec = run_spec.read(launched["task"].file_mounts[envs["NANOCHAT_SPEC"]])    # what the node reads
     expected_deadline = cluster["launched_at"] + 100 / 36.0 * 3600 - 600   # budget from launch, less the margin
     # never later; up to 3.6 s earlier (the plan's hours are rounded down to 1/1000 h, which the node enforces)
-    assert expected_deadline - 6 < float(envs["NANOCHAT_DEADLINE_AT"]) <= expected_deadline + 1
-    assert f"--deadline-at {envs['NANOCHAT_DEADLINE_AT']}" in envs["NANOCHAT_ARGS"]
+    assert expected_deadline - 6 < spec.deadline_at <= expected_deadline + 1
+    assert "deadline" not in envs["NANOCHAT_ARGS"] and spec.spend_cap == 100.0
     # Autodown waits for jobs only (an open ssh session must not keep the node billing), 1 idle minute.
     from sky.skylet.autostop_lib import AutostopWaitFor
     assert launched["wait_for"] == AutostopWaitFor.JOBS and launched["autostop"] == 1

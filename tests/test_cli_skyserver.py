@@ -102,8 +102,11 @@ def _drive(base: Path) -> dict:
         rd = state.run_dir("d12")
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            SkyBackend().launch(rec, rd, ["--preset", "cloud", "--depth", "12"], {"deadline_at": time.time() + 3600},
-                                dryrun=True)
+            from nanochat_core import run_spec
+            rd.mkdir(parents=True, exist_ok=True)
+            spec_file = run_spec.write(rd, run_spec.RunSpec(run="d12", preset="cloud", offer=offer,
+                                                            deadline_at=time.time() + 3600))
+            SkyBackend().launch(rec, rd, ["--preset", "cloud", "--depth", "12"], spec_file, dryrun=True)
         result["output"] = buf.getvalue()
         result["timings"]["dryrun"] = round(time.time() - t0, 1)
         result["recorded_job"] = state.read_job(rd) is not None

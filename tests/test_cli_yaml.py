@@ -24,19 +24,26 @@ def test_yaml_loads_with_sky(path):
     assert "hf_" not in text.lower() or "HF_TOKEN" in text  # no token values written down
 
 
-def test_cli_task_carries_plan_and_secrets(monkeypatch):
+def test_cli_task_carries_plan_and_secrets(monkeypatch, tmp_path):
     from nanochat_cli import sky_backend
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    rec = {"name": "c1", "nodes": 2, "spot": True, "bucket": "s3://my-bucket",
+    # The plan allows $21/h for the whole job (2 nodes): us-east-1a ($10.50 spot per node) fits, 1b does not.
+    rec = {"name": "c1", "nodes": 2, "spot": True, "bucket": "s3://my-bucket", "max_price_per_hour": 21.0,
            "offer": {"cloud": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "accelerators": "H100:8"}}
     with cloud_boundary(["aws"], monkeypatch):  # Resources are validated against the (test) catalog
-        task = sky_backend.build_task(rec, "d20", ["--preset", "cloud", "--depth", "20"], deadline_at=1_800_000_000)
+        from nanochat_core import run_spec
+        spec_file = run_spec.write(tmp_path, run_spec.RunSpec(run="d20", preset="cloud", offer=rec["offer"],
+                                                              deadline_at=1_800_000_000.0))
+        task = sky_backend.build_task(rec, "d20", ["--preset", "cloud", "--depth", "20"], spec_file)
     assert task.num_nodes == 2
     (res,) = task.resources
-    assert res.use_spot and res.instance_type == "p5.48xlarge" and res.accelerators == {"H100": 8}
+    assert res.zone == "us-east-1a" and res.use_spot and res.instance_type == "p5.48xlarge" and res.accelerators == {"H100": 8}
     assert task.envs["NANOCHAT_RUN"] == "d20" and task.envs["NANOCHAT_ARGS"] == "--preset cloud --depth 20"
-    assert task.envs["NANOCHAT_DEADLINE_AT"] == "1800000000"
+    # The spec travels as a file mount: the node reads its deadline from that file alone.
+    assert task.file_mounts[task.envs["NANOCHAT_SPEC"]] == str(spec_file)
+    assert task.envs["NANOCHAT_SPEC"] == "~/.nanochat/specs/d20/plan.json"
+    assert run_spec.read(spec_file).deadline_at == 1_800_000_000
     assert task.envs["NANOCHAT_BUCKET_DIR"] == "/nanochat-bucket/runs"
     mount = task.to_yaml_config()["file_mounts"]["/nanochat-bucket"]
     assert mount["source"] == "s3://my-bucket" and mount["mode"] == "MOUNT_CACHED"
@@ -82,16 +89,30 @@ def test_yaml_scripts_are_valid_bash(path):
         assert r.returncode == 0, f"{path.name} {section}: {r.stderr}"
 
 
-def test_train_run_script_enforces_the_deadline(tmp_path):
-    """The node-side hard cap: a deadline in the past stops the job before anything starts."""
+def test_a_relaunch_after_the_deadline_installs_nothing_and_ends_cleanly(tmp_path):
+    """The node-side hard cap for a spot recovery (or any relaunch) that starts after the budget's deadline:
+    setup installs nothing (it used to build the whole environment first), and the run script - with no
+    environment at all, only the node's python3 - ends at once as budget-truncated, exit 0, so a managed job
+    is never "recovered" onto yet another node."""
     import subprocess
+    import sys
     import yaml
-    run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
-           "NANOCHAT_DEADLINE_AT": "1000", "NANOCHAT_BUCKET_DIR": ""}
-    r = subprocess.run(["bash", "-c", run], capture_output=True, text=True, env=env, timeout=30)
-    # A clean end, not a failure: a managed job must not be "recovered" onto a new (billing) node.
-    assert r.returncode == 0 and "budget deadline already passed" in r.stdout
+    from nanochat_core import run_spec
+    cfg = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)                  # the node's system python
+    home = tmp_path / "home"
+    run_spec.write(home / ".nanochat" / "specs" / "r", run_spec.RunSpec(
+        run="r", preset="cloud", offer={}, budget=10.0, spend_cap=10.0, deadline_at=1000.0, base_deadline_at=900.0))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
+           "NANOCHAT_SPEC": "~/.nanochat/specs/r/plan.json", "NANOCHAT_BUCKET_DIR": ""}
+    setup = subprocess.run(["bash", "-c", cfg["setup"]], capture_output=True, text=True, env=env, timeout=60,
+                           cwd=ROOT)                                    # SkyPilot runs setup in the workdir
+    assert setup.returncode == 0 and "skipping setup" in setup.stdout, setup.stdout + setup.stderr
+    assert not (home / "nanochat-venv").exists()
+    r = subprocess.run(["bash", "-c", cfg["run"]], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and "budget deadline already passed" in r.stdout, r.stdout + r.stderr
     from nanochat_core.common import parse_event
     (done,) = [e for e in map(parse_event, r.stdout.splitlines()) if e]
     assert done["event"] == "done" and done["state"] == "BUDGET_TRUNCATED"

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from nanochat_core import runlock
+from nanochat_core import run_spec, runlock
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
 from nanochat_core.lead_link import LeadLink, wait_for_file
 
@@ -37,9 +37,9 @@ DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "preflight,tok,b
 LOCAL_MODEL = {"depth": 4, "vocab_size": 4096, "head_dim": 64, "sequence_len": 256}
 LOCAL_BASE_MINUTES = 2.5
 
-# When base training must stop comes from the plan (`--base-deadline-at`, which `nanochat train` computes
-# from the plan's hard cap - the budget, or a capped plan's own cost - the dearest failover price and the
-# planned post-base stages; the plan counts preflight before base): one source of truth. Only a
+# When base training must stop comes from the run spec (`--spec`: its base_deadline_at, which `nanochat train`
+# computes from the plan's hard cap - the budget, or a capped plan's own cost - the dearest failover price and
+# the planned post-base stages; the plan counts preflight before base): one source of truth. Only a
 # hand-made run with a --deadline-at and no base deadline falls back to reserving this much after base.
 RESERVE_AFTER_BASE_S = {"local": 0, "cloud": 45 * 60}
 # A base stage cut by its deadline below this fraction of its planned steps ends the run right there as
@@ -493,8 +493,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="re-run stages already marked done")
     p.add_argument("--planned-tokens-per-sec", type=float, default=None,
                    help="the plan's tokens/s per GPU: preflight stops the run under half of it")
+    p.add_argument("--spec", type=Path, default=None,
+                   help="the run spec file `nanochat train` wrote: its deadlines and price (run_spec.py)")
     a = p.parse_args(argv)
     a.run_dir = a.run_dir.expanduser().resolve()
+    if a.spec is not None:
+        # The one channel for money from the launcher: a spec and hand-given deadlines would be two owners.
+        if a.deadline_at or a.base_deadline_at or a.price_per_hour:
+            raise NanochatError("--spec carries the deadlines and the price: drop --deadline-at, "
+                                "--base-deadline-at and --price-per-hour")
+        spec = run_spec.read(a.spec.expanduser())
+        a.deadline_at, a.base_deadline_at, a.price_per_hour = (spec.deadline_at, spec.base_deadline_at,
+                                                               spec.price_per_hour or None)
     return a
 
 
