@@ -19,6 +19,8 @@ from nanochat_cli.planner import AUTOSTOP_MIN, MARGIN_H
 LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
                "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
                "enabled": True}
+SPOT_NEEDS_BUCKET = ("a spot run's node is gone when its job ends or is preempted, so its checkpoints must live in "
+                     "a bucket to resume and to be pulled")
 # Seconds kept free at the end of the budget for teardown (the node's job ends before this): the planner's.
 TEARDOWN_MARGIN_S = MARGIN_H * 3600
 
@@ -89,6 +91,10 @@ def rank(gpus, spot, clouds, allow_pcie, max_price, json_out, notes: bool = True
                                + (" (spot prices)" if spot else "") + per_node))
         if len(result.offers) > 25:
             print(f"... {len(result.offers) - 25} more (use --json for all)")
+    if notes and result.offers and not any(o["enabled"] for o in result.offers):
+        # Every row says "enabled: no": nothing here can be launched until a cloud has credentials.
+        err.print(f"[yellow]next: no cloud has credentials on this machine, so none of these can be launched "
+                  f"yet; {sky_backend().ENABLE_HINT} (README: Running on a real cloud)[/]", soft_wrap=True)
     return result
 
 
@@ -103,12 +109,15 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
     if spot and not dryrun:
         # A spot run is a SkyPilot managed job: SkyPilot provisions its node (and a new one after every
         # preemption) when the job starts. A node provisioned here would only idle, and bill, beside it.
-        raise NanochatError("spot runs provision their own node: run `nanochat train --spot --budget USD` "
-                            "(`nanochat up --spot --dryrun` shows the spot offers)")
+        raise NanochatError("spot runs provision their own node: run `nanochat train --spot --budget USD "
+                            "--bucket s3://BUCKET` (`nanochat up --spot --dryrun` shows the spot offers)")
     result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out, nodes=nodes)
     if json_out:
         print(json.dumps({"offers": result.offers}))
     if dryrun:
+        if spot:
+            print(f"note: to run on these: `nanochat train --spot --budget USD --bucket s3://BUCKET`; "
+                  f"{SPOT_NEEDS_BUCKET}", file=sys.stderr)
         return
     offer = sky_backend().choose(result, spot=spot, max_price=max_price)
     existing = state.get_cluster(name)
@@ -163,6 +172,11 @@ def _print_plan(plan: dict, budget: float | None) -> None:
     if plan.get("params") and plan.get("tokens"):
         c.print(f"model: {plan['params'] / 1e6:,.0f}M params, {plan['tokens'] / 1e9:.2f}B training tokens; "
                 f"throughput {plan.get('tokens_per_sec', 0):,.0f} tok/s ({plan.get('throughput_source', '')})")
+        from nanochat_cli.planner import capability
+        c.print(f"what it will be able to do, roughly: {capability(plan['depth'])}")
+        c.print("the hours rest on that throughput, an estimate until this code is measured on this GPU: the node's "
+                "preflight measures it first and stops a run that gets under half of it; a run slower than planned "
+                "trains fewer tokens, within the same cap")
     elif plan.get("params"):
         c.print(f"model: {plan['params'] / 1e6:,.1f}M params, trained for as many steps as fit the time")
     if plan.get("expected_core") is not None:
@@ -178,6 +192,8 @@ def _print_plan(plan: dict, budget: float | None) -> None:
                 f"{plan['deadline_hours']:.2f} h after launch, then {plan['margin_hours'] * 60:.0f} min of teardown "
                 f"margin; priced at up to ${plan['max_price_per_hour']:.2f}/h, the dearest offer the launch may fail "
                 f"over to)")
+        c.print("not in the price: the node's disk where the cloud bills disks separately, a --bucket's storage and "
+                "requests, and data leaving the cloud (`nanochat pull`); your cloud bills those on its own")
 
 
 def _dryrun_json(plan: dict) -> dict:
@@ -203,6 +219,8 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
         rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
         plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name,
                                                           preflight_only=stages == "preflight")
+    if spot and not bucket and not local and dryrun:   # planned all the same; say what the real run needs
+        print(f"note: the real run needs --bucket s3://... (or gs://...): {SPOT_NEEDS_BUCKET}", file=sys.stderr)
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
