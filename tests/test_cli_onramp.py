@@ -117,3 +117,28 @@ def test_readme_explains_credentials_for_every_cloud_nanochat_offers():
     assert all(re.search(rf"\b{c}\b", creds) for c in GPU_CLOUDS), creds
     assert "sky check" in creds and "aws configure" in creds and "lambda_keys" in creds
     assert "disk" in flat(cloud) and "storage and requests" in flat(cloud)     # what the plan's price leaves out
+
+
+@pytest.mark.parametrize("name", ["train", "serve"])
+def test_the_nodes_install_is_pinned_like_the_readmes(name):
+    """The node's setup installs with constraints.txt (shipped with the workdir), uv at its pinned version, and
+    the Python the pins were made with; a change to the pins rebuilds the cached environment."""
+    setup = yaml.safe_load((ROOT / "sky" / f"{name}.yaml").read_text())["setup"]
+    installs = [ln.strip() for ln in setup.splitlines() if " install " in ln and "apt-get" not in ln]
+    assert installs and all("-c constraints.txt" in ln for ln in installs), installs
+    assert any("uv pip install" in ln and "torch==2.13.0" in ln for ln in installs)
+    made_on = (ROOT / "constraints.txt").read_text().splitlines()[1].split("Python ")[1].split(";")[0]
+    assert f"--python {made_on.rsplit('.', 1)[0]} " in setup
+    assert "constraints.txt" in next(ln for ln in setup.splitlines() if "STAMP=" in ln)
+    assert "constraints.txt" not in (ROOT / ".skyignore").read_text()
+    pins = {ln.split("==")[0].lower() for ln in (ROOT / "constraints.txt").read_text().splitlines() if "==" in ln}
+    assert {"uv", "triton", "nvidia-nccl-cu13"} <= pins     # the installer and the CUDA side are pinned too
+
+
+def test_ci_checks_the_cloud_and_node_installs_with_the_oldest_pip():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip==23.0.1" in ci
+    assert "--dry-run -c constraints.txt torch==2.13.0 -e '.[cloud]'" in ci
+    assert "--dry-run -c constraints.txt torch==2.13.0 -e '.[tasks]'" in ci
+    assert "pip is looking at multiple versions" in ci        # a search is a failure, not just a slow pass
+    assert "--python-platform x86_64-manylinux_2_28" in ci and ".ci/pinned.py" in ci
