@@ -13,6 +13,8 @@ cursor is never handed to the other backend; None means "from the start".
 """
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -55,12 +57,29 @@ def start_of(cursor: Any) -> int:
     return cursor if isinstance(cursor, int) and cursor > 0 else 0
 
 
+# The torch the README's install commands pin (a CPU machine gets the CPU build; a GPU user's CUDA build of the
+# same version already satisfies it, so it is not replaced).
+TORCH_PIN = "torch==2.13.0"
+
+
+def install_hint(extra: str) -> str:
+    """The command that adds an extra (cloud, tasks, dev) to the Python running nanochat, from this checkout,
+    pinned like the README's. nanochat is installed from its repository, not from the package index: a
+    package named "nanochat" there is another project, so `pip install 'nanochat[cloud]'` is never the
+    answer."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = f"pip install -c constraints.txt {TORCH_PIN} -e '.[{extra}]'"
+    if (root / "pyproject.toml").exists() and (root / "constraints.txt").exists():
+        return f"cd {shlex.quote(str(root))} && {shlex.quote(sys.executable)} -m {cmd}"
+    return f"in your nanochat checkout: {cmd}"   # installed without its checkout (e.g. a built wheel)
+
+
 def sky_backend():
     """The SkyPilot adapter module, imported on first use (SkyPilot is the optional `cloud` extra)."""
     try:
         from nanochat_cli import sky_backend as module
     except ImportError as e:
-        raise NanochatError(f"SkyPilot is not installed ({e.name or e}): `pip install 'nanochat[cloud]'` for "
+        raise NanochatError(f"SkyPilot is not installed ({e.name or e}): `{install_hint('cloud')}` adds it for "
                             "cloud commands, or use --local") from None
     return module
 

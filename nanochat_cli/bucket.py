@@ -1,6 +1,6 @@
 """
 Pulling a run from a bucket with the cloud's own Python library (boto3 for s3://, google-cloud-storage for
-gs://) - both come with SkyPilot's aws / gcp extras that `pip install 'nanochat[cloud]'` installs - rather
+gs://) - both come with SkyPilot's aws / gcp extras that the `cloud` extra installs (README) - rather
 than an `aws` / `gsutil` CLI that nothing installs. Sync semantics: a file already here with the bucket's
 size is not fetched again (a re-run resumes), every download lands in a temp file renamed into place (an
 interrupted pull never leaves half a file under the real name). Verification against MANIFEST.sha256 is
@@ -36,8 +36,9 @@ def _need(module: str, scheme: str):
     try:
         return importlib.import_module(module)
     except ImportError:
+        from nanochat_cli.backend import install_hint
         raise NanochatError(f"pulling from {scheme}:// needs the {module.split('.')[0]} library: "
-                            "`pip install 'nanochat[cloud]'` installs it") from None
+                            f"`{install_hint('cloud')}` installs it") from None
 
 
 def _s3_objects(bucket: str, prefix: str) -> Iterator[tuple[str, int, object]]:

@@ -22,6 +22,8 @@ from nanochat_cli.planner import AUTOSTOP_MIN, MARGIN_H
 LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
                "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
                "enabled": True}
+SPOT_NEEDS_BUCKET = ("a spot run's node is gone when its job ends or is preempted, so its checkpoints must live in "
+                     "a bucket to resume and to be pulled")
 # Seconds kept free at the end of the budget for teardown (the node's job ends before this): the planner's.
 TEARDOWN_MARGIN_S = MARGIN_H * 3600
 
@@ -92,6 +94,10 @@ def rank(gpus, spot, clouds, allow_pcie, max_price, json_out, notes: bool = True
                                + (" (spot prices)" if spot else "") + per_node))
         if len(result.offers) > 25:
             print(f"... {len(result.offers) - 25} more (use --json for all)")
+    if notes and result.offers and not any(o["enabled"] for o in result.offers):
+        # Every row says "enabled: no": nothing here can be launched until a cloud has credentials.
+        err.print(f"[yellow]next: no cloud has credentials on this machine, so none of these can be launched "
+                  f"yet; {sky_backend().ENABLE_HINT} (README: Running on a real cloud)[/]", soft_wrap=True)
     return result
 
 
@@ -106,12 +112,15 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
     if spot and not dryrun:
         # A spot run is a SkyPilot managed job: SkyPilot provisions its node (and a new one after every
         # preemption) when the job starts. A node provisioned here would only idle, and bill, beside it.
-        raise NanochatError("spot runs provision their own node: run `nanochat train --spot --budget USD` "
-                            "(`nanochat up --spot --dryrun` shows the spot offers)")
+        raise NanochatError("spot runs provision their own node: run `nanochat train --spot --budget USD "
+                            "--bucket s3://BUCKET` (`nanochat up --spot --dryrun` shows the spot offers)")
     result = rank(gpus, spot, clouds, allow_pcie, max_price, json_out, nodes=nodes)
     if json_out:
         print(json.dumps({"offers": result.offers}))
     if dryrun:
+        if spot:
+            print(f"note: to run on these: `nanochat train --spot --budget USD --bucket s3://BUCKET`; "
+                  f"{SPOT_NEEDS_BUCKET}", file=sys.stderr)
         return
     offer = sky_backend().choose(result, spot=spot, max_price=max_price)
     existing = state.get_cluster(name)
@@ -192,6 +201,11 @@ def _print_plan(spec: RunSpec) -> None:
     if spec.params and spec.tokens:
         c.print(f"model: {spec.params / 1e6:,.0f}M params, {spec.tokens / 1e9:.2f}B training tokens; "
                 f"throughput {spec.tokens_per_sec:,.0f} tok/s ({spec.throughput_source})")
+        from nanochat_cli.planner import capability
+        c.print(f"what it will be able to do, roughly: {capability(spec.depth)}")
+        c.print("the hours rest on that throughput, an estimate until this code is measured on this GPU: the node's "
+                "preflight measures it first and stops a run that gets under half of it; a run slower than planned "
+                "trains fewer tokens, within the same cap")
     elif spec.params:
         c.print(f"model: {spec.params / 1e6:,.1f}M params, trained for as many steps as fit the time")
     if spec.expected_core is not None:
@@ -207,6 +221,8 @@ def _print_plan(spec: RunSpec) -> None:
                 f"{spec.deadline_hours:.2f} h after launch, then {spec.margin_hours * 60:.0f} min of teardown "
                 f"margin; priced at up to ${spec.max_price_per_hour:.2f}/h, the dearest offer the launch may fail "
                 f"over to)")
+        c.print("not in the price: the node's disk where the cloud bills disks separately, a --bucket's storage and "
+                "requests, and data leaving the cloud (`nanochat pull`); your cloud bills those on its own")
 
 
 def cmd_train(f: TrainFlags) -> None:
@@ -220,10 +236,20 @@ def cmd_train(f: TrainFlags) -> None:
         spec = _local_spec(f, stages)
         rec = None if f.dryrun else local_cluster()
     else:
+<<<<<<< HEAD
         rec, offer, candidates = choose_offer(f)
         spec, candidates = plan_cloud_run(rec, offer, candidates, budget_usd, f, stages)
     if f.json_out and f.dryrun:
         print(json.dumps(spec.to_json()))
+=======
+        rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
+        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name,
+                                                          preflight_only=stages == "preflight")
+    if spot and not bucket and not local and dryrun:   # planned all the same; say what the real run needs
+        print(f"note: the real run needs --bucket s3://... (or gs://...): {SPOT_NEEDS_BUCKET}", file=sys.stderr)
+    if json_out and dryrun:
+        print(json.dumps(_dryrun_json(plan)))
+>>>>>>> install
         return
     if f.spot and not f.bucket and not f.local and not f.dryrun:
         # A spot run's node is removed when its job ends (and replaced after a preemption): without a bucket

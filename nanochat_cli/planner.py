@@ -53,6 +53,24 @@ def expected_core(depth: int) -> tuple[float, str] | None:
     return None
 
 
+# What a chat model of this depth can do, in plain words, for the plan: a rough guide from the anchor's published
+# runs and samples at these sizes (its d20 "kindergartener", its d24-d26 GPT-2-grade CORE), not a measurement of
+# this plan. The smallest depth each line applies from.
+CAPABILITY = [
+    (4, "a toy: English-looking words and phrases, no real conversation; it shows the pipeline works end to end"),
+    (10, "grammatical but rambling English in chat form; it rarely stays on topic and knows few facts"),
+    (16, "simple chat in fluent English, short stories and poems, easy everyday questions; it often invents "
+         "facts, and arithmetic and code are beyond it"),
+    (24, "about GPT-2 grade (2019): fluent chat, short essays, easy factual questions right more often than not; "
+         "it still invents facts confidently and manages simple arithmetic or code only sometimes"),
+]
+
+
+def capability(depth: int) -> str:
+    """The plain-words line for a depth (CAPABILITY's last row at or below it)."""
+    return [text for d, text in CAPABILITY if depth >= d or d == CAPABILITY[0][0]][-1]
+
+
 def model_config(depth: int):
     """The exact model the node will train at this depth (cloud preset: vocab 32768, seq 2048)."""
     from nanochat_core.model_config import config_for_depth

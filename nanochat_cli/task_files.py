@@ -42,4 +42,10 @@ def workdir() -> Path:
         '[project.optional-dependencies]\ntasks = []\n\n'
         '[tool.setuptools.packages.find]\ninclude = ["nanochat_core*"]\n\n'
         '[tool.setuptools.package-data]\nnanochat_core = ["data/*", "data/**/*", "static/*", "static/**/*"]\n')
+    # The node's setup installs with these pins (sky/train.yaml); they ship in the package beside the YAMLs
+    # (sky/constraints.txt is a link to the top-level file).
+    pins = Path(__file__).parent / "sky" / "constraints.txt"
+    if not pins.exists():
+        raise NanochatError("constraints.txt is not packaged beside the task YAMLs; reinstall nanochat")
+    shutil.copyfile(pins, stage / "constraints.txt")
     return stage

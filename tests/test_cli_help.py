@@ -86,7 +86,7 @@ def test_cloud_commands_without_skypilot_say_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "nanochat_cli.sky_backend", raising=False)
     monkeypatch.delattr(nanochat_cli, "sky_backend", raising=False)
     code, out = run("up", "--dryrun")
-    assert code == 2 and "pip install 'nanochat[cloud]'" in out and "Traceback" not in out
+    assert code == 2 and "pip install -c constraints.txt torch==2.13.0 -e '.[cloud]'" in out and "Traceback" not in out
 
 
 def test_environment_errors_are_one_line(tmp_path):

@@ -61,7 +61,7 @@ def test_skyignore_ships_only_what_the_node_needs():
                if ln.strip() and not ln.startswith("#")]
     for must in (".git/", ".venv/", "tests/", "nanochat_cli/"):
         assert must in ignored
-    assert "nanochat_core/" not in ignored and "pyproject.toml" not in ignored
+    assert "nanochat_core/" not in ignored and "pyproject.toml" not in ignored and "constraints.txt" not in ignored
 
 
 def test_pip_installed_workdir_is_a_staging_copy(monkeypatch, tmp_path):
@@ -77,6 +77,8 @@ def test_pip_installed_workdir_is_a_staging_copy(monkeypatch, tmp_path):
     assert any(d.startswith("torch") for d in meta["project"]["dependencies"])
     assert not any("pytest" in d for d in meta["project"]["dependencies"])
     assert task_files.workdir() == wd                  # rebuilt in place, idempotent
+    # the node's setup installs with the same pins as a checkout's (sky/train.yaml: -c constraints.txt)
+    assert (wd / "constraints.txt").read_text() == (Path(__file__).parent.parent / "constraints.txt").read_text()
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
