@@ -131,17 +131,23 @@ def cmd_up(*, gpus, spot, clouds, nodes, dryrun, json_out, yes, allow_pcie, max_
 
 def _local_plan(depth, steps, minutes, stages=None) -> dict:
     from nanochat_core.model_config import config_for_depth, count_params
-    from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_MODEL
+    from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_BASE_STEPS, LOCAL_MODEL
+    from nanochat_core.training import CPU_TOKENS_PER_MICRO_STEP
     stages = (stages or DEFAULT_STAGES["local"]).split(",")
-    # preflight: the toy-size checks take ~35 s on a CPU (docs/PERFORMANCE.md); mid/sft/rl get `--minutes 1`
-    est_min = {"preflight": 0.6, "tok": 0.5, "base": (minutes or LOCAL_BASE_MINUTES), "mid": 1.0, "sft": 1.0,
+    # Estimates for an idle 2-core CPU, never limits: the local preset trains a fixed number of steps (unless
+    # --minutes asks for a time-bounded base), so a busy machine takes longer and ends with the same model.
+    # preflight: the toy-size checks take ~35 s on a CPU (docs/PERFORMANCE.md)
+    base_steps = steps or (None if minutes else LOCAL_BASE_STEPS)
+    base_min = minutes or LOCAL_BASE_MINUTES * (base_steps or LOCAL_BASE_STEPS) / LOCAL_BASE_STEPS
+    est_min = {"preflight": 0.6, "tok": 0.5, "base": base_min, "mid": 1.0, "sft": 1.0,
                "rl": 1.0, "eval": 1.0, "report": 0.1}
-    # The model the local preset trains. Tokens depend on how many steps fit in --minutes on this machine,
-    # which only the trainer's timed first steps know.
     m = {**LOCAL_MODEL, "depth": depth or LOCAL_MODEL["depth"]}
     params = count_params(config_for_depth(m["depth"], m["vocab_size"], sequence_len=m["sequence_len"],
                                            head_dim=m["head_dim"]))["total"]
-    return {"offer": dict(LOCAL_OFFER), "depth": m["depth"], "params": params, "tokens": None,
+    # (CPU base training's batch is one micro-step of CPU_TOKENS_PER_MICRO_STEP tokens: base_train.make_plan)
+    tokens = base_steps * CPU_TOKENS_PER_MICRO_STEP if base_steps else None
+    return {"offer": dict(LOCAL_OFFER), "depth": m["depth"], "params": params, "tokens": tokens,
+            "base_steps": base_steps,
             "hours": round(sum(est_min[s] for s in stages) / 60, 3), "cost": 0.0,
             "stages": [{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in stages]}
 
@@ -160,7 +166,11 @@ def _print_plan(plan: dict, budget: float | None) -> None:
         t.add_row(s["name"], f"{s['hours']:.2f}", f"${s['cost']:.2f}")
     t.add_row("[bold]total", f"[bold]{plan['hours']:.2f}", f"[bold]${plan['cost']:.2f}")
     c.print(t)
-    if plan.get("params") and plan.get("tokens"):
+    if plan.get("base_steps"):   # the local preset: a fixed amount of training, its time an estimate
+        c.print(f"model: {plan['params'] / 1e6:,.1f}M params, {plan['base_steps']} base steps "
+                f"({plan['tokens']:,} tokens); about {plan['hours'] * 60:.0f} min on an idle 2-core CPU "
+                "(an estimate: a busier machine takes longer and trains the same model)")
+    elif plan.get("params") and plan.get("tokens"):
         c.print(f"model: {plan['params'] / 1e6:,.0f}M params, {plan['tokens'] / 1e9:.2f}B training tokens; "
                 f"throughput {plan.get('tokens_per_sec', 0):,.0f} tok/s ({plan.get('throughput_source', '')})")
     elif plan.get("params"):
@@ -317,13 +327,29 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name, prefl
     return plan, candidates, run_name, args
 
 
+def _rerun_note(rd: Path) -> str | None:
+    """What starting an existing run again does. "Finished" only when its last stage (report) is recorded done
+    and it left no outcome (outcome.json: cut short by its budget, failed or stopped); MANIFEST.sha256 alone
+    proves nothing, it is written after every stage."""
+    done = state.read_json(rd / "stages.json") or {}
+    outcome = state.read_json(rd / "outcome.json") or {}
+    if not done and not outcome:
+        return None
+    if "report" in done and not outcome:
+        return (f"run '{rd.name}' already finished; running it again skips every finished stage. "
+                "Use --name NEW for a fresh run.")
+    why = f" ({outcome.get('state')}: {outcome.get('why')})" if outcome.get("state") else ""
+    return (f"run '{rd.name}' did not finish{why}; continuing it: finished stages "
+            f"({', '.join(done) or 'none'}) are skipped, the rest resumes")
+
+
 def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, local, spot, nodes, keep, bucket, yes,
                       detach, json_out) -> None:
     """Record, launch and (unless detached) stream the run; the plan's deadlines start counting here."""
     rd = state.run_dir(run_name)
-    if (rd / "MANIFEST.sha256").exists():
-        print(f"note: run '{run_name}' already finished; running it again skips every finished stage. "
-              "Use --name NEW for a fresh run.", file=sys.stderr)
+    note = _rerun_note(rd)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     now = time.time()
     if not local:
         confirm(f"Launch run '{run_name}' (about ${plan['cost']:.2f}, hard cap ${plan['spend_cap']:.2f})?", yes)
@@ -439,8 +465,7 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
         watch(lines, view, lambda cursor: state.save_log_cursor(rd, backend.name, cursor), console,
               live=console.is_terminal, pos=pos)
     except KeyboardInterrupt:
-        err.print(f"\ndetached: run '{rd.name}' keeps running (and spending). "
-                  f"Re-attach: `nanochat logs --name {rd.name}` · stop spending: `nanochat down`")
+        err.print(detach_message(rd.name, view.spending()))
         return None
     final = backend.job_state(cluster, rd)
     if final == "SUCCEEDED" and meter.outcome:
@@ -449,6 +474,15 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
         err.print(f"run '{rd.name}': {final}" + (f" · cluster spend so far ${meter.spent():.2f}"
                                                  if meter.price_per_hour else ""))
     return final
+
+
+def detach_message(run: str, spending: bool) -> str:
+    """After Ctrl-C: the job goes on. Only a priced run "keeps spending"; a local one is $0."""
+    if spending:
+        return (f"\ndetached: run '{run}' keeps running (and spending). "
+                f"Re-attach: `nanochat logs --name {run}` · stop spending: `nanochat down`")
+    return (f"\ndetached: run '{run}' keeps running on this machine ($0). "
+            f"Re-attach: `nanochat logs --name {run}` · stop it: `nanochat down`")
 
 
 def cmd_logs(*, name, from_start, follow):
