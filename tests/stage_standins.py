@@ -14,6 +14,11 @@ Behaviour per stage from env STANDIN_<STAGE> (default "ok"):
     sigterm:STEPS:AT     what a real trainer does when a SIGTERM reaches it alone at step AT: save, write the
                          end record of a stopped stage, exit 0 (a clean, resumable stop)
     nothing              a training stage whose horizon was over before its first step: exit 0, nothing saved
+    cut:STEPS:AT         what a real trainer does when its deadline (NANOCHAT_DEADLINE) arrives at step AT of
+                         STEPS: save, write the end record of a stage stopped by its deadline, exit 0
+With env STANDIN_CLOCK_JUMP=STAGE:SECONDS the pipeline's clock jumps that far ahead once STAGE is under way
+(it writes RUN_DIR/STAGE.started) - an injected clock: a deadline "arrives" during that stage however busy the
+machine is.
     hang                 ignore SIGTERM, start a grandchild in its own session that ignores SIGTERM too,
                          write both pids to RUN_DIR/pids.txt, and sleep forever
 """
@@ -24,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 
@@ -62,6 +68,12 @@ def stage(name: str, run_dir: Path) -> int:
         _checkpoint(run_dir, name, int(at), int(steps))
         _end(run_dir, name, int(at), "SIGTERM")
         return 0
+    if spec.startswith("cut:"):
+        _, steps, at = spec.split(":")
+        (run_dir / f"{name}.deadline").write_text(os.environ.get("NANOCHAT_DEADLINE", ""))
+        _checkpoint(run_dir, name, int(at), int(steps))
+        _end(run_dir, name, int(at), "deadline")
+        return 0
     if spec == "nothing":
         _end(run_dir, name, 0, None)
         return 0
@@ -70,6 +82,7 @@ def stage(name: str, run_dir: Path) -> int:
         grand = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
                                   "signal.SIG_IGN); time.sleep(1000)"], start_new_session=True)
         (run_dir / "pids.txt").write_text(f"{os.getpid()} {grand.pid}\n")
+        (run_dir / f"{name}.started").write_text("")
         time.sleep(1000)
     raise SystemExit(f"unknown stand-in {spec}")
 
@@ -98,7 +111,14 @@ def _end(run_dir: Path, name: str, step: int, stopped_by: str | None) -> None:
 
 def pipeline(argv: list[str]) -> None:
     from nanochat_core.stages import pipeline as pl
+    jump_stage, _, jump_s = os.environ.get("STANDIN_CLOCK_JUMP", "").partition(":")
+    run_dir = Path(argv[argv.index("--run-dir") + 1])
+
+    def clock() -> float:
+        jumped = jump_stage and (run_dir / f"{jump_stage}.started").exists()
+        return time.time() + (float(jump_s) if jumped else 0.0)
     pl.stage_commands = lambda name, a, data, dist: [[sys.executable, __file__, "stage", name, str(a.run_dir)]]
+    pl.time = types.SimpleNamespace(time=clock, sleep=time.sleep)
     pl.prepare_data = lambda a: (a.run_dir, None)
     pl.STOP_GRACE_S = float(os.environ.get("STANDIN_GRACE_S", "1"))
     from nanochat_core.common import run_main
