@@ -153,3 +153,20 @@ def test_a_stage_that_did_not_finish_its_work_is_not_done_and_the_same_command_r
     assert "stage tok: already done" in r.stdout and "stage base: already done" not in r.stdout
     assert not (rd / "outcome.json").exists() and "## Outcome" not in (rd / "report.md").read_text()
     assert [e for e in events if e["event"] == "done"][-1].get("state") is None
+
+
+def test_the_cli_calls_a_run_finished_only_when_it_finished(tmp_path):
+    """The manifest is written after every stage: a run that failed in base used to be 'already finished'."""
+    from nanochat_cli.flows import _rerun_note
+    rd = tmp_path / "local"
+    rd.mkdir()
+    assert _rerun_note(rd) is None                                           # a fresh run: nothing to say
+    (rd / "MANIFEST.sha256").write_text("")
+    (rd / "stages.json").write_text(json.dumps({"tok": {"seconds": 1}}))
+    (rd / "outcome.json").write_text(json.dumps({"state": "FAILED", "stage": "base",
+                                                 "why": "stage 'base' was stopped by SIGTERM at step 46"}))
+    note = _rerun_note(rd)
+    assert "did not finish" in note and "SIGTERM at step 46" in note and "already finished" not in note
+    (rd / "outcome.json").unlink()
+    (rd / "stages.json").write_text(json.dumps({s: {"seconds": 1} for s in ("tok", "base", "sft", "eval", "report")}))
+    assert "already finished" in _rerun_note(rd)
