@@ -481,7 +481,7 @@ def detach_message(run: str, spending: bool) -> str:
     if spending:
         return (f"\ndetached: run '{run}' keeps running (and spending). "
                 f"Re-attach: `nanochat logs --name {run}` · stop spending: `nanochat down`")
-    return (f"\ndetached: run '{run}' keeps running on this machine ($0). "
+    return (f"\ndetached: run '{run}' keeps running on this machine ($0).\n"
             f"Re-attach: `nanochat logs --name {run}` · stop it: `nanochat down`")
 
 

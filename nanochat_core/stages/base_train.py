@@ -298,6 +298,13 @@ def main(argv=None) -> None:
     compile_model = args.compile == "on" or (args.compile == "auto" and (
         rt.device_type == "cuda" or (rt.device_type == "cpu" and pays_on_cpu)))
 
+    if compile_model and rt.device_type == "cpu":
+        # The compiled backward of the embeddings accumulates with atomic adds across OpenMP threads, in whatever
+        # order the threads get there: two runs of the same command differed in the weights after 6 steps
+        # (measured at d4: wte by up to 0.011, Adam amplifying rounding noise in rare tokens' rows). In
+        # deterministic mode inductor hands that accumulation to the serial eager kernel instead: the same
+        # command gives the same weights, busy machine or not.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     set_seed(plan["seed"])
     model, fwd = build_model(plan["config"], rt.device, compile_model)
     # Until the first save is timed, assume rank 0 writes the fp32 weights plus its share of ~2x that in
