@@ -24,7 +24,10 @@ class CostMeter:
     stage: str | None = None
     step: int = 0
     total_steps: int = 0
+    unit: str = "steps"                # what `step` counts (the tokenizer counts characters read, up to a cap)
     stage_elapsed_s: float = 0.0
+    stage_started: float | None = None  # event time of the current stage's start
+    progress_time: float | None = None  # event time of its latest progress event
     finished_stages: set[str] = field(default_factory=set)
     last_time: float | None = None
     done: bool = False
@@ -38,11 +41,14 @@ class CostMeter:
         kind = event.get("event")
         if kind == "stage_start":
             self.stage, self.step, self.total_steps, self.stage_elapsed_s = event.get("stage"), 0, 0, 0.0
-        elif kind == "progress":
-            self.stage = event.get("stage", self.stage)
+            self.unit, self.stage_started, self.progress_time = "steps", self.last_time, None
+        elif kind == "progress":   # the pipeline's name for the stage wins (its tok stage reports as "tokenizer")
+            self.stage = self.stage or event.get("stage")
             self.step = int(event.get("step") or 0)
             self.total_steps = int(event.get("total_steps") or 0)
             self.stage_elapsed_s = float(event.get("elapsed_s") or 0.0)
+            self.unit = str(event.get("unit") or "steps")
+            self.progress_time = self.last_time
         elif kind == "stage_end":
             self.finished_stages.add(event.get("stage"))
         elif kind == "done":
@@ -53,15 +59,23 @@ class CostMeter:
         return spent(self.price_per_hour, self.started_at, time.time() if now is None else now)
 
     def eta_s(self, now: float | None = None) -> float | None:
-        """Seconds until the run ends: the current stage from its measured rate, the stages not yet
-        started from the plan. None when there is nothing to estimate from."""
+        """Seconds until the run ends: the current stage from its measured rate (steps only: the tokenizer's
+        character count runs to a cap it may never reach), else from the plan less the time it has already
+        run; the stages not yet started from the plan. It counts down between events (`now`), so the panel
+        moves while a stage compiles or saves. None when there is nothing to estimate from."""
         if self.done:
             return 0.0
+        now = time.time() if now is None else now
         remaining = 0.0
         known = False
-        if self.stage and self.step > 0 and self.total_steps > 0:
+        if self.stage and self.step > 0 and self.total_steps > 0 and self.unit == "steps":
             rate = self.stage_elapsed_s / self.step
-            remaining += rate * max(0, self.total_steps - self.step)
+            since = max(0.0, now - self.progress_time) if self.progress_time is not None else 0.0
+            remaining += max(0.0, rate * max(0, self.total_steps - self.step) - since)
+            known = True
+        elif self.stage in self.planned_stages:
+            since = max(0.0, now - self.stage_started) if self.stage_started is not None else 0.0
+            remaining += max(0.0, self.planned_stages[self.stage] * 3600 - since)
             known = True
         for name, hours in self.planned_stages.items():
             if name != self.stage and name not in self.finished_stages and not self._before_current(name):

@@ -168,18 +168,23 @@ class TrainFlags:
 def _local_spec(f: TrainFlags, stages: str | None) -> RunSpec:
     """A free run on this machine: the local preset's model and an estimate of each stage's minutes."""
     from nanochat_core.model_config import config_for_depth, count_params
-    from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_MODEL
+    from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_BASE_STEPS, LOCAL_MODEL
+    from nanochat_core.training import CPU_TOKENS_PER_MICRO_STEP
     names = (stages or DEFAULT_STAGES["local"]).split(",")
-    # preflight: the toy-size checks take ~35 s on a CPU (docs/PERFORMANCE.md); mid/sft/rl get `--minutes 1`
-    est_min = {"preflight": 0.6, "tok": 0.5, "base": (f.minutes or LOCAL_BASE_MINUTES), "mid": 1.0, "sft": 1.0,
+    # Estimates for an idle 2-core CPU, never limits: the local preset trains a fixed number of steps (unless
+    # --minutes asks for a time-bounded base), so a busy machine takes longer and ends with the same model.
+    # preflight: the toy-size checks take ~35 s on a CPU (docs/PERFORMANCE.md)
+    base_steps = f.steps or (None if f.minutes else LOCAL_BASE_STEPS)
+    base_min = f.minutes or LOCAL_BASE_MINUTES * (base_steps or LOCAL_BASE_STEPS) / LOCAL_BASE_STEPS
+    est_min = {"preflight": 0.6, "tok": 0.5, "base": base_min, "mid": 1.0, "sft": 1.0,
                "rl": 1.0, "eval": 1.0, "report": 0.1}
-    # The model the local preset trains. Tokens depend on how many steps fit in --minutes on this machine,
-    # which only the trainer's timed first steps know.
     m = {**LOCAL_MODEL, "depth": f.depth or LOCAL_MODEL["depth"]}
     params = count_params(config_for_depth(m["depth"], m["vocab_size"], sequence_len=m["sequence_len"],
                                            head_dim=m["head_dim"]))["total"]
+    # (CPU base training's batch is one micro-step of CPU_TOKENS_PER_MICRO_STEP tokens: base_train.make_plan)
+    tokens = base_steps * CPU_TOKENS_PER_MICRO_STEP if base_steps else None
     return RunSpec(run=f.name or "local", preset="local", offer=dict(LOCAL_OFFER), depth=m["depth"],
-                   params=params, hours=round(sum(est_min[s] for s in names) / 60, 3),
+                   params=params, tokens=tokens, hours=round(sum(est_min[s] for s in names) / 60, 3),
                    stages=[{"name": s, "hours": round(est_min[s] / 60, 3), "cost": 0.0} for s in names],
                    pipeline_stages=stages, steps=f.steps, minutes=f.minutes, data=f.data)
 
@@ -198,7 +203,11 @@ def _print_plan(spec: RunSpec) -> None:
         t.add_row(s["name"], f"{s['hours']:.2f}", f"${s['cost']:.2f}")
     t.add_row("[bold]total", f"[bold]{spec.hours:.2f}", f"[bold]${spec.cost:.2f}")
     c.print(t)
-    if spec.params and spec.tokens:
+    if spec.preset == "local" and spec.tokens:   # a fixed amount of training, its time an estimate
+        c.print(f"model: {spec.params / 1e6:,.1f}M params, {spec.tokens:,} base-training tokens; about "
+                f"{spec.hours * 60:.0f} min on an idle 2-core CPU (an estimate: a busier machine takes longer and "
+                "trains the same model)")
+    elif spec.params and spec.tokens:
         c.print(f"model: {spec.params / 1e6:,.0f}M params, {spec.tokens / 1e9:.2f}B training tokens; "
                 f"throughput {spec.tokens_per_sec:,.0f} tok/s ({spec.throughput_source})")
         from nanochat_cli.planner import capability
@@ -236,20 +245,12 @@ def cmd_train(f: TrainFlags) -> None:
         spec = _local_spec(f, stages)
         rec = None if f.dryrun else local_cluster()
     else:
-<<<<<<< HEAD
         rec, offer, candidates = choose_offer(f)
         spec, candidates = plan_cloud_run(rec, offer, candidates, budget_usd, f, stages)
+    if f.spot and not f.bucket and not f.local and f.dryrun:   # planned all the same; say what the real run needs
+        print(f"note: the real run needs --bucket s3://... (or gs://...): {SPOT_NEEDS_BUCKET}", file=sys.stderr)
     if f.json_out and f.dryrun:
         print(json.dumps(spec.to_json()))
-=======
-        rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
-        plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name,
-                                                          preflight_only=stages == "preflight")
-    if spot and not bucket and not local and dryrun:   # planned all the same; say what the real run needs
-        print(f"note: the real run needs --bucket s3://... (or gs://...): {SPOT_NEEDS_BUCKET}", file=sys.stderr)
-    if json_out and dryrun:
-        print(json.dumps(_dryrun_json(plan)))
->>>>>>> install
         return
     if f.spot and not f.bucket and not f.local and not f.dryrun:
         # A spot run's node is removed when its job ends (and replaced after a preemption): without a bucket
@@ -401,6 +402,22 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages) ->
     return spec, candidates
 
 
+def _rerun_note(rd: Path) -> str | None:
+    """What starting an existing run again does. "Finished" only when its last stage (report) is recorded done
+    and it left no outcome (outcome.json: cut short by its budget, failed or stopped); MANIFEST.sha256 alone
+    proves nothing, it is written after every stage."""
+    done = state.read_json(rd / "stages.json") or {}
+    outcome = state.read_json(rd / "outcome.json") or {}
+    if not done and not outcome:
+        return None
+    if "report" in done and not outcome:
+        return (f"run '{rd.name}' already finished; running it again skips every finished stage. "
+                "Use --name NEW for a fresh run.")
+    why = f" ({outcome.get('state')}: {outcome.get('why')})" if outcome.get("state") else ""
+    return (f"run '{rd.name}' did not finish{why}; continuing it: finished stages "
+            f"({', '.join(done) or 'none'}) are skipped, the rest resumes")
+
+
 def cluster_spent(rec: dict, now: float) -> float:
     """What a recorded cluster has cost so far, at its recorded price since launch (until it ended)."""
     from nanochat_cli.admin import billing_end
@@ -411,9 +428,9 @@ def cluster_spent(rec: dict, now: float) -> float:
 def launch_and_follow(rec, spec: RunSpec, candidates, f: TrainFlags) -> None:
     """Record, launch and (unless detached) stream the run; the spec's deadlines start counting here."""
     rd = state.run_dir(spec.run)
-    if (rd / "MANIFEST.sha256").exists():
-        print(f"note: run '{spec.run}' already finished; running it again skips every finished stage. "
-              "Use --name NEW for a fresh run.", file=sys.stderr)
+    note = _rerun_note(rd)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if not f.local:
         confirm(f"Launch run '{spec.run}' (about ${spec.cost:.2f}, hard cap ${spec.spend_cap:.2f})?", f.yes)
     # The budget (or a capped plan's own cap) is a hard cap: the plan's deadlines count from now (an
@@ -525,8 +542,7 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
         watch(lines, view, lambda cursor: state.save_log_cursor(rd, backend.name, cursor), console,
               live=console.is_terminal, pos=pos)
     except KeyboardInterrupt:
-        err.print(f"\ndetached: run '{rd.name}' keeps running (and spending). "
-                  f"Re-attach: `nanochat logs --name {rd.name}` · stop spending: `nanochat down`")
+        err.print(detach_message(rd.name, view.spending()))
         return None
     final = backend.job_state(cluster, rd)
     if final == "SUCCEEDED" and meter.outcome:
@@ -535,6 +551,15 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
         err.print(f"run '{rd.name}': {final}" + (f" · cluster spend so far ${meter.spent():.2f}"
                                                  if meter.price_per_hour else ""))
     return final
+
+
+def detach_message(run: str, spending: bool) -> str:
+    """After Ctrl-C: the job goes on. Only a priced run "keeps spending"; a local one is $0."""
+    if spending:
+        return (f"\ndetached: run '{run}' keeps running (and spending). "
+                f"Re-attach: `nanochat logs --name {run}` · stop spending: `nanochat down`")
+    return (f"\ndetached: run '{run}' keeps running on this machine ($0).\n"
+            f"Re-attach: `nanochat logs --name {run}` · stop it: `nanochat down`")
 
 
 def cmd_logs(*, name, from_start, follow):

@@ -122,10 +122,11 @@ def train(
     nodes: int = NODES,
     cluster: Optional[str] = CLUSTER,
     keep: bool = typer.Option(False, "--keep", help="Stop (not delete) the cluster when the run ends."),
-    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Fixed number of base-training steps "
-                                                              "(smoke runs)."),
+    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Fixed number of training steps "
+                                        "(smoke runs): base training's, and with --local also SFT's."),
     minutes: Optional[float] = typer.Option(None, "--minutes", metavar="M", help="Time-bound base training to this many "
-                                                                    "minutes."),
+                                            "minutes (the --local default is a fixed number of steps: the same model "
+                                            "however busy the machine)."),
     data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Data source: bundled, climbmix, fineweb-edu, "
                                                             "a directory or URL list."),
     stages: Optional[str] = typer.Option(None, "--stages", metavar="LIST", help="Only these pipeline stages, "

@@ -347,7 +347,18 @@ def parse_budget(text: str) -> float:
     try:
         value = float(str(text).strip().lstrip("$").replace(",", ""))
     except ValueError:
-        raise NanochatError(f"--budget must be a number of US dollars like 100, got '{text}'") from None
+        raise NanochatError(f"--budget must be a number of US dollars like 100, got '{text}'"
+                            f"{_shell_dollar_hint(text)}") from None
     if not (value > 0) or math.isinf(value):
-        raise NanochatError(f"--budget must be a positive number of US dollars, got '{text}'")
+        raise NanochatError(f"--budget must be a positive number of US dollars, got '{text}'{_shell_dollar_hint(text)}")
     return value
+
+
+def _shell_dollar_hint(text: str) -> str:
+    """An unquoted `--budget $100` reaches us as '00': the shell expanded `$1` (an empty positional parameter)
+    before we saw it. What is left then is empty or only zeros."""
+    t = str(text).strip()
+    if t.strip("0.") == "":
+        return ("; if you typed --budget $100, the shell replaced '$1' with nothing: "
+                "write --budget 100, or quote it: --budget '$100'")
+    return ""

@@ -42,9 +42,15 @@ def resilient(open_tail: TailFn, pos: Any, retries: int = 8, backoff_s: float = 
 class RunView:
     """Holds the latest progress and renders the panel (or plain lines when not on a terminal)."""
 
-    def __init__(self, meter: CostMeter, title: str, run_started_at: float | None = None):
+    # A checkpoint line at most this often per stage (event time): a CPU run saves every minute, which on a
+    # busy machine is every few steps, and those lines pushed everything else out of the scroll-back.
+    CHECKPOINT_LINE_EVERY_S = 300.0
+
+    def __init__(self, meter: CostMeter, title: str, run_started_at: float | None = None,
+                 clock: Callable[[], float] = time.time):
         self.meter = meter
         self.title = title
+        self.clock = clock   # the panel's "now": elapsed, $ spent and ETA move with it between events
         # "elapsed" is this run's time; "spent" counts the whole cluster's uptime (that is what is billed).
         self.run_started_at = run_started_at if run_started_at is not None else meter.started_at
         self.loss: float | None = None
@@ -52,6 +58,8 @@ class RunView:
         self.tps: float | None = None
         self.mfu: float | None = None
         self.last_plain = 0.0
+        self.checkpoint_shown: dict[str, float] = {}   # stage -> event time of its last checkpoint line
+        self.checkpoints_hidden: dict[str, int] = {}
 
     def feed(self, event: dict) -> str | None:
         """Update from one event; returns a human line worth printing for it (or None)."""
@@ -69,7 +77,16 @@ class RunView:
         if kind == "stage_end":
             return f"== stage {event.get('stage')} finished in {fmt_duration(event.get('seconds'))}"
         if kind == "checkpoint":
-            return f"   checkpoint {event.get('stage')} step {event.get('step')}: {event.get('path')}"
+            stage, t = str(event.get("stage")), event.get("time")
+            t = float(t) if isinstance(t, (int, float)) else self.clock()
+            last = self.checkpoint_shown.get(stage)
+            if last is not None and t - last < self.CHECKPOINT_LINE_EVERY_S:
+                self.checkpoints_hidden[stage] = self.checkpoints_hidden.get(stage, 0) + 1
+                return None
+            self.checkpoint_shown[stage] = t
+            hidden = self.checkpoints_hidden.pop(stage, 0)
+            more = f" ({hidden} more since the last one shown)" if hidden else ""
+            return f"   checkpoint {stage} step {event.get('step')}: {event.get('path')}{more}"
         if kind == "resumed":
             return f"   resumed {event.get('stage')} from step {event.get('step')}"
         if kind == "eval":
@@ -88,15 +105,20 @@ class RunView:
 
     def fields(self, now: float | None = None) -> list[tuple[str, str]]:
         m = self.meter
-        step = f"{m.step}/{m.total_steps}" if m.total_steps else (str(m.step) if m.step else "-")
+        now = self.clock() if now is None else now
+        if m.unit != "steps":   # e.g. the tokenizer's characters read: a count up to a cap, not steps
+            step = (f"{_count(m.step)} {m.unit} read" + (f" (of up to {_count(m.total_steps)})" if m.total_steps else "")
+                    if m.step else "-")
+        else:
+            step = f"{m.step}/{m.total_steps}" if m.total_steps else (str(m.step) if m.step else "-")
         spent = m.spent(now)
         proj = m.projected_total(now)
         loss = (("reward", f"{self.reward:.4f}") if isinstance(self.reward, (int, float)) else
                 ("loss", f"{self.loss:.4f}" if isinstance(self.loss, (int, float)) else "-"))
-        rows = [("stage", m.stage or "starting"), ("step", step), loss,
+        rows = [("stage", m.stage or "starting"), ("step" if m.unit == "steps" else "progress", step), loss,
                 ("tok/s", f"{self.tps:,.0f}" if isinstance(self.tps, (int, float)) else "-"),
                 ("MFU", f"{self.mfu:.1f}%" if isinstance(self.mfu, (int, float)) else "-"),
-                ("elapsed", fmt_duration((now or time.time()) - self.run_started_at)),
+                ("elapsed", fmt_duration(now - self.run_started_at)),
                 ("spent", f"${spent:,.2f}"),
                 ("projected", f"${proj:,.2f}" if proj is not None else "-"),
                 ("ETA", fmt_duration(m.eta_s(now)))]
@@ -114,8 +136,15 @@ class RunView:
             t.add_row(*[f"[dim]{k}[/] [bold]{v}[/]" for k, v in chunk])
         return Panel(t, title=self.title, border_style="cyan")
 
+    def spending(self) -> bool:
+        return self.meter.price_per_hour > 0
+
     def plain_status(self) -> str:
         return "   [" + " | ".join(f"{k} {v}" for k, v in self.fields()) + "]"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e4 else str(n)
 
 
 def watch(lines: Iterator[tuple[str, Any]], view: RunView, save: Callable[[Any], None], console, live: bool,
@@ -143,13 +172,15 @@ def watch(lines: Iterator[tuple[str, Any]], view: RunView, save: Callable[[Any],
         if live:
             from rich.live import Live  # heavy-ish: only when a terminal is watching
             from rich.markup import escape
-            with Live(view.panel(), console=console, refresh_per_second=4, transient=False) as lv:
+            # get_renderable: Live's own refresh thread re-renders the panel from the view several times a
+            # second, so elapsed, $ spent and ETA tick while no line arrives (compiling, saving, downloading).
+            with Live(console=console, get_renderable=view.panel, refresh_per_second=4, transient=False) as lv:
                 def out(text: str) -> None:
                     lv.console.print(escape(text), highlight=False, soft_wrap=True)
                 for line, p in lines:
                     handle(line)
                     pos = p  # only after the line was shown: Ctrl-C in between must not skip it
-                    lv.update(view.panel())
+                    lv.refresh()
                     if time.time() - last_save > save_every_s:
                         save(pos)
                         last_save = time.time()

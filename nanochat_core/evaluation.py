@@ -98,8 +98,9 @@ def _run_generative(model, tokenizer, task, indices, rank, world, max_new_tokens
 
 
 def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device, rank: int = 0, world: int = 1,
-                   max_new_tokens: int = 256) -> tuple[dict[str, float], list[str]]:
-    """({task: accuracy, ..., "ChatCORE": ...}, [unavailable task names])."""
+                   max_new_tokens: int = 256, why: dict[str, str] | None = None) -> tuple[dict[str, float], list[str]]:
+    """({task: accuracy, ..., "ChatCORE": ...}, [unavailable task names]); `why`, when given, gets each
+    unavailable task's cause (the loader's one line: no network, a missing package, ...) for report.md."""
     import torch
     import torch.distributed as dist
     metrics, unavailable = {}, []
@@ -110,6 +111,8 @@ def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device
         except NanochatError as e:
             print0(f"{name}: unavailable ({e})")
             unavailable.append(name)
+            if why is not None:
+                why[name] = unavailable_cause(str(e))
             continue
         indices = _subset(len(task), max_per_task)
         if task.eval_type == "categorical":
@@ -127,6 +130,12 @@ def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device
     if score is not None:
         metrics["ChatCORE"] = score
     return metrics, unavailable
+
+
+def unavailable_cause(message: str) -> str:
+    """'ARC-Easy is unavailable: the 'datasets' package is missing (...)' -> the part after the task's name."""
+    head, sep, rest = message.partition(" is unavailable: ")
+    return (rest if sep else message).strip()[:300]
 
 
 def chatcore(metrics: dict[str, float]) -> float | None:
@@ -147,4 +156,6 @@ def merge_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
         return record
     metrics = {**old.get("metrics", {}), **record["metrics"]}
     unavailable = sorted((set(old.get("unavailable", [])) - set(record["metrics"])) | set(record["unavailable"]))
-    return {**old, **record, "metrics": metrics, "unavailable": unavailable}
+    why = {k: v for k, v in {**old.get("why_unavailable", {}), **record.get("why_unavailable", {})}.items()
+           if k in unavailable}
+    return {**old, **record, "metrics": metrics, "unavailable": unavailable, "why_unavailable": why}

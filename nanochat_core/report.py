@@ -45,7 +45,8 @@ def collect_evals(run_dir: str | os.PathLike) -> dict[str, dict]:
     out = {}
     for stage in STAGES:
         rec = _read_json(Path(run_dir) / "eval" / f"{stage.lower()}.json") or {}
-        out[stage] = {"metrics": dict(rec.get("metrics") or {}), "unavailable": list(rec.get("unavailable") or [])}
+        out[stage] = {"metrics": dict(rec.get("metrics") or {}), "unavailable": list(rec.get("unavailable") or []),
+                      "why_unavailable": dict(rec.get("why_unavailable") or {})}
     return out
 
 
@@ -163,6 +164,32 @@ def _model_lines(run_dir: Path) -> list[str]:
     return lines or ["- (base checkpoint has no plan)"]
 
 
+# What the pipeline writes to outcome.json when a run ends without finishing (pipeline.py), in words.
+OUTCOME_WORDS = {"BUDGET_TRUNCATED": "was cut short by its budget", "FAILED": "failed",
+                 "STOPPED": "was stopped before it finished"}
+
+
+def outcome_lines(outcome: dict | None) -> list[str]:
+    """A run that did not finish says so first, with why: the numbers below are then of a partial run."""
+    if not outcome or not outcome.get("state"):
+        return []
+    words = OUTCOME_WORDS.get(outcome["state"], outcome["state"])
+    stage = f" in stage {outcome['stage']}" if outcome.get("stage") else ""
+    return ["## Outcome", "", f"**This run {words}{stage}**: {outcome.get('why') or 'no reason recorded'}.",
+            "Everything below is what it had done by then.", ""]
+
+
+def unavailable_lines(evals: dict[str, dict]) -> list[str]:
+    """One line per stage and cause: the cause the task loader gave (no network, a missing package, ...)."""
+    lines = []
+    for stage, r in evals.items():
+        by_why: dict[str, list[str]] = {}
+        for name in r["unavailable"]:
+            by_why.setdefault(r.get("why_unavailable", {}).get(name) or "no reason recorded", []).append(name)
+        lines += [f"- {stage}: {', '.join(names)} ({why})" for why, names in by_why.items()]
+    return lines
+
+
 # -----------------------------------------------------------------------------
 
 def build_report(run_dir: str | os.PathLike, price_per_hour: float | None = None) -> str:
@@ -173,8 +200,9 @@ def build_report(run_dir: str | os.PathLike, price_per_hour: float | None = None
     stages = _read_json(run_dir / "stages.json") or {}
     evals = collect_evals(run_dir)
 
-    out = [f"# nanochat report: {run_dir.name}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", "",
-           "## Environment", "", *_environment(plan), "", "## Model", "", *_model_lines(run_dir), ""]
+    out = [f"# nanochat report: {run_dir.name}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", ""]
+    out += outcome_lines(_read_json(run_dir / "outcome.json"))
+    out += ["## Environment", "", *_environment(plan), "", "## Model", "", *_model_lines(run_dir), ""]
     out += ["## Time and cost", "",
             f"Price: {'$%.2f/h' % price_per_hour if price_per_hour is not None else 'n/a (local run, no price)'}", "",
             "| Stage | Wall time | Cost |", "|---|---|---|"]
@@ -184,9 +212,9 @@ def build_report(run_dir: str | os.PathLike, price_per_hour: float | None = None
     if plan.get("budget") is not None:
         out += [f"Budget: ${float(plan['budget']):.2f}", ""]
     out += ["## Metrics", "", metrics_table({s: r["metrics"] for s, r in evals.items()}), ""]
-    missing = [f"- {s}: {', '.join(r['unavailable'])}" for s, r in evals.items() if r["unavailable"]]
+    missing = unavailable_lines(evals)
     if missing:
-        out += ["Not evaluated (data unavailable, e.g. no network):", "", *missing, ""]
+        out += ["Not evaluated:", "", *missing, ""]
     out += ["Reference (nanochat d20, ~$100 on 8xH100): CORE 0.2219; after SFT ARC-Challenge 0.2807, ARC-Easy 0.3876, "
             "GSM8K 0.0455, HumanEval 0.0854, MMLU 0.3151, ChatCORE 0.0884; after RL GSM8K 0.0758.", ""]
     return "\n".join(out)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat_core import checkpoint, shared_dir, training
-from nanochat_core.common import NanochatError, cleanup_runtime, emit, init_runtime
+from nanochat_core.common import NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime
 
 
 class StageRun:
@@ -78,11 +78,23 @@ class StageRun:
                       self.stage, self.guard)
         self.cadence.saved()
 
+    def write_end(self, steps: int) -> None:
+        """<stage>/end.json: whether this process finished the stage's work, or what stopped it. The pipeline
+        records a stage done only on this word (exit 0 is also a SIGTERM's or a deadline's clean stop)."""
+        if not self.rt.master:
+            return
+        found = checkpoint.find_latest(self.stage_dir, hashes=False) if self.stage_dir.is_dir() else None
+        saved = checkpoint.read_meta(found).get("step") if found else None
+        finished = not self.stopped and steps > 0 and saved == steps
+        atomic_write_json(self.stage_dir / "end.json", {"step": steps, "finished": finished, "checkpoint_step": saved,
+                                                        "stopped_by": self.guard.reason() if self.stopped else None})
+
     def finish(self, steps: int, **fields: Any) -> None:
         """End of the stage: `stage_end` (with `fields`) unless stopped early, then signal handlers back and the
         process group gone; a stop by SIGTERM/deadline exits with the guard's code so the pipeline knows."""
         if not self.stopped:
             emit("stage_end", stage=self.stage, seconds=round(time.time() - self.t_start, 2), steps=steps, **fields)
+        self.write_end(steps)
         self.guard.restore()
         cleanup_runtime()
         if self.stopped and self.guard.exit_code():

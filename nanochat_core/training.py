@@ -85,7 +85,8 @@ class StopGuard:
     deadline - margin, where margin = 3 x the typical step time + 1.5 x the last save time (or an
     estimate before the first save) + 1 s."""
 
-    def __init__(self, deadline_s: float | None = None, est_save_s: float = 1.0):
+    def __init__(self, deadline_s: float | None = None, est_save_s: float = 1.0, clock=time.time):
+        self.clock = clock   # injectable: tests drive the deadline with their own clock, not the machine's load
         limits = []
         if deadline_s is not None:
             limits.append(process_start_time() + deadline_s)
@@ -127,7 +128,7 @@ class StopGuard:
         """Local view (this rank). Use `agree()` to make all ranks decide together."""
         if self.signum is not None:
             return True
-        return self.deadline is not None and time.time() >= self.deadline - self.margin()
+        return self.deadline is not None and self.clock() >= self.deadline - self.margin()
 
     def reason(self) -> str:
         if self.signum is not None:
@@ -232,8 +233,9 @@ class TimeHorizon:
     can be 30x off either way, and a run then ends mid-schedule at its deadline, or finishes its few
     steps early and quits with an untrained model."""
 
-    def __init__(self, budget_s: float, used_before: float = 0.0, hard_end: float | None = None):
-        self.start = time.time()
+    def __init__(self, budget_s: float, used_before: float = 0.0, hard_end: float | None = None, clock=time.time):
+        self.clock = clock   # injectable, as StopGuard's
+        self.start = clock()
         self.end = self.start + max(0.0, budget_s - used_before)
         self.used_before = used_before
         self.recent: list[float] = []
@@ -247,7 +249,7 @@ class TimeHorizon:
         self.span = max(1e-6, self.used_before + (self.end - self.start))
 
     def progress(self, now: float | None = None) -> float:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         return min(1.0, (self.used_before + now - self.start) / self.span)
 
     def note_step(self, seconds: float) -> None:
@@ -258,14 +260,14 @@ class TimeHorizon:
 
     def done(self) -> bool:
         next_step = max(self.recent) if self.recent else 0.0
-        return time.time() + next_step >= self.end
+        return self.clock() + next_step >= self.end
 
     def steps_estimate(self, step: int) -> int:
         """Steps the run will have taken at its end if the recent pace holds (for progress display)."""
         if not self.recent:
             return step + 1
         pace = sum(self.recent) / len(self.recent)
-        return step + max(0, int((self.end - time.time()) / max(pace, 1e-9)))
+        return step + max(0, int((self.end - self.clock()) / max(pace, 1e-9)))
 
 
 def muon_momentum(step: int, ramp_steps: int = 400, start: float = 0.85, end: float = 0.97,

@@ -2,6 +2,9 @@
 NANOCHAT_HOME / HF_HOME under a temp dir."""
 import os
 import shutil
+import signal
+import time
+import uuid
 
 import pytest
 
@@ -11,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a developer's WANDB_API_KEY must not send the suite's training runs to wandb (tests/test_tracking.py turns
 # tracking on explicitly, offline)
 os.environ["NANOCHAT_WANDB"] = "0"
+# Every process this session starts inherits this mark (a fresh one per session, nested sessions included), so
+# the session-end check below finds what the suite left running - in any session or process group, orphaned or
+# not - by the mark in /proc/PID/environ, not by parentage.
+SESSION_MARK = f"NANOCHAT_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["NANOCHAT_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 
 
 # Optional system tools a few tests drive for real, and how to get each. `@pytest.mark.needs_tool("rsync")`
@@ -77,3 +85,44 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def leftover_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every live process other than this one that carries this session's mark."""
+    me, found = os.getpid(), []
+    mark = SESSION_MARK.encode()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":   # exited, waiting to be reaped: gone
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found.append((int(entry), f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]))
+        except OSError:   # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite must leave nothing running: a process of this session still alive at its end (after a short
+    wait for ones already on their way out) is killed, named, and fails the run."""
+    left, end = leftover_processes(), time.monotonic() + 10
+    while left and time.monotonic() < end:
+        time.sleep(0.2)
+        left = leftover_processes()
+    if not left:
+        return
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
+    session.config.get_terminal_writer().line(
+        f"\nERROR: the test session left {len(left)} process(es) running (now killed):\n{lines}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

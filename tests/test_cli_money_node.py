@@ -36,12 +36,14 @@ def manifest_names(run_dir: Path) -> set[str]:
 def test_base_cut_far_short_by_its_deadline_ends_the_run_budget_truncated(tmp_path):
     now = time.time()
     rd = tmp_path / "run"
+    # base stops at its deadline at step 10 of 100 (what base_train does when NANOCHAT_DEADLINE arrives): the
+    # deadline itself is far away, so a busy machine cannot make it pass before base even starts
     r, events, _ = run_pipeline(rd, ["--stages", "tok,base,sft,eval", "--deadline-at", str(now + 3600),
-                                     "--base-deadline-at", str(now + 4)],
-                                {"STANDIN_BASE": "train:100:0.1"})
+                                     "--base-deadline-at", str(now + 1800)],
+                                {"STANDIN_BASE": "cut:100:10"})
     assert r.returncode == 0, r.stdout + r.stderr               # a clean end: no managed-job "recovery"
     # base trained against exactly the plan's base deadline, not the job deadline less a fixed reserve
-    assert float((rd / "base.deadline").read_text()) == pytest.approx(now + 4)
+    assert float((rd / "base.deadline").read_text()) == pytest.approx(now + 1800)
     outcome = json.loads((rd / "outcome.json").read_text())
     assert outcome["state"] == "BUDGET_TRUNCATED" and "of 100 planned" in outcome["why"]
     assert not (rd / "sft.out").exists()                          # no SFT/eval on a barely trained model
@@ -63,15 +65,16 @@ def test_a_base_that_gets_its_planned_steps_runs_on_and_succeeds(tmp_path):
 
 def test_the_job_deadline_kills_a_stage_that_ignores_sigterm_in_its_own_session(tmp_path):
     rd = tmp_path / "run"
-    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,eval", "--deadline-at", str(time.time() + 4)],
-                                   {"STANDIN_SFT": "hang"})
+    # the job deadline is an hour away; the pipeline's (injected) clock jumps past it as sft starts
+    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,eval", "--deadline-at", str(time.time() + 3600)],
+                                   {"STANDIN_SFT": "hang", "STANDIN_CLOCK_JUMP": "sft:3700"})
     pids = [int(p) for p in (rd / "pids.txt").read_text().split()]
     time.sleep(0.3)
     leaked = [p for p in pids if pid_alive(p)]
     for p in leaked:  # never leave them behind, even when the test fails
         os.kill(p, 9)
     assert not leaked, "a stage process outlived the budget's deadline"
-    assert r.returncode == 0 and took < 15, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((rd / "outcome.json").read_text())["state"] == "BUDGET_TRUNCATED"
     assert not (rd / "eval.out").exists()
     # The manifest was rewritten after tok finished (and at the deadline): pull can verify what exists.
@@ -89,7 +92,7 @@ def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_ha
     r = subprocess.run([sys.executable, "-m", "nanochat_core.proctree", "--deadline-at", str(time.time() + 1),
                         "--grace", "1", "--", "bash", "-c", script], capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert r.returncode == 0 and time.time() - t0 < 10, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr   # (in time: the 30 s timeout above is the bound)
     time.sleep(0.3)
     pids = [int(p) for p in pidfile.read_text().split()]
     leaked = [p for p in pids if pid_alive(p)]

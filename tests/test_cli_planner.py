@@ -148,3 +148,19 @@ def test_anchor_scores_are_quoted_only_for_a_comparable_model():
     assert d20.params > 800e6 and d20.expected_core is None and "no comparable" in d20.expected_core_source
     assert planner.plan_for_depth(OFFER, 22, 100).expected_core is None    # no interpolation from d20
     assert planner.plan_for_depth(OFFER, 24, 100).expected_core == pytest.approx(0.2565)
+
+
+@pytest.mark.parametrize("typed", ["$100", "$50", "$1000"])
+def test_a_budget_whose_dollar_sign_the_shell_ate_gets_a_hint(typed):
+    """Typed unquoted in a real shell, `--budget $100` reaches us as '00' ($1 is an empty positional parameter):
+    one line that says what happened and how to write it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    r = subprocess.run(["bash", "-c", f"{sys.executable} -m nanochat_cli.main train --budget {typed} --dryrun"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --budget must be"), r.stderr
+    assert "the shell replaced '$1' with nothing" in lines[0] and "--budget '$100'" in lines[0]
+    assert "shell" not in str(NanochatError(planner._shell_dollar_hint("100")))   # a real mistake gets no such hint

@@ -52,6 +52,11 @@ def _drive(base: Path) -> dict:
     """Runs in the child: start the server, seed clouds, launch a dry run, stop the server."""
     import contextlib
     import io
+    from nanochat_core.proctree import become_subreaper, kill_tree
+    # The server's request executors and multiprocessing's resource trackers ignore SIGTERM and outlive the
+    # server (a suite once left 12 executors and 2 trackers running, 2 GB). As a subreaper we stay their parent
+    # when the server is gone, so the kill at the end still finds every one of them.
+    become_subreaper()
     base.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     os.environ.update(HOME=str(base), SKY_RUNTIME_DIR=str(base), NANOCHAT_TEST_SKY_RT=str(base),
@@ -115,10 +120,11 @@ def _drive(base: Path) -> dict:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        # whatever is still below us - the server's group, executors in their own sessions, orphans - goes too
+        kill_tree(os.getpid(), grace_s=5, include_self=False)
+        server.wait()
     return result
 
 

@@ -74,3 +74,99 @@ def test_local_dryrun_plan_counts_the_model_the_local_preset_trains():
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
     assert [s["name"] for s in plan["stages"]] == ["preflight"] and plan["hours"] == plan["stages"][0]["hours"]
+
+
+# -----------------------------------------------------------------------------
+# The embedded default trains a fixed amount, and a stage is done only when it finished its work
+
+def test_the_local_preset_trains_a_fixed_number_of_steps_never_a_clock_horizon(tmp_path):
+    """The same command must give the same model on a busy machine as on an idle one: no `--minutes` anywhere
+    in the local preset's training stages unless the user asked for a time-bounded base."""
+    from nanochat_core.stages.pipeline import LOCAL_BASE_STEPS, LOCAL_POST_STEPS
+    a = parse_args(["--run-dir", str(tmp_path / "r")])
+    for stage, steps in (("base", LOCAL_BASE_STEPS), ("sft", LOCAL_POST_STEPS), ("mid", LOCAL_POST_STEPS)):
+        (cmd,) = stage_commands(stage, a, tmp_path, [sys.executable])
+        assert "--minutes" not in cmd and cmd[cmd.index("--steps") + 1] == str(steps), (stage, cmd)
+    # --steps is every local training stage's (a smoke run is short throughout; README and --help say so)
+    a = parse_args(["--run-dir", str(tmp_path / "r"), "--steps", "7"])
+    for stage in ("base", "sft"):
+        (cmd,) = stage_commands(stage, a, tmp_path, [sys.executable])
+        assert cmd[cmd.index("--steps") + 1] == "7"
+    # --minutes asks for a time-bounded base on purpose; post-training stays fixed
+    a = parse_args(["--run-dir", str(tmp_path / "r"), "--minutes", "3"])
+    (base,) = stage_commands("base", a, tmp_path, [sys.executable])
+    (sft,) = stage_commands("sft", a, tmp_path, [sys.executable])
+    assert float(base[base.index("--minutes") + 1]) == 3 and "--minutes" not in sft
+
+
+def test_cpu_compiles_only_where_it_pays_for_itself_decided_from_the_plan():
+    from nanochat_core.model_config import config_for_depth
+    from nanochat_core.stages.base_train import compile_pays_on_cpu
+    import dataclasses
+
+    def plan(depth, vocab, T, head_dim, steps, batch, horizon=None):
+        c = dataclasses.asdict(config_for_depth(depth, vocab, sequence_len=T, head_dim=head_dim))
+        return {"config": c, "total_steps": steps, "total_batch_size": batch, "horizon": horizon or f"--steps {steps}"}
+    assert compile_pays_on_cpu(plan(4, 4096, 256, 64, 200, 2048))            # the local preset
+    assert not compile_pays_on_cpu(plan(4, 4096, 256, 64, 5, 2048))          # a smoke run: compiling costs more
+    assert not compile_pays_on_cpu(plan(1, 512, 64, 32, 100000, 256))        # overhead-bound tiny test model
+    assert compile_pays_on_cpu(plan(4, 4096, 256, 64, None, 2048, "--minutes 2"))
+
+
+def _standin_pipeline(run_dir, env, *args):
+    """The real Pipeline with stand-in stage processes (tests/stage_standins.py)."""
+    import os
+    import subprocess
+    from pathlib import Path
+    from nanochat_core.common import parse_event
+    here = Path(__file__).resolve().parent
+    full = dict(os.environ, PYTHONPATH=f"{here.parent}{os.pathsep}{here}", **env)
+    for k in ("NANOCHAT_DEADLINE", "STANDIN_LOG"):
+        full.pop(k, None)
+    r = subprocess.run([sys.executable, str(here / "stage_standins.py"), "pipeline", "--run-dir", str(run_dir),
+                        "--preset", "local", "--stages", "tok,base,sft,report", *args],
+                       capture_output=True, text=True, env=full, timeout=120)
+    return r, [e for e in map(parse_event, r.stdout.splitlines()) if e]
+
+
+@pytest.mark.parametrize("base,said", [("sigterm:300:46", "stopped by SIGTERM at step 46"),
+                                       ("nothing", "trained 0 steps and saved no checkpoint")])
+def test_a_stage_that_did_not_finish_its_work_is_not_done_and_the_same_command_resumes_it(tmp_path, base, said):
+    """A SIGTERM that reached base alone (it saves and exits 0, as designed) or a base that trained 0 steps
+    used to be recorded done: the run 'succeeded', SFT failed for want of a checkpoint, and every rerun
+    skipped base and failed the same way."""
+    rd = tmp_path / "run"
+    r, events = _standin_pipeline(rd, {"STANDIN_BASE": base})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert said in r.stderr and "run the same command again" in r.stderr
+    done = json.loads((rd / "stages.json").read_text())
+    assert "tok" in done and "base" not in done and not (rd / "sft.out").exists()
+    assert not [e for e in events if e["event"] == "done"]          # never "done", never SUCCEEDED
+    outcome = json.loads((rd / "outcome.json").read_text())
+    assert outcome["state"] == "FAILED" and outcome["stage"] == "base" and said in outcome["why"]
+    report = (rd / "report.md").read_text()
+    assert "This run failed in stage base" in report and said in report
+    # the same command again: base runs (and finishes this time), then the rest; the report is clean
+    r, events = _standin_pipeline(rd, {"STANDIN_BASE": "ok"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {"tok", "base", "sft", "report"} <= set(json.loads((rd / "stages.json").read_text()))
+    assert "stage tok: already done" in r.stdout and "stage base: already done" not in r.stdout
+    assert not (rd / "outcome.json").exists() and "## Outcome" not in (rd / "report.md").read_text()
+    assert [e for e in events if e["event"] == "done"][-1].get("state") is None
+
+
+def test_the_cli_calls_a_run_finished_only_when_it_finished(tmp_path):
+    """The manifest is written after every stage: a run that failed in base used to be 'already finished'."""
+    from nanochat_cli.flows import _rerun_note
+    rd = tmp_path / "local"
+    rd.mkdir()
+    assert _rerun_note(rd) is None                                           # a fresh run: nothing to say
+    (rd / "MANIFEST.sha256").write_text("")
+    (rd / "stages.json").write_text(json.dumps({"tok": {"seconds": 1}}))
+    (rd / "outcome.json").write_text(json.dumps({"state": "FAILED", "stage": "base",
+                                                 "why": "stage 'base' was stopped by SIGTERM at step 46"}))
+    note = _rerun_note(rd)
+    assert "did not finish" in note and "SIGTERM at step 46" in note and "already finished" not in note
+    (rd / "outcome.json").unlink()
+    (rd / "stages.json").write_text(json.dumps({s: {"seconds": 1} for s in ("tok", "base", "sft", "eval", "report")}))
+    assert "already finished" in _rerun_note(rd)

@@ -94,3 +94,37 @@ def test_cli_writes_report_and_prints_json(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
     with pytest.raises(NanochatError):
         report.write_report(tmp_path / "nope")
+
+
+def test_an_eval_that_could_not_run_is_reported_with_its_real_cause(tmp_path, monkeypatch):
+    """Without the `datasets` package the hub-backed tasks cannot load. The report used to blame the network
+    ("data unavailable, e.g. no network"); it names the cause the task loader gave."""
+    from nanochat_core.common import atomic_write_json
+    from nanochat_core.evaluation import evaluate_tasks, merge_record
+    monkeypatch.setitem(sys.modules, "datasets", None)     # `import datasets` now fails, as where it is missing
+    why = {}
+    metrics, unavailable = evaluate_tasks(None, None, ["ARC-Easy", "MMLU"], 5, "cpu", why=why)
+    assert metrics == {} and unavailable == ["ARC-Easy", "MMLU"]
+    run = tmp_path / "run"
+    path = run / "eval" / "sft.json"
+    atomic_write_json(path, merge_record(path, {"stage": "sft", "metrics": metrics, "unavailable": unavailable,
+                                               "why_unavailable": why}))
+    text = report.build_report(run)
+    line = next(ln for ln in text.splitlines() if ln.startswith("- SFT:"))
+    assert "ARC-Easy, MMLU" in line and "the 'datasets' package is missing" in line, text
+    assert "no network" not in text
+    # a later eval of the same stage that got one of them keeps the other's cause, drops the measured one's
+    atomic_write_json(path, merge_record(path, {"stage": "sft", "metrics": {"ARC-Easy": 0.5}, "unavailable": []}))
+    record = json.loads(path.read_text())
+    assert record["unavailable"] == ["MMLU"] and list(record["why_unavailable"]) == ["MMLU"]
+
+
+def test_a_run_that_did_not_finish_says_so_first(tmp_path):
+    run = _run_dir(tmp_path)
+    (run / "outcome.json").write_text(json.dumps({"state": "BUDGET_TRUNCATED", "stage": "base",
+                                                  "why": "base training reached step 10 of 100 planned (10%)"}))
+    text = report.build_report(run)
+    assert text.index("## Outcome") < text.index("## Environment")
+    assert "**This run was cut short by its budget in stage base**: base training reached step 10" in text
+    (run / "outcome.json").unlink()
+    assert "## Outcome" not in report.build_report(run)

@@ -79,6 +79,8 @@ def main(argv=None) -> None:
         except NanochatError as e:
             print0(f"CORE: unavailable ({e})")
             unavailable.append("CORE")
+            from nanochat_core.evaluation import unavailable_cause
+            extra.setdefault("why_unavailable", {})["CORE"] = unavailable_cause(str(e))
         else:
             out = core.evaluate_core(model, tokenizer, rt.device, tasks, rt.rank, rt.world_size, max_seq_len=T,
                                      log=print0)

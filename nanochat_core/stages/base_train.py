@@ -45,6 +45,27 @@ DEFAULT_RATIO = 10.0        # tokens : scaling params; the reference uses 8-12 (
 WEIGHT_DECAY_REF = 0.28     # Muon weight decay at the reference point
 MAX_DECAY_PER_STEP = 0.01   # cap on lr x wd for very short runs (see make_plan)
 
+# A fixed CPU run compiles (--compile auto) when it is at least this long and its steps this heavy.
+CPU_COMPILE_MIN_STEPS = 50
+CPU_COMPILE_MIN_STEP_FLOPS = 20e9
+
+
+def compile_pays_on_cpu(plan: dict) -> bool:
+    """Whether torch.compile pays for itself in a CPU run of this plan. It costs ~20-40 s once and then runs the
+    local d4 model ~4x faster (measured at d4, seq 256: 2,060 vs 470 tok/s, i.e. ~1.0 vs ~4.4 s per 2,048-token
+    step), so it is repaid after a dozen such steps; a model whose step is a few GFLOP is bound by Python
+    overhead and gains little. So: yes for a --minutes run, and for a fixed run of at least CPU_COMPILE_MIN_STEPS
+    steps of at least CPU_COMPILE_MIN_STEP_FLOPS (the local preset: 200 steps of 54 GFLOP); no for tests and smoke
+    runs. Decided from the plan alone - never from a timing, nor from where a resume starts: compiled and eager
+    differ in the last bits, and the same command must give the same model on a busy machine as on an idle
+    one, resumed or not."""
+    from nanochat_core.model_config import GPTConfig, flops_per_token
+    if plan["horizon"].startswith("--minutes"):
+        return True
+    step_flops = flops_per_token(GPTConfig.from_dict(plan["config"])) * plan["total_batch_size"]
+    return plan["total_steps"] >= CPU_COMPILE_MIN_STEPS and step_flops >= CPU_COMPILE_MIN_STEP_FLOPS
+
+
 def power_of_two(x: float) -> int:
     return 2 ** max(0, round(math.log2(max(x, 1.0))))
 
@@ -148,7 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--muon-wd-schedule", choices=["decay", "constant"], default="decay",
                    help="Muon weight decay: decay linearly to 0 over the run (default), or constant (ablations)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile (auto: on for CUDA, and on CPU for a --minutes run)")
+                   help="torch.compile (auto: on for CUDA; on CPU for a --minutes run or a long enough fixed one)")
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
     # speed switches (docs/PERFORMANCE.md: `bench train` sweeps them; defaults change only on measurements)
     p.add_argument("--bf16-residual", choices=["on", "off"], default="off",
@@ -209,6 +230,15 @@ def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, device
     return statistics.median(times[5:])
 
 
+def compile_probe(fwd, model, B: int, T: int, device) -> None:
+    """One forward/backward of the (compiled) model on random tokens: compiles its training graph now. The
+    caller clears the gradients; no optimizer step is taken, so the weights are untouched."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=g).to(device)
+    fwd(x[:, :-1], x[:, 1:]).backward()
+
+
 def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
     """A few greedy tokens without a KV cache: enough to show the model is alive at the end of a stage."""
     import torch
@@ -264,13 +294,18 @@ def main(argv=None) -> None:
         plan = make_plan(args, tokenizer.get_vocab_size(), rt.world_size, rt.device_type)
     B, T = plan["device_batch_size"], plan["seq_len"]
     grad_accum = plan["total_batch_size"] // (B * T * rt.world_size)
-    # torch.compile: always worth it on CUDA. On CPU it costs ~20-40 s once and then runs the small local
-    # models ~4x faster (measured at d4, seq 256: 2,060 vs 470 tok/s) - a clear win for a time-bounded run,
-    # a loss for a short fixed one (tests, smoke runs), so auto = on for --minutes there.
-    minutes_horizon = plan["horizon"].startswith("--minutes")
+    # torch.compile: always on CUDA; on CPU where it pays for itself in this run (compile_pays_on_cpu).
+    pays_on_cpu = compile_pays_on_cpu(plan)
     compile_model = args.compile == "on" or (args.compile == "auto" and (
-        rt.device_type == "cuda" or (rt.device_type == "cpu" and minutes_horizon)))
+        rt.device_type == "cuda" or (rt.device_type == "cpu" and pays_on_cpu)))
 
+    if compile_model and rt.device_type == "cpu":
+        # The compiled backward of the embeddings accumulates with atomic adds across OpenMP threads, in whatever
+        # order the threads get there: two runs of the same command differed in the weights after 6 steps
+        # (measured at d4: wte by up to 0.011, Adam amplifying rounding noise in rare tokens' rows). In
+        # deterministic mode inductor hands that accumulation to the serial eager kernel instead: the same
+        # command gives the same weights, busy machine or not.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     set_seed(plan["seed"])
     model, fwd = build_model(plan["config"], rt.device, compile_model)
     # Until the first save is timed, assume rank 0 writes the fp32 weights plus its share of ~2x that in
@@ -301,6 +336,17 @@ def main(argv=None) -> None:
         del opt
         set_seed(plan["seed"])
         model.init_weights()  # back to the exact initial weights: the timing steps leave no trace
+        model.zero_grad(set_to_none=True)
+    elif compile_model and rt.device_type == "cpu" and args.compile == "auto":
+        # Compile now, on one forward/backward of random tokens (no optimizer step: the weights stay as they
+        # are), so that a machine whose inductor cannot compile (no working C++ toolchain) trains eager instead
+        # of failing at its first step.
+        try:
+            compile_probe(fwd, model, B, T, rt.device)
+        except Exception as e:
+            print0(f"note: torch.compile is not usable here ({type(e).__name__}: {str(e)[:120]}); training eager")
+            torch._dynamo.reset()
+            fwd, compile_model = model, False
         model.zero_grad(set_to_none=True)
     if args.minutes:  # a hard cap as well (also for a resumed run): stop and save if the machine got slower
         cap = training.process_start_time() + args.minutes * 60

@@ -47,11 +47,13 @@ def main(argv=None) -> None:
         model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage)
         print0(f"chat_eval: {stage} checkpoint {meta['path']}, tasks {', '.join(names)}, "
                f"max per task {a.max_per_task or 'all'}")
+        why: dict[str, str] = {}
         metrics, unavailable = evaluate_tasks(model, tokenizer, names, a.max_per_task, rt.device, rt.rank,
-                                              rt.world_size, a.max_new_tokens)
+                                              rt.world_size, a.max_new_tokens, why=why)
         if rt.master:
             path = a.run_dir / "eval" / f"{stage}.json"
-            record = {"stage": stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
+            record = {"stage": stage, "metrics": metrics, "unavailable": unavailable, "why_unavailable": why,
+                      "checkpoint": meta["path"],
                       "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1)}
             atomic_write_json(path, merge_record(path, record))
         emit("eval", stage=stage, metrics=metrics)

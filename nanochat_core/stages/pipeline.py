@@ -32,10 +32,20 @@ ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
 # preflight (nanochat_core/preflight.py) opens every cloud run: a minute of checks at the planned depth and
 # device batch, so a broken device path or a slow node stops the job before the budget goes on it.
 DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "preflight,tok,base,mid,sft,eval,report"}
-# The local preset's model, for a 2-core CPU: depth 4, 64-dim heads, 256-token rows, a 4096-token vocab, about
-# 2.5 minutes of base training. Written once: `nanochat train --local --dryrun` counts the same model.
+# The local preset's model, for a 2-core CPU: depth 4, 64-dim heads, 256-token rows, a 4096-token vocab. Written
+# once: `nanochat train --local --dryrun` counts the same model.
 LOCAL_MODEL = {"depth": 4, "vocab_size": 4096, "head_dim": 64, "sequence_len": 256}
+# The embedded default trains a FIXED amount, so the same command gives the same model (same steps, same val
+# bpb) on an idle laptop and on a busy one; only the time it takes differs. (It once planned base training by
+# the clock, `--minutes 2.5`: under load, compiling and timing ate the whole budget and base trained 0 steps.)
+# 200 base steps of 2,048 tokens is what an idle 2-core CPU did in those 2.5 minutes (192 steps, bpb 1.67);
+# SFT gets 60 steps of the shipped chat set. The minutes below are estimates shown to the user, never limits.
+LOCAL_BASE_STEPS = 200
+LOCAL_POST_STEPS = 60
 LOCAL_BASE_MINUTES = 2.5
+# The stages that train and checkpoint: each says whether it finished its work in <stage>/end.json
+# (stage_run.StageRun.finish), and only a finished one is recorded in stages.json.
+TRAINING_STAGES = ("base", "mid", "sft", "rl")
 
 # When base training must stop comes from the run spec (`--spec`: its base_deadline_at, which `nanochat train`
 # computes from the plan's hard cap - the budget, or a capped plan's own cost - the dearest failover price and
@@ -108,7 +118,8 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
         if local:
             m = LOCAL_MODEL
             cmd += ["--depth", str(a.depth or m["depth"]), "--head-dim", str(m["head_dim"]), "--seq-len", str(m["sequence_len"])]
-            cmd += ["--steps", str(a.steps)] if a.steps else ["--minutes", str(a.minutes or LOCAL_BASE_MINUTES)]
+            # a fixed number of steps unless the user asked for a time-bounded run (--minutes)
+            cmd += ["--minutes", str(a.minutes)] if a.minutes and not a.steps else ["--steps", str(a.steps or LOCAL_BASE_STEPS)]
         else:
             cmd += ["--depth", str(a.depth or 20)]
             cmd += ["--steps", str(a.steps)] if a.steps else []
@@ -132,10 +143,11 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
 
 
 def _tiny(a: argparse.Namespace) -> list[str]:
-    """Post-training stages on the local preset get a short horizon; the cloud uses their defaults."""
+    """Post-training stages on the local preset get a short fixed horizon (--steps, when given, is every
+    training stage's: a smoke run is short throughout); the cloud uses their defaults."""
     if a.preset != "local":
         return []
-    return ["--steps", str(a.steps)] if a.steps else ["--minutes", "1"]
+    return ["--steps", str(a.steps or LOCAL_POST_STEPS)]
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +307,10 @@ class Pipeline:
     def check_base(self, deadline: float) -> None:
         """After base exits cleanly: did it get its planned steps, or did the deadline cut it short?"""
         progress = self.base_progress()
-        if not progress or progress[0] >= progress[1]:
+        if not progress:
+            self.end_truncated("base", "base training saved no checkpoint before the budget's base deadline; "
+                                       "a larger --budget continues the run")
+        if progress[0] >= progress[1]:
             return
         done_steps, planned = progress
         why = (f"base training reached step {done_steps} of {planned} planned ({done_steps / planned:.0%}) "
@@ -305,6 +320,29 @@ class Pipeline:
             # Not marked done: a rerun with a larger budget resumes base from its checkpoint.
             self.end_truncated("base", why + "; stopping before post-training")
         print(f"note: {why}; post-training continues", flush=True)
+
+    def fail(self, stage: str, why: str, state: str = "FAILED") -> None:
+        """The run ends here without finishing: outcome.json and report.md say so and why (the stage is not
+        recorded done, so the same command resumes it)."""
+        emit("error", stage=stage, message=why)
+        self.write_outcome({"state": state, "stage": stage, "why": why})
+        self.refresh_report()
+        self.save_manifest()
+
+    def check_training_stage(self, stage: str, deadline: float | None) -> None:
+        """After a training stage exited 0: record it done only when it finished its work. A stop at its
+        deadline is the budget's (budget-truncated, as before); anything else that ended it early - a SIGTERM
+        that reached the stage alone, 0 steps, no checkpoint - fails the run, and the same command resumes it."""
+        verdict, why = stage_verdict(self.run_dir, stage)
+        if verdict == "deadline" and deadline is None:
+            verdict = "unfinished"   # NANOCHAT_DEADLINE from outside, not ours: nothing to call budget-truncated
+        if verdict == "deadline" and stage != "base":
+            self.end_truncated(stage, f"stage '{stage}' was stopped at the budget's deadline")
+        if stage == "base" and deadline is not None and verdict != "unfinished":
+            self.check_base(deadline)
+        if verdict == "unfinished":
+            self.fail(stage, why)
+            raise NanochatError(f"{why}; run the same command again to resume it (finished stages are skipped)")
 
     def stage_deadline(self, stage: str) -> float | None:
         """The NANOCHAT_DEADLINE a stage trains against: base stops at the plan's base deadline, every
@@ -405,21 +443,23 @@ class Pipeline:
                 if go["tokenizer"]:   # node 0's, not an older one still visible here
                     wait_for_file(tokenizer, go["tokenizer"], "the tokenizer", lambda: self.stopping)
             started = time.time()
+            if stage in TRAINING_STAGES and self.lead:   # its verdict must come from this run of it
+                (self.run_dir / stage / END_FILE).unlink(missing_ok=True)
             emit("stage_start", stage=stage, pipeline=True)
             for cmd in stage_commands(stage, a, data, dist):
                 rc = self.run_cmd(cmd, env)
                 if self.deadline_hit:
                     self.end_truncated(stage, f"stage '{stage}' was stopped at the budget's deadline")
                 if self.stopping:
-                    emit("error", stage=stage, message="stopped by signal; run again to resume")
-                    self.save_manifest()
+                    self.fail(stage, f"stage '{stage}' was stopped by a signal; run the same command again to "
+                                     "resume", state="STOPPED")
                     sys.exit(143)
                 if rc != 0:
-                    emit("error", stage=stage, message=f"exit code {rc}")
+                    self.fail(stage, f"stage '{stage}' failed (exit code {rc})")
                     raise NanochatError(f"stage '{stage}' failed (exit code {rc}); fix the cause and run the same "
                                         f"command again: finished stages are skipped, this one resumes")
-            if stage == "base" and deadline is not None and self.lead:
-                self.check_base(deadline)
+            if stage in TRAINING_STAGES and self.lead:
+                self.check_training_stage(stage, deadline)
             self.mark_done(stage, started)
             if stage == "eval":
                 track_results(self.run_dir)
@@ -443,6 +483,38 @@ class Pipeline:
             return json.loads((self.run_dir / "outcome.json").read_text())
         except (FileNotFoundError, ValueError):
             return None
+
+
+END_FILE = "end.json"   # written by stage_run.StageRun.finish: {"step", "finished", "stopped_by"}
+
+
+def stage_verdict(run_dir: Path, stage: str) -> tuple[str, str]:
+    """("finished" | "deadline" | "unfinished", why) for a training stage that exited 0, from the end record it
+    wrote and the checkpoint it left. Exit 0 alone says little: a stage stopped by SIGTERM saves and exits 0
+    (resumable by design), and one whose horizon was over before its first step exits 0 with nothing saved."""
+    import json
+    from nanochat_core import checkpoint
+    try:
+        end = json.loads((run_dir / stage / END_FILE).read_text())
+    except (OSError, ValueError):
+        return "unfinished", f"stage '{stage}' exited without saying it finished its work (no {stage}/{END_FILE})"
+    step = int(end.get("step") or 0)
+    try:
+        found = checkpoint.find_latest(run_dir / stage, hashes=False) if (run_dir / stage).is_dir() else None
+        saved = int(checkpoint.read_meta(found).get("step") or 0) if found else None
+    except Exception:
+        saved = None
+    by = end.get("stopped_by")
+    if by == "deadline":
+        return "deadline", f"stage '{stage}' stopped at its deadline at step {step}"
+    if by:
+        return "unfinished", f"stage '{stage}' was stopped by {by} at step {step} before finishing its work"
+    if step <= 0 or saved is None:
+        return "unfinished", (f"stage '{stage}' trained {step} steps and saved no checkpoint (a time-bounded run "
+                              "too short for this machine? drop --minutes, or give it more)")
+    if not end.get("finished") or saved != step:
+        return "unfinished", f"stage '{stage}' ended at step {step} without finishing its work (last checkpoint: step {saved})"
+    return "finished", ""
 
 
 def write_manifest(run_dir: Path) -> None:
@@ -479,8 +551,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, required=True, help="where everything of this run is written")
     p.add_argument("--preset", choices=["local", "cloud"], default="local")
     p.add_argument("--depth", type=int, default=None, help="model depth (the one model dial)")
-    p.add_argument("--steps", type=int, default=None, help="fixed number of base steps (tests, smoke runs)")
-    p.add_argument("--minutes", type=float, default=None, help="time-bounded base training")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fixed number of base steps; on the local preset also SFT's (tests, smoke runs)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time-bounded base training (the local default is a fixed number of steps)")
     p.add_argument("--stages", default=None, help=f"comma list from {','.join(ALL_STAGES)}")
     p.add_argument("--data", default=None, help="data source: bundled, climbmix, fineweb-edu, a URL list or a dir")
     p.add_argument("--num-shards", type=int, default=170, help="shards to download (cloud; the last is validation)")
