@@ -52,6 +52,12 @@ STAGE_PRIORITY = ["rl", "sft", "mid", "base"]  # load_model on a run dir picks t
 DEFAULT_KEEP = 3
 
 
+class CorruptCheckpoint(NanochatError):
+    """A checkpoint whose files passed every size and sha256 check but cannot be read back (an optimizer shard
+    that is not a plain tensor pickle - a __reduce__ payload with its hashes recomputed - or weights safetensors
+    refuses). A resume falls back to the checkpoint before it (training.resume); anything else reports it."""
+
+
 def ckpt_name(step: int) -> str:
     return f"ckpt_{step:06d}"
 
@@ -338,7 +344,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_
         meta = json.loads((ckpt_dir / "meta.json").read_text())
     except FileNotFoundError:
         return "meta.json is missing (the save did not finish)"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: JSON nested deeper than Python's stack
         return f"meta.json is unreadable ({e.__class__.__name__})"
     problem = _meta_problem(meta, ckpt_dir, weights_only)
     if problem:
@@ -361,10 +367,13 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_
     return None
 
 
-def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False) -> Path | None:
-    """The newest complete, intact checkpoint in `stage_dir`, or None. Corrupt ones are reported on
-    stderr and skipped (the previous one is used)."""
+def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False,
+                older_than: int | None = None) -> Path | None:
+    """The newest complete, intact checkpoint in `stage_dir` (before step `older_than` if given), or None.
+    Corrupt ones are reported on stderr and skipped (the previous one is used)."""
     for step, path in list_checkpoints(stage_dir):
+        if older_than is not None and step >= older_than:
+            continue
         problem = verify_checkpoint(path, hashes=hashes, weights_only=weights_only)
         if problem is None:
             return path
@@ -410,7 +419,7 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     path = Path(ckpt_dir) / "meta.json"
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise NanochatError(f"{path} is unreadable ({e.__class__.__name__}): the checkpoint is damaged; "
                             "use another one or the run directory") from None
     problem = _meta_problem(meta, Path(ckpt_dir))
@@ -440,7 +449,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: Any, optimizer: Any = No
     try:
         state = load_file(str(ckpt_dir / "model.safetensors"), device="cpu")
     except Exception as e:  # safetensors' own error types; a file that passed the checks above but not this
-        raise NanochatError(f"{ckpt_dir / 'model.safetensors'} cannot be read ({str(e)[:120]})") from None
+        raise CorruptCheckpoint(f"{ckpt_dir / 'model.safetensors'} cannot be read ({_first_line(e)})") from None
     target = _unwrap(model)
     try:
         missing, unexpected = target.load_state_dict(state, strict=False)
@@ -454,15 +463,25 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: Any, optimizer: Any = No
     if optimizer is not None:
         names = sorted(n for n in meta["files"] if n.startswith("optim_rank"))
         # mmap: with many ranks each one reads every shard; only the pages it needs come into memory
-        try:
-            shards = [torch.load(ckpt_dir / n, map_location="cpu", weights_only=True, mmap=True) for n in names]
-        except (RuntimeError, OSError, ValueError) as e:
-            raise NanochatError(f"an optimizer shard of {ckpt_dir} cannot be read ({str(e)[:120]})") from None
+        shards = []
+        for n in names:
+            # weights_only: a pickle that asks for anything but tensors and plain containers is refused, never
+            # run. Its refusal (UnpicklingError), like a zip or a pickle cut short, is one line here.
+            try:
+                shards.append(torch.load(ckpt_dir / n, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as e:
+                raise CorruptCheckpoint(f"{ckpt_dir / n} cannot be read as an optimizer shard "
+                                        f"({_first_line(e)})") from None
         if hasattr(optimizer, "load_state_dict_shards"):
             optimizer.load_state_dict_shards(shards)
         else:
             optimizer.load_state_dict(shards[0])
     return meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 def _resolve_checkpoint(path: Path, stage: str | None) -> Path:

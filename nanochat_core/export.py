@@ -162,5 +162,5 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 def _is_our_export(path: Path) -> bool:
     try:
         return json.loads((path / "config.json").read_text()).get("model_type") == "nanochat"
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False

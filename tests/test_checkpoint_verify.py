@@ -232,3 +232,73 @@ def test_serve_refuses_a_flipped_checkpoint_before_listening(chat_run, tmp_path)
     line = _one_line_exit_2([PY, "-m", "nanochat_cli.main", "serve", "--checkpoint", str(ckpt), "--port", str(port)],
                             tmp_path / "h")
     assert "sha256" in line
+
+
+# -----------------------------------------------------------------------------
+# A poisoned optimizer shard (issue 21): a pickle whose __reduce__ runs a command, its hashes recomputed so
+# that every size and sha256 check passes. weights_only refuses it; that refusal must be one line, and a
+# resume must fall back to the checkpoint before it.
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _poison(ckpt, marker):
+    shard = ckpt / "optim_rank000.pt"
+    torch.save({"state": {0: _Payload(marker)}, "param_groups": []}, shard)
+    _rewrite_meta(ckpt, lambda m: m["files"]["optim_rank000.pt"].update(
+        size=shard.stat().st_size, sha256=checkpoint.sha256_file(shard)))
+
+
+def test_a_poisoned_optimizer_shard_is_one_line_and_the_resume_falls_back(tmp_path, capsys):
+    from nanochat_core import training
+    model = _tiny_net()
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "s", 10, model, opt, {"stage": "test"}, 0, 1)
+    bad = save_checkpoint(tmp_path / "s", 20, model, opt, {"stage": "test"}, 0, 1)
+    marker = tmp_path / "payload-ran"
+    _poison(bad, marker)
+    assert verify_checkpoint(bad) is None   # every hash matches: only reading it can tell
+    with pytest.raises(NanochatError) as e:
+        load_checkpoint(bad, _tiny_net(), torch.optim.AdamW(_tiny_net().parameters()))
+    assert "optim_rank000.pt cannot be read" in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()
+    meta = training.resume(tmp_path / "s", model, opt, "test")
+    assert meta["step"] == 10
+    err = capsys.readouterr().err
+    assert "ckpt_000020" in err and "falling back" in err and len(err.strip().splitlines()) == 1, err
+    # nothing older: one line that says what to do, never a fresh start over a damaged stage
+    (tmp_path / "s" / "ckpt_000010" / "meta.json").unlink()
+    with pytest.raises(NanochatError, match="no intact checkpoint before it"):
+        training.resume(tmp_path / "s", model, opt, "test", ckpt=bad)
+    assert not marker.exists()
+
+
+def test_a_poisoned_shard_through_a_stage_is_one_line_exit_2(tmp_path):
+    ckpt = _save(tmp_path / "s", 5)
+    _poison(ckpt, tmp_path / "payload-ran")
+    code = ("import torch, torch.nn as nn\n"
+            "from nanochat_core.common import run_main\n"
+            "from nanochat_core.checkpoint import load_checkpoint\n"
+            "def main():\n"
+            "    torch.manual_seed(0)\n"
+            "    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+            f"    load_checkpoint({str(ckpt)!r}, m, torch.optim.AdamW(m.parameters()))\n"
+            "run_main(main)\n")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "cannot be read" in p.stderr
+    assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.parametrize("where", ["meta.json"])
+def test_a_deeply_nested_meta_json_is_a_reason_not_a_traceback(tmp_path, where):
+    ckpt = _save(tmp_path / "s", 1)
+    (ckpt / where).write_text("[" * 100_000 + "]" * 100_000)
+    assert "unreadable (RecursionError)" in verify_checkpoint(ckpt)
+    with pytest.raises(NanochatError, match="unreadable"):
+        checkpoint.read_meta(ckpt)

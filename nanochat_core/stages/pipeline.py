@@ -195,7 +195,7 @@ def track_results(run_dir: Path) -> None:
     for path in sorted((run_dir / "eval").glob("*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
             tracking.log_event({"event": "eval", "stage": record.get("stage") or path.stem,
@@ -232,7 +232,7 @@ class Pipeline:
         import json
         try:
             return json.loads(self.stages_file.read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return {}
 
     def mark_done(self, stage: str, started: float) -> None:
@@ -441,7 +441,7 @@ class Pipeline:
         import json
         try:
             return json.loads((self.run_dir / "outcome.json").read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return None
 
 
@@ -454,7 +454,7 @@ def write_manifest(run_dir: Path) -> None:
     cache_file = run_dir / ".manifest_cache.json"
     try:
         cache = json.loads(cache_file.read_text())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, RecursionError):
         cache = {}
     lines, fresh = [], {}
     for p in sorted(run_dir.rglob("*")):
