@@ -171,6 +171,7 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
 
 
 def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool) -> None:
+    named = None   # a checkpoint (or stage) dir inside the run, relative to it: evaluated itself, nothing else
     if checkpoint is not None:
         rd = checkpoint.expanduser().resolve()
         # A checkpoint directory (run/base/ckpt_000500) belongs to the run two levels up.
@@ -179,6 +180,8 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
             rd = rd.parent
         if not rd.is_dir():
             raise NanochatError(f"{checkpoint} does not exist")
+        if rd != checkpoint.expanduser().resolve():
+            named = _named_checkpoint(checkpoint.expanduser().resolve(), rd)
     elif name:
         rd = state.run_dir(name)
     else:
@@ -194,7 +197,7 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
     else:
         plan = state.read_json(rd / "plan.json") or {}
         args = ["--preset", plan.get("preset", "cloud")]
-    args += ["--stages", "eval,report", "--force"]
+    args += ["--stages", "eval,report", "--force"] + (["--eval-checkpoint", named] if named else [])
     backend = backend_for(cluster)
     # Not the training run's deadline (long past, perhaps): eval is short and the cluster's autodown still
     # ends it; an old deadline would only make the node refuse to start.
@@ -215,6 +218,26 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         print(json.dumps(metrics))
         return
     print_metrics(metrics, rd)
+
+
+def _named_checkpoint(path: Path, rd: Path) -> str:
+    """`eval --checkpoint` named a checkpoint or stage dir of run `rd`: it is the one evaluated (never the
+    run's newest instead), so a damaged one is refused here, in one line, before anything is launched."""
+    from nanochat_core import checkpoint as ckpt
+    rel = path.relative_to(rd)
+    if not path.exists():
+        raise NanochatError(f"{path} does not exist: `ls {path.parent}` lists what there is")
+    if not path.is_dir() or rel.parts[0] not in ("base", "mid", "sft", "rl") or len(rel.parts) > 2:
+        raise NanochatError(f"{path} is not a checkpoint of run {rd}: name a stage dir (base, sft, ...), "
+                            "one of its ckpt_NNNNNN dirs, or the run dir")
+    if len(rel.parts) == 2:
+        problem = ckpt.verify_checkpoint(path, weights_only=True)
+        if problem:
+            raise NanochatError(f"checkpoint {path} is corrupt: {problem}; name another one "
+                                f"(`ls {path.parent}`) or the run dir (its newest intact checkpoints)")
+    elif ckpt.find_latest(path, weights_only=True) is None:
+        raise NanochatError(f"{path} holds no intact checkpoint: name another stage or the run dir")
+    return rel.as_posix()
 
 
 def _wait_quietly(backend, cluster, rd) -> str | None:

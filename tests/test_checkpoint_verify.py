@@ -302,3 +302,41 @@ def test_a_deeply_nested_meta_json_is_a_reason_not_a_traceback(tmp_path, where):
     assert "unreadable (RecursionError)" in verify_checkpoint(ckpt)
     with pytest.raises(NanochatError, match="unreadable"):
         checkpoint.read_meta(ckpt)
+
+
+# -----------------------------------------------------------------------------
+# `nanochat eval --checkpoint PATH` evaluates PATH (issue 21): it used to climb to the run dir and evaluate
+# the newest intact checkpoint there, so an older one was never the one evaluated and a damaged one was
+# silently replaced. The real CLI, the local backend and the real pipeline's eval stage.
+
+def test_eval_of_a_named_older_checkpoint_evaluates_it_and_a_damaged_one_is_refused(tmp_path, tiny_tokenizer):
+    from nanochat_core.model import GPT, config_for_depth
+    home = tmp_path / "home"
+    run = home / "runs" / "r"
+    tiny_tokenizer.save(run / "tokenizer")
+    cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)
+    meta = {"tokenizer_hash": tiny_tokenizer.hash}
+    for step in (1, 2):
+        torch.manual_seed(step)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        save_checkpoint(run / "base", step, model, torch.optim.AdamW(model.parameters()), meta, 0, 1)
+    older, newest = run / "base" / "ckpt_000001", run / "base" / "ckpt_000002"
+    env = dict(os.environ, NANOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, "-m", "nanochat_cli.main", "eval", "--local", "--checkpoint", str(older), "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    record = json.loads((run / "eval" / "base.json").read_text())
+    assert record["checkpoint"] == str(older) and "bpb" in record["metrics"]
+    assert "base/ckpt_000001" in (run / "pipeline.log").read_text()
+
+    _flip_last_byte(older / "model.safetensors")
+    line = _one_line_exit_2([PY, "-m", "nanochat_cli.main", "eval", "--local", "--checkpoint", str(older)], home)
+    assert str(older) in line and "corrupt" in line and "sha256" in line
+    assert json.loads((run / "eval" / "base.json").read_text()) == record   # nothing else was evaluated instead
+    line = _one_line_exit_2([PY, "-m", "nanochat_cli.main", "eval", "--local", "--checkpoint",
+                             str(run / "base" / "ckpt_000007")], home)
+    assert "ckpt_000007 does not exist" in line
+    assert newest.is_dir()

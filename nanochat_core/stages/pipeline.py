@@ -123,6 +123,13 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
         return [dist + ["-m", "nanochat_core.stages.chat_rl", "--run-dir", run] + _tiny(a)]
     if stage == "eval":
         limit = ["--max-per-task", "50" if local else "0"]
+        if a.eval_checkpoint:   # one named checkpoint (or stage dir), and only it: `nanochat eval --checkpoint`
+            target, which = str(a.run_dir / a.eval_checkpoint), Path(a.eval_checkpoint).parts[0]
+            if which == "base":
+                return [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data),
+                                "--checkpoint", target] + limit]
+            return [dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", which,
+                            "--checkpoint", target] + limit]
         return [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data)] + limit,
                 dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
     if stage == "report":
@@ -493,8 +500,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="re-run stages already marked done")
     p.add_argument("--planned-tokens-per-sec", type=float, default=None,
                    help="the plan's tokens/s per GPU: preflight stops the run under half of it")
+    p.add_argument("--eval-checkpoint", default=None,
+                   help="the eval stage evaluates this checkpoint (or stage) dir only, relative to the run dir: "
+                        "base/ckpt_000500, sft")
     a = p.parse_args(argv)
     a.run_dir = a.run_dir.expanduser().resolve()
+    named = Path(a.eval_checkpoint) if a.eval_checkpoint else None
+    if named is not None and (named.is_absolute() or ".." in named.parts
+                              or named.parts[:1] not in (("base",), ("mid",), ("sft",), ("rl",))):
+        raise NanochatError(f"--eval-checkpoint {a.eval_checkpoint}: name a checkpoint inside the run dir, "
+                            "like base/ckpt_000500 or sft")
     return a
 
 
