@@ -12,6 +12,8 @@ Behaviour per stage from env STANDIN_<STAGE> (default "ok"):
                          (what base_train's StopGuard does), recording step and planned total_steps
     hang                 ignore SIGTERM, start a grandchild in its own session that ignores SIGTERM too,
                          write both pids to RUN_DIR/pids.txt, and sleep forever
+    busy:FILE            a stage deep in something it cannot stop (compiling): ignore SIGTERM, write its pid
+                         to RUN_DIR/pids.txt, and exit 0 once FILE exists
 """
 import hashlib
 import json
@@ -62,6 +64,15 @@ def stage(name: str, run_dir: Path) -> int:
                                   "signal.SIG_IGN); time.sleep(1000)"], start_new_session=True)
         (run_dir / "pids.txt").write_text(f"{os.getpid()} {grand.pid}\n")
         time.sleep(1000)
+    if spec.startswith("busy:"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        (run_dir / "pids.txt").write_text(f"{os.getpid()}\n")
+        release = Path(spec.split(":", 1)[1])
+        for _ in range(6000):   # bounded: 10 minutes at most, even if the test never releases it
+            if release.exists():
+                return 0
+            time.sleep(0.1)
+        return 1
     raise SystemExit(f"unknown stand-in {spec}")
 
 
