@@ -321,8 +321,13 @@ def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, loca
                       detach, json_out) -> None:
     """Record, launch and (unless detached) stream the run; the plan's deadlines start counting here."""
     rd = state.run_dir(run_name)
-    if (rd / "MANIFEST.sha256").exists():
+    last = (state.read_job(rd) or {}).get("state")   # MANIFEST.sha256 is rewritten after every stage: not "finished"
+    if last == "SUCCEEDED":
         print(f"note: run '{run_name}' already finished; running it again skips every finished stage. "
+              "Use --name NEW for a fresh run.", file=sys.stderr)
+    elif last is not None or (rd / "stages.json").exists():
+        print(f"note: run '{run_name}' did not finish{f' (last seen {last})' if last else ''}; running it again "
+              "resumes it: finished stages are skipped, the others continue from their last checkpoint. "
               "Use --name NEW for a fresh run.", file=sys.stderr)
     now = time.time()
     if not local:

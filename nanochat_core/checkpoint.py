@@ -191,10 +191,17 @@ def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimiz
             p.unlink(missing_ok=True)
         if full:
             raise NanochatError(f"no space left on device while saving checkpoint {final.name} in {stage_dir}; "
-                                "the unfinished save was removed and the previous checkpoint is intact: free "
-                                "some space (old runs, caches) and run again to resume") from None
+                                f"the unfinished save was removed and {_previous(stage_dir, step)}: free "
+                                "some space (old runs, caches) and run again") from None
         raise
     return final
+
+
+def _previous(stage_dir: Path, step: int) -> str:
+    """What a failed save leaves to resume from, said truthfully (a first save has nothing before it)."""
+    before = next((p for s, p in list_checkpoints(stage_dir) if s < step and (p / "meta.json").is_file()), None)
+    return (f"the previous checkpoint ({before.name}) is intact" if before is not None
+            else "there is no earlier checkpoint of this stage to resume from")
 
 
 def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, rank: int, world_size: int,
@@ -233,7 +240,7 @@ def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, ra
         r, names = blind[0]
         raise NanochatError(f"checkpoint {final.name} in {stage_dir} was not saved: rank {r} still cannot see "
                             f"{', '.join(names[:4])} after {patience:.0f} s (is the run dir shared storage, is its "
-                            "upload stuck?); the previous checkpoint is intact")
+                            f"upload stuck?); {_previous(stage_dir, step)}")
     if rank != 0:
         written.clear()   # rank 0 may commit from here on: our file is no longer ours to remove
 
@@ -352,8 +359,12 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_
     files = {k: v for k, v in meta["files"].items() if not (weights_only and k.startswith("optim_rank"))}
     for name, info in files.items():
         p = ckpt_dir / name
-        if not p.is_file():
+        if p.is_symlink():   # never followed: to /dev/zero it would be read forever, elsewhere it is not ours
+            return f"{name} is a symbolic link (a checkpoint holds only its own regular files)"
+        if not p.exists():
             return f"{name} is missing"
+        if not p.is_file():
+            return f"{name} is not a regular file"
         if p.stat().st_size != info["size"]:
             return f"{name} is {p.stat().st_size} bytes, expected {info['size']} (truncated?)"
     if hashes:

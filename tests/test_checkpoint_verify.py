@@ -135,6 +135,37 @@ def test_disk_full_save_says_so_and_cleans_up(tmp_path, monkeypatch):
     _assert_clean_full_disk(stage, err)
 
 
+def test_a_full_disk_says_which_checkpoint_is_left_and_never_claims_one_that_is_not_there(tmp_path, monkeypatch):
+    real_open = builtins.open
+    monkeypatch.setattr(checkpoint, "open",
+                        lambda f, mode="r", *a, **k: real_open("/dev/full" if "w" in mode else f, mode, *a, **k),
+                        raising=False)
+    with pytest.raises(NanochatError) as err:   # the stage's first save: there is nothing before it
+        _save(tmp_path / "first", 1)
+    assert "no earlier checkpoint" in str(err.value) and "intact" not in str(err.value), err.value
+    monkeypatch.undo()
+    _save(tmp_path / "s", 1)
+    monkeypatch.setattr(checkpoint, "open",
+                        lambda f, mode="r", *a, **k: real_open("/dev/full" if "w" in mode else f, mode, *a, **k),
+                        raising=False)
+    with pytest.raises(NanochatError, match=r"the previous checkpoint \(ckpt_000001\) is intact"):
+        _save(tmp_path / "s", 2)
+
+
+def test_a_checkpoint_file_that_is_a_symlink_is_named_as_one_and_never_read(tmp_path, capsys):
+    _save(tmp_path / "s", 1)
+    ckpt = _save(tmp_path / "s", 2)
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to("/dev/zero")
+    assert verify_checkpoint(ckpt) == "model.safetensors is a symbolic link (a checkpoint holds only its own regular files)"
+    assert find_latest(tmp_path / "s").name == "ckpt_000001"
+    assert "symbolic link" in capsys.readouterr().err
+    (ckpt / "model.safetensors").unlink()
+    assert verify_checkpoint(ckpt) == "model.safetensors is missing"
+    (ckpt / "model.safetensors").mkdir()
+    assert verify_checkpoint(ckpt) == "model.safetensors is not a regular file"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
 def test_disk_full_on_a_real_tiny_filesystem(tmp_path):
     mnt = tmp_path / "tiny"
