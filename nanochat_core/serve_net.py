@@ -253,18 +253,17 @@ class GuardedH11(H11Protocol):
         return (self.cycle is None or self.cycle.response_complete) and self.conn.their_state in (h11.IDLE, h11.DONE)
 
     def _idlest(self, peer: str | None) -> "GuardedH11 | None":
-        """The connection idle longest - of `peer`, or else of the client holding the most connections
-        (falling back to anyone's) - or None if every one has a request in progress."""
-        def pick(conns) -> "GuardedH11 | None":
-            idle = [c for c in conns if c._idle() and not c.transport.is_closing()]
-            return min(idle, key=lambda c: c._idle_since) if idle else None
-        if peer is not None:
-            return pick(c for c in self._slots.admitted if c._peer == peer)
-        for heaviest, _ in self._slots.per_client.most_common():
-            found = pick(c for c in self._slots.admitted if c._peer == heaviest)
-            if found is not None:
-                return found
-        return None
+        """The connection idle longest - of `peer`, or else of the client holding the most connections that
+        has an idle one - or None if every one has a request in progress. One pass over the connections."""
+        oldest: dict[str, GuardedH11] = {}
+        for c in self._slots.admitted:
+            if (peer is None or c._peer == peer) and c._idle() and not c.transport.is_closing():
+                if c._peer not in oldest or c._idle_since < oldest[c._peer]._idle_since:
+                    oldest[c._peer] = c
+        if not oldest:
+            return None
+        heaviest = max(oldest, key=lambda p: self._slots.per_client[p])
+        return oldest[heaviest]
 
     def _evict(self) -> None:
         self._release()        # the slot is free now, not when the transport gets round to closing
