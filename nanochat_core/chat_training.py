@@ -158,13 +158,14 @@ def check_args(a) -> None:
 
 
 def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
+    from nanochat_core.calculator import readable_text
     from nanochat_core.engine import Engine, decode_threads
     conv = {"messages": [{"role": "user", "content": prompt}]}
     ids = tokenizer.render_for_completion(conv)
     with decode_threads(model.get_device()):
         seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
     model.train()
-    return f"User: {prompt}\nAssistant: {tokenizer.decode(seqs[0][len(ids):])}"
+    return f"User: {prompt}\nAssistant: {readable_text(tokenizer, seqs[0][len(ids):])}"   # tool calls as [calc ..]
 
 
 def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
