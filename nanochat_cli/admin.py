@@ -181,6 +181,7 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
 
 
 def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool, yes: bool = False) -> None:
+    named = None   # a checkpoint (or stage) dir inside the run, relative to it: evaluated itself, nothing else
     if checkpoint is not None:
         rd = checkpoint.expanduser().resolve()
         # A checkpoint directory (run/base/ckpt_000500) belongs to the run two levels up.
@@ -189,6 +190,8 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
             rd = rd.parent
         if not rd.is_dir():
             raise NanochatError(f"{checkpoint} does not exist")
+        if rd != checkpoint.expanduser().resolve():
+            named = _named_checkpoint(checkpoint.expanduser().resolve(), rd)
     elif name:
         rd = state.run_dir(name)
     else:
@@ -205,7 +208,7 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
     else:
         spec_file = _cloud_eval_spec(cluster, rd, yes)
         args = ["--preset", "cloud"]
-    args += ["--stages", "eval,report", "--force"]
+    args += ["--stages", "eval,report", "--force"] + (["--eval-checkpoint", named] if named else [])
     backend = backend_for(cluster)
     job = backend.launch(cluster, rd, args, spec_file)
     state.save_log_cursor(rd, backend.name, job.get("cursor"))
@@ -254,6 +257,26 @@ def _cloud_eval_spec(cluster: dict, rd: Path, yes: bool) -> Path:
             f"${s['spent']:.2f} spent so far; the run's hard cap ${cap:.2f} and its deadline in "
             f"{(spec.deadline_at - now) / 60:.0f} min still hold)?", yes)
     return rd / SPEC_FILE
+
+
+def _named_checkpoint(path: Path, rd: Path) -> str:
+    """`eval --checkpoint` named a checkpoint or stage dir of run `rd`: it is the one evaluated (never the
+    run's newest instead), so a damaged one is refused here, in one line, before anything is launched."""
+    from nanochat_core import checkpoint as ckpt
+    rel = path.relative_to(rd)
+    if not path.exists():
+        raise NanochatError(f"{path} does not exist: `ls {path.parent}` lists what there is")
+    if not path.is_dir() or rel.parts[0] not in ("base", "mid", "sft", "rl") or len(rel.parts) > 2:
+        raise NanochatError(f"{path} is not a checkpoint of run {rd}: name a stage dir (base, sft, ...), "
+                            "one of its ckpt_NNNNNN dirs, or the run dir")
+    if len(rel.parts) == 2:
+        problem = ckpt.verify_checkpoint(path, weights_only=True)
+        if problem:
+            raise NanochatError(f"checkpoint {path} is corrupt: {problem}; name another one "
+                                f"(`ls {path.parent}`) or the run dir (its newest intact checkpoints)")
+    elif ckpt.find_latest(path, weights_only=True) is None:
+        raise NanochatError(f"{path} holds no intact checkpoint: name another stage or the run dir")
+    return rel.as_posix()
 
 
 def _wait_quietly(backend, cluster, rd) -> str | None:

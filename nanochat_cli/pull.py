@@ -31,7 +31,7 @@ from nanochat_core.common import NanochatError, nanochat_home, sha256_file
 MANIFEST = "MANIFEST.sha256"
 # What a run needs at home: checkpoints, tokenizer, evals, report, plan; optimizer shards stay behind by
 # default (they are only needed to resume training, and are 2-3x the model's size).
-EXCLUDES = ["optim_rank*.pt", ".logpos", ".job.json", ".*.tmp", ".lock"]
+EXCLUDES = ["optim_rank*.pt", ".logpos", ".job.json", ".*.tmp", ".lock", ".pipeline.lock"]
 
 
 def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = False) -> None:

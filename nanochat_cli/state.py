@@ -67,8 +67,8 @@ def load_clusters() -> dict[str, dict]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (ValueError, OSError) as e:
-        what = "is not valid JSON" if isinstance(e, ValueError) else f"cannot be read ({e.strerror})"
+    except (ValueError, OSError, RecursionError) as e:   # RecursionError: nested deeper than Python's stack
+        what = f"cannot be read ({e.strerror})" if isinstance(e, OSError) else "is not valid JSON"
         raise NanochatError(f"{path} {what}; fix or delete it (`sky status` still lists real clusters)") from None
     problem = shape_problem(data, {"clusters": dict}, required=("clusters",))
     for name, rec in (data.get("clusters") or {}).items() if problem is None else ():
@@ -160,8 +160,8 @@ def read_json(path: Path) -> dict | None:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        problem = "not valid JSON" if isinstance(e, ValueError) else str(e)
+    except (ValueError, OSError, UnicodeDecodeError, RecursionError) as e:
+        problem = str(e) if isinstance(e, OSError) else "not valid JSON"
     else:
         fields, required = _SCHEMAS.get(path.name, ({}, ()))
         problem = shape_problem(data, fields, required)
@@ -202,7 +202,7 @@ def log_cursor(rd: Path, backend: str) -> Any:
     or None (from the start) if none was saved, or it was saved by the other backend, or the file is damaged."""
     try:
         saved = json.loads((rd / ".logpos").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return saved.get("cursor") if isinstance(saved, dict) and saved.get("backend") == backend else None
 

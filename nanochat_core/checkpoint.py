@@ -52,6 +52,12 @@ STAGE_PRIORITY = ["rl", "sft", "mid", "base"]  # load_model on a run dir picks t
 DEFAULT_KEEP = 3
 
 
+class CorruptCheckpoint(NanochatError):
+    """A checkpoint whose files passed every size and sha256 check but cannot be read back (an optimizer shard
+    that is not a plain tensor pickle - a __reduce__ payload with its hashes recomputed - or weights safetensors
+    refuses). A resume falls back to the checkpoint before it (training.resume); anything else reports it."""
+
+
 def ckpt_name(step: int) -> str:
     return f"ckpt_{step:06d}"
 
@@ -185,10 +191,17 @@ def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimiz
             p.unlink(missing_ok=True)
         if full:
             raise NanochatError(f"no space left on device while saving checkpoint {final.name} in {stage_dir}; "
-                                "the unfinished save was removed and the previous checkpoint is intact: free "
-                                "some space (old runs, caches) and run again to resume") from None
+                                f"the unfinished save was removed and {_previous(stage_dir, step)}: free "
+                                "some space (old runs, caches) and run again") from None
         raise
     return final
+
+
+def _previous(stage_dir: Path, step: int) -> str:
+    """What a failed save leaves to resume from, said truthfully (a first save has nothing before it)."""
+    before = next((p for s, p in list_checkpoints(stage_dir) if s < step and (p / "meta.json").is_file()), None)
+    return (f"the previous checkpoint ({before.name}) is intact" if before is not None
+            else "there is no earlier checkpoint of this stage to resume from")
 
 
 def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, rank: int, world_size: int,
@@ -227,7 +240,7 @@ def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, ra
         r, names = blind[0]
         raise NanochatError(f"checkpoint {final.name} in {stage_dir} was not saved: rank {r} still cannot see "
                             f"{', '.join(names[:4])} after {patience:.0f} s (is the run dir shared storage, is its "
-                            "upload stuck?); the previous checkpoint is intact")
+                            f"upload stuck?); {_previous(stage_dir, step)}")
     if rank != 0:
         written.clear()   # rank 0 may commit from here on: our file is no longer ours to remove
 
@@ -338,7 +351,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_
         meta = json.loads((ckpt_dir / "meta.json").read_text())
     except FileNotFoundError:
         return "meta.json is missing (the save did not finish)"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: JSON nested deeper than Python's stack
         return f"meta.json is unreadable ({e.__class__.__name__})"
     problem = _meta_problem(meta, ckpt_dir, weights_only)
     if problem:
@@ -346,8 +359,12 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_
     files = {k: v for k, v in meta["files"].items() if not (weights_only and k.startswith("optim_rank"))}
     for name, info in files.items():
         p = ckpt_dir / name
-        if not p.is_file():
+        if p.is_symlink():   # never followed: to /dev/zero it would be read forever, elsewhere it is not ours
+            return f"{name} is a symbolic link (a checkpoint holds only its own regular files)"
+        if not p.exists():
             return f"{name} is missing"
+        if not p.is_file():
+            return f"{name} is not a regular file"
         if p.stat().st_size != info["size"]:
             return f"{name} is {p.stat().st_size} bytes, expected {info['size']} (truncated?)"
     if hashes:
@@ -361,10 +378,13 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_
     return None
 
 
-def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False) -> Path | None:
-    """The newest complete, intact checkpoint in `stage_dir`, or None. Corrupt ones are reported on
-    stderr and skipped (the previous one is used)."""
+def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False,
+                older_than: int | None = None) -> Path | None:
+    """The newest complete, intact checkpoint in `stage_dir` (before step `older_than` if given), or None.
+    Corrupt ones are reported on stderr and skipped (the previous one is used)."""
     for step, path in list_checkpoints(stage_dir):
+        if older_than is not None and step >= older_than:
+            continue
         problem = verify_checkpoint(path, hashes=hashes, weights_only=weights_only)
         if problem is None:
             return path
@@ -410,7 +430,7 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     path = Path(ckpt_dir) / "meta.json"
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise NanochatError(f"{path} is unreadable ({e.__class__.__name__}): the checkpoint is damaged; "
                             "use another one or the run directory") from None
     problem = _meta_problem(meta, Path(ckpt_dir))
@@ -440,7 +460,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: Any, optimizer: Any = No
     try:
         state = load_file(str(ckpt_dir / "model.safetensors"), device="cpu")
     except Exception as e:  # safetensors' own error types; a file that passed the checks above but not this
-        raise NanochatError(f"{ckpt_dir / 'model.safetensors'} cannot be read ({str(e)[:120]})") from None
+        raise CorruptCheckpoint(f"{ckpt_dir / 'model.safetensors'} cannot be read ({_first_line(e)})") from None
     target = _unwrap(model)
     try:
         missing, unexpected = target.load_state_dict(state, strict=False)
@@ -454,15 +474,25 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: Any, optimizer: Any = No
     if optimizer is not None:
         names = sorted(n for n in meta["files"] if n.startswith("optim_rank"))
         # mmap: with many ranks each one reads every shard; only the pages it needs come into memory
-        try:
-            shards = [torch.load(ckpt_dir / n, map_location="cpu", weights_only=True, mmap=True) for n in names]
-        except (RuntimeError, OSError, ValueError) as e:
-            raise NanochatError(f"an optimizer shard of {ckpt_dir} cannot be read ({str(e)[:120]})") from None
+        shards = []
+        for n in names:
+            # weights_only: a pickle that asks for anything but tensors and plain containers is refused, never
+            # run. Its refusal (UnpicklingError), like a zip or a pickle cut short, is one line here.
+            try:
+                shards.append(torch.load(ckpt_dir / n, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as e:
+                raise CorruptCheckpoint(f"{ckpt_dir / n} cannot be read as an optimizer shard "
+                                        f"({_first_line(e)})") from None
         if hasattr(optimizer, "load_state_dict_shards"):
             optimizer.load_state_dict_shards(shards)
         else:
             optimizer.load_state_dict(shards[0])
     return meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 def _resolve_checkpoint(path: Path, stage: str | None) -> Path:

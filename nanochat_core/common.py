@@ -183,7 +183,7 @@ def parse_event(line: str) -> dict | None:
         return None
     try:
         obj = json.loads(line[i + len(EVENT_PREFIX):])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
     return obj if isinstance(obj, dict) and "event" in obj else None
 

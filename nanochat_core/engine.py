@@ -115,21 +115,31 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperat
                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). temperature 0 = greedy; top_k 0/None = no cut; top_p 1/None = no cut.
     With top_k the draw happens among the k candidates only: a softmax + multinomial over 50 values instead
-    of the whole vocab (that was ~10% of a CPU decode step at vocab 32k)."""
+    of the whole vocab (that was ~10% of a CPU decode step at vocab 32k).
+    Any temperature > 0 and top_p > 0 the API accepts is safe: the cut comes first (the order of the logits
+    does not depend on the temperature), then the best logit is subtracted before dividing, so a tiny
+    temperature makes the others -inf, never +inf or NaN (0/0 of the best, where the temperature rounds to 0
+    in float32, is 0), and the best candidate always stays under top_p (a top_p that rounds to 0 in float32
+    would otherwise drop them all)."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
     nucleus = top_p is not None and 0.0 < top_p < 1.0
     if top_k is not None and 0 < top_k < logits.size(-1):
         values, candidates = torch.topk(logits, top_k, dim=-1)        # sorted, largest first
+        best = values[:, :1]
     elif nucleus:
         values, candidates = torch.sort(logits, dim=-1, descending=True)
+        best = values[:, :1]
     else:
         values, candidates = logits, None
+        best = logits.amax(dim=-1, keepdim=True)
+    values = ((values - best) / temperature).nan_to_num(nan=0.0, posinf=0.0, neginf=float("-inf"))
     if nucleus:
         probs = values.softmax(dim=-1)
         # drop a candidate if the ones ranked above it already reach top_p (the first always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
         values = values.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(values.softmax(dim=-1), num_samples=1, generator=generator)
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)

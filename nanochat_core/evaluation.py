@@ -152,7 +152,9 @@ def merge_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     import json
     try:
         old = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, RecursionError):
+        return record
+    if not isinstance(old, dict):
         return record
     metrics = {**old.get("metrics", {}), **record["metrics"]}
     unavailable = sorted((set(old.get("unavailable", [])) - set(record["metrics"])) | set(record["unavailable"]))

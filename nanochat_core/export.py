@@ -189,5 +189,5 @@ def summary(folder: Path) -> list[str]:
 def _is_our_export(path: Path) -> bool:
     try:
         return json.loads((path / "config.json").read_text()).get("model_type") in (MODEL_TYPE, *OLD_MODEL_TYPES)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False

@@ -35,7 +35,7 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         print(f"warning: ignoring unreadable {path} ({e})", file=sys.stderr)
         return None
 

@@ -16,8 +16,13 @@ assumes nobody else writes there. So:
   (the same path as a spot preemption). Where that is not available (macOS) or not inherited (torchrun's
   workers are grandchildren) `watch_parent` - started by common.run_main when $NANOCHAT_DIE_WITH_PARENT
   is set - notices that the process was re-parented and does the same.
-- A restart that finds the lock held only by such a stage (its pipeline is gone) waits for the stage to
-  finish saving instead of failing; one whose pipeline is alive fails at once.
+- Is a pipeline alive? The pipeline also holds a second flock, on run_dir/.pipeline.lock, that it never
+  passes on (close-on-exec, not in pass_fds): it is released the instant the pipeline dies, whatever its
+  stages are doing. So a restart that can take .pipeline.lock knows the run's pipeline is gone, and that
+  whoever still holds .lock is what it left behind (a stage saving, or still compiling and not yet at a
+  point where it can save): it waits for that, bounded (ORPHAN_WAIT_S, longer than the ORPHAN_GRACE_S
+  after which an orphaned stage kills itself), saying so and naming the processes that hold the lock
+  (found through /proc, whatever the lock file's text says). One that cannot take it fails at once.
 - save_checkpoint calls `check_writer`: a stage run by hand on a run dir that a pipeline (not its own
   ancestor) is using refuses to write, and otherwise takes the lock itself for the rest of its life.
 
@@ -39,6 +44,7 @@ from nanochat_core.common import NanochatError
 from nanochat_core.proctree import pid_alive
 
 LOCK_NAME = ".lock"
+PIPELINE_LOCK_NAME = ".pipeline.lock"   # held by the pipeline alone: see the module docstring
 FD_ENV = "NANOCHAT_RUN_LOCK_FD"
 DIE_ENV = "NANOCHAT_DIE_WITH_PARENT"
 PR_SET_PDEATHSIG = 1
@@ -60,6 +66,48 @@ def holders(path: Path) -> list[tuple[str, int]]:
         if pid.strip().isdigit() and pid_alive(int(pid)):
             out.append((role, int(pid)))
     return out
+
+
+def _describe(pid: int) -> str:
+    """'pid N (python -m module)' from /proc, or 'pid N' where that cannot be read."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return f"pid {pid}"
+    if "-m" in argv[:-1]:
+        what = "python -m " + argv[argv.index("-m") + 1]
+    else:
+        what = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(argv[:2]))
+    return f"pid {pid} ({what[:80]})" if what else f"pid {pid}"
+
+
+def lock_holders(path: Path) -> list[int] | None:
+    """Every other process that has `path` open (so holds its flock, if anyone does), from /proc/*/fd;
+    None where /proc cannot tell (not Linux). The lock file's text can be stale or wrong; this is not."""
+    if not Path("/proc/self/fd").is_dir():
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    me, found = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+        except OSError:   # gone, or another user's
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    t = os.stat(fd.path)
+                except OSError:
+                    continue
+                if (t.st_dev, t.st_ino) == (st.st_dev, st.st_ino):
+                    found.append(int(entry.name))
+                    break
+    return found
 
 
 def _ancestors() -> set[int]:
@@ -96,7 +144,12 @@ def _try_lock(fd: int) -> bool:
         raise
 
 
-def _busy(run_dir: Path, who: list[tuple[str, int]]) -> NanochatError:
+def _busy(run_dir: Path, who: list[tuple[str, int]], waited: float | None = None) -> NanochatError:
+    if waited is not None:   # no pipeline alive: what a stopped run left behind did not exit in time
+        named = ", ".join(_describe(p) for _, p in who) or "a process"
+        return NanochatError(f"run directory {run_dir} is still locked by {named}, left running by a stopped run, "
+                             f"after waiting {waited:g} s: stop it (kill {' '.join(str(p) for _, p in who)}), "
+                             "then run the same command again")
     if who:
         role, pid = next(((r, p) for r, p in who if r == "pipeline"), who[0])
         named = f"pid {pid} (a nanochat {role})"
@@ -108,41 +161,75 @@ def _busy(run_dir: Path, who: list[tuple[str, int]]) -> NanochatError:
 
 def acquire(run_dir: str | os.PathLike, role: str = "pipeline", wait_s: float = ORPHAN_WAIT_S) -> int | None:
     """Take the run dir's lock for this process; returns the locked fd (keep it open; pass it to stages).
-    Fails with NanochatError naming the holder. If the only holders left are stages whose pipeline died
-    (they are saving and exiting), waits up to wait_s for them. None if the filesystem cannot lock."""
+    A pipeline (role "pipeline") also takes .pipeline.lock for its life and fails at once with one line
+    naming the holder if another pipeline is alive; if the lock is held only by what a dead pipeline left
+    behind, it waits up to wait_s for that to exit, saying what it waits for. A stage (role "stage") never
+    waits. None if the filesystem cannot lock, or the holder is our own ancestor."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline, said = time.time() + wait_s, False
+    pfd = None
     try:
+        if role == "pipeline":
+            pfd = os.open(run_dir / PIPELINE_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if not _try_lock(pfd):
+                who = holders(path)
+                if any(p in _ancestors() for _, p in who):
+                    return _inside_holder(run_dir, fd, pfd)
+                live = lock_holders(run_dir / PIPELINE_LOCK_NAME)   # the pipeline itself, whatever the text says
+                raise _busy(run_dir, [("pipeline", p) for p in live] if live else
+                            [(r, p) for r, p in who if r == "pipeline"] or who)
+        deadline, said = time.time() + wait_s, False
         while not _try_lock(fd):
             who = holders(path)
             if any(p in _ancestors() for _, p in who):
-                os.close(fd)  # we run inside the holder's own process tree (e.g. a test driving a stage)
-                _held[str(run_dir.resolve())] = -1
-                return None
-            # A live pipeline: refuse at once. Only stages of a dead pipeline (or, for an instant, nobody: the
-            # last holder is exiting between our two looks): they are on their way out, so wait for them.
-            if any(r == "pipeline" for r, _ in who) or time.time() >= deadline:
-                raise _busy(run_dir, who)
-            if not said and (who or time.time() > deadline - wait_s + 2):
-                names = ", ".join(f"{r} pid {p}" for r, p in who) or "the process holding it"
-                print(f"{run_dir} is locked: waiting for {names} of a stopped run to save and exit "
-                      f"(up to {wait_s:.0f} s)", file=sys.stderr, flush=True)
+                return _inside_holder(run_dir, fd, pfd)   # e.g. a test driving a stage inside the holder's tree
+            if pfd is None or time.time() >= deadline:
+                left = lock_holders(path)
+                if left is not None and pfd is not None:
+                    who = [("process", p) for p in left]
+                raise _busy(run_dir, who, waited=wait_s if pfd is not None else None)
+            left = lock_holders(path) if not said else None
+            if not said and (left or time.time() > deadline - wait_s + 1):
+                # No pipeline is alive (we hold its lock), so these are what a stopped run left behind.
+                names = (", ".join(_describe(p) for p in left) if left else
+                         ", ".join(f"{r} pid {p}" for r, p in who) or "the process holding it")
+                print(f"{run_dir} is locked by what a stopped run left running: waiting for {names} to save "
+                      f"and exit (up to {wait_s:g} s; an orphaned stage stops itself within "
+                      f"{ORPHAN_GRACE_S:.0f} s)", file=sys.stderr, flush=True)
                 said = True
             time.sleep(0.2)
     except OSError as e:
-        os.close(fd)
+        for f in (fd, pfd):
+            if f is not None:
+                os.close(f)
         print(f"warning: cannot lock {path} ({e.strerror}); not guarding against a second writer",
               file=sys.stderr, flush=True)
         return None
     except BaseException:
-        os.close(fd)
+        for f in (fd, pfd):
+            if f is not None:
+                os.close(f)
         raise
+    if said:
+        print(f"{run_dir}: the stopped run's processes are gone; starting", file=sys.stderr, flush=True)
     _write(fd, [(role, os.getpid())])
     _held[str(run_dir.resolve())] = fd
+    if pfd is not None:
+        _pipeline_fds[str(run_dir.resolve())] = pfd   # kept open (and locked) for the life of the process
     return fd
+
+
+_pipeline_fds: dict[str, int] = {}
+
+
+def _inside_holder(run_dir: Path, fd: int, pfd: int | None) -> None:
+    for f in (fd, pfd):
+        if f is not None:
+            os.close(f)
+    _held[str(run_dir.resolve())] = -1
+    return None
 
 
 def record_stage(fd: int | None, stage_pid: int) -> None:

@@ -67,8 +67,9 @@ class Tokenizer:
             spec = json.loads(tokenizer_json)
             vocab: dict[str, int] = spec["model"]["vocab"]
             added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise NanochatError(f"tokenizer.json is not a byte-level BPE tokenizer ({e}); retrain with tok_train") from None
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+            raise NanochatError(f"tokenizer.json is not a byte-level BPE tokenizer ({type(e).__name__}: "
+                                f"{str(e)[:120]}); retrain with tok_train") from None
         missing = [s for s in SPECIAL_TOKENS if s not in added]
         if missing:
             raise NanochatError(f"tokenizer.json lacks special tokens {missing}; retrain with tok_train")

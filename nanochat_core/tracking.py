@@ -47,7 +47,7 @@ def run_state(run_dir: Path, now: float | None = None) -> dict:
         state = json.loads(path.read_text())
         if isinstance(state.get("id"), str) and isinstance(state.get("started"), (int, float)):
             return state
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         pass
     state = {"id": f"{run_dir.name.lower()[:40]}-{secrets.token_hex(4)}", "started": now or time.time()}
     state["id"] = "".join(c if c.isalnum() or c in "-_" else "-" for c in state["id"])
@@ -62,7 +62,7 @@ def _start(run_dir: Path, now: float) -> Any:
     config: dict = {"run_dir": str(run_dir)}
     try:
         config["plan"] = json.loads((run_dir / "plan.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
     kwargs = {} if offline else {"resume": "allow"}   # offline, each process writes its own file (same id)

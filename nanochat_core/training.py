@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -413,7 +414,21 @@ def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str,
         found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir))
     if found is None:
         return None
-    meta = checkpoint.load_checkpoint(found, model, optimizer)
+    while True:
+        try:
+            meta = checkpoint.load_checkpoint(found, model, optimizer)
+            break
+        except checkpoint.CorruptCheckpoint as e:   # intact by its hashes, yet unreadable: the one before it
+            named = checkpoint.CKPT_RE.match(Path(found).name)
+            if named is None:
+                raise
+            step = int(named.group(1))
+            print0(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
+            older = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir, older_than=step))
+            if older is None:
+                raise NanochatError(f"{e}, and {stage_dir} has no intact checkpoint before it: remove "
+                                    f"{found} to start the stage over, or use a new --run-dir") from None
+            found = str(older)
     if tokenizer_hash and meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer_hash:
         raise NanochatError(f"{found} was trained with a different tokenizer than the one in the run dir: "
                             "use a new --run-dir or restore the original tokenizer")

@@ -21,6 +21,8 @@ With env STANDIN_CLOCK_JUMP=STAGE:SECONDS the pipeline's clock jumps that far ah
 machine is.
     hang                 ignore SIGTERM, start a grandchild in its own session that ignores SIGTERM too,
                          write both pids to RUN_DIR/pids.txt, and sleep forever
+    busy:FILE            a stage deep in something it cannot stop (compiling): ignore SIGTERM, write its pid
+                         to RUN_DIR/pids.txt, and exit 0 once FILE exists
 """
 import hashlib
 import json
@@ -84,6 +86,15 @@ def stage(name: str, run_dir: Path) -> int:
         (run_dir / "pids.txt").write_text(f"{os.getpid()} {grand.pid}\n")
         (run_dir / f"{name}.started").write_text("")
         time.sleep(1000)
+    if spec.startswith("busy:"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        (run_dir / "pids.txt").write_text(f"{os.getpid()}\n")
+        release = Path(spec.split(":", 1)[1])
+        for _ in range(6000):   # bounded: 10 minutes at most, even if the test never releases it
+            if release.exists():
+                return 0
+            time.sleep(0.1)
+        return 1
     raise SystemExit(f"unknown stand-in {spec}")
 
 

@@ -135,6 +135,37 @@ def test_disk_full_save_says_so_and_cleans_up(tmp_path, monkeypatch):
     _assert_clean_full_disk(stage, err)
 
 
+def test_a_full_disk_says_which_checkpoint_is_left_and_never_claims_one_that_is_not_there(tmp_path, monkeypatch):
+    real_open = builtins.open
+    monkeypatch.setattr(checkpoint, "open",
+                        lambda f, mode="r", *a, **k: real_open("/dev/full" if "w" in mode else f, mode, *a, **k),
+                        raising=False)
+    with pytest.raises(NanochatError) as err:   # the stage's first save: there is nothing before it
+        _save(tmp_path / "first", 1)
+    assert "no earlier checkpoint" in str(err.value) and "intact" not in str(err.value), err.value
+    monkeypatch.undo()
+    _save(tmp_path / "s", 1)
+    monkeypatch.setattr(checkpoint, "open",
+                        lambda f, mode="r", *a, **k: real_open("/dev/full" if "w" in mode else f, mode, *a, **k),
+                        raising=False)
+    with pytest.raises(NanochatError, match=r"the previous checkpoint \(ckpt_000001\) is intact"):
+        _save(tmp_path / "s", 2)
+
+
+def test_a_checkpoint_file_that_is_a_symlink_is_named_as_one_and_never_read(tmp_path, capsys):
+    _save(tmp_path / "s", 1)
+    ckpt = _save(tmp_path / "s", 2)
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to("/dev/zero")
+    assert verify_checkpoint(ckpt) == "model.safetensors is a symbolic link (a checkpoint holds only its own regular files)"
+    assert find_latest(tmp_path / "s").name == "ckpt_000001"
+    assert "symbolic link" in capsys.readouterr().err
+    (ckpt / "model.safetensors").unlink()
+    assert verify_checkpoint(ckpt) == "model.safetensors is missing"
+    (ckpt / "model.safetensors").mkdir()
+    assert verify_checkpoint(ckpt) == "model.safetensors is not a regular file"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
 def test_disk_full_on_a_real_tiny_filesystem(tmp_path):
     mnt = tmp_path / "tiny"
@@ -232,3 +263,111 @@ def test_serve_refuses_a_flipped_checkpoint_before_listening(chat_run, tmp_path)
     line = _one_line_exit_2([PY, "-m", "nanochat_cli.main", "serve", "--checkpoint", str(ckpt), "--port", str(port)],
                             tmp_path / "h")
     assert "sha256" in line
+
+
+# -----------------------------------------------------------------------------
+# A poisoned optimizer shard (issue 21): a pickle whose __reduce__ runs a command, its hashes recomputed so
+# that every size and sha256 check passes. weights_only refuses it; that refusal must be one line, and a
+# resume must fall back to the checkpoint before it.
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _poison(ckpt, marker):
+    shard = ckpt / "optim_rank000.pt"
+    torch.save({"state": {0: _Payload(marker)}, "param_groups": []}, shard)
+    _rewrite_meta(ckpt, lambda m: m["files"]["optim_rank000.pt"].update(
+        size=shard.stat().st_size, sha256=checkpoint.sha256_file(shard)))
+
+
+def test_a_poisoned_optimizer_shard_is_one_line_and_the_resume_falls_back(tmp_path, capsys):
+    from nanochat_core import training
+    model = _tiny_net()
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "s", 10, model, opt, {"stage": "test"}, 0, 1)
+    bad = save_checkpoint(tmp_path / "s", 20, model, opt, {"stage": "test"}, 0, 1)
+    marker = tmp_path / "payload-ran"
+    _poison(bad, marker)
+    assert verify_checkpoint(bad) is None   # every hash matches: only reading it can tell
+    with pytest.raises(NanochatError) as e:
+        load_checkpoint(bad, _tiny_net(), torch.optim.AdamW(_tiny_net().parameters()))
+    assert "optim_rank000.pt cannot be read" in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()
+    meta = training.resume(tmp_path / "s", model, opt, "test")
+    assert meta["step"] == 10
+    err = capsys.readouterr().err
+    assert "ckpt_000020" in err and "falling back" in err and len(err.strip().splitlines()) == 1, err
+    # nothing older: one line that says what to do, never a fresh start over a damaged stage
+    (tmp_path / "s" / "ckpt_000010" / "meta.json").unlink()
+    with pytest.raises(NanochatError, match="no intact checkpoint before it"):
+        training.resume(tmp_path / "s", model, opt, "test", ckpt=bad)
+    assert not marker.exists()
+
+
+def test_a_poisoned_shard_through_a_stage_is_one_line_exit_2(tmp_path):
+    ckpt = _save(tmp_path / "s", 5)
+    _poison(ckpt, tmp_path / "payload-ran")
+    code = ("import torch, torch.nn as nn\n"
+            "from nanochat_core.common import run_main\n"
+            "from nanochat_core.checkpoint import load_checkpoint\n"
+            "def main():\n"
+            "    torch.manual_seed(0)\n"
+            "    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+            f"    load_checkpoint({str(ckpt)!r}, m, torch.optim.AdamW(m.parameters()))\n"
+            "run_main(main)\n")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "cannot be read" in p.stderr
+    assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.parametrize("where", ["meta.json"])
+def test_a_deeply_nested_meta_json_is_a_reason_not_a_traceback(tmp_path, where):
+    ckpt = _save(tmp_path / "s", 1)
+    (ckpt / where).write_text("[" * 100_000 + "]" * 100_000)
+    assert "unreadable (RecursionError)" in verify_checkpoint(ckpt)
+    with pytest.raises(NanochatError, match="unreadable"):
+        checkpoint.read_meta(ckpt)
+
+
+# -----------------------------------------------------------------------------
+# `nanochat eval --checkpoint PATH` evaluates PATH (issue 21): it used to climb to the run dir and evaluate
+# the newest intact checkpoint there, so an older one was never the one evaluated and a damaged one was
+# silently replaced. The real CLI, the local backend and the real pipeline's eval stage.
+
+def test_eval_of_a_named_older_checkpoint_evaluates_it_and_a_damaged_one_is_refused(tmp_path, tiny_tokenizer):
+    from nanochat_core.model import GPT, config_for_depth
+    home = tmp_path / "home"
+    run = home / "runs" / "r"
+    tiny_tokenizer.save(run / "tokenizer")
+    cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)
+    meta = {"tokenizer_hash": tiny_tokenizer.hash}
+    for step in (1, 2):
+        torch.manual_seed(step)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        save_checkpoint(run / "base", step, model, torch.optim.AdamW(model.parameters()), meta, 0, 1)
+    older, newest = run / "base" / "ckpt_000001", run / "base" / "ckpt_000002"
+    env = dict(os.environ, NANOCHAT_HOME=str(home), OMP_NUM_THREADS="1")
+    p = subprocess.run([PY, "-m", "nanochat_cli.main", "eval", "--local", "--checkpoint", str(older), "--json"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    record = json.loads((run / "eval" / "base.json").read_text())
+    assert record["checkpoint"] == str(older) and "bpb" in record["metrics"]
+    assert "base/ckpt_000001" in (run / "pipeline.log").read_text()
+
+    _flip_last_byte(older / "model.safetensors")
+    line = _one_line_exit_2([PY, "-m", "nanochat_cli.main", "eval", "--local", "--checkpoint", str(older)], home)
+    assert str(older) in line and "corrupt" in line and "sha256" in line
+    assert json.loads((run / "eval" / "base.json").read_text()) == record   # nothing else was evaluated instead
+    line = _one_line_exit_2([PY, "-m", "nanochat_cli.main", "eval", "--local", "--checkpoint",
+                             str(run / "base" / "ckpt_000007")], home)
+    assert "ckpt_000007 does not exist" in line
+    assert newest.is_dir()

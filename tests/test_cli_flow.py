@@ -197,3 +197,17 @@ def test_a_failing_run_exits_non_zero_and_says_how_to_resume(job_env):
     code, out, err = cli("train", "--local", "--steps", "3", "--data", "fail")
     assert code == 2 and "no data source named 'fail'" in out
     assert "failed" in err and "The same command resumes it" in err and "Traceback" not in err
+
+
+def test_a_restart_of_an_unfinished_run_does_not_say_it_already_finished(job_env):
+    """MANIFEST.sha256 is written after every stage, so it said "already finished" on every restart (issue 21)."""
+    code, out, err = cli("train", "--local", "--steps", "3", "--data", "fail")
+    assert code == 2
+    rd = state.run_dir("local")
+    (rd / "MANIFEST.sha256").write_text("")   # what the node writes once a stage is done
+    code, out, err = cli("train", "--local", "--steps", "3", "--data", "fail")
+    assert "did not finish (last seen FAILED)" in err and "already finished" not in err, err
+    code, out, err = cli("train", "--local", "--steps", "3")
+    assert code == 0, err
+    code, out, err = cli("train", "--local", "--steps", "3")
+    assert "already finished" in err and "did not finish" not in err, err

@@ -108,6 +108,19 @@ def test_sampling_filters():
     assert set(everything.tolist()) == {0, 1, 2, 3, 4}
 
 
+def test_tiny_temperature_and_top_p_sample_the_best_token_not_nan():
+    """Issue 21: temperature 1e-300 (rounds to 0 in float32: logits / it were inf and NaN) and top_p 1e-300
+    (0 in float32: every candidate was dropped) passed validation and made multinomial fail."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0], [0.0, 3.0, 3.0, -2.0, 1.0]])
+    for kw in [dict(temperature=1e-300), dict(temperature=1e-300, top_k=0), dict(temperature=1e-300, top_k=3),
+               dict(temperature=5e-324, top_p=0.5), dict(temperature=1.0, top_p=1e-300),
+               dict(temperature=1e-300, top_k=2, top_p=1e-300)]:
+        picks = torch.stack([sample_next_token(logits, g, **kw) for _ in range(50)])
+        assert picks[:, 0].eq(0).all(), kw
+        assert set(picks[:, 1].tolist()) <= {1, 2}, kw   # a tie: either of the two best, nothing else
+
+
 class ScriptedModel(torch.nn.Module):
     """A deterministic stand-in token source for the tool test: at absolute position p it puts all its
     probability on script[p + 1], EXCEPT where the engine is supposed to force the tool's output - there

@@ -3,9 +3,12 @@ sandbox (issue 12 section 1) fail against the operating-system one. Real bwrap, 
 sockets; the only fake is a `bwrap` that cannot create namespaces (a kernel or container that forbids them)."""
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -282,6 +285,194 @@ def test_network_is_unreachable(tmp_path):
     finally:
         tcp.close()
         unix.close()
+
+
+# Issue 21: the sandbox's first process was bwrap's own reaper, outside the limits: a program could attach to
+# it with ptrace and make it exec a program of its own, which then had the host's limits. This is that attack,
+# for real (the register-level part on x86_64 only). It aims only at pid 1 of its own pid namespace, checks
+# first that it is in one, and what the injected program does is bounded (a few sleeps, some memory, 3 s).
+_ATTACK = r'''
+import ctypes, os, platform, sys
+MARK = %(mark)r
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+libc.ptrace.restype = ctypes.c_long
+libc.syscall.restype = ctypes.c_long
+
+
+def inject():
+    # GETREGS order: r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ...
+    regs = (ctypes.c_ulonglong * 27)()
+    libc.ptrace(12, 1, None, regs)
+    code = ("import os, time\n"
+            "for i in range(%(forks)d):\n"
+            "    if os.fork() == 0:\n"
+            "        os.execv('/bin/sleep', ['sleep', %(mark)r])\n"
+            "b = bytearray(%(mb)d << 20)\n"
+            "time.sleep(3)\n")
+    strings = [sys.executable.encode(), b"-S", b"-c", code.encode(), MARK.encode()]
+    sp = regs[19] - 65536
+    blob, ptrs = b"", []
+    for s in strings:
+        ptrs.append(sp + len(blob))
+        blob += s + bytes(1)
+    blob += bytes(-len(blob) %% 8)
+    argv = sp + len(blob)
+    for p in ptrs + [0]:
+        blob += p.to_bytes(8, "little")
+    for i in range(0, len(blob), 8):   # POKEDATA, 8 bytes at a time, below its stack pointer
+        libc.ptrace(5, 1, ctypes.c_void_p(sp + i), ctypes.c_void_p(int.from_bytes(blob[i:i + 8], "little")))
+    regs[10], regs[15] = 59, 2**64 - 1               # rax = execve, orig_rax = -1 (no syscall restart)
+    regs[14], regs[13], regs[12] = ptrs[0], argv, 0  # rdi, rsi, rdx
+    regs[16] -= 2                                    # rip back onto the syscall instruction it stopped after
+    libc.ptrace(13, 1, None, regs)
+
+
+init = open("/proc/1/cmdline", "rb").read()
+if os.getpid() > 10 or not (b"bwrap" in init or b"python" in init):
+    raise SystemExit("not inside a sandbox's pid namespace: not attacking")   # never aim at a host's pid 1
+try:
+    open("/proc/1/mem", "r+b").close()
+    print("mem-open ok")
+except OSError as e:
+    print("mem-open denied", e.errno)
+buf = ctypes.create_string_buffer(8)
+iov = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 8)
+nr = {"x86_64": 311, "aarch64": 271}[platform.machine()]   # process_vm_writev
+r = libc.syscall(nr, 1, iov, 1, iov, 1, 0)
+print("vm-writev", "denied" if r < 0 and ctypes.get_errno() == 1 else "ok")
+if libc.ptrace(16, 1, None, None) != 0:   # PTRACE_ATTACH
+    print("attach denied", ctypes.get_errno())
+else:
+    print("attach ok", flush=True)
+    os.waitpid(1, 0x40000000)   # __WALL: wait for the stop
+    if platform.machine() == "x86_64":
+        inject()
+    libc.ptrace(17, 1, None, None)   # DETACH: pid 1 runs on (on x86_64: our program, with its own limits)
+    print("detached", flush=True)
+'''
+
+
+def _watch(marker: str, seen: dict, stop: threading.Event) -> None:
+    # From outside: how many processes carry the marker at once, and the most memory any of them holds.
+    while not stop.is_set():
+        n = 0
+        for pid in os.listdir("/proc"):
+            try:
+                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    n += 1
+                    rss = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+                    seen["rss_mb"] = max(seen["rss_mb"], int(rss.group(1)) // 1024 if rss else 0)
+            except OSError:
+                pass
+        seen["procs"] = max(seen["procs"], n)
+        stop.wait(0.05)
+
+
+@pytest.mark.needs_tool("bwrap")
+def test_ptrace_on_pid_1_is_refused_and_every_process_stays_within_the_limits(monkeypatch):
+    monkeypatch.setattr(execution, "MAX_PROCS", 8)
+    marker = f"57.{uuid.uuid4().int % 10**6:06d}"
+    seen, stop = {"procs": 0, "rss_mb": 0}, threading.Event()
+    watcher = threading.Thread(target=_watch, args=(marker, seen, stop), daemon=True)
+    watcher.start()
+    try:
+        r = run_sandboxed(_ATTACK % {"mark": marker, "forks": 12, "mb": 300}, timeout=4, memory_mb=128)
+    finally:
+        stop.set()
+        watcher.join()
+    assert "attach denied 1" in r.stdout, r.stdout + r.stderr      # EPERM from the seccomp filter
+    assert "mem-open denied 30" in r.stdout                         # EROFS: /proc is read-only
+    assert "vm-writev denied" in r.stdout
+    assert seen["procs"] <= 8 and seen["rss_mb"] < 128, seen
+    assert not _running(marker)
+
+
+@pytest.mark.needs_tool("bwrap")
+def test_the_seccomp_filter_refuses_what_it_lists_and_nothing_else():
+    prog = ("import ctypes, os, platform\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.syscall.restype = ctypes.c_long\n"
+            "nrs = {'x86_64': (101, 321, 425, 39), 'aarch64': (117, 280, 425, 172)}[platform.machine()]\n"
+            "for nr in nrs:\n"   # ptrace, bpf, io_uring_setup with bad arguments; getpid
+            "    r = libc.syscall(nr, -1, 0, 0, 0)\n"
+            "    print(r, ctypes.get_errno() if r < 0 else 0)\n")
+    r = run_sandboxed(prog, timeout=5)
+    lines = r.stdout.split("\n")
+    assert r.status == "passed", r.stderr
+    assert lines[:3] == ["-1 1"] * 3 and lines[3].split()[1] == "0" and int(lines[3].split()[0]) > 1, r.stdout
+    assert execution.seccomp_filter("riscv64") is None   # no table: no sandbox, rather than no filter
+
+
+@pytest.mark.needs_tool("bwrap")
+def test_a_program_that_kills_itself_failed_it_did_not_time_out():
+    r = run_sandboxed("import os\nprint('bye', flush=True)\nos.kill(os.getpid(), 9)\n", timeout=5)
+    assert r.status == "failed" and "signal 9" in r.stderr and r.stdout == "bye\n"
+    r = run_sandboxed("import os\nos.kill(1, 9)\nprint('still here')\n", timeout=5)   # the init ignores it
+    assert r.status == "passed" and r.stdout == "still here\n"
+    # the candidate dying mid-call: the checker sees its pipe close (the init holds no copy) and fails at once
+    r = run_sandboxed("def add(a, b):\n    import os\n    os._exit(3)\n", timeout=5, check=ADD_CHECK, entry_point="add")
+    assert r.status == "failed" and "EOFError" in r.stderr, r
+
+
+@pytest.mark.needs_tool("bwrap")
+def test_an_interpreter_installed_in_a_home_directory_does_not_show_that_home():
+    # Python configured with --prefix=$HOME: a copy of the system interpreter in $HOME/bin finds its standard
+    # library at $HOME/lib/python3.X, so its sys.prefix is the home. (Not under pytest's root-only tmp: the
+    # sandbox may run as nobody, and a home is often world-readable; and not under /tmp where there is another
+    # place, since the sandbox's private /tmp would hide it from the old, whole-prefix bind.)
+    system = Path("/usr/bin/python3").resolve()
+    if not system.exists():
+        pytest.skip("needs a system /usr/bin/python3 to copy")
+    stdlib = subprocess.run([str(system), "-I", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    home = Path(tempfile.mkdtemp(prefix="nanochat_home_", dir="/var/tmp" if os.access("/var/tmp", os.W_OK) else None))
+    try:
+        home.chmod(0o755)
+        (home / "bin").mkdir()
+        python = home / "bin" / "python3"
+        shutil.copy2(system, python)
+        (home / "lib").mkdir()
+        (home / "lib" / Path(stdlib).name).symlink_to(stdlib)
+        secret = "ssh-" + uuid.uuid4().hex
+        (home / ".ssh").mkdir()
+        (home / ".ssh" / "id_rsa").write_text(secret)
+        (home / ".ssh" / "id_rsa").chmod(0o644)
+        prog = ("import os, sys\n"
+                "print(sys.executable, sys.prefix)\n"
+                f"for path in [{str(home / '.ssh' / 'id_rsa')!r}, {str(home)!r}, '/']:\n"
+                "    try:\n"
+                "        print(path, open(path).read() if os.path.isfile(path) else sorted(os.listdir(path)))\n"
+                "    except OSError as e:\n"
+                "        print(path, type(e).__name__)\n")
+        p = subprocess.run([str(python), "-c", "import sys\nfrom nanochat_core.execution import run_sandboxed\n"
+                            f"r = run_sandboxed({prog!r}, timeout=10)\nprint(r.status)\nprint(r.stdout)\nprint(r.stderr)\n"],
+                           capture_output=True, text=True, timeout=60,
+                           env={"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+        out = p.stdout
+        assert p.returncode == 0 and out.startswith("passed\n"), out + p.stderr
+        assert f"{python} {home}" in out, out   # it really ran the interpreter under the home
+        assert secret not in out
+        assert f"{home / '.ssh' / 'id_rsa'} FileNotFoundError" in out
+        assert f"{home} ['bin', 'lib']" in out   # only what the interpreter needs
+        # and site-packages, not needed under -S, stays hidden (an empty read-only directory)
+        binds = execution.interpreter_binds(str(python))
+        assert str(home) not in binds[2::3] and not any(b.endswith("/.ssh") for b in binds)
+    finally:
+        shutil.rmtree(home)
+
+
+def test_an_interpreter_that_would_show_a_home_or_data_dir_is_refused(monkeypatch, tmp_path):
+    stdlib = os.path.dirname(os.__file__)
+    monkeypatch.setenv("NANOCHAT_HOME", os.path.join(stdlib, "nanochat-data"))
+    why = execution.interpreter_binds(os.path.realpath(sys.executable))
+    if os.path.realpath(stdlib).startswith("/usr/"):   # covered by /usr, which is bound whole anyway
+        assert isinstance(why, list)
+    else:
+        assert isinstance(why, str) and "nanochat-data" in why and "home or data directory" in why, why
+    assert execution._exposes("/", ["/root"]) == "/"
+    assert execution._exposes("/home", ["/home/ann"]) == "/home/ann"
+    assert execution._exposes("/home/ann/.pyenv/versions/3.11/lib/python3.11", ["/home/ann"]) is None
 
 
 # ---- no isolation: nothing runs -------------------------------------------------------------------

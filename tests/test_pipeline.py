@@ -59,6 +59,20 @@ def test_cloud_preset_runs_every_chat_stage_eval_and_the_local_preset_stays_offl
     assert "--source" in sft and sft[sft.index("--source") + 1] == "local"
 
 
+def test_a_named_eval_checkpoint_is_the_only_one_evaluated(tmp_path):
+    run = tmp_path / "r"
+    a = parse_args(["--run-dir", str(run), "--eval-checkpoint", "base/ckpt_000001"])
+    (cmd,) = stage_commands("eval", a, tmp_path, [sys.executable])
+    assert cmd[cmd.index("-m") + 1] == "nanochat_core.stages.base_eval"
+    assert cmd[cmd.index("--checkpoint") + 1] == str(run.resolve() / "base" / "ckpt_000001")
+    a = parse_args(["--run-dir", str(run), "--eval-checkpoint", "sft"])
+    (cmd,) = stage_commands("eval", a, tmp_path, [sys.executable])
+    assert cmd[cmd.index("-m") + 1] == "nanochat_core.stages.chat_eval" and cmd[cmd.index("--stage") + 1] == "sft"
+    for bad in ("/etc", "../other/base", "tokenizer"):
+        with pytest.raises(NanochatError, match="name a checkpoint inside the run dir"):
+            parse_args(["--run-dir", str(run), "--eval-checkpoint", bad])
+
+
 def test_local_dryrun_plan_counts_the_model_the_local_preset_trains():
     import torch
     from nanochat_cli.main import app

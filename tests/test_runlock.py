@@ -114,13 +114,14 @@ def test_kill9_of_the_pipeline_then_restart_never_runs_two_trainers(tmp_path, ti
     assert most[0] == 1, f"{most[0]} trainers ran at once on {run}"
 
 
-def _holder(run: Path):
+def _holder(run: Path, role: str = "pipeline"):
     from nanochat_core import runlock  # noqa: F401 (fails early, in the test, where runlock is missing)
-    """Another process (not our ancestor) holding the run dir's lock, like a pipeline would."""
+    """Another process (not our ancestor) holding the run dir's lock: as a pipeline does, or (role "stage") as
+    what a killed pipeline leaves behind does - the run lock alone, not the pipeline's own."""
     code = textwrap.dedent(f"""
         import sys, time
         from nanochat_core import runlock
-        runlock.acquire({str(run)!r})
+        runlock.acquire({str(run)!r}, role={role!r})
         print("locked", flush=True)
         time.sleep(60)
     """)
@@ -146,25 +147,73 @@ def test_a_stage_run_by_hand_cannot_write_into_a_locked_run_dir(tmp_path):
     save_checkpoint(run / "base", 1, model, torch.optim.AdamW(model.parameters()), {}, 0, 1)
 
 
-def test_a_restart_waits_for_an_orphaned_stage_but_not_for_a_live_pipeline(tmp_path):
+def test_a_restart_waits_for_an_orphaned_stage_but_not_for_a_live_pipeline(tmp_path, capsys):
     from nanochat_core import runlock
     run = tmp_path / "run"
     holder = _holder(run)
+    try:   # a live pipeline: refused at once (not after wait_s), naming it
+        with pytest.raises(NanochatError, match=f"in use by pid {holder.pid} \\(a nanochat pipeline\\)"):
+            runlock.acquire(run, wait_s=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    # What a killed pipeline left holding the lock (issue 21: a stage still compiling), with the lock file's
+    # text even claiming it is a pipeline: the restart waits for it, says so and names it, then starts.
+    holder = _holder(run, role="stage")
     try:
-        with pytest.raises(NanochatError, match=f"pid {holder.pid}"):
-            runlock.acquire(run, wait_s=0)
-        # the lock file now says only a stage (whose pipeline died) holds it: a restart waits for it...
-        (run / runlock.LOCK_NAME).write_text(f"pipeline 999999999\nstage {holder.pid}\n")
+        (run / runlock.LOCK_NAME).write_text(f"pipeline {holder.pid}\n")
         threading.Timer(1.0, holder.kill).start()
-        t0 = time.time()
-        fd = runlock.acquire(run, wait_s=30)
-        assert fd is not None and 0.8 < time.time() - t0 < 20
+        fd = runlock.acquire(run, wait_s=60)
+        assert fd is not None and holder.poll() is not None   # it returned once the holder was gone
+        err = capsys.readouterr().err
+        assert f"waiting for pid {holder.pid} (python -c" in err and "up to 60 s" in err, err
         assert (run / runlock.LOCK_NAME).read_text() == f"pipeline {os.getpid()}\n"
         os.close(fd)
+        os.close(runlock._pipeline_fds.pop(str(run.resolve())))
         runlock._held.clear()
     finally:
         holder.kill()
         holder.wait()
+    # bounded: one that does not go is named, with what to do
+    holder = _holder(run, role="stage")
+    try:
+        with pytest.raises(NanochatError, match=f"still locked by pid {holder.pid} .*after waiting 0.5 s.*kill {holder.pid}"):
+            runlock.acquire(run, wait_s=0.5)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_kill9_of_a_pipeline_whose_stage_cannot_stop_yet_then_restart_waits_for_it(tmp_path):
+    """The real pipeline (stand-in stages): kill -9 of the pipeline while its base stage ignores SIGTERM (deep
+    in a compile), then the same command at once: it waits, naming the stage, and runs when the stage is gone."""
+    here = Path(__file__).resolve().parent
+    run, release = tmp_path / "run", tmp_path / "release"
+    env = dict(_env(), PYTHONPATH=f"{here.parent}{os.pathsep}{here}", STANDIN_BASE=f"busy:{release}")
+    cmd = [PY, str(here / "stage_standins.py"), "pipeline", "--run-dir", str(run), "--preset", "cloud",
+           "--stages", "base"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    stage_pid = None
+    try:
+        stage_pid = int(_wait(lambda: (run / "pids.txt").exists() and (run / "pids.txt").read_text().strip(), 60,
+                              "the stage to start"))
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        env["STANDIN_BASE"] = "ok"
+        again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = again.stderr.readline()   # the first thing it says: what it waits for
+        assert f"waiting for pid {stage_pid} (" in line and "stage_standins.py" in line, line
+        assert again.poll() is None
+        release.write_text("go")      # the stage finishes what it was doing and exits
+        out, err = again.communicate(timeout=60)
+        assert again.returncode == 0 and (run / "base.out").exists(), err[-2000:]
+    finally:
+        release.write_text("go")
+        if first.poll() is None:
+            first.kill()
+        if stage_pid is not None:
+            _wait(lambda: not Path(f"/proc/{stage_pid}").exists() or
+                  Path(f"/proc/{stage_pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z", 30, "the stage")
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")

@@ -229,6 +229,16 @@ def test_context_is_the_trained_sequence_length(url, tiny_tokenizer):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 256 - len(ids_short)
 
 
+def test_tiny_temperature_or_top_p_is_answered_not_a_500(url):
+    greedy = httpx.post(f"{url}/v1/chat/completions", json=ask(temperature=0), timeout=60)
+    assert greedy.status_code == 200, greedy.text
+    for kw in [dict(temperature=1e-300, top_k=0), dict(top_p=1e-300), dict(temperature=5e-324, top_p=1e-300)]:
+        r = httpx.post(f"{url}/v1/chat/completions", json=ask(**kw), timeout=60)
+        assert r.status_code == 200, (kw, r.text)
+        # both leave only the most likely token: the greedy reply
+        assert r.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"], kw
+
+
 def test_stop_sequences_cut_the_reply(url):
     base = httpx.post(f"{url}/v1/chat/completions", json=ask(seed=5, temperature=1.0, max_tokens=40), timeout=60).json()
     text = base["choices"][0]["message"]["content"]

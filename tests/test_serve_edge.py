@@ -119,6 +119,95 @@ def test_idle_slow_and_surplus_connections_are_closed(model, tiny_tokenizer):
             time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def _descriptors(n: int):
+    """Room for n more open sockets in this process (the server runs in it too), or skip."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, n + 512)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"needs {want} open files; the hard limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _open_idle(port: int, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):   # a bounded loop, to 127.0.0.1 only
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        socks.append(s)
+    return socks
+
+
+def test_600_idle_sockets_do_not_lock_out_legitimate_clients(model, tiny_tokenizer):
+    """Issue 21: about 520 idle sockets (no key needed) reached the cap of 512, after which every new
+    connection was reset: 25/25 legitimate requests failed while they were held. Long head deadlines here,
+    so that only the eviction of idle connections can let the legitimate ones in."""
+    held = Limits(header_timeout=60.0, pressure_header_timeout=60.0, keep_alive=60.0)
+    with _descriptors(600 + 700), LiveServer(create_app(model, tiny_tokenizer, limits=held), limits=held) as base:
+        port = int(base.rsplit(":", 1)[1])
+        socks = _open_idle(port, 600)
+        try:
+            for i in range(10):
+                assert httpx.get(f"{base}/health", timeout=10).status_code == 200, i
+            r = httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=2), timeout=60)
+            assert r.status_code == 200, r.text
+            # the idle ones made room, oldest first; never more than the caps stayed open
+            still_open = sum(closed_within(s, 0.01) is None for s in socks)
+            assert still_open <= held.max_per_client, still_open
+            assert closed_within(socks[0], 0.01) is not None and closed_within(socks[-1], 0.01) is None
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_the_caps_evict_the_idlest_shorten_head_deadlines_and_queue_when_all_are_busy(model, tiny_tokenizer):
+    limits = Limits(header_timeout=60.0, pressure_header_timeout=0.5, body_timeout=2.0, max_connections=8,
+                    max_per_client=8, max_waiting=4)
+    with LiveServer(create_app(model, tiny_tokenizer, limits=limits), limits=limits) as base:
+        port = int(base.rsplit(":", 1)[1])
+        calm = _open_idle(port, 3)                 # below half the cap: the long head deadline
+        pressed = _open_idle(port, 3)              # the 4th connection on: 0.5 s
+        try:
+            assert all(closed_within(s, 10) is not None for s in pressed), "no shorter deadline under pressure"
+            assert all(closed_within(s, 0.01) is None for s in calm)
+        finally:
+            for s in calm + pressed:
+                s.close()
+        # every slot busy with a request in progress (a body still arriving): a new client waits, not reset
+        busy = _open_idle(port, 8)
+        for s in busy:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+        try:
+            r = httpx.get(f"{base}/health", timeout=30)    # let in once the bodies time out (408) and free a slot
+            assert r.status_code == 200
+            assert all((closed_within(s, 10) or b"").startswith(b"HTTP/1.1 408") for s in busy)
+        finally:
+            for s in busy:
+                s.close()
+
+
+def test_host_values_with_junk_after_a_loopback_name_are_refused(model, tiny_tokenizer):
+    from nanochat_core.serve_net import _host_is_loopback
+    for bad in (b"127.0.0.1:80@evil", b"[::1]evil", b"[::1]:80evil", b"127.0.0.1:", b"localhost:8000/x", b"",
+                b"127.0.0.1 evil", b"[evil]"):
+        assert not _host_is_loopback(bad), bad
+    for good in (b"127.0.0.1", b"127.0.0.1:8000", b"LOCALHOST:1", b"[::1]", b"[::1]:8000", b"127.1.2.3"):
+        assert _host_is_loopback(good), good
+    with LiveServer(create_app(model, tiny_tokenizer)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        for host in (f"127.0.0.1:{port}@evil.example", "[::1]evil.example"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                got = closed_within(s, 10)
+                assert got is not None and got.startswith(b"HTTP/1.1 400") and b"invalid_host" in got, (host, got)
+
+
 def test_api_key_is_required_when_set(model, tiny_tokenizer):
     with LiveServer(create_app(model, tiny_tokenizer, model_name="nanochat-test", api_key="K3y")) as base:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "K3y"}, {"Authorization": "Basic K3y"}):

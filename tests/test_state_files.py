@@ -96,3 +96,38 @@ def test_state_module_reads(tmp_path, monkeypatch):
     assert state.read_job(rd)["pid"] == 12
     (rd / ".job.json").write_text('{"pid": true, "backend": "local"}')  # JSON true is not a pid
     assert state.read_job(rd) is None
+
+
+DEEP = "[" * 100_000 + "]" * 100_000   # valid JSON, nested deeper than Python's recursion limit (issue 21)
+
+
+def test_a_100000_deep_state_file_is_one_line_not_a_recursion_error(tmp_path):
+    home = tmp_path / "home"
+    rd = home / "runs" / "deep"
+    rd.mkdir(parents=True)
+    (home / "clusters.json").write_text(DEEP)
+    for cmd in (["status"], ["status", "--json"]):
+        p = _nanochat(home, *cmd)
+        _no_traceback(p)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and "clusters.json is not valid JSON" in lines[0], p.stderr
+    (home / "clusters.json").unlink()
+    for name in (".job.json", "plan.json", ".logpos"):
+        (rd / name).write_text(DEEP)
+    p = _nanochat(home, "status", "--json")
+    _no_traceback(p)
+    assert p.returncode == 0 and "deep/.job.json: not valid JSON" in p.stderr, p.stderr
+    from nanochat_cli import state
+    assert state.log_cursor(rd, "local") is None and state.read_json(rd / "plan.json") is None
+
+
+def test_the_run_dirs_own_readers_take_a_100000_deep_file_too(tmp_path, capsys):
+    from nanochat_core import common, evaluation, report, tracking
+    (tmp_path / "eval").mkdir()
+    for name in ("eval/base.json", ".wandb.json"):
+        (tmp_path / name).write_text(DEEP)
+    assert common.parse_event(common.EVENT_PREFIX + " " + DEEP) is None     # a stage printing it
+    assert report._read_json(tmp_path / "eval" / "base.json") is None
+    record = {"stage": "base", "metrics": {"core": 0.1}, "unavailable": []}
+    assert evaluation.merge_record(tmp_path / "eval" / "base.json", record) == record
+    assert tracking.run_state(tmp_path, 1.0)["started"] == 1.0

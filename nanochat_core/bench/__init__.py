@@ -1,5 +1,5 @@
 """
-Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train,infer,preflight} [flags]
+Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train,infer,preflight,sandbox} [flags]
 Each subcommand lives in its own module of this package; this file only dispatches.
 """
 import sys
@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "nanochat_core.bench.train",
     "infer": "nanochat_core.bench.infer",
     "preflight": "nanochat_core.preflight",
+    "sandbox": "nanochat_core.bench.sandbox",
 }
 
 

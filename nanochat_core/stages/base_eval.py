@@ -48,13 +48,15 @@ def main(argv=None) -> None:
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per device for bpb")
     p.add_argument("--skip", default="", help="comma list of parts to skip: core, bpb, samples")
     p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="evaluate this checkpoint dir (or stage dir) instead of the stage's latest")
     a = p.parse_args(argv)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if skip - {"core", "bpb", "samples"}:
         raise NanochatError("--skip takes core, bpb and/or samples")
     rt = init_runtime(a.device)
     t0 = time.time()
-    model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=a.stage)
+    model, tokenizer, meta = checkpoint.load_model(a.checkpoint or a.run_dir, rt.device, stage=a.stage)
     T = model.config.sequence_len
     print0(f"base_eval: {a.stage} checkpoint {meta['path']}")
     metrics, unavailable, extra = {}, [], {}

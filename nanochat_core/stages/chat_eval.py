@@ -25,12 +25,16 @@ def main(argv=None) -> None:
     p.add_argument("--max-per-task", type=int, default=0, help="examples per task, 0 = all")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256 GPU, 128 CPU)")
     p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="evaluate this checkpoint dir (or stage dir) of --stage instead of the stage's latest")
     a = p.parse_args(argv)
     rt = init_runtime(a.device)
     # rank 0 looks and every rank gets its list: another node may not see the newest stage's files yet
     present = checkpoint.broadcast([s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
                                     and checkpoint.find_latest(a.run_dir / s, hashes=False, weights_only=True)]
                                    if rt.master else None)
+    if a.checkpoint is not None and a.stage not in ("base", "mid", "sft", "rl"):
+        raise NanochatError("--checkpoint needs --stage base, mid, sft or rl (the stage it belongs to)")
     if a.stage in (None, "all"):
         if not present:
             raise NanochatError(f"no chat checkpoint (mid, sft or rl) in {a.run_dir}: run chat_sft first")
@@ -44,7 +48,7 @@ def main(argv=None) -> None:
         a.max_new_tokens = 256 if rt.device_type == "cuda" else 128
     for stage in stages:
         t0 = time.time()
-        model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage)
+        model, tokenizer, meta = checkpoint.load_model(a.checkpoint or a.run_dir, rt.device, stage=stage)
         print0(f"chat_eval: {stage} checkpoint {meta['path']}, tasks {', '.join(names)}, "
                f"max per task {a.max_per_task or 'all'}")
         why: dict[str, str] = {}

@@ -134,6 +134,13 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
         return [dist + ["-m", "nanochat_core.stages.chat_rl", "--run-dir", run] + _tiny(a)]
     if stage == "eval":
         limit = ["--max-per-task", "50" if local else "0"]
+        if a.eval_checkpoint:   # one named checkpoint (or stage dir), and only it: `nanochat eval --checkpoint`
+            target, which = str(a.run_dir / a.eval_checkpoint), Path(a.eval_checkpoint).parts[0]
+            if which == "base":
+                return [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data),
+                                "--checkpoint", target] + limit]
+            return [dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", which,
+                            "--checkpoint", target] + limit]
         return [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data)] + limit,
                 dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
     if stage == "report":
@@ -207,7 +214,7 @@ def track_results(run_dir: Path) -> None:
     for path in sorted((run_dir / "eval").glob("*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
             tracking.log_event({"event": "eval", "stage": record.get("stage") or path.stem,
@@ -244,7 +251,7 @@ class Pipeline:
         import json
         try:
             return json.loads(self.stages_file.read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return {}
 
     def mark_done(self, stage: str, started: float) -> None:
@@ -481,7 +488,7 @@ class Pipeline:
         import json
         try:
             return json.loads((self.run_dir / "outcome.json").read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return None
 
 
@@ -526,7 +533,7 @@ def write_manifest(run_dir: Path) -> None:
     cache_file = run_dir / ".manifest_cache.json"
     try:
         cache = json.loads(cache_file.read_text())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, RecursionError):
         cache = {}
     lines, fresh = [], {}
     for p in sorted(run_dir.rglob("*")):
@@ -567,6 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="re-run stages already marked done")
     p.add_argument("--planned-tokens-per-sec", type=float, default=None,
                    help="the plan's tokens/s per GPU: preflight stops the run under half of it")
+    p.add_argument("--eval-checkpoint", default=None,
+                   help="the eval stage evaluates this checkpoint (or stage) dir only, relative to the run dir: "
+                        "base/ckpt_000500, sft")
     p.add_argument("--spec", type=Path, default=None,
                    help="the run spec file `nanochat train` wrote: its deadlines and price (run_spec.py)")
     a = p.parse_args(argv)
@@ -579,6 +589,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         spec = run_spec.read(a.spec.expanduser())
         a.deadline_at, a.base_deadline_at, a.price_per_hour = (spec.deadline_at, spec.base_deadline_at,
                                                                spec.price_per_hour or None)
+    named = Path(a.eval_checkpoint) if a.eval_checkpoint else None
+    if named is not None and (named.is_absolute() or ".." in named.parts
+                              or named.parts[:1] not in (("base",), ("mid",), ("sft",), ("rl",))):
+        raise NanochatError(f"--eval-checkpoint {a.eval_checkpoint}: name a checkpoint inside the run dir, "
+                            "like base/ckpt_000500 or sft")
     return a
 
 
