@@ -298,6 +298,24 @@ class GPT(nn.Module):
         model.init_weights()
         return model
 
+    @classmethod
+    def from_state(cls, config: "GPTConfig | dict", state: dict, fmt: str = "fp32") -> "GPT":
+        """A model for inference whose weights ARE the tensors of `state` (load_state_dict(assign=True)): with
+        memory-mapped tensors nothing is copied, and nothing is initialised only to be overwritten. `fmt`
+        (fp32 | bf16 | int8, see quantize.py) says which modules the state dict is for. Raises ValueError when
+        the state does not fit the config. Rotary tables are computed on the state's device."""
+        from nanochat_core.quantize import swap_modules
+        with torch.device("meta"):
+            model = swap_modules(cls(GPTConfig.from_dict(config) if isinstance(config, dict) else config), fmt)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        device = next(iter(state.values())).device
+        for name in ("cos", "sin"):
+            model.register_buffer(name, torch.empty(getattr(model, name).shape, device=device), persistent=False)
+        model._init_rotary()
+        return model.eval()
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """The init, in one place (sizes: d = n_embd, L = n_layer, layer i = 0..L-1):
