@@ -105,6 +105,65 @@ def time_prefill(model, prompt_len: int, vocab: int, device: torch.device, reps:
     return prompt_len / best
 
 
+QUALITY_PROMPTS = [
+    "The capital of France is", "Once upon a time, there was a", "The best way to learn programming is",
+    "Water boils at a temperature of", "In the year 1900, the population of", "The sun is a star that",
+    "My favourite food is", "Scientists have discovered that", "The history of the Roman Empire",
+    "To make a cup of tea, you",
+]
+
+
+def identical_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Leading tokens a and b share, up to `limit`; replies that are identical but stopped early count in full."""
+    if a[:limit] == b[:limit]:
+        return limit
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def quality(checkpoint: str, fmts: list[tuple[str, str]], device: torch.device, greedy_tokens: int = 32,
+            eval_tokens: int = 2 ** 16) -> dict:
+    """Per format: validation bpb (the bundled corpus' val split, the same tokens for every format) and, against
+    the FIRST format, how many leading tokens of the greedy continuation of each fixed prompt are identical."""
+    from nanochat_core.checkpoint import load_model
+    from nanochat_core.common import data_dir
+    from nanochat_core.dataloader import DataLoader
+    from nanochat_core.dataset import ensure_bundled
+    from nanochat_core.engine import Engine
+    from nanochat_core.training import evaluate_bpb
+    data = data_dir() / "bundled"
+    ensure_bundled(data)
+    out, ref = {}, None
+    for label, fmt in fmts:
+        model, tok, _ = load_model(checkpoint, device, dtype=fmt)
+        B, T = 4, min(256, model.config.sequence_len)
+        val = iter(DataLoader(tok, B, T, data, split="val", device=device, seed=0))
+        bpb = evaluate_bpb(model, val, max(1, eval_tokens // (B * T)), tok.token_bytes().to(device), device.type)
+        engine = Engine(model, tok)
+        conts = []
+        for text in QUALITY_PROMPTS:
+            ids = tok.encode(text, prepend=tok.get_bos_token_id())
+            seqs, _ = engine.generate_batch(ids, 1, max_tokens=greedy_tokens, temperature=0.0, seed=0)
+            conts.append(seqs[0][len(ids):])
+        row = {"dtype": fmt, "bpb": bpb}
+        if ref is None:
+            ref = (bpb, conts)
+        else:
+            same = [identical_prefix(x, y, greedy_tokens) for x, y in zip(ref[1], conts)]
+            row.update(bpb_vs_first=bpb / ref[0] - 1, identical_prefix=same,
+                       prompts_identical_32=sum(n >= greedy_tokens for n in same))
+        out[label] = row
+        extra = "" if "identical_prefix" not in row else (
+            f"  ({row['bpb_vs_first']:+.2%} vs {fmts[0][0]}); greedy continuations identical for the first "
+            f"{greedy_tokens} tokens: {row['prompts_identical_32']}/{len(QUALITY_PROMPTS)} prompts "
+            f"(identical prefix per prompt: {same})")
+        print(f"quality     {label:<12} bpb {bpb:.4f}{extra}")
+        del engine, model
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.bench infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda | cpu (default: auto)")
@@ -119,6 +178,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy machine 1 is steadier)")
     p.add_argument("--dtype", default="auto", help="weight formats to measure, comma-separated: fp32, bf16, int8, "
                    "auto (default: auto; fp32,auto compares them side by side)")
+    p.add_argument("--quality", action="store_true", help="with --checkpoint: validation bpb per format and "
+                   "whether greedy continuations of 10 fixed prompts match the first format's (no speed runs)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     a = p.parse_args()
     if a.threads:
@@ -143,6 +204,13 @@ def main() -> None:
     for d in (a.dtype or "auto").split(","):
         fmt = resolve_dtype(d.strip(), device)
         fmts.append((f"{d.strip()} ({fmt})" if d.strip() == "auto" else fmt, fmt))
+    if a.quality:
+        if not a.checkpoint:
+            raise NanochatError("--quality needs a trained model: pass --checkpoint RUN_DIR")
+        results = {"quality": quality(a.checkpoint, fmts, device)}
+        if a.json:
+            atomic_write_json(a.json, results)
+        return
     base = None
     if not a.checkpoint:
         base = random_model(depth, a.vocab_size, max(2048, prompt_len + steps), device)
