@@ -534,6 +534,30 @@ def mmap_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
     return state, meta
 
 
+def write_safetensors(path: Path, state: dict, metadata: dict) -> None:
+    """Write `state` as a safetensors file, one tensor at a time (safetensors' own save_file first turns every
+    tensor into a bytes object: a second copy of the whole model in memory, at its peak). fsynced; the caller
+    renames it into place."""
+    import torch
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {"__metadata__": metadata}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": names[str(v.dtype).removeprefix("torch.")], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # the data starts 8-byte aligned, as the format recommends
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for v in state.values():
+            if v.numel():
+                f.write(memoryview(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def quantized_cache_path(ckpt: Path, fmt: str) -> Path:
     return ckpt / f"model.{fmt}.safetensors"
 
@@ -566,16 +590,15 @@ def load_inference_state(ckpt: Path, meta: dict, fmt: str) -> tuple[dict, str]:
             pass   # damaged cache: rebuild it below
     qstate = quantize_state(state, fmt)
     del state
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     try:
-        from safetensors.torch import save_file
-        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in qstate.items()}, str(tmp), metadata=key)
+        write_safetensors(tmp, qstate, key)
         os.replace(tmp, cache)
         return qstate, f"converted to {fmt}, cached as {cache.name}"
     except OSError as e:
         try:
             tmp.unlink()
-        except (OSError, UnboundLocalError):
+        except OSError:
             pass
         return qstate, f"converted to {fmt} (not cached: {e.strerror or e})"
 

@@ -301,7 +301,7 @@ def quantize_state(state: dict, fmt: str) -> dict:
     for key, w in state.items():
         base = key[:-len(".weight")] if key.endswith(".weight") else None
         if base is None or w.ndim != 2 or _kind(base, tuple(w.shape)) == "keep":
-            out[key] = w
+            out[key] = w.clone()   # small; a view would keep the whole fp32 file mapped (and resident)
         elif fmt == "bf16":
             out[key] = w.to(torch.bfloat16)
         else:

@@ -189,3 +189,34 @@ def test_the_engine_generates_with_an_int8_model(tiny_tokenizer, tmp_path):
     prompt = [tok.get_bos_token_id()] + tok.encode("hello")
     a, _ = engine.generate_batch(prompt, 2, max_tokens=8, temperature=0.0, seed=0)
     assert a[0] == a[1] and len(a[0]) > len(prompt)
+
+
+def test_a_bad_dtype_is_one_line_and_exit_nonzero(tiny_tokenizer, tmp_path):
+    import os
+    import subprocess
+    import sys
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    env = dict(os.environ, NANOCHAT_HOME=str(tmp_path / "home"))
+    for argv in (["-m", "nanochat_cli.main", "chat", "--checkpoint", str(ckpt), "--prompt", "hi", "--dtype", "int4"],
+                 ["-m", "nanochat_core.bench", "infer", "--depth", "1", "--dtype", "fp16"]):
+        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-800:]
+        assert "--dtype must be one of" in p.stderr
+
+
+def test_chat_answers_with_an_int8_model_and_says_how_it_loaded(tiny_tokenizer, tmp_path):
+    """The whole `nanochat chat --prompt` path, default dtype (auto = int8 here), twice: the second start uses
+    the cached copy."""
+    import os
+    import subprocess
+    import sys
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    env = dict(os.environ, NANOCHAT_HOME=str(tmp_path / "home"))
+    argv = [sys.executable, "-m", "nanochat_cli.main", "chat", "--checkpoint", str(ckpt), "--prompt", "hi",
+            "--max-tokens", "4", "--temperature", "0"]
+    first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-800:]
+    assert "int8 weights, loaded in" in first.stderr and "cached as model.int8.safetensors" in first.stderr
+    second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0 and "(cached int8 copy)" in second.stderr
+    assert second.stdout == first.stdout
