@@ -77,6 +77,8 @@ JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead o
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 CLUSTER = typer.Option(None, "--cluster", metavar="NAME", help="Cluster name (default: the most recently launched one).")
 RUN = typer.Option(None, "--name", metavar="NAME", help="Run name: results go to $NANOCHAT_HOME/runs/<name>/.")
+DTYPE = typer.Option("auto", "--dtype", help="Weights in memory: auto (int8 on a CPU, bf16 on a GPU), fp32, bf16 "
+                     "or int8 (see docs/PERFORMANCE.md).")
 
 
 @app.command()
@@ -212,13 +214,14 @@ def chat(
                                                                   "(0 = all)."),
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=4096, help="Longest reply in tokens."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: best available)."),
+    dtype: str = DTYPE,
 ) -> None:
     """Chat in the terminal with your model."""
     from nanochat_cli import flows
     ckpt = flows.resolve_checkpoint(checkpoint)
     from nanochat_core.chat import run_chat
     run_chat(checkpoint=str(ckpt), prompt=prompt, temperature=temperature, top_k=top_k,
-             max_tokens=max_tokens, device=device)
+             max_tokens=max_tokens, device=device, dtype=dtype)
 
 
 @app.command()
@@ -232,13 +235,14 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="NANOCHAT_API_KEY", show_envvar=True,
                                           help="Require `Authorization: Bearer KEY` on /v1/* (needed to listen on "
                                                "anything but 127.0.0.1; prefer the variable to the flag)."),
+    dtype: str = DTYPE,
 ) -> None:
     """Web chat UI and an OpenAI-compatible /v1/chat/completions endpoint (streaming)."""
     from nanochat_core.serve import check_bind, run_server
     check_bind(host, api_key)   # before looking for a checkpoint: refusing is the first thing to say
     from nanochat_cli import flows
     ckpt = flows.resolve_checkpoint(checkpoint)
-    run_server(host=host, port=port, checkpoint=str(ckpt), device=device, api_key=api_key)
+    run_server(host=host, port=port, checkpoint=str(ckpt), device=device, api_key=api_key, dtype=dtype)
 
 
 @app.command()
@@ -247,12 +251,13 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder to write (new, empty, or an earlier export)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint directory "
                                                                         "(default: the latest run)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weights in the export: fp32 or bf16 (half the size)."),
 ) -> None:
     """Write the model as a Hugging Face folder (transformers loads it with trust_remote_code=True)."""
     from nanochat_cli import flows
     ckpt = flows.resolve_checkpoint(checkpoint)
     from nanochat_core.export import export as export_model, summary
-    folder = export_model(ckpt, out)
+    folder = export_model(ckpt, out, dtype=dtype)
     print("\n".join(summary(folder)))
     print(f"load it: AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)")
 

@@ -43,13 +43,14 @@ def find_checkpoint(checkpoint: str | Path | None = None) -> Path:
     return best[1]
 
 
-def load_engine(checkpoint: str | Path | None = None, device: str | None = None):
-    """(Engine, meta) for the checkpoint (see find_checkpoint) on the device (auto-detected if None)."""
+def load_engine(checkpoint: str | Path | None = None, device: str | None = None, dtype: str = "auto"):
+    """(Engine, meta) for the checkpoint (see find_checkpoint) on the device (auto-detected if None: CUDA, then
+    Apple MPS, then the CPU) with weights in `dtype` (auto | fp32 | bf16 | int8, see quantize.py)."""
     from nanochat_core.checkpoint import load_model
     from nanochat_core.engine import Engine
     path = find_checkpoint(checkpoint)
     try:  # load_model turns damage into NanochatError; what is left is the environment saying no
-        model, tokenizer, meta = load_model(path, device or autodetect_device_type())
+        model, tokenizer, meta = load_model(path, device or autodetect_device_type(), dtype=dtype)
     except OSError as e:
         raise NanochatError(f"cannot read the checkpoint at {path}: {e.strerror or e}"
                             + (f" ({e.filename})" if e.filename else "")) from None
@@ -115,13 +116,16 @@ def reply(engine: Any, messages: list[dict], out: TextIO, temperature: float, to
 
 
 def run_chat(checkpoint: str | Path | None = None, prompt: str | None = None, temperature: float = 0.6,
-             top_k: int = 50, max_tokens: int = 512, device: str | None = None) -> None:
+             top_k: int = 50, max_tokens: int = 512, device: str | None = None, dtype: str = "auto") -> None:
     """Terminal chat (see module doc). checkpoint=None: the latest local run."""
     check_sampling(temperature, top_k, max_tokens)
     if prompt is not None and not prompt.strip():
         raise NanochatError("--prompt is empty: pass the message to send")
-    engine, meta = load_engine(checkpoint, device)
-    print(f"nanochat: {meta.get('path', checkpoint)} on {engine.device}", file=sys.stderr, flush=True)
+    from nanochat_core.quantize import resolve_dtype
+    resolve_dtype(dtype, "cpu")   # a bad --dtype is a usage error before anything loads
+    engine, meta = load_engine(checkpoint, device, dtype)
+    print(f"nanochat: {meta.get('path', checkpoint)} on {engine.device}, {meta['dtype']} weights, loaded in "
+          f"{meta['load_s']:.1f} s ({meta['load_how']})", file=sys.stderr, flush=True)
     kw = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens)
     if prompt is not None:
         reply(engine, [{"role": "user", "content": prompt}], sys.stdout, **kw)
@@ -166,8 +170,9 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=50, help="0 = no limit")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: auto)")
+    p.add_argument("--dtype", default="auto", help="weights: auto | fp32 | bf16 | int8 (default auto: int8 on a CPU)")
     a = p.parse_args()
-    run_chat(a.checkpoint, a.prompt, a.temperature, a.top_k, a.max_tokens, a.device)
+    run_chat(a.checkpoint, a.prompt, a.temperature, a.top_k, a.max_tokens, a.device, a.dtype)
 
 
 if __name__ == "__main__":

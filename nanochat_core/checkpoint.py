@@ -527,13 +527,123 @@ def _find_tokenizer_dir(ckpt: Path) -> Path:
     raise NanochatError(f"no tokenizer/tokenizer.json found next to {ckpt}: it belongs in the run directory")
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None = None):
+# Safetensors, memory-mapped: the file is an 8-byte little-endian header length, a JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes.
+# Tensors made with torch.frombuffer over a private (copy-on-write) mapping ARE the file's pages: loading copies
+# nothing, pages come in as the model touches them (an embedding table only for the rows it looks up), and
+# the kernel's page cache serves a second process for free.
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8",
+              "I32": "int32", "I64": "int64", "BOOL": "bool", "F64": "float64"}
+
+
+def mmap_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """({name: tensor backed by the file}, the header's __metadata__). NanochatError for a damaged file."""
+    import mmap
+    import struct
+    import torch
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        meta = header.pop("__metadata__", None) or {}
+        state = {}
+        for name, info in header.items():
+            dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+            if count == 0:
+                state[name] = torch.empty(info["shape"], dtype=dtype)
+                continue
+            if 8 + n + end > len(mm):
+                raise ValueError(f"{name} runs past the end of the file")
+            state[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).view(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
+        raise NanochatError(f"{path} cannot be read ({e.__class__.__name__}: {str(e)[:100]})") from None
+    return state, meta
+
+
+def write_safetensors(path: Path, state: dict, metadata: dict) -> None:
+    """Write `state` as a safetensors file, one tensor at a time (safetensors' own save_file first turns every
+    tensor into a bytes object: a second copy of the whole model in memory, at its peak). fsynced; the caller
+    renames it into place."""
+    import torch
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {"__metadata__": metadata}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": names[str(v.dtype).removeprefix("torch.")], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # the data starts 8-byte aligned, as the format recommends
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for v in state.values():
+            if v.numel():
+                f.write(memoryview(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def quantized_cache_path(ckpt: Path, fmt: str) -> Path:
+    return ckpt / f"model.{fmt}.safetensors"
+
+
+def _cache_key(meta: dict, fmt: str) -> dict:
+    """What a cached bf16/int8 copy must match: the sha256 of the weights it was made from (meta.json records it,
+    so a checkpoint rewritten under the same name invalidates the copy) and the layout's version."""
+    from nanochat_core.quantize import FORMAT_VERSION
+    return {"source_sha256": str(meta["files"]["model.safetensors"]["sha256"]), "fmt": fmt,
+            "format_version": str(FORMAT_VERSION)}
+
+
+def load_inference_state(ckpt: Path, meta: dict, fmt: str) -> tuple[dict, str]:
+    """(state dict for GPT.from_state in format `fmt`, how it was obtained). fp32: the checkpoint's file,
+    memory-mapped. bf16/int8: the copy cached next to the checkpoint if it matches (memory-mapped), else
+    converted tensor by tensor from the mapped fp32 file and written there atomically for the next start (a
+    read-only checkpoint dir just skips the caching)."""
+    state, _ = mmap_safetensors(ckpt / "model.safetensors")
+    if fmt == "fp32":
+        return state, "memory-mapped"
+    from nanochat_core.quantize import quantize_state
+    cache = quantized_cache_path(ckpt, fmt)
+    key = _cache_key(meta, fmt)
+    if cache.is_file():
+        try:
+            cached, cmeta = mmap_safetensors(cache)
+            if cmeta == key:
+                return cached, f"cached {fmt} copy"
+        except NanochatError:
+            pass   # damaged cache: rebuild it below
+    qstate = quantize_state(state, fmt)
+    del state
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+    try:
+        write_safetensors(tmp, qstate, key)
+        os.replace(tmp, cache)
+        return qstate, f"converted to {fmt}, cached as {cache.name}"
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        return qstate, f"converted to {fmt} (not cached: {e.strerror or e})"
+
+
+def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None = None, dtype: str | None = None):
     """(model, tokenizer, meta) ready for inference. `path` is a run dir (the latest checkpoint of
-    rl > sft > mid > base, or of `stage`), a stage dir, or one checkpoint dir. Eval mode; bf16 on CUDA."""
+    rl > sft > mid > base, or of `stage`), a stage dir, or one checkpoint dir. Eval mode.
+    dtype: auto | fp32 | bf16 | int8 (quantize.py); None keeps the old behaviour (fp32 weights, bf16 on CUDA).
+    The weights are memory-mapped, not copied; meta["dtype"] and meta["load_s"] say what was loaded how fast."""
     import torch
     from nanochat_core.model import GPT
+    from nanochat_core.quantize import resolve_dtype
     from nanochat_core.tokenizer import Tokenizer
 
+    t0 = time.perf_counter()
     path = Path(path).expanduser()
     if not path.exists():
         raise NanochatError(f"{path} does not exist: pass a run directory or a checkpoint directory")
@@ -550,14 +660,22 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
     if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer.hash:
         raise NanochatError(f"the tokenizer next to {ckpt} is not the one this model was trained with")
     device = torch.device(device)
+    fmt = resolve_dtype(dtype, device) if dtype is not None else ("bf16" if device.type == "cuda" else "fp32")
+    # on CUDA bf16 is the whole model in bf16 under autocast (as always); elsewhere bf16/int8 are weight-only
+    whole_bf16 = device.type == "cuda" and fmt == "bf16"
+    state, how = load_inference_state(ckpt, meta, "fp32" if whole_bf16 else fmt)
     try:
-        model = GPT.build(meta["config"], device)  # buffers (rotary tables) are not in the file; weights come next
-    except Exception as e:  # unknown keys, zero heads, a width heads do not divide
-        raise NanochatError(f"the model config in {ckpt / 'meta.json'} is not valid ({e.__class__.__name__}: "
-                            f"{str(e)[:100]})") from None
-    load_checkpoint(ckpt, model)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    model.eval()
+        model = GPT.from_state(meta["config"], state, "fp32" if whole_bf16 else fmt)
+    except (ValueError, RuntimeError, TypeError, KeyError) as e:   # shapes/names differ, or a bad config
+        first = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e)[:160])
+        raise NanochatError(f"checkpoint {ckpt} does not fit its config in meta.json ({first})") from None
+    del state
+    if whole_bf16:
+        model = model.to(device=device, dtype=torch.bfloat16)
+    elif device.type != "cpu":
+        model = model.to(device)
     meta["path"] = str(ckpt)
+    meta["dtype"] = fmt
+    meta["load_s"] = time.perf_counter() - t0
+    meta["load_how"] = how
     return model, tokenizer, meta

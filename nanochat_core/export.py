@@ -130,8 +130,10 @@ def tokenizer_config(tokenizer, cfg) -> dict:
     }
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the HF folder for `checkpoint` (a run dir - its most trained stage - or a checkpoint dir)."""
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Write the HF folder for `checkpoint` (a run dir - its most trained stage - or a checkpoint dir), weights
+    in fp32 or bf16 (half the file; auto = bf16). int8 is refused: the exported modelling code reads plain
+    tensors, and transformers has its own quantisation for whoever wants it."""
     import torch
     from safetensors.torch import save_file
     from nanochat_core.checkpoint import load_model
@@ -139,9 +141,15 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not _is_our_export(out):
         raise NanochatError(f"{out} exists and is not an earlier nanochat export: pass an empty or new --out DIR")
-    model, tokenizer, meta = load_model(checkpoint, device="cpu")
+    if dtype not in ("auto", "fp32", "bf16", "int8"):
+        raise NanochatError(f"--dtype must be one of auto, fp32, bf16 (got {dtype!r})")
+    if dtype == "int8":
+        raise NanochatError("export writes fp32 or bf16 weights (--dtype fp32|bf16): the exported model's code reads "
+                            "plain tensors; int8 is for nanochat's own chat/serve")
+    wdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    model, tokenizer, meta = load_model(checkpoint, device="cpu", dtype="fp32")
     cfg = model.config
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(wdtype).contiguous() for k, v in model.state_dict().items()}
     # the HF file names the real vocab in its config; tokenizer.json must not encode specials as plain text
     # (ours does on purpose: only our code may emit them) - the chat template writes them as text
     tok_spec = json.loads(tokenizer.hf_tokenizer().to_str())

@@ -406,7 +406,7 @@ async def _reply(job: Job):
 
 
 def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None, device: str | None = None,
-               api_key: str | None = None) -> None:
+               api_key: str | None = None, dtype: str = "auto") -> None:
     """Load the checkpoint (the latest local run if None) - one replica per GPU when several - and serve."""
     import torch
 
@@ -417,6 +417,8 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
     if not 0 < port < 65536:
         raise NanochatError(f"--port must be between 1 and 65535 (got {port})")
     check_bind(host, api_key)
+    from nanochat_core.quantize import resolve_dtype
+    resolve_dtype(dtype, "cpu")   # a bad --dtype is a usage error before anything loads
     _check_port_free(host, port)
     path = find_checkpoint(checkpoint)
     device = device or autodetect_device_type()
@@ -425,13 +427,14 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     models, tokenizer, meta = [], None, {}
     for d in devices:
-        model, tokenizer, meta = load_model(path, d)
+        model, tokenizer, meta = load_model(path, d, dtype=dtype)
         models.append(model)
     ckpt = Path(meta.get("path", path))
     name = f"nanochat-{ckpt.parent.parent.name}-{ckpt.parent.name}"   # run and stage: nanochat-<run>-sft
     app = create_app(models, tokenizer, model_name=name, api_key=api_key, check_host=is_loopback(host))
     key = " (API key required)" if api_key else ""
-    print(f"nanochat: serving {meta.get('path', path)} on {', '.join(devices)} at http://{host}:{port}/{key}", flush=True)
+    print(f"nanochat: serving {meta.get('path', path)} on {', '.join(devices)} ({meta['dtype']} weights, loaded in "
+          f"{meta['load_s']:.1f} s) at http://{host}:{port}/{key}", flush=True)
     make_server(app, host, port).run()
 
 
@@ -465,8 +468,9 @@ def main() -> None:
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $NANOCHAT_API_KEY; prefer the "
                         "variable: a command line is visible to every user of the machine)")
+    p.add_argument("--dtype", default="auto", help="weights: auto | fp32 | bf16 | int8 (default auto: int8 on a CPU)")
     a = p.parse_args()
-    run_server(a.host, a.port, a.checkpoint, a.device, a.api_key)
+    run_server(a.host, a.port, a.checkpoint, a.device, a.api_key, a.dtype)
 
 
 if __name__ == "__main__":

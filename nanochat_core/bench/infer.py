@@ -1,5 +1,6 @@
 """
 Inference benchmark:  python -m nanochat_core.bench infer [--depth N] [--batches 1,8] [--checkpoint DIR]
+                                                          [--dtype fp32,auto]
 
 Numbers, not a test. For a random model of the given depth (or a real checkpoint) it measures
   - prefill tokens/s (batch 1, one forward over the prompt),
@@ -11,6 +12,9 @@ Numbers, not a test. For a random model of the given depth (or a real checkpoint
     bound is the whole story: the achieved fraction says how much time goes to overhead (kernel launches,
     Python) instead of moving bytes. Larger batches amortise the weight reads until compute takes over.
 The same numbers are printed on CPU (where the bound uses the CPU's measured memory copy bandwidth).
+--dtype takes a comma list of weight formats (fp32 | bf16 | int8 | auto, see quantize.py), measured one after
+the other in the same run; each gets its own table, and its bound counts the bytes THAT format reads per step
+(int8: one byte per weight plus a 4-byte scale per output row).
 """
 from __future__ import annotations
 
@@ -26,10 +30,21 @@ from nanochat_core.device import copy_bandwidth, sync
 def random_model(depth: int, vocab_size: int, sequence_len: int, device: torch.device):
     from nanochat_core.model import GPT, config_for_depth
     cfg = config_for_depth(depth, vocab_size, sequence_len=sequence_len)
-    model = GPT.build(cfg, device)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)   # what load_model does for inference on a GPU
-    return model.eval()
+    return GPT.build(cfg, device).eval()
+
+
+def in_format(model, fmt: str, device: torch.device):
+    """The fp32 `model` in weight format `fmt`, as load_model would give it (the fp32 tensors are shared, not
+    copied; the converted ones are new)."""
+    from nanochat_core.model import GPT
+    from nanochat_core.quantize import quantize_state
+    if device.type == "cuda" and fmt == "bf16":
+        import copy
+        return copy.deepcopy(model).to(torch.bfloat16)   # what load_model does for inference on a GPU
+    if fmt == "fp32":
+        return model
+    state = {k: v for k, v in model.state_dict().items() if k not in ("cos", "sin")}
+    return GPT.from_state(model.config, quantize_state(state, fmt), fmt).to(device)
 
 
 class _Tokens:
@@ -90,6 +105,65 @@ def time_prefill(model, prompt_len: int, vocab: int, device: torch.device, reps:
     return prompt_len / best
 
 
+QUALITY_PROMPTS = [
+    "The capital of France is", "Once upon a time, there was a", "The best way to learn programming is",
+    "Water boils at a temperature of", "In the year 1900, the population of", "The sun is a star that",
+    "My favourite food is", "Scientists have discovered that", "The history of the Roman Empire",
+    "To make a cup of tea, you",
+]
+
+
+def identical_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Leading tokens a and b share, up to `limit`; replies that are identical but stopped early count in full."""
+    if a[:limit] == b[:limit]:
+        return limit
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def quality(checkpoint: str, fmts: list[tuple[str, str]], device: torch.device, greedy_tokens: int = 32,
+            eval_tokens: int = 2 ** 16) -> dict:
+    """Per format: validation bpb (the bundled corpus' val split, the same tokens for every format) and, against
+    the FIRST format, how many leading tokens of the greedy continuation of each fixed prompt are identical."""
+    from nanochat_core.checkpoint import load_model
+    from nanochat_core.common import data_dir
+    from nanochat_core.dataloader import DataLoader
+    from nanochat_core.dataset import ensure_bundled
+    from nanochat_core.engine import Engine
+    from nanochat_core.training import evaluate_bpb
+    data = data_dir() / "bundled"
+    ensure_bundled(data)
+    out, ref = {}, None
+    for label, fmt in fmts:
+        model, tok, _ = load_model(checkpoint, device, dtype=fmt)
+        B, T = 4, min(256, model.config.sequence_len)
+        val = iter(DataLoader(tok, B, T, data, split="val", device=device, seed=0))
+        bpb = evaluate_bpb(model, val, max(1, eval_tokens // (B * T)), tok.token_bytes().to(device), device.type)
+        engine = Engine(model, tok)
+        conts = []
+        for text in QUALITY_PROMPTS:
+            ids = tok.encode(text, prepend=tok.get_bos_token_id())
+            seqs, _ = engine.generate_batch(ids, 1, max_tokens=greedy_tokens, temperature=0.0, seed=0)
+            conts.append(seqs[0][len(ids):])
+        row = {"dtype": fmt, "bpb": bpb}
+        if ref is None:
+            ref = (bpb, conts)
+        else:
+            same = [identical_prefix(x, y, greedy_tokens) for x, y in zip(ref[1], conts)]
+            row.update(bpb_vs_first=bpb / ref[0] - 1, identical_prefix=same,
+                       prompts_identical_32=sum(n >= greedy_tokens for n in same))
+        out[label] = row
+        extra = "" if "identical_prefix" not in row else (
+            f"  ({row['bpb_vs_first']:+.2%} vs {fmts[0][0]}); greedy continuations identical for the first "
+            f"{greedy_tokens} tokens: {row['prompts_identical_32']}/{len(QUALITY_PROMPTS)} prompts "
+            f"(identical prefix per prompt: {same})")
+        print(f"quality     {label:<12} bpb {bpb:.4f}{extra}")
+        del engine, model
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.bench infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda | cpu (default: auto)")
@@ -102,6 +176,10 @@ def main() -> None:
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,4,16,64 GPU; 1,8 CPU)")
     p.add_argument("--copy-mb", type=int, default=None, help="size of the bandwidth-test copy (default 1024 GPU, 256 CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy machine 1 is steadier)")
+    p.add_argument("--dtype", default="auto", help="weight formats to measure, comma-separated: fp32, bf16, int8, "
+                   "auto (default: auto; fp32,auto compares them side by side)")
+    p.add_argument("--quality", action="store_true", help="with --checkpoint: validation bpb per format and "
+                   "whether greedy continuations of 10 fixed prompts match the first format's (no speed runs)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     a = p.parse_args()
     if a.threads:
@@ -121,53 +199,85 @@ def main() -> None:
         raise NanochatError("depth, prompt length, decode tokens and batch sizes must all be >= 1")
 
     from nanochat_core.engine import Engine
-    if a.checkpoint:
-        from nanochat_core.checkpoint import load_model
-        model, tokenizer, meta = load_model(a.checkpoint, device)
-        what = f"checkpoint {meta.get('path')}"
-    else:
-        model = random_model(depth, a.vocab_size, max(2048, prompt_len + steps), device)
-        tokenizer = _Tokens(model.config.vocab_size)
-        what = f"random d{depth}"
-    engine = Engine(model, tokenizer)
-    cfg, vocab = model.config, tokenizer.get_vocab_size()
-    if prompt_len + steps >= engine.context_len:
-        raise NanochatError(f"prompt + decode tokens must stay below the model's context ({engine.context_len})")
-
-    dtype_bytes = next(model.parameters()).element_size()
-    weight_bytes = model.num_scaling_params() * dtype_bytes          # matrices + lm_head: read every step
-    kv_per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dtype_bytes
+    from nanochat_core.quantize import resolve_dtype, weight_bytes_read
+    fmts = []
+    for d in (a.dtype or "auto").split(","):
+        fmt = resolve_dtype(d.strip(), device)
+        fmts.append((f"{d.strip()} ({fmt})" if d.strip() == "auto" else fmt, fmt))
+    if a.quality:
+        if not a.checkpoint:
+            raise NanochatError("--quality needs a trained model: pass --checkpoint RUN_DIR")
+        results = {"quality": quality(a.checkpoint, fmts, device)}
+        if a.json:
+            atomic_write_json(a.json, results)
+        return
+    base = None
+    if not a.checkpoint:
+        base = random_model(depth, a.vocab_size, max(2048, prompt_len + steps), device)
     bw = copy_bandwidth(device, a.copy_mb or (1024 if gpu else 256))
     name = torch.cuda.get_device_name(device) if gpu else f"cpu, {torch.get_num_threads()} torch thread(s)"
     print(f"device      {name}")
-    print(f"model       {what}: {model.num_params() / 1e6:.1f}M params ({model.num_scaling_params() / 1e6:.1f}M read per "
-          f"step), {cfg.n_layer} layers, width {cfg.n_embd}, {next(model.parameters()).dtype}")
     print(f"bandwidth   {bw / 1e9:.1f} GB/s measured copy (read + write)")
-
-    prompt = [int(t) for t in torch.randint(0, vocab - 16, (prompt_len,), generator=torch.Generator().manual_seed(0))]
-    time_decode(engine, prompt[:16], 1, 4, True)                       # warm-up: allocator, kernels, threads
-    results = {"device": name, "model": what, "params": model.num_params(), "weight_bytes": weight_bytes,
-               "copy_bandwidth_gbs": bw / 1e9, "prompt_len": prompt_len, "decode_tokens": steps, "runs": []}
-    prefill = time_prefill(model, prompt_len, vocab, device)
-    results["prefill_tok_s"] = prefill
-    print(f"prefill     {prefill:,.0f} tok/s  (batch 1, {prompt_len}-token prompt)")
-    print(f"{'decode':<12}{'batch':>5}{'tok/s':>12}{'ms/step':>10}{'bound tok/s':>13}{'of bound':>10}{'1st token':>11}")
-    for use_cache in (True, False):
-        for b in batches:
-            n = steps if use_cache else nc_steps
-            tps, ttft = time_decode(engine, prompt, b, n, use_cache)
-            ctx = prompt_len + n / 2                                   # mean context length over the run
-            step_bytes = weight_bytes + b * kv_per_token * ctx
-            bound = b * bw / step_bytes
-            frac = tps / bound
-            label = "KV cache" if use_cache else "no cache"
-            print(f"{label:<12}{b:>5}{tps:>12,.1f}{1000 * b / tps:>10.2f}{bound:>13,.0f}{frac:>9.0%}{1000 * ttft:>9.0f}ms")
-            results["runs"].append({"kv_cache": use_cache, "batch": b, "tokens": n, "tok_s": tps,
-                                    "bound_tok_s": bound, "fraction_of_bound": frac, "first_token_s": ttft})
-    one = {(r["kv_cache"], r["batch"]): r["tok_s"] for r in results["runs"]}
-    if (True, 1) in one and (False, 1) in one:
-        print(f"KV cache speed-up at batch 1: {one[(True, 1)] / one[(False, 1)]:.1f}x "
-              f"(no-cache runs decode {nc_steps} tokens after a {prompt_len}-token prompt)")
+    results = {"device": name, "copy_bandwidth_gbs": bw / 1e9, "prompt_len": prompt_len, "decode_tokens": steps,
+               "runs": []}
+    for label, fmt in fmts:
+        if a.checkpoint:
+            from nanochat_core.checkpoint import load_model
+            model, tokenizer, meta = load_model(a.checkpoint, device, dtype=fmt)
+            what = f"checkpoint {meta.get('path')}"
+            print(f"load        {meta['load_s']:.1f} s ({meta['load_how']})")
+        else:
+            model, tokenizer = in_format(base, fmt, device), _Tokens(base.config.vocab_size)
+            what = f"random d{depth}"
+        engine = Engine(model, tokenizer)
+        cfg, vocab = model.config, tokenizer.get_vocab_size()
+        if prompt_len + steps >= engine.context_len:
+            raise NanochatError(f"prompt + decode tokens must stay below the model's context ({engine.context_len})")
+        weight_bytes = weight_bytes_read(model)                        # matrices + lm_head: read every step
+        kv_bytes = 2 if gpu else 4                                     # the cache holds activations: bf16 / fp32
+        kv_per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * kv_bytes
+        print(f"\n== {label}")
+        print(f"model       {what}: {model.num_params() / 1e6:.1f}M params ({model.num_scaling_params() / 1e6:.1f}M "
+              f"matrix weights, {weight_bytes / 1e6:.0f} MB read per step), {cfg.n_layer} layers, width {cfg.n_embd}, "
+              f"weights {fmt}")
+        results.setdefault("model", what)
+        results.setdefault("params", model.num_params())
+        results.setdefault("weight_bytes", weight_bytes)           # of the first format (the old single field)
+        prompt = [int(t) for t in torch.randint(0, vocab - 16, (prompt_len,), generator=torch.Generator().manual_seed(0))]
+        time_decode(engine, prompt[:16], 1, 4, True)                   # warm-up: allocator, kernels, threads
+        prefill = time_prefill(model, prompt_len, vocab, device)
+        results.setdefault("prefill_tok_s", prefill)
+        results.setdefault("formats", {})[label] = {"dtype": fmt, "weight_bytes": weight_bytes, "prefill_tok_s": prefill}
+        print(f"prefill     {prefill:,.0f} tok/s  (batch 1, {prompt_len}-token prompt)")
+        print(f"{'decode':<12}{'batch':>5}{'tok/s':>12}{'ms/step':>10}{'bound tok/s':>13}{'of bound':>10}{'1st token':>11}")
+        for use_cache in (True, False):
+            for b in batches:
+                n = steps if use_cache else nc_steps
+                tps, ttft = time_decode(engine, prompt, b, n, use_cache)
+                ctx = prompt_len + n / 2                                   # mean context length over the run
+                step_bytes = weight_bytes + b * kv_per_token * ctx
+                bound = b * bw / step_bytes
+                frac = tps / bound
+                kind = "KV cache" if use_cache else "no cache"
+                print(f"{kind:<12}{b:>5}{tps:>12,.1f}{1000 * b / tps:>10.2f}{bound:>13,.0f}{frac:>9.0%}{1000 * ttft:>9.0f}ms")
+                results["runs"].append({"dtype": fmt, "format": label, "kv_cache": use_cache, "batch": b, "tokens": n,
+                                        "tok_s": tps, "bound_tok_s": bound, "fraction_of_bound": frac,
+                                        "first_token_s": ttft, "weight_bytes": weight_bytes})
+        one = {(r["kv_cache"], r["batch"]): r["tok_s"] for r in results["runs"] if r["format"] == label}
+        if (True, 1) in one and (False, 1) in one:
+            print(f"KV cache speed-up at batch 1: {one[(True, 1)] / one[(False, 1)]:.1f}x "
+                  f"(no-cache runs decode {nc_steps} tokens after a {prompt_len}-token prompt)")
+        del engine, model
+    if len(fmts) > 1:
+        first = fmts[0][0]
+        ref = {(r["kv_cache"], r["batch"]): r for r in results["runs"] if r["format"] == first}
+        print()
+        for label, _ in fmts[1:]:
+            for r in results["runs"]:
+                if r["format"] == label and r["kv_cache"] and (True, r["batch"]) in ref:
+                    base_r = ref[(True, r["batch"])]
+                    print(f"{label} vs {first}, batch {r['batch']} with KV cache: decode {r['tok_s'] / base_r['tok_s']:.2f}x, "
+                          f"first token {r['first_token_s']:.2f} s vs {base_r['first_token_s']:.2f} s")
     if a.json:
         atomic_write_json(a.json, results)
 

@@ -1,0 +1,222 @@
+"""Inference weight formats (quantize.py) and the inference load path: the int8 kernel against fp32, the
+quantised model against the fp32 one, the copy cached next to a checkpoint (reused, and rebuilt when the
+checkpoint changes), memory-mapped loading, and how chat/serve pick a device and a format."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat_core import checkpoint, quantize
+from nanochat_core.common import NanochatError
+from nanochat_core.engine import Engine, KVCache
+from nanochat_core.model import GPT, config_for_depth
+
+
+def _checkpoint(root, tokenizer, seed: int):
+    """A run dir with one saved base checkpoint of a depth-1 model whose every weight is non-trivial."""
+    from nanochat_core.checkpoint import save_checkpoint
+    tokenizer.save(root / "tokenizer")
+    cfg = config_for_depth(1, tokenizer.get_vocab_size(), sequence_len=64, head_dim=32)
+    torch.manual_seed(seed)
+    model = GPT.build(cfg, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = save_checkpoint(root / "base", 1, model, torch.optim.AdamW(model.parameters()),
+                           {"tokenizer_hash": tokenizer.hash}, 0, 1)
+    return model.eval(), ckpt
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_the_int8_kernel_computes_the_dequantised_matmul(M):
+    """Odd sizes on purpose: N not a multiple of the kernel's 4 rows, K not a multiple of its vector width."""
+    fn = quantize.int8_kernel()
+    if fn is None:
+        pytest.skip("no C compiler on this machine: the fallback path is what runs (tested below)")
+    torch.manual_seed(0)
+    N, K = 37, 45
+    q, s = quantize.quantize_rows(torch.randn(N, K))
+    x = torch.randn(M, K)
+    y = torch.empty(M, N)
+    fn(x.data_ptr(), q.data_ptr(), s.data_ptr(), y.data_ptr(), M, N, K, 1)
+    ref = F.linear(x.double(), q.double()) * s.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])   # decode (kernel), small batch (kernel), prefill (dequantise)
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int8_linear_is_close_to_fp32(rows, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(quantize, "_KERNEL", False)   # as on a machine without a C compiler
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) / 128 ** 0.5
+    x = torch.randn(2, rows, 128)
+    lin = quantize.QuantLinear.from_float(w, "int8")
+    assert lin.weight.dtype == torch.int8 and lin.scale.shape == (96,)
+    with torch.inference_mode():
+        y, ref = lin(x), F.linear(x, w)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    # per-row int8 rounds each weight by <= scale/2: ~0.4% of the row's largest weight; with bf16 activations
+    # (the prefill path on bf16 CPUs) another ~0.4%
+    rel = ((y - ref).norm() / ref.norm()).item()
+    assert rel < 0.02, rel
+    # and it is the matmul of the dequantised weights, not merely something close to fp32
+    deq = F.linear(x, lin.weight.float() * lin.scale[:, None])
+    exact = kernel and rows <= quantize.KERNEL_MAX_ROWS and quantize.int8_kernel() is not None   # fp32 throughout
+    assert ((y - deq).norm() / deq.norm()).item() < (1e-5 if exact else 0.01)
+
+
+def test_int8_embedding_rows_are_the_dequantised_rows():
+    torch.manual_seed(0)
+    w = torch.randn(50, 24)
+    emb = quantize.QuantEmbedding.from_float(w, "int8")
+    idx = torch.tensor([[0, 7, 49], [3, 3, 1]])
+    rows = emb(idx)
+    torch.testing.assert_close(rows, w[idx], atol=(w.abs().amax(1).max() / 127).item(), rtol=0)
+    torch.testing.assert_close(rows, emb.weight[idx].float() * emb.scale[idx, None])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_quantised_model_follows_the_fp32_model(fmt, tiny_tokenizer, tmp_path):
+    """The whole model through load_model: logits close to fp32's, and decoding with the KV cache gives what a
+    full recomputation gives (the cache holds the same keys/values whatever path each matmul took)."""
+    model, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    qmodel, _, meta = checkpoint.load_model(ckpt, "cpu", dtype=fmt)
+    assert meta["dtype"] == fmt and quantize.describe(qmodel) == fmt
+    assert quantize.weight_bytes_read(qmodel) < quantize.weight_bytes_read(model) / (1.9 if fmt == "bf16" else 3.5)
+    idx = torch.randint(0, tiny_tokenizer.get_vocab_size(), (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref, full = model(idx), qmodel(idx)
+        cache = KVCache.for_model(qmodel, 1, 24)
+        stepped = torch.cat([qmodel(idx[:, :8], kv_cache=cache)] + [qmodel(idx[:, t:t + 1], kv_cache=cache)
+                                                                     for t in range(8, 24)], dim=1)
+    assert ((full - ref).norm() / ref.norm()).item() < 0.03
+    torch.testing.assert_close(stepped, full, atol=0.05 * ref.abs().max().item(), rtol=0)
+
+
+def test_the_format_copy_is_cached_reused_and_rebuilt_when_the_checkpoint_changes(tiny_tokenizer, tmp_path):
+    model_a, ckpt = _checkpoint(tmp_path / "a", tiny_tokenizer, 0)
+    idx = torch.randint(0, tiny_tokenizer.get_vocab_size(), (1, 12), generator=torch.Generator().manual_seed(2))
+    first, _, meta = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    cache = checkpoint.quantized_cache_path(ckpt, "int8")
+    assert cache.is_file() and "cached as" in meta["load_how"]
+    again, _, meta = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    assert meta["load_how"] == "cached int8 copy"
+    _same_weights(first, again)   # the cached copy IS the conversion, bit for bit
+    # the checkpoint is replaced in place (a re-pull rsyncs new weights and meta.json into the same dir) and
+    # the stale int8 copy stays behind: it must not be used
+    model_b, ckpt_b = _checkpoint(tmp_path / "b", tiny_tokenizer, 1)
+    for name in ("model.safetensors", "meta.json"):
+        shutil.copy(ckpt_b / name, ckpt / name)
+    rebuilt, _, meta = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    assert "cached as" in meta["load_how"]
+    fresh, _, _ = checkpoint.load_model(ckpt_b, "cpu", dtype="int8")
+    _same_weights(rebuilt, fresh)
+    with torch.inference_mode():
+        assert not torch.allclose(rebuilt(idx), first(idx), atol=1e-3)
+    # a damaged cache is rebuilt too, not an error
+    cache.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    _, _, meta = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    assert "cached as" in meta["load_how"]
+
+
+def test_fp32_loading_maps_the_file_instead_of_copying_it(tiny_tokenizer, tmp_path):
+    """The weights of a loaded model live in the checkpoint file's pages (a mapping), and equal what was saved."""
+    model, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    loaded, _, meta = checkpoint.load_model(ckpt, "cpu", dtype="fp32")
+    assert meta["load_how"] == "memory-mapped" and meta["load_s"] >= 0
+    state, _ = checkpoint.mmap_safetensors(ckpt / "model.safetensors")
+    raw = (ckpt / "model.safetensors").read_bytes()
+    w = loaded.lm_head.weight
+    # the tensor's bytes are the file's bytes at the header's offset: a view of the mapping, not a new buffer
+    header_len = int.from_bytes(raw[:8], "little")
+    begin = json.loads(raw[8:8 + header_len])["lm_head.weight"]["data_offsets"][0]
+    assert bytes(w.detach().numpy().tobytes()) == raw[8 + header_len + begin:8 + header_len + begin + w.nbytes]
+    assert not w.untyped_storage().resizable()   # storages torch allocates itself are resizable; a mapping is not
+    for k, v in model.state_dict().items():
+        if k not in ("cos", "sin"):
+            assert torch.equal(state[k], v), k
+    with torch.inference_mode():
+        idx = torch.randint(0, 100, (1, 9))
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(NanochatError, match="cannot be read"):
+        checkpoint.mmap_safetensors(path)
+
+
+def test_dtype_names_and_what_auto_picks():
+    assert quantize.resolve_dtype("auto", "cpu") == "int8"
+    assert quantize.resolve_dtype(None, "cpu") == "int8"
+    assert quantize.resolve_dtype("auto", "cuda") == "bf16"
+    assert quantize.resolve_dtype("auto", "mps") == "bf16"
+    assert quantize.resolve_dtype("fp32", "mps") == "fp32"
+    with pytest.raises(NanochatError, match="--dtype must be one of"):
+        quantize.resolve_dtype("int4", "cpu")
+
+
+def test_chat_autodetects_mps_on_apple_silicon(monkeypatch):
+    """No Mac here: the device choice is what can be tested. CUDA first, then MPS, then the CPU."""
+    from nanochat_core.common import autodetect_device_type
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert autodetect_device_type() == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert autodetect_device_type() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert autodetect_device_type() == "cpu"
+
+
+def test_the_engine_generates_with_an_int8_model(tiny_tokenizer, tmp_path):
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    qmodel, tok, _ = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    engine = Engine(qmodel, tok)
+    prompt = [tok.get_bos_token_id()] + tok.encode("hello")
+    a, _ = engine.generate_batch(prompt, 2, max_tokens=8, temperature=0.0, seed=0)
+    assert a[0] == a[1] and len(a[0]) > len(prompt)
+
+
+def test_a_bad_dtype_is_one_line_and_exit_nonzero(tiny_tokenizer, tmp_path):
+    import os
+    import subprocess
+    import sys
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    env = dict(os.environ, NANOCHAT_HOME=str(tmp_path / "home"))
+    for argv in (["-m", "nanochat_cli.main", "chat", "--checkpoint", str(ckpt), "--prompt", "hi", "--dtype", "int4"],
+                 ["-m", "nanochat_core.bench", "infer", "--depth", "1", "--dtype", "fp16"]):
+        p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-800:]
+        assert "--dtype must be one of" in p.stderr
+
+
+def test_chat_answers_with_an_int8_model_and_says_how_it_loaded(tiny_tokenizer, tmp_path):
+    """The whole `nanochat chat --prompt` path, default dtype (auto = int8 here), twice: the second start uses
+    the cached copy."""
+    import os
+    import subprocess
+    import sys
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    env = dict(os.environ, NANOCHAT_HOME=str(tmp_path / "home"))
+    argv = [sys.executable, "-m", "nanochat_cli.main", "chat", "--checkpoint", str(ckpt), "--prompt", "hi",
+            "--max-tokens", "4", "--temperature", "0"]
+    first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-800:]
+    assert "int8 weights, loaded in" in first.stderr and "cached as model.int8.safetensors" in first.stderr
+    second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0 and "(cached int8 copy)" in second.stderr
+    assert second.stdout == first.stdout
