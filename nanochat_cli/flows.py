@@ -379,7 +379,7 @@ def launch_and_follow(rec, plan, args, run_name, *, budget_usd, candidates, loca
 
 def last_sample(rd: Path) -> str | None:
     """The last sample the run logged from its most finished model: a chat stage's if any, else base's."""
-    from nanochat_core.common import parse_event
+    from nanochat_core.common import TRAINED_STAGES, parse_event
     best: dict[str, str] = {}
     try:
         with open(rd / "pipeline.log", encoding="utf-8", errors="replace") as f:
@@ -389,7 +389,7 @@ def last_sample(rd: Path) -> str | None:
                     best[str(ev.get("stage"))] = str(ev["text"])
     except OSError:
         return None
-    return next((best[s] for s in ("rl", "sft", "mid", "base") if s in best), None)
+    return next((best[s] for s in TRAINED_STAGES if s in best), None)
 
 
 def print_finish(rd: Path, local: bool) -> None:

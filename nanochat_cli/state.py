@@ -22,7 +22,7 @@ import time
 from typing import Any
 from pathlib import Path
 
-from nanochat_core.common import NanochatError, atomic_write_json, nanochat_home, runs_dir
+from nanochat_core.common import NanochatError, atomic_write_json, has_trained_model, list_runs, nanochat_home, runs_dir
 
 LOCAL_CLUSTER = "local"
 
@@ -132,23 +132,6 @@ def run_dir(name: str) -> Path:
     return runs_dir() / name
 
 
-def list_runs() -> list[Path]:
-    """Run directories, most recently modified first (a run's mtime moves as files land in it)."""
-    if not runs_dir().is_dir():
-        return []
-    runs = [p for p in runs_dir().iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(runs, key=_run_mtime, reverse=True)
-
-
-def _run_mtime(p: Path) -> float:
-    newest = p.stat().st_mtime
-    for name in (".job.json", "pipeline.log", "MANIFEST.sha256", "stages.json"):
-        f = p / name
-        if f.exists():
-            newest = max(newest, f.stat().st_mtime)
-    return newest
-
-
 _SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",)), "plan.json": (PLAN_FIELDS, ())}
 _warned: set[str] = set()
 
@@ -202,13 +185,13 @@ def save_log_cursor(rd: Path, backend: str, cursor: Any) -> None:
 
 def find_latest_run(name: str | None = None, *, has: str = "job", nothing: str = "no run") -> Path:
     """The run a command works on: the one named, else the most recent run that has what the command needs.
-    has="job": it was started (logs, pull); has="model": it holds a trained checkpoint stage (chat, serve,
-    eval, export). One rule for every command, so they never disagree about which run is "the latest".
+    has="job": it was started (logs, pull); has="model": it holds a trained stage (chat, serve, eval,
+    export; common.has_trained_model, the rule `python -m nanochat_core.chat` follows too). One rule for every command, so they never disagree about which run is "the latest".
     `nothing` starts the error when there is none ("nothing to pull", ...)."""
     def fits(rd: Path) -> bool:
         if has == "job":
             return (rd / ".job.json").exists()
-        return any((rd / stage).is_dir() for stage in ("rl", "sft", "mid", "base"))
+        return has_trained_model(rd)
     if name:
         rd = run_dir(name)
         if not fits(rd):

@@ -167,11 +167,12 @@ def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
     return f"User: {prompt}\nAssistant: {tokenizer.decode(seqs[0][len(ids):])}"
 
 
-def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
-    """Fine-tune the latest checkpoint of `sources` (first found) on `dataset`; checkpoints to run_dir/stage."""
+def train_conversations(stage: str, dataset, a) -> None:
+    """Fine-tune the latest checkpoint of the most trained earlier stage on `dataset`; checkpoints to
+    run_dir/stage."""
     run = StageRun(stage, a.run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
     rt, tokenizer = run.rt, run.tokenizer
-    init = run.init_checkpoint(sources)
+    init = run.init_checkpoint()
     init_meta = checkpoint.read_meta(init)
     set_seed(a.seed)
     model = run.build_model(init_meta["config"])

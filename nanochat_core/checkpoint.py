@@ -43,12 +43,12 @@ from typing import Any, Callable
 
 from nanochat_core import shared_dir
 from nanochat_core.shared_dir import all_gather, barrier, broadcast   # broadcast and barrier: the stages' too
-from nanochat_core.common import NanochatError, atomic_write_bytes, json_default, replace_dir, sha256_file
+from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_bytes, json_default, replace_dir,
+                                  sha256_file)
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 FILE_RE = re.compile(r"^(model\.safetensors|optim_rank\d{3,}\.pt)$")  # the only names a checkpoint may list
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-STAGE_PRIORITY = ["rl", "sft", "mid", "base"]  # load_model on a run dir picks the most trained stage
 DEFAULT_KEEP = 3
 
 
@@ -476,7 +476,7 @@ def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
         return path
     if CKPT_RE.match(path.name):
         raise NanochatError(f"{path} is not a complete checkpoint (no meta.json): pass the run directory instead")
-    stages = [stage] if stage else STAGE_PRIORITY
+    stages = [stage] if stage else TRAINED_STAGES   # a run dir: its most trained stage
     for s in stages:
         found = find_latest(path / s, weights_only=True)   # inference: no optimizer needed
         if found is not None:
@@ -485,7 +485,7 @@ def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
         found = find_latest(path, weights_only=True)  # a stage dir was passed
         if found is not None:
             return found
-    what = f"stage '{stage}'" if stage else "any stage (rl, sft, mid, base)"
+    what = f"stage '{stage}'" if stage else f"any stage ({', '.join(TRAINED_STAGES)})"
     raise NanochatError(f"no complete checkpoint for {what} under {path}: train one first "
                         f"(nanochat train --local) or pass --checkpoint DIR")
 

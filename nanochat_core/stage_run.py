@@ -3,7 +3,7 @@ StageRun: the set-up and tear-down every training stage's loop shares (base, mid
 file holds only its own loop.
 
     run = StageRun("sft", run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
-    init = run.init_checkpoint(["mid", "base"])     # our own latest checkpoint (resume), else the previous stage's
+    init = run.init_checkpoint()     # our own latest checkpoint (resume), else the latest of an earlier stage
     model = run.build_model(checkpoint.read_meta(init)["config"])
     ...
     while ...:
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat_core import checkpoint, shared_dir, training
-from nanochat_core.common import NanochatError, cleanup_runtime, emit, init_runtime
+from nanochat_core.common import TRAINED_STAGES, NanochatError, cleanup_runtime, emit, init_runtime
 
 
 class StageRun:
@@ -48,11 +48,12 @@ class StageRun:
             lambda: checkpoint.find_latest(self.stage_dir) if self.stage_dir.is_dir() else None)
         self.stopped = False
 
-    def init_checkpoint(self, sources: list[str]) -> Path:
+    def init_checkpoint(self) -> Path:
         """Where the weights come from: our own latest checkpoint when resuming, else the latest checkpoint of
-        the first of `sources` (earlier stages, most trained first) that has one."""
+        the most trained earlier stage that has one (common.TRAINED_STAGES: RL starts from SFT, else mid, ...)."""
         if self.resume_from is not None:
             return self.resume_from
+        sources = TRAINED_STAGES[TRAINED_STAGES.index(self.stage) + 1:]
         for s in sources:   # rank 0 looks (hashing a big checkpoint once, not once per GPU), every rank gets its answer
             stage_dir = self.run_dir / s
             found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir) if stage_dir.is_dir() else None)

@@ -161,7 +161,7 @@ def main(argv=None) -> None:
             test_task = load_rl_task(a.task, "test")
         except NanochatError as e:
             print0(f"no periodic eval: {e}")
-    init = run.init_checkpoint(["sft", "mid", "base"])
+    init = run.init_checkpoint()
     init_meta = checkpoint.read_meta(init)
     set_seed(a.seed)
     model = run.build_model(init_meta["config"])
