@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from nanochat_core import checkpoint
 from nanochat_core.common import NanochatError, emit, print0
+from nanochat_core.proctree import STARTTIME, stat_fields
 from nanochat_core.shared_dir import dist_active
 
 
@@ -60,9 +61,11 @@ def preset_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: f
 def process_start_time() -> float:
     """Unix time at which this process started (Linux: from /proc; elsewhere: first import of this
     module, which is close). `--deadline SECONDS` counts from here, so slow imports count too."""
+    fields = stat_fields("self")
+    if fields is None:
+        return _IMPORT_TIME
     try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        ticks = int(fields[STARTTIME])
         with open("/proc/stat") as f:
             btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
         return btime + ticks / os.sysconf("SC_CLK_TCK")

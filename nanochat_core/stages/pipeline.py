@@ -256,17 +256,10 @@ class Pipeline:
                                       pass_fds=fds, preexec_fn=runlock.child_setup(os.getpid()))
         runlock.record_stage(self.lock_fd, self.child.pid)
         try:
-            while True:
-                left = None if not self.a.deadline_at else self.a.deadline_at - time.time()
-                try:
-                    return self.child.wait(timeout=None if left is None else max(0.0, min(left, 5.0)))
-                except subprocess.TimeoutExpired:
-                    if left is not None and left <= 0:
-                        print("budget deadline reached: stopping this stage", flush=True)
-                        proctree.kill_tree(self.child.pid, STOP_GRACE_S)
-                        self.child.wait()
-                        self.deadline_hit = True
-                        return None
+            rc = proctree.wait_or_stop(self.child, self.a.deadline_at or None, STOP_GRACE_S, "this stage")
+            if rc is None:
+                self.deadline_hit = True
+            return rc
         finally:
             self.child = None
 
