@@ -337,7 +337,7 @@ class SkyBackend:
                 with _quiet():
                     sky.get(sky.down(rec["name"]))
             except Exception as down_error:
-                if not ("does not exist" in str(down_error) or type(down_error).__name__ == "ClusterDoesNotExist"):
+                if not already_gone(down_error):
                     raise NanochatError(
                         f"{action} failed ({type(e).__name__}: {str(e).strip()[:200]}) and tearing the cluster down "
                         f"failed too ({type(down_error).__name__}); it may be billing: run `nanochat down --cluster "
@@ -556,12 +556,12 @@ class SkyBackend:
                     except Exception as e:
                         # The jobs controller stops itself once no managed job is left: if it is not up,
                         # none of ours is running, and the record must still be clearable.
-                        if type(e).__name__ != "ClusterNotUpError" and not already_gone(e):
+                        if not already_gone(e):
                             raise
             # Always also tear down a cluster of this name, should one exist: never leave a node billing.
             sky.get(sky.down(rec["name"]))
         except Exception as e:
-            if "does not exist" in str(e) or type(e).__name__ == "ClusterDoesNotExist":
+            if already_gone(e):
                 return runs if rec.get("spot") else []  # already gone: down is idempotent
             raise sky_error(f"tearing down {rec['name']}", e) from None
         return runs

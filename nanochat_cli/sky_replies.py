@@ -23,8 +23,19 @@ def job_state_name(status) -> str | None:
     return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
 
 
-def already_gone(e: Exception) -> bool:
-    return "does not exist" in str(e) or type(e).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
+# SkyPilot 0.14 saying there is nothing left to stop: `sky.down` of a cluster it has no record of raises
+# ClusterDoesNotExist; `sky.jobs.cancel` raises ClusterNotUpError when the jobs controller is not up (it stops
+# itself once no managed job is left), so none of ours is running. `down` never raises the latter. Both keep
+# their class through the API server (sky.exceptions.deserialize_exception), so the class decides - never the
+# message: "does not exist" also ends SkyPilot errors that do not mean the node is gone.
+GONE = ("ClusterDoesNotExist", "ClusterNotUpError")
+
+
+def already_gone(e: BaseException) -> bool:
+    """Does this SkyPilot error mean the cluster (or the managed jobs' controller) is gone, so that nothing
+    of ours is billing there? The one test of it: teardown after a failed launch, `down`, `down` of what
+    `status` discovered."""
+    return any(cls.__name__ in GONE for cls in type(e).__mro__)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
