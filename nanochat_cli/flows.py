@@ -230,15 +230,11 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
 def _check_train_flags(depth, local, nodes, bucket, stages) -> str | None:
     """One-line refusals before anything is chosen or paid for; returns --stages normalised."""
     if stages is not None:
-        from nanochat_core.stages.pipeline import ALL_STAGES
-        chosen = [x.strip() for x in stages.split(",") if x.strip()]
-        unknown = [x for x in chosen if x not in ALL_STAGES]
-        if not chosen or unknown:
-            raise NanochatError(f"--stages takes a comma list from {','.join(ALL_STAGES)}; "
-                                f"got '{stages}'")
-        stages = ",".join(chosen)
-    if depth is not None and not 1 <= depth <= 64:
-        raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+        from nanochat_core.stages.pipeline import parse_stages
+        stages = ",".join(parse_stages(stages))
+    if depth is not None:
+        from nanochat_core.model_config import check_depth
+        check_depth(depth)
     if bucket and not local:
         from nanochat_cli.bucket import parse
         parse(bucket)  # a scheme we can mount and pull from, refused now rather than on the node

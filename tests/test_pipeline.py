@@ -74,3 +74,17 @@ def test_local_dryrun_plan_counts_the_model_the_local_preset_trains():
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
     assert [s["name"] for s in plan["stages"]] == ["preflight"] and plan["hours"] == plan["stages"][0]["hours"]
+
+
+@pytest.mark.parametrize("stages", [",", "tok,bsae"])
+def test_the_pipeline_and_the_cli_refuse_the_same_stages_in_the_same_words(stages, tmp_path):
+    """--stages has one check (pipeline.parse_stages): the pipeline run by hand refuses what `nanochat train`
+    refuses, before it takes the run dir's lock, with the same line."""
+    from nanochat_cli.main import app
+    from nanochat_core.stages.pipeline import Pipeline
+    r = CliRunner().invoke(app, ["train", "--local", "--dryrun", "--stages", stages])
+    assert r.exit_code == 2
+    with pytest.raises(NanochatError) as e:
+        Pipeline(parse_args(["--run-dir", str(tmp_path / "r"), "--stages", stages])).run()
+    assert str(e.value) in r.stderr and "--stages takes a comma list from preflight,tok," in str(e.value)
+    assert not (tmp_path / "r").exists()

@@ -29,6 +29,18 @@ from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_
 from nanochat_core.lead_link import LeadLink, wait_for_file
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
+
+
+def parse_stages(text: str) -> list[str]:
+    """`--stages` (a comma list from ALL_STAGES) as a list, or one line saying what is wrong: the pipeline's
+    check and `nanochat train`'s, which refuses it before anything is paid for."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in ALL_STAGES]
+    if not chosen or unknown:
+        what = f"unknown stage(s) {', '.join(unknown)}" if unknown else f"no stage in '{text}'"
+        raise NanochatError(f"{what}: --stages takes a comma list from {','.join(ALL_STAGES)}")
+    return chosen
+
 # preflight (nanochat_core/preflight.py) opens every cloud run: a minute of checks at the planned depth and
 # device batch, so a broken device path or a slow node stops the job before the budget goes on it.
 DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "preflight,tok,base,mid,sft,eval,report"}
@@ -331,10 +343,7 @@ class Pipeline:
 
     def run(self) -> None:
         a = self.a
-        stages = [s.strip() for s in (a.stages or DEFAULT_STAGES[a.preset]).split(",") if s.strip()]
-        unknown = [s for s in stages if s not in ALL_STAGES]
-        if unknown:
-            raise NanochatError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ALL_STAGES)}")
+        stages = parse_stages(a.stages or DEFAULT_STAGES[a.preset])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.lock_fd = runlock.acquire(self.run_dir)  # one writer per run dir; held until we exit
         signal.signal(signal.SIGTERM, self.forward_signal)
