@@ -34,13 +34,12 @@ from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
 from nanochat_cli.sky_replies import already_gone, sky_error, job_state_name, record_managed_price
-from nanochat_cli.task_files import workdir, yaml_path
+from nanochat_cli.task_files import BUCKET_MOUNT, NODE_RUNS, bucket_runs, workdir, yaml_path
 from nanochat_cli.backend import start_of
 
 # Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
 ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
                "~/.lambda_cloud/lambda_keys or `nebius` CLI login, then run `sky check`")
-REMOTE_RUNS = "~/nanochat_runs"
 
 
 @contextlib.contextmanager
@@ -270,8 +269,8 @@ def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | N
         # MOUNT_CACHED: checkpoints are written to local disk and uploaded in the background, so saving
         # stays fast and they outlive the node (a plain file_mount would only copy the bucket down once).
         storage = sky.Storage(source=rec["bucket"], mode=sky.StorageMode.MOUNT_CACHED)
-        task.set_storage_mounts({"/nanochat-bucket": storage})
-        bucket_dir = "/nanochat-bucket/runs"
+        task.set_storage_mounts({BUCKET_MOUNT: storage})
+        bucket_dir = bucket_runs(BUCKET_MOUNT)
     task.update_envs({"NANOCHAT_RUN": run_name, "NANOCHAT_ARGS": shlex.join(args),
                       "NANOCHAT_DEADLINE_AT": str(int(deadline_at)) if deadline_at else "",
                       "NANOCHAT_BUCKET_DIR": bucket_dir})
@@ -529,7 +528,7 @@ class SkyBackend:
 
     def pull(self, rec: dict, rd: Path, dest: Path) -> int:
         if rec.get("bucket"):
-            src = rec["bucket"].rstrip("/") + f"/runs/{rd.name}"
+            src = f"{bucket_runs(rec['bucket'])}/{rd.name}"
             pull_mod.bucket_sync(src, dest)
         else:
             # Only the `sky` CLI writes the ssh alias for a cluster; `sky status <name>` refreshes it.
@@ -539,7 +538,7 @@ class SkyBackend:
             with contextlib.suppress(OSError):
                 subprocess.run([str(sky_cli) if sky_cli.exists() else "sky", "status", rec["name"]],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-            pull_mod.rsync(f"{rec['name']}:{REMOTE_RUNS}/{rd.name}", dest, ssh=True)
+            pull_mod.rsync(f"{rec['name']}:{NODE_RUNS}/{rd.name}", dest, ssh=True)
         return pull_mod.verify(dest)
 
     def down(self, rec: dict) -> list[str]:
