@@ -193,6 +193,7 @@ def train_conversations(stage: str, dataset, a) -> None:
     training.remember_initial_lr(optimizer)
     loader = ConversationLoader(dataset, tokenizer, B, T, rt.rank, rt.world_size, a.seed, rt.device)
 
+    run.attach(model, optimizer)
     step, elapsed_before, warm = 0, 0.0, False
     if run.resume_from:
         meta = run.resume(model, optimizer)
@@ -231,9 +232,8 @@ def train_conversations(stage: str, dataset, a) -> None:
            f"{', ' + str(horizon['minutes']) + ' min' if horizon['minutes'] else ''}")
 
     def save_now() -> None:
-        run.save(step, model, optimizer, {"horizon": horizon, "train_seconds": round(meter.elapsed(), 2),
-                                          "last_loss": meter.last.get("loss"), "plan": init_meta.get("plan")},
-                 loader.state_dict())
+        run.save(step, {"horizon": horizon, "train_seconds": round(meter.elapsed(), 2),
+                        "last_loss": meter.last.get("loss"), "plan": init_meta.get("plan")}, loader.state_dict())
 
     t_loop = time.time()
     model.train()

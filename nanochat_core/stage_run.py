@@ -3,8 +3,10 @@ StageRun: the set-up and tear-down every training stage's loop shares (base, mid
 file holds only its own loop.
 
     run = StageRun("sft", run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
-    init = run.init_checkpoint()     # our own latest checkpoint (resume), else the latest of an earlier stage
+    init = run.init_checkpoint()      # our own latest checkpoint (resume), else the latest of an earlier stage
     model = run.build_model(checkpoint.read_meta(init)["config"])
+    optimizer = ...
+    run.attach(model, optimizer)      # what every run.save(step, meta, loader_state) writes
     ...
     while ...:
         ...
@@ -73,10 +75,18 @@ class StageRun:
         return training.resume(self.stage_dir, model, optimizer, self.stage, self.rt.rank, self.tokenizer.hash,
                                ckpt=self.resume_from)
 
-    def save(self, step: int, model: Any, optimizer: Any, meta: dict, loader_state: dict | None = None) -> None:
-        meta = {"stage": self.stage, "tokenizer_hash": self.tokenizer.hash, **meta}
-        training.save(self.stage_dir, step, model, optimizer, meta, self.rt.rank, self.rt.world_size, loader_state,
-                      self.stage, self.guard)
+    def attach(self, model: Any, optimizer: Any) -> None:
+        """The model and optimizer this stage trains: what every run.save from now on writes."""
+        self.saver = checkpoint.Saver(self.stage_dir, model, optimizer, self.rt.rank, self.rt.world_size)
+
+    def save(self, step: int, meta: dict, loader_state: dict | None = None) -> None:
+        """A checkpoint of the attached model at `step` (collective), the `checkpoint` event, and what the
+        guard learns from it: how long a save takes, so that a deadline stop leaves time for one."""
+        t0 = time.time()
+        path = self.saver.save(step, {"stage": self.stage, "tokenizer_hash": self.tokenizer.hash, **meta},
+                               loader_state)
+        self.guard.note_save(time.time() - t0)
+        emit("checkpoint", stage=self.stage, step=step, path=str(path))
         self.cadence.saved()
 
     def finish(self, steps: int, **fields: Any) -> None:

@@ -423,18 +423,6 @@ def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str,
     return meta
 
 
-def save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, rank: int, world_size: int,
-         loader_state: dict | None, stage: str, guard: StopGuard | None = None) -> Path:
-    """save_checkpoint + the `checkpoint` event + teaching the guard how long a save takes."""
-    t0 = time.time()
-    path = checkpoint.save_checkpoint(stage_dir, step, model, optimizer, meta, rank, world_size,
-                                      loader_state=loader_state)
-    if guard is not None:
-        guard.note_save(time.time() - t0)
-    emit("checkpoint", stage=stage, step=step, path=str(path))
-    return path
-
-
 # -----------------------------------------------------------------------------
 # Evaluation: bits per byte
 
