@@ -23,18 +23,14 @@ def job_state_name(status) -> str | None:
     return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
 
 
-# SkyPilot 0.14 saying there is nothing left to stop: `sky.down` of a cluster it has no record of raises
-# ClusterDoesNotExist; `sky.jobs.cancel` raises ClusterNotUpError when the jobs controller is not up (it stops
-# itself once no managed job is left), so none of ours is running. `down` never raises the latter. Both keep
-# their class through the API server (sky.exceptions.deserialize_exception), so the class decides - never the
-# message: "does not exist" also ends SkyPilot errors that do not mean the node is gone.
+# SkyPilot 0.14 saying nothing of ours is left to stop: sky.down raises ClusterDoesNotExist for a cluster it
+# does not know, sky.jobs.cancel ClusterNotUpError when the jobs controller is down (it stops once no managed
+# job is left). Both keep their class through the API server; the message decides nothing ("does not exist"
+# ends other errors too, and a record dropped by mistake is a node billing unseen).
 GONE = ("ClusterDoesNotExist", "ClusterNotUpError")
 
 
 def already_gone(e: BaseException) -> bool:
-    """Does this SkyPilot error mean the cluster (or the managed jobs' controller) is gone, so that nothing
-    of ours is billing there? The one test of it: teardown after a failed launch, `down`, `down` of what
-    `status` discovered."""
     return any(cls.__name__ in GONE for cls in type(e).__mro__)
 
 

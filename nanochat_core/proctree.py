@@ -31,9 +31,8 @@ STATE, PPID, STARTTIME = 0, 1, 19
 
 
 def stat_fields(pid: int | str) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (STATE, PPID, STARTTIME index them), or None if
-    there is no such process or no /proc (macOS). The one parser of that file: the command name may hold
-    spaces and parentheses, so the fields start after its LAST ')'."""
+    """The one parser of /proc/<pid>/stat: its fields after the command name, which may hold spaces and
+    parentheses (so they start after the LAST ')'); None without that process or without /proc (macOS)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -45,17 +44,16 @@ def stat_fields(pid: int | str) -> list[str] | None:
 def children_map() -> dict[int, list[int]]:
     """parent pid -> child pids, for every process we can see (without /proc, through psutil if it is there)."""
     out: dict[int, list[int]] = {}
-    if not os.path.isdir("/proc"):
+    if os.path.isdir("/proc"):
+        pairs = ((int(f[PPID]), int(n)) for n in os.listdir("/proc") if n.isdigit() and (f := stat_fields(n)))
+    else:
         try:
-            import psutil   # optional (SkyPilot brings it): only for a machine without /proc, e.g. macOS
+            import psutil   # optional (SkyPilot brings it): for a machine without /proc, e.g. macOS
         except ImportError:
             return out
-        for p in psutil.process_iter(["pid", "ppid"]):
-            out.setdefault(p.info["ppid"], []).append(p.info["pid"])
-        return out
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (fields := stat_fields(name)):
-            out.setdefault(int(fields[PPID]), []).append(int(name))
+        pairs = ((p.info["ppid"], p.info["pid"]) for p in psutil.process_iter(["pid", "ppid"]))
+    for parent, pid in pairs:
+        out.setdefault(parent, []).append(pid)
     return out
 
 
@@ -71,7 +69,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _send(pids: list[int], sig: int) -> None:
+def signal_all(pids: list[int], sig: int) -> None:
     for p in pids:
         try:
             os.kill(p, sig)
@@ -86,12 +84,12 @@ def kill_tree(pid: int, grace_s: float, include_self: bool = True, first: int = 
     def tree() -> list[int]:
         return ([pid] if include_self else []) + descendants(pid)
     seen = tree()
-    _send(seen, first)
+    signal_all(seen, first)
     end = time.time() + grace_s
     while time.time() < end and any(pid_alive(p) for p in seen):
         time.sleep(0.1)
         seen += [p for p in tree() if p not in seen]
-    _send(seen + [p for p in tree() if p not in seen], signal.SIGKILL)
+    signal_all(seen + [p for p in tree() if p not in seen], signal.SIGKILL)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -123,10 +121,9 @@ def become_subreaper() -> bool:
 
 def wait_or_stop(proc: subprocess.Popen, deadline_at: float | None, grace_s: float, what: str,
                  term_tree: bool = True) -> int | None:
-    """The one deadline wait: wait for `proc`; at `deadline_at` (unix time, None = never) send SIGTERM - to
-    its whole tree, or with term_tree=False to `proc` alone, which then stops its own children - and
-    `grace_s` later SIGKILL to whatever is left of its tree. Returns its exit code, or None when the deadline
-    ended it. The pipeline waits for each stage with it, the supervisor below for the pipeline."""
+    """The one deadline wait (the pipeline's for a stage, the supervisor's below for the pipeline): wait for
+    `proc`; at `deadline_at` SIGTERM to its tree (term_tree=False: to `proc` alone, which stops its own), and
+    `grace_s` later SIGKILL to what is left. Returns the exit code, or None when the deadline ended it."""
     while True:
         left = None if deadline_at is None else deadline_at - time.time()
         try:
