@@ -448,7 +448,7 @@ def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> st
 
 
 def cmd_logs(*, name, from_start, follow):
-    rd = state.find_latest_run(name, has="job", nothing="no run to show logs for")
+    rd = state.find_latest_run(name, nothing="no run to show logs for")
     final = stream_run(rd, from_start=from_start, follow_on=follow)
     job = state.read_job(rd) or {}
     if final == "UNKNOWN" and job.get("backend") == "sky" and not job.get("managed"):
@@ -468,8 +468,5 @@ def cmd_logs(*, name, from_start, follow):
 
 def resolve_checkpoint(path: Path | None) -> Path:
     """What chat, serve, eval and export load: the path given, else the latest run with a trained model."""
-    if path is not None:
-        if not path.exists():
-            raise NanochatError(f"checkpoint {path} does not exist")
-        return path
-    return state.find_latest_run(has="model", nothing="no trained model found")
+    from nanochat_core.chat import find_checkpoint
+    return find_checkpoint(path)

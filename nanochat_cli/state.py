@@ -22,7 +22,7 @@ import time
 from typing import Any
 from pathlib import Path
 
-from nanochat_core.common import NanochatError, atomic_write_json, has_trained_model, list_runs, nanochat_home, runs_dir
+from nanochat_core.common import NanochatError, atomic_write_json, list_runs, nanochat_home, runs_dir
 
 LOCAL_CLUSTER = "local"
 
@@ -183,26 +183,17 @@ def save_log_cursor(rd: Path, backend: str, cursor: Any) -> None:
     atomic_write_json(rd / ".logpos", {"backend": backend, "cursor": cursor})
 
 
-def find_latest_run(name: str | None = None, *, has: str = "job", nothing: str = "no run") -> Path:
-    """The run a command works on: the one named, else the most recent run that has what the command needs.
-    has="job": it was started (logs, pull); has="model": it holds a trained stage (chat, serve, eval,
-    export; common.has_trained_model, the rule `python -m nanochat_core.chat` follows too). One rule for every command, so they never disagree about which run is "the latest".
-    `nothing` starts the error when there is none ("nothing to pull", ...)."""
-    def fits(rd: Path) -> bool:
-        if has == "job":
-            return (rd / ".job.json").exists()
-        return has_trained_model(rd)
+def find_latest_run(name: str | None = None, *, nothing: str = "no run") -> Path:
+    """The run a job command works on (logs, pull): the one named, else the most recent run that was started.
+    (chat, serve, eval and export load common.latest_trained_run through chat.find_checkpoint.) `nothing`
+    starts the error when there is none ("nothing to pull", ...)."""
     if name:
         rd = run_dir(name)
-        if not fits(rd):
-            what = "has been started" if has == "job" else "has a trained model"
-            raise NanochatError(f"{nothing}: no run named '{name}' {what}; `nanochat status` lists runs")
+        if not (rd / ".job.json").exists():
+            raise NanochatError(f"{nothing}: no run named '{name}' has been started; `nanochat status` lists runs")
         return rd
     for rd in list_runs():
-        if fits(rd):
+        if (rd / ".job.json").exists():
             return rd
-    if has == "job":
-        raise NanochatError(f"{nothing}: no run has been started. Train one with `nanochat train` "
-                            "(or `nanochat train --local` on this machine) first")
-    raise NanochatError(f"{nothing}: run `nanochat train --local` (a few minutes, $0) "
-                        "or `nanochat pull` to bring a cloud run home")
+    raise NanochatError(f"{nothing}: no run has been started. Train one with `nanochat train` "
+                        "(or `nanochat train --local` on this machine) first")

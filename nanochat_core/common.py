@@ -48,14 +48,10 @@ def list_runs() -> list[Path]:
     return sorted(runs, key=active, reverse=True)
 
 
-def has_trained_model(run_dir: Path) -> bool:
-    return any((run_dir / stage).is_dir() for stage in TRAINED_STAGES)
-
-
 def latest_trained_run() -> Path | None:
     """The one rule for "the latest trained model" (chat, serve, eval, export, by hand or through the CLI):
     the most recently active run that has a trained stage, or None."""
-    return next((rd for rd in list_runs() if has_trained_model(rd)), None)
+    return next((rd for rd in list_runs() if any((rd / s).is_dir() for s in TRAINED_STAGES)), None)
 
 
 def data_dir() -> Path:
