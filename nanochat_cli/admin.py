@@ -157,7 +157,7 @@ def cmd_status(*, json_out: bool) -> None:
 
 
 def cmd_pull(*, name: str | None, dest: Path | None) -> None:
-    rd = state.find_latest_run(name, has="job", nothing="nothing to pull")
+    rd = state.find_latest_run(name, nothing="nothing to pull")
     job = state.read_job(rd) or {}
     cluster = state.get_cluster(job.get("cluster"))
     spec = state.read_spec(rd)

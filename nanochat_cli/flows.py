@@ -268,15 +268,11 @@ def cmd_train(f: TrainFlags) -> None:
 def _check_train_flags(depth, local, nodes, bucket, stages) -> str | None:
     """One-line refusals before anything is chosen or paid for; returns --stages normalised."""
     if stages is not None:
-        from nanochat_core.stages.pipeline import ALL_STAGES
-        chosen = [x.strip() for x in stages.split(",") if x.strip()]
-        unknown = [x for x in chosen if x not in ALL_STAGES]
-        if not chosen or unknown:
-            raise NanochatError(f"--stages takes a comma list from {','.join(ALL_STAGES)}; "
-                                f"got '{stages}'")
-        stages = ",".join(chosen)
-    if depth is not None and not 1 <= depth <= 64:
-        raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+        from nanochat_core.stages.pipeline import parse_stages
+        stages = ",".join(parse_stages(stages))
+    if depth is not None:
+        from nanochat_core.model_config import check_depth
+        check_depth(depth)
     if bucket and not local:
         from nanochat_cli.bucket import parse
         parse(bucket)  # a scheme we can mount and pull from, refused now rather than on the node
@@ -482,7 +478,7 @@ def launch_and_follow(rec, spec: RunSpec, candidates, f: TrainFlags) -> None:
 
 def last_sample(rd: Path) -> str | None:
     """The last sample the run logged from its most finished model: a chat stage's if any, else base's."""
-    from nanochat_core.common import parse_event
+    from nanochat_core.common import TRAINED_STAGES, parse_event
     best: dict[str, str] = {}
     try:
         with open(rd / "pipeline.log", encoding="utf-8", errors="replace") as f:
@@ -492,7 +488,7 @@ def last_sample(rd: Path) -> str | None:
                     best[str(ev.get("stage"))] = str(ev["text"])
     except OSError:
         return None
-    return next((best[s] for s in ("rl", "sft", "mid", "base") if s in best), None)
+    return next((best[s] for s in TRAINED_STAGES if s in best), None)
 
 
 def print_finish(rd: Path, local: bool) -> None:
@@ -563,7 +559,7 @@ def detach_message(run: str, spending: bool) -> str:
 
 
 def cmd_logs(*, name, from_start, follow):
-    rd = state.find_latest_run(name, has="job", nothing="no run to show logs for")
+    rd = state.find_latest_run(name, nothing="no run to show logs for")
     final = stream_run(rd, from_start=from_start, follow_on=follow)
     job = state.read_job(rd) or {}
     if final == "UNKNOWN" and job.get("backend") == "sky" and not job.get("managed"):
@@ -583,8 +579,5 @@ def cmd_logs(*, name, from_start, follow):
 
 def resolve_checkpoint(path: Path | None) -> Path:
     """What chat, serve, eval and export load: the path given, else the latest run with a trained model."""
-    if path is not None:
-        if not path.exists():
-            raise NanochatError(f"checkpoint {path} does not exist")
-        return path
-    return state.find_latest_run(has="model", nothing="no trained model found")
+    from nanochat_core.chat import find_checkpoint
+    return find_checkpoint(path)

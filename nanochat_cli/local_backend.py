@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nanochat_core.common import NanochatError
-from nanochat_core.proctree import pid_alive
+from nanochat_core.proctree import kill_tree, pid_alive
 from nanochat_cli import pull as pull_mod
 from nanochat_cli import state
 from nanochat_cli.backend import start_of
@@ -132,21 +132,8 @@ class LocalBackend:
         job = state.read_job(rd)
         if not job or not _supervisor_alive(job.get("pid")):
             return False
-        pids = _tree(job["pid"])
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait_s
-        while time.time() < deadline and any(pid_alive(p) for p in pids):
-            time.sleep(0.1)
-        for pid in pids:
-            if pid_alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        # The whole tree: the pipeline starts each stage in its own session, so a group kill would miss them.
+        kill_tree(job["pid"], wait_s, first=sig)
         job = state.read_job(rd) or job
         if job.get("state") == RUNNING:
             job.update(state=CANCELLED, ended_at=time.time())
@@ -161,31 +148,6 @@ class LocalBackend:
             if job and job.get("backend") == "local" and self.cancel(cluster, rd):
                 stopped.append(rd.name)
         return stopped
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (the pipeline starts each stage in its own session, so a process
-    group kill would miss them)."""
-    try:
-        import psutil  # comes with SkyPilot; optional here
-        p = psutil.Process(pid)
-        return [pid] + [c.pid for c in p.children(recursive=True)]
-    except Exception:
-        pass
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().split(")")[-1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 # -----------------------------------------------------------------------------

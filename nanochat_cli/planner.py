@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from nanochat_core.common import NanochatError
+from nanochat_core.model_config import check_depth
 from nanochat_core.run_spec import deadline_hours, job_price, spend_cap
 
 VOCAB = 32768          # the cloud preset's tokenizer (2^15, as the reference)
@@ -298,8 +299,7 @@ def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int =
     if not (budget > 0) or math.isinf(budget):
         raise NanochatError(f"budget must be a positive number of dollars, got {budget}")
     if depth is not None:
-        if depth < 1 or depth > 64:
-            raise NanochatError(f"--depth must be between 1 and 64, got {depth}")
+        check_depth(depth)
         p = plan_for_depth(offer, depth, budget, nodes)
         if not p.fits():
             fit = [d for d in DEPTHS if plan_for_depth(offer, d, budget, nodes).fits()]

@@ -35,13 +35,12 @@ from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
 from nanochat_cli.sky_replies import ANSI, already_gone, sky_error, job_state_name, record_managed_price
-from nanochat_cli.task_files import workdir, yaml_path
+from nanochat_cli.task_files import BUCKET_MOUNT, NODE_RUNS, bucket_runs, workdir, yaml_path
 from nanochat_cli.backend import start_of
 
 # Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
 ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
                "~/.lambda_cloud/lambda_keys or `nebius` CLI login, then run `sky check`")
-REMOTE_RUNS = "~/nanochat_runs"
 REMOTE_SPECS = "~/.nanochat/specs"   # where each run's spec file lands on the node
 
 
@@ -372,8 +371,8 @@ def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None
         # MOUNT_CACHED: checkpoints are written to local disk and uploaded in the background, so saving
         # stays fast and they outlive the node (a plain file_mount would only copy the bucket down once).
         storage = sky.Storage(source=rec["bucket"], mode=sky.StorageMode.MOUNT_CACHED)
-        task.set_storage_mounts({"/nanochat-bucket": storage})
-        bucket_dir = "/nanochat-bucket/runs"
+        task.set_storage_mounts({BUCKET_MOUNT: storage})
+        bucket_dir = bucket_runs(BUCKET_MOUNT)
     remote_spec = ""
     if spec_file is not None:
         remote_spec = f"{REMOTE_SPECS}/{run_name}/{spec_file.name}"
@@ -456,7 +455,7 @@ class SkyBackend:
                 with _quiet():
                     sky.get(sky.down(rec["name"]))
             except Exception as down_error:
-                if not ("does not exist" in str(down_error) or type(down_error).__name__ == "ClusterDoesNotExist"):
+                if not already_gone(down_error):
                     raise NanochatError(
                         f"{action} failed ({type(e).__name__}: {str(e).strip()[:200]}) and tearing the cluster down "
                         f"failed too ({type(down_error).__name__}); it may be billing: run `nanochat down --cluster "
@@ -653,7 +652,7 @@ class SkyBackend:
 
     def pull(self, rec: dict, rd: Path, dest: Path) -> int:
         if rec.get("bucket"):
-            src = rec["bucket"].rstrip("/") + f"/runs/{rd.name}"
+            src = f"{bucket_runs(rec['bucket'])}/{rd.name}"
             pull_mod.bucket_sync(src, dest)
         else:
             # Only the `sky` CLI writes the ssh alias for a cluster; `sky status <name>` refreshes it.
@@ -663,7 +662,7 @@ class SkyBackend:
             with contextlib.suppress(OSError):
                 subprocess.run([str(sky_cli) if sky_cli.exists() else "sky", "status", rec["name"]],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-            pull_mod.rsync(f"{rec['name']}:{REMOTE_RUNS}/{rd.name}", dest, ssh=True)
+            pull_mod.rsync(f"{rec['name']}:{NODE_RUNS}/{rd.name}", dest, ssh=True)
         return pull_mod.verify(dest)
 
     def down(self, rec: dict) -> list[str]:
@@ -680,12 +679,12 @@ class SkyBackend:
                     except Exception as e:
                         # The jobs controller stops itself once no managed job is left: if it is not up,
                         # none of ours is running, and the record must still be clearable.
-                        if type(e).__name__ != "ClusterNotUpError" and not already_gone(e):
+                        if not already_gone(e):
                             raise
             # Always also tear down a cluster of this name, should one exist: never leave a node billing.
             sky.get(sky.down(rec["name"]))
         except Exception as e:
-            if "does not exist" in str(e) or type(e).__name__ == "ClusterDoesNotExist":
+            if already_gone(e):
                 return runs if rec.get("spot") else []  # already gone: down is idempotent
             raise sky_error(f"tearing down {rec['name']}", e) from None
         return runs

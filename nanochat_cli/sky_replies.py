@@ -24,8 +24,15 @@ def job_state_name(status) -> str | None:
     return _JOB_STATES.get(name, "FAILED" if "FAIL" in name else name)
 
 
-def already_gone(e: Exception) -> bool:
-    return "does not exist" in str(e) or type(e).__name__ in ("ClusterDoesNotExist", "ClusterNotUpError")
+# SkyPilot 0.14 saying nothing of ours is left to stop: sky.down raises ClusterDoesNotExist for a cluster it
+# does not know, sky.jobs.cancel ClusterNotUpError when the jobs controller is down (it stops once no managed
+# job is left). Both keep their class through the API server; the message decides nothing ("does not exist"
+# ends other errors too, and a record dropped by mistake is a node billing unseen).
+GONE = ("ClusterDoesNotExist", "ClusterNotUpError")
+
+
+def already_gone(e: BaseException) -> bool:
+    return any(cls.__name__ in GONE for cls in type(e).__mro__)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

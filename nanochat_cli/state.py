@@ -23,7 +23,7 @@ import time
 from typing import Any
 from pathlib import Path
 
-from nanochat_core.common import NanochatError, atomic_write_json, nanochat_home, runs_dir
+from nanochat_core.common import NanochatError, atomic_write_json, list_runs, nanochat_home, runs_dir
 from nanochat_core.run_spec import SPEC_FILE, RunSpec, job_price
 
 LOCAL_CLUSTER = "local"
@@ -132,23 +132,6 @@ def run_dir(name: str) -> Path:
     return runs_dir() / name
 
 
-def list_runs() -> list[Path]:
-    """Run directories, most recently modified first (a run's mtime moves as files land in it)."""
-    if not runs_dir().is_dir():
-        return []
-    runs = [p for p in runs_dir().iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(runs, key=_run_mtime, reverse=True)
-
-
-def _run_mtime(p: Path) -> float:
-    newest = p.stat().st_mtime
-    for name in (".job.json", "pipeline.log", "MANIFEST.sha256", "stages.json"):
-        f = p / name
-        if f.exists():
-            newest = max(newest, f.stat().st_mtime)
-    return newest
-
-
 _SCHEMAS = {".job.json": (JOB_FIELDS, ("backend",))}   # plan.json: the run spec checks its own shape
 _warned: set[str] = set()
 
@@ -211,26 +194,17 @@ def save_log_cursor(rd: Path, backend: str, cursor: Any) -> None:
     atomic_write_json(rd / ".logpos", {"backend": backend, "cursor": cursor})
 
 
-def find_latest_run(name: str | None = None, *, has: str = "job", nothing: str = "no run") -> Path:
-    """The run a command works on: the one named, else the most recent run that has what the command needs.
-    has="job": it was started (logs, pull); has="model": it holds a trained checkpoint stage (chat, serve,
-    eval, export). One rule for every command, so they never disagree about which run is "the latest".
-    `nothing` starts the error when there is none ("nothing to pull", ...)."""
-    def fits(rd: Path) -> bool:
-        if has == "job":
-            return (rd / ".job.json").exists()
-        return any((rd / stage).is_dir() for stage in ("rl", "sft", "mid", "base"))
+def find_latest_run(name: str | None = None, *, nothing: str = "no run") -> Path:
+    """The run a job command works on (logs, pull): the one named, else the most recent run that was started.
+    (chat, serve, eval and export load common.latest_trained_run through chat.find_checkpoint.) `nothing`
+    starts the error when there is none ("nothing to pull", ...)."""
     if name:
         rd = run_dir(name)
-        if not fits(rd):
-            what = "has been started" if has == "job" else "has a trained model"
-            raise NanochatError(f"{nothing}: no run named '{name}' {what}; `nanochat status` lists runs")
+        if not (rd / ".job.json").exists():
+            raise NanochatError(f"{nothing}: no run named '{name}' has been started; `nanochat status` lists runs")
         return rd
     for rd in list_runs():
-        if fits(rd):
+        if (rd / ".job.json").exists():
             return rd
-    if has == "job":
-        raise NanochatError(f"{nothing}: no run has been started. Train one with `nanochat train` "
-                            "(or `nanochat train --local` on this machine) first")
-    raise NanochatError(f"{nothing}: run `nanochat train --local` (a few minutes, $0) "
-                        "or `nanochat pull` to bring a cloud run home")
+    raise NanochatError(f"{nothing}: no run has been started. Train one with `nanochat train` "
+                        "(or `nanochat train --local` on this machine) first")

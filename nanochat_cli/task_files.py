@@ -10,6 +10,17 @@ from nanochat_core.common import NanochatError, nanochat_home
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Where a run lives on the node: NODE_RUNS/<run> on its disk, or with --bucket <bucket>/runs/<run>, the bucket
+# being mounted at BUCKET_MOUNT on every node. sky/train.yaml spells the first $HOME/nanochat_runs (it must
+# also work alone with `sky launch`); tests/test_cli_yaml.py checks that the two agree.
+NODE_RUNS = "~/nanochat_runs"
+BUCKET_MOUNT = "/nanochat-bucket"
+
+
+def bucket_runs(root: str) -> str:
+    """The runs folder of a bucket, by its URL (s3://b, where pull reads) or its mount point on the node."""
+    return root.rstrip("/") + "/runs"
+
 
 def yaml_path(name: str) -> Path:
     """sky/<name>.yaml from the source tree (next to nanochat_cli), or the copy packaged inside it."""

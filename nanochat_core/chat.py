@@ -13,34 +13,24 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from nanochat_core.calculator import ToolText
-from nanochat_core.common import NanochatError, autodetect_device_type, run_main, runs_dir
+from nanochat_core.common import NanochatError, autodetect_device_type, latest_trained_run, run_main, runs_dir
 
 HELP = "commands: /clear (new conversation), /exit (quit), /help. Ctrl-C stops a reply, Ctrl-D quits."
 
 
 def find_checkpoint(checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint to chat with: the given path, else the run under runs_dir() whose newest checkpoint
-    is the most recent (a run trained locally or brought back by `nanochat pull`)."""
+    """The checkpoint to chat with: the given path, else the latest run with a trained model (a run trained
+    locally or brought back by `nanochat pull`; common.latest_trained_run is the rule the CLI uses too)."""
     if checkpoint:
         path = Path(checkpoint).expanduser()
         if not path.exists():
             raise NanochatError(f"checkpoint {path} does not exist: pass a run directory or a checkpoint directory")
         return path
-    from nanochat_core.checkpoint import STAGE_PRIORITY, list_checkpoints
-    best: tuple[float, Path] | None = None
-    root = runs_dir()
-    for run in (sorted(root.iterdir()) if root.is_dir() else []):
-        if not run.is_dir():
-            continue
-        for stage in STAGE_PRIORITY:
-            for _, ckpt in list_checkpoints(run / stage):
-                mtime = ckpt.stat().st_mtime
-                if best is None or mtime > best[0]:
-                    best = (mtime, run)
-    if best is None:
-        raise NanochatError(f"no trained model found under {root}: run `nanochat train --local` to train a tiny one "
-                            "on this machine, or `nanochat pull` to bring one back from your cluster")
-    return best[1]
+    found = latest_trained_run()
+    if found is None:
+        raise NanochatError(f"no trained model found under {runs_dir()}: run `nanochat train --local` to train a "
+                            "tiny one on this machine, or `nanochat pull` to bring one back from your cluster")
+    return found
 
 
 def load_engine(checkpoint: str | Path | None = None, device: str | None = None, dtype: str = "auto"):

@@ -168,11 +168,12 @@ def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
     return f"User: {prompt}\nAssistant: {readable_text(tokenizer, seqs[0][len(ids):])}"   # tool calls as [calc ..]
 
 
-def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
-    """Fine-tune the latest checkpoint of `sources` (first found) on `dataset`; checkpoints to run_dir/stage."""
+def train_conversations(stage: str, dataset, a) -> None:
+    """Fine-tune the latest checkpoint of the most trained earlier stage on `dataset`; checkpoints to
+    run_dir/stage."""
     run = StageRun(stage, a.run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
     rt, tokenizer = run.rt, run.tokenizer
-    init = run.init_checkpoint(sources)
+    init = run.init_checkpoint()
     init_meta = checkpoint.read_meta(init)
     set_seed(a.seed)
     model = run.build_model(init_meta["config"])
@@ -193,6 +194,7 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
     training.remember_initial_lr(optimizer)
     loader = ConversationLoader(dataset, tokenizer, B, T, rt.rank, rt.world_size, a.seed, rt.device)
 
+    run.attach(model, optimizer)
     step, elapsed_before, warm = 0, 0.0, False
     if run.resume_from:
         meta = run.resume(model, optimizer)
@@ -231,9 +233,8 @@ def train_conversations(stage: str, sources: list[str], dataset, a) -> None:
            f"{', ' + str(horizon['minutes']) + ' min' if horizon['minutes'] else ''}")
 
     def save_now() -> None:
-        run.save(step, model, optimizer, {"horizon": horizon, "train_seconds": round(meter.elapsed(), 2),
-                                          "last_loss": meter.last.get("loss"), "plan": init_meta.get("plan")},
-                 loader.state_dict())
+        run.save(step, {"horizon": horizon, "train_seconds": round(meter.elapsed(), 2),
+                        "last_loss": meter.last.get("loss"), "plan": init_meta.get("plan")}, loader.state_dict())
 
     t_loop = time.time()
     model.train()

@@ -43,12 +43,12 @@ from typing import Any, Callable
 
 from nanochat_core import shared_dir
 from nanochat_core.shared_dir import all_gather, barrier, broadcast   # broadcast and barrier: the stages' too
-from nanochat_core.common import NanochatError, atomic_write_bytes, json_default, replace_dir, sha256_file
+from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_bytes, json_default, replace_dir,
+                                  sha256_file)
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 FILE_RE = re.compile(r"^(model\.safetensors|optim_rank\d{3,}\.pt)$")  # the only names a checkpoint may list
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-STAGE_PRIORITY = ["rl", "sft", "mid", "base"]  # load_model on a run dir picks the most trained stage
 DEFAULT_KEEP = 3
 
 
@@ -163,38 +163,116 @@ def _disk_full(e: BaseException, where: Path) -> bool:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class Saver:
+    """One stage's checkpoints: where they go, what they hold, this rank's place in the job and how many to
+    keep - fixed once (StageRun.attach builds it), so that a save is one call with what changes."""
+    stage_dir: Path
+    model: Any
+    optimizer: Any
+    rank: int = 0
+    world_size: int = 1
+    keep: int = DEFAULT_KEEP
+
+    def save(self, step: int, meta: dict, loader_state: dict | None = None) -> Path:
+        """Write `stage_dir/ckpt_{step:06d}`; only a complete one ever gets a meta.json. Every rank must call
+        this (it is collective). `meta` is the caller's record (stage, args, horizon, ...); `loader_state` is
+        this rank's data loader state - all ranks' states are gathered into meta.json. Keeps the newest `keep`
+        checkpoints. Returns the final directory. A failed save removes what it wrote (a full disk is not left
+        full) and a full disk raises NanochatError("no space left on device ..."); the previous checkpoint is
+        untouched."""
+        stage_dir = self.stage_dir
+        final = stage_dir / ckpt_name(step)
+        # One node: built in a hidden temp dir, renamed into place. Several nodes: written in place (see the
+        # module docstring), meta.json last.
+        work = final if shared_dir.spans_nodes() else stage_dir / f".{ckpt_name(step)}.tmp"
+        if self.rank == 0:
+            from nanochat_core import runlock
+            runlock.check_writer(stage_dir.parent)  # one writer per run dir (see runlock.py)
+        written: list[Path] = []   # this rank's files, until they may belong to a committed checkpoint
+        try:
+            self._write(step, meta, loader_state, final, work, written)
+        except BaseException as e:
+            full = _disk_full(e, stage_dir) if not isinstance(e, (KeyboardInterrupt, NanochatError)) else False
+            if work != final:
+                shutil.rmtree(work, ignore_errors=True)
+            for p in written:   # in place: only our own files - another rank may still be writing its own
+                p.unlink(missing_ok=True)
+            if full:
+                raise NanochatError(f"no space left on device while saving checkpoint {final.name} in {stage_dir}; "
+                                    f"the unfinished save was removed and {_previous(stage_dir, step)}: free "
+                                    "some space (old runs, caches) and run again") from None
+            raise
+        return final
+
+    def _write(self, step: int, meta: dict, loader_state: dict | None, final: Path, work: Path,
+               written: list[Path]) -> None:
+        import torch
+        from safetensors.torch import save_file
+        stage_dir, model, rank = self.stage_dir, self.model, self.rank
+
+        # 1. rank 0 clears what a killed save (or an earlier save of this very step) left there; then everyone
+        # writes. Every rank makes the dir: on a bucket, rank 0's empty dir is not visible to another node.
+        if rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        barrier()
+        work.mkdir(parents=True, exist_ok=True)
+        shard = f"optim_rank{rank:03d}.pt"
+        written.append(work / shard)
+        _write_fsynced(work / shard, lambda f: torch.save(_optimizer_shard(self.optimizer), f))
+        if rank == 0:
+            sd = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+                  for k, v in _unwrap(model).state_dict().items()}
+            written.append(work / "model.safetensors")
+            save_file(sd, str(work / "model.safetensors"))
+            with open(work / "model.safetensors", "rb") as f:
+                os.fsync(f.fileno())
+            del sd
+        mine = {"files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in written},
+                "loader_state": loader_state, "rng": capture_rng_state()}
+        everyone = all_gather(mine)
+        files = {name: info for r in everyone for name, info in r["files"].items()}
+
+        # 2. Nothing is committed before every rank SEES every file at its size (at once on one node). A file seen
+        # from a node other than its writer's is in the bucket, so meta.json never vouches for one that is not.
+        patience = shared_dir.wait_s() if work == final else 0.0
+        unseen = shared_dir.wait_until_seen(work, {n: i["size"] for n, i in files.items()}, patience)
+        blind = [(r, u) for r, u in enumerate(all_gather(unseen)) if u]
+        if blind:
+            r, names = blind[0]
+            raise NanochatError(f"checkpoint {final.name} in {stage_dir} was not saved: rank {r} still cannot see "
+                                f"{', '.join(names[:4])} after {patience:.0f} s (is the run dir shared storage, is its "
+                                f"upload stuck?); {_previous(stage_dir, step)}")
+        if rank != 0:
+            written.clear()   # rank 0 may commit from here on: our file is no longer ours to remove
+
+        # 3. rank 0 writes, last, the meta that vouches for every file; on one node it then renames the dir into place.
+        if rank == 0:
+            record = {
+                **meta,
+                "step": step,
+                "world_size": self.world_size,
+                "config": meta.get("config") or _model_config(model),
+                "loader_states": [r["loader_state"] for r in everyone],
+                "rng_states": [r["rng"] for r in everyone],
+                "files": files,
+            }
+            # Through JSON once so the digest is taken over exactly what a reader will parse back.
+            record = json.loads(json.dumps(record, default=json_default))
+            record["meta_sha256"] = meta_digest(record)
+            atomic_write_bytes(work / "meta.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+            written.clear()   # committed
+            if work != final:
+                replace_dir(work, final)   # re-saving the same step (e.g. stopped right after a resume) swaps it
+            _prune(stage_dir, self.keep, step)
+        barrier()  # nobody moves on (or exits) before the checkpoint exists
+
+
 def save_checkpoint(stage_dir: str | os.PathLike, step: int, model: Any, optimizer: Any, meta: dict,
                     rank: int = 0, world_size: int = 1, *, loader_state: dict | None = None,
                     keep: int = DEFAULT_KEEP) -> Path:
-    """Write `stage_dir/ckpt_{step:06d}`; only a complete one ever gets a meta.json. Every rank must call this
-    (it is collective). `meta` is the caller's record (stage, args, horizon, ...); `loader_state` is this
-    rank's data loader state - all ranks' states are gathered into meta.json. Keeps the newest `keep`
-    checkpoints. Returns the final directory. A failed save removes what it wrote (a full disk is not left
-    full) and a full disk raises NanochatError("no space left on device ..."); the previous checkpoint is
-    untouched."""
-    stage_dir = Path(stage_dir)
-    final = stage_dir / ckpt_name(step)
-    # One node: built in a hidden temp dir, renamed into place. Several nodes: written in place (see the
-    # module docstring), meta.json last.
-    work = final if shared_dir.spans_nodes() else stage_dir / f".{ckpt_name(step)}.tmp"
-    if rank == 0:
-        from nanochat_core import runlock
-        runlock.check_writer(stage_dir.parent)  # one writer per run dir (see runlock.py)
-    written: list[Path] = []   # this rank's files, until they may belong to a committed checkpoint
-    try:
-        _save(stage_dir, step, model, optimizer, meta, rank, world_size, loader_state, keep, final, work, written)
-    except BaseException as e:
-        full = _disk_full(e, stage_dir) if not isinstance(e, (KeyboardInterrupt, NanochatError)) else False
-        if work != final:
-            shutil.rmtree(work, ignore_errors=True)
-        for p in written:   # in place: only our own files - another rank may still be writing its own
-            p.unlink(missing_ok=True)
-        if full:
-            raise NanochatError(f"no space left on device while saving checkpoint {final.name} in {stage_dir}; "
-                                f"the unfinished save was removed and {_previous(stage_dir, step)}: free "
-                                "some space (old runs, caches) and run again") from None
-        raise
-    return final
+    """One save without a Saver (tools, tests): Saver.save."""
+    return Saver(Path(stage_dir), model, optimizer, rank, world_size, keep).save(step, meta, loader_state)
 
 
 def _previous(stage_dir: Path, step: int) -> str:
@@ -202,68 +280,6 @@ def _previous(stage_dir: Path, step: int) -> str:
     before = next((p for s, p in list_checkpoints(stage_dir) if s < step and (p / "meta.json").is_file()), None)
     return (f"the previous checkpoint ({before.name}) is intact" if before is not None
             else "there is no earlier checkpoint of this stage to resume from")
-
-
-def _save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, rank: int, world_size: int,
-          loader_state: dict | None, keep: int, final: Path, work: Path, written: list[Path]) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    # 1. rank 0 clears what a killed save (or an earlier save of this very step) left there; then everyone
-    # writes. Every rank makes the dir: on a bucket, rank 0's empty dir is not visible to another node.
-    if rank == 0:
-        shutil.rmtree(work, ignore_errors=True)
-    barrier()
-    work.mkdir(parents=True, exist_ok=True)
-    shard = f"optim_rank{rank:03d}.pt"
-    written.append(work / shard)
-    _write_fsynced(work / shard, lambda f: torch.save(_optimizer_shard(optimizer), f))
-    if rank == 0:
-        sd = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous()
-              for k, v in _unwrap(model).state_dict().items()}
-        written.append(work / "model.safetensors")
-        save_file(sd, str(work / "model.safetensors"))
-        with open(work / "model.safetensors", "rb") as f:
-            os.fsync(f.fileno())
-        del sd
-    mine = {"files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in written},
-            "loader_state": loader_state, "rng": capture_rng_state()}
-    everyone = all_gather(mine)
-    files = {name: info for r in everyone for name, info in r["files"].items()}
-
-    # 2. Nothing is committed before every rank SEES every file at its size (at once on one node). A file seen
-    # from a node other than its writer's is in the bucket, so meta.json never vouches for one that is not.
-    patience = shared_dir.wait_s() if work == final else 0.0
-    unseen = shared_dir.wait_until_seen(work, {n: i["size"] for n, i in files.items()}, patience)
-    blind = [(r, u) for r, u in enumerate(all_gather(unseen)) if u]
-    if blind:
-        r, names = blind[0]
-        raise NanochatError(f"checkpoint {final.name} in {stage_dir} was not saved: rank {r} still cannot see "
-                            f"{', '.join(names[:4])} after {patience:.0f} s (is the run dir shared storage, is its "
-                            f"upload stuck?); {_previous(stage_dir, step)}")
-    if rank != 0:
-        written.clear()   # rank 0 may commit from here on: our file is no longer ours to remove
-
-    # 3. rank 0 writes, last, the meta that vouches for every file; on one node it then renames the dir into place.
-    if rank == 0:
-        record = {
-            **meta,
-            "step": step,
-            "world_size": world_size,
-            "config": meta.get("config") or _model_config(model),
-            "loader_states": [r["loader_state"] for r in everyone],
-            "rng_states": [r["rng"] for r in everyone],
-            "files": files,
-        }
-        # Through JSON once so the digest is taken over exactly what a reader will parse back.
-        record = json.loads(json.dumps(record, default=json_default))
-        record["meta_sha256"] = meta_digest(record)
-        atomic_write_bytes(work / "meta.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-        written.clear()   # committed
-        if work != final:
-            replace_dir(work, final)   # re-saving the same step (e.g. stopped right after a resume) swaps it
-        _prune(stage_dir, keep, step)
-    barrier()  # nobody moves on (or exits) before the checkpoint exists
 
 
 def list_checkpoints(stage_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -506,7 +522,7 @@ def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
         return path
     if CKPT_RE.match(path.name):
         raise NanochatError(f"{path} is not a complete checkpoint (no meta.json): pass the run directory instead")
-    stages = [stage] if stage else STAGE_PRIORITY
+    stages = [stage] if stage else TRAINED_STAGES   # a run dir: its most trained stage
     for s in stages:
         found = find_latest(path / s, weights_only=True)   # inference: no optimizer needed
         if found is not None:
@@ -515,7 +531,7 @@ def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
         found = find_latest(path, weights_only=True)  # a stage dir was passed
         if found is not None:
             return found
-    what = f"stage '{stage}'" if stage else "any stage (rl, sft, mid, base)"
+    what = f"stage '{stage}'" if stage else f"any stage ({', '.join(TRAINED_STAGES)})"
     raise NanochatError(f"no complete checkpoint for {what} under {path}: train one first "
                         f"(nanochat train --local) or pass --checkpoint DIR")
 

@@ -31,6 +31,29 @@ def runs_dir() -> Path:
     return nanochat_home() / "runs"
 
 
+# The stages that leave a model, most trained first. A run dir's model is that of the first one it has;
+# the run with a trained model is one that has any of them.
+TRAINED_STAGES = ("rl", "sft", "mid", "base")
+
+
+def list_runs() -> list[Path]:
+    """Run directories under runs_dir(), most recently active first: a run's own mtime, or that of the
+    files that move while it runs or is followed (the CLI's .job.json, the log, the manifest, stages.json)."""
+    def active(p: Path) -> float:
+        return max([p.stat().st_mtime] + [(p / f).stat().st_mtime for f in
+                                          (".job.json", "pipeline.log", "MANIFEST.sha256", "stages.json")
+                                          if (p / f).exists()])
+    root = runs_dir()
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    return sorted(runs, key=active, reverse=True)
+
+
+def latest_trained_run() -> Path | None:
+    """The one rule for "the latest trained model" (chat, serve, eval, export, by hand or through the CLI):
+    the most recently active run that has a trained stage, or None."""
+    return next((rd for rd in list_runs() if any((rd / s).is_dir() for s in TRAINED_STAGES)), None)
+
+
 def data_dir() -> Path:
     """Shared by all runs: downloaded / unpacked parquet shards live under data/<source>/."""
     return nanochat_home() / "data"

@@ -71,6 +71,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from nanochat_core.proctree import children_map, signal_all
+
 NOBODY = 65534
 OUTPUT_LIMIT = 1 << 20   # bytes per stream; more and the sandbox is killed (status "output_limit")
 KEEP_CHARS = 10_000      # the tail of each stream kept in the result
@@ -643,21 +645,10 @@ def _kill(proc: subprocess.Popen) -> None:
     for proc. (Killing proc first would also end the sandbox through --die-with-parent, but the namespace
     would be torn down after we returned.) proc is killed too if it has not gone within 2 s."""
     if proc.poll() is None:
-        for pid in _children(proc.pid):
-            try:
-                os.kill(pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
+        signal_all(children_map().get(proc.pid, []), 9)
         try:
             proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait()
 
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except (OSError, ValueError):  # kernels without that file: look for processes whose parent is pid
-        from nanochat_core.proctree import children_map
-        return children_map().get(pid, [])

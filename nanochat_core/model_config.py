@@ -86,6 +86,15 @@ class GPTConfig:
 LEGACY_RECIPE = dict(ve_gate_channels=32, ve_gate_scale=2.0, smear=False, backout=False)
 
 
+MAX_DEPTH = 64   # what `nanochat train --depth` accepts (the planner searches far below it)
+
+
+def check_depth(depth: int) -> None:
+    """The one check of `--depth` (the local flow's and the planner's)."""
+    if not 1 <= depth <= MAX_DEPTH:
+        raise NanochatError(f"--depth must be between 1 and {MAX_DEPTH}, got {depth}")
+
+
 def config_for_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
                      head_dim: int = 128, n_kv_head: int | None = None, window_pattern: str = "SSSL") -> GPTConfig:
     """The one dial. width = aspect_ratio * depth rounded UP to a multiple of head_dim (d20 -> 1280,

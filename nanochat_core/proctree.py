@@ -34,19 +34,34 @@ import time
 from pathlib import Path
 
 
+# Fields of /proc/<pid>/stat after the command name, counted from 0 (proc(5) numbers them from 3).
+STATE, PPID, STARTTIME = 0, 1, 19
+
+
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The one parser of /proc/<pid>/stat: its fields after the command name, which may hold spaces and
+    parentheses (so they start after the LAST ')'); None without that process or without /proc (macOS)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields or None
+
+
 def children_map() -> dict[int, list[int]]:
-    """parent pid -> child pids, for every process we can see."""
+    """parent pid -> child pids, for every process we can see (without /proc, through psutil if it is there)."""
     out: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    if os.path.isdir("/proc"):
+        pairs = ((int(f[PPID]), int(n)) for n in os.listdir("/proc") if n.isdigit() and (f := stat_fields(n)))
+    else:
         try:
-            with open(f"/proc/{name}/stat") as f:
-                # comm may contain spaces and parentheses: the fields we want follow the LAST ')'
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        out.setdefault(int(fields[1]), []).append(int(name))
+            import psutil   # optional (SkyPilot brings it): for a machine without /proc, e.g. macOS
+        except ImportError:
+            return out
+        pairs = ((p.info["ppid"], p.info["pid"]) for p in psutil.process_iter(["pid", "ppid"]))
+    for parent, pid in pairs:
+        out.setdefault(parent, []).append(pid)
     return out
 
 
@@ -62,21 +77,27 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def signal_tree(pid: int, sig: int, include_self: bool = True) -> None:
-    for p in ([pid] if include_self else []) + descendants(pid):
+def signal_all(pids: list[int], sig: int) -> None:
+    for p in pids:
         try:
             os.kill(p, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
 
-def kill_tree(pid: int, grace_s: float, include_self: bool = True) -> None:
-    """SIGTERM to `pid` and everything below it, then SIGKILL to whatever is left after `grace_s`."""
-    signal_tree(pid, signal.SIGTERM, include_self)
+def kill_tree(pid: int, grace_s: float, include_self: bool = True, first: int = signal.SIGTERM) -> None:
+    """`first` (SIGTERM) to `pid` and everything below it, then SIGKILL to whatever is left after `grace_s`.
+    Every process ever seen in the tree stays on the list: one whose parent dies meanwhile is re-parented out
+    of the tree (to init, unless we are its subreaper) and must still end."""
+    def tree() -> list[int]:
+        return ([pid] if include_self else []) + descendants(pid)
+    seen = tree()
+    signal_all(seen, first)
     end = time.time() + grace_s
-    while time.time() < end and (descendants(pid) or (include_self and pid_alive(pid))):
+    while time.time() < end and any(pid_alive(p) for p in seen):
         time.sleep(0.1)
-    signal_tree(pid, signal.SIGKILL, include_self)
+        seen += [p for p in tree() if p not in seen]
+    signal_all(seen + [p for p in tree() if p not in seen], signal.SIGKILL)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -91,11 +112,10 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         pass   # someone else's process: it exists
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+    fields = stat_fields(pid)
+    if fields is None:
         return not os.path.isdir("/proc/self")   # no /proc at all: trust kill; else the pid just went away
+    return fields[STATE] != "Z"
 
 
 def become_subreaper() -> bool:
@@ -107,41 +127,50 @@ def become_subreaper() -> bool:
         return False
 
 
+def wait_or_stop(proc: subprocess.Popen, deadline_at: float | None, grace_s: float, what: str,
+                 term_tree: bool = True) -> int | None:
+    """The one deadline wait (the pipeline's for a stage, the supervisor's below for the pipeline): wait for
+    `proc`; at `deadline_at` SIGTERM to its tree (term_tree=False: to `proc` alone, which stops its own), and
+    `grace_s` later SIGKILL to what is left. Returns the exit code, or None when the deadline ended it."""
+    while True:
+        left = None if deadline_at is None else deadline_at - time.time()
+        try:
+            return proc.wait(timeout=None if left is None else max(0.0, min(left, 5.0)))
+        except subprocess.TimeoutExpired:
+            if left is not None and left <= 0:
+                break
+    print(f"budget deadline reached: stopping {what}", flush=True)
+    if term_tree:
+        kill_tree(proc.pid, grace_s)
+    else:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid, 0)
+    proc.wait()
+    return None
+
+
 def supervise(cmd: list[str], deadline_at: float | None, grace_s: float) -> int:
     become_subreaper()
     proc = subprocess.Popen(cmd)
     forward = lambda signum, _f: proc.send_signal(signum)  # noqa: E731 - a preemption notice reaches CMD
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    hit = False
-    while True:
-        left = None if deadline_at is None else deadline_at - time.time()
-        try:
-            rc = proc.wait(timeout=None if left is None else max(0.0, min(left, 5.0)))
-            break
-        except subprocess.TimeoutExpired:
-            if left is not None and left <= 0 and not hit:
-                hit = True
-                print(f"budget deadline reached: stopping the job (everything is killed in {grace_s:.0f} s)",
-                      flush=True)
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    rc = proc.wait(timeout=grace_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    kill_tree(os.getpid(), 0, include_self=False)
-                    rc = proc.wait()
-                    break
-    # Whatever CMD left behind (orphans re-parented to us, stages in their own sessions) ends with it.
+    rc = wait_or_stop(proc, deadline_at, grace_s, f"the job (everything is killed in {grace_s:.0f} s)",
+                      term_tree=False)
+    # Whatever CMD left behind (orphans re-parented to us, stages in their own sessions) ends with it: after
+    # a deadline stop at once (the grace is spent), else after a short grace of its own.
     if descendants(os.getpid()):
-        kill_tree(os.getpid(), min(grace_s, 10.0), include_self=False)
+        kill_tree(os.getpid(), 0 if rc is None else min(grace_s, 10.0), include_self=False)
     for _ in range(50):  # reap the orphans we adopted
         try:
             if os.waitpid(-1, os.WNOHANG) == (0, 0):
                 break
         except ChildProcessError:
             break
-    return 0 if hit else rc
+    return 0 if rc is None else rc   # a deadline stop is the budget doing its job, not a failure
 
 
 def watch(pid: int, at: float, grace_s: float = 10.0, poll_s: float = 1.0) -> bool:

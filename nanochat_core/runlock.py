@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from nanochat_core.common import NanochatError
-from nanochat_core.proctree import pid_alive
+from nanochat_core.proctree import PPID, pid_alive, stat_fields
 
 LOCK_NAME = ".lock"
 PIPELINE_LOCK_NAME = ".pipeline.lock"   # held by the pipeline alone: see the module docstring
@@ -114,12 +114,11 @@ def _ancestors() -> set[int]:
     """This process and every process above it (/proc; elsewhere just the parent)."""
     pids, pid = {os.getpid()}, os.getpid()
     for _ in range(64):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[-1].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = stat_fields(pid)
+        if fields is None:
             pids.add(os.getppid())
             break
+        pid = int(fields[PPID])
         if pid <= 1:
             break
         pids.add(pid)

@@ -3,8 +3,10 @@ StageRun: the set-up and tear-down every training stage's loop shares (base, mid
 file holds only its own loop.
 
     run = StageRun("sft", run_dir, device=a.device, deadline=a.deadline, save_every_minutes=a.save_every_minutes)
-    init = run.init_checkpoint(["mid", "base"])     # our own latest checkpoint (resume), else the previous stage's
+    init = run.init_checkpoint()      # our own latest checkpoint (resume), else the latest of an earlier stage
     model = run.build_model(checkpoint.read_meta(init)["config"])
+    optimizer = ...
+    run.attach(model, optimizer)      # what every run.save(step, meta, loader_state) writes
     ...
     while ...:
         ...
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nanochat_core import checkpoint, shared_dir, training
-from nanochat_core.common import NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime
+from nanochat_core.common import TRAINED_STAGES, NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime
 
 
 class StageRun:
@@ -48,11 +50,12 @@ class StageRun:
             lambda: checkpoint.find_latest(self.stage_dir) if self.stage_dir.is_dir() else None)
         self.stopped = False
 
-    def init_checkpoint(self, sources: list[str]) -> Path:
+    def init_checkpoint(self) -> Path:
         """Where the weights come from: our own latest checkpoint when resuming, else the latest checkpoint of
-        the first of `sources` (earlier stages, most trained first) that has one."""
+        the most trained earlier stage that has one (common.TRAINED_STAGES: RL starts from SFT, else mid, ...)."""
         if self.resume_from is not None:
             return self.resume_from
+        sources = TRAINED_STAGES[TRAINED_STAGES.index(self.stage) + 1:]
         for s in sources:   # rank 0 looks (hashing a big checkpoint once, not once per GPU), every rank gets its answer
             stage_dir = self.run_dir / s
             found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir) if stage_dir.is_dir() else None)
@@ -72,10 +75,18 @@ class StageRun:
         return training.resume(self.stage_dir, model, optimizer, self.stage, self.rt.rank, self.tokenizer.hash,
                                ckpt=self.resume_from)
 
-    def save(self, step: int, model: Any, optimizer: Any, meta: dict, loader_state: dict | None = None) -> None:
-        meta = {"stage": self.stage, "tokenizer_hash": self.tokenizer.hash, **meta}
-        training.save(self.stage_dir, step, model, optimizer, meta, self.rt.rank, self.rt.world_size, loader_state,
-                      self.stage, self.guard)
+    def attach(self, model: Any, optimizer: Any) -> None:
+        """The model and optimizer this stage trains: what every run.save from now on writes."""
+        self.saver = checkpoint.Saver(self.stage_dir, model, optimizer, self.rt.rank, self.rt.world_size)
+
+    def save(self, step: int, meta: dict, loader_state: dict | None = None) -> None:
+        """A checkpoint of the attached model at `step` (collective), the `checkpoint` event, and what the
+        guard learns from it: how long a save takes, so that a deadline stop leaves time for one."""
+        t0 = time.time()
+        path = self.saver.save(step, {"stage": self.stage, "tokenizer_hash": self.tokenizer.hash, **meta},
+                               loader_state)
+        self.guard.note_save(time.time() - t0)
+        emit("checkpoint", stage=self.stage, step=step, path=str(path))
         self.cadence.saved()
 
     def write_end(self, steps: int) -> None:

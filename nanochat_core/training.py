@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from nanochat_core import checkpoint
 from nanochat_core.common import NanochatError, emit, print0
+from nanochat_core.proctree import STARTTIME, stat_fields
 from nanochat_core.shared_dir import dist_active
 
 
@@ -61,9 +62,11 @@ def preset_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: f
 def process_start_time() -> float:
     """Unix time at which this process started (Linux: from /proc; elsewhere: first import of this
     module, which is close). `--deadline SECONDS` counts from here, so slow imports count too."""
+    fields = stat_fields("self")
+    if fields is None:
+        return _IMPORT_TIME
     try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        ticks = int(fields[STARTTIME])
         with open("/proc/stat") as f:
             btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
         return btime + ticks / os.sysconf("SC_CLK_TCK")
@@ -435,18 +438,6 @@ def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str,
     print0(f"resumed from step {meta['step']}")
     emit("resumed", stage=stage, step=meta["step"])
     return meta
-
-
-def save(stage_dir: Path, step: int, model: Any, optimizer: Any, meta: dict, rank: int, world_size: int,
-         loader_state: dict | None, stage: str, guard: StopGuard | None = None) -> Path:
-    """save_checkpoint + the `checkpoint` event + teaching the guard how long a save takes."""
-    t0 = time.time()
-    path = checkpoint.save_checkpoint(stage_dir, step, model, optimizer, meta, rank, world_size,
-                                      loader_state=loader_state)
-    if guard is not None:
-        guard.note_save(time.time() - t0)
-    emit("checkpoint", stage=stage, step=step, path=str(path))
-    return path
 
 
 # -----------------------------------------------------------------------------

@@ -193,6 +193,22 @@ def test_chat_and_eval_default_to_the_latest_trained_run(tmp_path):
         resolve_checkpoint(tmp_path / "nope")
 
 
+def test_chat_by_hand_and_the_cli_agree_on_the_latest_trained_model():
+    """`python -m nanochat_core.chat` (no --checkpoint) and `nanochat chat` load the same run: one rule,
+    common.latest_trained_run. Run a holds the newest checkpoint, run b was active last."""
+    from nanochat_cli.flows import resolve_checkpoint
+    from nanochat_core.chat import find_checkpoint
+    a, b = state.run_dir("a"), state.run_dir("b")
+    (a / "sft" / "ckpt_000002").mkdir(parents=True)
+    (b / "base" / "ckpt_000001").mkdir(parents=True)
+    (b / "pipeline.log").write_text("")
+    for path, t in ((a / "sft" / "ckpt_000002", 3000), (b / "base" / "ckpt_000001", 1000), (a, 1000), (b, 1000),
+                    (b / "pipeline.log", 2000)):
+        os.utime(path, (t, t))
+    assert resolve_checkpoint(None) == b
+    assert find_checkpoint(None) == b
+
+
 def test_a_failing_run_exits_non_zero_and_says_how_to_resume(job_env):
     code, out, err = cli("train", "--local", "--steps", "3", "--data", "fail")
     assert code == 2 and "no data source named 'fail'" in out

@@ -101,6 +101,29 @@ def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_ha
     assert len(pids) == 3 and not leaked
 
 
+def test_kill_tree_also_ends_what_was_re_parented_out_of_the_tree(tmp_path):
+    """The pipeline's deadline stop of a stage (proctree.kill_tree): a parent that exits on SIGTERM (torchrun)
+    leaves a child that ignores it; the child is re-parented out of the tree and must still be killed."""
+    from nanochat_core.proctree import kill_tree
+    pidfile = tmp_path / "child"
+    parent = subprocess.Popen(["bash", "-c", f"(trap '' TERM; sleep 1000) & echo $! > {pidfile}.tmp; "
+                               f"mv {pidfile}.tmp {pidfile}; wait"])
+    end = time.time() + 20
+    while not pidfile.exists() and time.time() < end:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    try:
+        kill_tree(parent.pid, grace_s=1.0)
+        assert parent.wait(timeout=10) != 0
+        end = time.time() + 5
+        while pid_alive(child) and time.time() < end:   # SIGKILL was sent; the kernel needs a moment
+            time.sleep(0.05)
+        assert not pid_alive(child)
+    finally:
+        if pid_alive(child):
+            os.kill(child, 9)
+
+
 def skypilot_job(tmp_path: Path, spec, args: str, rclone_log: str | None, timeout: float = 120):
     """train.yaml's run script as SkyPilot 0.14 really runs it: its task codegen appends the MOUNT_CACHED
     upload wait (TaskCodeGen.build_task_bash_script), log_lib wraps it (make_task_bash_script: the env

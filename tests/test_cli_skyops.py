@@ -217,6 +217,28 @@ def test_down_of_a_spot_run_cancels_its_job_and_leaves_no_cluster(cluster, monke
     assert state.load_clusters() == {}
 
 
+def test_skypilot_saying_the_cluster_is_gone_is_read_from_the_error_class_after_the_api_server(cluster, monkeypatch):
+    """One test of "SkyPilot says it is gone" (sky_replies.already_gone): the classes SkyPilot raises for it
+    survive the API server's serialisation; another error that merely says "does not exist" leaves the
+    record (the node may be billing) and stops `down` with one line."""
+    import sky
+    from sky import exceptions
+    from nanochat_cli.sky_replies import already_gone
+    via_server = lambda e: exceptions.deserialize_exception(exceptions.serialize_exception(e))  # noqa: E731
+    assert already_gone(via_server(exceptions.ClusterDoesNotExist("Cluster 'nc-test' does not exist.")))
+    assert already_gone(via_server(exceptions.ClusterNotUpError("The jobs controller is not up.")))
+    assert not already_gone(via_server(RuntimeError("Request 4f2a does not exist.")))
+
+    def down_fails(name):
+        raise RuntimeError(f"Storage mount of {name}: bucket does not exist yet")
+
+    monkeypatch.setattr(sky, "down", down_fails)
+    monkeypatch.setattr(sky, "get", lambda req: req)
+    r = CliRunner().invoke(app, ["down", "--yes"])
+    assert r.exit_code == 2 and "tearing down nc-test failed" in r.stderr, (r.stdout, r.stderr)
+    assert "nc-test" in state.load_clusters()
+
+
 def test_train_spot_launches_a_managed_job_priced_at_spot(monkeypatch):
     """No `up` cluster: --spot plans on the cheapest spot offer and hands SkyPilot a managed job whose
     resources are all spot (SkyPilot re-provisions after a preemption; the pipeline then resumes)."""

@@ -118,3 +118,18 @@ def test_a_relaunch_after_the_deadline_installs_nothing_and_ends_cleanly(tmp_pat
     from nanochat_core.common import parse_event
     (done,) = [e for e in map(parse_event, r.stdout.splitlines()) if e]
     assert done["event"] == "done" and done["state"] == "BUDGET_TRUNCATED"
+
+
+def test_the_yamls_keep_a_run_where_the_cli_pulls_it_from(tmp_path):
+    """sky/train.yaml's run script writes a run under task_files.NODE_RUNS on the node's disk (where `nanochat
+    pull` rsyncs it from), and serve.yaml's default checkpoint is there too."""
+    import subprocess
+    import yaml
+    from nanochat_cli.task_files import NODE_RUNS
+    run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
+           "NANOCHAT_DEADLINE_AT": "1000", "NANOCHAT_BUCKET_DIR": ""}   # a past deadline: it stops at once
+    subprocess.run(["bash", "-c", run], capture_output=True, text=True, env=env, timeout=30)
+    assert NODE_RUNS.startswith("~/") and (tmp_path / NODE_RUNS[2:] / "r").is_dir()
+    serve = yaml.safe_load((ROOT / "sky" / "serve.yaml").read_text())["envs"]["NANOCHAT_CHECKPOINT"]
+    assert serve.startswith(NODE_RUNS + "/")

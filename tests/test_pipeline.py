@@ -184,3 +184,17 @@ def test_the_cli_calls_a_run_finished_only_when_it_finished(tmp_path):
     (rd / "outcome.json").unlink()
     (rd / "stages.json").write_text(json.dumps({s: {"seconds": 1} for s in ("tok", "base", "sft", "eval", "report")}))
     assert "already finished" in _rerun_note(rd)
+
+
+@pytest.mark.parametrize("stages", [",", "tok,bsae"])
+def test_the_pipeline_and_the_cli_refuse_the_same_stages_in_the_same_words(stages, tmp_path):
+    """--stages has one check (pipeline.parse_stages): the pipeline run by hand refuses what `nanochat train`
+    refuses, before it takes the run dir's lock, with the same line."""
+    from nanochat_cli.main import app
+    from nanochat_core.stages.pipeline import Pipeline
+    r = CliRunner().invoke(app, ["train", "--local", "--dryrun", "--stages", stages])
+    assert r.exit_code == 2
+    with pytest.raises(NanochatError) as e:
+        Pipeline(parse_args(["--run-dir", str(tmp_path / "r"), "--stages", stages])).run()
+    assert str(e.value) in r.stderr and "--stages takes a comma list from preflight,tok," in str(e.value)
+    assert not (tmp_path / "r").exists()

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from nanochat_core import checkpoint, training
-from nanochat_core.common import (NanochatError, cleanup_runtime, data_dir, device_memory_gb, emit, init_runtime, print0,
-                                  run_main)
+from nanochat_core.common import (TRAINED_STAGES, NanochatError, cleanup_runtime, data_dir, device_memory_gb, emit,
+                                  init_runtime, print0, run_main)
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
            "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
@@ -41,7 +41,7 @@ def greedy_complete(model, tokenizer, prompt: str, max_tokens: int = 24) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanochat_core.stages.base_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--stage", default="base", choices=["base", "mid", "sft", "rl"], help="which checkpoint to evaluate")
+    p.add_argument("--stage", default="base", choices=TRAINED_STAGES[::-1], help="which checkpoint to evaluate")
     p.add_argument("--data", type=Path, default=None, help="parquet shards; the last is validation (default: bundled)")
     p.add_argument("--max-per-task", type=int, default=0, help="CORE examples per task, 0 = all")
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens for bpb (default 10M GPU / 8 batches CPU)")

@@ -354,6 +354,7 @@ def main(argv=None) -> None:
     if "warmup_steps" not in plan:
         finish_plan(plan)
     optimizer = make_optimizer(model, plan, compile_muon=args.compile_muon == "on")
+    run.attach(model, optimizer)
     model.residual_bf16 = args.bf16_residual == "on"
     total_steps = plan["total_steps"]
 
@@ -394,8 +395,8 @@ def main(argv=None) -> None:
         return bpb
 
     def save_now() -> None:
-        run.save(step, model, optimizer, {"plan": plan, "train_seconds": round(meter.elapsed(), 2),
-                                          "last_loss": meter.last.get("loss")}, loader.state_dict())
+        run.save(step, {"plan": plan, "train_seconds": round(meter.elapsed(), 2), "last_loss": meter.last.get("loss")},
+                 loader.state_dict())
 
     # A time-bounded run (--minutes) follows the clock: its schedules are driven by the fraction of its
     # time budget used, and it ends - at the end of the warmdown - when the next step would overrun.

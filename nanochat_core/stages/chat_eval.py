@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from nanochat_core import checkpoint
-from nanochat_core.common import NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime, print0, run_main
+from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime,
+                                  print0, run_main)
 from nanochat_core.evaluation import ALL_TASKS, evaluate_tasks, merge_record
 
 
@@ -30,7 +31,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     rt = init_runtime(a.device)
     # rank 0 looks and every rank gets its list: another node may not see the newest stage's files yet
-    present = checkpoint.broadcast([s for s in ("mid", "sft", "rl") if (a.run_dir / s).is_dir()
+    chat_stages = [s for s in reversed(TRAINED_STAGES) if s != "base"]   # least trained first
+    present = checkpoint.broadcast([s for s in chat_stages if (a.run_dir / s).is_dir()
                                     and checkpoint.find_latest(a.run_dir / s, hashes=False, weights_only=True)]
                                    if rt.master else None)
     if a.checkpoint is not None and a.stage not in ("base", "mid", "sft", "rl"):
@@ -39,10 +41,10 @@ def main(argv=None) -> None:
         if not present:
             raise NanochatError(f"no chat checkpoint (mid, sft or rl) in {a.run_dir}: run chat_sft first")
         stages = present if a.stage == "all" else present[-1:]
-    elif a.stage in ("base", "mid", "sft", "rl"):
+    elif a.stage in TRAINED_STAGES:
         stages = [a.stage]
     else:
-        raise NanochatError("--stage must be base, mid, sft, rl or all")
+        raise NanochatError(f"--stage must be {', '.join(reversed(TRAINED_STAGES))} or all")
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     if a.max_new_tokens is None:
         a.max_new_tokens = 256 if rt.device_type == "cuda" else 128

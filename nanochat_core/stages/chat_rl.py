@@ -161,13 +161,14 @@ def main(argv=None) -> None:
             test_task = load_rl_task(a.task, "test")
         except NanochatError as e:
             print0(f"no periodic eval: {e}")
-    init = run.init_checkpoint(["sft", "mid", "base"])
+    init = run.init_checkpoint()
     init_meta = checkpoint.read_meta(init)
     set_seed(a.seed)
     model = run.build_model(init_meta["config"])
     lr = (init_meta.get("plan") or {}).get("lr_scale", 1.0) * a.lr_frac
     optimizer = model.setup_optimizer(lr_scale=lr, weight_decay=0.0)
     training.remember_initial_lr(optimizer)
+    run.attach(model, optimizer)
     step, elapsed_before = 0, 0.0
     if run.resume_from:
         meta = run.resume(model, optimizer)
@@ -185,8 +186,8 @@ def main(argv=None) -> None:
            f"{per_rank * rt.world_size} prompts x {a.num_samples} samples, lr x{lr:.3g}")
 
     def save_now() -> None:
-        run.save(step, model, optimizer, {"total_steps": total_steps, "task": a.task,
-                                          "train_seconds": round(meter.elapsed(), 2), "plan": init_meta.get("plan")})
+        run.save(step, {"total_steps": total_steps, "task": a.task, "train_seconds": round(meter.elapsed(), 2),
+                        "plan": init_meta.get("plan")})
 
     t_loop = time.time()
     while step < total_steps:

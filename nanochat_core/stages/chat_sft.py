@@ -40,7 +40,7 @@ def main(argv=None) -> None:
                    help="hub: SmolTalk/ARC/GSM8K/identity/spelling; local: the shipped chat set (offline)")
     a = p.parse_args(argv)
     check_args(a)
-    train_conversations("sft", ["mid", "base"], sft_mixture(a.source, a.seed), a)
+    train_conversations("sft", sft_mixture(a.source, a.seed), a)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
                    help="hub: SmolTalk/MMLU-aux/GSM8K/identity/spelling; local: the shipped chat set (offline)")
     a = p.parse_args(argv)
     check_args(a)
-    train_conversations("mid", ["base"], mid_mixture(a.source, a.seed), a)
+    train_conversations("mid", mid_mixture(a.source, a.seed), a)
 
 
 if __name__ == "__main__":

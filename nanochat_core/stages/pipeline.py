@@ -29,6 +29,18 @@ from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_
 from nanochat_core.lead_link import LeadLink, wait_for_file
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
+
+
+def parse_stages(text: str) -> list[str]:
+    """`--stages` (a comma list from ALL_STAGES) as a list, or one line saying what is wrong: the pipeline's
+    check and `nanochat train`'s, which refuses it before anything is paid for."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in ALL_STAGES]
+    if not chosen or unknown:
+        what = f"unknown stage(s) {', '.join(unknown)}" if unknown else f"no stage in '{text}'"
+        raise NanochatError(f"{what}: --stages takes a comma list from {','.join(ALL_STAGES)}")
+    return chosen
+
 # preflight (nanochat_core/preflight.py) opens every cloud run: a minute of checks at the planned depth and
 # device batch, so a broken device path or a slow node stops the job before the budget goes on it.
 DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "preflight,tok,base,mid,sft,eval,report"}
@@ -275,17 +287,10 @@ class Pipeline:
                                       pass_fds=fds, preexec_fn=runlock.child_setup(os.getpid()))
         runlock.record_stage(self.lock_fd, self.child.pid)
         try:
-            while True:
-                left = None if not self.a.deadline_at else self.a.deadline_at - time.time()
-                try:
-                    return self.child.wait(timeout=None if left is None else max(0.0, min(left, 5.0)))
-                except subprocess.TimeoutExpired:
-                    if left is not None and left <= 0:
-                        print("budget deadline reached: stopping this stage", flush=True)
-                        proctree.kill_tree(self.child.pid, STOP_GRACE_S)
-                        self.child.wait()
-                        self.deadline_hit = True
-                        return None
+            rc = proctree.wait_or_stop(self.child, self.a.deadline_at or None, STOP_GRACE_S, "this stage")
+            if rc is None:
+                self.deadline_hit = True
+            return rc
         finally:
             self.child = None
 
@@ -383,10 +388,7 @@ class Pipeline:
 
     def run(self) -> None:
         a = self.a
-        stages = [s.strip() for s in (a.stages or DEFAULT_STAGES[a.preset]).split(",") if s.strip()]
-        unknown = [s for s in stages if s not in ALL_STAGES]
-        if unknown:
-            raise NanochatError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ALL_STAGES)}")
+        stages = parse_stages(a.stages or DEFAULT_STAGES[a.preset])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.lock_fd = runlock.acquire(self.run_dir)  # one writer per run dir; held until we exit
         signal.signal(signal.SIGTERM, self.forward_signal)
