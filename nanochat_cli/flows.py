@@ -182,17 +182,20 @@ def _print_plan(plan: dict, budget: float | None) -> None:
 
 def _dryrun_json(plan: dict) -> dict:
     keys = ("offer", "depth", "params", "tokens", "hours", "cost", "stages", "max_price_per_hour",
-            "spend_cap", "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards")
+            "spend_cap", "deadline_hours", "base_deadline_hours", "margin_hours", "capped_note", "num_shards",
+            "user_data")
     return {k: plan[k] for k in keys if k in plan}
 
 
 def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name, gpus, clouds, nodes,
-              cluster, keep, steps, minutes, data, bucket, stages=None):
+              cluster, keep, steps, minutes, data, bucket, stages=None, chat_data=None, identity=None,
+              chat_share=None, skip_bad=False):
     """`nanochat train`: check the flags, choose where to run (this machine, a recorded cluster or the
     cheapest offer), plan the run within the budget, then launch it and follow its log."""
     from nanochat_cli.planner import parse_budget
     budget_usd = parse_budget(budget)
     stages = _check_train_flags(depth, local, nodes, bucket, stages)
+    mine = prepare_your_data(data, chat_data, identity, skip_bad, chat_share, local, bucket)   # (your own data)
     candidates = None
     if local:
         plan = _local_plan(depth, steps, minutes, stages)
@@ -202,7 +205,9 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
     else:
         rec, offer, candidates, nodes = choose_offer(cluster, spot, gpus, clouds, nodes, dryrun)
         plan, candidates, run_name, args = plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name,
-                                                          preflight_only=stages == "preflight")
+                                                          preflight_only=stages == "preflight",
+                                                          upload_hours=mine.upload_hours)
+    mine.annotate(plan, local)
     if json_out and dryrun:
         print(json.dumps(_dryrun_json(plan)))
         return
@@ -214,13 +219,15 @@ def cmd_train(*, budget, depth, local, spot, detach, dryrun, json_out, yes, name
                             "pulled")
     if not json_out:
         _print_plan(plan, None if local else budget_usd)
+        for line in mine.lines(plan):
+            _console().print(line)
     if dryrun:
         return
     if depth is not None and local:
         args += ["--depth", str(depth)]
     args += ["--steps", str(steps)] if steps else []
     args += ["--minutes", str(minutes)] if minutes else []
-    args += ["--data", data] if data else []
+    args += mine.pipeline_args(local)
     args += ["--stages", stages] if stages else []
     launch_and_follow(rec, plan, args, run_name, budget_usd=None if local else budget_usd, candidates=candidates,
                       local=local, spot=spot, nodes=nodes, keep=keep, bucket=bucket, yes=yes, detach=detach,
@@ -287,7 +294,7 @@ def choose_offer(cluster, spot, gpus, clouds, nodes, dryrun):
     return rec, offer, candidates, nodes
 
 
-def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name, preflight_only=False):
+def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name, preflight_only=False, upload_hours=0.0):
     """The plan within what is left of the budget: (plan dict, failover candidates kept, run name, node args).
     preflight_only: the node runs only its preflight stage, at the depth the budget would train."""
     from nanochat_cli.planner import make_plan
@@ -299,7 +306,7 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, depth, nodes, name, prefl
             raise NanochatError(f"cluster '{rec['name']}' has already cost ${spent:.2f} of the ${budget_usd:.2f} "
                                 "budget: raise --budget, or `nanochat down` and start afresh")
     from nanochat_cli.planner import limit_failover
-    p = make_plan(offer, budget_usd - spent, depth, nodes)
+    p = make_plan(offer, budget_usd - spent, depth, nodes, setup_extra_h=upload_hours)
     if preflight_only:
         p.preflight_only()
     # Only offers at which this very plan stays within the budget may be failed over to; the dearest
@@ -477,3 +484,120 @@ def resolve_checkpoint(path: Path | None) -> Path:
             raise NanochatError(f"checkpoint {path} does not exist")
         return path
     return state.find_latest_run(has="model", nothing="no trained model found")
+
+
+# -----------------------------------------------------------------------------
+# Your own data (--data DIR / --chat-data FILE / --identity TEXT): prepared once on this machine
+# (nanochat_core/user_data.py), then read by the local pipeline in place or uploaded with a cloud run.
+
+# An ESTIMATE of a laptop's upload speed, used to price the upload into the plan's setup (the node bills
+# while SkyPilot syncs the files to it). Above MAX_UPLOAD_BYTES we refuse and point to a bucket instead.
+UPLOAD_BYTES_PER_S = 10e6
+MAX_UPLOAD_BYTES = 5 * 2 ** 30
+
+
+class YourData:
+    """What `nanochat train` was given of the user's own, prepared: the pipeline's flags and the plan's lines."""
+
+    def __init__(self, bundle=None, public: str | None = None, docs_share: float | None = None,
+                 chat_share: float | None = None):
+        self.bundle, self.public, self.docs_share, self.chat_share = bundle, public, docs_share, chat_share
+
+    @property
+    def upload_bytes(self) -> int:
+        return self.bundle.size_bytes() if self.bundle else 0
+
+    @property
+    def upload_hours(self) -> float:
+        return self.upload_bytes / UPLOAD_BYTES_PER_S / 3600
+
+    def pipeline_args(self, local: bool) -> list[str]:
+        from nanochat_cli.task_files import BUCKET_DATA_MOUNT
+        args = ["--data", BUCKET_DATA_MOUNT if self.bucket_data else self.public] if self.public else []
+        if self.bundle is None:
+            return args
+        from nanochat_cli.task_files import USER_DATA_MOUNT
+        where = str(self.bundle.path) if local else USER_DATA_MOUNT
+        args += ["--user-data", where, "--user-data-sha256", self.bundle.digest]
+        args += ["--docs-share", str(self.docs_share)] if self.docs_share is not None else []
+        return args + (["--chat-share", str(self.chat_share)] if self.chat_share is not None else [])
+
+    @property
+    def bucket_data(self) -> str | None:
+        return self.public if self.public and self.public.startswith(("s3://", "gs://")) else None
+
+    def annotate(self, plan: dict, local: bool) -> None:
+        """The plan says what is uploaded and how many passes over the user's documents base training makes."""
+        if self.bucket_data:
+            plan["data_bucket"] = self.bucket_data   # copied onto the node (task_files.data_mounts)
+        if self.bundle is None:
+            return
+        info = self.bundle.info
+        rec = {"path": str(self.bundle.path), "sha256": self.bundle.digest, "bytes": self.upload_bytes,
+               "docs_share": self.docs_share, "chat_share": self.chat_share}
+        if info.get("docs"):
+            rec["docs_tokens_estimate"] = info["docs"]["estimated_tokens"]
+            if plan.get("tokens"):
+                share = self.docs_share if self.docs_share is not None else 1.0
+                rec["docs_epochs"] = round(plan["tokens"] * share / max(1, info["docs"]["estimated_tokens"]), 2)
+        if not local:
+            rec["upload_hours"] = round(self.upload_hours, 4)
+        plan["user_data"] = rec
+
+    def lines(self, plan: dict) -> list[str]:
+        rec = plan.get("user_data")
+        if not rec:
+            return []
+        out = []
+        if "docs_tokens_estimate" in rec:
+            share = f" at a {rec['docs_share']:.0%} share" if rec.get("docs_share") is not None else ""
+            reads = (f"; base training reads them {rec['docs_epochs']:g} times over{share} "
+                     f"({'epochs: the model will memorise a small corpus' if rec['docs_epochs'] > 4 else 'epochs'})"
+                     if "docs_epochs" in rec else f"; the local run trains for time{share}, its log counts the passes")
+            out.append(f"your documents: ~{rec['docs_tokens_estimate']:,} tokens (estimated){reads}")
+        if "upload_hours" in rec:
+            out.append(f"your data: {rec['bytes'] / 1e6:,.1f} MB uploaded with the run (sha256 "
+                       f"{rec['sha256'][:12]}..., about {rec['upload_hours'] * 60:.1f} min of setup, counted in the plan)")
+        return out
+
+
+def prepare_your_data(data: str | None, chat_data: str | None, identity: str | None, skip_bad: bool,
+                      chat_share: float | None, local: bool, bucket: str | None = None) -> YourData:
+    """Parse --data, read and pack the user's documents / conversations / identity once (with a summary),
+    and refuse what cannot travel to a node before anything is paid for."""
+    from nanochat_core import user_data
+    spec = user_data.parse_data_spec(data, _is_public_source)
+    if chat_share is not None and not 0 < chat_share <= 1:
+        raise NanochatError(f"--chat-share must be in (0, 1] (1 = only your conversations), got {chat_share}")
+    if chat_share is not None and not chat_data:
+        raise NanochatError("--chat-share needs --chat-data FILE")
+    if not (spec.docs or chat_data or identity):
+        if local and spec.public and spec.public.startswith(("s3://", "gs://")):
+            raise NanochatError(f"--data {spec.public}: a bucket of shards is for cloud runs; locally, pass the folder")
+        return YourData(public=spec.public)
+    if local and spec.public and spec.public.startswith(("s3://", "gs://")):
+        raise NanochatError(f"--data {spec.public}: a bucket of shards is for cloud runs; locally, pass the folder")
+    ident = user_data.read_identity(identity) if identity else None
+    bundle = user_data.build_bundle(spec.docs, chat_data, ident, skip_bad)
+    mine = YourData(bundle, spec.public, spec.docs_share, chat_share)
+    if not local and mine.upload_bytes > MAX_UPLOAD_BYTES:
+        raise NanochatError(
+            f"your data is {mine.upload_bytes / 2 ** 30:.1f} GiB packed, more than nanochat uploads from this machine "
+            f"({MAX_UPLOAD_BYTES / 2 ** 30:.0f} GiB): copy the prepared shards ({bundle.path}/docs) to a bucket "
+            f"(e.g. `aws s3 sync {bundle.path}/docs s3://my-bucket/my-docs`) and train with --data "
+            "s3://my-bucket/my-docs (the node mounts it; the last shard is validation)")
+    return mine
+
+
+def _is_public_source(item: str) -> bool:
+    """A public corpus (a name from sources.json, a file listing shard URLs, a bucket of shards), as opposed
+    to a folder of your own documents."""
+    from nanochat_core.dataset import load_sources
+    p = Path(item).expanduser()
+    if item in load_sources() or item.startswith(("s3://", "gs://")) or p.is_file():
+        return True
+    if p.is_dir():
+        return False
+    if "/" in item or item.startswith((".", "~")):
+        raise NanochatError(f"--data {item}: no such folder")
+    return True   # an unknown name: the pipeline lists the sources it knows

@@ -34,7 +34,7 @@ from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
 from nanochat_cli.sky_replies import already_gone, sky_error, job_state_name, record_managed_price
-from nanochat_cli.task_files import workdir, yaml_path
+from nanochat_cli.task_files import data_mounts, workdir, yaml_path
 from nanochat_cli.backend import start_of
 
 # Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
@@ -258,9 +258,12 @@ def _resources(offer: dict, spot: bool) -> "sky.Resources":
                          accelerators={acc: int(n)}, use_spot=spot, disk_size=512, **kwargs)
 
 
-def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | None) -> "sky.Task":
+def build_task(rec: dict, run_name: str, args: list[str], deadline_at: float | None,
+               mounts: dict[str, str] | None = None) -> "sky.Task":
     task = sky.Task.from_yaml(str(yaml_path("train")))
     task.workdir = str(workdir())
+    if mounts:   # your own data (task_files.data_mounts): synced to the node before the job starts
+        task.update_file_mounts(mounts)
     task.num_nodes = int(rec.get("nodes") or 1)
     # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error.
     offers = rec.get("candidates") or [rec["offer"]]
@@ -371,7 +374,7 @@ class SkyBackend:
     def launch(self, rec: dict, rd: Path, args: list[str], plan: dict | None = None, dryrun: bool = False) -> dict:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
         rec["spot"], as a managed job. dryrun: SkyPilot plans the launch and stops (nothing recorded)."""
-        task = build_task(rec, rd.name, args, (plan or {}).get("deadline_at"))
+        task = build_task(rec, rd.name, args, (plan or {}).get("deadline_at"), data_mounts(plan))
         # cursor 0: SkyPilot replays a job's own log from its start (tail counts lines)
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
                "state": "RUNNING", "submitted_at": time.time(), "cursor": 0}
