@@ -195,6 +195,8 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         plan = state.read_json(rd / "plan.json") or {}
         args = ["--preset", plan.get("preset", "cloud")]
     args += ["--stages", "eval,report", "--force"]
+    from nanochat_cli.flows import your_data_args
+    args += your_data_args(state.read_json(rd / "plan.json") or {}, cluster.get("backend") == "local")
     backend = backend_for(cluster)
     # Not the training run's deadline (long past, perhaps): eval is short and the cluster's autodown still
     # ends it; an old deadline would only make the node refuse to start.
@@ -234,6 +236,9 @@ def print_metrics(metrics: dict, rd: Path) -> None:
     for m in names:
         t.add_row(m, *[_fmt(metrics[s].get(m)) for s in stages])
     _console().print(t)
+    from nanochat_core.report import your_data_lines
+    for line in your_data_lines(rd)[2:]:     # (a run trained on your own data: what it learned of it)
+        print(line)
     if (rd / "report.md").exists():
         print(f"report: {rd / 'report.md'}")
 

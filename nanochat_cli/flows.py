@@ -601,3 +601,13 @@ def _is_public_source(item: str) -> bool:
     if "/" in item or item.startswith((".", "~")):
         raise NanochatError(f"--data {item}: no such folder")
     return True   # an unknown name: the pipeline lists the sources it knows
+
+
+def your_data_args(plan: dict, local: bool) -> list[str]:
+    """`nanochat eval` on a run trained on your data: the pipeline's flags for the same bundle (the plan kept
+    its path and digest; on the cloud it is mounted again at the same place)."""
+    rec = plan.get("user_data") or {}
+    if not rec.get("path"):
+        return []
+    from nanochat_cli.task_files import USER_DATA_MOUNT
+    return ["--user-data", rec["path"] if local else USER_DATA_MOUNT, "--user-data-sha256", rec["sha256"]]

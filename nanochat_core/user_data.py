@@ -156,6 +156,9 @@ def read_documents(folder: str | os.PathLike, progress: bool = True) -> tuple[li
                     docs += chunk_text(t)
             bar.advance(task)
     if not docs:
+        if problems:
+            shown = "; ".join(str(p) for p in problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise NanochatError(f"--data {folder}: no document could be read ({len(problems)} problem(s): {shown})")
         why = "; ".join(summary.skipped[:3]) or "the folder is empty"
         raise NanochatError(f"--data {folder} holds no documents to train on ({why}); put .txt, .md, .jsonl "
                             "(a \"text\" field per line) or .parquet (a \"text\" column) files in it")
