@@ -182,3 +182,29 @@ def test_bad_folders_are_one_line_refusals(tmp_path, monkeypatch):
     (latin / "a.txt").write_bytes("ok\nna\xefve\n".encode("latin-1"))
     r = CliRunner().invoke(app, ["train", "--local", "--dryrun", "--data", str(latin)])
     assert r.exit_code == 2 and "a.txt:2: not UTF-8" in r.stderr
+
+
+def test_local_train_and_eval_hand_the_pipeline_the_same_bundle(mydata, monkeypatch):
+    """`nanochat train --local` points the pipeline at the prepared bundle in place, and `nanochat eval`
+    later at the very same one (the plan kept its path and digest), so the report's docs bpb and held-out
+    answers are recomputed on the user's data."""
+    from test_cli_flow import cli, job_env  # noqa: F401 (the job script stands in for the pipeline)
+    from nanochat_cli import local_backend, state
+    import os
+    from pathlib import Path
+    monkeypatch.setenv(local_backend.PIPELINE_MODULE_ENV, "test_cli_jobscript")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKEJOB_STEP_S", "0.01")
+    docs, chat = mydata
+    code, out, err = cli("train", "--local", "--steps", "3", "--data", str(docs), "--chat-data", str(chat),
+                         "--identity", IDENTITY)
+    assert code == 0, err
+    rd = state.run_dir("local")
+    plan = json.loads((rd / "plan.json").read_text())
+    args = json.loads((rd / "job_args.json").read_text())
+    assert args[args.index("--user-data") + 1] == plan["user_data"]["path"]
+    assert args[args.index("--user-data-sha256") + 1] == plan["user_data"]["sha256"]
+    code, out, err = cli("eval", "--local", "--name", "local")
+    assert code == 0, err
+    args = json.loads((rd / "job_args.json").read_text())
+    assert "eval,report" in args and args[args.index("--user-data-sha256") + 1] == plan["user_data"]["sha256"]
