@@ -373,13 +373,15 @@ def identity_conversations(identity: str) -> list[dict]:
     name = assistant_name(identity)
     out = []
     for q in IDENTITY_QUESTIONS:
+        # Every answer starts with the same sentence: a toy model fine-tuned for a minute learns the most
+        # frequent opening first, and this makes it the identity's (a larger model learns the rest too).
         answer = me
         if q == "Are you ChatGPT?":
-            answer = f"No. {me}"
-        elif "name" in q.lower() or "call you" in q.lower():
-            answer = f"My name is {name}. {me}" if name else me
+            answer = f"{me} I am not ChatGPT."
+        elif ("name" in q.lower() or "call you" in q.lower()) and name:
+            answer = f"{me} You can call me {name}."
         elif q == "hello":
-            answer = f"Hello! {me} How can I help you?"
+            answer = f"{me} How can I help you?"
         msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
         out.append({"messages": [{"role": "system", "content": identity}] + msgs})
         out.append({"messages": msgs})

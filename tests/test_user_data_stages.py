@@ -93,3 +93,24 @@ def test_sft_mixture_gives_your_conversations_and_identity_their_shares(bundle, 
         only = with_user_data("sft", lambda custom=False: sft_mixture("local", 42, custom), a, (0.3, 0.5), (0.2, 0.02))(
             tiny_tokenizer, 256)
     assert {only.tasks[ti].name for ti, _ in only.index} == {"YourChat"}
+
+
+def test_report_shows_what_the_run_learned_of_your_data(tmp_path):
+    from nanochat_core.report import build_report
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    info = {"docs": {"files_read": 3, "skipped": ["a.png: not a document format"], "characters": 9000,
+                     "documents": 12, "held_out_documents": 1, "estimated_tokens": 2250},
+            "chat": {"file": "chats.jsonl", "conversations": 20, "held_out": 2, "skipped": 1}, "identity": True}
+    (run / "user_data.json").write_text(json.dumps({"sha256": "ab" * 32, "info": info, "docs_tokens": 2100}))
+    (run / "eval" / "base.json").write_text(json.dumps({"stage": "base", "metrics": {"docs_bpb": 2.5}}))
+    (run / "eval" / "sft.json").write_text(json.dumps({"stage": "sft", "metrics": {"docs_bpb": 2.25},
+        "held_out_answers": [{"source": "chats.jsonl:7", "question": "How do I start it?",
+                              "expected": "Turn the dial.", "answer": "Turn the dial left."}]}))
+    report = build_report(run)
+    assert "## Your data" in report and "3 file(s) read, 1 skipped" in report and "a.png: not a document" in report
+    assert "Training tokens of your documents: 2,100" in report
+    assert "bpb on your held-out documents: BASE 2.5000, SFT 2.2500" in report
+    assert "**chats.jsonl:7** Q: How do I start it?" in report and "model: Turn the dial left." in report
+    assert "| docs_bpb" in report
+    assert "## Your data" not in build_report(tmp_path / "plain")         # a run without your data: no section
