@@ -34,7 +34,7 @@ def make_inputs(root: Path):
 def test_train_on_your_data_then_the_model_says_its_name(tmp_path):
     docs, chat = make_inputs(tmp_path)
     env = dict(os.environ)
-    r = subprocess.run([NANOCHAT, "train", "--local", "--steps", "10", "--data", str(docs), "--chat-data", str(chat),
+    r = subprocess.run([NANOCHAT, "train", "--local", "--steps", "16", "--data", str(docs), "--chat-data", str(chat),
                         "--identity", "You are Ada, the support assistant of Acme."],
                        capture_output=True, text=True, env=env, timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -114,3 +114,22 @@ def test_report_shows_what_the_run_learned_of_your_data(tmp_path):
     assert "**chats.jsonl:7** Q: How do I start it?" in report and "model: Turn the dial left." in report
     assert "| docs_bpb" in report
     assert "## Your data" not in build_report(tmp_path / "plain")         # a run without your data: no section
+
+
+def test_the_pipeline_hands_your_data_to_mid_sft_and_eval(bundle, tmp_path):
+    from nanochat_core.stages.pipeline import stage_commands
+    docs, chat = bundle
+    chat.write_text("".join(convo(f"widget {i}?", "Blue.") for i in range(10)))
+    b = user_data.build_bundle(docs, chat, IDENTITY, progress=False, out=io.StringIO())
+    a = parse_args(["--run-dir", str(tmp_path / "run"), "--preset", "cloud", "--user-data", str(b.path),
+                    "--user-data-sha256", b.digest, "--chat-share", "0.4"])
+    for stage in ("mid", "sft"):
+        (cmd,) = stage_commands(stage, a, b.docs, ["python"])
+        assert cmd[cmd.index("--user-data") + 1] == str(b.path) and cmd[cmd.index("--chat-share") + 1] == "0.4"
+        assert cmd[cmd.index("--user-data-sha256") + 1] == b.digest
+    evals = stage_commands("eval", a, b.docs, ["python"])
+    docs_bpb = [c for c in evals if "--docs" in c]
+    assert [c[c.index("--stage") + 1] for c in docs_bpb] == ["base", "sft"]           # base and after SFT
+    assert any("--held-out" in c for c in evals)
+    plain = parse_args(["--run-dir", str(tmp_path / "run2"), "--preset", "cloud"])
+    assert not any("--user-data" in c for s in ("mid", "sft") for c in stage_commands(s, plain, b.docs, ["python"]))

@@ -176,6 +176,7 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
     public, rest = _prepare_public(a)
     if docs is None:
         return public, rest
+    a.public_dir = public     # mixed again once every shard is on disk (Pipeline.run_stages, before base)
     return _mix(a, public, docs), rest
 
 
@@ -434,8 +435,8 @@ class Pipeline:
                 background.join()  # all shards must be on disk before training reads past the first ones
                 if background.error is not None:
                     raise NanochatError(f"downloading the training shards failed: {background.error}")
-                if _your_docs(a) is not None and a.docs_share is not None:   # the mix again, with every shard
-                    data = _mix(a, Path(os.readlink(next(data.glob("zz_*")))).parent, _your_docs(a))
+                if getattr(a, "public_dir", None) is not None:   # your documents: the mix again, with every shard
+                    data = _mix(a, a.public_dir, _your_docs(a))
             env = stage_env(stage, dict(os.environ))
             # wandb tracking (tracking.py), when on, names its run after this directory; stages only, not us
             env["NANOCHAT_RUN_DIR"] = str(self.run_dir)
