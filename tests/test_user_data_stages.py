@@ -133,3 +133,14 @@ def test_the_pipeline_hands_your_data_to_mid_sft_and_eval(bundle, tmp_path):
     assert any("--held-out" in c for c in evals)
     plain = parse_args(["--run-dir", str(tmp_path / "run2"), "--preset", "cloud"])
     assert not any("--user-data" in c for s in ("mid", "sft") for c in stage_commands(s, plain, b.docs, ["python"]))
+
+
+def test_a_run_trained_without_your_data_is_not_silently_reused(bundle, tmp_path):
+    docs, _ = bundle
+    b = user_data.build_bundle(docs, None, None, progress=False, out=io.StringIO())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stages.json").write_text(json.dumps({"tok": {}, "base": {}, "sft": {}}))
+    p = Pipeline(parse_args(["--run-dir", str(run), "--user-data", str(b.path)]))
+    with pytest.raises(NanochatError, match="already trained base, sft without your data: use --name NEW"):
+        p.check_user_data()

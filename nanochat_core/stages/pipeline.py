@@ -514,6 +514,10 @@ class Pipeline:
             raise NanochatError(f"run {self.run_dir.name} was started with other data (sha256 "
                                 f"{first.get('sha256', '?')[:12]}..., now {bundle.digest[:12]}...): use --name NEW "
                                 "for a run on the changed data")
+        trained = [s for s in ("base", "mid", "sft") if s in self.done_stages()]
+        if not first and trained and not self.a.force:
+            raise NanochatError(f"run {self.run_dir.name} already trained {', '.join(trained)} without your data: "
+                                "use --name NEW for a run on it")
         print(f"your data: verified {self.a.user_data} (sha256 {bundle.digest[:12]}...)", flush=True)
         if self.lead and not first:
             atomic_write_json(record, {"sha256": bundle.digest, "info": bundle.info, "docs_share": self.a.docs_share})
