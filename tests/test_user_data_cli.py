@@ -208,3 +208,21 @@ def test_local_train_and_eval_hand_the_pipeline_the_same_bundle(mydata, monkeypa
     assert code == 0, err
     args = json.loads((rd / "job_args.json").read_text())
     assert "eval,report" in args and args[args.index("--user-data-sha256") + 1] == plan["user_data"]["sha256"]
+
+
+def test_a_spot_run_hands_the_managed_job_the_same_mount(mydata, monkeypatch):
+    """A spot run is a managed job: the task SkyPilot gets carries the bundle as a local file mount (SkyPilot
+    stages such mounts once for the job, and a recovered job mounts those bytes; the node verifies them)."""
+    import sky
+    docs, chat = mydata
+    got = []
+    monkeypatch.setattr(sky.jobs, "launch", lambda task, name: got.append(task) or "jobs-launch")
+    monkeypatch.setattr(sky, "stream_and_get", lambda req: ([21], None))
+    r = train(monkeypatch, "--budget", "50", "--spot", "--yes", "--detach", "--name", "s1", "--bucket",
+              "s3://my-bucket", "--data", str(docs), "--identity", IDENTITY)
+    assert r.exit_code == 0, r.output
+    (task,) = got
+    assert set(task.get_local_to_remote_file_mounts()) == {"/nanochat-user-data"}
+    assert "/nanochat-bucket" in task.storage_mounts                    # the checkpoints' bucket, as before
+    args = task.envs["NANOCHAT_ARGS"].split()
+    assert args[args.index("--user-data") + 1] == "/nanochat-user-data" and "--user-data-sha256" in args
