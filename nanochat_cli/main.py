@@ -263,10 +263,10 @@ def export(
     """Write the model as a Hugging Face folder (transformers loads it with trust_remote_code=True)."""
     from nanochat_cli import flows
     ckpt = flows.resolve_checkpoint(checkpoint)
-    from nanochat_core.export import export as export_model
+    from nanochat_core.export import export as export_model, summary
     folder = export_model(ckpt, out)
-    print(f"exported {ckpt} -> {folder}\n"
-          f"load it: AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)")
+    print("\n".join(summary(folder)))
+    print(f"load it: AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)")
 
 
 @app.command()

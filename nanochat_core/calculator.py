@@ -17,6 +17,9 @@ Resource limits, all checked BEFORE the work is done so nothing can blow up firs
   - a wall-clock deadline checked at every node (belt and braces: with the limits above an evaluation
     is microseconds, but the deadline bounds anything we missed).
 No signals (the server evaluates on worker threads, where SIGALRM is not an option).
+
+How a call reads (ToolText, readable_text at the end): [calc 12*7 = 84] - in the terminal chat, the API's
+text, the web page and the samples a run prints; the model's special tokens are never shown.
 """
 from __future__ import annotations
 
@@ -182,3 +185,66 @@ def _eval_count(node: ast.Call, deadline: float) -> int:
     if not (isinstance(haystack, str) and isinstance(needle, str)):
         raise CalculatorError(".count only works on strings")
     return haystack.count(needle)
+
+
+# -----------------------------------------------------------------------------
+# Tool calls as text a person reads
+
+CALC_OPEN, CALC_SEP, CALC_CLOSE = "[calc ", " = ", "]"
+
+
+class ToolText:
+    """Reply pieces (text / python / python_output, as Engine.stream_reply yields them) -> readable text, with a
+    calculator call and its result written [calc 12*7 = 84]. Every surface shows a tool call this way:
+    the terminal chat, the sample at the end of a run, the API's `content` (serve.py parses it back into
+    parts when a client sends the history) and the web page (which draws it as boxes). The engine reports
+    python -> text -> python_output (<|python_end|> closes the call before the result is forced), so the
+    bracket stays open from the call until its result ends; text that comes without a result closes it."""
+
+    def __init__(self):
+        self.kind, self.open = "text", False
+
+    def frame(self, kind: str, text: str = "") -> str:
+        """What to write before `text` of `kind`: the bracket's opening, separator or close, or nothing."""
+        out = ""
+        if kind == "python" and self.kind != "python":
+            out, self.open = self._close() + CALC_OPEN, True
+        elif kind == "python_output" and self.kind != "python_output":
+            out, self.open = (CALC_SEP if self.open else "[= "), True
+        elif kind == "text" and (self.kind == "python_output" or (text and self.open)):
+            out = self._close()
+        self.kind = kind
+        return out
+
+    def feed(self, kind: str, text: str) -> str:
+        return self.frame(kind, text) + text
+
+    def close(self) -> str:
+        self.kind = "text"
+        return self._close()
+
+    def _close(self) -> str:
+        was, self.open = self.open, False
+        return CALC_CLOSE if was else ""
+
+
+def readable_text(tokenizer, ids: list[int]) -> str:
+    """Generated token ids -> readable text: tool calls as [calc EXPR = RESULT], every other special token
+    (structure, not text) left out. For the samples stages print; the chat UIs stream through ToolText."""
+    sp = tokenizer.encode_special
+    kinds = {sp("<|python_start|>"): "python", sp("<|python_end|>"): "text",
+             sp("<|output_start|>"): "python_output", sp("<|output_end|>"): "text"}
+    specials = {sp(s) for s in tokenizer.get_special_tokens()}
+    view, out, run, kind = ToolText(), [], [], "text"
+    for t in list(ids) + [None]:
+        if t is None or t in specials:
+            if run:
+                out.append(view.feed(kind, tokenizer.decode(run)))
+                run = []
+            if t in kinds:
+                kind = kinds[t]
+                out.append(view.frame(kind))
+        else:
+            run.append(t)
+    out.append(view.close())
+    return "".join(out)

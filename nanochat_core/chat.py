@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from nanochat_core.calculator import ToolText
 from nanochat_core.common import NanochatError, autodetect_device_type, run_main, runs_dir
 
 HELP = "commands: /clear (new conversation), /exit (quit), /help. Ctrl-C stops a reply, Ctrl-D quits."
@@ -66,43 +67,23 @@ def check_sampling(temperature: float, top_k: int, max_tokens: int) -> None:
 
 class _Painter:
     """Writes reply pieces to a stream: text as is, a calculator call and its forced result as
-    [calc EXPR = RESULT]. The engine reports python -> text -> python_output (the <|python_end|> closes the
-    call before the result is forced), so the bracket stays open from the call until the result ends."""
+    [calc EXPR = RESULT] (calculator.ToolText, the form every surface uses), coloured on a terminal."""
     COLORS = {"python": "\033[33m", "python_output": "\033[32m"}
     RESET = "\033[0m"
 
     def __init__(self, out: TextIO):
-        self.out, self.kind, self.open = out, "text", False
+        self.out, self.view = out, ToolText()
         self.color = out.isatty()
 
     def write(self, kind: str, text: str) -> None:
-        if kind != self.kind:
-            self._switch(kind)
-        if self.color and kind in self.COLORS:
+        self.out.write(self.view.frame(kind, text))
+        if self.color and kind in self.COLORS and text:
             text = self.COLORS[kind] + text + self.RESET
         self.out.write(text)
         self.out.flush()
 
-    def _switch(self, kind: str) -> None:
-        if kind == "python":
-            self._close()
-            self.out.write("[calc ")
-            self.open = True
-        elif kind == "python_output":
-            self.out.write(" = " if self.open else "[= ")
-            self.open = True
-        elif self.kind == "python_output":
-            self._close()
-        self.kind = kind
-
-    def _close(self) -> None:
-        if self.open:
-            self.out.write("]")
-            self.open = False
-
     def finish(self) -> None:
-        self._close()
-        self.out.write("\n")
+        self.out.write(self.view.close() + "\n")
         self.out.flush()
 
 

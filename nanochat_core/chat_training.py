@@ -217,14 +217,13 @@ def mix_epochs(base, base_epochs: float, epochs: list[float]) -> list[float]:
 
 
 def chat_reply(model, tokenizer, messages: list[dict], max_tokens: int = 48) -> str:
-    """The greedy reply to a conversation (the engine stops at <|assistant_end|>)."""
+    """The greedy reply to a conversation (the engine stops at <|assistant_end|>), tool calls as [calc ..]."""
+    from nanochat_core.calculator import readable_text
     from nanochat_core.engine import Engine, decode_threads
     ids = tokenizer.render_for_completion({"messages": messages})
     with decode_threads(model.get_device()):
         seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
-    out = seqs[0][len(ids):]
-    end = tokenizer.encode_special("<|assistant_end|>")
-    return tokenizer.decode(out[:out.index(end)] if end in out else out).strip()
+    return readable_text(tokenizer, seqs[0][len(ids):]).strip()
 
 
 def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48, system: str | None = None) -> str:

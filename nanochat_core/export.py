@@ -5,6 +5,16 @@
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     AutoTokenizer.from_pretrained(DIR)
 
+It loads right or not at all. Its model_type is our own, MODEL_TYPE, which transformers' registry does not
+know: without trust_remote_code transformers stops with its "contains custom code ... pass
+trust_remote_code=True" error (or asks, on a terminal) instead of guessing. The plain "nanochat" would be
+the wrong answer: transformers 5 has a built-in NanoChat (a different, simpler model) under that name, and
+opening our folder as that class leaves every one of our weights unused and generates noise, silently.
+Our architecture is not one that transformers, vLLM or llama.cpp run natively: value embeddings mixed into
+attention through a gate, per-layer residual and x0 scalars, smear, backout and per-layer sliding windows
+have no counterpart in their model definitions, so there is no conversion to offer (no GGUF either): the
+code files shipped in the folder are the one way to run it.
+
 What goes in DIR, and why:
 - model.safetensors: the fp32 weights under our own parameter names (the modeling file uses the same module
   tree, so nothing is renamed - one less place for an export to silently disagree with training);
@@ -29,6 +39,8 @@ from nanochat_core.common import NanochatError, atomic_dir, atomic_write_json
 
 HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
+MODEL_TYPE = "nanochat_gpt"        # hf/configuration_nanochat.py says the same; not a name transformers knows
+OLD_MODEL_TYPES = ("nanochat",)    # what earlier exports wrote: such a folder may be exported over
 
 # The chat template: one Jinja expression per line, joined without newlines (transformers renders templates
 # with trim_blocks/lstrip_blocks, but a single line leaves nothing to trim). Mirrors render_conversation.
@@ -69,7 +81,7 @@ def hf_config(cfg, tokenizer) -> dict:
     bos = tokenizer.get_bos_token_id()
     return {
         "architectures": ["NanochatForCausalLM"],
-        "model_type": "nanochat",
+        "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": "configuration_nanochat.NanochatConfig",
                      "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
         "vocab_size": cfg.vocab_size,
@@ -159,8 +171,23 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
+def summary(folder: Path) -> list[str]:
+    """What `nanochat export` prints: the checkpoint the folder was made from (a run dir means its most
+    trained stage's latest checkpoint, which for a run still training is only the latest so far) and, when
+    that run is still training - its pipeline holds the run dir's lock - that a later export will have more."""
+    from nanochat_core.runlock import LOCK_NAME, holders
+    record = json.loads((folder / "nanochat_export.json").read_text())
+    ckpt = Path(record["checkpoint"])
+    lines = [f"exported {ckpt} ({ckpt.parent.name}, step {record['step']}) -> {folder}"]
+    run = ckpt.parent.parent
+    if any(pid != os.getpid() for _, pid in holders(run / LOCK_NAME)):
+        lines.append(f"run '{run.name}' is still training: this is its latest checkpoint so far; "
+                     "export again when it finishes to get the final model")
+    return lines
+
+
 def _is_our_export(path: Path) -> bool:
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "nanochat"
-    except (OSError, ValueError):
+        return json.loads((path / "config.json").read_text()).get("model_type") in (MODEL_TYPE, *OLD_MODEL_TYPES)
+    except (OSError, ValueError, AttributeError):
         return False

@@ -16,16 +16,27 @@ A client that disconnects - streaming or not, running or still queued - cancels 
 (between tokens), so abandoned requests never hold the queue.
 
 The context is the sequence length the model was trained with: prompt + max_tokens beyond it is refused
-(400 context_length_exceeded), as OpenAI does. Without max_tokens the reply gets min(512, what is left).
+(400 context_length_exceeded), as OpenAI and vLLM do - a client that asked for N tokens must learn it cannot
+have them, not get fewer in silence. Without max_tokens the reply gets min(512, what is left): the page
+sends none unless its field is filled in, so a 256-token model answers its first message, and when the
+conversation outgrows the context the page leaves out the oldest exchange and sends again.
 A `stop` sequence cuts the reply before it (finish_reason "stop"); while streaming, text that might be the
 start of a stop sequence is held back until it is known not to be.
 An error during generation ends a stream with an error event (`data: {"error": ...}`) and no
 finish_reason and no [DONE]: a client can tell a cut reply from a finished one.
 
-Tool calls travel inside the message text as the model's own markers,
-  <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|>,
-so the page can render them distinctly and a client that sends the history back gets the same tokens
-(the markers are parsed back into parts; in user text they stay plain text).
+Tool calls are text in `content`, written as every surface writes them (calculator.ToolText):
+  Let me compute [calc 12*7 = 84] so it is 84.
+Never the model's special tokens (<|python_start|>...), and never OpenAI's `tool_calls` fields: those ask
+the client to run a function and send back a `tool` message, while nanochat's calculator runs here, in the
+middle of the reply, and the reply goes on after its result (the Chat Completions format has no field for a
+tool the server runs itself). A client that sends the history back gets the model's exact tokens: in an assistant
+message "[calc EXPR = RESULT]" is parsed back into a call and its output (in user text it stays plain text).
+The round trip is exact unless the expression itself contains "]" or " = " (a string literal could).
+
+Models: the server answers to the checkpoint's exact id (nanochat-<run>-<stage>) and to the stable alias
+"nanochat", so a client configured once keeps working across runs; /v1/models lists both, the alias with
+`root` naming the model it stands for, and replies name the exact id (as OpenAI's aliases name the snapshot).
 """
 # (no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime)
 import argparse
@@ -43,13 +54,13 @@ from pathlib import Path
 from typing import Any
 
 from nanochat_core.api_models import DEFAULTS, ChatCompletionRequest, validation_error_body
+from nanochat_core.calculator import CALC_CLOSE, CALC_OPEN, CALC_SEP, ToolText
 from nanochat_core.common import NanochatError, autodetect_device_type, run_main
 
 STATIC = Path(__file__).parent / "static"
 
-OPEN = {"text": "", "python": "<|python_start|>", "python_output": "<|output_start|>"}
-CLOSE = {"text": "", "python": "<|python_end|>", "python_output": "<|output_end|>"}
-_MARKUP = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>", re.S)
+ALIAS = "nanochat"   # the name a client can always use, whatever run is being served
+_CALL = re.compile(re.escape(CALC_OPEN) + r"([^\]]*)" + re.escape(CALC_CLOSE))
 
 
 class APIError(Exception):
@@ -63,34 +74,20 @@ class APIError(Exception):
 
 
 def content_to_parts(text: str) -> list[dict]:
-    """An assistant message's text (with tool markers) -> the parts render_conversation takes."""
+    """An assistant message's text -> the parts render_conversation takes: each [calc EXPR = RESULT] (how
+    replies show a tool call) becomes a python part and a python_output part, so the model sees its own tokens."""
     parts, last = [], 0
-    for m in _MARKUP.finditer(text):
+    for m in _CALL.finditer(text):
         if m.start() > last:
             parts.append({"type": "text", "text": text[last:m.start()]})
-        kind = "python" if m.group(1) is not None else "python_output"
-        parts.append({"type": kind, "text": m.group(1) if m.group(1) is not None else m.group(2)})
+        expr, sep, result = m.group(1).partition(CALC_SEP)
+        parts.append({"type": "python", "text": expr})
+        if sep:
+            parts.append({"type": "python_output", "text": result})
         last = m.end()
     if last < len(text) or not parts:
         parts.append({"type": "text", "text": text[last:]})
     return parts
-
-
-class Markup:
-    """Turns streamed pieces back into text with tool markers (tracks which segment is open)."""
-
-    def __init__(self):
-        self.kind = "text"
-
-    def feed(self, kind: str, text: str) -> str:
-        out = ""
-        if kind != self.kind:
-            out = CLOSE[self.kind] + OPEN[kind]
-            self.kind = kind
-        return out + text
-
-    def close(self) -> str:
-        return self.feed("text", "")
 
 
 class StopFilter:
@@ -287,27 +284,30 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
     async def health():
         return {"status": "ok", "model": model_name, "workers": len(engines), "queued": pool.queued()}
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat",
+    names = [model_name] + ([ALIAS] if model_name != ALIAS else [])   # the exact id first: the page shows it
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "nanochat", "root": model_name,
                 "max_model_len": context_len}
 
     def unknown_model(name: str) -> APIError:
-        return APIError(404, f"The model '{name[:80]}' does not exist: this server has '{model_name}' (see /v1/models)",
+        known = " or ".join(f"'{n}'" for n in names)
+        return APIError(404, f"The model '{name[:80]}' does not exist: this server has {known} (see /v1/models)",
                         "model", code="model_not_found")
 
     @app.get("/v1/models")
     async def models_list():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in names]}
 
     @app.get("/v1/models/{name:path}")
     async def model_get(name: str):
-        if name != model_name:
+        if name not in names:
             raise unknown_model(name)
-        return model_card()
+        return model_card(name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        if req.model is not None and req.model != model_name:
+        if req.model is not None and req.model not in names:
             raise unknown_model(req.model)
         conv = [{"role": "system" if m.role == "developer" else m.role,
                  "content": content_to_parts(m.text) if m.role == "assistant" else m.text} for m in req.messages]
@@ -388,9 +388,9 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
 
 
 async def _reply(job: Job):
-    """The reply as ("text", delta, 0) items - tool markers included, stop sequences applied - then one
+    """The reply as ("text", delta, 0) items - tool calls as [calc ...], stop sequences applied - then one
     ("finish", finish_reason, tokens generated). Raises APIError if generation failed or was aborted."""
-    markup, stops, finish, n = Markup(), StopFilter(job.req.stops), "length", 0
+    markup, stops, finish, n = ToolText(), StopFilter(job.req.stops), "length", 0
     while (item := await job.out.get()) is not None:
         if isinstance(item, APIError):
             raise item

@@ -179,12 +179,12 @@ def test_tool_output_is_forced_into_the_stream(tiny_tokenizer):
         painter.write(p.kind, p.text)
     painter.finish()
     assert out.getvalue() == "Let me compute. [calc 12*(3+4) = 84] So 84.\n"
-    # ... and the server's API text carries the call in the model's own markers (what the web page renders)
-    from nanochat_core.serve import Markup, content_to_parts
-    markup = Markup()
-    api_text = "".join(markup.feed(p.kind, p.text) for p in pieces if p.kind != "finish") + markup.close()
-    assert api_text == ("Let me compute. <|python_start|>12*(3+4)<|python_end|>"
-                        "<|output_start|>84<|output_end|> So 84.")
+    # ... and so does the server's API text (what the web page renders as boxes): no special token in it
+    from nanochat_core.calculator import ToolText
+    from nanochat_core.serve import content_to_parts
+    view = ToolText()
+    api_text = "".join(view.feed(p.kind, p.text) for p in pieces if p.kind != "finish") + view.close()
+    assert api_text == "Let me compute. [calc 12*(3+4) = 84] So 84."
     # sent back as history, it renders to exactly the tokens the model produced
     history = {"messages": [{"role": "user", "content": "what is 12 times 7?"},
                             {"role": "assistant", "content": content_to_parts(api_text)}]}

@@ -169,3 +169,68 @@ def test_cli_export_of_a_pulled_run_and_bad_input(tiny_tokenizer, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     r = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_without_trust_remote_code_the_folder_fails_loudly_instead_of_loading_wrong(exported):
+    """transformers 5 ships its own NanoChat under model_type "nanochat": a folder naming that type loads as
+    that class without trust_remote_code, every weight of ours unused and randomly initialised. Ours names a
+    type the real registry does not know, so every way of opening it without the flag stops with
+    transformers' own "pass trust_remote_code=True" error."""
+    from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    *_, out = exported
+    config_type = json.loads((out / "config.json").read_text())["model_type"]
+    assert "nanochat" in CONFIG_MAPPING and config_type not in CONFIG_MAPPING
+    for open_it in (lambda: AutoModelForCausalLM.from_pretrained(out),
+                    lambda: AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False),
+                    lambda: AutoConfig.from_pretrained(out),
+                    lambda: pipeline("text-generation", model=str(out))):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            open_it()
+
+
+def test_pipeline_with_trust_remote_code_generates_what_the_model_does(exported):
+    from transformers import pipeline
+    model, tok, hf_model, hf_tok, out = exported
+    pipe = pipeline("text-generation", model=str(out), trust_remote_code=True)
+    assert type(pipe.model).__name__ == "NanochatForCausalLM"
+    torch.testing.assert_close(pipe.model.lm_head.weight, hf_model.lm_head.weight, atol=0, rtol=0)
+    text = "The sea and the ships"
+    got = pipe(text, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    ids = torch.tensor([tok.encode(text)])
+    want = hf_model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.size(1):].tolist()
+    assert got == hf_tok.decode(want, skip_special_tokens=True)
+
+
+def test_cli_export_names_the_checkpoint_it_took_and_says_when_the_run_is_still_training(tiny_tokenizer, tmp_path,
+                                                                                          monkeypatch):
+    """A run that is still training (its pipeline holds the run dir's lock) is exported from its latest
+    checkpoint so far: the command says which one, and that a later export will have more."""
+    import subprocess
+    import sys
+    from nanochat_cli.main import app
+    home = tmp_path / "home"
+    monkeypatch.setenv("NANOCHAT_HOME", str(home))
+    rd = home / "runs" / "local"
+    make_run(rd, tiny_tokenizer)
+    ckpt = rd / "base" / "ckpt_000007"
+    assert ckpt.is_dir()
+    r = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "hf")])
+    assert r.exit_code == 0, r.stderr
+    assert f"{ckpt} (base, step 7)" in r.stdout and "still training" not in r.stdout
+    # a pipeline at work on the run: the real lock a pipeline takes, held by another process (make_run's save
+    # took the lock for this process, as a trainer's does: let go of it first, as a finished trainer would)
+    from nanochat_core import runlock
+    os.close(runlock._held.pop(str(rd.resolve())))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from nanochat_core import runlock; "
+                               f"runlock.acquire({str(rd)!r}); print('locked', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "hf")])
+        assert r.exit_code == 0, r.stderr
+        assert f"{ckpt} (base, step 7)" in r.stdout
+        assert "run 'local' is still training" in r.stdout and "export again" in r.stdout
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

@@ -103,7 +103,7 @@ def test_completion_streaming_matches_non_streaming(url):
 def test_openai_client(url):
     from openai import OpenAI
     client = OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=60)
-    assert [m.id for m in client.models.list()] == ["nanochat-test"]
+    assert [m.id for m in client.models.list()] == ["nanochat-test", "nanochat"]   # the exact id, then the alias
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     out = client.chat.completions.create(model="nanochat-test", messages=messages, max_tokens=10, seed=11,
                                          temperature=0.8, extra_body={"top_k": 20})
@@ -323,18 +323,90 @@ def test_full_queue_answers_429(model, tiny_tokenizer):
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
 
 
-def test_tool_markers_round_trip_to_the_same_tokens(url, tiny_tokenizer):
-    content = "Let me see. <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> It is 84."
+def test_tool_calls_round_trip_to_the_same_tokens(url, tiny_tokenizer):
+    content = "Let me see. [calc 12*7 = 84] It is 84."
     parts = content_to_parts(content)
-    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
-    assert parts[1]["text"] == "12*7" and parts[2]["text"] == "84"
+    assert parts == [{"type": "text", "text": "Let me see. "}, {"type": "python", "text": "12*7"},
+                     {"type": "python_output", "text": "84"}, {"type": "text", "text": " It is 84."}]
     ids, _ = tiny_tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"},
                                                               {"role": "assistant", "content": parts}]})
     assert tiny_tokenizer.encode_special("<|python_start|>") in ids
-    # a history with tool markers is accepted and answered
+    assert content_to_parts("cut short [calc 12*") == [{"type": "text", "text": "cut short [calc 12*"}]
+    assert content_to_parts("[calc 1+]") == [{"type": "python", "text": "1+"}]   # a call the reply ended in
+    # a history with a tool call is accepted and answered
     history = {"messages": [{"role": "user", "content": "what is 12*7?"}, {"role": "assistant", "content": content},
                             {"role": "user", "content": "thanks"}], "max_tokens": 4}
     assert httpx.post(f"{url}/v1/chat/completions", json=history, timeout=60).status_code == 200
+
+
+def calculator_reply(tok) -> tuple[list[int], str]:
+    """A reply that calls the calculator (the tokens the model "samples" and the ones the engine forces) and
+    the text every surface must show for it."""
+    sp = tok.encode_special
+    ids = (tok.encode("Let me compute. ") + [sp("<|python_start|>"), *tok.encode("12*7"), sp("<|python_end|>"),
+           sp("<|output_start|>"), *tok.encode("84"), sp("<|output_end|>")] + tok.encode(" So it is 84.")
+           + [sp("<|assistant_end|>")])
+    return ids, "Let me compute. [calc 12*7 = 84] So it is 84."
+
+
+def test_a_tool_call_reaches_api_clients_as_text_without_special_tokens(tiny_tokenizer):
+    """The model calls the calculator (a scripted token source driven by the real Engine, which runs the tool
+    and forces its output): streaming and non-streaming content carry [calc 12*7 = 84], no <|...|> token,
+    no tool_calls field; sent back as history, the model sees its own tokens again."""
+    from tiny_models import ScriptedReplyModel
+    reply_ids, shown = calculator_reply(tiny_tokenizer)
+    model = ScriptedReplyModel(reply_ids, tiny_tokenizer.get_vocab_size())
+    with LiveServer(create_app(model, tiny_tokenizer, model_name="nanochat-run-sft")) as base:
+        body = ask("What is 12*7?", max_tokens=60)
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        message = r.json()["choices"][0]["message"]
+        assert message["content"] == shown and "tool_calls" not in message
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+            events = sse_events(s)
+        deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+        assert "".join(d.get("content", "") for d in deltas) == shown
+        assert not any("<|" in d.get("content", "") or "tool_calls" in d for d in deltas)
+    history = {"messages": [{"role": "user", "content": "What is 12*7?"},
+                            {"role": "assistant", "content": content_to_parts(shown)}]}
+    prompt = tiny_tokenizer.render_for_completion({"messages": history["messages"][:1]})
+    assert tiny_tokenizer.render_conversation(history)[0] == prompt + reply_ids
+
+
+def test_the_model_answers_to_its_exact_id_and_to_the_alias(url):
+    listed = httpx.get(f"{url}/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["nanochat-test", "nanochat"]
+    assert all(m["root"] == "nanochat-test" for m in listed)
+    assert httpx.get(f"{url}/v1/models/nanochat").json()["root"] == "nanochat-test"
+    for name in ("nanochat", "nanochat-test"):
+        r = httpx.post(f"{url}/v1/chat/completions", json=ask(model=name, max_tokens=2), timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "nanochat-test"   # replies name the exact model
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask(model="nanochat-other", max_tokens=2), timeout=60)
+    assert r.status_code == 404 and "'nanochat-test' or 'nanochat'" in r.json()["error"]["message"]
+
+
+def test_terminal_chat_and_run_samples_show_a_tool_call_as_text(tiny_tokenizer):
+    """The same reply in the terminal chat and in the sample a chat stage prints at the end of a run (what
+    `nanochat train` shows last): [calc 12*7 = 84], no special token."""
+    import io
+    from nanochat_core.chat import reply
+    from nanochat_core.chat_training import chat_sample
+    from nanochat_core.engine import Engine
+    from nanochat_core.stages.base_eval import greedy_complete
+    from tiny_models import ScriptedReplyModel
+    reply_ids, shown = calculator_reply(tiny_tokenizer)
+    model = ScriptedReplyModel(reply_ids, tiny_tokenizer.get_vocab_size())
+    out = io.StringIO()
+    parts, finish = reply(Engine(model, tiny_tokenizer), [{"role": "user", "content": "What is 12*7?"}], out,
+                          temperature=0.6, top_k=50, max_tokens=60)
+    assert out.getvalue() == shown + "\n" and finish == "stop"
+    assert [(p["type"], p["text"]) for p in parts if p["text"]] == [
+        ("text", "Let me compute. "), ("python", "12*7"), ("python_output", "84"), ("text", " So it is 84.")]
+    model.train()
+    sample = chat_sample(model, tiny_tokenizer, "What is 12*7?", max_tokens=60)
+    assert sample == f"User: What is 12*7?\nAssistant: {shown}"
+    assert greedy_complete(model, tiny_tokenizer, "The", max_tokens=60) == "The" + shown
 
 
 # -----------------------------------------------------------------------------

@@ -117,10 +117,12 @@ def test_chat_page_streams_a_reply_in_a_real_browser(url):
             assert page.locator(".msg.error").count() == 0
 
             # tool calls render as their own boxes (the page's renderer, fed the server's marker format)
-            boxes = page.evaluate("""() => { const el = document.createElement('span');
-                render(el, 'so <|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> done');
-                return [...el.querySelectorAll('.tool')].map(s => [s.className, s.textContent]); }""")
-            assert boxes == [["tool python", "12*7"], ["tool python_output", "84"]]
+            # (the server writes a call as [calc EXPR = RESULT]; a reply still streaming may end mid-call)
+            boxes = page.evaluate("""() => [ 'so [calc 12*7 = 84] done', 'so [calc 12*' ].map(text => {
+                const el = document.createElement('span'); render(el, text);
+                return [el.textContent, [...el.querySelectorAll('.tool')].map(s => [s.className, s.textContent])]; })""")
+            assert boxes == [["so 12*784 done", [["tool python", "12*7"], ["tool python_output", "84"]]],
+                             ["so 12*", [["tool python", "12*"]]]]
 
             ARTIFACTS.mkdir(exist_ok=True)
             shot = ARTIFACTS / "webui_chat.png"
@@ -132,11 +134,77 @@ def test_chat_page_streams_a_reply_in_a_real_browser(url):
             browser.close()
 
 
+@pytest.fixture(scope="module")
+def quickstart_url(tiny_tokenizer):
+    """A model with the context of the Quickstart's (`nanochat train --local`: the local preset's sequence
+    length), whose special tokens are never sampled: every reply runs as long as the server lets it, the
+    worst case for a context this short."""
+    from nanochat_core.stages.pipeline import LOCAL_MODEL
+    model = tiny_chat_model(tiny_tokenizer.get_vocab_size(), sequence_len=LOCAL_MODEL["sequence_len"])
+    with torch.no_grad():
+        for name in tiny_tokenizer.get_special_tokens():
+            model.lm_head.weight[tiny_tokenizer.encode_special(name)] = 0.0   # below the top 50: never sampled
+    yield from serving(create_app(model, tiny_tokenizer, model_name="nanochat-local-sft"))
+
+
+@pytest.mark.needs_tool("chromium")
+def test_first_messages_on_a_phone_with_the_quickstart_model(quickstart_url):
+    """What a newcomer does first: open the page on a phone-sized screen, touch no setting, send a message,
+    then another. The header fits the screen (no sideways scrolling), the first message gets an answer, and
+    when the conversation outgrows the model's 256-token context the oldest exchange is left out (with a
+    note) instead of every later message failing."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True,
+                                    has_touch=True)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(quickstart_url + "/")
+            expect(page.locator("#model")).to_have_text("nanochat-local-sft")
+            fits = """() => { const w = document.documentElement.clientWidth;
+                const over = [...document.querySelectorAll('header, header *, form, form *')]
+                    .filter(e => e.getBoundingClientRect().right > w + 0.5 || e.getBoundingClientRect().left < -0.5)
+                    .map(e => e.id || e.tagName);
+                return {scroll: document.documentElement.scrollWidth, width: w, over}; }"""
+            layout = page.evaluate(fits)
+            assert layout["over"] == [] and layout["scroll"] <= layout["width"], layout
+            for field in ("#temperature", "#top_k", "#max_tokens", "#new", "#send", "#input"):
+                assert page.locator(field).is_visible(), f"{field} is hidden on a phone"
+
+            page.fill("#input", "Hello!")
+            page.press("#input", "Enter")
+            first = page.locator(".msg.assistant .body").first
+            expect(first).not_to_have_class("body cursor", timeout=60_000)
+            expect(page.locator("#send")).to_have_text("Send")
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").first.inner_text()
+            assert len(first.inner_text().strip()) > 50        # the whole context's worth of reply, not one token
+
+            page.fill("#input", "And then?")
+            page.press("#input", "Enter")
+            second = page.locator(".msg.assistant .body").nth(1)
+            expect(second).not_to_have_class("body cursor", timeout=60_000)
+            expect(page.locator("#send")).to_have_text("Send")
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").first.inner_text()
+            assert second.inner_text().strip()
+            expect(page.locator(".msg.dropped")).to_contain_text("left out")
+            assert page.locator(".msg.user").count() == 2 and page.locator(".msg.assistant").count() == 2
+            layout = page.evaluate(fits)
+            assert layout["over"] == [] and layout["scroll"] <= layout["width"], layout
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "webui_phone.png"))
+            assert errors == []
+        finally:
+            browser.close()
+
+
+@pytest.mark.needs_tool("chromium")
 def test_chat_page_asks_for_the_api_key_and_uses_it(keyed_url):
     """A server started with --api-key: the page shows a key field, refuses politely without it, and chats
     once it is given (sent as `Authorization: Bearer`, kept for the tab only)."""
-    if not CHROMIUM.exists():
-        pytest.skip("needs the system Chromium (.ci/run installs it)")
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:

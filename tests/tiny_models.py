@@ -29,3 +29,36 @@ class PacedModel(torch.nn.Module):
     def forward(self, idx, kv_cache=None, last_only=False):
         time.sleep(self.seconds_per_call)
         return self.inner(idx, kv_cache=kv_cache, last_only=last_only)
+
+
+class ScriptedReplyModel(torch.nn.Module):
+    """A token source that answers any prompt with one fixed reply (token ids): whatever the prompt's length,
+    the first generated position predicts reply[0], the next reply[1], ... Where the engine forces tokens (a
+    tool's output) it feeds them in place of the prediction, so a reply that calls the calculator must list
+    the forced tokens too. Logits of 100 on the scripted token: greedy or sampled with any top-k, the same
+    reply. It speaks the real KV-cache protocol (zero keys and values), so the real Engine drives it."""
+
+    def __init__(self, reply: list[int], vocab_size: int, sequence_len: int = 256):
+        super().__init__()
+        self.reply = reply
+        self.config = config_for_depth(1, vocab_size, sequence_len=sequence_len, aspect_ratio=4, head_dim=4)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))   # the engine reads the device from the parameters
+        self.prompt_len = 0
+
+    def get_device(self):
+        return self.dummy.device
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        B, T = idx.shape
+        pos0 = kv_cache.get_pos() if kv_cache is not None else 0
+        if kv_cache is not None:
+            kv = torch.zeros(B, self.config.n_kv_head, T, self.config.head_dim)
+            for layer in range(self.config.n_layer):
+                kv_cache.insert_kv(layer, kv, kv)
+            kv_cache.advance(T)
+        if pos0 == 0:   # a prefill: the prompt ends here and the reply starts at the next position
+            self.prompt_len = T
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        k = pos0 + T - self.prompt_len    # index in the reply of the token after the last position
+        logits[:, -1, self.reply[min(k, len(self.reply) - 1)]] = 100.0
+        return logits

@@ -8,7 +8,9 @@ from transformers import PretrainedConfig
 
 
 class NanochatConfig(PretrainedConfig):
-    model_type = "nanochat"
+    # Our own name: transformers 5 ships a different NanoChat under "nanochat", which it would load in
+    # place of this one (weights unused, output noise) when trust_remote_code is not given.
+    model_type = "nanochat_gpt"
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(self, vocab_size=32768, padded_vocab_size=32768, hidden_size=768, num_hidden_layers=12,

@@ -31,10 +31,11 @@ def bpb_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: floa
 
 
 def greedy_complete(model, tokenizer, prompt: str, max_tokens: int = 24) -> str:
+    from nanochat_core.calculator import readable_text
     from nanochat_core.engine import Engine
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
     seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
-    return prompt + tokenizer.decode(seqs[0][len(ids):])
+    return prompt + readable_text(tokenizer, seqs[0][len(ids):])
 
 
 def main(argv=None) -> None:

@@ -218,7 +218,8 @@ def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str
         for _ in range(max_tokens):
             ctx = torch.tensor([ids[-model.config.sequence_len:]], device=device)
             ids.append(int(model(ctx)[0, -1].argmax()))
-    return prompt + tokenizer.decode(ids[n0:])
+    from nanochat_core.calculator import readable_text   # special tokens are structure, not text to show
+    return prompt + readable_text(tokenizer, ids[n0:])
 
 
 # -----------------------------------------------------------------------------
