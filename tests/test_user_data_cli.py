@@ -4,7 +4,6 @@ and the upload; on the cloud the bundle travels as a SkyPilot file mount built b
 and a relaunched (resumed / recovered) run must read the very same bytes; bad input is one line, exit 2."""
 import json
 import shutil
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -188,7 +187,7 @@ def test_local_train_and_eval_hand_the_pipeline_the_same_bundle(mydata, monkeypa
     """`nanochat train --local` points the pipeline at the prepared bundle in place, and `nanochat eval`
     later at the very same one (the plan kept its path and digest), so the report's docs bpb and held-out
     answers are recomputed on the user's data."""
-    from test_cli_flow import cli, job_env  # noqa: F401 (the job script stands in for the pipeline)
+    from test_cli_flow import cli    # the job script (test_cli_jobscript.py) stands in for the pipeline
     from nanochat_cli import local_backend, state
     import os
     from pathlib import Path

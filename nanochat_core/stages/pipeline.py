@@ -169,7 +169,7 @@ def _tiny(a: argparse.Namespace) -> list[str]:
 # on them) and the rest in a background thread that overlaps with tokenizer training.
 
 def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
-    from nanochat_core import dataset
+    """The data dir to train on: your documents alone, a public corpus, or both mixed at --docs-share."""
     docs = _your_docs(a)
     if docs is not None and a.docs_share is None:     # your documents alone
         return docs, None
