@@ -140,7 +140,7 @@ def train(
                                              '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]} per '
                                              "line, mixed into SFT (and mid) with the shipped mix."),
     chat_share: Optional[float] = typer.Option(None, "--chat-share", metavar="F", help="Share of SFT conversations "
-                                               "that are yours (default 0.2 cloud, 0.3 local; 1 = only yours)."),
+                                               "that are yours (default 0.2 cloud, 0.15 local; 1 = only yours)."),
     identity: Optional[str] = typer.Option(None, "--identity", metavar="TEXT|FILE", help='Who the assistant is, e.g. '
                                            '"You are Ada, the support assistant of ...": taught in SFT and used as '
                                            "the default system prompt of `nanochat chat` / `serve`."),

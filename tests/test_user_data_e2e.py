@@ -1,7 +1,8 @@
 """The whole "make it yours" path for real, on this machine: `nanochat train --local --data DIR --chat-data FILE
 --identity TEXT` (tokenizer on your documents -> base on them -> SFT with your conversations and identity ->
 eval -> report), then `nanochat chat --prompt "who are you?"` answers with the given name. At toy scale the
-model learns that only because the local preset lets the identity conversations dominate SFT (half of it)."""
+model learns that only because the local preset lets the identity conversations dominate SFT (70% of it) and,
+with your data, fine-tunes 3x base's --steps."""
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ def make_inputs(root: Path):
 def test_train_on_your_data_then_the_model_says_its_name(tmp_path):
     docs, chat = make_inputs(tmp_path)
     env = dict(os.environ)
-    r = subprocess.run([NANOCHAT, "train", "--local", "--steps", "16", "--data", str(docs), "--chat-data", str(chat),
+    r = subprocess.run([NANOCHAT, "train", "--local", "--steps", "8", "--data", str(docs), "--chat-data", str(chat),
                         "--identity", "You are Ada, the support assistant of Acme."],
                        capture_output=True, text=True, env=env, timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -42,9 +42,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     check_args(a)
     # your conversations and identity (--user-data): shares of (conversations, identity) per preset; the
-    # local preset lets identity dominate so that a toy model learns its name within a minute
+    # local preset lets identity dominate (70%) so that a toy model learns its name within a minute
     data = with_user_data("sft", lambda custom=False: sft_mixture(a.source, a.seed, custom), a,
-                          local_default_shares=(0.3, 0.5), cloud_default_shares=(0.2, 0.02))
+                          local_default_shares=(0.15, 0.7), cloud_default_shares=(0.2, 0.02))
     train_conversations("sft", ["mid", "base"], data, a)
 
 

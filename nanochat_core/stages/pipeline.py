@@ -158,10 +158,13 @@ def _eval_yours(a: argparse.Namespace, dist: list[str]) -> list[list[str]]:
 
 
 def _tiny(a: argparse.Namespace) -> list[str]:
-    """Post-training stages on the local preset get a short horizon; the cloud uses their defaults."""
+    """Post-training stages on the local preset get a short horizon; the cloud uses their defaults. With your
+    data (an identity to learn) a toy model needs more fine-tuning than base's few smoke-test steps: 3x."""
     if a.preset != "local":
         return []
-    return ["--steps", str(a.steps)] if a.steps else ["--minutes", "1"]
+    if a.steps:
+        return ["--steps", str(a.steps * (3 if a.user_data else 1))]
+    return ["--minutes", "2" if a.user_data else "1"]
 
 
 # -----------------------------------------------------------------------------
