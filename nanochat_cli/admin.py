@@ -209,6 +209,8 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         spec_file = _cloud_eval_spec(cluster, rd, yes)
         args = ["--preset", "cloud"]
     args += ["--stages", "eval,report", "--force"] + (["--eval-checkpoint", named] if named else [])
+    from nanochat_cli.flows import your_data_args
+    args += your_data_args(state.read_json(rd / "plan.json") or {}, cluster.get("backend") == "local")
     backend = backend_for(cluster)
     job = backend.launch(cluster, rd, args, spec_file)
     state.save_log_cursor(rd, backend.name, job.get("cursor"))
@@ -296,6 +298,9 @@ def print_metrics(metrics: dict, rd: Path) -> None:
     for m in names:
         t.add_row(m, *[_fmt(metrics[s].get(m)) for s in stages])
     _console().print(t)
+    from nanochat_core.report import your_data_lines
+    for line in your_data_lines(rd)[2:]:     # (a run trained on your own data: what it learned of it)
+        print(line)
     if (rd / "report.md").exists():
         print(f"report: {rd / 'report.md'}")
 

@@ -163,6 +163,10 @@ class TrainFlags:
     data: str | None = None
     bucket: str | None = None
     stages: str | None = None
+    chat_data: str | None = None         # your own data (the section at the end of this file)
+    identity: str | None = None
+    chat_share: float | None = None
+    skip_bad: bool = False
 
 
 def _local_spec(f: TrainFlags, stages: str | None) -> RunSpec:
@@ -240,13 +244,16 @@ def cmd_train(f: TrainFlags) -> None:
     from nanochat_cli.planner import parse_budget
     budget_usd = parse_budget(f.budget)
     stages = _check_train_flags(f.depth, f.local, f.nodes, f.bucket, f.stages)
+    mine = prepare_your_data(f.data, f.chat_data, f.identity, f.skip_bad, f.chat_share, f.local, f.bucket)
     candidates = None
     if f.local:
         spec = _local_spec(f, stages)
         rec = None if f.dryrun else local_cluster()
     else:
         rec, offer, candidates = choose_offer(f)
-        spec, candidates = plan_cloud_run(rec, offer, candidates, budget_usd, f, stages)
+        spec, candidates = plan_cloud_run(rec, offer, candidates, budget_usd, f, stages,
+                                          upload_hours=mine.upload_hours)
+    spec = mine.annotate(spec, f.local)
     if f.spot and not f.bucket and not f.local and f.dryrun:   # planned all the same; say what the real run needs
         print(f"note: the real run needs --bucket s3://... (or gs://...): {SPOT_NEEDS_BUCKET}", file=sys.stderr)
     if f.json_out and f.dryrun:
@@ -260,6 +267,8 @@ def cmd_train(f: TrainFlags) -> None:
                             "pulled")
     if not f.json_out:
         _print_plan(spec)
+        for line in mine.lines(spec):
+            _console().print(line)
     if f.dryrun:
         return
     launch_and_follow(rec, spec, candidates, f)
@@ -368,7 +377,8 @@ def _only_budget_safe(result, f: TrainFlags) -> None:
     result.offers[:] = kept
 
 
-def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages) -> tuple[RunSpec, list[dict]]:
+def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages,
+                   upload_hours: float = 0.0) -> tuple[RunSpec, list[dict]]:
     """The run spec within what is left of the budget, and the failover candidates it keeps. With
     --stages preflight the node runs only its preflight stage, at the depth the budget would train."""
     from nanochat_cli.planner import limit_failover, make_plan
@@ -378,7 +388,7 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages) ->
     if already >= budget_usd:
         raise NanochatError(f"cluster '{rec['name']}' has already cost ${already:.2f} of the ${budget_usd:.2f} "
                             "budget: raise --budget, or `nanochat down` and start afresh")
-    p = make_plan(offer, budget_usd - already, f.depth, nodes)
+    p = make_plan(offer, budget_usd - already, f.depth, nodes, setup_extra_h=upload_hours)
     if stages == "preflight":
         p.preflight_only()
     # Only offers at which this very plan stays within the budget may be failed over to; the dearest
@@ -581,3 +591,132 @@ def resolve_checkpoint(path: Path | None) -> Path:
     """What chat, serve, eval and export load: the path given, else the latest run with a trained model."""
     from nanochat_core.chat import find_checkpoint
     return find_checkpoint(path)
+
+
+# -----------------------------------------------------------------------------
+# Your own data (--data DIR / --chat-data FILE / --identity TEXT): prepared once on this machine
+# (nanochat_core/user_data.py), then read by the local pipeline in place or uploaded with a cloud run.
+
+# An ESTIMATE of a laptop's upload speed, used to price the upload into the plan's setup (the node bills
+# while SkyPilot syncs the files to it). Above MAX_UPLOAD_BYTES we refuse and point to a bucket instead.
+UPLOAD_BYTES_PER_S = 10e6
+MAX_UPLOAD_BYTES = 5 * 2 ** 30
+
+
+class YourData:
+    """What `nanochat train` was given of the user's own, prepared: the pipeline's flags and the plan's lines."""
+
+    def __init__(self, bundle=None, public: str | None = None, docs_share: float | None = None,
+                 chat_share: float | None = None):
+        self.bundle, self.public, self.docs_share, self.chat_share = bundle, public, docs_share, chat_share
+
+    @property
+    def upload_bytes(self) -> int:
+        return self.bundle.size_bytes() if self.bundle else 0
+
+    @property
+    def upload_hours(self) -> float:
+        return self.upload_bytes / UPLOAD_BYTES_PER_S / 3600
+
+    def pipeline_args(self, local: bool) -> list[str]:
+        from nanochat_cli.task_files import BUCKET_DATA_MOUNT
+        args = ["--data", BUCKET_DATA_MOUNT if self.bucket_data else self.public] if self.public else []
+        if self.bundle is None:
+            return args
+        from nanochat_cli.task_files import USER_DATA_MOUNT
+        where = str(self.bundle.path) if local else USER_DATA_MOUNT
+        args += ["--user-data", where, "--user-data-sha256", self.bundle.digest]
+        args += ["--docs-share", str(self.docs_share)] if self.docs_share is not None else []
+        return args + (["--chat-share", str(self.chat_share)] if self.chat_share is not None else [])
+
+    @property
+    def bucket_data(self) -> str | None:
+        return self.public if self.public and self.public.startswith(("s3://", "gs://")) else None
+
+    def annotate(self, spec: RunSpec, local: bool) -> RunSpec:
+        """The spec with what is uploaded, the pipeline's flags for it, and how many passes over the user's
+        documents base training makes (the plan says so)."""
+        from dataclasses import replace
+        rec = None
+        if self.bundle is not None:
+            info = self.bundle.info
+            rec = {"path": str(self.bundle.path), "sha256": self.bundle.digest, "bytes": self.upload_bytes,
+                   "docs_share": self.docs_share, "chat_share": self.chat_share}
+            if info.get("docs"):
+                rec["docs_tokens_estimate"] = info["docs"]["estimated_tokens"]
+                if spec.tokens:
+                    share = self.docs_share if self.docs_share is not None else 1.0
+                    rec["docs_epochs"] = round(spec.tokens * share / max(1, info["docs"]["estimated_tokens"]), 2)
+            if not local:
+                rec["upload_hours"] = round(self.upload_hours, 4)
+        # --data reaches the node as these flags only (a public source, a bucket mount, your bundle)
+        return replace(spec, data=None, user_data=rec, data_bucket=self.bucket_data,
+                       user_args=self.pipeline_args(local))
+
+    def lines(self, spec: RunSpec) -> list[str]:
+        rec = spec.user_data
+        if not rec:
+            return []
+        out = []
+        if "docs_tokens_estimate" in rec:
+            share = f" at a {rec['docs_share']:.0%} share" if rec.get("docs_share") is not None else ""
+            reads = (f"; base training reads them {rec['docs_epochs']:g} times over{share} "
+                     f"({'epochs: the model will memorise a small corpus' if rec['docs_epochs'] > 4 else 'epochs'})"
+                     if "docs_epochs" in rec else f"; the local run trains for time{share}, its log counts the passes")
+            out.append(f"your documents: ~{rec['docs_tokens_estimate']:,} tokens (estimated){reads}")
+        if "upload_hours" in rec:
+            out.append(f"your data: {rec['bytes'] / 1e6:,.1f} MB uploaded with the run (sha256 "
+                       f"{rec['sha256'][:12]}..., about {rec['upload_hours'] * 60:.1f} min of setup, counted in the plan)")
+        return out
+
+
+def prepare_your_data(data: str | None, chat_data: str | None, identity: str | None, skip_bad: bool,
+                      chat_share: float | None, local: bool, bucket: str | None = None) -> YourData:
+    """Parse --data, read and pack the user's documents / conversations / identity once (with a summary),
+    and refuse what cannot travel to a node before anything is paid for."""
+    from nanochat_core import user_data
+    spec = user_data.parse_data_spec(data, _is_public_source)
+    if chat_share is not None and not 0 < chat_share <= 1:
+        raise NanochatError(f"--chat-share must be in (0, 1] (1 = only your conversations), got {chat_share}")
+    if chat_share is not None and not chat_data:
+        raise NanochatError("--chat-share needs --chat-data FILE")
+    if not (spec.docs or chat_data or identity):
+        if local and spec.public and spec.public.startswith(("s3://", "gs://")):
+            raise NanochatError(f"--data {spec.public}: a bucket of shards is for cloud runs; locally, pass the folder")
+        return YourData(public=spec.public)
+    if local and spec.public and spec.public.startswith(("s3://", "gs://")):
+        raise NanochatError(f"--data {spec.public}: a bucket of shards is for cloud runs; locally, pass the folder")
+    ident = user_data.read_identity(identity) if identity else None
+    bundle = user_data.build_bundle(spec.docs, chat_data, ident, skip_bad)
+    mine = YourData(bundle, spec.public, spec.docs_share, chat_share)
+    if not local and mine.upload_bytes > MAX_UPLOAD_BYTES:
+        raise NanochatError(
+            f"your data is {mine.upload_bytes / 2 ** 30:.1f} GiB packed, more than nanochat uploads from this machine "
+            f"({MAX_UPLOAD_BYTES / 2 ** 30:.0f} GiB): copy the prepared shards ({bundle.path}/docs) to a bucket "
+            f"(e.g. `aws s3 sync {bundle.path}/docs s3://my-bucket/my-docs`) and train with --data "
+            "s3://my-bucket/my-docs (the node mounts it; the last shard is validation)")
+    return mine
+
+
+def _is_public_source(item: str) -> bool:
+    """A public corpus (a name from sources.json, a file listing shard URLs, a bucket of shards), as opposed
+    to a folder of your own documents."""
+    from nanochat_core.dataset import load_sources
+    p = Path(item).expanduser()
+    if item in load_sources() or item.startswith(("s3://", "gs://")) or p.is_file():
+        return True
+    if p.is_dir():
+        return False
+    if "/" in item or item.startswith((".", "~")):
+        raise NanochatError(f"--data {item}: no such folder")
+    return True   # an unknown name: the pipeline lists the sources it knows
+
+
+def your_data_args(plan: dict, local: bool) -> list[str]:
+    """`nanochat eval` on a run trained on your data: the pipeline's flags for the same bundle (the plan kept
+    its path and digest; on the cloud it is mounted again at the same place)."""
+    rec = plan.get("user_data") or {}
+    if not rec.get("path"):
+        return []
+    from nanochat_cli.task_files import USER_DATA_MOUNT
+    return ["--user-data", rec["path"] if local else USER_DATA_MOUNT, "--user-data-sha256", rec["sha256"]]

@@ -129,8 +129,9 @@ def train(
     minutes: Optional[float] = typer.Option(None, "--minutes", metavar="M", help="Time-bound base training to this many "
                                             "minutes (the --local default is a fixed number of steps: the same model "
                                             "however busy the machine)."),
-    data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Data source: bundled, climbmix, fineweb-edu, "
-                                                            "a directory or URL list."),
+    data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Pre-training data: bundled, climbmix, "
+                                       "fineweb-edu or a URL list; a folder of your documents (.txt .md .jsonl .parquet); "
+                                       "or both, e.g. bundled,./my_docs:0.2 (your documents are 20%)."),
     stages: Optional[str] = typer.Option(None, "--stages", metavar="LIST", help="Only these pipeline stages, "
                                          "comma-separated, from preflight,tok,base,mid,sft,rl,eval,report (RL is off by "
                                          "default); finished stages are skipped anyway."),
@@ -138,6 +139,16 @@ def train(
                                                                 "so they outlive the node; needed to resume spot runs."),
     wandb: bool = typer.Option(False, "--wandb", help="Log every stage's progress to Weights & Biases (on by "
                                                       "itself when WANDB_API_KEY is set; WANDB_MODE=offline works)."),
+    chat_data: Optional[Path] = typer.Option(None, "--chat-data", metavar="FILE", help="Your conversations, one "
+                                             '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]} per '
+                                             "line, mixed into SFT (and mid) with the shipped mix."),
+    chat_share: Optional[float] = typer.Option(None, "--chat-share", metavar="F", help="Share of SFT conversations "
+                                               "that are yours (default 0.2 cloud, 0.15 local; 1 = only yours)."),
+    identity: Optional[str] = typer.Option(None, "--identity", metavar="TEXT|FILE", help='Who the assistant is, e.g. '
+                                           '"You are Ada, the support assistant of ...": taught in SFT and used as '
+                                           "the default system prompt of `nanochat chat` / `serve`."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out bad documents/conversations (each is listed "
+                                                            "with file and line, and counted) instead of refusing."),
     preflight_only: bool = typer.Option(False, "--preflight-only", help="Run only the preflight checks (every "
                                         "device path at the planned depth, about a minute) and stop."),
 ) -> None:
@@ -152,7 +163,8 @@ def train(
     flows.cmd_train(flows.TrainFlags(
         budget=budget, depth=depth, local=local, spot=spot, detach=detach, dryrun=dryrun, json_out=json_out, yes=yes,
         name=name, gpus=gpus, clouds=clouds, nodes=nodes, cluster=cluster, keep=keep, steps=steps, minutes=minutes,
-        data=data, bucket=bucket, stages="preflight" if preflight_only else stages))
+        data=data, bucket=bucket, stages="preflight" if preflight_only else stages, chat_data=chat_data,
+        identity=identity, chat_share=chat_share, skip_bad=skip_bad))
 
 
 @app.command()
@@ -215,13 +227,15 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=4096, help="Longest reply in tokens."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or mps (default: best available)."),
     dtype: str = DTYPE,
+    system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help="System prompt (default: the "
+                                         "identity the model was trained with, if any; \"\" for none)."),
 ) -> None:
     """Chat in the terminal with your model."""
     from nanochat_cli import flows
     ckpt = flows.resolve_checkpoint(checkpoint)
     from nanochat_core.chat import run_chat
     run_chat(checkpoint=str(ckpt), prompt=prompt, temperature=temperature, top_k=top_k,
-             max_tokens=max_tokens, device=device, dtype=dtype)
+             max_tokens=max_tokens, device=device, dtype=dtype, system=system)
 
 
 @app.command()

@@ -264,7 +264,8 @@ class Plan:
         return math.ceil(self.max_price_per_hour * (self.hours + self.margin_hours + extra) + 1e-6)
 
 
-def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Plan:
+def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1, setup_extra_h: float = 0.0) -> Plan:
+    """setup_extra_h: more setup time, e.g. uploading the user's own data (flows.YourData), billed like setup."""
     gpu = offer["accelerators"].split(":")[0]
     ngpu = int(offer["accelerators"].split(":")[1]) if ":" in offer["accelerators"] else 1
     price = job_price(offer["price_per_hour"], nodes)
@@ -276,7 +277,7 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Pl
     base_h = tokens / tps / 3600
     # Stage names are the pipeline's (preflight, tok, base, mid, sft, eval), in its order, so the meter can
     # match events to them; "setup" is provisioning + environment, "eval" includes the final save and the report.
-    hours = {"setup": SETUP_H, "preflight": PREFLIGHT_H, "tok": TOKENIZER_H, "base": base_h,
+    hours = {"setup": SETUP_H + setup_extra_h, "preflight": PREFLIGHT_H, "tok": TOKENIZER_H, "base": base_h,
              "mid": max(0.05, 0.05 * base_h), "sft": max(0.05, 0.04 * base_h), "eval": EVAL_H + SAVE_H}
     stages = [Stage(n, h, h * price) for n, h in hours.items()]
     total_h = sum(hours.values())
@@ -291,7 +292,8 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1) -> Pl
     return plan
 
 
-def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int = 1) -> Plan:
+def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int = 1,
+              setup_extra_h: float = 0.0) -> Plan:
     """The largest depth whose whole run, plus the teardown margin, costs <= budget (or exactly `depth`,
     which must also fit). A plan that fits gives base training its planned tokens by construction: its
     base deadline is at or after the planned end of base. Failover offers are limited afterwards
@@ -300,9 +302,9 @@ def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int =
         raise NanochatError(f"budget must be a positive number of dollars, got {budget}")
     if depth is not None:
         check_depth(depth)
-        p = plan_for_depth(offer, depth, budget, nodes)
+        p = plan_for_depth(offer, depth, budget, nodes, setup_extra_h)
         if not p.fits():
-            fit = [d for d in DEPTHS if plan_for_depth(offer, d, budget, nodes).fits()]
+            fit = [d for d in DEPTHS if plan_for_depth(offer, d, budget, nodes, setup_extra_h).fits()]
             hint = f"use --depth {fit[-1]} or less" if fit else "choose a cheaper offer"
             raise NanochatError(f"depth {depth} needs about ${p.cost:.2f} on this offer plus "
                                 f"${p.margin_hours * p.price_per_hour:.2f} of teardown margin, more than the "
@@ -310,14 +312,14 @@ def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int =
         return p
     best = roomy = None
     for d in DEPTHS:
-        p = plan_for_depth(offer, d, budget, nodes)
+        p = plan_for_depth(offer, d, budget, nodes, setup_extra_h)
         if p.fits():
             best = p
         if p.fits(slack=True):
             roomy = p     # the largest depth that also survives a slow setup: preferred
     best = roomy or best
     if best is None:
-        smallest = plan_for_depth(offer, DEPTHS[0], budget, nodes)
+        smallest = plan_for_depth(offer, DEPTHS[0], budget, nodes, setup_extra_h)
         raise NanochatError(f"a ${budget:.2f} budget is too small: the smallest model (depth {DEPTHS[0]}) needs "
                             f"about ${smallest.cost:.2f} plus ${smallest.margin_hours * smallest.price_per_hour:.2f} "
                             f"of teardown margin on {offer.get('cloud', '?')} at ${smallest.price_per_hour:.2f}/h; "

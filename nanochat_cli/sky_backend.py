@@ -35,7 +35,7 @@ from nanochat_cli import pull as pull_mod
 from nanochat_cli.offers import GPU_CLOUDS, Offers, interconnect, parse_gpus
 from nanochat_cli import state
 from nanochat_cli.sky_replies import ANSI, already_gone, sky_error, job_state_name, record_managed_price
-from nanochat_cli.task_files import BUCKET_MOUNT, NODE_RUNS, bucket_runs, workdir, yaml_path
+from nanochat_cli.task_files import BUCKET_MOUNT, NODE_RUNS, bucket_runs, data_mounts, workdir, yaml_path
 from nanochat_cli.backend import start_of
 
 # Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
@@ -356,11 +356,14 @@ def bounded_resources(rec: dict) -> tuple[set, dict[str, float]]:
     return out, prices
 
 
-def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None) -> "sky.Task":
+def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None,
+               mounts: dict[str, str] | None = None) -> "sky.Task":
     """train.yaml with the record's resources, the pipeline's arguments and the run spec shipped as a file:
     the node reads its budget and deadlines from that file alone (nanochat_core/run_spec.py)."""
     task = sky.Task.from_yaml(str(yaml_path("train")))
     task.workdir = str(workdir())
+    if mounts:   # your own data (task_files.data_mounts): synced to the node before the job starts
+        task.update_file_mounts(mounts)
     task.num_nodes = int(rec.get("nodes") or 1)
     # Every candidate offer, so SkyPilot fails over to the next cheapest on a capacity error - but only in
     # zones whose price the plan allowed for (its max price set the deadlines that keep the cap).
@@ -491,7 +494,9 @@ class SkyBackend:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
         rec["spot"], as a managed job, with the run spec at `spec_file` shipped to the node. dryrun: SkyPilot
         plans the launch and stops (nothing recorded)."""
-        task = build_task(rec, rd.name, args, spec_file)
+        from nanochat_core import run_spec
+        spec = run_spec.read(spec_file) if spec_file is not None else None
+        task = build_task(rec, rd.name, args, spec_file, data_mounts(spec.to_json() if spec else None))
         # cursor 0: SkyPilot replays a job's own log from its start (tail counts lines)
         job = {"backend": "sky", "cluster": rec["name"], "run": rd.name, "managed": bool(rec.get("spot")),
                "state": "RUNNING", "submitted_at": time.time(), "cursor": 0}

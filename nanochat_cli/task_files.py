@@ -60,3 +60,22 @@ def workdir() -> Path:
         raise NanochatError("constraints.txt is not packaged beside the task YAMLs; reinstall nanochat")
     shutil.copyfile(pins, stage / "constraints.txt")
     return stage
+
+
+# Your own data travels with a cloud run as SkyPilot file mounts: the prepared bundle (user_data.py) from
+# this machine, synced to the node before the job starts (for a managed spot job SkyPilot stages it in its
+# own bucket once, and a recovered job mounts those same bytes); a bucket of shards (--data s3://...) is
+# copied from the bucket instead. The pipeline verifies the bundle against its manifest digest either way.
+USER_DATA_MOUNT = "/nanochat-user-data"
+BUCKET_DATA_MOUNT = "/nanochat-data"
+
+
+def data_mounts(plan: dict | None) -> dict[str, str]:
+    """{remote path: local path or bucket URL} for what the plan says travels with the run."""
+    out = {}
+    rec = (plan or {}).get("user_data") or {}
+    if rec.get("path"):
+        out[USER_DATA_MOUNT] = rec["path"]
+    if (plan or {}).get("data_bucket"):
+        out[BUCKET_DATA_MOUNT] = plan["data_bucket"]
+    return out

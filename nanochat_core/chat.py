@@ -79,12 +79,14 @@ class _Painter:
 
 
 def reply(engine: Any, messages: list[dict], out: TextIO, temperature: float, top_k: int, max_tokens: int,
-          seed: int | None = None) -> tuple[list[dict], str]:
+          seed: int | None = None, system: str | None = None) -> tuple[list[dict], str]:
     """Stream one assistant reply to `out`; return (its content parts, finish reason). Old turns are dropped
-    (with a note on stderr) when the conversation no longer fits the model's context."""
+    (with a note on stderr) when the conversation no longer fits the model's context; the system prompt
+    (`system`) is kept in front of whatever is left."""
     tok = engine.tokenizer
+    head = [{"role": "system", "content": system}] if system else []
     while True:
-        ids = tok.render_for_completion({"messages": messages})
+        ids = tok.render_for_completion({"messages": head + messages})
         if len(ids) + min(max_tokens, 64) <= engine.context_len or len(messages) <= 1:
             break
         messages[:] = messages[2:]   # forget the oldest user/assistant exchange
@@ -106,8 +108,10 @@ def reply(engine: Any, messages: list[dict], out: TextIO, temperature: float, to
 
 
 def run_chat(checkpoint: str | Path | None = None, prompt: str | None = None, temperature: float = 0.6,
-             top_k: int = 50, max_tokens: int = 512, device: str | None = None, dtype: str = "auto") -> None:
-    """Terminal chat (see module doc). checkpoint=None: the latest local run."""
+             top_k: int = 50, max_tokens: int = 512, device: str | None = None, dtype: str = "auto",
+             system: str | None = None) -> None:
+    """Terminal chat (see module doc). checkpoint=None: the latest local run. system: the system prompt
+    (None: the one the model was fine-tuned with - its --identity - if any; "" for none)."""
     check_sampling(temperature, top_k, max_tokens)
     if prompt is not None and not prompt.strip():
         raise NanochatError("--prompt is empty: pass the message to send")
@@ -116,7 +120,9 @@ def run_chat(checkpoint: str | Path | None = None, prompt: str | None = None, te
     engine, meta = load_engine(checkpoint, device, dtype)
     print(f"nanochat: {meta.get('path', checkpoint)} on {engine.device}, {meta['dtype']} weights, loaded in "
           f"{meta['load_s']:.1f} s ({meta['load_how']})", file=sys.stderr, flush=True)
-    kw = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens)
+    if system is None:
+        system = meta.get("system_prompt")
+    kw = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens, system=system or None)
     if prompt is not None:
         reply(engine, [{"role": "user", "content": prompt}], sys.stdout, **kw)
         return
@@ -161,8 +167,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="weights: auto | fp32 | bf16 | int8 (default auto: int8 on a CPU)")
+    p.add_argument("--system", default=None, help="system prompt (default: the model's own identity, if trained with one)")
     a = p.parse_args()
-    run_chat(a.checkpoint, a.prompt, a.temperature, a.top_k, a.max_tokens, a.device, a.dtype)
+    run_chat(a.checkpoint, a.prompt, a.temperature, a.top_k, a.max_tokens, a.device, a.dtype, a.system)
 
 
 if __name__ == "__main__":

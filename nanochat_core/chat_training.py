@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,13 @@ def add_common_args(p: argparse.ArgumentParser, lr_frac: float, gpu_rows: int, g
     p.add_argument("--log-every", type=int, default=0, help="progress event every N steps (default: about every 2 s)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
+    # Your own data (user_data.py): the bundle `nanochat train` prepared, and how much of the mixture it is.
+    p.add_argument("--user-data", type=Path, default=None, help="a bundle from user_data.build_bundle")
+    p.add_argument("--user-data-sha256", default=None, help="refuse a bundle whose manifest is not this one")
+    p.add_argument("--chat-share", type=float, default=None,
+                   help="share of the conversations that are yours (1.0: only yours, no shipped mix)")
+    p.add_argument("--identity-share", type=float, default=None,
+                   help="share of the conversations that are identity ones (who-are-you, from --identity)")
 
 
 def check_args(a) -> None:
@@ -157,15 +165,72 @@ def check_args(a) -> None:
         raise NanochatError("--minutes, --epochs and --lr-frac must be > 0")
 
 
-def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48) -> str:
+def with_user_data(stage: str, base_mixture, a, local_default_shares: tuple[float, float],
+                   cloud_default_shares: tuple[float, float]):
+    """The stage's mixture with the user's conversations and identity (from --user-data) mixed in at their
+    shares; returns a callable (tokenizer, T) -> Task, or the base mixture itself when there is no bundle.
+    Shares default per preset (local: identity dominates, so a toy model learns its name)."""
+    if a.user_data is None:
+        return base_mixture()
+    from nanochat_core import user_data
+    from nanochat_core.tasks.common import TaskMixture
+    from nanochat_core.tasks.identity import Conversations
+    bundle = user_data.verify_bundle(a.user_data, a.user_data_sha256)
+    identity = bundle.identity
+    a.system_prompt = identity
+    local = getattr(a, "source", "hub") == "local"
+    chat_default, id_default = local_default_shares if local else cloud_default_shares
+
+    def build(tokenizer, T: int):
+        rows, _held = user_data.split_held_out(user_data.conversations(bundle))
+        long = user_data.too_long(rows, tokenizer, T + 1)
+        user_data.settle(long, f"the conversations in {bundle.info['chat']['file']}" if bundle.info.get("chat")
+                         else "your conversations", bundle.info.get("skip_bad", False), out=sys.stdout)
+        dropped = {f"{p.file}:{p.line}" for p in long}
+        rows = [user_data.with_system(r, identity) for r in rows if r["source"] not in dropped]
+        chat_share = a.chat_share if a.chat_share is not None else chat_default
+        id_share = a.identity_share if a.identity_share is not None else id_default
+        extras, shares = [], []
+        if rows:
+            extras.append(Conversations(rows, "YourChat"))
+            shares.append(chat_share)
+        if identity:
+            extras.append(Conversations(user_data.identity_conversations(identity), "YourIdentity"))
+            shares.append(id_share)
+        base = None
+        if sum(shares) < 1 - 1e-9:
+            base = base_mixture(identity is not None)
+        base_epochs, epochs = user_data.share_epochs(len(base) if base is not None else 0,
+                                                     [(len(t), s) for t, s in zip(extras, shares)])
+        tasks = ([base] if base is not None and base_epochs else []) + extras
+        mix = TaskMixture(tasks, epochs=([base_epochs] if base is not None and base_epochs else []) + epochs,
+                          seed=a.seed)
+        print0(f"{stage}: your data mixed in: " + ", ".join(
+            f"{t.name} {len(t)} x {e:.2f} epochs" for t, e in zip(tasks, mix_epochs(base, base_epochs, epochs)))
+            + f" = {len(mix):,} conversations")
+        return mix
+    return build
+
+
+def mix_epochs(base, base_epochs: float, epochs: list[float]) -> list[float]:
+    return ([base_epochs] if base is not None and base_epochs else []) + epochs
+
+
+def chat_reply(model, tokenizer, messages: list[dict], max_tokens: int = 48) -> str:
+    """The greedy reply to a conversation (the engine stops at <|assistant_end|>), tool calls as [calc ..]."""
     from nanochat_core.calculator import readable_text
     from nanochat_core.engine import Engine, decode_threads
-    conv = {"messages": [{"role": "user", "content": prompt}]}
-    ids = tokenizer.render_for_completion(conv)
+    ids = tokenizer.render_for_completion({"messages": messages})
     with decode_threads(model.get_device()):
         seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
+    return readable_text(tokenizer, seqs[0][len(ids):]).strip()
+
+
+def chat_sample(model, tokenizer, prompt: str, max_tokens: int = 48, system: str | None = None) -> str:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = chat_reply(model, tokenizer, msgs, max_tokens)
     model.train()
-    return f"User: {prompt}\nAssistant: {readable_text(tokenizer, seqs[0][len(ids):])}"   # tool calls as [calc ..]
+    return f"User: {prompt}\nAssistant: {text}"
 
 
 def train_conversations(stage: str, dataset, a) -> None:
@@ -178,6 +243,8 @@ def train_conversations(stage: str, dataset, a) -> None:
     set_seed(a.seed)
     model = run.build_model(init_meta["config"])
     T = model.config.sequence_len
+    if callable(dataset) and not hasattr(dataset, "__len__"):   # a mixture that needs the tokenizer and context
+        dataset = dataset(tokenizer, T)
     on_gpu = rt.device_type == "cuda"
     if a.device_batch_size:
         B = a.device_batch_size
@@ -234,7 +301,10 @@ def train_conversations(stage: str, dataset, a) -> None:
 
     def save_now() -> None:
         run.save(step, {"horizon": horizon, "train_seconds": round(meter.elapsed(), 2),
-                        "last_loss": meter.last.get("loss"), "plan": init_meta.get("plan")}, loader.state_dict())
+                        "last_loss": meter.last.get("loss"), "plan": init_meta.get("plan"),
+                        # what `nanochat chat` / `serve` send as the system prompt by default
+                        "system_prompt": getattr(a, "system_prompt", None) or init_meta.get("system_prompt")},
+                 loader.state_dict())
 
     t_loop = time.time()
     model.train()
@@ -264,5 +334,6 @@ def train_conversations(stage: str, dataset, a) -> None:
         if step > start_step:  # (re-reading the resume checkpoint could fail: it may have been pruned by now)
             save_now()
         if rt.master:
-            emit("sample", stage=stage, text=chat_sample(model, tokenizer, "Who are you?"))
+            emit("sample", stage=stage, text=chat_sample(model, tokenizer, "Who are you?",
+                                                        system=getattr(a, "system_prompt", None)))
     run.finish(step)

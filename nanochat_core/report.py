@@ -215,9 +215,73 @@ def build_report(run_dir: str | os.PathLike, price_per_hour: float | None = None
     missing = unavailable_lines(evals)
     if missing:
         out += ["Not evaluated:", "", *missing, ""]
+    out += your_data_lines(run_dir)
     out += ["Reference (nanochat d20, ~$100 on 8xH100): CORE 0.2219; after SFT ARC-Challenge 0.2807, ARC-Easy 0.3876, "
             "GSM8K 0.0455, HumanEval 0.0854, MMLU 0.3151, ChatCORE 0.0884; after RL GSM8K 0.0758.", ""]
     return "\n".join(out)
+
+
+def your_data_lines(run_dir: str | os.PathLike) -> list[str]:
+    """"Your data" (user_data.py): what the run read of the user's documents and conversations, how many
+    passes base training made over the documents, bpb on their held-out slice (base and after SFT, also in the
+    table as docs_bpb) and a few held-out questions answered by the model. Empty for a run without them."""
+    run_dir = Path(run_dir)
+    rec = _read_json(run_dir / "user_data.json")
+    if not rec:
+        return []
+    info = rec.get("info") or {}
+    out = ["## Your data", ""]
+    docs = info.get("docs")
+    if docs:
+        out.append(f"- Documents: {docs['files_read']} file(s) read, {len(docs.get('skipped') or [])} skipped; "
+                   f"{docs['characters']:,} characters in {docs['documents']:,} documents; "
+                   f"{docs['held_out_documents']} held out for validation")
+        for why in (docs.get("skipped") or [])[:10]:
+            out.append(f"  - skipped {why}")
+        tokens = rec.get("docs_tokens")
+        if tokens:
+            line = f"- Training tokens of your documents: {tokens:,} (counted with the run's tokenizer)"
+            base_tokens = _base_tokens(run_dir)
+            if base_tokens:
+                share = rec.get("docs_share") or 1.0
+                line += (f"; base training read {base_tokens * share:,.0f} tokens of them: "
+                         f"{base_tokens * share / tokens:.1f} epoch(s)")
+            out.append(line)
+    chat = info.get("chat")
+    if chat:
+        out.append(f"- Conversations: {chat['conversations']} from {chat['file']} ({chat['skipped']} skipped as bad "
+                   f"input, {chat['held_out']} held out)")
+    if info.get("identity"):
+        out.append("- Identity: the run was fine-tuned with your --identity, and chat/serve use it as the system prompt")
+    evals = collect_metrics(run_dir)
+    bpb = [f"{s} {evals[s]['docs_bpb']:.4f}" for s in STAGES if evals.get(s, {}).get("docs_bpb") is not None]
+    if bpb:
+        out.append(f"- bpb on your held-out documents: {', '.join(bpb)}")
+    answers = held_out_answers(run_dir)
+    if answers:
+        out += ["", "Held-out questions (never trained on), answered by the model:", ""]
+        for a in answers:
+            out += [f"- **{a['source']}** Q: {a['question']}", f"  - expected: {a['expected']}",
+                    f"  - model: {a['answer'] or '(empty)'}"]
+    return out + [""]
+
+
+def held_out_answers(run_dir: str | os.PathLike) -> list[dict]:
+    for stage in ("rl", "sft", "mid"):
+        rec = _read_json(Path(run_dir) / "eval" / f"{stage}.json") or {}
+        if rec.get("held_out_answers"):
+            return rec["held_out_answers"]
+    return []
+
+
+def _base_tokens(run_dir: Path) -> int | None:
+    from nanochat_core import checkpoint
+    ckpt = checkpoint.find_latest(run_dir / "base", hashes=False, weights_only=True) if (run_dir / "base").is_dir() else None
+    if ckpt is None:
+        return None
+    meta = checkpoint.read_meta(ckpt)
+    batch = (meta.get("plan") or {}).get("total_batch_size")
+    return meta["step"] * batch if batch else None
 
 
 def write_report(run_dir: str | os.PathLike, price_per_hour: float | None = None) -> Path:

@@ -94,6 +94,9 @@ class RunSpec:
     steps: int | None = None
     minutes: float | None = None
     data: str | None = None
+    user_data: dict | None = None        # your own data (flows.YourData): bundle path, digest, size, shares
+    data_bucket: str | None = None       # --data s3://...: a bucket of shards the node mounts
+    user_args: list = field(default_factory=list)   # the pipeline's flags for your data (--user-data ...)
     # The planner's numbers as `train --dryrun` shows them (today's keys kept, all in hours after launch).
     hours: float = 0.0
     cost: float = 0.0
@@ -141,7 +144,7 @@ class RunSpec:
                 args += [flag, str(value)]
         if self.planned_tokens_per_sec:
             args += ["--planned-tokens-per-sec", f"{self.planned_tokens_per_sec:.0f}"]
-        return args
+        return args + list(self.user_args)
 
     def to_json(self) -> dict:
         return asdict(self)

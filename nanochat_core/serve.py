@@ -230,10 +230,13 @@ class WorkerPool:
 # The app
 
 def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_queue: int = 64,
-               api_key: str | None = None, check_host: bool = True, limits: Any = None):
+               api_key: str | None = None, check_host: bool = True, limits: Any = None,
+               system_prompt: str | None = None):
     """FastAPI app over already-loaded model(s): one model, or a list of replicas (one worker each).
     api_key: required as `Authorization: Bearer` on /v1/*; check_host: answer only requests addressed to a
-    loopback name (for a server bound to loopback); limits: serve_net.Limits (body size and timeouts)."""
+    loopback name (for a server bound to loopback); limits: serve_net.Limits (body size and timeouts);
+    system_prompt: put in front of a conversation that brings no system message of its own (the model's
+    --identity by default; a request's own system message overrides it)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -308,6 +311,8 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
             raise unknown_model(req.model)
         conv = [{"role": "system" if m.role == "developer" else m.role,
                  "content": content_to_parts(m.text) if m.role == "assistant" else m.text} for m in req.messages]
+        if system_prompt and not (conv and conv[0]["role"] == "system"):
+            conv.insert(0, {"role": "system", "content": system_prompt})
         try:
             ids = tokenizer.render_for_completion({"messages": conv})
         except NanochatError as e:
@@ -431,7 +436,8 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
         models.append(model)
     ckpt = Path(meta.get("path", path))
     name = f"nanochat-{ckpt.parent.parent.name}-{ckpt.parent.name}"   # run and stage: nanochat-<run>-sft
-    app = create_app(models, tokenizer, model_name=name, api_key=api_key, check_host=is_loopback(host))
+    app = create_app(models, tokenizer, model_name=name, api_key=api_key, check_host=is_loopback(host),
+                     system_prompt=meta.get("system_prompt"))
     key = " (API key required)" if api_key else ""
     print(f"nanochat: serving {meta.get('path', path)} on {', '.join(devices)} ({meta['dtype']} weights, loaded in "
           f"{meta['load_s']:.1f} s) at http://{host}:{port}/{key}", flush=True)

@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("--force", action="store_true")
     p.add_argument("--planned-tokens-per-sec", type=float)
     p.add_argument("--spec", type=Path)   # the run spec (its money is the real pipeline's business)
+    for flag in ("--user-data", "--user-data-sha256", "--docs-share", "--chat-share"):   # your own data
+        p.add_argument(flag)
     a = p.parse_args()
     if a.data == "fail":  # how a stage failure looks to the CLI: a message, a non-zero exit
         print("error: no data source named 'fail'", flush=True)
@@ -39,6 +41,7 @@ def main() -> int:
     step_s = float(os.environ.get("FAKEJOB_STEP_S", "0.02"))
     rd = a.run_dir
     rd.mkdir(parents=True, exist_ok=True)
+    (rd / "job_args.json").write_text(json.dumps(sys.argv[1:]))   # what the CLI asked of the pipeline
     done_file = rd / "stages.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
     for stage in a.stages.split(","):

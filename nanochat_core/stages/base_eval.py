@@ -47,10 +47,16 @@ def main(argv=None) -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens for bpb (default 10M GPU / 8 batches CPU)")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per device for bpb")
     p.add_argument("--skip", default="", help="comma list of parts to skip: core, bpb, samples")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="also bpb on the held-out slice (the last shard) of your documents (metric docs_bpb)")
+    p.add_argument("--if-present", action="store_true", help="no checkpoint of --stage: nothing to do (not an error)")
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="evaluate this checkpoint dir (or stage dir) instead of the stage's latest")
     a = p.parse_args(argv)
+    if a.if_present and not (a.run_dir / a.stage).is_dir():
+        print(f"base_eval: no {a.stage} checkpoint; skipped")
+        return
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if skip - {"core", "bpb", "samples"}:
         raise NanochatError("--skip takes core, bpb and/or samples")
@@ -108,6 +114,23 @@ def main(argv=None) -> None:
                               device=rt.device, seed=0))
         metrics["bpb"] = training.evaluate_bpb(model, val, steps, tokenizer.token_bytes().to(rt.device), rt.device_type)
         print0(f"bpb: {metrics['bpb']:.4f} ({steps * B * T * rt.world_size:,} validation tokens)")
+
+    if a.docs is not None:
+        from nanochat_core.dataloader import DataLoader
+        B = a.device_batch_size or bpb_device_batch(model.config.n_layer, T, rt.device_type,
+                                                     device_memory_gb(rt.device) if rt.device_type == "cuda" else None)
+        # the whole held-out slice when it is small (capped like the main bpb), never more than one pass
+        from nanochat_core.dataset import split_shards
+        import pyarrow.parquet as pq
+        held = pq.read_table(split_shards(a.docs, "val")[0], columns=["text"]).column("text").to_pylist()
+        held_tokens = sum(len(x) + 1 for x in tokenizer.encode(held))
+        cap = a.eval_tokens or (10 * 2 ** 20 if rt.device_type == "cuda" else 8 * B * T * rt.world_size)
+        steps = max(1, min(cap, held_tokens) // (B * T * rt.world_size))
+        val = iter(DataLoader(tokenizer, B, T, a.docs, split="val", rank=rt.rank, world_size=rt.world_size,
+                              device=rt.device, seed=0))
+        metrics["docs_bpb"] = training.evaluate_bpb(model, val, steps, tokenizer.token_bytes().to(rt.device),
+                                                    rt.device_type)
+        print0(f"bpb on your held-out documents ({a.stage}): {metrics['docs_bpb']:.4f}")
 
     if "samples" not in skip and rt.master:
         from nanochat_core.engine import decode_threads

@@ -25,10 +25,15 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma list of tasks")
     p.add_argument("--max-per-task", type=int, default=0, help="examples per task, 0 = all")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256 GPU, 128 CPU)")
+    p.add_argument("--held-out", type=Path, default=None, metavar="BUNDLE",
+                   help="only answer the held-out questions of your conversations (user_data.py) with the latest "
+                        "chat model; recorded in its eval record")
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="evaluate this checkpoint dir (or stage dir) of --stage instead of the stage's latest")
     a = p.parse_args(argv)
+    if a.held_out is not None:
+        return answer_held_out(a)
     rt = init_runtime(a.device)
     # rank 0 looks and every rank gets its list: another node may not see the newest stage's files yet
     chat_stages = [s for s in reversed(TRAINED_STAGES) if s != "base"]   # least trained first
@@ -63,6 +68,34 @@ def main(argv=None) -> None:
                       "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1)}
             atomic_write_json(path, merge_record(path, record))
         emit("eval", stage=stage, metrics=metrics)
+    cleanup_runtime()
+
+
+def answer_held_out(a) -> None:
+    """A few of the user's own questions the model never trained on, answered greedily (report.md shows them
+    next to the answers the user wrote)."""
+    from nanochat_core import user_data
+    from nanochat_core.chat_training import chat_reply
+    bundle = user_data.load_bundle(a.held_out)
+    _, held = user_data.split_held_out(user_data.conversations(bundle))
+    stage = next((s for s in ("rl", "sft", "mid") if (a.run_dir / s).is_dir()), None)
+    if not held or stage is None:
+        print("chat_eval: no held-out conversations or no chat model; nothing to answer")
+        return
+    rt = init_runtime(a.device)
+    model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage)
+    system = meta.get("system_prompt")
+    answers = []
+    for row in held:
+        msgs = user_data.with_system(row, system)["messages"]
+        prompt = msgs[:-1]
+        question = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+        answers.append({"source": row["source"], "question": question, "expected": msgs[-1]["content"],
+                        "answer": chat_reply(model, tokenizer, prompt, max_tokens=a.max_new_tokens or 96)})
+        print0(f"held out {row['source']}: Q: {question!r} -> A: {answers[-1]['answer']!r}")
+    path = a.run_dir / "eval" / f"{stage}.json"
+    atomic_write_json(path, merge_record(path, {"stage": stage, "metrics": {}, "unavailable": [],
+                                                "held_out_answers": answers}))
     cleanup_runtime()
 
 

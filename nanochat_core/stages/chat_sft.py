@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_core.chat_training import add_common_args, check_args, train_conversations
+from nanochat_core.chat_training import add_common_args, check_args, train_conversations, with_user_data
 from nanochat_core.common import NanochatError, run_main
 
 
-def sft_mixture(source: str, seed: int = 42):
+def sft_mixture(source: str, seed: int = 42, custom_identity: bool = False):
     """The conversations to train on. hub: the anchor's SFT mixture (needs the network once);
     local: the small chat set shipped with the package (identity, arithmetic with tool calls, spelling)."""
     from nanochat_core.tasks.common import TaskMixture
-    from nanochat_core.tasks.identity import ChatLocal, Identity
+    from nanochat_core.tasks.identity import Identity, shipped_chat
     if source == "local":
-        return ChatLocal()
+        return shipped_chat(custom_identity)
     if source != "hub":
         raise NanochatError(f"--source must be hub or local, not {source!r}")
     from nanochat_core.tasks.arc import ARC
@@ -28,7 +28,8 @@ def sft_mixture(source: str, seed: int = 42):
     from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
     tasks = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("main", "train"),
              SmolTalk("train", stop=10_000), Identity(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
-    return TaskMixture(tasks, epochs=[1, 1, 1, 1, 2, 1, 1], seed=seed)
+    epochs = [1, 1, 1, 1, 0 if custom_identity else 2, 1, 1]   # --identity replaces the shipped one
+    return TaskMixture(tasks, epochs=epochs, seed=seed)
 
 
 def main(argv=None) -> None:
@@ -40,7 +41,11 @@ def main(argv=None) -> None:
                    help="hub: SmolTalk/ARC/GSM8K/identity/spelling; local: the shipped chat set (offline)")
     a = p.parse_args(argv)
     check_args(a)
-    train_conversations("sft", sft_mixture(a.source, a.seed), a)
+    # your conversations and identity (--user-data): shares of (conversations, identity) per preset; the
+    # local preset lets identity dominate (70%) so that a toy model learns its name within a minute
+    data = with_user_data("sft", lambda custom=False: sft_mixture(a.source, a.seed, custom), a,
+                          local_default_shares=(0.15, 0.7), cloud_default_shares=(0.2, 0.02))
+    train_conversations("sft", data, a)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_core.chat_training import add_common_args, check_args, train_conversations
+from nanochat_core.chat_training import add_common_args, check_args, train_conversations, with_user_data
 from nanochat_core.common import NanochatError, run_main
 
 
-def mid_mixture(source: str, seed: int = 42):
+def mid_mixture(source: str, seed: int = 42, custom_identity: bool = False):
     from nanochat_core.tasks.common import TaskMixture
-    from nanochat_core.tasks.identity import ChatLocal, Identity
+    from nanochat_core.tasks.identity import Identity, shipped_chat
     if source == "local":
-        return ChatLocal()
+        return shipped_chat(custom_identity)
     if source != "hub":
         raise NanochatError(f"--source must be hub or local, not {source!r}")
     from nanochat_core.tasks.gsm8k import GSM8K
@@ -30,7 +30,8 @@ def mid_mixture(source: str, seed: int = 42):
     from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
     tasks = [SmolTalk("train"), MMLU("auxiliary_train", "train"), GSM8K("main", "train"), Identity(),
              SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
-    return TaskMixture(tasks, epochs=[1, 1, 1, 2, 1, 1], seed=seed)
+    epochs = [1, 1, 1, 0 if custom_identity else 2, 1, 1]   # --identity replaces the shipped one
+    return TaskMixture(tasks, epochs=epochs, seed=seed)
 
 
 def main(argv=None) -> None:
@@ -41,7 +42,11 @@ def main(argv=None) -> None:
                    help="hub: SmolTalk/MMLU-aux/GSM8K/identity/spelling; local: the shipped chat set (offline)")
     a = p.parse_args(argv)
     check_args(a)
-    train_conversations("mid", mid_mixture(a.source, a.seed), a)
+    # your conversations and identity (--user-data): shares of (conversations, identity) per preset; the
+    # local preset lets identity dominate so that a toy model learns its name within a minute
+    data = with_user_data("mid", lambda custom=False: mid_mixture(a.source, a.seed, custom), a,
+                          local_default_shares=(0.1, 0.2), cloud_default_shares=(0.01, 0.002))
+    train_conversations("mid", data, a)
 
 
 if __name__ == "__main__":

@@ -138,10 +138,10 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
             cmd += ["--minutes", str(a.minutes)] if a.minutes else []
         return [cmd]
     if stage == "mid":
-        return [dist + ["-m", "nanochat_core.stages.mid_train", "--run-dir", run] + _tiny(a)]
+        return [dist + ["-m", "nanochat_core.stages.mid_train", "--run-dir", run] + _tiny(a) + _yours(a)]
     if stage == "sft":
         extra = ["--source", "local"] if local else []
-        return [dist + ["-m", "nanochat_core.stages.chat_sft", "--run-dir", run] + extra + _tiny(a)]
+        return [dist + ["-m", "nanochat_core.stages.chat_sft", "--run-dir", run] + extra + _tiny(a) + _yours(a)]
     if stage == "rl":
         return [dist + ["-m", "nanochat_core.stages.chat_rl", "--run-dir", run] + _tiny(a)]
     if stage == "eval":
@@ -153,20 +153,47 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
                                 "--checkpoint", target] + limit]
             return [dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", which,
                             "--checkpoint", target] + limit]
-        return [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data)] + limit,
+        cmds = [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data)] + limit,
                 dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
+        return cmds + _eval_yours(a, dist)
     if stage == "report":
         cmd = py + ["nanochat_core.report", "--run-dir", run]
         return [cmd + (["--price-per-hour", str(a.price_per_hour)] if a.price_per_hour else [])]
     raise AssertionError(stage)
 
 
+def _yours(a: argparse.Namespace) -> list[str]:
+    """Your conversations and identity (user_data.py) for the chat stages, with the digest they must match."""
+    if not a.user_data:
+        return []
+    out = ["--user-data", str(a.user_data)] + (["--user-data-sha256", a.user_data_sha256] if a.user_data_sha256 else [])
+    return out + (["--chat-share", str(a.chat_share)] if a.chat_share is not None else [])
+
+
+def _eval_yours(a: argparse.Namespace, dist: list[str]) -> list[list[str]]:
+    """bpb on the held-out slice of your documents, base and after SFT; your held-out questions answered."""
+    if not a.user_data:
+        return []
+    from nanochat_core import user_data
+    bundle = user_data.load_bundle(a.user_data)
+    run, cmds = str(a.run_dir), []
+    if bundle.docs is not None:
+        for stage in ("base", "sft"):
+            cmds.append(dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--stage", stage,
+                                "--docs", str(bundle.docs), "--skip", "core,bpb,samples", "--if-present"])
+    if bundle.chat is not None:
+        cmds.append([sys.executable, "-m", "nanochat_core.stages.chat_eval", "--run-dir", run,
+                     "--held-out", str(a.user_data)])
+    return cmds
+
+
 def _tiny(a: argparse.Namespace) -> list[str]:
     """Post-training stages on the local preset get a short fixed horizon (--steps, when given, is every
-    training stage's: a smoke run is short throughout); the cloud uses their defaults."""
+    training stage's: a smoke run is short throughout); the cloud uses their defaults. With your data (an
+    identity to learn) a toy model needs more fine-tuning than that: 3x."""
     if a.preset != "local":
         return []
-    return ["--steps", str(a.steps or LOCAL_POST_STEPS)]
+    return ["--steps", str((a.steps or LOCAL_POST_STEPS) * (3 if a.user_data else 1))]
 
 
 # -----------------------------------------------------------------------------
@@ -174,6 +201,34 @@ def _tiny(a: argparse.Namespace) -> list[str]:
 # on them) and the rest in a background thread that overlaps with tokenizer training.
 
 def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
+    """The data dir to train on: your documents alone, a public corpus, or both mixed at --docs-share."""
+    docs = _your_docs(a)
+    if docs is not None and a.docs_share is None:     # your documents alone
+        return docs, None
+    public, rest = _prepare_public(a)
+    if docs is None:
+        return public, rest
+    a.public_dir = public     # mixed again once every shard is on disk (Pipeline.run_stages, before base)
+    return _mix(a, public, docs), rest
+
+
+def _your_docs(a: argparse.Namespace) -> Path | None:
+    if not a.user_data:
+        return None
+    from nanochat_core import user_data
+    return user_data.load_bundle(a.user_data).docs
+
+
+def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
+    """Your documents at --docs-share of what pre-training reads (user_data.mix_dir), said out loud."""
+    from nanochat_core import user_data
+    mixed, share = user_data.mix_dir(public, docs, a.docs_share)
+    print(f"your documents: mixed with {public.name} at {share:.0%} of the characters (asked for "
+          f"{a.docs_share:.0%}) in {mixed}", flush=True)
+    return mixed
+
+
+def _prepare_public(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
     from nanochat_core import dataset
     spec = a.data or ("bundled" if a.preset == "local" else dataset.DEFAULT_SOURCE)
     src = dataset.resolve_source(spec)
@@ -413,6 +468,8 @@ class Pipeline:
         else:   # node 0's books, never our (possibly stale) view of stages.json: see lead_link.py
             plan = self.link.ask("plan", lambda: self.stopping)
             done = {s: {} for s in stages if s not in plan["run"]}
+        if a.user_data:
+            self.check_user_data()
         need_data = any(s in stages and (a.force or s not in done) for s in ("tok", "base", "eval"))
         data = background = None
 
@@ -426,6 +483,8 @@ class Pipeline:
                 background.join()  # all shards must be on disk before training reads past the first ones
                 if background.error is not None:
                     raise NanochatError(f"downloading the training shards failed: {background.error}")
+                if getattr(a, "public_dir", None) is not None:   # your documents: the mix again, with every shard
+                    data = _mix(a, a.public_dir, _your_docs(a))
             env = stage_env(stage, dict(os.environ))
             # wandb tracking (tracking.py), when on, names its run after this directory; stages only, not us
             env["NANOCHAT_RUN_DIR"] = str(self.run_dir)
@@ -467,6 +526,8 @@ class Pipeline:
                     self.fail(stage, f"stage '{stage}' failed (exit code {rc})")
                     raise NanochatError(f"stage '{stage}' failed (exit code {rc}); fix the cause and run the same "
                                         f"command again: finished stages are skipped, this one resumes")
+            if stage == "tok" and a.user_data and self.lead:
+                self.check_user_data_with_tokenizer()
             if stage in TRAINING_STAGES and self.lead:
                 self.check_training_stage(stage, deadline)
             self.mark_done(stage, started)
@@ -485,6 +546,58 @@ class Pipeline:
             emit("done", run_dir=str(self.run_dir), state=outcome.get("state"), message=outcome.get("why"))
         else:
             emit("done", run_dir=str(self.run_dir))
+
+    def check_user_data(self) -> None:
+        """Your data (a bundle `nanochat train` prepared and, on the cloud, uploaded) is verified file by file
+        against its manifest before anything trains, and must be the very bytes this run started with: the
+        digest is kept in run_dir/user_data.json at the first start, so a resumed or spot-recovered run
+        reading anything else stops here."""
+        import json
+        from nanochat_core import user_data
+        bundle = user_data.verify_bundle(self.a.user_data, self.a.user_data_sha256)
+        record = self.run_dir / "user_data.json"
+        try:
+            first = json.loads(record.read_text())
+        except (FileNotFoundError, ValueError):
+            first = None
+        if first and first.get("sha256") != bundle.digest:
+            raise NanochatError(f"run {self.run_dir.name} was started with other data (sha256 "
+                                f"{first.get('sha256', '?')[:12]}..., now {bundle.digest[:12]}...): use --name NEW "
+                                "for a run on the changed data")
+        trained = [s for s in ("base", "mid", "sft") if s in self.done_stages()]
+        if not first and trained and not self.a.force:
+            raise NanochatError(f"run {self.run_dir.name} already trained {', '.join(trained)} without your data: "
+                                "use --name NEW for a run on it")
+        print(f"your data: verified {self.a.user_data} (sha256 {bundle.digest[:12]}...)", flush=True)
+        if self.lead and not first:
+            atomic_write_json(record, {"sha256": bundle.digest, "info": bundle.info, "docs_share": self.a.docs_share})
+
+    def check_user_data_with_tokenizer(self) -> None:
+        """Once the tokenizer exists (before base training spends anything): conversations longer than the
+        model's context are refused (or skipped with --skip-bad), and your documents' tokens are counted."""
+        import json
+        from nanochat_core import user_data
+        from nanochat_core.dataset import split_shards
+        from nanochat_core.tokenizer import get_tokenizer
+        bundle = user_data.load_bundle(self.a.user_data)
+        tok = get_tokenizer(self.run_dir)
+        T = LOCAL_MODEL["sequence_len"] if self.a.preset == "local" else 2048
+        if bundle.chat is not None:
+            long = user_data.too_long(user_data.conversations(bundle), tok, T + 1)
+            user_data.settle(long, f"the conversations in {bundle.info['chat']['file']}", bundle.info["skip_bad"],
+                             out=sys.stdout)
+        record_path = self.run_dir / "user_data.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if bundle.docs is not None:
+            import pyarrow.parquet as pq
+            tokens = 0
+            for shard in split_shards(bundle.docs, "train"):
+                texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
+                tokens += sum(len(ids) for ids in tok.encode(texts, prepend=tok.get_bos_token_id()))
+            record["docs_tokens"] = tokens
+            print(f"your documents: {tokens:,} training tokens (counted with the trained tokenizer)", flush=True)
+            emit("user_data", tokens=tokens)
+        atomic_write_json(record_path, record)
 
     def read_outcome(self) -> dict | None:
         import json
@@ -566,6 +679,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time-bounded base training (the local default is a fixed number of steps)")
     p.add_argument("--stages", default=None, help=f"comma list from {','.join(ALL_STAGES)}")
     p.add_argument("--data", default=None, help="data source: bundled, climbmix, fineweb-edu, a URL list or a dir")
+    p.add_argument("--user-data", type=Path, default=None,
+                   help="your documents/conversations/identity, as `nanochat train` prepared them (user_data.py)")
+    p.add_argument("--user-data-sha256", default=None, help="the bundle's manifest digest; anything else is refused")
+    p.add_argument("--docs-share", type=float, default=None,
+                   help="your documents' share of pre-training, mixed with --data (default: only your documents)")
+    p.add_argument("--chat-share", type=float, default=None, help="your conversations' share of SFT (and mid)")
     p.add_argument("--num-shards", type=int, default=170, help="shards to download (cloud; the last is validation)")
     p.add_argument("--deadline-at", type=float, default=None, help="unix time by which everything must be done")
     p.add_argument("--base-deadline-at", type=float, default=None,

@@ -54,3 +54,31 @@ class Identity(JSONLChat):
 class ChatLocal(JSONLChat):
     def __init__(self, **kw: Any):
         super().__init__(DATA_DIR / "chat_local.jsonl", name="ChatLocal", **kw)
+
+
+class Conversations(Task):
+    """Conversations already in memory (the user's, checked by user_data.py, or identity ones made from
+    --identity): training data only."""
+
+    def __init__(self, rows: list[dict[str, Any]], name: str = "Conversations", **kw: Any):
+        self.name = name
+        super().__init__(**kw)
+        self.rows = rows
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+    def evaluate(self, conversation: dict[str, Any], response: str) -> bool:
+        raise NanochatError(f"{self.name} is training data only: it has no answer checking")
+
+
+def shipped_chat(custom_identity: bool = False) -> Task:
+    """The shipped local chat set; with a custom identity, without its answers that name 'nanochat'."""
+    local = ChatLocal()
+    if not custom_identity:
+        return local
+    from nanochat_core.user_data import without_shipped_identity
+    return Conversations(without_shipped_identity(local.rows), "ChatLocal")
