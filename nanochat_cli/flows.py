@@ -411,15 +411,18 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages,
 def _rerun_note(rd: Path) -> str | None:
     """What starting an existing run again does. "Finished" only when its last stage (report) is recorded done
     and it left no outcome (outcome.json: cut short by its budget, failed or stopped); MANIFEST.sha256 alone
-    proves nothing, it is written after every stage."""
+    proves nothing, it is written after every stage. A run that never recorded a stage but whose job was seen
+    ending (`.job.json`) did not finish either."""
     done = state.read_json(rd / "stages.json") or {}
     outcome = state.read_json(rd / "outcome.json") or {}
-    if not done and not outcome:
+    last = (state.read_job(rd) or {}).get("state")
+    if not done and not outcome and last in (None, "SUCCEEDED"):
         return None
     if "report" in done and not outcome:
         return (f"run '{rd.name}' already finished; running it again skips every finished stage. "
                 "Use --name NEW for a fresh run.")
-    why = f" ({outcome.get('state')}: {outcome.get('why')})" if outcome.get("state") else ""
+    why = (f" ({outcome.get('state')}: {outcome.get('why')})" if outcome.get("state")
+           else f" (last seen {last})" if last else "")
     return (f"run '{rd.name}' did not finish{why}; continuing it: finished stages "
             f"({', '.join(done) or 'none'}) are skipped, the rest resumes")
 

@@ -221,7 +221,8 @@ def test_a_spot_run_hands_the_managed_job_the_same_mount(mydata, monkeypatch):
               "s3://my-bucket", "--data", str(docs), "--identity", IDENTITY)
     assert r.exit_code == 0, r.output
     (task,) = got
-    assert set(task.get_local_to_remote_file_mounts()) == {"/nanochat-user-data"}
+    # your data, and the run spec (the node's only source of money and deadlines), and nothing else
+    assert set(task.get_local_to_remote_file_mounts()) == {"/nanochat-user-data", "~/.nanochat/specs/s1/plan.json"}
     assert "/nanochat-bucket" in task.storage_mounts                    # the checkpoints' bucket, as before
     args = task.envs["NANOCHAT_ARGS"].split()
     assert args[args.index("--user-data") + 1] == "/nanochat-user-data" and "--user-data-sha256" in args
