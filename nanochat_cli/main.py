@@ -100,7 +100,7 @@ def up(
     local: bool = typer.Option(False, "--local", help="Use this machine as the 'cluster' (no cloud, $0)."),
 ) -> None:
     """Rank GPU offers across clouds (price/h, region, spot, interconnect) and provision the cheapest."""
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     flows.cmd_up(gpus=gpus, spot=spot, clouds=clouds, nodes=nodes, dryrun=dryrun, json_out=json_out, yes=yes,
                  allow_pcie=allow_pcie, max_price=max_price, name=name, autostop=autostop, local=local)
 
@@ -153,7 +153,7 @@ def train(
                                         "device path at the planned depth, about a minute) and stop."),
 ) -> None:
     """Plan the run from the budget, launch the whole pipeline and stream it with a live cost meter."""
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     if wandb:
         import os
         from nanochat_core.common import NanochatError
@@ -176,7 +176,7 @@ def logs(
     follow: bool = typer.Option(True, "--follow/--no-follow", help="Keep streaming until the run ends."),
 ) -> None:
     """Re-attach to a run's log stream and cost meter (Ctrl-C detaches; the run keeps going)."""
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     flows.cmd_logs(name=name, from_start=from_start, follow=follow)
 
 
@@ -184,7 +184,7 @@ def logs(
 @friendly
 def status(json_out: bool = JSON) -> None:
     """List clusters and runs: state, uptime, $/h, $ spent so far, budget left."""
-    from nanochat_cli import admin
+    from nanochat_cli.commands import manage as admin
     admin.cmd_status(json_out=json_out)
 
 
@@ -196,7 +196,7 @@ def pull(
                                                              "$NANOCHAT_HOME/runs/<name>)."),
 ) -> None:
     """Bring checkpoints, tokenizer and report home (resumable), verified against the run's manifest."""
-    from nanochat_cli import admin
+    from nanochat_cli.commands import manage as admin
     admin.cmd_pull(name=name, dest=dest)
 
 
@@ -211,7 +211,7 @@ def eval_(
     yes: bool = YES,
 ) -> None:
     """Run the evaluation suite, update report.md and print the metrics table."""
-    from nanochat_cli import admin
+    from nanochat_cli.commands import manage as admin
     admin.cmd_eval(local=local, checkpoint=checkpoint, name=name, json_out=json_out, yes=yes)
 
 
@@ -231,9 +231,9 @@ def chat(
                                          "identity the model was trained with, if any; \"\" for none)."),
 ) -> None:
     """Chat in the terminal with your model."""
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     ckpt = flows.resolve_checkpoint(checkpoint)
-    from nanochat_core.chat import run_chat
+    from nanochat_core.inference.chat import run_chat
     run_chat(checkpoint=str(ckpt), prompt=prompt, temperature=temperature, top_k=top_k,
              max_tokens=max_tokens, device=device, dtype=dtype, system=system)
 
@@ -252,9 +252,9 @@ def serve(
     dtype: str = DTYPE,
 ) -> None:
     """Web chat UI and an OpenAI-compatible /v1/chat/completions endpoint (streaming)."""
-    from nanochat_core.serve import check_bind, run_server
+    from nanochat_core.inference.serve import check_bind, run_server
     check_bind(host, api_key)   # before looking for a checkpoint: refusing is the first thing to say
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     ckpt = flows.resolve_checkpoint(checkpoint)
     run_server(host=host, port=port, checkpoint=str(ckpt), device=device, api_key=api_key, dtype=dtype)
 
@@ -268,9 +268,9 @@ def export(
     dtype: str = typer.Option("fp32", "--dtype", help="Weights in the export: fp32 or bf16 (half the size)."),
 ) -> None:
     """Write the model as a Hugging Face folder (transformers loads it with trust_remote_code=True)."""
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     ckpt = flows.resolve_checkpoint(checkpoint)
-    from nanochat_core.export import export as export_model, summary
+    from nanochat_core.inference.export import export as export_model, summary
     folder = export_model(ckpt, out, dtype=dtype)
     print("\n".join(summary(folder)))
     print(f"load it: AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)")
@@ -283,7 +283,7 @@ def down(
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Only this cluster (default: all of ours)."),
 ) -> None:
     """Tear down clusters and stop running jobs; prints the final cost. Safe to run twice."""
-    from nanochat_cli import admin
+    from nanochat_cli.commands import manage as admin
     admin.cmd_down(yes=yes, cluster=cluster)
 
 

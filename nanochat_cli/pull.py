@@ -144,5 +144,5 @@ def verify(run_dir: Path, skip_excluded: bool = True) -> int:
 
 def bucket_sync(src: str, dest: Path) -> None:
     """Pull a run from a bucket with that cloud's Python library (bucket.py: resumable, only what is missing)."""
-    from nanochat_cli import bucket
+    from nanochat_cli.backends import bucket
     bucket.sync(src, dest, EXCLUDES)

@@ -181,7 +181,7 @@ def read_job(rd: Path) -> dict | None:
 
 
 def log_cursor(rd: Path, backend: str) -> Any:
-    """How far `nanochat logs` has shown this run's log: the cursor its backend last yielded (backend.py),
+    """How far `nanochat logs` has shown this run's log: the cursor its backend last yielded (backends/base.py),
     or None (from the start) if none was saved, or it was saved by the other backend, or the file is damaged."""
     try:
         saved = json.loads((rd / ".logpos").read_text())

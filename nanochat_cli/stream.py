@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from nanochat_core.common import NanochatError, parse_event
-from nanochat_cli.cost import CostMeter, fmt_duration
+from nanochat_cli.planning.cost import CostMeter, fmt_duration
 
 TailFn = Callable[[Any], Iterator[tuple[str, Any]]]
 

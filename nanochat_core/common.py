@@ -71,7 +71,7 @@ def run_main(main: Callable[[], Any]) -> None:
     for user errors, exit code 130 on Ctrl-C (stages that checkpoint handle SIGINT themselves).
     A stage started by the pipeline stops (SIGTERM, so it saves) if the pipeline dies: see runlock.py."""
     if os.environ.get("NANOCHAT_DIE_WITH_PARENT"):
-        from nanochat_core.runlock import watch_parent
+        from nanochat_core.node.runlock import watch_parent
         watch_parent()
     try:
         main()
@@ -286,7 +286,7 @@ def device_peak_flops(device: Any = None) -> float:
     import torch
     dev = torch.device(device) if device is not None else torch.device(autodetect_device_type())
     if dev.type == "cuda":
-        from nanochat_core.device import peak_bf16
+        from nanochat_core.node.device import peak_bf16
         # unknown GPU: a conservative placeholder, stated as such in bench output
         return peak_bf16(torch.cuda.get_device_name(dev)) or 100e12
     return torch.get_num_threads() * _cpu_core_peak_flops()

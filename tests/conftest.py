@@ -60,7 +60,7 @@ def bundled_texts():
     import pyarrow.parquet as pq
     import tempfile
     from pathlib import Path
-    from nanochat_core.dataset import ensure_bundled, list_shards
+    from nanochat_core.data.dataset import ensure_bundled, list_shards
     dest = Path(tempfile.mkdtemp(prefix="nanochat_bundled_"))
     ensure_bundled(dest)
     shards = list_shards(dest)
@@ -71,7 +71,7 @@ def bundled_texts():
 @pytest.fixture(scope="session")
 def tiny_tokenizer(bundled_texts):
     """A byte-level BPE with a 512-token vocab trained on the bundled corpus: shared by model/engine tests."""
-    from nanochat_core.tokenizer import Tokenizer
+    from nanochat_core.data.tokenizer import Tokenizer
     return Tokenizer.train_from_iterator(iter(bundled_texts), vocab_size=512)
 
 

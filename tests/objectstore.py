@@ -1,7 +1,7 @@
 """
 A simulated bucket mount for tests: one bucket directory and one mount view per node, kept in step by a
 syncer thread per node with the visibility rules of SkyPilot's MOUNT_CACHED mode (rclone with a local
-write-back cache; the facts are in nanochat_core/shared_dir.py), shrunk from seconds to fractions of one:
+write-back cache; the facts are in nanochat_core/node/shared_dir.py), shrunk from seconds to fractions of one:
 
 - a regular file written in a view is uploaded to the bucket as one whole object once it has been left
   alone for `write_back_s` (rclone: closed for --vfs-write-back); meanwhile only its own node sees it;

@@ -107,7 +107,7 @@ def _checkpoint(run_dir: Path, name: str, step: int, total_steps: int) -> None:
         (d / fname).write_bytes(blob)
         files[fname] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
     meta = {"step": step, "world_size": 1, "config": {}, "plan": {"total_steps": total_steps}, "files": files}
-    from nanochat_core.checkpoint import meta_digest
+    from nanochat_core.gpt.checkpoint import meta_digest
     meta["meta_sha256"] = meta_digest(meta)   # checkpoint.verify_checkpoint accepts only self-vouching meta
     (d / "meta.json").write_text(json.dumps(meta))
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from nanochat_core.checkpoint import find_latest, list_checkpoints, read_meta
+from nanochat_core.gpt.checkpoint import find_latest, list_checkpoints, read_meta
 from nanochat_core.common import NanochatError, parse_event
 
 PY = sys.executable
@@ -21,7 +21,7 @@ TINY = ["--depth", "1", "--head-dim", "32", "--seq-len", "64", "--device-batch-s
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from nanochat_core.dataset import ensure_bundled
+    from nanochat_core.data.dataset import ensure_bundled
     d = tmp_path_factory.mktemp("data")
     ensure_bundled(d)
     return d
@@ -139,7 +139,7 @@ def test_deadline_stops_and_saves(run, data_dir):
 def test_stop_guard_fires_at_the_deadline_less_its_margin(monkeypatch):
     """The guard stops early enough to save: at deadline - (3 typical steps + 1.5 saves + 1 s), judged on its
     clock (injected here), with a slow first step (compile) ignored and one slow outlier damped."""
-    from nanochat_core.training import StopGuard
+    from nanochat_core.training.loop import StopGuard
     now = [1000.0]
     monkeypatch.setenv("NANOCHAT_DEADLINE", "1100")
     guard = StopGuard(clock=lambda: now[0])
@@ -201,9 +201,9 @@ def test_resume_on_two_ranks_from_one_rank_checkpoint(run, data_dir):
 
 EQUIV_SCRIPT = textwrap.dedent('''
     import os, sys, torch, torch.distributed as dist
-    from nanochat_core import training
+    from nanochat_core.training import loop as training
     from nanochat_core.common import init_runtime
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.gpt.model import GPT, config_for_depth
     rt = init_runtime("cpu")
     torch.manual_seed(0)
     model = GPT.build(config_for_depth(2, 512, sequence_len=32, head_dim=32), "cpu")
@@ -261,7 +261,7 @@ def test_minutes_horizon_ends_its_schedule_and_says_whether_it_finished(run, dat
 def _time_horizon_run(budget_s, planned_steps, pace):
     """A time-bounded run on an injected clock: pace(step) is the seconds step `step` takes. Returns the LR
     multipliers of its steps, as base_train applies them."""
-    from nanochat_core import training
+    from nanochat_core.training import loop as training
     now = [0.0]
     horizon = training.TimeHorizon(budget_s, clock=lambda: now[0])
     warmup = min(40, max(1, planned_steps // 50))
@@ -317,8 +317,8 @@ def test_compiled_step_matches_eager_over_20_steps():
     the same 20 training steps give the same losses up to float reassociation. (On a GPU the same check
     in bf16 belongs to the benchmark issue; this is the CPU smoke test of the path.)"""
     import torch
-    from nanochat_core import training
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.training import loop as training
+    from nanochat_core.gpt.model import GPT, config_for_depth
 
     def losses(compiled: bool) -> list[float]:
         torch.manual_seed(0)

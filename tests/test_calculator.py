@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanochat_core.calculator import CalculatorError, evaluate
+from nanochat_core.inference.calculator import CalculatorError, evaluate
 
 
 @pytest.mark.parametrize("expr, want", [

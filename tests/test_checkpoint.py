@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat_core import checkpoint, training
-from nanochat_core.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from nanochat_core.gpt import checkpoint
+from nanochat_core.training import loop as training
+from nanochat_core.gpt.checkpoint import find_latest, load_checkpoint, save_checkpoint
 
 
 def _tiny_net(seed=0):
@@ -239,7 +240,7 @@ def test_evaluate_bpb_matches_hand_computation():
 
 
 def test_load_model_from_run_dir(tmp_path, tiny_tokenizer):
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.gpt.model import GPT, config_for_depth
     run = tmp_path / "run"
     tiny_tokenizer.save(run / "tokenizer")
     cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)

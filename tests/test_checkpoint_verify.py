@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat_core import checkpoint
-from nanochat_core.checkpoint import find_latest, load_checkpoint, save_checkpoint, verify_checkpoint
+from nanochat_core.gpt import checkpoint
+from nanochat_core.gpt.checkpoint import find_latest, load_checkpoint, save_checkpoint, verify_checkpoint
 from nanochat_core.common import NanochatError
 
 PY = sys.executable
@@ -187,7 +187,7 @@ def test_disk_full_on_a_real_tiny_filesystem(tmp_path):
 
 @pytest.fixture
 def chat_run(tmp_path, tiny_tokenizer):
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.gpt.model import GPT, config_for_depth
     run = tmp_path / "run"
     tiny_tokenizer.save(run / "tokenizer")
     cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)
@@ -247,7 +247,7 @@ def test_nanochat_chat_on_a_damaged_checkpoint_dir_is_one_line_exit_2(chat_run, 
     assert str(ckpt) in line or "tokenizer" in line
 
 
-@pytest.mark.parametrize("entry", [["-m", "nanochat_core.chat", "--prompt", "hi"],
+@pytest.mark.parametrize("entry", [["-m", "nanochat_core.inference.chat", "--prompt", "hi"],
                                    ["-m", "nanochat_core.bench.infer", "--device", "cpu"]])
 def test_other_loader_entries_refuse_a_flipped_checkpoint(chat_run, tmp_path, entry):
     run, ckpt, _ = chat_run
@@ -286,7 +286,7 @@ def _poison(ckpt, marker):
 
 
 def test_a_poisoned_optimizer_shard_is_one_line_and_the_resume_falls_back(tmp_path, capsys):
-    from nanochat_core import training
+    from nanochat_core.training import loop as training
     model = _tiny_net()
     opt = torch.optim.AdamW(model.parameters())
     save_checkpoint(tmp_path / "s", 10, model, opt, {"stage": "test"}, 0, 1)
@@ -314,7 +314,7 @@ def test_a_poisoned_shard_through_a_stage_is_one_line_exit_2(tmp_path):
     _poison(ckpt, tmp_path / "payload-ran")
     code = ("import torch, torch.nn as nn\n"
             "from nanochat_core.common import run_main\n"
-            "from nanochat_core.checkpoint import load_checkpoint\n"
+            "from nanochat_core.gpt.checkpoint import load_checkpoint\n"
             "def main():\n"
             "    torch.manual_seed(0)\n"
             "    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
@@ -341,7 +341,7 @@ def test_a_deeply_nested_meta_json_is_a_reason_not_a_traceback(tmp_path, where):
 # silently replaced. The real CLI, the local backend and the real pipeline's eval stage.
 
 def test_eval_of_a_named_older_checkpoint_evaluates_it_and_a_damaged_one_is_refused(tmp_path, tiny_tokenizer):
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.gpt.model import GPT, config_for_depth
     home = tmp_path / "home"
     run = home / "runs" / "r"
     tiny_tokenizer.save(run / "tokenizer")

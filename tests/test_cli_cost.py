@@ -4,7 +4,7 @@ import json
 import pytest
 
 from nanochat_core.common import EVENT_PREFIX, parse_event
-from nanochat_cli.cost import CostMeter, replay
+from nanochat_cli.planning.cost import CostMeter, replay
 from nanochat_cli.stream import RunView
 
 T0 = 1_700_000_000.0
@@ -150,7 +150,7 @@ def test_checkpoint_lines_are_rate_limited_per_stage():
 
 
 def test_detaching_from_a_free_local_run_does_not_say_it_keeps_spending():
-    from nanochat_cli.flows import detach_message
+    from nanochat_cli.commands.run import detach_message
     local = detach_message("local", RunView(CostMeter(0.0, T0), "t").spending())
     cloud = detach_message("d20", RunView(CostMeter(PRICE, T0), "t").spending())
     assert "spending" not in local and "$0" in local and "nanochat logs --name local" in local

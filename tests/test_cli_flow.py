@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nanochat_cli import local_backend, state
+from nanochat_cli import state
+from nanochat_cli.backends import local as local_backend
 from nanochat_cli.main import app
 
 TESTS = Path(__file__).parent
@@ -180,7 +181,7 @@ def test_down_stops_a_running_local_job(job_env):
 
 
 def test_chat_and_eval_default_to_the_latest_trained_run(tmp_path):
-    from nanochat_cli.flows import resolve_checkpoint
+    from nanochat_cli.commands.run import resolve_checkpoint
     old, new, empty = (state.run_dir(n) for n in ("old", "new", "empty"))
     (old / "base").mkdir(parents=True)
     time.sleep(0.05)
@@ -194,10 +195,10 @@ def test_chat_and_eval_default_to_the_latest_trained_run(tmp_path):
 
 
 def test_chat_by_hand_and_the_cli_agree_on_the_latest_trained_model():
-    """`python -m nanochat_core.chat` (no --checkpoint) and `nanochat chat` load the same run: one rule,
+    """`python -m nanochat_core.inference.chat` (no --checkpoint) and `nanochat chat` load the same run: one rule,
     common.latest_trained_run. Run a holds the newest checkpoint, run b was active last."""
-    from nanochat_cli.flows import resolve_checkpoint
-    from nanochat_core.chat import find_checkpoint
+    from nanochat_cli.commands.run import resolve_checkpoint
+    from nanochat_core.inference.chat import find_checkpoint
     a, b = state.run_dir("a"), state.run_dir("b")
     (a / "sft" / "ckpt_000002").mkdir(parents=True)
     (b / "base" / "ckpt_000001").mkdir(parents=True)

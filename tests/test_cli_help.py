@@ -32,7 +32,7 @@ def test_help_is_fast(argv):
 def test_no_heavy_imports_for_help():
     code = ("import sys; from typer.testing import CliRunner; from nanochat_cli.main import app; "
             "[CliRunner().invoke(app, a) for a in (['--help'], ['up', '--help'], ['train', '--help'])]; "
-            "print(sorted(m for m in ('sky', 'torch', 'rich.live', 'pydantic', 'nanochat_cli.sky_backend') if m in sys.modules))")
+            "print(sorted(m for m in ('sky', 'torch', 'rich.live', 'pydantic', 'nanochat_cli.backends.skypilot') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -85,9 +85,9 @@ def test_status_empty():
 def test_cloud_commands_without_skypilot_say_how_to_install(monkeypatch):
     # SkyPilot is the optional `cloud` extra: without it, a cloud command explains, it does not crash.
     monkeypatch.setitem(sys.modules, "sky", None)   # makes `import sky` raise ImportError
-    import nanochat_cli
-    monkeypatch.delitem(sys.modules, "nanochat_cli.sky_backend", raising=False)
-    monkeypatch.delattr(nanochat_cli, "sky_backend", raising=False)
+    import nanochat_cli.backends
+    monkeypatch.delitem(sys.modules, "nanochat_cli.backends.skypilot", raising=False)
+    monkeypatch.delattr(nanochat_cli.backends, "skypilot", raising=False)
     code, out = run("up", "--dryrun")
     assert code == 2 and "pip install -c constraints.txt torch==2.13.0 -e '.[cloud]'" in out and "Traceback" not in out
 

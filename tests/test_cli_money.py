@@ -57,7 +57,7 @@ def test_the_smallest_budgets_survive_a_slow_setup_or_say_they_cannot(budget, sp
     """At $20 on-demand the plan left 1.9 min between base training's planned end and its deadline: a setup
     4 minutes slower than the 6 planned cut base short after most of the money was spent. Every plan now
     keeps SLOW_SETUP_H free there, or says it cannot and names the budget that does."""
-    from nanochat_cli import planner
+    from nanochat_cli.planning import planner
     r = dryrun(budget, spot, monkeypatch)
     if r.exit_code == 2:
         pytest.skip(f"${budget} is refused outright (the test above checks it names a budget that works)")
@@ -143,7 +143,7 @@ def test_the_nodes_preflight_stage_is_planned_priced_and_not_taken_out_of_base(m
     """The cloud pipeline opens with preflight (compile and a few steps at the planned depth): the plan counts
     it, in the pipeline's order, so base's deadline leaves base its planned time after it. At $20 the old plan
     (no preflight) chose d14 and set base's deadline 3 minutes before preflight + base could end."""
-    from nanochat_cli import planner
+    from nanochat_cli.planning import planner
     from nanochat_core.stages.pipeline import DEFAULT_STAGES
     node = DEFAULT_STAGES["cloud"].split(",")
     to_base = node[:node.index("base") + 1]                      # what runs on the node before base ends
@@ -162,7 +162,7 @@ def test_the_nodes_preflight_stage_is_planned_priced_and_not_taken_out_of_base(m
 def test_preflight_only_is_planned_priced_and_capped_as_setup_plus_preflight(monkeypatch):
     """`--preflight-only` checks the depth the budget would train, and pays for setup and preflight alone: its
     plan says so, and its own cost plus the margin - not the training budget - is the hard cap on the node."""
-    from nanochat_cli import planner
+    from nanochat_cli.planning import planner
     full = json.loads(dryrun(100, False, monkeypatch).stdout)
     r = dryrun(100, False, monkeypatch, ["--preflight-only"])
     assert r.exit_code == 0, r.stderr
@@ -185,7 +185,7 @@ def test_preflight_only_is_planned_priced_and_capped_as_setup_plus_preflight(mon
 def test_a_plan_capped_at_the_largest_depth_is_capped_at_its_own_cost_on_the_node_too(monkeypatch):
     """$1000 buys more than d32: the plan trains d32, and its deadlines (so what a run gone wrong can spend)
     follow the plan's own cost plus the margin at the dearest failover price - not the whole $1000."""
-    from nanochat_cli import planner
+    from nanochat_cli.planning import planner
     r = dryrun(1000, False, monkeypatch)
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
@@ -210,7 +210,7 @@ def test_a_plan_capped_at_the_largest_depth_is_capped_at_its_own_cost_on_the_nod
 
 
 def test_a_budget_truncated_end_is_shown_as_such_not_as_success():
-    from nanochat_cli.cost import CostMeter
+    from nanochat_cli.planning.cost import CostMeter
     from nanochat_cli.stream import RunView
     view = RunView(CostMeter(23.6, time.time(), 30.0), title="t")
     line = view.feed({"event": "done", "run_dir": "/r", "state": "BUDGET_TRUNCATED",
@@ -518,7 +518,7 @@ def test_eval_on_an_up_cluster_asks_and_ships_the_runs_own_spec(monkeypatch):
 
 
 def test_skypilot_errors_reach_the_user_as_one_plain_line(monkeypatch):
-    from nanochat_cli.sky_replies import sky_error
+    from nanochat_cli.backends.sky_replies import sky_error
     e = sky_error("launching run 'x'", RuntimeError("\x1b[31mFailed to provision\x1b[0m: no capacity\nmore"))
     assert str(e).startswith("launching run 'x' failed (RuntimeError: Failed to provision: no capacity)")
     assert "\x1b" not in str(e) and "\n" not in str(e)

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_cloud_extra_covers_every_offered_cloud_and_bucket_scheme():
-    from nanochat_cli.bucket import SCHEMES
-    from nanochat_cli.offers import GPU_CLOUDS
+    from nanochat_cli.backends.bucket import SCHEMES
+    from nanochat_cli.planning.offers import GPU_CLOUDS
     cloud = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cloud"]
     (sky_req,) = [r for r in cloud if r.startswith("skypilot")]
     extras = set(re.search(r"\[(.*)\]", sky_req).group(1).split(","))
@@ -87,7 +87,7 @@ def s3(tmp_path, monkeypatch):
 
 
 def test_pull_from_an_s3_bucket_uses_the_library_and_is_verified(s3, tmp_path, monkeypatch):
-    from nanochat_cli import sky_backend
+    from nanochat_cli.backends import skypilot as sky_backend
     from nanochat_core.stages.pipeline import write_manifest
     remote = s3.root / "my-bucket" / "runs" / "b1"
     (remote / "base" / "ckpt_000010").mkdir(parents=True)

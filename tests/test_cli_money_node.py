@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from nanochat_core.common import parse_event
-from nanochat_core.proctree import pid_alive
+from nanochat_core.node.proctree import pid_alive
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -89,7 +89,7 @@ def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_ha
     script = (f"trap '' TERM; setsid bash -c \"trap '' TERM; sleep 1000\" & echo $! >> {pidfile}; "
               f"(trap '' TERM; sleep 1000) & echo $! >> {pidfile}; echo $$ >> {pidfile}; sleep 1000")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "nanochat_core.proctree", "--deadline-at", str(time.time() + 1),
+    r = subprocess.run([sys.executable, "-m", "nanochat_core.node.proctree", "--deadline-at", str(time.time() + 1),
                         "--grace", "1", "--", "bash", "-c", script], capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stdout + r.stderr   # (in time: the 30 s timeout above is the bound)
@@ -104,7 +104,7 @@ def test_the_run_scripts_backstop_kills_the_whole_tree_even_when_the_pipeline_ha
 def test_kill_tree_also_ends_what_was_re_parented_out_of_the_tree(tmp_path):
     """The pipeline's deadline stop of a stage (proctree.kill_tree): a parent that exits on SIGTERM (torchrun)
     leaves a child that ignores it; the child is re-parented out of the tree and must still be killed."""
-    from nanochat_core.proctree import kill_tree
+    from nanochat_core.node.proctree import kill_tree
     pidfile = tmp_path / "child"
     parent = subprocess.Popen(["bash", "-c", f"(trap '' TERM; sleep 1000) & echo $! > {pidfile}.tmp; "
                                f"mv {pidfile}.tmp {pidfile}; wait"])

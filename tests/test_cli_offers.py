@@ -112,7 +112,7 @@ def test_unknown_gpu_and_unreachable_catalog(monkeypatch):
     ("aws", "A10G", 1, "g5.xlarge", "", "single-gpu"),
 ])
 def test_interconnect_rule(cloud, acc, count, itype, info, expected):
-    from nanochat_cli.offers import interconnect
+    from nanochat_cli.planning.offers import interconnect
     assert interconnect(cloud, acc, count, itype, info) == expected
 
 

@@ -36,7 +36,7 @@ def test_missing_skypilot_names_this_checkouts_pinned_install(monkeypatch):
     # "nanochat" on the package index is another project: the hint must be the install from this checkout.
     monkeypatch.setitem(sys.modules, "sky", None)   # makes `import sky` raise ImportError
     import nanochat_cli
-    monkeypatch.delitem(sys.modules, "nanochat_cli.sky_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "nanochat_cli.backends.skypilot", raising=False)
     monkeypatch.delattr(nanochat_cli, "sky_backend", raising=False)
     code, _, err = run("up", "--dryrun")
     assert code == 2 and "Traceback" not in err and "nanochat[cloud]" not in err
@@ -50,7 +50,7 @@ def test_missing_skypilot_names_this_checkouts_pinned_install(monkeypatch):
 
 def test_bucket_pull_without_its_library_names_the_same_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "boto3", None)
-    from nanochat_cli import bucket
+    from nanochat_cli.backends import bucket
     from nanochat_core.common import NanochatError
     with pytest.raises(NanochatError) as e:
         bucket._need("boto3", "s3")
@@ -95,12 +95,12 @@ def test_the_plan_says_what_its_price_leaves_out_what_the_model_can_do_and_that_
         big = re.search(r"what it will be able to do, roughly: (.*?) the hours", text).group(1)
         code, out, _ = run("train", "--budget", "100", "--depth", "4", "--dryrun", "--clouds", ",".join(ALL))
         small = re.search(r"what it will be able to do, roughly: (.*?) the hours", flat(out)).group(1)
-    from nanochat_cli.planner import capability
+    from nanochat_cli.planning.planner import capability
     assert code == 0 and depth >= 16 and big == capability(depth) and "toy" in small and "toy" not in big
 
 
 def test_capability_covers_every_depth_the_planner_trains():
-    from nanochat_cli.planner import CAPABILITY, DEPTHS, capability
+    from nanochat_cli.planning.planner import CAPABILITY, DEPTHS, capability
     lines = [capability(d) for d in DEPTHS]
     rows = [[text for _, text in CAPABILITY].index(line) for line in lines]
     assert rows == sorted(rows)                                          # a larger model never reads as less able
@@ -110,7 +110,7 @@ def test_capability_covers_every_depth_the_planner_trains():
 
 
 def test_readme_explains_credentials_for_every_cloud_nanochat_offers():
-    from nanochat_cli.offers import GPU_CLOUDS
+    from nanochat_cli.planning.offers import GPU_CLOUDS
     readme = (ROOT / "README.md").read_text()
     cloud = readme.split("## Running on a real cloud", 1)[1].split("\n## ", 1)[0]
     creds = flat(cloud.split("**Credentials.**", 1)[1].split("**", 1)[0])

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from nanochat_core.common import NanochatError
-from nanochat_cli import planner
+from nanochat_cli.planning import planner
 
 OFFER = {"cloud": "nebius", "region": "eu-north1", "instance_type": "gpu-h100-sxm_8gpu-128vcpu-1600gb",
          "accelerators": "H100:8", "spot": False, "price_per_hour": 23.6, "interconnect": "nvlink", "enabled": True}

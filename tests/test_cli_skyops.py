@@ -36,7 +36,7 @@ def cluster(monkeypatch):
 
 def test_tail_reconnects_without_repeats(cluster, monkeypatch):
     import sky
-    from nanochat_cli.sky_backend import SkyBackend
+    from nanochat_cli.backends.skypilot import SkyBackend
     lines = [f"line {i}\n" for i in range(1, 31)]
     # SkyPilot's chunks need not end at line ends: split each line in two pieces.
     chunks = [piece for ln in lines for piece in (ln[:3], ln[3:])]
@@ -61,7 +61,7 @@ def test_tail_reconnects_without_repeats(cluster, monkeypatch):
 def test_job_state_mapping(cluster, monkeypatch):
     import sky
     from sky.skylet import job_lib
-    from nanochat_cli.sky_backend import SkyBackend
+    from nanochat_cli.backends.skypilot import SkyBackend
     for status, expected in [(job_lib.JobStatus.SETTING_UP, "RUNNING"), (job_lib.JobStatus.SUCCEEDED, "SUCCEEDED"),
                              (job_lib.JobStatus.FAILED_SETUP, "FAILED"), (job_lib.JobStatus.CANCELLED, "CANCELLED")]:
         monkeypatch.setattr(sky, "job_status", lambda name, ids, s=status: ("req", {3: s}))
@@ -101,7 +101,7 @@ def test_down_refuses_without_yes_when_not_interactive(cluster):
 
 
 def test_status_shows_spend_and_budget_left(cluster, monkeypatch):
-    from nanochat_cli import sky_backend
+    from nanochat_cli.backends import skypilot as sky_backend
     monkeypatch.setattr(sky_backend.SkyBackend, "cluster_state", lambda self, rec: "UP")
     monkeypatch.setattr(sky_backend.SkyBackend, "job_state", lambda self, rec, rd: "RUNNING")
     r = CliRunner().invoke(app, ["status", "--json"])
@@ -223,7 +223,7 @@ def test_skypilot_saying_the_cluster_is_gone_is_read_from_the_error_class_after_
     record (the node may be billing) and stops `down` with one line."""
     import sky
     from sky import exceptions
-    from nanochat_cli.sky_replies import already_gone
+    from nanochat_cli.backends.sky_replies import already_gone
     via_server = lambda e: exceptions.deserialize_exception(exceptions.serialize_exception(e))  # noqa: E731
     assert already_gone(via_server(exceptions.ClusterDoesNotExist("Cluster 'nc-test' does not exist.")))
     assert already_gone(via_server(exceptions.ClusterNotUpError("The jobs controller is not up.")))

@@ -52,7 +52,7 @@ def _drive(base: Path) -> dict:
     """Runs in the child: start the server, seed clouds, launch a dry run, stop the server."""
     import contextlib
     import io
-    from nanochat_core.proctree import become_subreaper, kill_tree
+    from nanochat_core.node.proctree import become_subreaper, kill_tree
     # The server's request executors and multiprocessing's resource trackers ignore SIGTERM and outlive the
     # server (a suite once left 12 executors and 2 trackers running, 2 GB). As a subreaper we stay their parent
     # when the server is gone, so the kill at the end still finds every one of them.
@@ -99,7 +99,7 @@ def _drive(base: Path) -> dict:
         global_user_state.set_enabled_clouds(["Lambda"], sky_cloud.CloudCapability.COMPUTE, "default")
 
         from nanochat_cli import state
-        from nanochat_cli.sky_backend import SkyBackend
+        from nanochat_cli.backends.skypilot import SkyBackend
         offer = {"cloud": "lambda", "region": "us-east-1", "instance_type": "gpu_8x_h100_sxm5",
                  "accelerators": "H100:8", "spot": False, "price_per_hour": 31.92, "interconnect": "nvlink",
                  "enabled": True}

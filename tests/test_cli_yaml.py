@@ -25,7 +25,7 @@ def test_yaml_loads_with_sky(path):
 
 
 def test_cli_task_carries_plan_and_secrets(monkeypatch, tmp_path):
-    from nanochat_cli import sky_backend
+    from nanochat_cli.backends import skypilot as sky_backend
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     # The plan allows $21/h for the whole job (2 nodes): us-east-1a ($10.50 spot per node) fits, 1b does not.
@@ -68,7 +68,7 @@ def test_pip_installed_workdir_is_a_staging_copy(monkeypatch, tmp_path):
     """Without a source tree (a pip install), the node gets nanochat_core + a generated pyproject.toml,
     never site-packages."""
     import tomllib
-    from nanochat_cli import task_files
+    from nanochat_cli.backends import task_files
     monkeypatch.setattr(task_files, "REPO_ROOT", tmp_path / "site-packages")
     wd = task_files.workdir()
     assert (wd / "nanochat_core" / "stages" / "pipeline.py").exists() and not (wd / "nanochat_cli").exists()
@@ -125,7 +125,7 @@ def test_the_yamls_keep_a_run_where_the_cli_pulls_it_from(tmp_path):
     pull` rsyncs it from), and serve.yaml's default checkpoint is there too."""
     import subprocess
     import yaml
-    from nanochat_cli.task_files import NODE_RUNS
+    from nanochat_cli.backends.task_files import NODE_RUNS
     run = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["run"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NANOCHAT_RUN": "r", "NANOCHAT_ARGS": "",
            "NANOCHAT_DEADLINE_AT": "1000", "NANOCHAT_BUCKET_DIR": ""}   # a past deadline: it stops at once

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanochat_core.common import NanochatError
-from nanochat_core.dataloader import DataLoader
+from nanochat_core.data.dataloader import DataLoader
 
 B, T = 2, 48
 

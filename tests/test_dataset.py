@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat_core.common import NanochatError, data_dir
-from nanochat_core.dataset import (download, ensure_bundled, list_shards, load_sources, prepare_data, resolve_source,
+from nanochat_core.data.dataset import (download, ensure_bundled, list_shards, load_sources, prepare_data, resolve_source,
                                    split_shards)
 
 FAST = dict(timeout=2.0, retries=4, backoff=0.01, progress=False)

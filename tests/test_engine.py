@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nanochat_core.common import NanochatError
-from nanochat_core.engine import Engine, KVCache, sample_next_token
-from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.inference.engine import Engine, KVCache, sample_next_token
+from nanochat_core.gpt.model import GPT, config_for_depth
 
 
 def tiny_model(vocab_size: int, depth: int = 2, seed: int = 0, sequence_len: int = 64, window_pattern: str = "SL",
@@ -185,7 +185,7 @@ def test_tool_output_is_forced_into_the_stream(tiny_tokenizer):
     assert pieces[-1].kind == "finish" and pieces[-1].text == "stop" and pieces[-1].num_tokens == len(reply)
     # the terminal chat shows it as [calc EXPR = RESULT]
     import io
-    from nanochat_core.chat import _Painter
+    from nanochat_core.inference.chat import _Painter
     out = io.StringIO()
     painter = _Painter(out)
     for p in pieces[:-1]:
@@ -193,8 +193,8 @@ def test_tool_output_is_forced_into_the_stream(tiny_tokenizer):
     painter.finish()
     assert out.getvalue() == "Let me compute. [calc 12*(3+4) = 84] So 84.\n"
     # ... and so does the server's API text (what the web page renders as boxes): no special token in it
-    from nanochat_core.calculator import ToolText
-    from nanochat_core.serve import content_to_parts
+    from nanochat_core.inference.calculator import ToolText
+    from nanochat_core.inference.serve import content_to_parts
     view = ToolText()
     api_text = "".join(view.feed(p.kind, p.text) for p in pieces if p.kind != "finish") + view.close()
     assert api_text == "Let me compute. [calc 12*(3+4) = 84] So 84."

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_core import execution
+from nanochat_core.node import sandbox as execution
 from nanochat_core.common import NanochatError
-from nanochat_core.execution import run_sandboxed
+from nanochat_core.node.sandbox import run_sandboxed
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('ok')\n"
@@ -137,7 +137,7 @@ def test_the_evaluating_process_cannot_be_killed():
     # In a helper process, so that on a broken sandbox the helper dies and not pytest. Never kill(-1) here:
     # on a broken sandbox, as root, that would kill every process on the machine.
     prog = "import os, posix\\nposix.kill(os.getppid(), 9)\\nposix.kill(%d, 9)\\n"
-    p = _helper("import os\nfrom nanochat_core.execution import run_sandboxed\n"
+    p = _helper("import os\nfrom nanochat_core.node.sandbox import run_sandboxed\n"
                 f"r = run_sandboxed('{prog}' % os.getpid(), timeout=5)\n"
                 "print('alive', r.status)\n")
     assert p.returncode == 0 and "alive failed" in p.stdout, (p.returncode, p.stdout, p.stderr)
@@ -158,7 +158,7 @@ def test_secrets_in_the_environment_cannot_be_read():
             "        print(pid, [e for e in env if e.startswith(b'HF_TOKEN=')])\n"
             "    except OSError as e:\n"
             "        print(pid, e)\n")
-    p = _helper("import os\nfrom nanochat_core.execution import run_sandboxed\n"
+    p = _helper("import os\nfrom nanochat_core.node.sandbox import run_sandboxed\n"
                 f"r = run_sandboxed({prog!r} % os.getpid(), timeout=5)\n"
                 "print(r.status, os.environ['HF_TOKEN'] in r.stdout + r.stderr)\n", env={"HF_TOKEN": secret})
     assert p.stdout.split() == ["passed", "False"], "the secret reached the sandbox (or it did not run)"
@@ -205,7 +205,7 @@ def test_huge_output_keeps_the_caller_bounded():
     # Peak memory of the helper as VmHWM (this process image only; ru_maxrss would carry pytest's over exec).
     # The helper caps its own address space at 1.5 GB so a broken sandbox fails the test, not the machine.
     p = _helper("import re, resource, time\nresource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
-                "from nanochat_core.execution import run_sandboxed\n"
+                "from nanochat_core.node.sandbox import run_sandboxed\n"
                 "t0 = time.time()\n"
                 "flood = 'import os\\nb = b\"x\" * (1 << 20)\\nwhile True:\\n    os.write(1, b)\\n'\n"
                 "r = run_sandboxed(flood, timeout=2)\n"
@@ -445,7 +445,7 @@ def test_an_interpreter_installed_in_a_home_directory_does_not_show_that_home():
                 "        print(path, open(path).read() if os.path.isfile(path) else sorted(os.listdir(path)))\n"
                 "    except OSError as e:\n"
                 "        print(path, type(e).__name__)\n")
-        p = subprocess.run([str(python), "-c", "import sys\nfrom nanochat_core.execution import run_sandboxed\n"
+        p = subprocess.run([str(python), "-c", "import sys\nfrom nanochat_core.node.sandbox import run_sandboxed\n"
                             f"r = run_sandboxed({prog!r}, timeout=10)\nprint(r.status)\nprint(r.stdout)\nprint(r.stderr)\n"],
                            capture_output=True, text=True, timeout=60,
                            env={"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
@@ -486,7 +486,7 @@ def test_without_bwrap_nothing_runs_and_humaneval_is_not_evaluated(tmp_path, mon
     assert "bubblewrap" in r.stderr
     with pytest.raises(NanochatError, match="HumanEval not evaluated: no sandbox"):
         _humaneval_task(tmp_path)
-    from nanochat_core.evaluation import evaluate_tasks
+    from nanochat_core.evaluation.runners import evaluate_tasks
     metrics, unavailable = evaluate_tasks(None, None, ["HumanEval"], 1, "cpu")
     assert unavailable == ["HumanEval"] and "HumanEval" not in metrics
 

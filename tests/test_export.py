@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nanochat_core import export as export_mod
-from nanochat_core.checkpoint import save_checkpoint
-from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.inference import export as export_mod
+from nanochat_core.gpt.checkpoint import save_checkpoint
+from nanochat_core.gpt.model import GPT, config_for_depth
 
 CONV = {"messages": [
     {"role": "system", "content": "Answer briefly."},
@@ -220,7 +220,7 @@ def test_cli_export_names_the_checkpoint_it_took_and_says_when_the_run_is_still_
     assert f"{ckpt} (base, step 7)" in r.stdout and "still training" not in r.stdout
     # a pipeline at work on the run: the real lock a pipeline takes, held by another process (make_run's save
     # took the lock for this process, as a trainer's does: let go of it first, as a finished trainer would)
-    from nanochat_core import runlock
+    from nanochat_core.node import runlock
     os.close(runlock._held.pop(str(rd.resolve())))
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from nanochat_core import runlock; "
                                f"runlock.acquire({str(rd)!r}); print('locked', flush=True); sys.stdin.read()"],

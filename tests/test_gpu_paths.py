@@ -4,9 +4,9 @@ processes) and base_eval's per-GPU bpb batch."""
 import pytest
 import torch
 
-from nanochat_core import model as M
-from nanochat_core import training
-from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.gpt import model as M
+from nanochat_core.training import loop as training
+from nanochat_core.gpt.model import GPT, config_for_depth
 
 pytestmark = pytest.mark.skipif(not M.HAS_FLEX, reason="needs FlexAttention (torch >= 2.5)")
 
@@ -120,7 +120,7 @@ def test_time_horizon_progress_reaches_the_end_when_steps_slow_down():
 
 def _collectives_worker(rank: int, world: int, port: int, tmp: str) -> None:
     import torch.distributed as dist
-    from nanochat_core import muon
+    from nanochat_core.gpt import muon
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -158,7 +158,7 @@ def test_multi_rank_muon_on_the_long_standing_collectives_matches_the_new_ones(t
 
 def test_base_eval_bpb_batch_follows_the_per_gpu_presets():
     from nanochat_core.stages.base_eval import bpb_device_batch
-    from nanochat_core.training import preset_device_batch
+    from nanochat_core.training.loop import preset_device_batch
     # a 24 GB card at d20 gets the preset's 4 rows of 2048 (it used to get 32 on any GPU)
     assert bpb_device_batch(20, 2048, "cuda", 24.0) == 4
     assert bpb_device_batch(26, 2048, "cuda", 80.0) == 16 and bpb_device_batch(12, 1024, "cuda", 141.0) == 128
@@ -192,7 +192,7 @@ def test_bf16_residual_stream_stays_bf16_under_autocast_and_matches_fp32():
 
 
 def test_compiled_muon_step_matches_eager_and_compiles_once_per_shape(monkeypatch):
-    from nanochat_core import muon
+    from nanochat_core.gpt import muon
     compiles = []
     def counting_backend(gm, example_inputs):
         compiles.append(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat_core.common import NanochatError
-from nanochat_core.model import (GPT, GPTConfig, attention_reference, attention_sdpa, config_for_depth,
+from nanochat_core.gpt.model import (GPT, GPTConfig, attention_reference, attention_sdpa, config_for_depth,
                                  count_params, flops_per_token, HAS_FLEX)
 
 IMPLS = ["sdpa"] + (["flex"] if HAS_FLEX else [])
@@ -182,7 +182,7 @@ def test_last_only_logits_equal_the_last_row_of_the_full_logits():
 
 
 def test_auto_impl_is_sdpa_on_cpu_and_grads_flow_through_flex_setting():
-    from nanochat_core.model import resolve_attn_impl
+    from nanochat_core.gpt.model import resolve_attn_impl
     assert resolve_attn_impl("auto", torch.device("cpu")) == "sdpa"
     # "flex" with autograd on CPU falls back to SDPA (torch has no CPU flex backward): training still works
     cfg = tiny(impl="flex")

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat_core.common import NanochatError
-from nanochat_core.model import GPT, config_for_depth
-from nanochat_core.muon import MuonAdamW, polar_express
+from nanochat_core.gpt.model import GPT, config_for_depth
+from nanochat_core.gpt.muon import MuonAdamW, polar_express
 
 GLOBAL_B, T, STEPS = 4, 32, 3
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nanochat_cli import local_backend, pull as pull_mod, state
+from nanochat_cli import pull as pull_mod, state
+from nanochat_cli.backends import local as local_backend
 from nanochat_cli.main import app
 
 TESTS = Path(__file__).parent
@@ -103,8 +104,8 @@ def test_a_pulled_run_without_optimizer_shards_loads_for_inference(tmp_path, tin
     """`nanochat pull` leaves the optimizer shards on the node: chat, serve, eval and export must still load the
     pulled copy; only resuming training needs the shards."""
     import torch
-    from nanochat_core import checkpoint
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.gpt import checkpoint
+    from nanochat_core.gpt.model import GPT, config_for_depth
     with torch.device("meta"):
         model = GPT(config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=16))
     model.to_empty(device="cpu")
@@ -153,7 +154,7 @@ def test_x():
 
 
 def test_a_session_that_leaves_a_process_running_fails_and_the_process_is_killed(tmp_path):
-    from nanochat_core.proctree import pid_alive
+    from nanochat_core.node.proctree import pid_alive
     (tmp_path / "conftest.py").write_text((TESTS / "conftest.py").read_text())
     (tmp_path / "test_leak.py").write_text(LEAVES_A_PROCESS)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_leak.py")],

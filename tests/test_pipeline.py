@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nanochat_core.common import NanochatError
-from nanochat_core.training import preset_device_batch
+from nanochat_core.training.loop import preset_device_batch
 from nanochat_core.stages.pipeline import launcher, parse_args, stage_commands
 
 CARDS_GB = [16, 24, 40, 48, 80, 141]   # the card classes issue 3 names, plus a small and a 48 GB one
@@ -76,7 +76,7 @@ def test_a_named_eval_checkpoint_is_the_only_one_evaluated(tmp_path):
 def test_local_dryrun_plan_counts_the_model_the_local_preset_trains():
     import torch
     from nanochat_cli.main import app
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.gpt.model import GPT, config_for_depth
     r = CliRunner().invoke(app, ["train", "--local", "--dryrun", "--json"])
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
@@ -114,7 +114,7 @@ def test_the_local_preset_trains_a_fixed_number_of_steps_never_a_clock_horizon(t
 
 
 def test_cpu_compiles_only_where_it_pays_for_itself_decided_from_the_plan():
-    from nanochat_core.model_config import config_for_depth
+    from nanochat_core.gpt.model_config import config_for_depth
     from nanochat_core.stages.base_train import compile_pays_on_cpu
     import dataclasses
 
@@ -171,7 +171,7 @@ def test_a_stage_that_did_not_finish_its_work_is_not_done_and_the_same_command_r
 
 def test_the_cli_calls_a_run_finished_only_when_it_finished(tmp_path):
     """The manifest is written after every stage: a run that failed in base used to be 'already finished'."""
-    from nanochat_cli.flows import _rerun_note
+    from nanochat_cli.commands.run import _rerun_note
     rd = tmp_path / "local"
     rd.mkdir()
     assert _rerun_note(rd) is None                                           # a fresh run: nothing to say

@@ -7,10 +7,12 @@ import time
 import pytest
 import torch
 
-from nanochat_core import chat_training, checkpoint, evaluation
+from nanochat_core.training import chat_loop as chat_training
+from nanochat_core.gpt import checkpoint
+from nanochat_core.evaluation import runners as evaluation
 from nanochat_core.stages import base_eval, chat_eval, chat_rl, chat_sft
 from nanochat_core.common import NanochatError, parse_event
-from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.gpt.model import GPT, config_for_depth
 from nanochat_core.tasks.arc import ARC
 from nanochat_core.tasks.common import Task
 
@@ -241,7 +243,7 @@ def test_chat_rl_stage_runs_offline_and_checkpoints(run_dir, capsys):
 
 
 def test_chatcore_is_the_mean_centred_accuracy_over_all_six_tasks():
-    from nanochat_core.evaluation import chatcore
+    from nanochat_core.evaluation.runners import chatcore
     chance = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
     assert chatcore(chance) == pytest.approx(0.0)                       # guessing everywhere scores 0
     assert chatcore({k: 1.0 for k in chance}) == pytest.approx(1.0)     # perfect everywhere scores 1

@@ -18,7 +18,7 @@ sys.argv = ["bench"] + sys.argv[1:]
 try:
     bench.main()
 finally:
-    print("IMPORTED", sorted(m for m in ("fastapi", "uvicorn", "nanochat_core.serve", "sky", "typer") if m in sys.modules))
+    print("IMPORTED", sorted(m for m in ("fastapi", "uvicorn", "nanochat_core.inference.serve", "sky", "typer") if m in sys.modules))
 """
 
 
@@ -45,7 +45,7 @@ def test_bench_preflight_runs_every_check_on_cpu_and_ends_with_a_verdict():
 
 
 def test_preflight_forced_failure_says_which_check_and_exits_non_zero():
-    p = subprocess.run([PY, "-m", "nanochat_core.preflight", "--depth", "2", "--matrix", "train", "--steps", "1",
+    p = subprocess.run([PY, "-m", "nanochat_core.training.preflight", "--depth", "2", "--matrix", "train", "--steps", "1",
                         "--events"], capture_output=True, text=True, timeout=300,
                        env=_env(NANOCHAT_PREFLIGHT_FAIL="checkpoint"))
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
@@ -82,13 +82,13 @@ def test_cloud_pipeline_opens_with_preflight_at_the_planned_depth_and_throughput
     a = parse_args(["--run-dir", str(tmp_path / "r"), "--preset", "cloud", "--depth", "24",
                     "--planned-tokens-per-sec", "100000"])
     (cmd,) = stage_commands("preflight", a, tmp_path, [PY, "-m", "torch.distributed.run", "--nproc_per_node=8"])
-    assert cmd[:3] == [PY, "-m", "nanochat_core.preflight"]          # one process: per-device numbers
+    assert cmd[:3] == [PY, "-m", "nanochat_core.training.preflight"]          # one process: per-device numbers
     assert cmd[cmd.index("--depth") + 1] == "24" and cmd[cmd.index("--planned-tokens-per-sec") + 1] == "100000.0"
     assert cmd[cmd.index("--matrix") + 1] == "train" and "--events" in cmd
 
 
 def test_preflight_fails_a_node_slower_than_half_the_plan():
-    p = subprocess.run([PY, "-m", "nanochat_core.preflight", "--depth", "1", "--matrix", "train", "--steps", "1",
+    p = subprocess.run([PY, "-m", "nanochat_core.training.preflight", "--depth", "1", "--matrix", "train", "--steps", "1",
                         "--planned-tokens-per-sec", "1e9"], capture_output=True, text=True, timeout=300, env=_env())
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     verdict = p.stdout.strip().splitlines()[-1]

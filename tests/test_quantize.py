@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat_core import checkpoint, quantize
+from nanochat_core.gpt import checkpoint, quantize
 from nanochat_core.common import NanochatError
-from nanochat_core.engine import Engine, KVCache
-from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.inference.engine import Engine, KVCache
+from nanochat_core.gpt.model import GPT, config_for_depth
 
 
 def _checkpoint(root, tokenizer, seed: int):
     """A run dir with one saved base checkpoint of a depth-1 model whose every weight is non-trivial."""
-    from nanochat_core.checkpoint import save_checkpoint
+    from nanochat_core.gpt.checkpoint import save_checkpoint
     tokenizer.save(root / "tokenizer")
     cfg = config_for_depth(1, tokenizer.get_vocab_size(), sequence_len=64, head_dim=32)
     torch.manual_seed(seed)

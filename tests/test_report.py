@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
-from nanochat_core import checkpoint, report
+from nanochat_core.gpt import checkpoint
+from nanochat_core.evaluation import report
 from nanochat_core.common import NanochatError
-from nanochat_core.model import GPT, config_for_depth, count_params
+from nanochat_core.gpt.model import GPT, config_for_depth, count_params
 
 
 def _run_dir(tmp_path, price=None):
@@ -84,12 +85,12 @@ def test_local_report_without_price_says_na(tmp_path):
 
 def test_cli_writes_report_and_prints_json(tmp_path):
     run = _run_dir(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "nanochat_core.report", "--run-dir", str(run), "--json"],
+    out = subprocess.run([sys.executable, "-m", "nanochat_core.evaluation.report", "--run-dir", str(run), "--json"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["BASE"]["CORE"] == 0.2219
     assert (run / "report.md").exists()
-    bad = subprocess.run([sys.executable, "-m", "nanochat_core.report", "--run-dir", str(tmp_path / "nope")],
+    bad = subprocess.run([sys.executable, "-m", "nanochat_core.evaluation.report", "--run-dir", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
     with pytest.raises(NanochatError):
@@ -100,7 +101,7 @@ def test_an_eval_that_could_not_run_is_reported_with_its_real_cause(tmp_path, mo
     """Without the `datasets` package the hub-backed tasks cannot load. The report used to blame the network
     ("data unavailable, e.g. no network"); it names the cause the task loader gave."""
     from nanochat_core.common import atomic_write_json
-    from nanochat_core.evaluation import evaluate_tasks, merge_record
+    from nanochat_core.evaluation.runners import evaluate_tasks, merge_record
     monkeypatch.setitem(sys.modules, "datasets", None)     # `import datasets` now fails, as where it is missing
     why = {}
     metrics, unavailable = evaluate_tasks(None, None, ["ARC-Easy", "MMLU"], 5, "cpu", why=why)

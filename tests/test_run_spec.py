@@ -57,7 +57,7 @@ def test_an_unusable_spec_is_refused_in_one_line_everywhere(tmp_path, text, why)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for cmd in ([sys.executable, "-m", "nanochat_core.run_spec", str(path)],
                 [sys.executable, "-m", "nanochat_core.stages.pipeline", "--run-dir", str(tmp_path), "--spec", str(path)],
-                [sys.executable, "-m", "nanochat_core.proctree", "--spec", str(path), "--", "true"]):
+                [sys.executable, "-m", "nanochat_core.node.proctree", "--spec", str(path), "--", "true"]):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         (line,) = r.stderr.strip().splitlines()

@@ -115,12 +115,12 @@ def test_kill9_of_the_pipeline_then_restart_never_runs_two_trainers(tmp_path, ti
 
 
 def _holder(run: Path, role: str = "pipeline"):
-    from nanochat_core import runlock  # noqa: F401 (fails early, in the test, where runlock is missing)
+    from nanochat_core.node import runlock  # noqa: F401 (fails early, in the test, where runlock is missing)
     """Another process (not our ancestor) holding the run dir's lock: as a pipeline does, or (role "stage") as
     what a killed pipeline leaves behind does - the run lock alone, not the pipeline's own."""
     code = textwrap.dedent(f"""
         import sys, time
-        from nanochat_core import runlock
+        from nanochat_core.node import runlock
         runlock.acquire({str(run)!r}, role={role!r})
         print("locked", flush=True)
         time.sleep(60)
@@ -132,7 +132,7 @@ def _holder(run: Path, role: str = "pipeline"):
 
 def test_a_stage_run_by_hand_cannot_write_into_a_locked_run_dir(tmp_path):
     import torch
-    from nanochat_core.checkpoint import save_checkpoint
+    from nanochat_core.gpt.checkpoint import save_checkpoint
     run = tmp_path / "run"
     holder = _holder(run)
     try:
@@ -148,7 +148,7 @@ def test_a_stage_run_by_hand_cannot_write_into_a_locked_run_dir(tmp_path):
 
 
 def test_a_restart_waits_for_an_orphaned_stage_but_not_for_a_live_pipeline(tmp_path, capsys):
-    from nanochat_core import runlock
+    from nanochat_core.node import runlock
     run = tmp_path / "run"
     holder = _holder(run)
     try:   # a live pipeline: refused at once (not after wait_s), naming it
@@ -221,7 +221,7 @@ def test_a_grandchild_stage_stops_when_its_parent_is_killed(tmp_path):
     """torchrun's workers are grandchildren of the pipeline: no PDEATHSIG reaches them, the watchdog does.
     The middle process here is killed with -9; the stage below it (run_main + NANOCHAT_DIE_WITH_PARENT)
     gets SIGTERM, runs its handler (a trainer would save) and exits within seconds."""
-    from nanochat_core import runlock
+    from nanochat_core.node import runlock
     marker = tmp_path / "terminated"
     stage = textwrap.dedent(f"""
         import signal, sys, time
@@ -258,7 +258,7 @@ def test_kill9_of_the_local_supervisor_stops_its_pipeline_and_trainer(tmp_path, 
     """`nanochat train --local` runs supervisor -> pipeline -> stage; killing the supervisor with -9 leaves
     nothing running (the trainer saves on the way out), so `nanochat down` has no orphan to miss."""
     from nanochat_cli import state
-    from nanochat_cli.local_backend import LocalBackend
+    from nanochat_cli.backends.local import LocalBackend
     run = state.run_dir("lk")
     tiny_tokenizer.save(run / "tokenizer")
     job = LocalBackend().launch({"name": "local"}, run, ["--preset", "local", "--stages", "base", "--depth", "1",

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from nanochat_core.common import NanochatError
-from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.gpt.model import GPT, config_for_depth
 from tiny_models import PacedModel, tiny_chat_model as tiny_model
-from nanochat_core.serve import content_to_parts, create_app
+from nanochat_core.inference.serve import content_to_parts, create_app
 
 
 class LiveServer:
     """uvicorn running an app in a background thread on a free port of 127.0.0.1."""
 
     def __init__(self, app, limits=None):
-        from nanochat_core.serve_net import make_server
+        from nanochat_core.inference.serve_net import make_server
         self.server = make_server(app, "127.0.0.1", 0, limits)   # the server run_server runs, limits and all
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -400,9 +400,9 @@ def test_terminal_chat_and_run_samples_show_a_tool_call_as_text(tiny_tokenizer):
     """The same reply in the terminal chat and in the sample a chat stage prints at the end of a run (what
     `nanochat train` shows last): [calc 12*7 = 84], no special token."""
     import io
-    from nanochat_core.chat import reply
-    from nanochat_core.chat_training import chat_sample
-    from nanochat_core.engine import Engine
+    from nanochat_core.inference.chat import reply
+    from nanochat_core.training.chat_loop import chat_sample
+    from nanochat_core.inference.engine import Engine
     from nanochat_core.stages.base_eval import greedy_complete
     from tiny_models import ScriptedReplyModel
     reply_ids, shown = calculator_reply(tiny_tokenizer)
@@ -424,7 +424,7 @@ def test_terminal_chat_and_run_samples_show_a_tool_call_as_text(tiny_tokenizer):
 
 @pytest.fixture
 def saved_run(model, tiny_tokenizer):
-    from nanochat_core.checkpoint import save_checkpoint
+    from nanochat_core.gpt.checkpoint import save_checkpoint
     from nanochat_core.common import runs_dir
     run = runs_dir() / "tiny"
     tiny_tokenizer.save(run / "tokenizer")
@@ -434,7 +434,7 @@ def saved_run(model, tiny_tokenizer):
 
 
 def test_chat_one_shot_prints_the_reply(saved_run, capsys):
-    from nanochat_core.chat import run_chat
+    from nanochat_core.inference.chat import run_chat
     run_chat(prompt="Hello there", temperature=0.0, max_tokens=8, device="cpu")
     out = capsys.readouterr()
     assert out.out.endswith("\n") and len(out.out.strip()) > 0
@@ -444,7 +444,7 @@ def test_chat_one_shot_prints_the_reply(saved_run, capsys):
 
 
 def test_chat_interactive_turns_and_commands(saved_run, capsys, monkeypatch):
-    from nanochat_core.chat import run_chat
+    from nanochat_core.inference.chat import run_chat
     lines = iter(["Hello", "And again?", "/clear", "Hi", "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     run_chat(temperature=0.0, max_tokens=6, device="cpu")
@@ -454,7 +454,7 @@ def test_chat_interactive_turns_and_commands(saved_run, capsys, monkeypatch):
 
 
 def test_chat_without_a_checkpoint_says_what_to_do():
-    from nanochat_core.chat import run_chat
+    from nanochat_core.inference.chat import run_chat
     with pytest.raises(NanochatError, match="nanochat train --local.*nanochat pull"):
         run_chat(prompt="hi")
     with pytest.raises(NanochatError, match="does not exist"):
@@ -464,7 +464,7 @@ def test_chat_without_a_checkpoint_says_what_to_do():
 
 
 def test_serve_entry_point_binds_localhost_and_answers(saved_run, tmp_path):
-    """`python -m nanochat_core.serve` for real: loads the latest run, listens on 127.0.0.1, answers."""
+    """`python -m nanochat_core.inference.serve` for real: loads the latest run, listens on 127.0.0.1, answers."""
     import os
     import socket
     import subprocess
@@ -474,7 +474,7 @@ def test_serve_entry_point_binds_localhost_and_answers(saved_run, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "nanochat_core.serve", "--port", str(port), "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat_core.inference.serve", "--port", str(port), "--device", "cpu"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 90
@@ -502,7 +502,7 @@ def test_serve_entry_point_binds_localhost_and_answers(saved_run, tmp_path):
 
 def test_serve_on_a_busy_port_is_a_one_line_error(saved_run):
     import socket
-    from nanochat_core.serve import run_server
+    from nanochat_core.inference.serve import run_server
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -535,8 +535,8 @@ def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
 
 def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tiny_tokenizer, capsys):
     import io
-    from nanochat_core.chat import reply
-    from nanochat_core.engine import Engine
+    from nanochat_core.inference.chat import reply
+    from nanochat_core.inference.engine import Engine
     cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=16, aspect_ratio=64, head_dim=16)
     small = GPT.build(cfg, "cpu")
     engine = Engine(small.eval(), tiny_tokenizer)       # context: 10 x 16 = 160 tokens
@@ -559,7 +559,7 @@ def test_request_model_never_fails_with_anything_but_a_validation_error():
     from hypothesis import given, settings
     from hypothesis import strategies as st
     from pydantic import ValidationError
-    from nanochat_core.api_models import ChatCompletionRequest, validation_error_body
+    from nanochat_core.inference.api_models import ChatCompletionRequest, validation_error_body
     scalars = st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) | st.text(max_size=20)
     values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                           max_leaves=12)

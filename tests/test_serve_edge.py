@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nanochat_core.serve import create_app
-from nanochat_core.serve_net import Limits
+from nanochat_core.inference.serve import create_app
+from nanochat_core.inference.serve_net import Limits
 from test_serve import LiveServer, ask, endless_model, saved_run, model  # noqa: F401  (fixtures)
 from tiny_models import PacedModel
 
@@ -193,7 +193,7 @@ def test_the_caps_evict_the_idlest_shorten_head_deadlines_and_queue_when_all_are
 
 
 def test_host_values_with_junk_after_a_loopback_name_are_refused(model, tiny_tokenizer):
-    from nanochat_core.serve_net import _host_is_loopback
+    from nanochat_core.inference.serve_net import _host_is_loopback
     for bad in (b"127.0.0.1:80@evil", b"[::1]evil", b"[::1]:80evil", b"127.0.0.1:", b"localhost:8000/x", b"",
                 b"127.0.0.1 evil", b"[evil]"):
         assert not _host_is_loopback(bad), bad
@@ -255,7 +255,7 @@ def test_cross_site_requests_to_a_loopback_server_are_refused(model, tiny_tokeni
 
 def test_a_server_bound_beyond_loopback_without_a_key_refuses_to_start(saved_run):
     env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_API_KEY"}
-    for cmd in ([sys.executable, "-m", "nanochat_core.serve", "--host", "0.0.0.0", "--port", "18099"],
+    for cmd in ([sys.executable, "-m", "nanochat_core.inference.serve", "--host", "0.0.0.0", "--port", "18099"],
                 [sys.executable, "-m", "nanochat_cli.main", "serve", "--host", "0.0.0.0", "--port", "18099"]):
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
         assert p.returncode == 2, (cmd, p.stdout, p.stderr)
@@ -266,9 +266,9 @@ def test_a_server_bound_beyond_loopback_without_a_key_refuses_to_start(saved_run
 SERVE_PACED = """
 import sys
 sys.path.insert(0, {tests!r})
-from nanochat_core.serve import create_app
-from nanochat_core.serve_net import Limits, make_server
-from nanochat_core.tokenizer import Tokenizer
+from nanochat_core.inference.serve import create_app
+from nanochat_core.inference.serve_net import Limits, make_server
+from nanochat_core.data.tokenizer import Tokenizer
 from tiny_models import PacedModel
 from test_serve import endless_model
 tok = Tokenizer.load({tok!r})
@@ -357,13 +357,13 @@ def test_sigterm_ends_replies_in_flight_and_exits_within_seconds(tiny_tokenizer,
 
 @pytest.mark.slow
 def test_entry_point_with_an_api_key(saved_run, tmp_path):
-    """`python -m nanochat_core.serve` with NANOCHAT_API_KEY on a trained (tiny) checkpoint: 401 without the
+    """`python -m nanochat_core.inference.serve` with NANOCHAT_API_KEY on a trained (tiny) checkpoint: 401 without the
     key, 404 for an unknown model, 200 with both right."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "nanochat_core.serve", "--port", str(port), "--device", "cpu"],
+        proc = subprocess.Popen([sys.executable, "-m", "nanochat_core.inference.serve", "--port", str(port), "--device", "cpu"],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": "s3cret"})
     try:

@@ -29,7 +29,7 @@ def _tiny_net():
 
 
 def _job_check(a: dict, result: dict) -> None:
-    from nanochat_core import shared_dir
+    from nanochat_core.node import shared_dir
     t0 = time.monotonic()
     try:
         shared_dir.check_shared_dir(Path(a["run_dir"]) / "base")
@@ -42,7 +42,7 @@ def _job_save(a: dict, result: dict) -> None:
     """Save each of a["steps"]; a["die"] = {"rank": r, "step": s, "at": "meta"|"shard"} kills that rank (as kill -9
     would) right before rank 0 commits meta.json, or half-way through writing its optimizer shard."""
     import torch
-    from nanochat_core import checkpoint
+    from nanochat_core.gpt import checkpoint
     rank, world, die = a["rank"], a["world"], a.get("die") or {}
     model = _tiny_net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -156,7 +156,7 @@ def test_check_shared_dir_waits_for_late_visibility_and_still_fails_on_unshared_
 
 def _assert_latest_everywhere(store, step):
     import torch
-    from nanochat_core.checkpoint import find_latest, load_checkpoint, read_meta, verify_checkpoint
+    from nanochat_core.gpt.checkpoint import find_latest, load_checkpoint, read_meta, verify_checkpoint
     for node in (0, 1):
         latest = find_latest(store.view(node) / "run" / "base")
         assert latest is not None and latest.name == f"ckpt_{step:06d}", (node, latest)

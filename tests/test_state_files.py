@@ -122,7 +122,8 @@ def test_a_100000_deep_state_file_is_one_line_not_a_recursion_error(tmp_path):
 
 
 def test_the_run_dirs_own_readers_take_a_100000_deep_file_too(tmp_path, capsys):
-    from nanochat_core import common, evaluation, report, tracking
+    from nanochat_core import common, tracking
+    from nanochat_core.evaluation import runners as evaluation, report
     (tmp_path / "eval").mkdir()
     for name in ("eval/base.json", ".wandb.json"):
         (tmp_path / name).write_text(DEEP)

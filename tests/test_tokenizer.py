@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanochat_core.common import NanochatError
-from nanochat_core.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
+from nanochat_core.data.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 
 HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -206,7 +206,7 @@ def test_tok_train_stage(tmp_path):
     import pyarrow.parquet as pq
 
     from nanochat_core.common import parse_event
-    from nanochat_core.dataset import ensure_bundled, list_shards
+    from nanochat_core.data.dataset import ensure_bundled, list_shards
 
     data = ensure_bundled(tmp_path / "data")
     out = tmp_path / "run" / "tokenizer"
@@ -224,7 +224,7 @@ def test_tok_train_stage(tmp_path):
     assert tok.get_vocab_size() == 400 and json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     # never the validation shard: its distinctive documents are not what was measured
     val = pq.read_table(list_shards(data)[-1]).column("text").to_pylist()
-    from nanochat_core.dataset import iter_training_text
+    from nanochat_core.data.dataset import iter_training_text
     used = set(iter_training_text(data, 10**9, 10**9))
     assert not used & set(val)
 

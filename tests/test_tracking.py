@@ -58,7 +58,7 @@ def run_dir(tmp_path, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from nanochat_core.dataset import ensure_bundled
+    from nanochat_core.data.dataset import ensure_bundled
     d = tmp_path_factory.mktemp("data")
     ensure_bundled(d)
     return d

@@ -1,11 +1,11 @@
-"""Your own data (nanochat_core/user_data.py): documents in several formats become shards with a summary and a
+"""Your own data (nanochat_core/data/user_data.py): documents in several formats become shards with a summary and a
 held-out slice; conversations are checked line by line; bad input is refused (or skipped, counted) with file
 and line; the bundle is deterministic and verified; the identity becomes conversations and a system prompt."""
 import json
 
 import pytest
 
-from nanochat_core import user_data
+from nanochat_core.data import user_data
 from nanochat_core.common import NanochatError
 
 
@@ -42,7 +42,7 @@ def test_documents_of_every_format_nested_become_shards_with_a_summary(tmp_path)
     assert summary.characters == sum(map(len, texts))
     assert summary.estimated_tokens == int(summary.characters / user_data.CHARS_PER_TOKEN)
     user_data.write_shards(texts, tmp_path / "out", summary)
-    from nanochat_core.dataset import list_shards, split_shards
+    from nanochat_core.data.dataset import list_shards, split_shards
     import pyarrow.parquet as pq
     val = pq.read_table(split_shards(tmp_path / "out", "val")[0]).column("text").to_pylist()
     train = [t for s in split_shards(tmp_path / "out", "train") for t in pq.read_table(s).column("text").to_pylist()]
@@ -211,7 +211,7 @@ def test_bad_conversations_refuse_the_bundle_or_are_skipped_with_a_count(tmp_pat
 
 def test_mix_dir_gives_your_documents_their_share(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "home"))
-    from nanochat_core.dataset import ensure_bundled, split_shards
+    from nanochat_core.data.dataset import ensure_bundled, split_shards
     public = ensure_bundled(tmp_path / "home" / "data" / "bundled")
     texts = [f"my document number {i} " * 40 for i in range(200)]
     s = user_data.DocSummary()

@@ -39,7 +39,7 @@ def train(monkeypatch, *args, launch=None):
 
 
 def test_the_plan_counts_your_documents_and_prices_the_upload_into_setup(mydata, monkeypatch):
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     docs, chat = mydata
     monkeypatch.setattr(flows, "UPLOAD_BYTES_PER_S", 100.0)     # a slow line, so that the upload shows in hours
     plain = json.loads(train(monkeypatch, "--budget", "100", "--dryrun", "--json").stdout)
@@ -129,7 +129,7 @@ def test_the_cloud_run_carries_the_bundle_and_the_node_verifies_it_on_every_laun
 
 
 def test_data_too_large_to_upload_is_refused_with_the_bucket_route(mydata, monkeypatch):
-    from nanochat_cli import flows
+    from nanochat_cli.commands import run as flows
     docs, _ = mydata
     monkeypatch.setattr(flows, "MAX_UPLOAD_BYTES", 1000)
     r = train(monkeypatch, "--budget", "100", "--dryrun", "--data", str(docs))
@@ -188,7 +188,8 @@ def test_local_train_and_eval_hand_the_pipeline_the_same_bundle(mydata, monkeypa
     later at the very same one (the plan kept its path and digest), so the report's docs bpb and held-out
     answers are recomputed on the user's data."""
     from test_cli_flow import cli    # the job script (test_cli_jobscript.py) stands in for the pipeline
-    from nanochat_cli import local_backend, state
+    from nanochat_cli import state
+    from nanochat_cli.backends import local as local_backend
     import os
     from pathlib import Path
     monkeypatch.setenv(local_backend.PIPELINE_MODULE_ENV, "test_cli_jobscript")

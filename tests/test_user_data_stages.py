@@ -8,7 +8,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from nanochat_core import user_data
+from nanochat_core.data import user_data
 from nanochat_core.common import NanochatError
 from nanochat_core.stages.pipeline import Pipeline, parse_args, prepare_data
 
@@ -40,7 +40,7 @@ def test_documents_alone_or_mixed_at_a_share(bundle, tmp_path):
     with redirect_stdout(io.StringIO()) as out:
         mixed, _ = prepare_data(a)
     assert "your documents: mixed with bundled at 3" in out.getvalue()     # ~30% of the characters
-    from nanochat_core.dataset import split_shards
+    from nanochat_core.data.dataset import split_shards
     assert split_shards(mixed, "val")[0].resolve().parent.name == "bundled"
     assert any(p.resolve().parent == b.docs.resolve() for p in split_shards(mixed, "train"))
 
@@ -65,7 +65,7 @@ def test_too_long_conversations_stop_the_run_before_base_or_are_skipped(bundle, 
 
 
 def test_sft_mixture_gives_your_conversations_and_identity_their_shares(bundle, tmp_path, tiny_tokenizer):
-    from nanochat_core.chat_training import with_user_data
+    from nanochat_core.training.chat_loop import with_user_data
     from nanochat_core.stages.chat_sft import sft_mixture
     docs, chat = bundle
     chat.write_text("".join(convo(f"widget {i}?", "Blue.") for i in range(20)))
@@ -96,7 +96,7 @@ def test_sft_mixture_gives_your_conversations_and_identity_their_shares(bundle, 
 
 
 def test_report_shows_what_the_run_learned_of_your_data(tmp_path):
-    from nanochat_core.report import build_report
+    from nanochat_core.evaluation.report import build_report
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     info = {"docs": {"files_read": 3, "skipped": ["a.png: not a document format"], "characters": 9000,

@@ -6,7 +6,7 @@ import pytest
 
 from test_serve import LiveServer
 from tiny_models import tiny_chat_model
-from nanochat_core.serve import create_app
+from nanochat_core.inference.serve import create_app
 
 IDENTITY = "You are Ada, the support assistant of Acme."
 
@@ -35,9 +35,9 @@ def test_the_trained_identity_is_the_default_system_prompt_and_a_request_overrid
 
 def test_chat_keeps_the_system_prompt_when_old_turns_are_dropped(tiny_tokenizer, capsys):
     import io
-    from nanochat_core.chat import reply
-    from nanochat_core.engine import Engine
-    from nanochat_core.model import GPT, config_for_depth
+    from nanochat_core.inference.chat import reply
+    from nanochat_core.inference.engine import Engine
+    from nanochat_core.gpt.model import GPT, config_for_depth
     cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=16, aspect_ratio=64, head_dim=16)
     engine = Engine(GPT.build(cfg, "cpu").eval(), tiny_tokenizer)
     seen = []

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tiny_models import PacedModel, tiny_chat_model
-from nanochat_core.serve import create_app
-from nanochat_core.serve_net import make_server
+from nanochat_core.inference.serve import create_app
+from nanochat_core.inference.serve_net import make_server
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from nanochat_core.model import GPT, config_for_depth
+from nanochat_core.gpt.model import GPT, config_for_depth
 
 
 def tiny_chat_model(vocab_size: int, sequence_len: int = 256) -> GPT:

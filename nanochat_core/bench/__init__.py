@@ -8,7 +8,7 @@ COMMANDS = {
     "tokenizer": "nanochat_core.bench.tokenizer",
     "train": "nanochat_core.bench.train",
     "infer": "nanochat_core.bench.infer",
-    "preflight": "nanochat_core.preflight",
+    "preflight": "nanochat_core.training.preflight",
     "sandbox": "nanochat_core.bench.sandbox",
 }
 

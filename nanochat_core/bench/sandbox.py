@@ -4,8 +4,8 @@ Sandbox benchmark (numbers, not a test):
     python -m nanochat_core.bench sandbox [--calls 30] [--against OLD_EXECUTION_PY]
 
 Times run_sandboxed on a trivial program (print(1)) and on one HumanEval-style check-mode call, and prints
-the median wall time per call. With --against, another version of nanochat_core/execution.py (for example
-`git show main:nanochat_core/execution.py > /tmp/old.py`) is loaded beside ours and the two are called in
+the median wall time per call. With --against, another version of nanochat_core/node/sandbox.py (for example
+`git show main:nanochat_core/node/sandbox.py > /tmp/old.py`) is loaded beside ours and the two are called in
 turn, one call each, so both see the same machine load; the ratio new/old is then the number to quote.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from nanochat_core import execution
+from nanochat_core.node import sandbox as execution
 from nanochat_core.common import NanochatError
 
 _CHECK = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
@@ -37,7 +37,7 @@ def _load(path: str):
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m nanochat_core.bench sandbox")
     ap.add_argument("--calls", type=int, default=30, help="calls per version and case")
-    ap.add_argument("--against", help="another execution.py to interleave with ours")
+    ap.add_argument("--against", help="another node/sandbox.py to interleave with ours")
     args = ap.parse_args()
     versions = {"new": execution}
     if args.against:

@@ -24,11 +24,12 @@ import statistics
 import time
 from pathlib import Path
 
-from nanochat_core import checkpoint, training
+from nanochat_core.gpt import checkpoint
+from nanochat_core.training import loop as training
 from nanochat_core.common import (NanochatError, data_dir, device_memory_gb, device_peak_flops, emit, print0, run_main,
                                   set_seed)
-from nanochat_core.stage_run import StageRun
-from nanochat_core.training import preset_device_batch
+from nanochat_core.training.stage_run import StageRun
+from nanochat_core.training.loop import preset_device_batch
 
 STAGE = "base"
 
@@ -59,7 +60,7 @@ def compile_pays_on_cpu(plan: dict) -> bool:
     runs. Decided from the plan alone - never from a timing, nor from where a resume starts: compiled and eager
     differ in the last bits, and the same command must give the same model on a busy machine as on an idle
     one, resumed or not."""
-    from nanochat_core.model_config import GPTConfig, flops_per_token
+    from nanochat_core.gpt.model_config import GPTConfig, flops_per_token
     if plan["horizon"].startswith("--minutes"):
         return True
     step_flops = flops_per_token(GPTConfig.from_dict(plan["config"])) * plan["total_batch_size"]
@@ -74,7 +75,7 @@ def power_of_two(x: float) -> int:
 # The plan: everything derived from the flags, the tokenizer and the hardware, fixed at the first start
 
 def make_plan(args, vocab_size: int, world_size: int, device_type: str) -> dict:
-    from nanochat_core.model import config_for_depth, count_params
+    from nanochat_core.gpt.model import config_for_depth, count_params
     config = config_for_depth(args.depth, vocab_size, sequence_len=args.seq_len, head_dim=args.head_dim)
     n_scaling = count_params(config)["scaling"]
     ref_scaling = reference_scaling_params()
@@ -111,7 +112,7 @@ def make_plan(args, vocab_size: int, world_size: int, device_type: str) -> dict:
 
 
 def reference_scaling_params() -> int:
-    from nanochat_core.model import config_for_depth, count_params
+    from nanochat_core.gpt.model import config_for_depth, count_params
     return count_params(config_for_depth(REF_DEPTH, REF_VOCAB, sequence_len=REF_SEQ))["scaling"]
 
 
@@ -189,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(config_dict: dict, device, compile_model: bool):
     import torch
-    from nanochat_core.model import GPT, GPTConfig
+    from nanochat_core.gpt.model import GPT, GPTConfig
     with torch.device("meta"):
         model = GPT(GPTConfig.from_dict(config_dict))
     model.to_empty(device=device)
@@ -248,7 +249,7 @@ def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str
         for _ in range(max_tokens):
             ctx = torch.tensor([ids[-model.config.sequence_len:]], device=device)
             ids.append(int(model(ctx)[0, -1].argmax()))
-    from nanochat_core.calculator import readable_text   # special tokens are structure, not text to show
+    from nanochat_core.inference.calculator import readable_text   # special tokens are structure, not text to show
     return prompt + readable_text(tokenizer, ids[n0:])
 
 
@@ -256,8 +257,8 @@ def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str
 
 def main(argv=None) -> None:
     import torch
-    from nanochat_core.dataloader import DataLoader
-    from nanochat_core.dataset import ensure_bundled
+    from nanochat_core.data.dataloader import DataLoader
+    from nanochat_core.data.dataset import ensure_bundled
 
     args = parse_args(argv)
     run = StageRun(STAGE, args.run_dir, device=args.device, deadline=args.deadline,
@@ -265,7 +266,7 @@ def main(argv=None) -> None:
                    gpu_save_minutes=20.0)
     rt, guard, tokenizer, stage_dir = run.rt, run.guard, run.tokenizer, run.stage_dir
     if rt.device_type == "cuda":
-        from nanochat_core.device import allow_tf32
+        from nanochat_core.node.device import allow_tf32
         allow_tf32()
     if args.data is None:
         data = data_dir() / "bundled"

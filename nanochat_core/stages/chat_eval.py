@@ -1,7 +1,7 @@
 """
 Evaluate a chat model:  python -m nanochat_core.stages.chat_eval --run-dir DIR [--stage sft] [--max-per-task N]
 
-The tasks and how each is scored live in nanochat_core/evaluation.py; this stage picks the checkpoints,
+The tasks and how each is scored live in nanochat_core/evaluation/runners.py; this stage picks the checkpoints,
 runs them under torchrun (examples strided across ranks) and records the results.
 Writes run_dir/eval/<stage>.json (per stage with --stage all) = {"stage", "metrics", "unavailable"} atomically.
 """
@@ -11,10 +11,10 @@ import argparse
 import time
 from pathlib import Path
 
-from nanochat_core import checkpoint
+from nanochat_core.gpt import checkpoint
 from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime,
                                   print0, run_main)
-from nanochat_core.evaluation import ALL_TASKS, evaluate_tasks, merge_record
+from nanochat_core.evaluation.runners import ALL_TASKS, evaluate_tasks, merge_record
 
 
 def main(argv=None) -> None:
@@ -74,8 +74,8 @@ def main(argv=None) -> None:
 def answer_held_out(a) -> None:
     """A few of the user's own questions the model never trained on, answered greedily (report.md shows them
     next to the answers the user wrote)."""
-    from nanochat_core import user_data
-    from nanochat_core.chat_training import chat_reply
+    from nanochat_core.data import user_data
+    from nanochat_core.training.chat_loop import chat_reply
     bundle = user_data.load_bundle(a.held_out)
     _, held = user_data.split_held_out(user_data.conversations(bundle))
     stage = next((s for s in ("rl", "sft", "mid") if (a.run_dir / s).is_dir()), None)

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanochat_core import checkpoint, training
+from nanochat_core.gpt import checkpoint
+from nanochat_core.training import loop as training
 from nanochat_core.common import NanochatError, device_peak_flops, emit, print0, run_main, set_seed
-from nanochat_core.stage_run import StageRun
+from nanochat_core.training.stage_run import StageRun
 
 
 def load_rl_task(name: str, split: str, data_files: str | None = None):
@@ -85,11 +86,11 @@ def rl_step(model, optimizer, tokenizer, task, conversations: list[dict], num_sa
     """One on-policy update from these prompts (this rank's share). Returns {"reward", "tokens", ...}."""
     import torch
     import torch.distributed as dist
-    from nanochat_core.engine import Engine
+    from nanochat_core.inference.engine import Engine
     device = model.get_device()
     engine = Engine(model, tokenizer)
     batches, rewards_all = [], []
-    from nanochat_core.engine import decode_threads
+    from nanochat_core.inference.engine import decode_threads
     for k, conv in enumerate(conversations):
         with decode_threads(device):
             prompt, rows, masks = sample_rollouts(engine, tokenizer, conv, num_samples, max_new_tokens, temperature,
@@ -118,7 +119,7 @@ def rl_step(model, optimizer, tokenizer, task, conversations: list[dict], num_sa
 def evaluate_pass1(model, tokenizer, task, n: int, max_new_tokens: int, rank: int, world: int) -> float:
     import torch
     import torch.distributed as dist
-    from nanochat_core.evaluation import run_generative
+    from nanochat_core.evaluation.runners import run_generative
     c, k = run_generative(model, tokenizer, task, list(range(min(n, len(task)))), rank, world, max_new_tokens)
     counts = torch.tensor([c, k], dtype=torch.float64, device=model.get_device())
     if world > 1:

@@ -2,14 +2,14 @@
 Supervised fine-tuning (the "sft" stage):  python -m nanochat_core.stages.chat_sft --run-dir DIR [--source hub|local]
 
 Teaches the pre-trained model to hold a conversation: the turn format, when to stop, how to call the
-calculator. The loop (packing, loss masks, warm start, horizon) is nanochat_core/chat_training.py, shared
+calculator. The loop (packing, loss masks, warm start, horizon) is nanochat_core/training/chat_loop.py, shared
 with mid-training; this stage brings the SFT mixture and its defaults.
 """
 from __future__ import annotations
 
 import argparse
 
-from nanochat_core.chat_training import add_common_args, check_args, train_conversations, with_user_data
+from nanochat_core.training.chat_loop import add_common_args, check_args, train_conversations, with_user_data
 from nanochat_core.common import NanochatError, run_main
 
 

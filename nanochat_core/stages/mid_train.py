@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_core.chat_training import add_common_args, check_args, train_conversations, with_user_data
+from nanochat_core.training.chat_loop import add_common_args, check_args, train_conversations, with_user_data
 from nanochat_core.common import NanochatError, run_main
 
 

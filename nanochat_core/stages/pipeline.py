@@ -24,9 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-from nanochat_core import run_spec, runlock
+from nanochat_core import run_spec
+from nanochat_core.node import runlock
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
-from nanochat_core.lead_link import LeadLink, wait_for_file
+from nanochat_core.node.lead_link import LeadLink, wait_for_file
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
 
@@ -41,7 +42,7 @@ def parse_stages(text: str) -> list[str]:
         raise NanochatError(f"{what}: --stages takes a comma list from {','.join(ALL_STAGES)}")
     return chosen
 
-# preflight (nanochat_core/preflight.py) opens every cloud run: a minute of checks at the planned depth and
+# preflight (nanochat_core/training/preflight.py) opens every cloud run: a minute of checks at the planned depth and
 # device batch, so a broken device path or a slow node stops the job before the budget goes on it.
 DEFAULT_STAGES = {"local": "tok,base,sft,eval,report", "cloud": "preflight,tok,base,mid,sft,eval,report"}
 # The local preset's model, for a 2-core CPU: depth 4, 64-dim heads, 256-token rows, a 4096-token vocab. Written
@@ -110,7 +111,7 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
     py = [sys.executable, "-m"]
     local = a.preset == "local"
     if stage == "preflight":   # one process, one device: the per-device numbers are what it checks
-        cmd = py + ["nanochat_core.preflight", "--matrix", "train", "--events", "--workdir", f"{run}/.preflight"]
+        cmd = py + ["nanochat_core.training.preflight", "--matrix", "train", "--events", "--workdir", f"{run}/.preflight"]
         if local:
             m = LOCAL_MODEL
             cmd += ["--depth", str(a.depth or m["depth"]), "--seq-len", str(m["sequence_len"]),
@@ -157,7 +158,7 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
                 dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
         return cmds + _eval_yours(a, dist)
     if stage == "report":
-        cmd = py + ["nanochat_core.report", "--run-dir", run]
+        cmd = py + ["nanochat_core.evaluation.report", "--run-dir", run]
         return [cmd + (["--price-per-hour", str(a.price_per_hour)] if a.price_per_hour else [])]
     raise AssertionError(stage)
 
@@ -174,7 +175,7 @@ def _eval_yours(a: argparse.Namespace, dist: list[str]) -> list[list[str]]:
     """bpb on the held-out slice of your documents, base and after SFT; your held-out questions answered."""
     if not a.user_data:
         return []
-    from nanochat_core import user_data
+    from nanochat_core.data import user_data
     bundle = user_data.load_bundle(a.user_data)
     run, cmds = str(a.run_dir), []
     if bundle.docs is not None:
@@ -215,13 +216,13 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
 def _your_docs(a: argparse.Namespace) -> Path | None:
     if not a.user_data:
         return None
-    from nanochat_core import user_data
+    from nanochat_core.data import user_data
     return user_data.load_bundle(a.user_data).docs
 
 
 def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
     """Your documents at --docs-share of what pre-training reads (user_data.mix_dir), said out loud."""
-    from nanochat_core import user_data
+    from nanochat_core.data import user_data
     mixed, share = user_data.mix_dir(public, docs, a.docs_share)
     print(f"your documents: mixed with {public.name} at {share:.0%} of the characters (asked for "
           f"{a.docs_share:.0%}) in {mixed}", flush=True)
@@ -229,7 +230,7 @@ def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
 
 
 def _prepare_public(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
-    from nanochat_core import dataset
+    from nanochat_core.data import dataset
     spec = a.data or ("bundled" if a.preset == "local" else dataset.DEFAULT_SOURCE)
     src = dataset.resolve_source(spec)
     if src.bundled or src.local_dir is not None:
@@ -333,7 +334,7 @@ class Pipeline:
         """Run one stage process; at the job deadline it gets SIGTERM, and STOP_GRACE_S later its whole
         tree (whatever session its processes are in) is killed. Returns its exit code, or None when the
         deadline ended it."""
-        from nanochat_core import proctree
+        from nanochat_core.node import proctree
         print(f"$ {shlex.join(cmd)}", flush=True)
         # A new session so a preemption signal we forward reaches torchrun's whole process tree. The stage
         # inherits the run dir's lock and dies with us (runlock.py): never an orphan trainer.
@@ -362,7 +363,7 @@ class Pipeline:
 
     def base_progress(self) -> tuple[int, int] | None:
         """(steps done, steps planned) of base training, from its latest checkpoint."""
-        from nanochat_core import checkpoint
+        from nanochat_core.gpt import checkpoint
         try:
             found = checkpoint.find_latest(self.run_dir / "base", hashes=False)  # sizes only: fast on GBs
             meta = checkpoint.read_meta(found) if found else None
@@ -427,7 +428,7 @@ class Pipeline:
         """report.md is rewritten as stages finish, so a run cut short by its budget still has one."""
         if not self.lead:
             return
-        from nanochat_core.report import write_report
+        from nanochat_core.evaluation.report import write_report
         try:
             write_report(self.run_dir, self.a.price_per_hour)
         except Exception as e:  # a report problem must never cost the user a finished stage
@@ -553,7 +554,7 @@ class Pipeline:
         digest is kept in run_dir/user_data.json at the first start, so a resumed or spot-recovered run
         reading anything else stops here."""
         import json
-        from nanochat_core import user_data
+        from nanochat_core.data import user_data
         bundle = user_data.verify_bundle(self.a.user_data, self.a.user_data_sha256)
         record = self.run_dir / "user_data.json"
         try:
@@ -576,9 +577,9 @@ class Pipeline:
         """Once the tokenizer exists (before base training spends anything): conversations longer than the
         model's context are refused (or skipped with --skip-bad), and your documents' tokens are counted."""
         import json
-        from nanochat_core import user_data
-        from nanochat_core.dataset import split_shards
-        from nanochat_core.tokenizer import get_tokenizer
+        from nanochat_core.data import user_data
+        from nanochat_core.data.dataset import split_shards
+        from nanochat_core.data.tokenizer import get_tokenizer
         bundle = user_data.load_bundle(self.a.user_data)
         tok = get_tokenizer(self.run_dir)
         T = LOCAL_MODEL["sequence_len"] if self.a.preset == "local" else 2048
@@ -615,7 +616,7 @@ def stage_verdict(run_dir: Path, stage: str) -> tuple[str, str]:
     wrote and the checkpoint it left. Exit 0 alone says little: a stage stopped by SIGTERM saves and exits 0
     (resumable by design), and one whose horizon was over before its first step exits 0 with nothing saved."""
     import json
-    from nanochat_core import checkpoint
+    from nanochat_core.gpt import checkpoint
     try:
         end = json.loads((run_dir / stage / END_FILE).read_text())
     except (OSError, ValueError):

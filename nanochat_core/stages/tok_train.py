@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from nanochat_core.common import NanochatError, data_dir, emit, print0, run_main, runs_dir
-from nanochat_core.dataset import ensure_bundled, iter_training_text
-from nanochat_core.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
+from nanochat_core.data.dataset import ensure_bundled, iter_training_text
+from nanochat_core.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 
 COMPRESSION_SAMPLE_CHARS = 20_000_000   # bytes/token is measured on (up to) the first 20M training characters
 

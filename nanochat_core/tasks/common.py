@@ -3,7 +3,7 @@ What every task shares: a Task is an indexable list of conversations (optionally
 rule that checks an assistant's answer. TaskMixture interleaves several tasks for SFT/midtraining.
 
 Two kinds of evaluation, as in nanochat:
-- "categorical": multiple choice; evaluation.py scores it by restricting the next-token logits to the
+- "categorical": multiple choice; evaluation/runners.py scores it by restricting the next-token logits to the
   answer letters (no sampling, so even a tiny model gets a meaningful number).
 - "generative": the model writes a full answer (GSM8K, HumanEval, spelling) and `evaluate` checks it.
 

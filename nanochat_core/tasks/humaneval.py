@@ -1,6 +1,6 @@
 """HumanEval: 164 Python functions to complete from a signature and docstring; a completion passes if
 the task's unit tests pass against it. The completion runs in one sandbox and the tests in another, which
-calls the completion's function over a pipe and alone decides the verdict (nanochat_core.execution).
+calls the completion's function over a pipe and alone decides the verdict (nanochat_core.node.sandbox).
 Without a working sandbox the task is not evaluated at all (it reports why) rather than run model code
 unisolated."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from nanochat_core.common import NanochatError
-from nanochat_core.execution import run_sandboxed, unavailable_reason
+from nanochat_core.node.sandbox import run_sandboxed, unavailable_reason
 from nanochat_core.tasks.common import Task, load_rows
 
 # What HumanEval solutions may take for granted without importing it themselves.

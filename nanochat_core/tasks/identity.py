@@ -80,5 +80,5 @@ def shipped_chat(custom_identity: bool = False) -> Task:
     local = ChatLocal()
     if not custom_identity:
         return local
-    from nanochat_core.user_data import without_shipped_identity
+    from nanochat_core.data.user_data import without_shipped_identity
     return Conversations(without_shipped_identity(local.rows), "ChatLocal")
