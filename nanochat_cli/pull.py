@@ -27,6 +27,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 from nanochat_core.common import NanochatError, nanochat_home, sha256_file
+from nanochat_cli import state
 
 MANIFEST = "MANIFEST.sha256"
 # What a run needs at home: checkpoints, tokenizer, evals, report, plan; optimizer shards stay behind by
@@ -56,7 +57,6 @@ def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = F
 
 def known_hosts_file(cluster: str) -> Path:
     """Where this cluster's host key is pinned: one file per launch of the cluster (see the module doc)."""
-    from nanochat_cli import state
     rec = state.get_cluster(cluster) or {}
     launched = int(rec.get("launched_at") or 0)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cluster)
@@ -144,5 +144,5 @@ def verify(run_dir: Path, skip_excluded: bool = True) -> int:
 
 def bucket_sync(src: str, dest: Path) -> None:
     """Pull a run from a bucket with that cloud's Python library (bucket.py: resumable, only what is missing)."""
-    from nanochat_cli.backends import bucket
+    from nanochat_cli.backends import bucket   # lazy: only the commands that need it load it
     bucket.sync(src, dest, EXCLUDES)

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator
 
 from nanochat_core.common import NanochatError, parse_event
 from nanochat_cli.planning.cost import CostMeter, fmt_duration
+from rich.panel import Panel
+from rich.table import Table
 
 TailFn = Callable[[Any], Iterator[tuple[str, Any]]]
 
@@ -127,8 +129,6 @@ class RunView:
         return rows
 
     def panel(self):
-        from rich.panel import Panel
-        from rich.table import Table
         t = Table.grid(padding=(0, 2))
         rows = self.fields()
         for i in range(0, len(rows), 5):

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+import random
 
 # -----------------------------------------------------------------------------
 # Paths
@@ -71,7 +72,7 @@ def run_main(main: Callable[[], Any]) -> None:
     for user errors, exit code 130 on Ctrl-C (stages that checkpoint handle SIGINT themselves).
     A stage started by the pipeline stops (SIGTERM, so it saves) if the pipeline dies: see runlock.py."""
     if os.environ.get("NANOCHAT_DIE_WITH_PARENT"):
-        from nanochat_core.node.runlock import watch_parent
+        from nanochat_core.node.runlock import watch_parent   # lazy: breaks an import cycle
         watch_parent()
     try:
         main()
@@ -221,7 +222,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 def autodetect_device_type() -> str:
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -246,8 +247,8 @@ class Runtime:
 def init_runtime(device_type: str | None = None) -> Runtime:
     """Set up torch.distributed if torchrun launched us (env RANK/WORLD_SIZE), pick the device.
     NCCL on CUDA, gloo on CPU. Multi-node rendezvous comes from torchrun's own env/flags."""
-    import torch
-    import torch.distributed as dist
+    import torch   # lazy: the CLI imports this module, and must not load torch
+    import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
 
     device_type = device_type or autodetect_device_type()
     rank = int(os.environ.get("RANK", "0"))
@@ -268,14 +269,13 @@ def init_runtime(device_type: str | None = None) -> Runtime:
 
 
 def cleanup_runtime() -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def set_seed(seed: int) -> None:
-    import random
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -283,10 +283,10 @@ def set_seed(seed: int) -> None:
 def device_peak_flops(device: Any = None) -> float:
     """Peak dense FLOP/s of the device for the dtype we train in (bf16 on GPU, fp32 on CPU).
     CPU: a rough per-core estimate (AVX2 FMA, fp32) - MFU on CPU is only indicative."""
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     dev = torch.device(device) if device is not None else torch.device(autodetect_device_type())
     if dev.type == "cuda":
-        from nanochat_core.node.device import peak_bf16
+        from nanochat_core.node.device import peak_bf16   # lazy: breaks an import cycle
         # unknown GPU: a conservative placeholder, stated as such in bench output
         return peak_bf16(torch.cuda.get_device_name(dev)) or 100e12
     return torch.get_num_threads() * _cpu_core_peak_flops()
@@ -310,7 +310,7 @@ def _cpu_core_peak_flops() -> float:
 
 def device_memory_gb(device: Any = None) -> float | None:
     """Total memory of the accelerator in GB, or None on CPU."""
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     dev = torch.device(device) if device is not None else torch.device(autodetect_device_type())
     if dev.type == "cuda":
         return torch.cuda.get_device_properties(dev).total_memory / 1e9

@@ -22,10 +22,12 @@ version were in the node's arguments, not in the file) stays None. Anything else
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, atomic_write_json
+import sys
+import time
 
 SPEC_FILE = "plan.json"
 SPEC_VERSION = 1
@@ -117,7 +119,6 @@ class RunSpec:
     def launched(self, now: float) -> "RunSpec":
         """This spec at launch time `now`: the planned hours become the two absolute deadlines the node
         enforces. A free local run has none."""
-        from dataclasses import replace
         if self.budget is None or self.deadline_hours is None:
             return replace(self, launched_at=now)
         base = self.base_deadline_hours if self.base_deadline_hours is not None else self.deadline_hours
@@ -218,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     it, so a node's log shows the moments it stops at); exit 2 with one line if the file is unusable.
     `--passed FILE`: exit 0 if its job deadline has passed, 1 if not. Standard library only, so the node's
     system python3 runs it before any environment is installed."""
-    import sys
-    import time
     argv = list(sys.argv[1:] if argv is None else argv)
     passed = argv[:1] == ["--passed"]
     argv = argv[1:] if passed else argv

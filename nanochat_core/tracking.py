@@ -56,7 +56,7 @@ def run_state(run_dir: Path, now: float | None = None) -> dict:
 
 
 def _start(run_dir: Path, now: float) -> Any:
-    import wandb
+    import wandb   # lazy: an optional dependency
     global _state
     _state = run_state(run_dir, now)
     config: dict = {"run_dir": str(run_dir)}

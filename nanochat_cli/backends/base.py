@@ -86,6 +86,6 @@ def sky_backend():
 
 def backend_for(cluster: dict) -> Backend:
     if cluster.get("backend") == "local":
-        from nanochat_cli.backends.local import LocalBackend
+        from nanochat_cli.backends.local import LocalBackend   # lazy: breaks an import cycle
         return LocalBackend()
     return sky_backend().SkyBackend()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nanochat_core.common import NanochatError
+import importlib
 
 SCHEMES = {"s3": "aws", "gs": "gcp"}  # bucket scheme -> the SkyPilot extra (cloud) whose library reads it
 
@@ -32,7 +33,6 @@ def parse(url: str) -> tuple[str, str, str]:
 
 
 def _need(module: str, scheme: str):
-    import importlib
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -43,7 +43,7 @@ def _need(module: str, scheme: str):
 
 def _s3_objects(bucket: str, prefix: str) -> Iterator[tuple[str, int, object]]:
     boto3 = _need("boto3", "s3")
-    from botocore.config import Config
+    from botocore.config import Config   # lazy: an optional dependency
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
     client = boto3.client("s3", endpoint_url=endpoint,
                           config=Config(s3={"addressing_style": "path"} if endpoint else {}))

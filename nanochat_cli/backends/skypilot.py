@@ -37,6 +37,9 @@ from nanochat_cli import state
 from nanochat_cli.backends.sky_replies import ANSI, already_gone, sky_error, job_state_name, record_managed_price
 from nanochat_cli.backends.task_files import BUCKET_MOUNT, NODE_RUNS, bucket_runs, data_mounts, workdir, yaml_path
 from nanochat_cli.backends.base import start_of
+from nanochat_cli.planning.planner import AUTOSTOP_MIN
+import sys
+import signal
 
 # Clouds whose catalogs list GPUs (SkyPilot 0.14). Kubernetes/SSH pools need a running cluster: not offered.
 ENABLE_HINT = ("enable one, e.g. `aws configure`, `gcloud auth application-default login`, a Lambda key in "
@@ -62,7 +65,6 @@ class _PlainStderr(io.TextIOBase):
     codes when stderr is not a terminal (a pipe, a log file)."""
 
     def write(self, s: str) -> int:
-        import sys
         err = sys.stderr
         try:
             err.write(s if err.isatty() else ANSI.sub("", s))
@@ -71,7 +73,6 @@ class _PlainStderr(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
-        import sys
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
 
@@ -108,8 +109,8 @@ def _remote_api_server() -> bool:
 
 
 def enabled_clouds() -> list[str]:
-    from sky import check as sky_check
-    from sky.clouds import cloud as sky_cloud
+    from sky import check as sky_check   # lazy: an optional dependency
+    from sky.clouds import cloud as sky_cloud   # lazy: an optional dependency
     if _remote_api_server():
         try:
             with _quiet():
@@ -127,7 +128,7 @@ def enabled_clouds() -> list[str]:
 
 def _gpu_info(cloud: str) -> dict[str, str]:
     """instance type -> GpuInfo text, straight from the catalog CSV SkyPilot has on disk."""
-    from sky.catalog import common
+    from sky.catalog import common   # lazy: an optional dependency
     path = common.get_catalog_path(f"{cloud}/vms.csv")
     out: dict[str, str] = {}
     with contextlib.suppress(OSError):
@@ -247,7 +248,7 @@ def choose(result: Offers, spot: bool = False, max_price: float | None = None) -
         shown = ", ".join(result.enabled) or "none"
         raise NanochatError(f"no cloud with credentials offers this: `sky check` shows enabled: {shown}; the "
                             f"cheapest offers are on {cheapest}; {ENABLE_HINT}")
-    from sky.optimizer import Optimizer
+    from sky.optimizer import Optimizer   # lazy: an optional dependency
     candidates = usable[:30]
     task = sky.Task(name="nanochat-choose", run="true")
     resources = []
@@ -300,8 +301,8 @@ def budget_unsafe(offer: dict, spot: bool, keep: bool) -> str | None:
     """Why a budgeted run must not go to this offer, from SkyPilot's own per-cloud feature table, or None:
     the node must be able to take itself down when its job ends (AUTODOWN), or with --keep to stop itself
     (STOP + AUTOSTOP) - otherwise nothing ends the billing once the job is over."""
-    from sky import clouds as sky_clouds
-    from sky import exceptions
+    from sky import clouds as sky_clouds   # lazy: an optional dependency
+    from sky import exceptions   # lazy: an optional dependency
     f = sky_clouds.CloudImplementationFeatures
     needed = {f.STOP, f.AUTOSTOP} if keep else {f.AUTODOWN}
     try:
@@ -392,8 +393,7 @@ def build_task(rec: dict, run_name: str, args: list[str], spec_file: Path | None
 def _autostop(rec: dict) -> dict:
     """Autostop (with teardown unless --keep) that waits for jobs only: an open ssh session must not keep a
     budgeted node billing. Idle minutes: the record's (planner.AUTOSTOP_MIN for a budgeted run)."""
-    from sky.skylet.autostop_lib import AutostopWaitFor
-    from nanochat_cli.planning.planner import AUTOSTOP_MIN
+    from sky.skylet.autostop_lib import AutostopWaitFor   # lazy: an optional dependency
     return {"idle_minutes_to_autostop": rec.get("autostop_minutes") or AUTOSTOP_MIN, "wait_for": AutostopWaitFor.JOBS,
             "down": not rec.get("keep")}
 
@@ -425,8 +425,6 @@ class SkyBackend:
         laptop's SIGHUP surfaces the same way) after the node may exist, the cluster this command created is
         torn down at once; if even that fails, its record stays and the error names the exact command."""
         request_id = None
-        import signal
-        import sys
 
         def hangup(_signum, _frame):  # a closed terminal or laptop: handled exactly like Ctrl-C
             raise KeyboardInterrupt
@@ -494,7 +492,7 @@ class SkyBackend:
         """Run the pipeline for run dir `rd` on the cluster (provisioning it if needed) or, with
         rec["spot"], as a managed job, with the run spec at `spec_file` shipped to the node. dryrun: SkyPilot
         plans the launch and stops (nothing recorded)."""
-        from nanochat_core import run_spec
+        from nanochat_core import run_spec   # lazy: loads torch, which `nanochat --help` must not
         spec = run_spec.read(spec_file) if spec_file is not None else None
         task = build_task(rec, rd.name, args, spec_file, data_mounts(spec.to_json() if spec else None))
         # cursor 0: SkyPilot replays a job's own log from its start (tail counts lines)
@@ -662,7 +660,6 @@ class SkyBackend:
         else:
             # Only the `sky` CLI writes the ssh alias for a cluster; `sky status <name>` refreshes it.
             # The `sky` next to this Python: works without an activated venv (PATH need not have it).
-            import sys
             sky_cli = Path(sys.executable).parent / "sky"
             with contextlib.suppress(OSError):
                 subprocess.run([str(sky_cli) if sky_cli.exists() else "sky", "status", rec["name"]],

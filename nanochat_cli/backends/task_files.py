@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, nanochat_home
+import importlib.metadata as md
+import shutil
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,9 +38,7 @@ def workdir() -> Path:
     installed distribution's own requirements (never site-packages itself)."""
     if (REPO_ROOT / "pyproject.toml").exists() and (REPO_ROOT / "nanochat_core").is_dir():
         return REPO_ROOT
-    import importlib.metadata as md
-    import shutil
-    import nanochat_core
+    import nanochat_core   # lazy: loads torch, which `nanochat --help` must not
     stage = nanochat_home() / "workdir"
     if stage.exists():
         shutil.rmtree(stage)

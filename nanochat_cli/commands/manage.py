@@ -15,6 +15,8 @@ from nanochat_cli import state
 from nanochat_cli.planning.cost import fmt_duration
 from nanochat_cli.backends.base import backend_for, sky_backend
 from nanochat_cli.commands.run import _console, confirm, local_cluster, stream_run
+from rich.table import Table
+from nanochat_core.evaluation.report import collect_metrics, your_data_lines
 
 
 def billing_end(rec: dict, now: float) -> float:
@@ -126,7 +128,6 @@ def cmd_status(*, json_out: bool) -> None:
             out["unrecorded"] = unrecorded
         print(json.dumps(out))
         return
-    from rich.table import Table
     con = _console()
     for d in unrecorded:
         con.print(f"[yellow]SkyPilot also has nanochat {'managed job' if d['kind'] == 'managed' else 'cluster'} "
@@ -195,7 +196,7 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
     elif name:
         rd = state.run_dir(name)
     else:
-        from nanochat_cli.commands.run import resolve_checkpoint
+        from nanochat_cli.commands.run import resolve_checkpoint   # lazy: only the commands that need it load it
         rd = resolve_checkpoint(None)
     if not rd.is_dir():
         raise NanochatError(f"no run at {rd}: `nanochat status` lists runs")
@@ -209,7 +210,7 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         spec_file = _cloud_eval_spec(cluster, rd, yes)
         args = ["--preset", "cloud"]
     args += ["--stages", "eval,report", "--force"] + (["--eval-checkpoint", named] if named else [])
-    from nanochat_cli.commands.run import your_data_args
+    from nanochat_cli.commands.run import your_data_args   # lazy: only the commands that need it load it
     args += your_data_args(state.read_json(rd / "plan.json") or {}, cluster.get("backend") == "local")
     backend = backend_for(cluster)
     job = backend.launch(cluster, rd, args, spec_file)
@@ -222,7 +223,6 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
                             "--from-start`")
     if cluster.get("backend") != "local":
         backend.pull(cluster, rd, rd)
-    from nanochat_core.evaluation.report import collect_metrics
     metrics = collect_metrics(rd)
     if json_out:
         print(json.dumps(metrics))
@@ -264,7 +264,7 @@ def _cloud_eval_spec(cluster: dict, rd: Path, yes: bool) -> Path:
 def _named_checkpoint(path: Path, rd: Path) -> str:
     """`eval --checkpoint` named a checkpoint or stage dir of run `rd`: it is the one evaluated (never the
     run's newest instead), so a damaged one is refused here, in one line, before anything is launched."""
-    from nanochat_core.gpt import checkpoint as ckpt
+    from nanochat_core.gpt import checkpoint as ckpt   # lazy: loads torch, which `nanochat --help` must not
     rel = path.relative_to(rd)
     if not path.exists():
         raise NanochatError(f"{path} does not exist: `ls {path.parent}` lists what there is")
@@ -288,7 +288,6 @@ def _wait_quietly(backend, cluster, rd) -> str | None:
 
 
 def print_metrics(metrics: dict, rd: Path) -> None:
-    from rich.table import Table
     stages = [s for s in ("BASE", "MID", "SFT", "RL") if metrics.get(s)]
     names = sorted({m for s in stages for m in metrics[s]})
     t = Table(title=f"metrics · {rd.name}", title_justify="left")
@@ -298,7 +297,6 @@ def print_metrics(metrics: dict, rd: Path) -> None:
     for m in names:
         t.add_row(m, *[_fmt(metrics[s].get(m)) for s in stages])
     _console().print(t)
-    from nanochat_core.evaluation.report import your_data_lines
     for line in your_data_lines(rd)[2:]:     # (a run trained on your own data: what it learned of it)
         print(line)
     if (rd / "report.md").exists():

@@ -8,16 +8,23 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nanochat_core.common import NanochatError
+from nanochat_core.common import NanochatError, TRAINED_STAGES, parse_event
 from nanochat_core.run_spec import RunSpec, job_price, spend_cap, spent
 from nanochat_core.run_spec import write as write_spec
 from nanochat_cli import state
 from nanochat_cli.backends.base import backend_for, sky_backend
 from nanochat_cli.planning.offers import failover_candidates
-from nanochat_cli.planning.planner import AUTOSTOP_MIN, MARGIN_H
+from nanochat_cli.planning.planner import AUTOSTOP_MIN, MARGIN_H, capability, parse_budget, limit_failover, make_plan
+from rich.console import Console
+import typer
+from rich.table import Table
+from nanochat_core.gpt.model_config import config_for_depth, count_params, check_depth
+from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_BASE_STEPS, LOCAL_MODEL, parse_stages
+from nanochat_cli.planning.cost import CostMeter
+from nanochat_cli.backends.task_files import USER_DATA_MOUNT, BUCKET_DATA_MOUNT
 
 LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
                "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
@@ -29,7 +36,6 @@ TEARDOWN_MARGIN_S = MARGIN_H * 3600
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
     return Console(stderr=stderr, highlight=False)
 
 
@@ -38,7 +44,6 @@ def confirm(question: str, yes: bool) -> None:
         return
     if not sys.stdin.isatty():
         raise NanochatError(f"{question} - not asked because input is not a terminal; add --yes to confirm")
-    import typer
     if not typer.confirm(question, default=False):
         raise NanochatError("cancelled; nothing was started")
 
@@ -66,7 +71,6 @@ def local_cluster(record: bool = True) -> dict:
 # up
 
 def offers_table(offers: list[dict], title: str):
-    from rich.table import Table
     t = Table(title=title, title_justify="left")
     for col in ("#", "cloud", "region", "instance", "GPUs", "spot", "$/h", "interconnect", "enabled"):
         t.add_column(col, justify="right" if col in ("#", "$/h") else "left")
@@ -171,9 +175,7 @@ class TrainFlags:
 
 def _local_spec(f: TrainFlags, stages: str | None) -> RunSpec:
     """A free run on this machine: the local preset's model and an estimate of each stage's minutes."""
-    from nanochat_core.gpt.model_config import config_for_depth, count_params
-    from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_BASE_STEPS, LOCAL_MODEL
-    from nanochat_core.training.loop import CPU_TOKENS_PER_MICRO_STEP
+    from nanochat_core.training.loop import CPU_TOKENS_PER_MICRO_STEP   # lazy: loads torch, which `nanochat --help` must not
     names = (stages or DEFAULT_STAGES["local"]).split(",")
     # Estimates for an idle 2-core CPU, never limits: the local preset trains a fixed number of steps (unless
     # --minutes asks for a time-bounded base), so a busy machine takes longer and ends with the same model.
@@ -194,7 +196,6 @@ def _local_spec(f: TrainFlags, stages: str | None) -> RunSpec:
 
 
 def _print_plan(spec: RunSpec) -> None:
-    from rich.table import Table
     o = spec.offer
     c = _console()
     c.print(f"[bold]Plan:[/] depth {spec.depth} on {o['cloud']} {o['region']} {o['instance_type']} "
@@ -214,7 +215,6 @@ def _print_plan(spec: RunSpec) -> None:
     elif spec.params and spec.tokens:
         c.print(f"model: {spec.params / 1e6:,.0f}M params, {spec.tokens / 1e9:.2f}B training tokens; "
                 f"throughput {spec.tokens_per_sec:,.0f} tok/s ({spec.throughput_source})")
-        from nanochat_cli.planning.planner import capability
         c.print(f"what it will be able to do, roughly: {capability(spec.depth)}")
         c.print("the hours rest on that throughput, an estimate until this code is measured on this GPU: the node's "
                 "preflight measures it first and stops a run that gets under half of it; a run slower than planned "
@@ -241,7 +241,6 @@ def _print_plan(spec: RunSpec) -> None:
 def cmd_train(f: TrainFlags) -> None:
     """`nanochat train`: check the flags, choose where to run (this machine, a recorded cluster or the
     cheapest offer), build the run spec within the budget, then launch it and follow its log."""
-    from nanochat_cli.planning.planner import parse_budget
     budget_usd = parse_budget(f.budget)
     stages = _check_train_flags(f.depth, f.local, f.nodes, f.bucket, f.stages)
     mine = prepare_your_data(f.data, f.chat_data, f.identity, f.skip_bad, f.chat_share, f.local, f.bucket)
@@ -277,13 +276,11 @@ def cmd_train(f: TrainFlags) -> None:
 def _check_train_flags(depth, local, nodes, bucket, stages) -> str | None:
     """One-line refusals before anything is chosen or paid for; returns --stages normalised."""
     if stages is not None:
-        from nanochat_core.stages.pipeline import parse_stages
         stages = ",".join(parse_stages(stages))
     if depth is not None:
-        from nanochat_core.gpt.model_config import check_depth
         check_depth(depth)
     if bucket and not local:
-        from nanochat_cli.backends.bucket import parse
+        from nanochat_cli.backends.bucket import parse   # lazy: only the commands that need it load it
         parse(bucket)  # a scheme we can mount and pull from, refused now rather than on the node
     if nodes > 1 and not bucket and not local:
         # Refused here, before anyone pays for N nodes' setup: every node writes its optimizer shards and
@@ -381,7 +378,6 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages,
                    upload_hours: float = 0.0) -> tuple[RunSpec, list[dict]]:
     """The run spec within what is left of the budget, and the failover candidates it keeps. With
     --stages preflight the node runs only its preflight stage, at the depth the budget would train."""
-    from nanochat_cli.planning.planner import limit_failover, make_plan
     nodes = rec.get("nodes", f.nodes) if rec is not None else f.nodes
     # The budget caps what the cluster costs in all: time it has already been up counts against it.
     already = cluster_spent(rec, time.time()) if rec is not None else 0.0
@@ -429,7 +425,7 @@ def _rerun_note(rd: Path) -> str | None:
 
 def cluster_spent(rec: dict, now: float) -> float:
     """What a recorded cluster has cost so far, at its recorded price since launch (until it ended)."""
-    from nanochat_cli.commands.manage import billing_end
+    from nanochat_cli.commands.manage import billing_end   # lazy: only the commands that need it load it
     return spent(float(rec.get("price_per_hour") or 0.0), float(rec.get("launched_at") or now),
                  billing_end(rec, now))
 
@@ -491,7 +487,6 @@ def launch_and_follow(rec, spec: RunSpec, candidates, f: TrainFlags) -> None:
 
 def last_sample(rd: Path) -> str | None:
     """The last sample the run logged from its most finished model: a chat stage's if any, else base's."""
-    from nanochat_core.common import TRAINED_STAGES, parse_event
     best: dict[str, str] = {}
     try:
         with open(rd / "pipeline.log", encoding="utf-8", errors="replace") as f:
@@ -523,8 +518,7 @@ def print_finish(rd: Path, local: bool) -> None:
 def stream_run(rd: Path, from_start: bool = False, follow_on: bool = True) -> str | None:
     """Stream a run's log with the live panel until it ends or the user detaches (Ctrl-C).
     Returns the job's final state."""
-    from nanochat_cli.planning.cost import CostMeter
-    from nanochat_cli.stream import RunView, resilient, watch
+    from nanochat_cli.stream import RunView, resilient, watch   # lazy: only the commands that need it load it
     job = state.read_job(rd)
     if not job:
         raise NanochatError(f"run '{rd.name}' has no job yet: start it with `nanochat train`")
@@ -592,7 +586,7 @@ def cmd_logs(*, name, from_start, follow):
 
 def resolve_checkpoint(path: Path | None) -> Path:
     """What chat, serve, eval and export load: the path given, else the latest run with a trained model."""
-    from nanochat_core.inference.chat import find_checkpoint
+    from nanochat_core.inference.chat import find_checkpoint   # lazy: loads torch, which `nanochat --help` must not
     return find_checkpoint(path)
 
 
@@ -622,11 +616,9 @@ class YourData:
         return self.upload_bytes / UPLOAD_BYTES_PER_S / 3600
 
     def pipeline_args(self, local: bool) -> list[str]:
-        from nanochat_cli.backends.task_files import BUCKET_DATA_MOUNT
         args = ["--data", BUCKET_DATA_MOUNT if self.bucket_data else self.public] if self.public else []
         if self.bundle is None:
             return args
-        from nanochat_cli.backends.task_files import USER_DATA_MOUNT
         where = str(self.bundle.path) if local else USER_DATA_MOUNT
         args += ["--user-data", where, "--user-data-sha256", self.bundle.digest]
         args += ["--docs-share", str(self.docs_share)] if self.docs_share is not None else []
@@ -639,7 +631,6 @@ class YourData:
     def annotate(self, spec: RunSpec, local: bool) -> RunSpec:
         """The spec with what is uploaded, the pipeline's flags for it, and how many passes over the user's
         documents base training makes (the plan says so)."""
-        from dataclasses import replace
         rec = None
         if self.bundle is not None:
             info = self.bundle.info
@@ -677,7 +668,7 @@ def prepare_your_data(data: str | None, chat_data: str | None, identity: str | N
                       chat_share: float | None, local: bool, bucket: str | None = None) -> YourData:
     """Parse --data, read and pack the user's documents / conversations / identity once (with a summary),
     and refuse what cannot travel to a node before anything is paid for."""
-    from nanochat_core.data import user_data
+    from nanochat_core.data import user_data   # lazy: loads torch, which `nanochat --help` must not
     spec = user_data.parse_data_spec(data, _is_public_source)
     if chat_share is not None and not 0 < chat_share <= 1:
         raise NanochatError(f"--chat-share must be in (0, 1] (1 = only your conversations), got {chat_share}")
@@ -704,7 +695,7 @@ def prepare_your_data(data: str | None, chat_data: str | None, identity: str | N
 def _is_public_source(item: str) -> bool:
     """A public corpus (a name from sources.json, a file listing shard URLs, a bucket of shards), as opposed
     to a folder of your own documents."""
-    from nanochat_core.data.dataset import load_sources
+    from nanochat_core.data.dataset import load_sources   # lazy: loads torch, which `nanochat --help` must not
     p = Path(item).expanduser()
     if item in load_sources() or item.startswith(("s3://", "gs://")) or p.is_file():
         return True
@@ -721,5 +712,4 @@ def your_data_args(plan: dict, local: bool) -> list[str]:
     rec = plan.get("user_data") or {}
     if not rec.get("path"):
         return []
-    from nanochat_cli.backends.task_files import USER_DATA_MOUNT
     return ["--user-data", rec["path"] if local else USER_DATA_MOUNT, "--user-data-sha256", rec["sha256"]]

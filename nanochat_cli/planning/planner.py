@@ -13,8 +13,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from nanochat_core.common import NanochatError
-from nanochat_core.gpt.model_config import check_depth
+from nanochat_core.gpt.model_config import check_depth, config_for_depth, count_params, flops_per_token as model_flops
 from nanochat_core.run_spec import deadline_hours, job_price, spend_cap
+from nanochat_core.node.device import peak_bf16
 
 VOCAB = 32768          # the cloud preset's tokenizer (2^15, as the reference)
 SEQ_LEN = 2048
@@ -74,25 +75,21 @@ def capability(depth: int) -> str:
 
 def model_config(depth: int):
     """The exact model the node will train at this depth (cloud preset: vocab 32768, seq 2048)."""
-    from nanochat_core.gpt.model_config import config_for_depth
     return config_for_depth(depth, VOCAB, sequence_len=SEQ_LEN)
 
 
 def scaling_params(depth: int) -> int:
     """Transformer matrices + lm_head: what tokens = ratio x params counts (nanochat's definition)."""
-    from nanochat_core.gpt.model_config import count_params
     return count_params(model_config(depth))["scaling"]
 
 
 def total_params(depth: int) -> int:
     """All parameters, incl. token and value embeddings: the same count as the built model's numel."""
-    from nanochat_core.gpt.model_config import count_params
     return count_params(model_config(depth))["total"]
 
 
 def flops_per_token(depth: int) -> float:
     """The model's own FLOPs/token: 6 x scaling params + attention, with the sliding windows it uses."""
-    from nanochat_core.gpt.model_config import flops_per_token as model_flops
     return model_flops(model_config(depth))
 
 
@@ -111,7 +108,6 @@ def throughput(gpu: str, depth: int) -> tuple[float, str]:
         raise NanochatError(f"no throughput estimate for GPU '{gpu}'; known: {', '.join(sorted(MFU))}")
     # Small models cannot keep tensor cores busy: scale MFU down linearly below d16 (estimate).
     mfu = MFU[key] * min(1.0, 0.4 + 0.6 * depth / 16)
-    from nanochat_core.node.device import peak_bf16   # the datasheet table MFU is reported against on the node too
     peak = peak_bf16(key)
     tps = mfu * peak / flops_per_token(depth)
     return tps, f"estimate: {mfu:.0%} MFU x {peak / 1e12:.0f} TFLOP/s peak / FLOPs per token"

@@ -3,6 +3,7 @@ Benchmarks (numbers, not tests):  python -m nanochat_core.bench {tokenizer,train
 Each subcommand lives in its own module of this package; this file only dispatches.
 """
 import sys
+import importlib
 
 COMMANDS = {
     "tokenizer": "nanochat_core.bench.tokenizer",
@@ -17,7 +18,6 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(f"usage: python -m nanochat_core.bench {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
         sys.exit(2)
-    import importlib
     name = sys.argv.pop(1)
     sys.argv[0] = f"nanochat_core.bench {name}"
     importlib.import_module(COMMANDS[name]).main()

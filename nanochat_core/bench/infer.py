@@ -23,12 +23,20 @@ import time
 
 import torch
 
-from nanochat_core.common import NanochatError, atomic_write_json, autodetect_device_type, run_main
+from nanochat_core.common import NanochatError, atomic_write_json, autodetect_device_type, run_main, data_dir
 from nanochat_core.node.device import copy_bandwidth, sync
+from nanochat_core.gpt.model import GPT, config_for_depth
+from nanochat_core.gpt.quantize import quantize_state, resolve_dtype, weight_bytes_read
+import copy
+from nanochat_core.inference.engine import KVCache, Engine
+from nanochat_core.gpt.checkpoint import load_model
+from nanochat_core.data.dataloader import DataLoader
+from nanochat_core.data.dataset import ensure_bundled
+from nanochat_core.training.loop import evaluate_bpb
+from nanochat_core.data.tokenizer import SPECIAL_TOKENS
 
 
 def random_model(depth: int, vocab_size: int, sequence_len: int, device: torch.device):
-    from nanochat_core.gpt.model import GPT, config_for_depth
     cfg = config_for_depth(depth, vocab_size, sequence_len=sequence_len)
     return GPT.build(cfg, device).eval()
 
@@ -37,9 +45,7 @@ def in_format(model, fmt: str, device: torch.device):
     """The fp32 `model` in weight format `fmt`, as load_model would give it (the fp32 tensors are shared, not
     copied; the converted ones are new)."""
     from nanochat_core.gpt.model import GPT
-    from nanochat_core.gpt.quantize import quantize_state
     if device.type == "cuda" and fmt == "bf16":
-        import copy
         return copy.deepcopy(model).to(torch.bfloat16)   # what load_model does for inference on a GPU
     if fmt == "fp32":
         return model
@@ -53,7 +59,6 @@ class _Tokens:
     tool calls, which the benchmark never triggers (stop/tool handling stays in the loop regardless)."""
 
     def __init__(self, vocab_size: int):
-        from nanochat_core.data.tokenizer import SPECIAL_TOKENS
         self.vocab = vocab_size
         self.special = {s: vocab_size - len(SPECIAL_TOKENS) + i for i, s in enumerate(SPECIAL_TOKENS)}
 
@@ -89,7 +94,6 @@ def time_decode(engine, prompt: list[int], batch: int, steps: int, use_kv_cache:
 
 
 def time_prefill(model, prompt_len: int, vocab: int, device: torch.device, reps: int = 3) -> float:
-    from nanochat_core.inference.engine import KVCache
     ids = torch.randint(0, vocab - 16, (1, prompt_len), device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     best = float("inf")
@@ -127,12 +131,6 @@ def quality(checkpoint: str, fmts: list[tuple[str, str]], device: torch.device, 
             eval_tokens: int = 2 ** 16) -> dict:
     """Per format: validation bpb (the bundled corpus' val split, the same tokens for every format) and, against
     the FIRST format, how many leading tokens of the greedy continuation of each fixed prompt are identical."""
-    from nanochat_core.gpt.checkpoint import load_model
-    from nanochat_core.common import data_dir
-    from nanochat_core.data.dataloader import DataLoader
-    from nanochat_core.data.dataset import ensure_bundled
-    from nanochat_core.inference.engine import Engine
-    from nanochat_core.training.loop import evaluate_bpb
     data = data_dir() / "bundled"
     ensure_bundled(data)
     out, ref = {}, None
@@ -198,8 +196,6 @@ def main() -> None:
     if min([depth, prompt_len, steps, *batches]) < 1:
         raise NanochatError("depth, prompt length, decode tokens and batch sizes must all be >= 1")
 
-    from nanochat_core.inference.engine import Engine
-    from nanochat_core.gpt.quantize import resolve_dtype, weight_bytes_read
     fmts = []
     for d in (a.dtype or "auto").split(","):
         fmt = resolve_dtype(d.strip(), device)
@@ -222,7 +218,6 @@ def main() -> None:
                "runs": []}
     for label, fmt in fmts:
         if a.checkpoint:
-            from nanochat_core.gpt.checkpoint import load_model
             model, tokenizer, meta = load_model(a.checkpoint, device, dtype=fmt)
             what = f"checkpoint {meta.get('path')}"
             print(f"load        {meta['load_s']:.1f} s ({meta['load_how']})")

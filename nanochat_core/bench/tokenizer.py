@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, data_dir
+from nanochat_core.data.dataset import ensure_bundled, iter_training_text
+from nanochat_core.data.tokenizer import Tokenizer
+from rich.console import Console
+from rich.table import Table
 
 
 def _load_text(args: argparse.Namespace) -> list[str]:
@@ -31,8 +35,6 @@ def _load_text(args: argparse.Namespace) -> list[str]:
         raw = p.read_text(encoding="utf-8", errors="replace")[:limit]
         docs = [d for d in raw.split("\n\n") if d]   # paragraphs stand in for documents
     else:
-        from nanochat_core.data.dataset import ensure_bundled
-        from nanochat_core.data.dataset import iter_training_text
         data = Path(args.data) if args.data else ensure_bundled(data_dir() / "bundled")
         docs = list(iter_training_text(data, limit, 10_000))
     if not docs:
@@ -63,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
 
-    from nanochat_core.data.tokenizer import Tokenizer
 
     docs = _load_text(args)
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
@@ -100,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(results))
         return
-    from rich.console import Console
-    from rich.table import Table
     con = Console()
     con.print(f"text: {mb:.1f} MB in {len(docs):,} documents; vocab {tok.get_vocab_size():,}; "
               f"{results['bytes_per_token']} bytes/token")

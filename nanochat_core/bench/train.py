@@ -23,6 +23,9 @@ import time
 from nanochat_core.training import loop as training
 from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops
 from nanochat_core.node.device import apply_fp8, measure_matmul_peak, open_device, peak_memory_gb, sync
+import torch
+from nanochat_core.training.loop import preset_device_batch
+from nanochat_core.gpt.model import GPT, config_for_depth
 
 
 def _list(kind):
@@ -56,9 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def bench_one(depth: int, B: int | None, T: int, head_dim: int, vocab: int, compile_mode: str, attn: str,
               fp8: str, steps: int, warmup: int, device, device_type: str, matmul_peak: float,
               bf16_residual: str = "off", compile_muon: str = "off", gc_freeze: str = "on") -> dict:
-    import torch
-    from nanochat_core.training.loop import preset_device_batch
-    from nanochat_core.gpt.model import GPT, config_for_depth
 
     B = B or preset_device_batch(depth, T, device_type, device_memory_gb(device))
     compiled = compile_mode == "on" or (compile_mode == "auto" and device_type == "cuda")

@@ -34,6 +34,7 @@ from typing import Any
 
 from nanochat_core.common import NanochatError, print0
 from nanochat_core.data.dataset import open_parquet, split_shards
+import torch
 
 STATE_VERSION = 1
 Ref = tuple[str, int, int]   # (shard file name, row group, document index in the row group)
@@ -193,7 +194,6 @@ class DataLoader:
         return self.tokens_cropped / total if total else 0.0
 
     def next_batch(self):
-        import torch
 
         docs: list[Ref] = []
         rows = [self._row(docs) for _ in range(self.B)]

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Iterator
 
 from nanochat_core.common import NanochatError, atomic_write_bytes, data_dir, emit, run_main, sha256_file
+import pyarrow.parquet as pq
+import httpx
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 PACKAGE_DATA = Path(__file__).resolve().parent
 SOURCES_FILE = PACKAGE_DATA / "sources.json"
@@ -121,7 +124,6 @@ def split_shards(directory: str | os.PathLike, split: str) -> list[Path]:
 
 def open_parquet(path: str | os.PathLike, column: str = "text"):
     """pyarrow ParquetFile with a clear error for a file that is not readable parquet or lacks `column`."""
-    import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError) for the same problem
@@ -167,8 +169,6 @@ def download(source: str | Source | list[str], num_shards: int | None, dest: str
              *, timeout: float = 30.0, retries: int = 6, backoff: float = 2.0, progress: bool = True) -> list[Path]:
     """Download the first `num_shards` training shards (None/-1: all) and the validation shard into `dest`.
     Returns the shard paths in order. Raises NanochatError when a shard cannot be fetched."""
-    import httpx
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     src = resolve_source(source)
     dest = Path(dest)
@@ -258,7 +258,6 @@ def _fetch_one(client, url: str, final: Path, size: int | None, sha: str | None,
                on_bytes, on_total) -> Path:
     """One shard: GET into a hidden .part file, verify, rename into place. A cut transfer starts over (shards
     are ~100 MB: a retry costs seconds on a cloud node, and no partial state can be wrong)."""
-    import httpx
 
     part = final.with_name(f".{final.name}.part")
     last_error, announced = "no attempt made", False

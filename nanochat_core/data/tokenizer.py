@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from nanochat_core.common import NanochatError, atomic_write_text
+import tiktoken
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+import torch
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -60,7 +63,6 @@ class Tokenizer:
     """Load with `Tokenizer.load(dir)` or train with `Tokenizer.train_from_iterator(texts, vocab_size)`."""
 
     def __init__(self, tokenizer_json: str):
-        import tiktoken
 
         self._json = tokenizer_json
         try:
@@ -94,9 +96,6 @@ class Tokenizer:
     def train_from_iterator(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> "Tokenizer":
         """Train byte-level BPE on an iterator of documents. The vocab holds 256 bytes + merges + 9 specials;
         a corpus too small for the requested size yields fewer merges (get_vocab_size() tells)."""
-        from tokenizers import Regex
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         min_size = 256 + len(SPECIAL_TOKENS)
         if vocab_size < min_size:
@@ -153,7 +152,6 @@ class Tokenizer:
 
     def hf_tokenizer(self):
         """The same tokenizer as a `tokenizers.Tokenizer` (for export / cross-checks)."""
-        from tokenizers import Tokenizer as HFTokenizer
         hf = HFTokenizer.from_str(self._json)
         hf.encode_special_tokens = True
         return hf
@@ -178,7 +176,6 @@ class Tokenizer:
     def token_bytes(self):
         """torch.int32[vocab]: UTF-8 byte length of each token, 0 for specials. Bits-per-byte =
         sum(loss) / ln(2) / sum(token_bytes[targets]) - the loss measure that does not depend on vocab."""
-        import torch
         return torch.tensor(self._token_len, dtype=torch.int32)
 
     # ------------------------------------------------------------------ encode / decode

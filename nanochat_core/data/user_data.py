@@ -36,6 +36,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from nanochat_core.common import NanochatError, atomic_dir, atomic_write_text, data_dir, sha256_file
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from nanochat_core.data.dataset import open_parquet, split_shards
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 DOC_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
@@ -141,7 +145,6 @@ def read_documents(folder: str | os.PathLike, progress: bool = True) -> tuple[li
         raise NanochatError(f"--data {folder}: no such folder")
     files = list(iter_document_files(folder))
     summary, problems, docs = DocSummary(), [], []
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     bar = Progress(TextColumn("[bold]your documents[/]"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[name]}"), disable=not progress, transient=True)
     with bar:
@@ -175,7 +178,6 @@ def _read_one(path: Path, rel: str, summary: DocSummary, problems: list[Problem]
                                "use .txt, .md, .jsonl or .parquet)")
         return None
     if suffix == ".parquet":
-        from nanochat_core.data.dataset import open_parquet
         try:
             pf = open_parquet(path)
         except NanochatError as e:
@@ -222,8 +224,6 @@ def held_out(text: str) -> bool:
 
 def write_shards(docs: list[str], out: Path, summary: DocSummary) -> None:
     """Training shards then one validation shard (the held-out slice) into `out`, deterministically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     val = [d for d in docs if held_out(d)]
     train = [d for d in docs if not held_out(d)]
     if not val:                       # a tiny corpus: still hold something out
@@ -605,7 +605,6 @@ def mix_dir(public: Path, docs: Path, share: float) -> tuple[Path, float]:
     """A shard directory that mixes a public corpus with your documents at `share` of the characters:
     symlinks, your training shards repeated as often as the share needs (whole repeats, at least one), the
     public validation shard last. Returns (dir, how many times your documents are repeated)."""
-    from nanochat_core.data.dataset import split_shards
     pub_train, pub_val = split_shards(public, "train"), split_shards(public, "val")
     mine = split_shards(docs, "train")
     pub_chars, my_chars = _chars(pub_train), max(1, _chars(mine))
@@ -635,7 +634,6 @@ def _interleave(a: list, b: list) -> list:
 
 def _chars(shards: list[Path]) -> int:
     """Characters of text in shards, from their parquet footers (uncompressed size of the text column)."""
-    import pyarrow.parquet as pq
     total = 0
     for p in shards:
         meta = pq.ParquetFile(p).metadata

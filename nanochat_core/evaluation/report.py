@@ -141,7 +141,7 @@ def stage_costs(stages: dict, price_per_hour: float | None) -> tuple[list[str], 
 
 
 def _model_lines(run_dir: Path) -> list[str]:
-    from nanochat_core.gpt import checkpoint
+    from nanochat_core.gpt import checkpoint   # lazy: the CLI imports this module, and must not load torch
     ckpt = checkpoint.find_latest(run_dir / "base", hashes=False, weights_only=True) if (run_dir / "base").is_dir() else None
     if ckpt is None:
         return ["- no base checkpoint yet"]
@@ -150,7 +150,7 @@ def _model_lines(run_dir: Path) -> list[str]:
     lines = []
     config = meta.get("config") or plan.get("config")
     if config:
-        from nanochat_core.gpt.model import GPTConfig, count_params
+        from nanochat_core.gpt.model import GPTConfig, count_params   # lazy: the CLI imports this module, and must not load torch
         counts = count_params(GPTConfig.from_dict(config))
         lines.append(f"- Parameters: {counts['total']:,} ({counts['scaling']:,} scaling); depth {config['n_layer']}, "
                      f"width {config['n_embd']}, vocab {config['vocab_size']:,}, context {config['sequence_len']}")
@@ -275,7 +275,7 @@ def held_out_answers(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def _base_tokens(run_dir: Path) -> int | None:
-    from nanochat_core.gpt import checkpoint
+    from nanochat_core.gpt import checkpoint   # lazy: the CLI imports this module, and must not load torch
     ckpt = checkpoint.find_latest(run_dir / "base", hashes=False, weights_only=True) if (run_dir / "base").is_dir() else None
     if ckpt is None:
         return None

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from nanochat_core.common import NanochatError, print0
-from nanochat_core.inference.engine import decode_threads
+from nanochat_core.inference.engine import decode_threads, Engine
+from nanochat_core.tasks.arc import ARC
+from nanochat_core.tasks.arithmetic import Arithmetic
+from nanochat_core.tasks.gsm8k import GSM8K
+from nanochat_core.tasks.humaneval import HumanEval
+from nanochat_core.tasks.mmlu import MMLU
+from nanochat_core.tasks.spelling import SpellingBee
+import torch
+import torch.distributed as dist
+import json
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic"]
 # The reference answers of the generated tasks are short: a model that has not learnt to stop should not
@@ -30,12 +39,6 @@ CHATCORE_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GS
 
 def load_task(name: str):
     """The evaluation split of a task by its report name (raises NanochatError if unavailable)."""
-    from nanochat_core.tasks.arc import ARC
-    from nanochat_core.tasks.arithmetic import Arithmetic
-    from nanochat_core.tasks.gsm8k import GSM8K
-    from nanochat_core.tasks.humaneval import HumanEval
-    from nanochat_core.tasks.mmlu import MMLU
-    from nanochat_core.tasks.spelling import SpellingBee
     makers = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
               "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K("main", "test"),
               "HumanEval": lambda: HumanEval(), "SpellingBee": lambda: SpellingBee(256, "test"),
@@ -51,7 +54,6 @@ def _subset(n: int, max_per_task: int) -> list[int]:
 
 def run_categorical(model, tokenizer, task, indices: list[int], rank: int, world: int, device, batch_size: int = 8) -> tuple[int, int]:
     """(correct, total) on this rank's share."""
-    import torch
     mine = indices[rank::world]
     correct = 0
     pad = tokenizer.get_bos_token_id()
@@ -81,7 +83,6 @@ def run_generative(model, tokenizer, task, indices: list[int], rank: int, world:
 
 
 def _run_generative(model, tokenizer, task, indices, rank, world, max_new_tokens, log_first):
-    from nanochat_core.inference.engine import Engine
     engine = Engine(model, tokenizer)
     mine = indices[rank::world]
     correct = 0
@@ -101,8 +102,6 @@ def evaluate_tasks(model, tokenizer, names: list[str], max_per_task: int, device
                    max_new_tokens: int = 256, why: dict[str, str] | None = None) -> tuple[dict[str, float], list[str]]:
     """({task: accuracy, ..., "ChatCORE": ...}, [unavailable task names]); `why`, when given, gets each
     unavailable task's cause (the loader's one line: no network, a missing package, ...) for report.md."""
-    import torch
-    import torch.distributed as dist
     metrics, unavailable = {}, []
     for name in names:
         t0 = time.time()
@@ -149,7 +148,6 @@ def chatcore(metrics: dict[str, float]) -> float | None:
 
 def merge_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """base_eval and chat_eval may both evaluate a stage: keep the other's metrics, ours win on overlap."""
-    import json
     try:
         old = json.loads(path.read_text())
     except (FileNotFoundError, ValueError, RecursionError):

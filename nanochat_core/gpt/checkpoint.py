@@ -41,10 +41,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nanochat_core.node import shared_dir
+from nanochat_core.node import shared_dir, runlock
 from nanochat_core.node.shared_dir import all_gather, barrier, broadcast   # broadcast and barrier: the stages' too
 from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_bytes, json_default, replace_dir,
                                   sha256_file)
+import torch
+from safetensors.torch import load_file, save_file
+import mmap
+import struct
+from nanochat_core.gpt.quantize import FORMAT_VERSION, quantize_state, resolve_dtype
+from nanochat_core.gpt.model import GPT
+from nanochat_core.data.tokenizer import Tokenizer
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})$")
 FILE_RE = re.compile(r"^(model\.safetensors|optim_rank\d{3,}\.pt)$")  # the only names a checkpoint may list
@@ -66,7 +73,6 @@ def ckpt_name(step: int) -> str:
 # RNG states as JSON (so meta.json stays the one readable record of a checkpoint)
 
 def capture_rng_state() -> dict:
-    import torch
     state = {
         "python": _jsonable(random.getstate()),
         "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
@@ -77,7 +83,6 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
-    import torch
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8))
@@ -187,7 +192,6 @@ class Saver:
         # module docstring), meta.json last.
         work = final if shared_dir.spans_nodes() else stage_dir / f".{ckpt_name(step)}.tmp"
         if self.rank == 0:
-            from nanochat_core.node import runlock
             runlock.check_writer(stage_dir.parent)  # one writer per run dir (see runlock.py)
         written: list[Path] = []   # this rank's files, until they may belong to a committed checkpoint
         try:
@@ -207,8 +211,6 @@ class Saver:
 
     def _write(self, step: int, meta: dict, loader_state: dict | None, final: Path, work: Path,
                written: list[Path]) -> None:
-        import torch
-        from safetensors.torch import save_file
         stage_dir, model, rank = self.stage_dir, self.model, self.rank
 
         # 1. rank 0 clears what a killed save (or an earlier save of this very step) left there; then everyone
@@ -464,8 +466,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: Any, optimizer: Any = No
     Loader and RNG states are in meta["loader_states"] / meta["rng_states"] for the caller to apply.
     Verifies first: sizes and meta.json always, sha256 of every file unless this process already did
     (find_latest) or this is rank > 0 of a job whose rank 0 picked and verified the checkpoint."""
-    import torch
-    from safetensors.torch import load_file
 
     ckpt_dir = Path(ckpt_dir)
     hashes = int(os.environ.get("RANK", "0")) == 0
@@ -554,9 +554,6 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int
 
 def mmap_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
     """({name: tensor backed by the file}, the header's __metadata__). NanochatError for a damaged file."""
-    import mmap
-    import struct
-    import torch
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -584,7 +581,6 @@ def write_safetensors(path: Path, state: dict, metadata: dict) -> None:
     """Write `state` as a safetensors file, one tensor at a time (safetensors' own save_file first turns every
     tensor into a bytes object: a second copy of the whole model in memory, at its peak). fsynced; the caller
     renames it into place."""
-    import torch
     names = {v: k for k, v in _ST_DTYPES.items()}
     header, offset = {"__metadata__": metadata}, 0
     for k, v in state.items():
@@ -611,7 +607,6 @@ def quantized_cache_path(ckpt: Path, fmt: str) -> Path:
 def _cache_key(meta: dict, fmt: str) -> dict:
     """What a cached bf16/int8 copy must match: the sha256 of the weights it was made from (meta.json records it,
     so a checkpoint rewritten under the same name invalidates the copy) and the layout's version."""
-    from nanochat_core.gpt.quantize import FORMAT_VERSION
     return {"source_sha256": str(meta["files"]["model.safetensors"]["sha256"]), "fmt": fmt,
             "format_version": str(FORMAT_VERSION)}
 
@@ -624,7 +619,6 @@ def load_inference_state(ckpt: Path, meta: dict, fmt: str) -> tuple[dict, str]:
     state, _ = mmap_safetensors(ckpt / "model.safetensors")
     if fmt == "fp32":
         return state, "memory-mapped"
-    from nanochat_core.gpt.quantize import quantize_state
     cache = quantized_cache_path(ckpt, fmt)
     key = _cache_key(meta, fmt)
     if cache.is_file():
@@ -654,10 +648,6 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
     rl > sft > mid > base, or of `stage`), a stage dir, or one checkpoint dir. Eval mode.
     dtype: auto | fp32 | bf16 | int8 (quantize.py); None keeps the old behaviour (fp32 weights, bf16 on CUDA).
     The weights are memory-mapped, not copied; meta["dtype"] and meta["load_s"] say what was loaded how fast."""
-    import torch
-    from nanochat_core.gpt.model import GPT
-    from nanochat_core.gpt.quantize import resolve_dtype
-    from nanochat_core.data.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     path = Path(path).expanduser()

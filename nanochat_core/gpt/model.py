@@ -34,6 +34,8 @@ from nanochat_core.common import NanochatError
 from nanochat_core.gpt.model_config import (  # noqa: F401
     ATTN_IMPLS, SMEAR_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
 )
+from nanochat_core.gpt.quantize import swap_modules
+from nanochat_core.gpt.muon import MuonAdamW
 
 # FlexAttention is optional: present in torch >= 2.5; the CUDA fast path uses it, everything else
 # falls back to SDPA. (It also runs eagerly on CPU - unfused and slow - which the tests use.)
@@ -322,7 +324,6 @@ class GPT(nn.Module):
         memory-mapped tensors nothing is copied, and nothing is initialised only to be overwritten. `fmt`
         (fp32 | bf16 | int8, see quantize.py) says which modules the state dict is for. Raises ValueError when
         the state does not fit the config. Rotary tables are computed on the state's device."""
-        from nanochat_core.gpt.quantize import swap_modules
         with torch.device("meta"):
             model = swap_modules(cls(GPTConfig.from_dict(config) if isinstance(config, dict) else config), fmt)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -475,7 +476,6 @@ class GPT(nn.Module):
         Groups come in a fixed order (AdamW groups, then one Muon group per matrix shape in order of first
         appearance), and every group carries the parameter names (optimizer-state checkpoints are keyed by
         name, so they survive a change of world size)."""
-        from nanochat_core.gpt.muon import MuonAdamW
         matrix_lr, embedding_lr, unembedding_lr, scalar_lr = (lr * lr_scale for lr in
                                                               (matrix_lr, embedding_lr, unembedding_lr, scalar_lr))
         # AdamW LRs were tuned at d_model = 768; the reference scales them by 1/sqrt(d_model/768) because

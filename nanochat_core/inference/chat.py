@@ -14,6 +14,9 @@ from typing import Any, TextIO
 
 from nanochat_core.inference.calculator import ToolText
 from nanochat_core.common import NanochatError, autodetect_device_type, latest_trained_run, run_main, runs_dir
+from nanochat_core.gpt.checkpoint import load_model
+from nanochat_core.inference.engine import Engine
+from nanochat_core.gpt.quantize import resolve_dtype
 
 HELP = "commands: /clear (new conversation), /exit (quit), /help. Ctrl-C stops a reply, Ctrl-D quits."
 
@@ -36,8 +39,6 @@ def find_checkpoint(checkpoint: str | Path | None = None) -> Path:
 def load_engine(checkpoint: str | Path | None = None, device: str | None = None, dtype: str = "auto"):
     """(Engine, meta) for the checkpoint (see find_checkpoint) on the device (auto-detected if None: CUDA, then
     Apple MPS, then the CPU) with weights in `dtype` (auto | fp32 | bf16 | int8, see quantize.py)."""
-    from nanochat_core.gpt.checkpoint import load_model
-    from nanochat_core.inference.engine import Engine
     path = find_checkpoint(checkpoint)
     try:  # load_model turns damage into NanochatError; what is left is the environment saying no
         model, tokenizer, meta = load_model(path, device or autodetect_device_type(), dtype=dtype)
@@ -115,7 +116,6 @@ def run_chat(checkpoint: str | Path | None = None, prompt: str | None = None, te
     check_sampling(temperature, top_k, max_tokens)
     if prompt is not None and not prompt.strip():
         raise NanochatError("--prompt is empty: pass the message to send")
-    from nanochat_core.gpt.quantize import resolve_dtype
     resolve_dtype(dtype, "cpu")   # a bad --dtype is a usage error before anything loads
     engine, meta = load_engine(checkpoint, device, dtype)
     print(f"nanochat: {meta.get('path', checkpoint)} on {engine.device}, {meta['dtype']} weights, loaded in "

@@ -36,6 +36,11 @@ import shutil
 from pathlib import Path
 
 from nanochat_core.common import NanochatError, atomic_dir, atomic_write_json
+from nanochat_core.gpt import model
+import torch
+from safetensors.torch import save_file
+from nanochat_core.gpt.checkpoint import load_model
+from nanochat_core.node.runlock import LOCK_NAME, holders
 
 HF_CODE = Path(__file__).parent / "hf"
 CODE_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
@@ -111,7 +116,6 @@ def hf_config(cfg, tokenizer) -> dict:
 
 
 def _model_const(name: str):
-    from nanochat_core.gpt import model
     return getattr(model, name)
 
 
@@ -134,9 +138,6 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     """Write the HF folder for `checkpoint` (a run dir - its most trained stage - or a checkpoint dir), weights
     in fp32 or bf16 (half the file; auto = bf16). int8 is refused: the exported modelling code reads plain
     tensors, and transformers has its own quantisation for whoever wants it."""
-    import torch
-    from safetensors.torch import save_file
-    from nanochat_core.gpt.checkpoint import load_model
 
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not _is_our_export(out):
@@ -183,7 +184,6 @@ def summary(folder: Path) -> list[str]:
     """What `nanochat export` prints: the checkpoint the folder was made from (a run dir means its most
     trained stage's latest checkpoint, which for a run still training is only the latest so far) and, when
     that run is still training - its pipeline holds the run dir's lock - that a later export will have more."""
-    from nanochat_core.node.runlock import LOCK_NAME, holders
     record = json.loads((folder / "nanochat_export.json").read_text())
     ckpt = Path(record["checkpoint"])
     lines = [f"exported {ckpt} ({ckpt.parent.name}, step {record['step']}) -> {folder}"]

@@ -56,6 +56,13 @@ from typing import Any
 from nanochat_core.inference.api_models import DEFAULTS, ChatCompletionRequest, validation_error_body
 from nanochat_core.inference.calculator import CALC_CLOSE, CALC_OPEN, CALC_SEP, ToolText
 from nanochat_core.common import NanochatError, autodetect_device_type, run_main
+from nanochat_core.inference.engine import Engine
+from nanochat_core.inference.serve_net import Gate, Limits, is_loopback, make_server
+import torch
+from nanochat_core.inference.chat import find_checkpoint
+from nanochat_core.gpt.checkpoint import load_model
+from nanochat_core.gpt.quantize import resolve_dtype
+import socket
 
 STATIC = Path(__file__).parent / "static"
 
@@ -237,13 +244,11 @@ def create_app(models: Any, tokenizer: Any, model_name: str = "nanochat", max_qu
     loopback name (for a server bound to loopback); limits: serve_net.Limits (body size and timeouts);
     system_prompt: put in front of a conversation that brings no system message of its own (the model's
     --identity by default; a request's own system message overrides it)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI, Request   # lazy: an optional dependency
+    from fastapi.exceptions import RequestValidationError   # lazy: an optional dependency
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse   # lazy: an optional dependency
+    from starlette.exceptions import HTTPException as StarletteHTTPException   # lazy: an optional dependency
 
-    from nanochat_core.inference.engine import Engine
-    from nanochat_core.inference.serve_net import Gate, Limits
 
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     engines = [Engine(m, tokenizer) for m in models]
@@ -413,16 +418,11 @@ async def _reply(job: Job):
 def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None = None, device: str | None = None,
                api_key: str | None = None, dtype: str = "auto") -> None:
     """Load the checkpoint (the latest local run if None) - one replica per GPU when several - and serve."""
-    import torch
 
-    from nanochat_core.inference.chat import find_checkpoint
-    from nanochat_core.gpt.checkpoint import load_model
-    from nanochat_core.inference.serve_net import is_loopback, make_server
 
     if not 0 < port < 65536:
         raise NanochatError(f"--port must be between 1 and 65535 (got {port})")
     check_bind(host, api_key)
-    from nanochat_core.gpt.quantize import resolve_dtype
     resolve_dtype(dtype, "cpu")   # a bad --dtype is a usage error before anything loads
     _check_port_free(host, port)
     path = find_checkpoint(checkpoint)
@@ -454,7 +454,6 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def _check_port_free(host: str, port: int) -> None:
     """uvicorn logs and exits on a busy port; say it in one line before loading a model instead."""
-    import socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from nanochat_core.common import NanochatError, autodetect_device_type
+import resource
 
 # Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s, no sparsity). MFU is reported
 # against these; the benchmark also reports against a measured matmul peak.
@@ -22,7 +23,7 @@ PEAK_BF16 = [
 
 def allow_tf32() -> None:
     """fp32 matmuls on tensor cores (TF32): what every fp32 op left under bf16 autocast should use on a GPU."""
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -30,7 +31,7 @@ def allow_tf32() -> None:
 def open_device(device_type: str | None = None):
     """The torch.device a single-process tool (a benchmark, the preflight) runs on: --device or autodetected,
     the first GPU on CUDA, with TF32 allowed there."""
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     device_type = device_type or autodetect_device_type()
     if device_type != "cuda":
         return torch.device(device_type)
@@ -51,7 +52,7 @@ def peak_bf16(gpu_name: str) -> float | None:
 def measure_matmul_peak(device, device_type: str) -> float:
     """FLOP/s of a large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU): the best this
     device does in practice, so 'MFU vs measured' separates our overheads from the hardware's ceiling."""
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     n, dtype, reps = (8192, torch.bfloat16, 20) if device_type == "cuda" else (512, torch.float32, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -66,14 +67,13 @@ def measure_matmul_peak(device, device_type: str) -> float:
 
 
 def sync(device_type: str) -> None:
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     if device_type == "cuda":
         torch.cuda.synchronize()
 
 
 def peak_memory_gb(device_type: str) -> float:
-    import resource
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB; whole process, indicative
@@ -82,7 +82,7 @@ def peak_memory_gb(device_type: str) -> float:
 def apply_fp8(model) -> None:
     """FP8 (e4m3 forward, tensorwise scales) for the transformer's Linear layers via torchao, which is what
     gave the reference 1.17x tokens/s at d26. The lm_head stays bf16 (its logits feed the softcap)."""
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise NanochatError("--fp8 on needs an FP8 GPU (H100/H200/L40S/RTX 4090 or newer)")
     try:
@@ -95,7 +95,7 @@ def apply_fp8(model) -> None:
 def copy_bandwidth(device, megabytes: int) -> float:
     """Bytes/s moved by a large device-to-device copy (read + write counted), best of a few runs: the memory
     bandwidth that bounds a decode step (the inference benchmark and the preflight compare against it)."""
-    import torch
+    import torch   # lazy: the CLI imports this module, and must not load torch
     n = megabytes * (1 << 20) // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)

@@ -37,7 +37,7 @@ class LeadLink:
         self.lead, self.nnodes, self.store, self.ended = lead, nnodes, None, False
         if nnodes <= 1:
             return
-        from torch.distributed import TCPStore
+        from torch.distributed import TCPStore   # lazy: the CLI imports this module, and must not load torch
         ips = os.environ.get("SKYPILOT_NODE_IPS", "").split()
         port = int(os.environ.get("NANOCHAT_LEAD_PORT") or PORT)
         if not ips:

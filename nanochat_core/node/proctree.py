@@ -198,13 +198,13 @@ def watch(pid: int, at: float, grace_s: float = 10.0, poll_s: float = 1.0) -> bo
 
 def deadline_from_spec(path: str) -> float | None:
     """The backstop moment of a run spec file (its job deadline plus run_spec.BACKSTOP_S); None without one."""
-    from nanochat_core.run_spec import read
+    from nanochat_core.run_spec import read   # lazy: breaks an import cycle
     return read(Path(path)).backstop_at() if path.strip() else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanochat_core.common import NanochatError
-    from nanochat_core.run_spec import read
+    from nanochat_core.common import NanochatError   # lazy: breaks an import cycle
+    from nanochat_core.run_spec import read   # lazy: breaks an import cycle
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: python -m nanochat_core.node.proctree [--spec FILE | --deadline-at T] [--grace S] -- CMD ...\n"
              "       python -m nanochat_core.node.proctree --watch PID --spec FILE")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from nanochat_core.common import NanochatError
 from nanochat_core.node.proctree import PPID, pid_alive, stat_fields
+import fcntl
 
 LOCK_NAME = ".lock"
 PIPELINE_LOCK_NAME = ".pipeline.lock"   # held by the pipeline alone: see the module docstring
@@ -133,7 +134,6 @@ def _write(fd: int, entries: list[tuple[str, int]]) -> None:
 
 def _try_lock(fd: int) -> bool:
     """True if locked, False if someone else holds it; raises OSError if the filesystem cannot lock."""
-    import fcntl
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

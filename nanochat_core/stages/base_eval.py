@@ -17,6 +17,15 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.training import loop as training
 from nanochat_core.common import (TRAINED_STAGES, NanochatError, cleanup_runtime, data_dir, device_memory_gb, emit,
                                   init_runtime, print0, run_main)
+from nanochat_core.training.loop import preset_device_batch
+from nanochat_core.inference.calculator import readable_text
+from nanochat_core.inference.engine import Engine, decode_threads
+from nanochat_core.tasks import core
+from nanochat_core.data.dataloader import DataLoader
+from nanochat_core.data.dataset import ensure_bundled, split_shards
+import pyarrow.parquet as pq
+from nanochat_core.evaluation.runners import merge_record
+from nanochat_core.common import atomic_write_json
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
            "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
@@ -27,13 +36,10 @@ def bpb_device_batch(depth: int, seq_len: int, device_type: str, memory_gb: floa
     """Rows per device for the bpb eval: base_train's per-GPU preset for this depth and card. A fixed 32 x 2048
     would hold 8.6 GB of fp32 logits alone at vocab 32K - too much on a 24 GB card next to a d20 model.
     (No activations are kept for backward here, so the training preset leaves room to spare.)"""
-    from nanochat_core.training.loop import preset_device_batch
     return preset_device_batch(depth, seq_len, device_type, memory_gb)
 
 
 def greedy_complete(model, tokenizer, prompt: str, max_tokens: int = 24) -> str:
-    from nanochat_core.inference.calculator import readable_text
-    from nanochat_core.inference.engine import Engine
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
     seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)
     return prompt + readable_text(tokenizer, seqs[0][len(ids):])
@@ -69,7 +75,6 @@ def main(argv=None) -> None:
     metrics, unavailable, extra = {}, [], {}
 
     if "core" not in skip:
-        from nanochat_core.tasks import core
         # rank 0 downloads; every rank must learn the outcome (a rank left waiting would hang the job)
         found = None
         if rt.master:
@@ -98,8 +103,6 @@ def main(argv=None) -> None:
             print0(f"CORE: {out['CORE']:.4f}")
 
     if "bpb" not in skip:
-        from nanochat_core.data.dataloader import DataLoader
-        from nanochat_core.data.dataset import ensure_bundled
         data = a.data
         if data is None:
             data = data_dir() / "bundled"
@@ -117,12 +120,9 @@ def main(argv=None) -> None:
         print0(f"bpb: {metrics['bpb']:.4f} ({steps * B * T * rt.world_size:,} validation tokens)")
 
     if a.docs is not None:
-        from nanochat_core.data.dataloader import DataLoader
         B = a.device_batch_size or bpb_device_batch(model.config.n_layer, T, rt.device_type,
                                                      device_memory_gb(rt.device) if rt.device_type == "cuda" else None)
         # the whole held-out slice when it is small (capped like the main bpb), never more than one pass
-        from nanochat_core.data.dataset import split_shards
-        import pyarrow.parquet as pq
         held = pq.read_table(split_shards(a.docs, "val")[0], columns=["text"]).column("text").to_pylist()
         held_tokens = sum(len(x) + 1 for x in tokenizer.encode(held))
         cap = a.eval_tokens or (10 * 2 ** 20 if rt.device_type == "cuda" else 8 * B * T * rt.world_size)
@@ -134,15 +134,12 @@ def main(argv=None) -> None:
         print0(f"bpb on your held-out documents ({a.stage}): {metrics['docs_bpb']:.4f}")
 
     if "samples" not in skip and rt.master:
-        from nanochat_core.inference.engine import decode_threads
         with decode_threads(rt.device):
             extra["samples"] = [greedy_complete(model, tokenizer, prompt) for prompt in PROMPTS]
         for s in extra["samples"]:
             emit("sample", stage=a.stage, text=s)
 
     if rt.master:
-        from nanochat_core.evaluation.runners import merge_record
-        from nanochat_core.common import atomic_write_json
         path = a.run_dir / "eval" / f"{a.stage}.json"
         record = {"stage": a.stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
                   "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1), **extra}

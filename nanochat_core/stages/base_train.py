@@ -30,6 +30,13 @@ from nanochat_core.common import (NanochatError, data_dir, device_memory_gb, dev
                                   set_seed)
 from nanochat_core.training.stage_run import StageRun
 from nanochat_core.training.loop import preset_device_batch
+from nanochat_core.gpt.model_config import GPTConfig, flops_per_token
+from nanochat_core.gpt.model import config_for_depth, count_params
+import torch
+from nanochat_core.inference.calculator import readable_text
+from nanochat_core.data.dataloader import DataLoader
+from nanochat_core.data.dataset import ensure_bundled
+from nanochat_core.node.device import allow_tf32
 
 STAGE = "base"
 
@@ -60,7 +67,6 @@ def compile_pays_on_cpu(plan: dict) -> bool:
     runs. Decided from the plan alone - never from a timing, nor from where a resume starts: compiled and eager
     differ in the last bits, and the same command must give the same model on a busy machine as on an idle
     one, resumed or not."""
-    from nanochat_core.gpt.model_config import GPTConfig, flops_per_token
     if plan["horizon"].startswith("--minutes"):
         return True
     step_flops = flops_per_token(GPTConfig.from_dict(plan["config"])) * plan["total_batch_size"]
@@ -75,7 +81,6 @@ def power_of_two(x: float) -> int:
 # The plan: everything derived from the flags, the tokenizer and the hardware, fixed at the first start
 
 def make_plan(args, vocab_size: int, world_size: int, device_type: str) -> dict:
-    from nanochat_core.gpt.model import config_for_depth, count_params
     config = config_for_depth(args.depth, vocab_size, sequence_len=args.seq_len, head_dim=args.head_dim)
     n_scaling = count_params(config)["scaling"]
     ref_scaling = reference_scaling_params()
@@ -112,7 +117,6 @@ def make_plan(args, vocab_size: int, world_size: int, device_type: str) -> dict:
 
 
 def reference_scaling_params() -> int:
-    from nanochat_core.gpt.model import config_for_depth, count_params
     return count_params(config_for_depth(REF_DEPTH, REF_VOCAB, sequence_len=REF_SEQ))["scaling"]
 
 
@@ -189,7 +193,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(config_dict: dict, device, compile_model: bool):
-    import torch
     from nanochat_core.gpt.model import GPT, GPTConfig
     with torch.device("meta"):
         model = GPT(GPTConfig.from_dict(config_dict))
@@ -212,7 +215,6 @@ def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, device
     Used once, to turn --minutes into a PLANNED number of steps (warmup and weight decay are sized by it;
     the schedule itself follows the clock); the caller re-initialises model and optimizer. Random tokens, not the loader: a fresh loader's first seconds are spent tokenising ahead
     and would make the steady-state step look several times slower than it is on a small CPU."""
-    import torch
     g = torch.Generator().manual_seed(0)
     def batches():
         while True:
@@ -234,7 +236,6 @@ def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, device
 def compile_probe(fwd, model, B: int, T: int, device) -> None:
     """One forward/backward of the (compiled) model on random tokens: compiles its training graph now. The
     caller clears the gradients; no optimizer step is taken, so the weights are untouched."""
-    import torch
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=g).to(device)
     fwd(x[:, :-1], x[:, 1:]).backward()
@@ -242,23 +243,18 @@ def compile_probe(fwd, model, B: int, T: int, device) -> None:
 
 def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str:
     """A few greedy tokens without a KV cache: enough to show the model is alive at the end of a stage."""
-    import torch
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
     n0 = len(ids)
     with torch.no_grad():
         for _ in range(max_tokens):
             ctx = torch.tensor([ids[-model.config.sequence_len:]], device=device)
             ids.append(int(model(ctx)[0, -1].argmax()))
-    from nanochat_core.inference.calculator import readable_text   # special tokens are structure, not text to show
     return prompt + readable_text(tokenizer, ids[n0:])
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    import torch
-    from nanochat_core.data.dataloader import DataLoader
-    from nanochat_core.data.dataset import ensure_bundled
 
     args = parse_args(argv)
     run = StageRun(STAGE, args.run_dir, device=args.device, deadline=args.deadline,
@@ -266,7 +262,6 @@ def main(argv=None) -> None:
                    gpu_save_minutes=20.0)
     rt, guard, tokenizer, stage_dir = run.rt, run.guard, run.tokenizer, run.stage_dir
     if rt.device_type == "cuda":
-        from nanochat_core.node.device import allow_tf32
         allow_tf32()
     if args.data is None:
         data = data_dir() / "bundled"

@@ -15,6 +15,8 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime,
                                   print0, run_main)
 from nanochat_core.evaluation.runners import ALL_TASKS, evaluate_tasks, merge_record
+from nanochat_core.data import user_data
+from nanochat_core.training.chat_loop import chat_reply
 
 
 def main(argv=None) -> None:
@@ -74,8 +76,6 @@ def main(argv=None) -> None:
 def answer_held_out(a) -> None:
     """A few of the user's own questions the model never trained on, answered greedily (report.md shows them
     next to the answers the user wrote)."""
-    from nanochat_core.data import user_data
-    from nanochat_core.training.chat_loop import chat_reply
     bundle = user_data.load_bundle(a.held_out)
     _, held = user_data.split_held_out(user_data.conversations(bundle))
     stage = next((s for s in ("rl", "sft", "mid") if (a.run_dir / s).is_dir()), None)

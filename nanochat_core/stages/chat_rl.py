@@ -23,12 +23,17 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.training import loop as training
 from nanochat_core.common import NanochatError, device_peak_flops, emit, print0, run_main, set_seed
 from nanochat_core.training.stage_run import StageRun
+from nanochat_core.tasks.arithmetic import Arithmetic
+from nanochat_core.tasks.gsm8k import GSM8K
+from nanochat_core.tasks.spelling import SpellingBee
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+from nanochat_core.inference.engine import Engine, decode_threads
+from nanochat_core.evaluation.runners import run_generative
 
 
 def load_rl_task(name: str, split: str, data_files: str | None = None):
-    from nanochat_core.tasks.arithmetic import Arithmetic
-    from nanochat_core.tasks.gsm8k import GSM8K
-    from nanochat_core.tasks.spelling import SpellingBee
     if name == "gsm8k":
         return GSM8K("main", split, data_files=data_files)
     if name == "arithmetic":
@@ -60,8 +65,6 @@ def sample_rollouts(engine, tokenizer, conversation: dict, num_samples: int, max
 def policy_loss(model, prompt: list[int], rows: list[list[int]], masks: list[list[int]], advantages, pad_id: int,
                 device) -> Any:
     """-sum(advantage x log p) over sampled tokens (a sum: the caller divides by the step's token count)."""
-    import torch
-    import torch.nn.functional as F
     n, P = len(rows), len(prompt)
     L = P + max(1, max(len(r) for r in rows))
     ids = torch.full((n, L), pad_id, dtype=torch.long)
@@ -84,13 +87,9 @@ def rl_step(model, optimizer, tokenizer, task, conversations: list[dict], num_sa
             max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = 50, seed: int = 0,
             world_size: int = 1) -> dict:
     """One on-policy update from these prompts (this rank's share). Returns {"reward", "tokens", ...}."""
-    import torch
-    import torch.distributed as dist
-    from nanochat_core.inference.engine import Engine
     device = model.get_device()
     engine = Engine(model, tokenizer)
     batches, rewards_all = [], []
-    from nanochat_core.inference.engine import decode_threads
     for k, conv in enumerate(conversations):
         with decode_threads(device):
             prompt, rows, masks = sample_rollouts(engine, tokenizer, conv, num_samples, max_new_tokens, temperature,
@@ -117,9 +116,6 @@ def rl_step(model, optimizer, tokenizer, task, conversations: list[dict], num_sa
 
 
 def evaluate_pass1(model, tokenizer, task, n: int, max_new_tokens: int, rank: int, world: int) -> float:
-    import torch
-    import torch.distributed as dist
-    from nanochat_core.evaluation.runners import run_generative
     c, k = run_generative(model, tokenizer, task, list(range(min(n, len(task)))), rank, world, max_new_tokens)
     counts = torch.tensor([c, k], dtype=torch.float64, device=model.get_device())
     if world > 1:

@@ -11,21 +11,21 @@ import argparse
 
 from nanochat_core.training.chat_loop import add_common_args, check_args, train_conversations, with_user_data
 from nanochat_core.common import NanochatError, run_main
+from nanochat_core.tasks.common import TaskMixture
+from nanochat_core.tasks.identity import Identity, shipped_chat
+from nanochat_core.tasks.arc import ARC
+from nanochat_core.tasks.gsm8k import GSM8K
+from nanochat_core.tasks.smoltalk import SmolTalk
+from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
 
 
 def sft_mixture(source: str, seed: int = 42, custom_identity: bool = False):
     """The conversations to train on. hub: the anchor's SFT mixture (needs the network once);
     local: the small chat set shipped with the package (identity, arithmetic with tool calls, spelling)."""
-    from nanochat_core.tasks.common import TaskMixture
-    from nanochat_core.tasks.identity import Identity, shipped_chat
     if source == "local":
         return shipped_chat(custom_identity)
     if source != "hub":
         raise NanochatError(f"--source must be hub or local, not {source!r}")
-    from nanochat_core.tasks.arc import ARC
-    from nanochat_core.tasks.gsm8k import GSM8K
-    from nanochat_core.tasks.smoltalk import SmolTalk
-    from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
     tasks = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("main", "train"),
              SmolTalk("train", stop=10_000), Identity(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
     epochs = [1, 1, 1, 1, 0 if custom_identity else 2, 1, 1]   # --identity replaces the shipped one

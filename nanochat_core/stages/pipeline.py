@@ -28,6 +28,8 @@ from nanochat_core import run_spec
 from nanochat_core.node import runlock
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
 from nanochat_core.node.lead_link import LeadLink, wait_for_file
+import json
+from nanochat_core.evaluation.report import write_report
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
 
@@ -175,7 +177,7 @@ def _eval_yours(a: argparse.Namespace, dist: list[str]) -> list[list[str]]:
     """bpb on the held-out slice of your documents, base and after SFT; your held-out questions answered."""
     if not a.user_data:
         return []
-    from nanochat_core.data import user_data
+    from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
     bundle = user_data.load_bundle(a.user_data)
     run, cmds = str(a.run_dir), []
     if bundle.docs is not None:
@@ -216,13 +218,13 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
 def _your_docs(a: argparse.Namespace) -> Path | None:
     if not a.user_data:
         return None
-    from nanochat_core.data import user_data
+    from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
     return user_data.load_bundle(a.user_data).docs
 
 
 def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
     """Your documents at --docs-share of what pre-training reads (user_data.mix_dir), said out loud."""
-    from nanochat_core.data import user_data
+    from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
     mixed, share = user_data.mix_dir(public, docs, a.docs_share)
     print(f"your documents: mixed with {public.name} at {share:.0%} of the characters (asked for "
           f"{a.docs_share:.0%}) in {mixed}", flush=True)
@@ -230,7 +232,7 @@ def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
 
 
 def _prepare_public(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
-    from nanochat_core.data import dataset
+    from nanochat_core.data import dataset   # lazy: the CLI imports this module, and must not load torch
     spec = a.data or ("bundled" if a.preset == "local" else dataset.DEFAULT_SOURCE)
     src = dataset.resolve_source(spec)
     if src.bundled or src.local_dir is not None:
@@ -274,8 +276,7 @@ def stage_env(stage: str, env: dict[str, str]) -> dict[str, str]:
 def track_results(run_dir: Path) -> None:
     """wandb for the secret-free stages: the eval stage cannot reach wandb (it has no key, by design), so the
     pipeline, which has one, logs what it wrote to run_dir/eval/*.json once it has finished."""
-    import json
-    from nanochat_core import tracking
+    from nanochat_core import tracking   # lazy: the CLI imports this module, and must not load torch
     if not tracking.enabled():
         return
     os.environ["NANOCHAT_RUN_DIR"] = str(run_dir)
@@ -316,7 +317,6 @@ class Pipeline:
             atomic_write_json(self.run_dir / "outcome.json", outcome)
 
     def done_stages(self) -> dict:
-        import json
         try:
             return json.loads(self.stages_file.read_text())
         except (FileNotFoundError, ValueError, RecursionError):
@@ -334,7 +334,7 @@ class Pipeline:
         """Run one stage process; at the job deadline it gets SIGTERM, and STOP_GRACE_S later its whole
         tree (whatever session its processes are in) is killed. Returns its exit code, or None when the
         deadline ended it."""
-        from nanochat_core.node import proctree
+        from nanochat_core.node import proctree   # lazy: the CLI imports this module, and must not load torch
         print(f"$ {shlex.join(cmd)}", flush=True)
         # A new session so a preemption signal we forward reaches torchrun's whole process tree. The stage
         # inherits the run dir's lock and dies with us (runlock.py): never an orphan trainer.
@@ -363,7 +363,7 @@ class Pipeline:
 
     def base_progress(self) -> tuple[int, int] | None:
         """(steps done, steps planned) of base training, from its latest checkpoint."""
-        from nanochat_core.gpt import checkpoint
+        from nanochat_core.gpt import checkpoint   # lazy: the CLI imports this module, and must not load torch
         try:
             found = checkpoint.find_latest(self.run_dir / "base", hashes=False)  # sizes only: fast on GBs
             meta = checkpoint.read_meta(found) if found else None
@@ -428,7 +428,6 @@ class Pipeline:
         """report.md is rewritten as stages finish, so a run cut short by its budget still has one."""
         if not self.lead:
             return
-        from nanochat_core.evaluation.report import write_report
         try:
             write_report(self.run_dir, self.a.price_per_hour)
         except Exception as e:  # a report problem must never cost the user a finished stage
@@ -553,8 +552,7 @@ class Pipeline:
         against its manifest before anything trains, and must be the very bytes this run started with: the
         digest is kept in run_dir/user_data.json at the first start, so a resumed or spot-recovered run
         reading anything else stops here."""
-        import json
-        from nanochat_core.data import user_data
+        from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
         bundle = user_data.verify_bundle(self.a.user_data, self.a.user_data_sha256)
         record = self.run_dir / "user_data.json"
         try:
@@ -576,10 +574,9 @@ class Pipeline:
     def check_user_data_with_tokenizer(self) -> None:
         """Once the tokenizer exists (before base training spends anything): conversations longer than the
         model's context are refused (or skipped with --skip-bad), and your documents' tokens are counted."""
-        import json
-        from nanochat_core.data import user_data
-        from nanochat_core.data.dataset import split_shards
-        from nanochat_core.data.tokenizer import get_tokenizer
+        from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
+        from nanochat_core.data.dataset import split_shards   # lazy: the CLI imports this module, and must not load torch
+        from nanochat_core.data.tokenizer import get_tokenizer   # lazy: the CLI imports this module, and must not load torch
         bundle = user_data.load_bundle(self.a.user_data)
         tok = get_tokenizer(self.run_dir)
         T = LOCAL_MODEL["sequence_len"] if self.a.preset == "local" else 2048
@@ -590,7 +587,7 @@ class Pipeline:
         record_path = self.run_dir / "user_data.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if bundle.docs is not None:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq   # lazy: the CLI imports this module, and must not load torch
             tokens = 0
             for shard in split_shards(bundle.docs, "train"):
                 texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
@@ -601,7 +598,6 @@ class Pipeline:
         atomic_write_json(record_path, record)
 
     def read_outcome(self) -> dict | None:
-        import json
         try:
             return json.loads((self.run_dir / "outcome.json").read_text())
         except (FileNotFoundError, ValueError, RecursionError):
@@ -615,8 +611,7 @@ def stage_verdict(run_dir: Path, stage: str) -> tuple[str, str]:
     """("finished" | "deadline" | "unfinished", why) for a training stage that exited 0, from the end record it
     wrote and the checkpoint it left. Exit 0 alone says little: a stage stopped by SIGTERM saves and exits 0
     (resumable by design), and one whose horizon was over before its first step exits 0 with nothing saved."""
-    import json
-    from nanochat_core.gpt import checkpoint
+    from nanochat_core.gpt import checkpoint   # lazy: the CLI imports this module, and must not load torch
     try:
         end = json.loads((run_dir / stage / END_FILE).read_text())
     except (OSError, ValueError):
@@ -645,7 +640,6 @@ def write_manifest(run_dir: Path) -> None:
     Rewritten on the node after every stage (and at a deadline or signal stop); the puller verifies its copy
     against it. Digests of files unchanged since the last time (same size and mtime) come from a hidden
     cache, so rewriting it after each stage costs only the new files."""
-    import json
     cache_file = run_dir / ".manifest_cache.json"
     try:
         cache = json.loads(cache_file.read_text())

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 
 from nanochat_core.common import NanochatError, nanochat_home
 from nanochat_core.tasks.common import file_lock
+import httpx
+import yaml
+import torch.distributed as dist
 
 EVAL_BUNDLE_URL = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL",
                                  "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip")
@@ -63,7 +66,6 @@ def ensure_eval_bundle(url: str = EVAL_BUNDLE_URL) -> Path:
     with file_lock("eval_bundle"):
         if (dest / "core.yaml").exists():  # another rank finished while we waited
             return dest
-        import httpx
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".eval_bundle.") as tmp:
             zpath = Path(tmp) / "bundle.zip"
             try:
@@ -87,7 +89,6 @@ def ensure_eval_bundle(url: str = EVAL_BUNDLE_URL) -> Path:
 def load_core_tasks(bundle: Path, max_per_task: int = 0) -> list[CoreTask]:
     """Tasks in core.yaml order with their data, shuffled once with a fixed seed so that
     --max-per-task takes the same representative subset every time."""
-    import yaml
     config = yaml.safe_load((bundle / "core.yaml").read_text())
     with open(bundle / "eval_meta_data.csv", newline="") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
@@ -200,7 +201,6 @@ def evaluate_task(model, tokenizer, task: CoreTask, device: Any, rank: int = 0, 
     for idx in range(rank, len(task.data), world_size):
         correct[idx] = float(evaluate_item(model, tokenizer, task, idx, device, max_seq_len))
     if world_size > 1:
-        import torch.distributed as dist
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
     return correct.mean().item() if len(task.data) else 0.0
 

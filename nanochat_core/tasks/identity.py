@@ -10,6 +10,7 @@ from typing import Any
 
 from nanochat_core.common import NanochatError
 from nanochat_core.tasks.common import Task
+from nanochat_core.data.user_data import without_shipped_identity
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -80,5 +81,4 @@ def shipped_chat(custom_identity: bool = False) -> Task:
     local = ChatLocal()
     if not custom_identity:
         return local
-    from nanochat_core.data.user_data import without_shipped_identity
     return Conversations(without_shipped_identity(local.rows), "ChatLocal")

@@ -33,6 +33,12 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.training import loop as training
 from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops, emit, print0, set_seed
 from nanochat_core.training.stage_run import StageRun
+import torch
+from nanochat_core.data import user_data
+from nanochat_core.tasks.common import TaskMixture
+from nanochat_core.tasks.identity import Conversations
+from nanochat_core.inference.calculator import readable_text
+from nanochat_core.inference.engine import Engine, decode_threads
 
 # -----------------------------------------------------------------------------
 # Data: best-fit packing of rendered conversations
@@ -65,7 +71,6 @@ def pack_rows(items: list[tuple[list[int], list[int]]], B: int, T: int, pad_id: 
 
 def rows_to_batch(rows, device):
     """inputs = ids[:-1]; targets = ids[1:] where the target token is trained (mask 1), else -1."""
-    import torch
     ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
     mask = torch.tensor([r[1] for r in rows], dtype=torch.bool)
     inputs = ids[:, :-1]
@@ -173,9 +178,6 @@ def with_user_data(stage: str, base_mixture, a, local_default_shares: tuple[floa
     Shares default per preset (local: identity dominates, so a toy model learns its name)."""
     if a.user_data is None:
         return base_mixture()
-    from nanochat_core.data import user_data
-    from nanochat_core.tasks.common import TaskMixture
-    from nanochat_core.tasks.identity import Conversations
     bundle = user_data.verify_bundle(a.user_data, a.user_data_sha256)
     identity = bundle.identity
     a.system_prompt = identity
@@ -219,8 +221,6 @@ def mix_epochs(base, base_epochs: float, epochs: list[float]) -> list[float]:
 
 def chat_reply(model, tokenizer, messages: list[dict], max_tokens: int = 48) -> str:
     """The greedy reply to a conversation (the engine stops at <|assistant_end|>), tool calls as [calc ..]."""
-    from nanochat_core.inference.calculator import readable_text
-    from nanochat_core.inference.engine import Engine, decode_threads
     ids = tokenizer.render_for_completion({"messages": messages})
     with decode_threads(model.get_device()):
         seqs, _ = Engine(model, tokenizer).generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0, seed=0)

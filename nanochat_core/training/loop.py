@@ -30,6 +30,9 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.common import NanochatError, emit, print0
 from nanochat_core.node.proctree import STARTTIME, stat_fields
 from nanochat_core.node.shared_dir import dist_active
+import torch
+import torch.distributed as dist
+import gc
 
 
 # -----------------------------------------------------------------------------
@@ -167,8 +170,6 @@ class SaveCadence:
 
 def agree(*flags: bool, device: Any = "cpu") -> list[bool]:
     """True for a flag if it is true on ANY rank (one tiny all-reduce; no-op on a single process)."""
-    import torch
-    import torch.distributed as dist
     if not dist_active():
         return list(flags)
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
@@ -317,7 +318,6 @@ def remember_initial_lr(optimizer: Any) -> None:
 def autocast_context(device_type: str):
     """bf16 autocast on CUDA (weights stay fp32 - the 'master' copy), nothing elsewhere: bf16 matmuls
     on a typical AVX2 CPU are ~100x slower than fp32 (measured by the reference)."""
-    import torch
     if device_type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -328,7 +328,6 @@ def freeze_gc() -> None:
     graphs, the loader's tables - millions of them) out of the garbage collector's sight. Python's full
     collections otherwise walk them all, again and again: the reference measured ~500 ms pauses. Objects
     made later are still collected as usual."""
-    import gc
     gc.collect()
     gc.freeze()
 
@@ -447,8 +446,6 @@ def evaluate_bpb(model: Any, batches: Iterator, steps: int, token_bytes, device_
     """Validation loss in bits per byte: sum of per-token losses (nats) over tokens that stand for real
     text, divided by ln 2 x the bytes those tokens stand for. Special tokens (0 bytes) and ignored
     targets (-1) count for neither, which makes the number comparable across vocab sizes."""
-    import torch
-    import torch.distributed as dist
     was_training = model.training
     model.eval()
     nats = bytes_ = None

@@ -35,6 +35,15 @@ import traceback
 
 from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops, emit
 from nanochat_core.node.device import copy_bandwidth, sync
+import torch
+from nanochat_core.gpt.model import GPT, config_for_depth
+import contextlib
+from nanochat_core.node.device import peak_memory_gb, apply_fp8, measure_matmul_peak, open_device
+from nanochat_core.training import loop as training
+from nanochat_core.gpt import model as M, checkpoint
+from nanochat_core.inference.engine import KVCache
+import torch.nn.functional as F
+from nanochat_core.training.loop import preset_device_batch
 
 MIN_HEADROOM = 0.05          # fraction of device memory that must stay free at peak
 BF16_LOSS_RTOL = 0.03        # bf16 and fp32 losses after a few steps agree to 3%
@@ -45,8 +54,6 @@ class Row(dict):
 
 
 def _build(depth: int, vocab: int, T: int, head_dim: int, attn: str, device):
-    import torch
-    from nanochat_core.gpt.model import GPT, config_for_depth
     cfg = config_for_depth(depth, vocab, sequence_len=T, head_dim=head_dim)
     cfg.attn_impl = attn
     torch.manual_seed(0)
@@ -54,15 +61,12 @@ def _build(depth: int, vocab: int, T: int, head_dim: int, attn: str, device):
 
 
 def _batch(B: int, T: int, vocab: int, device, seed: int = 0):
-    import torch
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (B, T + 1), generator=g).to(device)
     return x[:, :-1], x[:, 1:]
 
 
 def _autocast(device, dtype):
-    import contextlib
-    import torch
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -84,8 +88,6 @@ def _train_steps(model, fwd, opt, batch, steps: int, device, dtype) -> list[floa
 # The checks. Each returns a Row; exceptions are caught by the caller and become a failed row.
 
 def check_train(s, compile_on: bool, attn: str) -> Row:
-    import torch
-    from nanochat_core.node.device import peak_memory_gb
     dev = s.device
     model = _build(s.depth, s.vocab, s.T, s.head_dim, attn, dev)
     opt = model.setup_optimizer()
@@ -138,8 +140,6 @@ def check_train(s, compile_on: bool, attn: str) -> Row:
 
 
 def check_bf16(s) -> Row:
-    import torch
-    from nanochat_core.training import loop as training
     dev = s.device
     B = min(s.B, 2)
     results = {}
@@ -160,7 +160,6 @@ def check_bf16(s) -> Row:
 
 
 def check_fp8(s) -> Row:
-    import torch
     dev = s.device
     if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
         return Row(name="fp8", ok=None, note="skipped: needs an FP8 GPU (H100/H200/L40S/4090 or newer)")
@@ -168,7 +167,6 @@ def check_fp8(s) -> Row:
         import torchao.float8  # noqa: F401
     except ImportError:
         return Row(name="fp8", ok=None, note="skipped: torchao is not installed")
-    from nanochat_core.node.device import apply_fp8
     model = _build(s.depth, s.vocab, s.T, s.head_dim, "auto", dev)
     apply_fp8(model)
     opt = model.setup_optimizer()
@@ -190,8 +188,6 @@ def check_fp8(s) -> Row:
 
 
 def check_attention(s) -> Row:
-    import torch
-    from nanochat_core.gpt import model as M
     dev = s.device
     q = torch.randn(2, 4, s.T, 64 if s.head_dim >= 64 else s.head_dim, device=dev)
     k = torch.randn(2, 2, s.T, q.size(-1), device=dev)
@@ -210,8 +206,6 @@ def check_attention(s) -> Row:
 
 
 def check_decode(s) -> Row:
-    import torch
-    from nanochat_core.inference.engine import KVCache
     dev = s.device
     model = _build(s.depth, s.vocab, s.T, s.head_dim, "sdpa", dev).eval()
     dtype = torch.bfloat16 if dev.type == "cuda" else None
@@ -239,9 +233,6 @@ def check_decode(s) -> Row:
 
 
 def check_core_batch(s) -> Row:
-    import torch
-    import torch.nn.functional as F
-    from nanochat_core.gpt import model as M
     dev = s.device
     model = _build(s.depth, s.vocab, s.T, s.head_dim, "auto", dev).eval()
     shapes_before = len(M._FLEX_SHAPES)
@@ -265,8 +256,6 @@ def check_core_batch(s) -> Row:
 
 
 def check_checkpoint(s) -> Row:
-    import torch
-    from nanochat_core.gpt import checkpoint
     dev = s.device
     model = _build(s.depth, s.vocab, s.T, s.head_dim, "sdpa", dev)
     opt = model.setup_optimizer()
@@ -293,7 +282,6 @@ def check_checkpoint(s) -> Row:
 # -----------------------------------------------------------------------------
 
 def run(s) -> tuple[list[Row], bool]:
-    from nanochat_core.node.device import measure_matmul_peak
     rows: list[Row] = []
     forced = (s.fail or os.environ.get("NANOCHAT_PREFLIGHT_FAIL") or "").strip()
 
@@ -366,9 +354,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    import torch
-    from nanochat_core.node.device import open_device
-    from nanochat_core.training.loop import preset_device_batch
     a = parse_args(argv)
     device = open_device(a.device)
     dev_type = device.type

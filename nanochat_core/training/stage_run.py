@@ -29,13 +29,14 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.node import shared_dir
 from nanochat_core.training import loop as training
 from nanochat_core.common import TRAINED_STAGES, NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime
+from nanochat_core.data.tokenizer import get_tokenizer
+from nanochat_core.gpt.model import GPT
 
 
 class StageRun:
     def __init__(self, stage: str, run_dir: str | Path, *, device: str | None = None, deadline: float | None = None,
                  save_every_minutes: float | None = None, save_every_steps: int | None = None,
                  gpu_save_minutes: float = 30.0):
-        from nanochat_core.data.tokenizer import get_tokenizer
         self.stage = stage
         self.run_dir = Path(run_dir)
         self.stage_dir = self.run_dir / stage
@@ -69,7 +70,6 @@ class StageRun:
         raise NanochatError(f"no {' or '.join(sources)} checkpoint in {self.run_dir}: run the earlier stages first")
 
     def build_model(self, config: dict) -> Any:
-        from nanochat_core.gpt.model import GPT
         return GPT.build(config, self.rt.device)
 
     def resume(self, model: Any, optimizer: Any) -> dict:
