@@ -1,9 +1,8 @@
 """
 The `nanochat` command. This module only declares the commands and their options; each command imports
 what it needs when it runs (torch, sky and rich.live are heavy), so `nanochat --help` answers at once.
-The work lives in small modules beside this one: planner (dollars -> run), cost (meter), state (records
-under $NANOCHAT_HOME), stream (live panel), local_backend / sky_backend (where the job runs), flows
-(the multi-step commands).
+The work lives in the packages beside this one (see nanochat_cli/__init__.py): commands/ (what each command
+does), planning/ (dollars -> run, the meter), backends/ (where the job runs), and state, stream, pull.
 """
 from __future__ import annotations
 
