@@ -675,6 +675,8 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
     except (ValueError, RuntimeError, TypeError, KeyError) as e:   # shapes/names differ, or a bad config
         first = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e)[:160])
         raise NanochatError(f"checkpoint {ckpt} does not fit its config in meta.json ({first})") from None
+    except NanochatError as e:   # the config itself refused (GPTConfig.from_dict): say which checkpoint
+        raise NanochatError(f"checkpoint {ckpt}: {e}") from None
     del state
     if whole_bf16:
         model = model.to(device=device, dtype=torch.bfloat16)
