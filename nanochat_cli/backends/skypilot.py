@@ -84,14 +84,16 @@ def _launch_output():
     sink = _PlainStderr()
     handlers = [h for h in logging.getLogger("sky").handlers if isinstance(h, logging.StreamHandler)]
     old = [h.stream for h in handlers]
+    # Assigned, not setStream(): that flushes the old stream first, and a stream SkyPilot's logger took at
+    # import time may be closed by now (a test runner's capture) - which must not fail a launch.
     for h in handlers:
-        h.setStream(sink)
+        h.stream = sink
     try:
         with contextlib.redirect_stdout(sink):
             yield
     finally:
         for h, stream in zip(handlers, old):
-            h.setStream(stream)
+            h.stream = stream
 
 
 # -----------------------------------------------------------------------------
