@@ -35,9 +35,9 @@ def flat(text: str) -> str:
 def test_missing_skypilot_names_this_checkouts_pinned_install(monkeypatch):
     # "nanochat" on the package index is another project: the hint must be the install from this checkout.
     monkeypatch.setitem(sys.modules, "sky", None)   # makes `import sky` raise ImportError
-    import nanochat_cli
+    import nanochat_cli.backends
     monkeypatch.delitem(sys.modules, "nanochat_cli.backends.skypilot", raising=False)
-    monkeypatch.delattr(nanochat_cli, "sky_backend", raising=False)
+    monkeypatch.delattr(nanochat_cli.backends, "skypilot", raising=False)
     code, _, err = run("up", "--dryrun")
     assert code == 2 and "Traceback" not in err and "nanochat[cloud]" not in err
     hint = re.search(r"`(cd .*?)`", err).group(1)

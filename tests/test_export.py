@@ -222,7 +222,7 @@ def test_cli_export_names_the_checkpoint_it_took_and_says_when_the_run_is_still_
     # took the lock for this process, as a trainer's does: let go of it first, as a finished trainer would)
     from nanochat_core.node import runlock
     os.close(runlock._held.pop(str(rd.resolve())))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from nanochat_core import runlock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from nanochat_core.node import runlock; "
                                f"runlock.acquire({str(rd)!r}); print('locked', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

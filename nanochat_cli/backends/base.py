@@ -67,7 +67,7 @@ def install_hint(extra: str) -> str:
     pinned like the README's. nanochat is installed from its repository, not from the package index: a
     package named "nanochat" there is another project, so `pip install 'nanochat[cloud]'` is never the
     answer."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     cmd = f"pip install -c constraints.txt {TORCH_PIN} -e '.[{extra}]'"
     if (root / "pyproject.toml").exists() and (root / "constraints.txt").exists():
         return f"cd {shlex.quote(str(root))} && {shlex.quote(sys.executable)} -m {cmd}"

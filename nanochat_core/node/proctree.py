@@ -128,12 +128,13 @@ def become_subreaper() -> bool:
 
 
 def wait_or_stop(proc: subprocess.Popen, deadline_at: float | None, grace_s: float, what: str,
-                 term_tree: bool = True) -> int | None:
+                 term_tree: bool = True, clock=time.time) -> int | None:
     """The one deadline wait (the pipeline's for a stage, the supervisor's below for the pipeline): wait for
     `proc`; at `deadline_at` SIGTERM to its tree (term_tree=False: to `proc` alone, which stops its own), and
-    `grace_s` later SIGKILL to what is left. Returns the exit code, or None when the deadline ended it."""
+    `grace_s` later SIGKILL to what is left. Returns the exit code, or None when the deadline ended it.
+    `clock`: the caller's clock (the pipeline's, which tests inject)."""
     while True:
-        left = None if deadline_at is None else deadline_at - time.time()
+        left = None if deadline_at is None else deadline_at - clock()
         try:
             return proc.wait(timeout=None if left is None else max(0.0, min(left, 5.0)))
         except subprocess.TimeoutExpired:
@@ -171,6 +172,9 @@ def supervise(cmd: list[str], deadline_at: float | None, grace_s: float) -> int:
         except ChildProcessError:
             break
     return 0 if rc is None else rc   # a deadline stop is the budget doing its job, not a failure
+
+
+LATE_START_GRACE_S = 10.0
 
 
 def watch(pid: int, at: float, grace_s: float = 10.0, poll_s: float = 1.0) -> bool:
@@ -223,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.watch is not None:
         at = spec.watchdog_at() if spec else None
         if at is not None:
-            watch(a.watch, at)
+            # A job that starts after its deadline (a relaunch, a late spot recovery) still gets a few seconds
+            # to end itself cleanly (the backstop then ends the pipeline at once) before the watchdog fires.
+            watch(a.watch, max(at, time.time() + LATE_START_GRACE_S))
         return 0
     cmd = argv[i + 1:]
     if not cmd:

@@ -343,7 +343,8 @@ class Pipeline:
                                       pass_fds=fds, preexec_fn=runlock.child_setup(os.getpid()))
         runlock.record_stage(self.lock_fd, self.child.pid)
         try:
-            rc = proctree.wait_or_stop(self.child, self.a.deadline_at or None, STOP_GRACE_S, "this stage")
+            rc = proctree.wait_or_stop(self.child, self.a.deadline_at or None, STOP_GRACE_S, "this stage",
+                                      clock=time.time)   # our clock: a test injects it
             if rc is None:
                 self.deadline_hit = True
             return rc
