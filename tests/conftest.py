@@ -14,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a developer's WANDB_API_KEY must not send the suite's training runs to wandb (tests/test_tracking.py turns
 # tracking on explicitly, offline)
 os.environ["NANOCHAT_WANDB"] = "0"
+# SkyPilot starts a local API server in the background (default port, its own session, outliving us) the first
+# time anything asks it something with no server running. A test that reaches the real SDK by a path nobody
+# faked must fail there, not leave a server behind (CI once found one at the session's end): SkyPilot's own
+# switch refuses the start. tests/test_cli_skyserver.py starts its server on purpose and lifts it for its child.
+os.environ["SKYPILOT_DISABLE_LOCAL_API_SERVER"] = "1"
 # Every process this session starts inherits this mark (a fresh one per session, nested sessions included), so
 # the session-end check below finds what the suite left running - in any session or process group, orphaned or
 # not - by the mark in /proc/PID/environ, not by parentage.
@@ -91,8 +96,12 @@ def leftover_processes() -> list[tuple[int, str]]:
     """(pid, command line) of every live process other than this one that carries this session's mark."""
     me, found = os.getpid(), []
     mark = SESSION_MARK.encode()
+    # multiprocessing's resource tracker, started by this process the first time something in it used
+    # multiprocessing: it reads a pipe from us and ends when we do, so it is ours, not a leftover.
+    from multiprocessing import resource_tracker
+    own = {me, getattr(resource_tracker._resource_tracker, "_pid", None)}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit() or int(entry) in own:
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:

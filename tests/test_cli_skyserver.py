@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve()
 @pytest.mark.needs_tool("rsync")   # SkyPilot's launch checks for rsync (it syncs the workdir with it)
 def test_launch_dryrun_through_a_real_api_server(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env.pop("SKYPILOT_DISABLE_LOCAL_API_SERVER", None)   # this test starts a real server on purpose
     proc = subprocess.Popen([sys.executable, str(HERE), str(tmp_path / "sky")], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:

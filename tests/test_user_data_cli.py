@@ -34,6 +34,10 @@ def train(monkeypatch, *args, launch=None):
     if launch is not None:
         monkeypatch.setattr(sky, "launch", launch)
         monkeypatch.setattr(sky, "stream_and_get", lambda req: (5, None))
+        # before launching, nanochat asks SkyPilot whether the cluster is up: it knows none yet
+        real_get = sky.get
+        monkeypatch.setattr(sky, "status", lambda names=None, **k: ("status", []))
+        monkeypatch.setattr(sky, "get", lambda req: req[1] if isinstance(req, tuple) else real_get(req))
     with cloud_boundary(CLOUDS, monkeypatch):
         return CliRunner().invoke(app, ["train", *args])
 
