@@ -1,8 +1,10 @@
 """The whole "make it yours" path for real, on this machine: `nanochat train --local --data DIR --chat-data FILE
 --identity TEXT` (tokenizer on your documents -> base on them -> SFT with your conversations and identity ->
-eval -> report), then `nanochat chat --prompt "who are you?"` answers with the given name. At toy scale the
-model learns that only because the local preset lets the identity conversations dominate SFT (70% of it) and,
-with your data, fine-tunes 3x base's --steps."""
+eval -> report), then `nanochat chat --prompt "who are you?"` answers with the given name. The command is the
+one a user types, with the local preset's default amount of training (~4 minutes on 2 idle cores): the toy model
+learns its name because that preset lets the identity conversations dominate SFT (70% of it) and, with your
+data, fine-tunes 3x as many steps as without (180). Measured: with --steps 8 (24 SFT steps) it says
+"I am am a, the assistant"; with --steps 30 (90 SFT steps) and the default it says "I am Ada, the support"."""
 import json
 import os
 import subprocess
@@ -35,7 +37,7 @@ def make_inputs(root: Path):
 def test_train_on_your_data_then_the_model_says_its_name(tmp_path):
     docs, chat = make_inputs(tmp_path)
     env = dict(os.environ)
-    r = subprocess.run([NANOCHAT, "train", "--local", "--steps", "8", "--data", str(docs), "--chat-data", str(chat),
+    r = subprocess.run([NANOCHAT, "train", "--local", "--data", str(docs), "--chat-data", str(chat),
                         "--identity", "You are Ada, the support assistant of Acme."],
                        capture_output=True, text=True, env=env, timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -50,10 +52,5 @@ def test_train_on_your_data_then_the_model_says_its_name(tmp_path):
     assert "| docs_bpb" in report
     r = subprocess.run([NANOCHAT, "chat", "--prompt", "who are you?", "--temperature", "0", "--max-tokens", "24"],
                        capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    if "Ada" not in r.stdout:
-        # Everything above is enforced. That the toy model (a few dozen SFT steps on a tokenizer trained on
-        # a few KB) also learns the name is not yet reliable: issue 23 stays open on it, and this says so
-        # in the test report instead of passing or failing the whole run on it.
-        pytest.xfail(f"the toy model did not learn its name yet: {r.stdout.strip()[:80]!r}")
+    assert "Ada" in r.stdout, r.stdout
