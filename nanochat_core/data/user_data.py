@@ -91,6 +91,17 @@ def _decode_lines(raw: bytes, name: str) -> tuple[list[str | None], list[Problem
     return lines, problems
 
 
+def _json_rows(lines: list[str | None], name: str, problems: list[Problem]):
+    """(line number, parsed value) of each non-blank decoded line; one that is not JSON becomes a Problem."""
+    for n, line in enumerate(lines, 1):
+        if line is None or not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(name, n, f"not valid JSON ({e.msg} at column {e.colno})"))
+
+
 # -----------------------------------------------------------------------------
 # Documents
 
@@ -202,14 +213,7 @@ def _read_one(path: Path, rel: str, summary: DocSummary, problems: list[Problem]
         return ["\n".join(lines)]
     problems += bad
     texts = []
-    for n, line in enumerate(lines, 1):
-        if line is None or not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(rel, n, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
+    for n, row in _json_rows(lines, rel, problems):
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():
             problems.append(Problem(rel, n, 'expected {"text": "..."} with a non-empty string'))
@@ -279,14 +283,7 @@ def read_conversations(path: str | os.PathLike) -> tuple[list[dict], list[Proble
     name = path.name
     lines, problems = _decode_lines(path.read_bytes(), name)
     rows = []
-    for n, line in enumerate(lines, 1):
-        if line is None or not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(name, n, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
+    for n, row in _json_rows(lines, name, problems):
         why = check_conversation(row)
         if why:
             problems.append(Problem(name, n, why))

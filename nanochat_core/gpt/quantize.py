@@ -215,23 +215,30 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class QuantLinear(nn.Module):
-    """x @ W.T (no bias) with W stored bf16, or int8 + a per-output-row fp32 scale. x and the result keep the
-    caller's dtype."""
+class _QuantWeight(nn.Module):
+    """A weight matrix stored bf16, or int8 + one fp32 scale per row (`scale`, None for bf16)."""
 
     def __init__(self, weight: torch.Tensor, fmt: str, scale: torch.Tensor | None = None):
         super().__init__()
         self.fmt = fmt
-        self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False) if scale is not None else None
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, fmt: str) -> "QuantLinear":
+    def from_float(cls, w: torch.Tensor, fmt: str):
         if fmt == "bf16":
             return cls(w.to(torch.bfloat16), fmt)
         q, s = quantize_rows(w)
         return cls(q, fmt, s)
+
+
+class QuantLinear(_QuantWeight):
+    """x @ W.T (no bias) with W stored bf16, or int8 + a per-output-row fp32 scale. x and the result keep the
+    caller's dtype."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, scale: torch.Tensor | None = None):
+        super().__init__(weight, fmt, scale)
+        self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == "bf16":
@@ -256,22 +263,13 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_QuantWeight):
     """A lookup table stored bf16 or int8 + a per-row scale; rows come out in `out_dtype` (fp32)."""
 
     def __init__(self, weight: torch.Tensor, fmt: str, scale: torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.fmt, self.out_dtype = fmt, out_dtype
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale = nn.Parameter(scale, requires_grad=False) if scale is not None else None
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor, fmt: str) -> "QuantEmbedding":
-        if fmt == "bf16":
-            return cls(w.to(torch.bfloat16), fmt)
-        q, s = quantize_rows(w)
-        return cls(q, fmt, s)
+        super().__init__(weight, fmt, scale)
+        self.out_dtype = out_dtype
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(idx, self.weight).to(self.out_dtype)

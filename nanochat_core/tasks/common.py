@@ -153,7 +153,7 @@ def load_rows(task: str, path: str, config: str | None, split: str,
         import datasets  # lazy: heavy, and only the post-training stages need it
     except ImportError as e:
         raise NanochatError(f"{task} is unavailable: the 'datasets' package is missing "
-                            "(pip install 'nanochat[tasks]')") from e
+                            "(in the checkout: .venv/bin/pip install -c constraints.txt -e '.[tasks]')") from e
     datasets.disable_progress_bars()
     if data_files is not None:
         p = Path(data_files)
