@@ -280,34 +280,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def device_peak_flops(device: Any = None) -> float:
-    """Peak dense FLOP/s of the device for the dtype we train in (bf16 on GPU, fp32 on CPU).
-    CPU: a rough per-core estimate (AVX2 FMA, fp32) - MFU on CPU is only indicative."""
-    import torch   # lazy: the CLI imports this module, and must not load torch
-    dev = torch.device(device) if device is not None else torch.device(autodetect_device_type())
-    if dev.type == "cuda":
-        from nanochat_core.node.device import peak_bf16   # lazy: breaks an import cycle
-        # unknown GPU: a conservative placeholder, stated as such in bench output
-        return peak_bf16(torch.cuda.get_device_name(dev)) or 100e12
-    return torch.get_num_threads() * _cpu_core_peak_flops()
-
-
-def _cpu_core_peak_flops() -> float:
-    """fp32 FLOP/s of one core: clock x SIMD lanes x 2 (FMA) x 2 FMA units. AVX-512: 16 lanes,
-    AVX2: 8, otherwise SSE's 4. The clock is the one /proc/cpuinfo reports (2.5 GHz if unknown)."""
-    ghz, lanes = 2.5, 4
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        for line in info.splitlines():
-            if line.startswith("cpu MHz"):
-                ghz = float(line.split(":")[1]) / 1000
-                break
-        lanes = 16 if " avx512f" in info else 8 if " avx2" in info else 4
-    except (OSError, ValueError):
-        pass
-    return ghz * 1e9 * lanes * 2 * 2
-
-
 def device_memory_gb(device: Any = None) -> float | None:
     """Total memory of the accelerator in GB, or None on CPU."""
     import torch   # lazy: the CLI imports this module, and must not load torch

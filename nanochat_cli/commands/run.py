@@ -25,6 +25,8 @@ from nanochat_core.gpt.model_config import config_for_depth, count_params, check
 from nanochat_core.stages.pipeline import DEFAULT_STAGES, LOCAL_BASE_MINUTES, LOCAL_BASE_STEPS, LOCAL_MODEL, parse_stages
 from nanochat_cli.planning.cost import CostMeter
 from nanochat_cli.backends.task_files import USER_DATA_MOUNT, BUCKET_DATA_MOUNT
+from nanochat_core.data import user_data
+from nanochat_core.data.dataset import load_sources
 
 LOCAL_OFFER = {"cloud": "local", "region": "-", "instance_type": platform.node() or "this-machine",
                "accelerators": "cpu", "spot": False, "price_per_hour": 0.0, "interconnect": "n/a",
@@ -668,7 +670,6 @@ def prepare_your_data(data: str | None, chat_data: str | None, identity: str | N
                       chat_share: float | None, local: bool, bucket: str | None = None) -> YourData:
     """Parse --data, read and pack the user's documents / conversations / identity once (with a summary),
     and refuse what cannot travel to a node before anything is paid for."""
-    from nanochat_core.data import user_data   # lazy: loads torch, which `nanochat --help` must not
     spec = user_data.parse_data_spec(data, _is_public_source)
     if chat_share is not None and not 0 < chat_share <= 1:
         raise NanochatError(f"--chat-share must be in (0, 1] (1 = only your conversations), got {chat_share}")
@@ -695,7 +696,6 @@ def prepare_your_data(data: str | None, chat_data: str | None, identity: str | N
 def _is_public_source(item: str) -> bool:
     """A public corpus (a name from sources.json, a file listing shard URLs, a bucket of shards), as opposed
     to a folder of your own documents."""
-    from nanochat_core.data.dataset import load_sources   # lazy: loads torch, which `nanochat --help` must not
     p = Path(item).expanduser()
     if item in load_sources() or item.startswith(("s3://", "gs://")) or p.is_file():
         return True

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from nanochat_core.common import NanochatError
 from nanochat_core.gpt.model_config import check_depth, config_for_depth, count_params, flops_per_token as model_flops
 from nanochat_core.run_spec import deadline_hours, job_price, spend_cap
-from nanochat_core.node.device import peak_bf16
+from nanochat_core.node.datasheet import peak_bf16
 
 VOCAB = 32768          # the cloud preset's tokenizer (2^15, as the reference)
 SEQ_LEN = 2048

@@ -21,8 +21,8 @@ import sys
 import time
 
 from nanochat_core.training import loop as training
-from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops
-from nanochat_core.node.device import apply_fp8, measure_matmul_peak, open_device, peak_memory_gb, sync
+from nanochat_core.common import NanochatError, device_memory_gb
+from nanochat_core.node.device import device_peak_flops, apply_fp8, measure_matmul_peak, open_device, peak_memory_gb, sync
 import torch
 from nanochat_core.training.loop import preset_device_batch
 from nanochat_core.gpt.model import GPT, config_for_depth

@@ -1,29 +1,22 @@
 """
-What an accelerator can do, in one place: its datasheet bf16 peak (the planner prices runs with it, MFU is
-reported against it), a measured matmul peak, peak memory, and FP8 conversion. Torch is imported inside the
-functions: the CLI's planner imports this module without it.
+What the accelerator this process runs on can do: its peak FLOP/s for MFU (the datasheet's, datasheet.py, on a
+GPU; an estimate from the CPU's clock and SIMD width on a CPU), a measured matmul peak and copy bandwidth, peak
+memory, and FP8 conversion. Only the stages, the preflight and the benchmarks import it (torch at the top).
 """
 from __future__ import annotations
 
+import resource
 import time
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from nanochat_core.common import NanochatError, autodetect_device_type
-import resource
-
-# Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s, no sparsity). MFU is reported
-# against these; the benchmark also reports against a measured matmul peak.
-PEAK_BF16 = [
-    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12),
-    ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
-    ("V100", 125e12), ("T4", 65e12),
-]
-
-
+from nanochat_core.node.datasheet import peak_bf16
 
 def allow_tf32() -> None:
     """fp32 matmuls on tensor cores (TF32): what every fp32 op left under bf16 autocast should use on a GPU."""
-    import torch   # lazy: the CLI imports this module, and must not load torch
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -31,7 +24,6 @@ def allow_tf32() -> None:
 def open_device(device_type: str | None = None):
     """The torch.device a single-process tool (a benchmark, the preflight) runs on: --device or autodetected,
     the first GPU on CUDA, with TF32 allowed there."""
-    import torch   # lazy: the CLI imports this module, and must not load torch
     device_type = device_type or autodetect_device_type()
     if device_type != "cuda":
         return torch.device(device_type)
@@ -39,20 +31,35 @@ def open_device(device_type: str | None = None):
     return torch.device("cuda", 0)
 
 
-def peak_bf16(gpu_name: str) -> float | None:
-    """Datasheet dense bf16 FLOP/s for a GPU name as CUDA ("NVIDIA H100 80GB HBM3") or a catalog ("H100",
-    "A100-80GB", "H100-SXM") spells it; None if unknown. First match wins, so the longer names come first."""
-    name = gpu_name.upper().replace("-", " ")
-    for key, flops in PEAK_BF16:
-        if key.upper() in name:
-            return flops
-    return None
+def device_peak_flops(device: Any = None) -> float:
+    """Peak dense FLOP/s of the device for the dtype we train in (bf16 on GPU, fp32 on CPU).
+    CPU: a rough per-core estimate (AVX2 FMA, fp32) - MFU on CPU is only indicative."""
+    dev = torch.device(device) if device is not None else torch.device(autodetect_device_type())
+    if dev.type == "cuda":
+        # unknown GPU: a conservative placeholder, stated as such in bench output
+        return peak_bf16(torch.cuda.get_device_name(dev)) or 100e12
+    return torch.get_num_threads() * _cpu_core_peak_flops()
+
+
+def _cpu_core_peak_flops() -> float:
+    """fp32 FLOP/s of one core: clock x SIMD lanes x 2 (FMA) x 2 FMA units. AVX-512: 16 lanes,
+    AVX2: 8, otherwise SSE's 4. The clock is the one /proc/cpuinfo reports (2.5 GHz if unknown)."""
+    ghz, lanes = 2.5, 4
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+                break
+        lanes = 16 if " avx512f" in info else 8 if " avx2" in info else 4
+    except (OSError, ValueError):
+        pass
+    return ghz * 1e9 * lanes * 2 * 2
 
 
 def measure_matmul_peak(device, device_type: str) -> float:
     """FLOP/s of a large square matmul in the training dtype (bf16 on CUDA, fp32 on CPU): the best this
     device does in practice, so 'MFU vs measured' separates our overheads from the hardware's ceiling."""
-    import torch   # lazy: the CLI imports this module, and must not load torch
     n, dtype, reps = (8192, torch.bfloat16, 20) if device_type == "cuda" else (512, torch.float32, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -67,13 +74,11 @@ def measure_matmul_peak(device, device_type: str) -> float:
 
 
 def sync(device_type: str) -> None:
-    import torch   # lazy: the CLI imports this module, and must not load torch
     if device_type == "cuda":
         torch.cuda.synchronize()
 
 
 def peak_memory_gb(device_type: str) -> float:
-    import torch   # lazy: the CLI imports this module, and must not load torch
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB; whole process, indicative
@@ -82,7 +87,6 @@ def peak_memory_gb(device_type: str) -> float:
 def apply_fp8(model) -> None:
     """FP8 (e4m3 forward, tensorwise scales) for the transformer's Linear layers via torchao, which is what
     gave the reference 1.17x tokens/s at d26. The lm_head stays bf16 (its logits feed the softcap)."""
-    import torch   # lazy: the CLI imports this module, and must not load torch
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise NanochatError("--fp8 on needs an FP8 GPU (H100/H200/L40S/RTX 4090 or newer)")
     try:
@@ -95,7 +99,6 @@ def apply_fp8(model) -> None:
 def copy_bandwidth(device, megabytes: int) -> float:
     """Bytes/s moved by a large device-to-device copy (read + write counted), best of a few runs: the memory
     bandwidth that bounds a decode step (the inference benchmark and the preflight compare against it)."""
-    import torch   # lazy: the CLI imports this module, and must not load torch
     n = megabytes * (1 << 20) // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from nanochat_core.common import NanochatError
 
 # How long to wait for another node's files. The listing cache alone is 10 s and a checkpoint upload can take
@@ -86,20 +88,17 @@ def wait_until_seen(directory: Path, expected: dict[str, int | None], timeout_s:
 # Collectives (no-ops when torch.distributed is not initialised)
 
 def dist_active() -> bool:
-    import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
     if not dist_active():
         return 0
-    import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
     return dist.get_rank()
 
 
 def barrier() -> None:
     if dist_active():
-        import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
         dist.barrier()
 
 
@@ -107,7 +106,6 @@ def all_gather(obj: Any) -> list[Any]:
     """Every rank's obj, in rank order, on every rank."""
     if not dist_active():
         return [obj]
-    import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -117,7 +115,6 @@ def broadcast(obj: Any) -> Any:
     """Rank 0's value of obj on every rank (a no-op without torch.distributed)."""
     if not dist_active():
         return obj
-    import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -131,7 +128,6 @@ def check_shared_dir(stage_dir: str | os.PathLike, timeout_s: float | None = Non
     fails at start-up (after timeout_s: 3 min, or $NANOCHAT_SHARED_WAIT_S), not at its first checkpoint."""
     if not dist_active():
         return
-    import torch.distributed as dist   # lazy: the CLI imports this module, and must not load torch
     stage_dir, me, world = Path(stage_dir), dist.get_rank(), dist.get_world_size()
     timeout_s = wait_s(180.0) if timeout_s is None else timeout_s
     token = broadcast(secrets.token_hex(8))

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from nanochat_core.gpt import checkpoint
 from nanochat_core.training import loop as training
-from nanochat_core.common import (NanochatError, data_dir, device_memory_gb, device_peak_flops, emit, print0, run_main,
+from nanochat_core.node.device import device_peak_flops
+from nanochat_core.common import (NanochatError, data_dir, device_memory_gb, emit, print0, run_main,
                                   set_seed)
 from nanochat_core.training.stage_run import StageRun
 from nanochat_core.training.loop import preset_device_batch

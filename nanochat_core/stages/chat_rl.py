@@ -21,7 +21,8 @@ from typing import Any
 
 from nanochat_core.gpt import checkpoint
 from nanochat_core.training import loop as training
-from nanochat_core.common import NanochatError, device_peak_flops, emit, print0, run_main, set_seed
+from nanochat_core.node.device import device_peak_flops
+from nanochat_core.common import NanochatError, emit, print0, run_main, set_seed
 from nanochat_core.training.stage_run import StageRun
 from nanochat_core.tasks.arithmetic import Arithmetic
 from nanochat_core.tasks.gsm8k import GSM8K

@@ -30,6 +30,13 @@ from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_
 from nanochat_core.node.lead_link import LeadLink, wait_for_file
 import json
 from nanochat_core.evaluation.report import write_report
+# pyarrow (user_data, dataset) loads with this module: only the commands that run a pipeline or plan one import
+# it, never `nanochat --help`; torch stays out (tokenizer, checkpoint: lazy below).
+import pyarrow.parquet as pq
+from nanochat_core import tracking
+from nanochat_core.data import dataset, user_data
+from nanochat_core.data.dataset import split_shards
+from nanochat_core.node import proctree
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
 
@@ -177,7 +184,6 @@ def _eval_yours(a: argparse.Namespace, dist: list[str]) -> list[list[str]]:
     """bpb on the held-out slice of your documents, base and after SFT; your held-out questions answered."""
     if not a.user_data:
         return []
-    from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
     bundle = user_data.load_bundle(a.user_data)
     run, cmds = str(a.run_dir), []
     if bundle.docs is not None:
@@ -218,13 +224,11 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
 def _your_docs(a: argparse.Namespace) -> Path | None:
     if not a.user_data:
         return None
-    from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
     return user_data.load_bundle(a.user_data).docs
 
 
 def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
     """Your documents at --docs-share of what pre-training reads (user_data.mix_dir), said out loud."""
-    from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
     mixed, share = user_data.mix_dir(public, docs, a.docs_share)
     print(f"your documents: mixed with {public.name} at {share:.0%} of the characters (asked for "
           f"{a.docs_share:.0%}) in {mixed}", flush=True)
@@ -232,7 +236,6 @@ def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
 
 
 def _prepare_public(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
-    from nanochat_core.data import dataset   # lazy: the CLI imports this module, and must not load torch
     spec = a.data or ("bundled" if a.preset == "local" else dataset.DEFAULT_SOURCE)
     src = dataset.resolve_source(spec)
     if src.bundled or src.local_dir is not None:
@@ -276,7 +279,6 @@ def stage_env(stage: str, env: dict[str, str]) -> dict[str, str]:
 def track_results(run_dir: Path) -> None:
     """wandb for the secret-free stages: the eval stage cannot reach wandb (it has no key, by design), so the
     pipeline, which has one, logs what it wrote to run_dir/eval/*.json once it has finished."""
-    from nanochat_core import tracking   # lazy: the CLI imports this module, and must not load torch
     if not tracking.enabled():
         return
     os.environ["NANOCHAT_RUN_DIR"] = str(run_dir)
@@ -334,7 +336,6 @@ class Pipeline:
         """Run one stage process; at the job deadline it gets SIGTERM, and STOP_GRACE_S later its whole
         tree (whatever session its processes are in) is killed. Returns its exit code, or None when the
         deadline ended it."""
-        from nanochat_core.node import proctree   # lazy: the CLI imports this module, and must not load torch
         print(f"$ {shlex.join(cmd)}", flush=True)
         # A new session so a preemption signal we forward reaches torchrun's whole process tree. The stage
         # inherits the run dir's lock and dies with us (runlock.py): never an orphan trainer.
@@ -553,7 +554,6 @@ class Pipeline:
         against its manifest before anything trains, and must be the very bytes this run started with: the
         digest is kept in run_dir/user_data.json at the first start, so a resumed or spot-recovered run
         reading anything else stops here."""
-        from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
         bundle = user_data.verify_bundle(self.a.user_data, self.a.user_data_sha256)
         record = self.run_dir / "user_data.json"
         try:
@@ -575,8 +575,6 @@ class Pipeline:
     def check_user_data_with_tokenizer(self) -> None:
         """Once the tokenizer exists (before base training spends anything): conversations longer than the
         model's context are refused (or skipped with --skip-bad), and your documents' tokens are counted."""
-        from nanochat_core.data import user_data   # lazy: the CLI imports this module, and must not load torch
-        from nanochat_core.data.dataset import split_shards   # lazy: the CLI imports this module, and must not load torch
         from nanochat_core.data.tokenizer import get_tokenizer   # lazy: the CLI imports this module, and must not load torch
         bundle = user_data.load_bundle(self.a.user_data)
         tok = get_tokenizer(self.run_dir)
@@ -588,7 +586,6 @@ class Pipeline:
         record_path = self.run_dir / "user_data.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if bundle.docs is not None:
-            import pyarrow.parquet as pq   # lazy: the CLI imports this module, and must not load torch
             tokens = 0
             for shard in split_shards(bundle.docs, "train"):
                 texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()

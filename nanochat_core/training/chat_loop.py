@@ -31,7 +31,8 @@ from typing import Any
 
 from nanochat_core.gpt import checkpoint
 from nanochat_core.training import loop as training
-from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops, emit, print0, set_seed
+from nanochat_core.node.device import device_peak_flops
+from nanochat_core.common import NanochatError, device_memory_gb, emit, print0, set_seed
 from nanochat_core.training.stage_run import StageRun
 import torch
 from nanochat_core.data import user_data

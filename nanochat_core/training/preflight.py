@@ -33,7 +33,8 @@ import tempfile
 import time
 import traceback
 
-from nanochat_core.common import NanochatError, device_memory_gb, device_peak_flops, emit
+from nanochat_core.node.device import device_peak_flops
+from nanochat_core.common import NanochatError, device_memory_gb, emit
 from nanochat_core.node.device import copy_bandwidth, sync
 import torch
 from nanochat_core.gpt.model import GPT, config_for_depth
