@@ -30,12 +30,7 @@ from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_
 from nanochat_core.node.lead_link import LeadLink, wait_for_file
 import json
 from nanochat_core.evaluation.report import write_report
-# pyarrow (user_data, dataset) loads with this module: only the commands that run a pipeline or plan one import
-# it, never `nanochat --help`; torch stays out (tokenizer, checkpoint: lazy below).
-import pyarrow.parquet as pq
 from nanochat_core import tracking
-from nanochat_core.data import dataset, user_data
-from nanochat_core.data.dataset import split_shards
 from nanochat_core.node import proctree
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
@@ -184,6 +179,7 @@ def _eval_yours(a: argparse.Namespace, dist: list[str]) -> list[list[str]]:
     """bpb on the held-out slice of your documents, base and after SFT; your held-out questions answered."""
     if not a.user_data:
         return []
+    from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
     bundle = user_data.load_bundle(a.user_data)
     run, cmds = str(a.run_dir), []
     if bundle.docs is not None:
@@ -224,11 +220,13 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
 def _your_docs(a: argparse.Namespace) -> Path | None:
     if not a.user_data:
         return None
+    from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
     return user_data.load_bundle(a.user_data).docs
 
 
 def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
     """Your documents at --docs-share of what pre-training reads (user_data.mix_dir), said out loud."""
+    from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
     mixed, share = user_data.mix_dir(public, docs, a.docs_share)
     print(f"your documents: mixed with {public.name} at {share:.0%} of the characters (asked for "
           f"{a.docs_share:.0%}) in {mixed}", flush=True)
@@ -236,6 +234,7 @@ def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
 
 
 def _prepare_public(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
+    from nanochat_core.data import dataset   # lazy: pyarrow/torch, not in a bare python3
     spec = a.data or ("bundled" if a.preset == "local" else dataset.DEFAULT_SOURCE)
     src = dataset.resolve_source(spec)
     if src.bundled or src.local_dir is not None:
@@ -365,7 +364,7 @@ class Pipeline:
 
     def base_progress(self) -> tuple[int, int] | None:
         """(steps done, steps planned) of base training, from its latest checkpoint."""
-        from nanochat_core.gpt import checkpoint   # lazy: the CLI imports this module, and must not load torch
+        from nanochat_core.gpt import checkpoint   # lazy: pyarrow/torch, not in a bare python3
         try:
             found = checkpoint.find_latest(self.run_dir / "base", hashes=False)  # sizes only: fast on GBs
             meta = checkpoint.read_meta(found) if found else None
@@ -554,6 +553,7 @@ class Pipeline:
         against its manifest before anything trains, and must be the very bytes this run started with: the
         digest is kept in run_dir/user_data.json at the first start, so a resumed or spot-recovered run
         reading anything else stops here."""
+        from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
         bundle = user_data.verify_bundle(self.a.user_data, self.a.user_data_sha256)
         record = self.run_dir / "user_data.json"
         try:
@@ -575,7 +575,9 @@ class Pipeline:
     def check_user_data_with_tokenizer(self) -> None:
         """Once the tokenizer exists (before base training spends anything): conversations longer than the
         model's context are refused (or skipped with --skip-bad), and your documents' tokens are counted."""
-        from nanochat_core.data.tokenizer import get_tokenizer   # lazy: the CLI imports this module, and must not load torch
+        from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
+        from nanochat_core.data.dataset import split_shards   # lazy: pyarrow/torch, not in a bare python3
+        from nanochat_core.data.tokenizer import get_tokenizer   # lazy: pyarrow/torch, not in a bare python3
         bundle = user_data.load_bundle(self.a.user_data)
         tok = get_tokenizer(self.run_dir)
         T = LOCAL_MODEL["sequence_len"] if self.a.preset == "local" else 2048
@@ -586,6 +588,7 @@ class Pipeline:
         record_path = self.run_dir / "user_data.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if bundle.docs is not None:
+            import pyarrow.parquet as pq   # lazy: pyarrow/torch, not in a bare python3
             tokens = 0
             for shard in split_shards(bundle.docs, "train"):
                 texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
@@ -609,7 +612,7 @@ def stage_verdict(run_dir: Path, stage: str) -> tuple[str, str]:
     """("finished" | "deadline" | "unfinished", why) for a training stage that exited 0, from the end record it
     wrote and the checkpoint it left. Exit 0 alone says little: a stage stopped by SIGTERM saves and exits 0
     (resumable by design), and one whose horizon was over before its first step exits 0 with nothing saved."""
-    from nanochat_core.gpt import checkpoint   # lazy: the CLI imports this module, and must not load torch
+    from nanochat_core.gpt import checkpoint   # lazy: pyarrow/torch, not in a bare python3
     try:
         end = json.loads((run_dir / stage / END_FILE).read_text())
     except (OSError, ValueError):
