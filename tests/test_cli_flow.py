@@ -114,8 +114,10 @@ def test_pull_detects_a_corrupted_file_and_resumes(job_env, tmp_path):
         pull_mod.verify(dest)
 
 
-def test_detach_and_reattach_lose_and_repeat_nothing(job_env):
-    job_env.setenv("FAKEJOB_STEP_S", "0.04")   # ~6 s of job: long enough to detach in the middle
+def test_detach_and_reattach_lose_and_repeat_nothing(job_env, tmp_path):
+    job_env.setenv("FAKEJOB_STEP_S", "0.04")
+    gate = tmp_path / "go"                      # the job holds at base step 20 until the test has detached:
+    job_env.setenv("FAKEJOB_HOLD_FILE", str(gate))   # on a busy machine the viewer's start-up outlasted the job
     assert cli("train", "--local", "--steps", "80", "--detach")[0] == 0
     rd = state.run_dir("local")
     env = dict(os.environ)
@@ -133,6 +135,7 @@ def test_detach_and_reattach_lose_and_repeat_nothing(job_env):
     assert "detached" in err1 and "nanochat logs" in err1 and "nanochat down" in err1
     assert "Traceback" not in err1
     assert local_backend.LocalBackend().job_state({}, rd) == "RUNNING"
+    gate.write_text("")
     out2 = subprocess.run([NANOCHAT, "logs"], capture_output=True, text=True, env=env, timeout=60).stdout
     expected = [f"{s} line {i:04d}" for s in ("base", "sft") for i in range(1, 81)]
     assert body_lines(out1) and body_lines(out2)

@@ -61,8 +61,11 @@ def main() -> int:
             if first:
                 emit("resumed", stage=stage, step=first)
             total = a.steps
+            hold = os.environ.get("FAKEJOB_HOLD_FILE")   # a test's gate: base waits at step 20 until it exists
             for step in range(first + 1, total + 1):
                 time.sleep(step_s)
+                while hold and stage == "base" and step == 20 and not os.path.exists(hold):
+                    time.sleep(0.05)
                 print(f"{stage} line {step:04d}", flush=True)
                 emit("progress", stage=stage, step=step, total_steps=total, loss=5.0 / step,
                      tokens_per_sec=1000.0, mfu=1.5, elapsed_s=(step - first) * step_s)
