@@ -15,6 +15,7 @@ import torch
 from nanochat_core.common import NanochatError, autodetect_device_type
 from nanochat_core.node.datasheet import peak_bf16
 
+
 def allow_tf32() -> None:
     """fp32 matmuls on tensor cores (TF32): what every fp32 op left under bf16 autocast should use on a GPU."""
     torch.backends.cuda.matmul.allow_tf32 = True
