@@ -93,25 +93,24 @@ def _git_commit() -> str:
     return "n/a (not a git checkout)"
 
 
-def _gpu() -> str:
+def _torch_and_gpu() -> tuple[str, str]:
+    """torch's version and the GPUs it sees; report.md is still written where torch is missing or broken."""
     try:
-        import torch
+        import torch   # lazy: the CLI imports this module, and must not load torch
+    except ImportError:
+        return "n/a", f"none (CPU, {os.cpu_count()} cores)"
+    try:
         if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            return f"{n} x {torch.cuda.get_device_name(0)}"
+            return torch.__version__, f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     except Exception:
         pass
-    return f"none (CPU, {os.cpu_count()} cores)"
+    return torch.__version__, f"none (CPU, {os.cpu_count()} cores)"
 
 
 def _environment(plan: dict) -> list[str]:
-    try:
-        import torch
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = "n/a"
+    torch_version, gpu = _torch_and_gpu()
     nodes = plan.get("nodes") or plan.get("num_nodes") or os.environ.get("SKYPILOT_NUM_NODES") or 1
-    lines = [f"- Git commit: {_git_commit()}", f"- GPU: {_gpu()}", f"- Nodes: {nodes}"]
+    lines = [f"- Git commit: {_git_commit()}", f"- GPU: {gpu}", f"- Nodes: {nodes}"]
     offer = plan.get("offer")
     if isinstance(offer, dict):
         lines.append("- Offer: " + ", ".join(f"{k} {offer[k]}" for k in ("cloud", "region", "instance", "accelerators")

@@ -446,7 +446,6 @@ def run_server(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | None
 
 def check_bind(host: str, api_key: str | None) -> None:
     """Anything but loopback without a key would give the model (and its GPU bill) to whoever finds the port."""
-    from nanochat_core.inference.serve_net import is_loopback
     if not is_loopback(host) and not api_key:
         raise NanochatError(f"refusing to listen on {host} without an API key: anyone who can reach it could use "
                             "the model. Set NANOCHAT_API_KEY (or pass --api-key), or listen on 127.0.0.1")

@@ -33,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from nanochat_core.common import NanochatError
+from nanochat_core import run_spec
+
 
 # Fields of /proc/<pid>/stat after the command name, counted from 0 (proc(5) numbers them from 3).
 STATE, PPID, STARTTIME = 0, 1, 19
@@ -202,13 +205,10 @@ def watch(pid: int, at: float, grace_s: float = 10.0, poll_s: float = 1.0) -> bo
 
 def deadline_from_spec(path: str) -> float | None:
     """The backstop moment of a run spec file (its job deadline plus run_spec.BACKSTOP_S); None without one."""
-    from nanochat_core.run_spec import read   # lazy: breaks an import cycle
-    return read(Path(path)).backstop_at() if path.strip() else None
+    return run_spec.read(Path(path)).backstop_at() if path.strip() else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanochat_core.common import NanochatError   # lazy: breaks an import cycle
-    from nanochat_core.run_spec import read   # lazy: breaks an import cycle
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: python -m nanochat_core.node.proctree [--spec FILE | --deadline-at T] [--grace S] -- CMD ...\n"
              "       python -m nanochat_core.node.proctree --watch PID --spec FILE")
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watch", type=int, default=None, help="be the watchdog of this process (the job script)")
     a = p.parse_args(argv[:i])
     try:
-        spec = read(Path(a.spec)) if a.spec.strip() else None
+        spec = run_spec.read(Path(a.spec)) if a.spec.strip() else None
     except NanochatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
