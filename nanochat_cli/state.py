@@ -37,7 +37,7 @@ def clusters_file() -> Path:
 NUM = (int, float)
 CLUSTER_FIELDS = {"name": str, "backend": str, "offer": dict, "nodes": int, "spot": bool, "price_per_hour": NUM,
                   "launched_at": NUM, "budget": NUM, "autostop_minutes": int, "runs": list, "bucket": str,
-                  "keep": bool, "candidates": list, "zone_prices": dict}
+                  "keep": bool, "candidates": list, "zone_prices": dict, "controller_per_hour": NUM}
 JOB_FIELDS = {"job_id": int, "backend": str, "cluster": str, "run": str, "cmd": list, "state": str, "pid": int,
               "child_pid": int, "returncode": int, "managed": bool, "submitted_at": NUM, "started_at": NUM,
               "ended_at": NUM}
@@ -116,9 +116,11 @@ def get_cluster(name: str | None) -> dict | None:
 
 
 def new_cluster_record(name: str, backend: str, offer: dict, nodes: int = 1, spot: bool = False,
-                       budget: float | None = None, autostop_minutes: int | None = None) -> dict:
+                       budget: float | None = None, autostop_minutes: int | None = None,
+                       controller_per_hour: float = 0.0) -> dict:
     return {"name": name, "backend": backend, "offer": offer, "nodes": nodes, "spot": spot,
-            "price_per_hour": job_price(offer.get("price_per_hour") or 0.0, nodes),
+            "price_per_hour": job_price(offer.get("price_per_hour") or 0.0, nodes, controller_per_hour),
+            "controller_per_hour": controller_per_hour,
             "launched_at": time.time(), "budget": budget, "autostop_minutes": autostop_minutes,
             "runs": []}
 

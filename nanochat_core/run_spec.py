@@ -9,7 +9,7 @@ Stdlib only (no torch, no typer, no sky): the CLI and the node both import it.
 
 The money quantities each have one function here, and every other place calls it:
 
-    job_price(per_node, nodes)                 whole-job $/h
+    job_price(per_node, nodes, controller)     whole-job $/h
     spend_cap(budget, already_spent, own_cap)  the hard cap: the budget, or less when the plan caps itself
     deadline_hours(cap, max_price, margin_h)   how long after launch the job must end
     spent(price, since, until)                 dollars a cluster has cost between two moments
@@ -42,9 +42,10 @@ WATCHDOG_S = 150
 # -----------------------------------------------------------------------------
 # The money functions: one owner each.
 
-def job_price(per_node: float, nodes: int) -> float:
-    """$/h of the whole job: every node bills at its offer's price."""
-    return float(per_node) * max(1, int(nodes))
+def job_price(per_node: float, nodes: int, controller: float = 0.0) -> float:
+    """$/h of the whole job: every node bills at its offer's price, and a spot run's managed job also keeps
+    SkyPilot's jobs-controller VM up while it runs (`controller`, its $/h; 0 for on-demand)."""
+    return float(per_node) * max(1, int(nodes)) + float(controller or 0.0)
 
 
 def spend_cap(budget: float, already_spent: float = 0.0, own_cap: float | None = None) -> float:
@@ -80,7 +81,7 @@ class RunSpec:
     offer: dict                          # the planned offer (per-node price), as the offers table shows it
     depth: int | None = None
     nodes: int = 1
-    price_per_hour: float = 0.0          # whole job, at the planned offer
+    price_per_hour: float = 0.0          # whole job, at the planned offer (a spot run's controller included)
     max_price_per_hour: float = 0.0      # whole job, at the dearest offer the launch may land on
     budget: float | None = None          # what the user said (None: a free local run)
     spend_cap: float | None = None       # what the node enforces: the budget, or less (capped_note says why)
@@ -90,6 +91,7 @@ class RunSpec:
     pipeline_stages: str | None = None   # --stages (None: the preset's)
     bucket: str | None = None
     spot: bool = False
+    controller_per_hour: float = 0.0     # a spot run's jobs controller, inside price_per_hour
     keep: bool = False
     num_shards: int | None = None
     planned_tokens_per_sec: float | None = None   # per GPU: preflight stops the run below half of it
@@ -179,8 +181,8 @@ class RunSpec:
         """What makes this spec unusable (a wrong type where money is decided), or None."""
         num = (int, float)
         checks = {"run": str, "preset": str, "offer": dict, "nodes": int, "price_per_hour": num,
-                  "max_price_per_hour": num, "budget": num, "spend_cap": num, "launched_at": num,
-                  "deadline_at": num, "base_deadline_at": num, "stages": list, "spot": bool, "keep": bool}
+                  "max_price_per_hour": num, "controller_per_hour": num, "budget": num, "spend_cap": num,
+                  "launched_at": num, "deadline_at": num, "base_deadline_at": num, "stages": list, "spot": bool, "keep": bool}
         for name, kind in checks.items():
             value = getattr(self, name)
             if value is None and name not in ("run", "preset", "offer", "nodes", "stages", "spot", "keep"):

@@ -624,7 +624,9 @@ def test_a_managed_spot_run_is_metered_at_the_offer_skypilot_placed_it_on(monkey
     r = CliRunner().invoke(app, ["status", "--json"])
     assert r.exit_code == 0, r.stderr
     (c,) = json.loads(r.stdout)["clusters"]
-    assert c["price_per_hour"] == pytest.approx(11.2) and c["cloud"] == "aws" and c["region"] == "us-west-2"
+    # (the whole job's $/h: that node's spot price plus the jobs controller the plan counted)
+    assert c["price_per_hour"] == pytest.approx(11.2 + rec["controller_per_hour"]) and rec["controller_per_hour"] > 0
+    assert c["cloud"] == "aws" and c["region"] == "us-west-2"
 
 
 def test_a_spot_launch_only_tries_zones_whose_price_the_plan_allowed_and_records_the_zone_paid(monkeypatch):
@@ -651,7 +653,8 @@ def test_a_spot_launch_only_tries_zones_whose_price_the_plan_allowed_and_records
                     tried[(str(res.cloud).lower(), res.region, name)] = sky.catalog.get_hourly_cost(
                         res.instance_type, True, res.region, name, clouds=str(res.cloud).lower())
     assert ("aws", "us-east-1", "us-east-1a") in tried and ("aws", "us-east-1", "us-east-1b") not in tried
-    assert max(tried.values()) <= spec.max_price_per_hour + 1e-9, (tried, spec.max_price_per_hour)
+    per_node_cap = spec.max_price_per_hour - spec.controller_per_hour   # one node; the controller is not a zone's
+    assert spec.controller_per_hour > 0 and max(tried.values()) <= per_node_cap + 1e-9, (tried, per_node_cap)
     # SkyPilot placed the job in us-east-1a: the meter and `status` charge that zone's price.
     import sky.jobs
     monkeypatch.setattr(sky.jobs, "queue_v2", lambda **k: ("queue", ([{"job_id": 31, "status":
@@ -661,7 +664,8 @@ def test_a_spot_launch_only_tries_zones_whose_price_the_plan_allowed_and_records
     r = CliRunner().invoke(app, ["status", "--json"])
     assert r.exit_code == 0, r.stderr
     rec = state.get_cluster("nanochat-z1")
-    assert rec["launched"]["zone"] == "us-east-1a" and rec["price_per_hour"] == pytest.approx(10.5)
+    assert rec["launched"]["zone"] == "us-east-1a"
+    assert rec["price_per_hour"] == pytest.approx(10.5 + spec.controller_per_hour)
 
 
 def test_train_json_prints_only_json_on_stdout_and_skypilots_launch_output_goes_to_stderr_plain(monkeypatch):

@@ -164,3 +164,33 @@ def test_a_budget_whose_dollar_sign_the_shell_ate_gets_a_hint(typed):
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --budget must be"), r.stderr
     assert "the shell replaced '$1' with nothing" in lines[0] and "--budget '$100'" in lines[0]
     assert "shell" not in str(NanochatError(planner._shell_dollar_hint("100")))   # a real mistake gets no such hint
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.floats(min_value=10, max_value=2000), price=st.floats(min_value=0.5, max_value=40),
+       controller=st.floats(min_value=0.0, max_value=2.0))
+def test_a_spot_plan_pays_its_controller_and_its_recoveries_within_the_cap(budget, price, controller):
+    """What a managed spot job costs beyond its node is in its plan (issue 19 item 6): the jobs controller's
+    $/h is in the whole job's price at every failover offer; base's deadline keeps SPOT_RECOVERIES setups after
+    base's planned end (one preemption, one restart after an error); and a recovery that provisions a node
+    just before the job's deadline still ends inside the cap (one setup more of margin)."""
+    spot = dict(OFFER, spot=True, price_per_hour=price)
+    try:
+        p = planner.make_plan(spot, budget, controller_per_hour=controller)
+    except NanochatError as e:
+        assert "too small" in str(e)
+        return
+    dearer = dict(spot, cloud="aws", price_per_hour=price * 1.05)
+    planner.limit_failover(p, [spot, dearer])
+    assert p.price_per_hour == pytest.approx(price + controller)
+    assert p.max_price_per_hour >= p.price_per_hour
+    names = [s.name for s in p.stages]
+    assert names[:2] == ["setup", "recovery"] and "recovery" not in names[2:]
+    planned_base_end = sum(s.hours for s in p.stages if s.name in ("setup", "preflight", "tok", "base"))
+    assert p.base_deadline_hours - planned_base_end >= planner.SPOT_RECOVERIES * planner.SETUP_H - 1e-9
+    # Worst case: billed at the dearest offer until the deadline, then a recovery's provisioning, then teardown.
+    worst = p.max_price_per_hour * (p.deadline_hours + planner.SETUP_H + planner.MARGIN_H)
+    assert worst <= p.spend_cap + 1e-6 <= budget + 2e-6
+    on_demand = planner.make_plan(dict(spot, spot=False), budget, controller_per_hour=controller)
+    assert "recovery" not in [s.name for s in on_demand.stages] and on_demand.margin_hours == planner.MARGIN_H
+    assert on_demand.price_per_hour == pytest.approx(price)   # no controller without a managed job

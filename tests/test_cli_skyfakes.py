@@ -36,6 +36,8 @@ p5.48xlarge,H100,8,192,2048,{GPU8},55.04,17.63,us-east-1,us-east-1b,x86_64
 p5.48xlarge,H100,8,192,2048,{GPU8},57.0,11.2,us-west-2,us-west-2a,x86_64
 g5.xlarge,A10G,1,4,16,"{{'Gpus': [{{'Name': 'A10G', 'Count': 1, 'MemoryInfo': {{'SizeInMiB': 24576}}}}]}}",1.006,0.4,us-east-1,us-east-1a,x86_64
 m6i.large,,,2,8,,0.096,0.04,us-east-1,us-east-1a,x86_64
+m6i.xlarge,,,4,16,,0.192,0.08,us-east-1,us-east-1a,x86_64
+m6i.xlarge,,,4,16,,0.202,0.09,us-west-2,us-west-2a,x86_64
 """,
     # Lambda: on-demand only (no spot price).
     "lambda/vms.csv": f"""InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,Price,Region,GpuInfo,SpotPrice
@@ -49,6 +51,7 @@ gpu_1x_a10,A10,1,30,200,0.75,us-east-1,"{{'Gpus': [{{'Name': 'A10', 'Count': 1, 
     # Nebius: SXM, on-demand and spot.
     "nebius/vms.csv": """InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,Price,Region,GpuInfo,SpotPrice
 gpu-h100-sxm_8gpu-128vcpu-1600gb,H100,8,128,1600,23.6,eu-north1,H100,10.0
+cpu-d3_4vcpu-16gb,,,4,16,0.12,eu-north1,,
 """,
 }
 # No gcp/vms.csv on purpose: that cloud's catalog "cannot be fetched" (the proxy below refuses) -> skipped.

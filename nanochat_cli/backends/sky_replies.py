@@ -60,5 +60,5 @@ def record_managed_price(rec: dict, record) -> None:
     per_node = (current.get("zone_prices") or {}).get(f"{cloud}/{region}/{zone}")
     if per_node is None:
         per_node = max(float(c["price_per_hour"]) for c in match)
-    state.update_cluster(rec["name"], price_per_hour=round(job_price(per_node, nodes), 4), launched={
+    state.update_cluster(rec["name"], price_per_hour=round(job_price(per_node, nodes, current.get("controller_per_hour") or 0.0), 4), launched={
         "cloud": cloud, "region": region, "zone": zone, "instance_type": match[0]["instance_type"]})

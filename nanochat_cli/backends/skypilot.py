@@ -37,7 +37,7 @@ from nanochat_cli import state
 from nanochat_cli.backends.sky_replies import ANSI, already_gone, sky_error, job_state_name, record_managed_price
 from nanochat_cli.backends.task_files import BUCKET_MOUNT, NODE_RUNS, bucket_runs, data_mounts, workdir, yaml_path
 from nanochat_cli.backends.base import start_of
-from nanochat_cli.planning.planner import AUTOSTOP_MIN
+from nanochat_cli.planning.planner import AUTOSTOP_MIN, SPOT_RESTARTS_ON_ERRORS
 import sys
 import signal
 
@@ -293,7 +293,7 @@ def _resources(offer: dict, spot: bool, zone: str | None = None) -> "sky.Resourc
     if spot:
         # Managed-job recovery: on preemption SkyPilot relaunches elsewhere and the pipeline resumes
         # from the latest checkpoint (in the bucket), skipping finished stages.
-        kwargs["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": 3}
+        kwargs["job_recovery"] = {"strategy": "FAILOVER", "max_restarts_on_errors": SPOT_RESTARTS_ON_ERRORS}
     infra = f"{offer['cloud']}/{offer['region']}" + (f"/{zone}" if zone else "")
     return sky.Resources(infra=infra, instance_type=it, accelerators={acc: int(n)}, use_spot=spot, disk_size=512,
                          **kwargs)
@@ -318,6 +318,32 @@ def budget_unsafe(offer: dict, spot: bool, keep: bool) -> str | None:
     return None
 
 
+# Where a catalog lists no VM that meets the jobs controller's resources: a 4-vCPU, 16 GiB general-purpose VM
+# lists at about $0.19/h on demand on AWS (m6i.xlarge) and GCP (n2-standard-4); counted at more than twice that.
+CONTROLLER_FALLBACK_PER_HOUR = 0.50
+
+
+def controller_price(clouds: list[str]) -> float:
+    """$/h of the VM SkyPilot keeps up as a spot run's jobs controller (planner.SPOT_RECOVERIES says why it is
+    counted). SkyPilot puts the controller on one of the job's clouds, on the cheapest VM that meets its
+    resources (jobs/constants.py's CONTROLLER_RESOURCES, read from SkyPilot itself); counted here at the
+    dearest region of the dearest of those clouds, so the plan's cap holds wherever it goes."""
+    from sky.jobs.constants import CONTROLLER_RESOURCES   # lazy: an optional dependency
+    prices = []
+    for cloud in clouds:
+        try:
+            with _quiet():
+                it = sky.catalog.get_default_instance_type(cpus=str(CONTROLLER_RESOURCES["cpus"]),
+                                                           memory=str(CONTROLLER_RESOURCES["memory"]), clouds=cloud)
+                regions = sky.catalog.get_region_zones_for_instance_type(it, False, clouds=cloud) if it else []
+                prices += [float(sky.catalog.get_hourly_cost(it, False, r.name, None, clouds=cloud)) for r in regions]
+                if not regions:
+                    prices.append(CONTROLLER_FALLBACK_PER_HOUR)
+        except Exception:   # a catalog without such a VM (or none at all): the fallback stands
+            prices.append(CONTROLLER_FALLBACK_PER_HOUR)
+    return round(max(prices, default=CONTROLLER_FALLBACK_PER_HOUR), 4)
+
+
 def zone_prices(offer: dict, spot: bool) -> dict[str, float]:
     """{zone: $/h per node} of the zones SkyPilot's provisioner tries for this offer's region, from its own
     catalog; {} for a cloud without zones (the region's price is then the only one). A region is listed at
@@ -339,11 +365,13 @@ def zone_prices(offer: dict, spot: bool) -> dict[str, float]:
 def bounded_resources(rec: dict) -> tuple[set, dict[str, float]]:
     """The resources a launch may land on, each within the price the plan assumed: every candidate offer, and
     for a cloud with zones only the zones of its region whose price (per node) is at most the plan's max price
-    per node (rec["max_price_per_hour"] is for the whole job). Returns (resources, {"cloud/region/zone": $/h
-    per node}) so the price a managed job actually pays can be read back from where SkyPilot placed it."""
+    per node (rec["max_price_per_hour"] is for the whole job, a spot run's jobs controller included). Returns
+    (resources, {"cloud/region/zone": $/h per node}) so the price a managed job actually pays can be read back
+    from where SkyPilot placed it."""
     spot = bool(rec.get("spot"))
     nodes = int(rec.get("nodes") or 1)
-    cap = float(rec.get("max_price_per_hour") or 0.0) / nodes
+    whole = float(rec.get("max_price_per_hour") or 0.0) - float(rec.get("controller_per_hour") or 0.0)
+    cap = max(0.0, whole) / nodes
     out, prices = set(), {}
     for o in rec.get("candidates") or [rec["offer"]]:
         zones = zone_prices(o, spot)

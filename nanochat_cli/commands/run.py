@@ -225,6 +225,10 @@ def _print_plan(spec: RunSpec) -> None:
         c.print(f"model: {spec.params / 1e6:,.1f}M params, trained for as many steps as fit the time")
     if spec.expected_core is not None:
         c.print(f"the anchor scored CORE {spec.expected_core:.4f} at this size ({spec.expected_core_source})")
+    if spec.controller_per_hour:
+        c.print(f"spot: the price includes ${spec.controller_per_hour:.2f}/h for SkyPilot's jobs controller (a small "
+                "VM that runs the managed job and stops itself 10 idle minutes after it; its disk bills cents a day "
+                "until `sky down`), and the plan reserves time for a preemption and a restart after an error")
     for note in (spec.capped_note, spec.setup_note):
         if note:
             c.print(f"note: {note}")
@@ -386,7 +390,10 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages,
     if already >= budget_usd:
         raise NanochatError(f"cluster '{rec['name']}' has already cost ${already:.2f} of the ${budget_usd:.2f} "
                             "budget: raise --budget, or `nanochat down` and start afresh")
-    p = make_plan(offer, budget_usd - already, f.depth, nodes, setup_extra_h=upload_hours)
+    # A spot run's managed job keeps SkyPilot's jobs controller up on one of its clouds: part of its price.
+    controller = sky_backend().controller_price(sorted({c["cloud"] for c in candidates or [offer]})) if f.spot else 0.0
+    p = make_plan(offer, budget_usd - already, f.depth, nodes, setup_extra_h=upload_hours,
+                  controller_per_hour=controller)
     if stages == "preflight":
         p.preflight_only()
     # Only offers at which this very plan stays within the budget may be failed over to; the dearest
@@ -398,7 +405,8 @@ def plan_cloud_run(rec, offer, candidates, budget_usd, f: TrainFlags, stages,
         price_per_hour=p.price_per_hour, max_price_per_hour=p.max_price_per_hour, budget=budget_usd,
         # The hard cap on the whole cluster's cost: what it has already cost plus the most this plan may spend.
         spend_cap=spend_cap(budget_usd, already, p.spend_cap), pipeline_stages=stages, bucket=f.bucket,
-        spot=f.spot, keep=f.keep, num_shards=p.num_shards, data=f.data, steps=f.steps, minutes=f.minutes,
+        spot=f.spot, controller_per_hour=p.controller_per_hour, keep=f.keep, num_shards=p.num_shards, data=f.data,
+        steps=f.steps, minutes=f.minutes,
         planned_tokens_per_sec=p.tokens_per_sec / max(1, p.gpus * nodes),
         **{k: d[k] for k in ("hours", "cost", "stages", "deadline_hours", "base_deadline_hours", "margin_hours",
                              "capped_note", "setup_note", "params", "tokens", "tokens_per_sec", "throughput_source",
@@ -454,7 +462,8 @@ def launch_and_follow(rec, spec: RunSpec, candidates, f: TrainFlags) -> None:
         created = rec is None or _sky_state(rec) not in ("UP", "UNKNOWN")
         if rec is None:
             rec = state.new_cluster_record(f"nanochat-{spec.run}", "sky", spec.offer, nodes=spec.nodes,
-                                           spot=spec.spot, budget=spec.spend_cap, autostop_minutes=AUTOSTOP_MIN)
+                                           spot=spec.spot, budget=spec.spend_cap, autostop_minutes=AUTOSTOP_MIN,
+                                           controller_per_hour=spec.controller_per_hour)
             rec["launched_at"] = now
         # The record's budget is the cap the node enforces, so `status` counts "budget left" down from it.
         rec.update(budget=spec.spend_cap, keep=spec.keep, bucket=spec.bucket, candidates=candidates, ended_at=None,

@@ -150,6 +150,20 @@ AUTOSTOP_MIN = 1
 # 4 minutes slow cut base short after most of the money was spent. The planner prefers a depth that keeps
 # it; where no depth can, the plan says so (setup_note).
 SLOW_SETUP_H = SETUP_H
+# A spot run is a SkyPilot managed job, which costs what an on-demand run does not; each is in its plan:
+# - Recoveries. A preemption, and a restart after the job failed (job_recovery's max_restarts_on_errors:
+#   SPOT_RESTARTS_ON_ERRORS), each provision a new node and set it up again: SETUP_H each. The plan reserves
+#   SPOT_RECOVERIES of them before base training's deadline (its "recovery" stage), so one preemption and one
+#   restart still leave base its planned tokens; any more are paid from the same cap and cut training short.
+#   One restart, not SkyPilot's example of 3: a deterministic failure fails again, and each try bills a setup.
+# - A recovery that starts just before the job's deadline provisions a node past it (its setup then installs
+#   nothing and the job ends at once: sky/train.yaml), so a spot plan's margin holds one SETUP_H more.
+# - The jobs controller: a VM SkyPilot keeps up while the job runs (4+ vCPUs, 4 GiB per vCPU, 50 GB disk;
+#   SkyPilot 0.14's jobs/constants.py) and stops after 10 idle minutes (inside the margin). Its $/h, from the
+#   catalog (SkyBackend.controller_price), is part of the whole job's price, so the cap and deadlines count it.
+#   Its stopped disk still bills (cents a day) until `sky down` removes the controller.
+SPOT_RESTARTS_ON_ERRORS = 1
+SPOT_RECOVERIES = 1 + SPOT_RESTARTS_ON_ERRORS
 
 
 @dataclass
@@ -162,7 +176,7 @@ class Stage:
 @dataclass
 class Plan:
     offer: dict
-    price_per_hour: float   # for the whole job (all nodes)
+    price_per_hour: float   # for the whole job (all nodes, and a spot run's jobs controller)
     budget: float
     depth: int
     params: int
@@ -193,6 +207,7 @@ class Plan:
     deadline_hours: float = 0.0
     base_deadline_hours: float = 0.0
     margin_hours: float = MARGIN_H
+    controller_per_hour: float = 0.0   # a spot run's jobs controller (inside price_per_hour)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -212,7 +227,7 @@ class Plan:
 
     def pre_base_end_hours(self) -> float:
         """When base training is planned to end, in hours after launch (setup + preflight + tok + base)."""
-        return sum(s.hours for s in self.stages if s.name in ("setup", "preflight", "tok", "base"))
+        return sum(s.hours for s in self.stages if s.name in ("setup", "recovery", "preflight", "tok", "base"))
 
     def set_max_price(self, max_price: float) -> None:
         """Derive the hard cap and the node's deadlines from the highest price the launch may end up paying."""
@@ -238,7 +253,7 @@ class Plan:
         """`--preflight-only`: the node sets up and runs the preflight checks at this plan's depth, nothing
         else. The plan counts just those, and its own cost (plus the margin) becomes its hard cap: a preflight
         that hangs must not spend the budget the training run was planned with."""
-        self.stages = [s for s in self.stages if s.name in ("setup", "preflight")]
+        self.stages = [s for s in self.stages if s.name in ("setup", "recovery", "preflight")]
         self.hours = sum(s.hours for s in self.stages)
         self.cost = self.hours * self.price_per_hour
         self.capped_by = f"--preflight-only runs setup and the d{self.depth} preflight checks alone"
@@ -260,11 +275,15 @@ class Plan:
         return math.ceil(self.max_price_per_hour * (self.hours + self.margin_hours + extra) + 1e-6)
 
 
-def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1, setup_extra_h: float = 0.0) -> Plan:
-    """setup_extra_h: more setup time, e.g. uploading the user's own data (flows.YourData), billed like setup."""
+def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1, setup_extra_h: float = 0.0,
+                   controller_per_hour: float = 0.0) -> Plan:
+    """setup_extra_h: more setup time, e.g. uploading the user's own data (flows.YourData), billed like setup.
+    controller_per_hour: a spot run's jobs controller (see SPOT_RECOVERIES); a spot offer also reserves its
+    recoveries."""
     gpu = offer["accelerators"].split(":")[0]
     ngpu = int(offer["accelerators"].split(":")[1]) if ":" in offer["accelerators"] else 1
-    price = job_price(offer["price_per_hour"], nodes)
+    spot = bool(offer.get("spot"))
+    price = job_price(offer["price_per_hour"], nodes, controller_per_hour if spot else 0.0)
     tps_gpu, source = THROUGHPUT_TABLE.get((canonical_gpu(gpu), depth)) or throughput(gpu, depth)
     # Multi-node pays an interconnect tax; 0.9 per extra node is an estimate (no measurement yet).
     tps = tps_gpu * ngpu * nodes * (0.9 if nodes > 1 else 1.0)
@@ -273,7 +292,10 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1, setup
     base_h = tokens / tps / 3600
     # Stage names are the pipeline's (preflight, tok, base, mid, sft, eval), in its order, so the meter can
     # match events to them; "setup" is provisioning + environment, "eval" includes the final save and the report.
-    hours = {"setup": SETUP_H + setup_extra_h, "preflight": PREFLIGHT_H, "tok": TOKENIZER_H, "base": base_h,
+    # "recovery" (spot only) is time reserved, not a stage the node runs: right after setup, so the meter stops
+    # counting it once the pipeline starts.
+    hours = {"setup": SETUP_H + setup_extra_h, **({"recovery": SPOT_RECOVERIES * SETUP_H} if spot else {}),
+             "preflight": PREFLIGHT_H, "tok": TOKENIZER_H, "base": base_h,
              "mid": max(0.05, 0.05 * base_h), "sft": max(0.05, 0.04 * base_h), "eval": EVAL_H + SAVE_H}
     stages = [Stage(n, h, h * price) for n, h in hours.items()]
     total_h = sum(hours.values())
@@ -282,25 +304,29 @@ def plan_for_depth(offer: dict, depth: int, budget: float, nodes: int = 1, setup
                 tokens=int(tokens), hours=total_h, cost=total_h * price, stages=stages, tokens_per_sec=tps,
                 throughput_source=source, expected_core=core[0] if core else None,
                 expected_core_source=core[1] if core else "no comparable anchor result at this depth",
-                nodes=nodes, gpus=ngpu)
+                nodes=nodes, gpus=ngpu, margin_hours=MARGIN_H + (SETUP_H if spot else 0.0),
+                controller_per_hour=controller_per_hour if spot else 0.0)
     plan.num_shards = max(MIN_SHARDS, math.ceil(tokens * 1.1 / TOKENS_PER_SHARD))
     plan.set_max_price(price)
     return plan
 
 
 def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int = 1,
-              setup_extra_h: float = 0.0) -> Plan:
+              setup_extra_h: float = 0.0, controller_per_hour: float = 0.0) -> Plan:
     """The largest depth whose whole run, plus the teardown margin, costs <= budget (or exactly `depth`,
     which must also fit). A plan that fits gives base training its planned tokens by construction: its
     base deadline is at or after the planned end of base. Failover offers are limited afterwards
     (`limit_failover`) to those at which this plan still fits."""
     if not (budget > 0) or math.isinf(budget):
         raise NanochatError(f"budget must be a positive number of dollars, got {budget}")
+    def at(d: int) -> Plan:
+        return plan_for_depth(offer, d, budget, nodes, setup_extra_h, controller_per_hour)
+
     if depth is not None:
         check_depth(depth)
-        p = plan_for_depth(offer, depth, budget, nodes, setup_extra_h)
+        p = at(depth)
         if not p.fits():
-            fit = [d for d in DEPTHS if plan_for_depth(offer, d, budget, nodes, setup_extra_h).fits()]
+            fit = [d for d in DEPTHS if at(d).fits()]
             hint = f"use --depth {fit[-1]} or less" if fit else "choose a cheaper offer"
             raise NanochatError(f"depth {depth} needs about ${p.cost:.2f} on this offer plus "
                                 f"${p.margin_hours * p.price_per_hour:.2f} of teardown margin, more than the "
@@ -308,14 +334,14 @@ def make_plan(offer: dict, budget: float, depth: int | None = None, nodes: int =
         return p
     best = roomy = None
     for d in DEPTHS:
-        p = plan_for_depth(offer, d, budget, nodes, setup_extra_h)
+        p = at(d)
         if p.fits():
             best = p
         if p.fits(slack=True):
             roomy = p     # the largest depth that also survives a slow setup: preferred
     best = roomy or best
     if best is None:
-        smallest = plan_for_depth(offer, DEPTHS[0], budget, nodes, setup_extra_h)
+        smallest = at(DEPTHS[0])
         raise NanochatError(f"a ${budget:.2f} budget is too small: the smallest model (depth {DEPTHS[0]}) needs "
                             f"about ${smallest.cost:.2f} plus ${smallest.margin_hours * smallest.price_per_hour:.2f} "
                             f"of teardown margin on {offer.get('cloud', '?')} at ${smallest.price_per_hour:.2f}/h; "
@@ -332,11 +358,13 @@ def limit_failover(plan: Plan, candidates: list[dict]) -> list[dict]:
     plan's own offer always stays first."""
     # A plan that keeps room for a slow setup at its own price keeps it at every offer it may land on.
     roomy = plan.fits(slack=True) and plan.has_base()
-    keep = [c for c in candidates if plan.fits(job_price(c["price_per_hour"], plan.nodes), slack=roomy)] \
-        or [plan.offer]
+    def whole(offer: dict) -> float:   # the whole job's $/h at that offer
+        return job_price(offer["price_per_hour"], plan.nodes, plan.controller_per_hour)
+
+    keep = [c for c in candidates if plan.fits(whole(c), slack=roomy)] or [plan.offer]
     if plan.offer not in keep:
         keep = [plan.offer] + keep
-    plan.set_max_price(max(job_price(c["price_per_hour"], plan.nodes) for c in keep))
+    plan.set_max_price(max(whole(c) for c in keep))
     return keep
 
 
