@@ -120,6 +120,70 @@ def test_a_relaunch_after_the_deadline_installs_nothing_and_ends_cleanly(tmp_pat
     assert done["event"] == "done" and done["state"] == "BUDGET_TRUNCATED"
 
 
+SKYLET_PROBE = """
+import json, sys, time
+from sky.skylet import autostop_lib, configs, events
+cfg = autostop_lib.get_autostop_config()
+stops = []
+events.StopEvent._stop_cluster = lambda self, c: stops.append(c.down)   # the cloud call: the one thing faked
+ev = events.StopEvent()                 # the skylet starts its idle clock
+seen = []
+for idle_min in (0, cfg.autostop_idle_minutes - 0.5, cfg.autostop_idle_minutes + 0.1):
+    configs.set_config(autostop_lib._AUTOSTOP_LAST_ACTIVE_TIME, str(time.time() - idle_min * 60))
+    ev._run()
+    seen.append(list(stops))
+print(json.dumps({"minutes": cfg.autostop_idle_minutes, "down": cfg.down, "wait_for": cfg.wait_for.value,
+                  "stops": seen}))
+"""
+
+
+def test_setup_first_gives_the_node_its_own_teardown_which_skypilots_skylet_acts_on(monkeypatch, tmp_path):
+    """Issue 19 item 5: SkyPilot sets autostop only after setup succeeds, so a node whose launcher went quiet
+    during setup (a laptop asleep, a hung install) billed on. Setup's first step now runs SkyPilot's own
+    autostop command (its codegen, built by build_task) on the head node, and SkyPilot's real skylet idle
+    check then tears an idle node down after that many minutes - not a minute before. The task is built 2 h
+    before the budget's deadline (the guard: planner.SETUP_GUARD_MIN); the node's copy of the spec says the
+    deadline has passed, so setup installs nothing after the guard (a relaunch after the deadline)."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import yaml
+    from nanochat_core import run_spec
+    from nanochat_cli.backends import skypilot as sky_backend
+    from nanochat_cli.planning.planner import SETUP_GUARD_MIN
+    rec = {"name": "c1", "nodes": 1, "max_price_per_hour": 60.0,
+           "offer": {"cloud": "aws", "region": "us-east-1", "instance_type": "p5.48xlarge", "accelerators": "H100:8"}}
+    with cloud_boundary(["aws"], monkeypatch):
+        spec_file = run_spec.write(tmp_path, run_spec.RunSpec(run="d20", preset="cloud", offer=rec["offer"],
+                                                              deadline_at=time.time() + 7200))
+        guard = sky_backend.build_task(rec, "d20", [], spec_file).envs["NANOCHAT_SETUP_GUARD"]
+    home = tmp_path / "home"
+    (home / ".sky").mkdir(parents=True)
+    (home / ".sky" / "python_path").write_text(sys.executable)   # SkyPilot's runtime python on the node
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    run_spec.write(home / "specs", run_spec.RunSpec(run="d20", preset="cloud", offer={}, budget=10.0,
+                                                    spend_cap=10.0, deadline_at=1000.0, base_deadline_at=900.0))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "SKY_RUNTIME_DIR": str(home),
+           "NANOCHAT_SETUP_GUARD": guard, "NANOCHAT_SPEC": "~/specs/plan.json"}
+    setup = yaml.safe_load((ROOT / "sky" / "train.yaml").read_text())["setup"]
+    r = subprocess.run(["bash", "-c", setup], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "skipping setup" in r.stdout and "warning" not in r.stdout, r.stdout + r.stderr
+    probe = subprocess.run([sys.executable, "-c", SKYLET_PROBE], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    got = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert (got["minutes"], got["down"], got["wait_for"]) == (SETUP_GUARD_MIN, True, "jobs")
+    assert got["stops"] == [[], [], [True]]      # idle 0 and 29.5 min: up; past 30: torn down (not stopped)
+    # Nearer the deadline the guard is shorter, and with --keep the node stops instead of going away.
+    now = time.time()
+    near = sky_backend.setup_guard(now + 600, True, now)
+    assert "set_autostop(10, " in near and "AutostopWaitFor.JOBS, False, " in near
+    assert "set_autostop(1, " in sky_backend.setup_guard(now - 60, False, now)
+
+
 def test_the_yamls_keep_a_run_where_the_cli_pulls_it_from(tmp_path):
     """sky/train.yaml's run script writes a run under task_files.NODE_RUNS on the node's disk (where `nanochat
     pull` rsyncs it from), and serve.yaml's default checkpoint is there too."""

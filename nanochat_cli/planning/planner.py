@@ -144,6 +144,11 @@ MARGIN_H = 10 / 60
 # Minutes of idle time (jobs only: an open ssh session does not keep the node up) after which a cluster
 # running a budgeted job tears itself down: well inside MARGIN_H.
 AUTOSTOP_MIN = 1
+# The node's own bound on setup (sky/train.yaml, backends/skypilot.setup_guard): SkyPilot sets autostop only
+# after setup succeeds, so until then a node whose launcher went quiet (a laptop asleep, a hung install) would
+# bill on. Setup's first step sets an autostop of this many idle minutes (no job yet counts as idle), or fewer
+# when the budget's deadline is nearer. 30: five times the planned SETUP_H, far beyond a slow first install.
+SETUP_GUARD_MIN = 30
 # Time base training's deadline keeps free after its planned end, for a setup slower than planned (the CUDA
 # torch install, a slow image, a busy catalog): at least as long again as SETUP_H, so a setup twice as slow
 # still leaves base its planned tokens. Without it the smallest budgets had 2 minutes to spare and a setup
