@@ -330,22 +330,22 @@ CONTROLLER_FALLBACK_PER_HOUR = 0.50
 
 def controller_price(clouds: list[str]) -> float:
     """$/h of the VM SkyPilot keeps up as a spot run's jobs controller (planner.SPOT_RECOVERIES says why it is
-    counted). SkyPilot puts the controller on one of the job's clouds, on the cheapest VM that meets its
-    resources (jobs/constants.py's CONTROLLER_RESOURCES, read from SkyPilot itself); counted here at the
-    dearest region of the dearest of those clouds, so the plan's cap holds wherever it goes."""
-    prices = []
+    counted). SkyPilot offers the controller one resource per cloud of the job, each the cheapest VM that
+    meets its resources (jobs/constants.py's CONTROLLER_RESOURCES, read from SkyPilot itself), and its
+    optimizer takes the cheapest: so the cheapest of those clouds, at its dearest region (where in it the
+    controller lands is the optimizer's choice, and the cap must hold wherever that is)."""
+    per_cloud = []
     for cloud in clouds:
         try:
             with _quiet():
                 it = sky.catalog.get_default_instance_type(cpus=str(CONTROLLER_RESOURCES["cpus"]),
                                                            memory=str(CONTROLLER_RESOURCES["memory"]), clouds=cloud)
                 regions = sky.catalog.get_region_zones_for_instance_type(it, False, clouds=cloud) if it else []
-                prices += [float(sky.catalog.get_hourly_cost(it, False, r.name, None, clouds=cloud)) for r in regions]
-                if not regions:
-                    prices.append(CONTROLLER_FALLBACK_PER_HOUR)
+                prices = [float(sky.catalog.get_hourly_cost(it, False, r.name, None, clouds=cloud)) for r in regions]
+            per_cloud.append(max(prices, default=CONTROLLER_FALLBACK_PER_HOUR))
         except Exception:   # a catalog without such a VM (or none at all): the fallback stands
-            prices.append(CONTROLLER_FALLBACK_PER_HOUR)
-    return round(max(prices, default=CONTROLLER_FALLBACK_PER_HOUR), 4)
+            per_cloud.append(CONTROLLER_FALLBACK_PER_HOUR)
+    return round(min(per_cloud, default=CONTROLLER_FALLBACK_PER_HOUR), 4)
 
 
 def zone_prices(offer: dict, spot: bool) -> dict[str, float]:

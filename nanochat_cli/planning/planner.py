@@ -165,7 +165,7 @@ SLOW_SETUP_H = SETUP_H
 #   nothing and the job ends at once: sky/train.yaml), so a spot plan's margin holds one SETUP_H more.
 # - The jobs controller: a VM SkyPilot keeps up while the job runs (4+ vCPUs, 4 GiB per vCPU, 50 GB disk;
 #   SkyPilot 0.14's jobs/constants.py) and stops after 10 idle minutes (inside the margin). Its $/h, from the
-#   catalog (SkyBackend.controller_price), is part of the whole job's price, so the cap and deadlines count it.
+#   catalog (backends/skypilot.controller_price), is part of the whole job's price, so the cap and deadlines count it.
 #   Its stopped disk still bills (cents a day) until `sky down` removes the controller.
 SPOT_RESTARTS_ON_ERRORS = 1
 SPOT_RECOVERIES = 1 + SPOT_RESTARTS_ON_ERRORS
