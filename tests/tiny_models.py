@@ -10,10 +10,11 @@ def tiny_chat_model(vocab_size: int, sequence_len: int = 256) -> GPT:
     """Depth 1, 16-dim heads, random; lm_head redrawn larger because the real init is near-uniform and
     replies would be monotonous. The server's context is sequence_len (what the model "trained" with)."""
     cfg = config_for_depth(1, vocab_size, sequence_len=sequence_len, aspect_ratio=64, head_dim=16)
-    model = GPT.build(cfg, "cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.3)
+    with torch.random.fork_rng(devices=[]):   # the same weights whatever ran before, and no trace on later tests
+        torch.manual_seed(0)
+        model = GPT.build(cfg, "cpu")
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.3)
     return model.eval()
 
 
