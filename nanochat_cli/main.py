@@ -208,10 +208,16 @@ def eval_(
     name: Optional[str] = RUN,
     json_out: bool = JSON,
     yes: bool = YES,
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|fp32|bf16|int8", help="Weights to "
+                                        "evaluate with (see docs/PERFORMANCE.md); auto = int8 on a CPU, bf16 on "
+                                        "a GPU, as chat. Default: the weights training's own evaluations used "
+                                        "(fp32 on a CPU, bf16 on a GPU), so report.md stays comparable; another "
+                                        "choice is named next to its metrics. Local evaluations only (pull a "
+                                        "cloud run first)."),
 ) -> None:
     """Run the evaluation suite, update report.md and print the metrics table."""
     from nanochat_cli.commands import manage as admin
-    admin.cmd_eval(local=local, checkpoint=checkpoint, name=name, json_out=json_out, yes=yes)
+    admin.cmd_eval(local=local, checkpoint=checkpoint, name=name, json_out=json_out, yes=yes, dtype=dtype)
 
 
 @app.command()

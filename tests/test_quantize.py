@@ -129,6 +129,151 @@ def test_the_format_copy_is_cached_reused_and_rebuilt_when_the_checkpoint_change
     assert "cached as" in meta["load_how"]
 
 
+# -----------------------------------------------------------------------------
+# A start from the cached copy does not hash the fp32 file (at d20 most of the load time); the copy is checked
+# instead (docs/PERFORMANCE.md). "A new process" below forgets what this one has hashed already.
+
+def _new_process():
+    checkpoint._VERIFIED.clear()
+    checkpoint._CACHES_VERIFIED.clear()
+
+
+def _hashed_files(monkeypatch) -> list[str]:
+    """Names of the files verify_checkpoint hashes from now on (the sha256 of the fp32 file)."""
+    seen: list[str] = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p, *a: seen.append(p.name) or real(p, *a))
+    return seen
+
+
+def _flip(path, where: int, keep_mtime: bool = False):
+    """Flip one byte in place; keep_mtime: as bit rot would (size and mtime as they were)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        import os
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_a_valid_cached_copy_is_loaded_without_hashing_the_fp32_file(fmt, tiny_tokenizer, tmp_path, monkeypatch):
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    first, _, _ = checkpoint.load_model(tmp_path / "run", "cpu", dtype=fmt)   # builds the copy
+    _new_process()
+    hashed = _hashed_files(monkeypatch)
+    again, _, meta = checkpoint.load_model(tmp_path / "run", "cpu", dtype=fmt)
+    assert meta["load_how"] == f"cached {fmt} copy" and "model.safetensors" not in hashed
+    _same_weights(first, again)
+    # fp32 reads the fp32 file itself: that one is hashed as always
+    checkpoint.load_model(tmp_path / "run", "cpu", dtype="fp32")
+    assert "model.safetensors" in hashed
+
+
+@pytest.mark.parametrize("cache", ["none", "damaged", "stale"])
+def test_a_damaged_fp32_file_is_refused_when_no_valid_copy_vouches_for_it(cache, tiny_tokenizer, tmp_path, capsys):
+    """No copy, a damaged copy, or a copy made before the fp32 file was written to (its size/mtime then): the
+    fp32 file is hashed, the damage found, and nothing is converted from it or loaded."""
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    copy = checkpoint.quantized_cache_path(ckpt, "int8")
+    if cache != "none":
+        checkpoint.load_model(ckpt, "cpu", dtype="int8")
+        if cache == "damaged":
+            _flip(copy, -1)
+    _flip(ckpt / "model.safetensors", -1)   # written to: a new mtime, as a person or a bad copy leaves it
+    before = copy.read_bytes() if copy.exists() else None
+    _new_process()
+    with pytest.raises(NanochatError, match="model.safetensors does not match its sha256"):
+        checkpoint.load_model(ckpt, "cpu", dtype="int8")   # named directly
+    capsys.readouterr()
+    with pytest.raises(NanochatError, match="no complete checkpoint"):
+        checkpoint.load_model(tmp_path / "run", "cpu", dtype="int8")   # the run dir: skipped, no older one to use
+    assert "ckpt_000001 is corrupt: model.safetensors does not match its sha256" in capsys.readouterr().err
+    assert (copy.read_bytes() if copy.exists() else None) == before   # nothing was built from the damaged file
+
+
+def test_a_damaged_or_edited_cached_copy_is_rebuilt_never_used(tiny_tokenizer, tmp_path):
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    good, _, _ = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    copy = checkpoint.quantized_cache_path(ckpt, "int8")
+    intact = copy.read_bytes()
+    n = int.from_bytes(intact[:8], "little")
+    header = json.loads(intact[8:8 + n])
+
+    def swapped_offsets(text: bytes) -> bytes:
+        # two same-shaped matrices trade places: every byte is still a valid int8 weight, only the wrong one
+        h = json.loads(text)
+        a, b = "transformer.h.0.attn.c_q.weight", "transformer.h.0.attn.c_k.weight"
+        h[a]["data_offsets"], h[b]["data_offsets"] = h[b]["data_offsets"], h[a]["data_offsets"]
+        return json.dumps(h, separators=(",", ":")).encode()
+
+    def edited_metadata(text: bytes) -> bytes:   # a copy claiming to be from other weights, its digest redone
+        h = json.loads(text)
+        h["__metadata__"]["source_sha256"] = "0" * 64
+        h["__metadata__"]["sha256"] = checkpoint._self_digest(h, [intact[8 + n:]])
+        return json.dumps(h, separators=(",", ":")).encode()
+
+    def without_digest(text: bytes) -> bytes:
+        h = json.loads(text)
+        del h["__metadata__"]["sha256"]
+        return json.dumps(h, separators=(",", ":")).encode()
+
+    damages = {
+        "a weight byte (bit rot: size and mtime kept)": lambda: _flip(copy, 8 + n + 100, keep_mtime=True),
+        "a byte appended": lambda: copy.write_bytes(intact + b"\0"),
+        "cut short": lambda: copy.write_bytes(intact[:-64]),
+        "two tensors' offsets swapped in the header": lambda: _rewrite_header(copy, swapped_offsets),
+        "its metadata edited, digest recomputed": lambda: _rewrite_header(copy, edited_metadata),
+        "no digest (a copy from an older nanochat)": lambda: _rewrite_header(copy, without_digest),
+    }
+    for what, damage in damages.items():
+        copy.write_bytes(intact)
+        damage()
+        assert copy.read_bytes() != intact, what
+        _new_process()
+        loaded, _, meta = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+        assert meta["load_how"] == "converted to int8, cached as model.int8.safetensors", what
+        _same_weights(loaded, good)
+        assert copy.read_bytes() == intact, what   # rebuilt: the same conversion, bit for bit
+
+
+def _rewrite_header(path, edit):
+    """Replace a safetensors header by edit(header text), padded with spaces to its old length when shorter
+    (the data then stays where the offsets say)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    text = edit(raw[8:8 + n])
+    text += b" " * max(0, n - len(text))
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def test_bit_rot_in_the_fp32_file_behind_a_valid_copy_is_found_where_the_fp32_file_is_read(tiny_tokenizer, tmp_path):
+    """The limit of the size/mtime stamp, on purpose: a byte that rots without a write (mtime kept) is not seen
+    by an int8 start, which reads only the copy - checked itself, made from the intact file - and never the
+    damaged one. The first start that reads the fp32 file (fp32, a rebuild of the copy) hashes it and refuses."""
+    _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
+    good, _, _ = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    _flip(ckpt / "model.safetensors", -1, keep_mtime=True)
+    _new_process()
+    loaded, _, meta = checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    assert meta["load_how"] == "cached int8 copy"
+    _same_weights(loaded, good)
+    with pytest.raises(NanochatError, match="does not match its sha256"):
+        checkpoint.load_model(ckpt, "cpu", dtype="fp32")
+    # the copy vouched when the checkpoint was checked and is gone when it is opened (another process removed
+    # it): the fp32 file is hashed before anything is converted from it
+    _new_process()
+    assert checkpoint.verify_checkpoint(ckpt, weights_only=True, cached="int8") is None
+    copy = checkpoint.quantized_cache_path(ckpt, "int8")
+    copy.unlink()
+    with pytest.raises(NanochatError, match="does not match its sha256"):
+        checkpoint.load_inference_state(ckpt, checkpoint.read_meta(ckpt), "int8")
+    with pytest.raises(NanochatError, match="does not match its sha256"):
+        checkpoint.load_model(ckpt, "cpu", dtype="int8")
+    assert not copy.exists()
+
+
 def test_fp32_loading_maps_the_file_instead_of_copying_it(tiny_tokenizer, tmp_path):
     """The weights of a loaded model live in the checkpoint file's pages (a mapping), and equal what was saved."""
     model, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)

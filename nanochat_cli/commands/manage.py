@@ -5,6 +5,7 @@ eval (run the evaluation stages and print the table) and down (stop spending; id
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from nanochat_cli.planning.cost import fmt_duration
 from nanochat_cli.backends.base import backend_for, sky_backend
 from nanochat_cli.commands.run import _console, confirm, local_cluster, stream_run
 from rich.table import Table
-from nanochat_core.evaluation.report import collect_metrics, your_data_lines
+from nanochat_core.evaluation.report import EVAL_DTYPE_ENV, collect_metrics, your_data_lines
 
 
 def billing_end(rec: dict, now: float) -> float:
@@ -181,7 +182,12 @@ def cmd_pull(*, name: str | None, dest: Path | None) -> None:
           f"({time.time() - start:.1f}s). Next: `nanochat chat --checkpoint {target}`")
 
 
-def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool, yes: bool = False) -> None:
+def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out: bool, yes: bool = False,
+             dtype: str | None = None) -> None:
+    """dtype: the weights to evaluate with (None: what training's evaluations used, for comparable numbers)."""
+    if dtype is not None:
+        from nanochat_core.gpt.quantize import resolve_dtype   # lazy: loads torch, which `nanochat --help` must not
+        resolve_dtype(dtype, "cpu")   # a bad name: its one-line error now, before anything is looked up or launched
     named = None   # a checkpoint (or stage) dir inside the run, relative to it: evaluated itself, nothing else
     if checkpoint is not None:
         rd = checkpoint.expanduser().resolve()
@@ -192,7 +198,7 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
         if not rd.is_dir():
             raise NanochatError(f"{checkpoint} does not exist")
         if rd != checkpoint.expanduser().resolve():
-            named = _named_checkpoint(checkpoint.expanduser().resolve(), rd)
+            named = _named_checkpoint(checkpoint.expanduser().resolve(), rd, dtype)
     elif name:
         rd = state.run_dir(name)
     else:
@@ -206,7 +212,19 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
     if cluster is None or cluster.get("backend") == "local":
         cluster = local_cluster()
         args = ["--preset", "local"]
+        # The eval stages read it from the environment, which the local pipeline hands them (report.py); set or
+        # cleared here, so a variable left in the user's shell never changes what plain `nanochat eval` measures.
+        if dtype is None:
+            os.environ.pop(EVAL_DTYPE_ENV, None)
+        else:
+            os.environ[EVAL_DTYPE_ENV] = dtype
     else:
+        if dtype is not None:
+            # The node's pipeline takes its options from the launch (NANOCHAT_ARGS) and has none for the weights,
+            # and the environment does not travel there: refused, before anything is asked or spent.
+            raise NanochatError(f"--dtype evaluates on this machine only; run '{rd.name}' is on cloud cluster "
+                                f"'{cluster['name']}': `nanochat pull --name {rd.name}` then `nanochat eval --local "
+                                f"--name {rd.name} --dtype {dtype}` (free), or drop --dtype")
         spec_file = _cloud_eval_spec(cluster, rd, yes)
         args = ["--preset", "cloud"]
     args += ["--stages", "eval,report", "--force"] + (["--eval-checkpoint", named] if named else [])
@@ -261,10 +279,13 @@ def _cloud_eval_spec(cluster: dict, rd: Path, yes: bool) -> Path:
     return rd / SPEC_FILE
 
 
-def _named_checkpoint(path: Path, rd: Path) -> str:
+def _named_checkpoint(path: Path, rd: Path, dtype: str | None = None) -> str:
     """`eval --checkpoint` named a checkpoint or stage dir of run `rd`: it is the one evaluated (never the
-    run's newest instead), so a damaged one is refused here, in one line, before anything is launched."""
+    run's newest instead), so a damaged one is refused here, in one line, before anything is launched.
+    dtype bf16/int8: a valid cached copy of that format stands for the fp32 file (verify_checkpoint's `cached`;
+    the eval stage checks again, by what it really loads on its device)."""
     from nanochat_core.gpt import checkpoint as ckpt   # lazy: loads torch, which `nanochat --help` must not
+    cached = dtype if dtype in ("bf16", "int8") else None
     rel = path.relative_to(rd)
     if not path.exists():
         raise NanochatError(f"{path} does not exist: `ls {path.parent}` lists what there is")
@@ -272,11 +293,11 @@ def _named_checkpoint(path: Path, rd: Path) -> str:
         raise NanochatError(f"{path} is not a checkpoint of run {rd}: name a stage dir (base, sft, ...), "
                             "one of its ckpt_NNNNNN dirs, or the run dir")
     if len(rel.parts) == 2:
-        problem = ckpt.verify_checkpoint(path, weights_only=True)
+        problem = ckpt.verify_checkpoint(path, weights_only=True, cached=cached)
         if problem:
             raise NanochatError(f"checkpoint {path} is corrupt: {problem}; name another one "
                                 f"(`ls {path.parent}`) or the run dir (its newest intact checkpoints)")
-    elif ckpt.find_latest(path, weights_only=True) is None:
+    elif ckpt.find_latest(path, weights_only=True, cached=cached) is None:
         raise NanochatError(f"{path} holds no intact checkpoint: name another stage or the run dir")
     return rel.as_posix()
 

@@ -7,7 +7,9 @@ at any time, and is written again as stages finish):
   run_dir/plan.json (the launcher) or --price-per-hour; "n/a" when there is no price (a local run);
 - the model: parameters and training tokens, from the base checkpoint's meta.json;
 - the metric table in the anchor's layout: one row per metric, columns BASE / MID / SFT / RL, built
-  from run_dir/eval/<stage>.json = {"stage", "metrics": {...}, "unavailable": [task names]}.
+  from run_dir/eval/<stage>.json = {"stage", "metrics": {...}, "unavailable": [task names], "weights",
+  "dtype_asked"}; a stage evaluated with other weights than training's own evaluations (`nanochat eval
+  --dtype`) is named under the table.
 
     python -m nanochat_core.evaluation.report --run-dir DIR [--price-per-hour 23.6] [--json]
 """
@@ -26,6 +28,9 @@ from typing import Any
 from nanochat_core.common import NanochatError, atomic_write_text, run_main
 
 STAGES = ["BASE", "MID", "SFT", "RL"]
+# `nanochat eval --dtype` reaches the eval stages (base_eval, chat_eval) through this variable: the local pipeline
+# hands its environment to them (pipeline.stage_env). Unset: the weights training evaluated with.
+EVAL_DTYPE_ENV = "NANOCHAT_EVAL_DTYPE"
 # The anchor's rows first, in its order; anything else a stage measured is appended after them.
 METRIC_ROWS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE", "SpellingBee", "bpb"]
 
@@ -46,7 +51,8 @@ def collect_evals(run_dir: str | os.PathLike) -> dict[str, dict]:
     for stage in STAGES:
         rec = _read_json(Path(run_dir) / "eval" / f"{stage.lower()}.json") or {}
         out[stage] = {"metrics": dict(rec.get("metrics") or {}), "unavailable": list(rec.get("unavailable") or []),
-                      "why_unavailable": dict(rec.get("why_unavailable") or {})}
+                      "why_unavailable": dict(rec.get("why_unavailable") or {}),
+                      "weights": rec.get("weights"), "dtype_asked": rec.get("dtype_asked")}
     return out
 
 
@@ -178,6 +184,16 @@ def outcome_lines(outcome: dict | None) -> list[str]:
             "Everything below is what it had done by then.", ""]
 
 
+def weights_lines(evals: dict[str, dict]) -> list[str]:
+    """The stages evaluated with weights someone chose (`nanochat eval --dtype`): their numbers may differ a
+    little from what training's own evaluations measure (int8 moved bpb by ~0.03%, docs/PERFORMANCE.md)."""
+    asked = [f"{stage} {r['weights']}" for stage, r in evals.items() if r.get("dtype_asked") and r.get("metrics")]
+    if not asked:
+        return []
+    return [f"Weights chosen with `nanochat eval --dtype`: {', '.join(asked)} (training's own evaluations use "
+            "fp32 on a CPU, bf16 on a GPU).", ""]
+
+
 def unavailable_lines(evals: dict[str, dict]) -> list[str]:
     """One line per stage and cause: the cause the task loader gave (no network, a missing package, ...)."""
     lines = []
@@ -211,6 +227,7 @@ def build_report(run_dir: str | os.PathLike, price_per_hour: float | None = None
     if plan.get("budget") is not None:
         out += [f"Budget: ${float(plan['budget']):.2f}", ""]
     out += ["## Metrics", "", metrics_table({s: r["metrics"] for s, r in evals.items()}), ""]
+    out += weights_lines(evals)
     missing = unavailable_lines(evals)
     if missing:
         out += ["Not evaluated:", "", *missing, ""]

@@ -24,6 +24,10 @@ the previous one is used. Every load path verifies (a checkpoint dir passed by h
 in meta.json are confined to the checkpoint dir: only model.safetensors and optim_rankNNN.pt are accepted, so
 a meta.json naming `../../etc/passwd` is refused, never read. A save that fails (a full disk) removes what it
 wrote and says so in one line. All ranks must see the same directory: shared_dir.check_shared_dir, at start.
+Inference in bf16/int8 loads a copy cached next to the weights (`model.<fmt>.safetensors`, load_inference_state)
+instead of the fp32 file, and then hashes that copy, not the fp32 file it does not read: the copy names the
+sha256 of the weights it was made from (meta.json's), the fp32 file's size and mtime then, and its own sha256,
+recomputed at every start (open_cached). Any mismatch and the fp32 file is hashed and the copy rebuilt.
 """
 from __future__ import annotations
 
@@ -361,9 +365,13 @@ def _stamp(ckpt_dir: Path) -> tuple | None:
     return (str(ckpt_dir.resolve()), tuple(files))
 
 
-def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False) -> str | None:
+def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False,
+                      cached: str | None = None) -> str | None:
     """None if the checkpoint is complete and intact, else a short reason. weights_only: for inference, where
-    the optimizer shards may be absent (`nanochat pull` leaves them on the node)."""
+    the optimizer shards may be absent (`nanochat pull` leaves them on the node). cached (bf16 | int8): the
+    caller loads that format's cached copy, not the fp32 file, so where that copy vouches for the fp32 file
+    (open_cached: made from the bytes meta.json's sha256 names, from the file as it is now, itself intact) the
+    fp32 file's own sha256 is not recomputed - at d20 that hash was most of a start's load time."""
     ckpt_dir = Path(ckpt_dir)
     try:
         meta = json.loads((ckpt_dir / "meta.json").read_text())
@@ -388,22 +396,25 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, hashes: bool = True, weights_
     if hashes:
         stamp = _stamp(ckpt_dir)   # a full verification also vouches for the weights alone, not the reverse
         if (stamp, False) not in _VERIFIED and (stamp, weights_only) not in _VERIFIED:
+            vouched = cached is not None and open_cached(ckpt_dir, meta, cached) is not None
             for name, info in files.items():
+                if vouched and name == "model.safetensors":
+                    continue
                 if sha256_file(ckpt_dir / name) != info["sha256"]:
                     return f"{name} does not match its sha256"
-            if stamp is not None:
+            if stamp is not None and not vouched:   # only a real hash of the fp32 file is remembered as one
                 _VERIFIED.add((stamp, weights_only))
     return None
 
 
 def find_latest(stage_dir: str | os.PathLike, hashes: bool = True, weights_only: bool = False,
-                older_than: int | None = None) -> Path | None:
+                older_than: int | None = None, cached: str | None = None) -> Path | None:
     """The newest complete, intact checkpoint in `stage_dir` (before step `older_than` if given), or None.
-    Corrupt ones are reported on stderr and skipped (the previous one is used)."""
+    Corrupt ones are reported on stderr and skipped (the previous one is used). cached: verify_checkpoint's."""
     for step, path in list_checkpoints(stage_dir):
         if older_than is not None and step >= older_than:
             continue
-        problem = verify_checkpoint(path, hashes=hashes, weights_only=weights_only)
+        problem = verify_checkpoint(path, hashes=hashes, weights_only=weights_only, cached=cached)
         if problem is None:
             return path
         print(f"warning: checkpoint {path} is corrupt: {problem}; falling back to the previous one",
@@ -511,11 +522,13 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
-def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
+def _resolve_checkpoint(path: Path, stage: str | None, cached: str | None = None) -> Path:
+    """The checkpoint dir `path` names, verified (cached: the format whose cached copy will be loaded, see
+    verify_checkpoint)."""
     if (path / "meta.json").is_file():
         # A checkpoint dir named directly gets the same check find_latest gives the others (for inference:
         # a pulled run has no optimizer shards).
-        problem = verify_checkpoint(path, weights_only=True)
+        problem = verify_checkpoint(path, weights_only=True, cached=cached)
         if problem:
             raise NanochatError(f"checkpoint {path} is corrupt: {problem}; pass an intact checkpoint or the run "
                                 "directory (its newest intact checkpoint is used)")
@@ -524,11 +537,11 @@ def _resolve_checkpoint(path: Path, stage: str | None) -> Path:
         raise NanochatError(f"{path} is not a complete checkpoint (no meta.json): pass the run directory instead")
     stages = [stage] if stage else TRAINED_STAGES   # a run dir: its most trained stage
     for s in stages:
-        found = find_latest(path / s, weights_only=True)   # inference: no optimizer needed
+        found = find_latest(path / s, weights_only=True, cached=cached)   # inference: no optimizer needed
         if found is not None:
             return found
     if list_checkpoints(path):
-        found = find_latest(path, weights_only=True)  # a stage dir was passed
+        found = find_latest(path, weights_only=True, cached=cached)  # a stage dir was passed
         if found is not None:
             return found
     what = f"stage '{stage}'" if stage else f"any stage ({', '.join(TRAINED_STAGES)})"
@@ -550,6 +563,33 @@ def _find_tokenizer_dir(ckpt: Path) -> Path:
 # the kernel's page cache serves a second process for free.
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8",
               "I32": "int32", "I64": "int64", "BOOL": "bool", "F64": "float64"}
+_ST_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error, RuntimeError, RecursionError)
+
+
+def _map_safetensors(f) -> tuple[mmap.mmap, int, dict]:
+    """(the whole file mapped copy-on-write, header length, parsed header) of an open safetensors file."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), n, header
+
+
+def _tensors(mm: mmap.mmap, n: int, header: dict) -> dict:
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            state[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        if 8 + n + end > len(mm):
+            raise ValueError(f"{name} runs past the end of the file")
+        state[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).view(info["shape"])
+    return state
 
 
 def mmap_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -557,30 +597,32 @@ def mmap_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        meta = header.pop("__metadata__", None) or {}
-        state = {}
-        for name, info in header.items():
-            dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            count = (end - begin) // torch.empty((), dtype=dtype).element_size()
-            if count == 0:
-                state[name] = torch.empty(info["shape"], dtype=dtype)
-                continue
-            if 8 + n + end > len(mm):
-                raise ValueError(f"{name} runs past the end of the file")
-            state[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).view(info["shape"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error, RuntimeError) as e:
+            mm, n, header = _map_safetensors(f)
+        return _tensors(mm, n, header), header.get("__metadata__") or {}
+    except _ST_ERRORS as e:
         raise NanochatError(f"{path} cannot be read ({e.__class__.__name__}: {str(e)[:100]})") from None
-    return state, meta
 
 
-def write_safetensors(path: Path, state: dict, metadata: dict) -> None:
+def _raw(v: torch.Tensor) -> memoryview:
+    return memoryview(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _self_digest(header: dict, data) -> str:
+    """The sha256 a cached format copy records of itself (metadata `sha256`): its header as canonical JSON
+    without that field, then its data bytes (`data`: buffers, in file order). The header is covered too: a
+    damaged offset or shape would map the right bytes to the wrong tensor."""
+    body = {**header, "__metadata__": {k: v for k, v in header.get("__metadata__", {}).items() if k != "sha256"}}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for chunk in data:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def write_safetensors(path: Path, state: dict, metadata: dict, self_digest: bool = False) -> None:
     """Write `state` as a safetensors file, one tensor at a time (safetensors' own save_file first turns every
-    tensor into a bytes object: a second copy of the whole model in memory, at its peak). fsynced; the caller
-    renames it into place."""
+    tensor into a bytes object: a second copy of the whole model in memory, at its peak). self_digest: record
+    the file's own sha256 in its metadata (_self_digest; hashed from memory, before writing). fsynced; the
+    caller renames it into place."""
     names = {v: k for k, v in _ST_DTYPES.items()}
     header, offset = {"__metadata__": metadata}, 0
     for k, v in state.items():
@@ -588,6 +630,9 @@ def write_safetensors(path: Path, state: dict, metadata: dict) -> None:
         header[k] = {"dtype": names[str(v.dtype).removeprefix("torch.")], "shape": list(v.shape),
                      "data_offsets": [offset, offset + n]}
         offset += n
+    if self_digest:
+        header["__metadata__"] = {**metadata, "sha256": _self_digest(header, (_raw(v) for v in state.values()
+                                                                               if v.numel()))}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)   # the data starts 8-byte aligned, as the format recommends
     with open(path, "wb") as f:
@@ -595,7 +640,7 @@ def write_safetensors(path: Path, state: dict, metadata: dict) -> None:
         f.write(text)
         for v in state.values():
             if v.numel():
-                f.write(memoryview(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                f.write(_raw(v))
         f.flush()
         os.fsync(f.fileno())
 
@@ -604,35 +649,82 @@ def quantized_cache_path(ckpt: Path, fmt: str) -> Path:
     return ckpt / f"model.{fmt}.safetensors"
 
 
-def _cache_key(meta: dict, fmt: str) -> dict:
+def _cache_key(meta: dict, fmt: str, source: os.stat_result) -> dict:
     """What a cached bf16/int8 copy must match: the sha256 of the weights it was made from (meta.json records it,
-    so a checkpoint rewritten under the same name invalidates the copy) and the layout's version."""
+    so a checkpoint rewritten under the same name invalidates the copy), the layout's version, and the size and
+    mtime the fp32 file had when it was hashed and converted (so a file written since - damaged, or replaced
+    without its meta.json - is hashed again instead of being vouched for by an older copy)."""
     return {"source_sha256": str(meta["files"]["model.safetensors"]["sha256"]), "fmt": fmt,
-            "format_version": str(FORMAT_VERSION)}
+            "format_version": str(FORMAT_VERSION), "source_size": str(source.st_size),
+            "source_mtime_ns": str(source.st_mtime_ns)}
+
+
+# Cached copies this process has hashed, by (device, inode, size, mtime) of the open file: verify_checkpoint
+# checks the copy, then load_inference_state opens it again, and the second open must not hash it again.
+_CACHES_VERIFIED: set[tuple] = set()
+
+
+def open_cached(ckpt: Path, meta: dict, fmt: str) -> dict | None:
+    """The cached `fmt` copy of this checkpoint's weights (tensors memory-mapped), or None where there is no
+    copy this checkpoint may use instead of its fp32 file. A usable one was made from the bytes meta.json's
+    sha256 names, from the fp32 file as it is now (size, mtime), and is intact: the sha256 it records of
+    itself is recomputed (4x less to read than the fp32 file for int8, 2x for bf16; once per process) over the
+    very mapping whose tensors are returned, so what was checked is what is used. None is never an error: the
+    caller hashes the fp32 file and rebuilds the copy. `meta`: meta.json as read (its own hash checked)."""
+    cache = quantized_cache_path(ckpt, fmt)
+    try:
+        if cache.is_symlink() or not cache.is_file():   # never followed: ours is a regular file
+            return None
+        key = _cache_key(meta, fmt, (ckpt / "model.safetensors").stat())
+        with open(cache, "rb") as f:
+            st = os.fstat(f.fileno())
+            mm, n, header = _map_safetensors(f)
+        cmeta = header.get("__metadata__")
+        if (not isinstance(cmeta, dict) or {k: cmeta.get(k) for k in key} != key
+                or not SHA_RE.match(str(cmeta.get("sha256")))):
+            return None
+        seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if seen not in _CACHES_VERIFIED:
+            with memoryview(mm) as view:
+                digest = _self_digest(header, [view[8 + n:]])
+            if digest != cmeta["sha256"]:
+                return None
+            _CACHES_VERIFIED.add(seen)
+        return _tensors(mm, n, header)
+    except _ST_ERRORS:
+        return None
 
 
 def load_inference_state(ckpt: Path, meta: dict, fmt: str) -> tuple[dict, str]:
     """(state dict for GPT.from_state in format `fmt`, how it was obtained). fp32: the checkpoint's file,
-    memory-mapped. bf16/int8: the copy cached next to the checkpoint if it matches (memory-mapped), else
-    converted tensor by tensor from the mapped fp32 file and written there atomically for the next start (a
-    read-only checkpoint dir just skips the caching)."""
-    state, _ = mmap_safetensors(ckpt / "model.safetensors")
+    memory-mapped (the caller verified it). bf16/int8: the copy cached next to the checkpoint if open_cached
+    vouches for it (memory-mapped), else converted tensor by tensor from the mapped fp32 file - hashed first
+    - and written there atomically, with its own sha256, for the next start (a read-only checkpoint dir just
+    skips the caching)."""
+    source = ckpt / "model.safetensors"
+    if fmt != "fp32":
+        cached = open_cached(ckpt, meta, fmt)
+        if cached is not None:
+            return cached, f"cached {fmt} copy"
+        # Converting reads the fp32 file, so it must be the one meta.json vouches for. Where the caller's check
+        # hashed it (no usable copy then), _VERIFIED remembers that and this costs nothing; it hashes only where
+        # that check relied on a copy that has changed since, or on a rank whose rank 0 did the check.
+        before = os.stat(source)
+        problem = verify_checkpoint(ckpt, weights_only=True)
+        if problem:
+            raise NanochatError(f"checkpoint {ckpt} is corrupt: {problem}; use another one or the run directory")
+    state, _ = mmap_safetensors(source)
     if fmt == "fp32":
         return state, "memory-mapped"
-    cache = quantized_cache_path(ckpt, fmt)
-    key = _cache_key(meta, fmt)
-    if cache.is_file():
-        try:
-            cached, cmeta = mmap_safetensors(cache)
-            if cmeta == key:
-                return cached, f"cached {fmt} copy"
-        except NanochatError:
-            pass   # damaged cache: rebuild it below
     qstate = quantize_state(state, fmt)
     del state
+    cache = quantized_cache_path(ckpt, fmt)
+    key = _cache_key(meta, fmt, before)
+    if _cache_key(meta, fmt, os.stat(source)) != key:   # written to while hashed or converted: vouch for nothing
+        return qstate, f"converted to {fmt} (not cached: {source.name} changed while it was read)"
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     try:
-        write_safetensors(tmp, qstate, key)
+        write_safetensors(tmp, qstate, key, self_digest=True)
         os.replace(tmp, cache)
         return qstate, f"converted to {fmt}, cached as {cache.name}"
     except OSError as e:
@@ -653,7 +745,13 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
     path = Path(path).expanduser()
     if not path.exists():
         raise NanochatError(f"{path} does not exist: pass a run directory or a checkpoint directory")
-    ckpt = pick_on_rank0(lambda: _resolve_checkpoint(path, stage), weights_only=True)   # every rank: the same one
+    device = torch.device(device)
+    fmt = resolve_dtype(dtype, device) if dtype is not None else ("bf16" if device.type == "cuda" else "fp32")
+    # on CUDA bf16 is the whole model in bf16 under autocast (as always); elsewhere bf16/int8 are weight-only
+    whole_bf16 = device.type == "cuda" and fmt == "bf16"
+    stored = "fp32" if whole_bf16 else fmt   # the format read from disk: the checkpoint's, or a cached copy
+    cached = None if stored == "fp32" else stored
+    ckpt = pick_on_rank0(lambda: _resolve_checkpoint(path, stage, cached), weights_only=True)   # every rank: the same
     meta = read_meta(ckpt)
     tok_dir = _find_tokenizer_dir(ckpt)
     try:
@@ -665,13 +763,9 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", stage: str | None =
                             "restore it from the run (nanochat pull)") from None
     if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer.hash:
         raise NanochatError(f"the tokenizer next to {ckpt} is not the one this model was trained with")
-    device = torch.device(device)
-    fmt = resolve_dtype(dtype, device) if dtype is not None else ("bf16" if device.type == "cuda" else "fp32")
-    # on CUDA bf16 is the whole model in bf16 under autocast (as always); elsewhere bf16/int8 are weight-only
-    whole_bf16 = device.type == "cuda" and fmt == "bf16"
-    state, how = load_inference_state(ckpt, meta, "fp32" if whole_bf16 else fmt)
+    state, how = load_inference_state(ckpt, meta, stored)
     try:
-        model = GPT.from_state(meta["config"], state, "fp32" if whole_bf16 else fmt)
+        model = GPT.from_state(meta["config"], state, stored)
     except (ValueError, RuntimeError, TypeError, KeyError) as e:   # shapes/names differ, or a bad config
         first = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e)[:160])
         raise NanochatError(f"checkpoint {ckpt} does not fit its config in meta.json ({first})") from None

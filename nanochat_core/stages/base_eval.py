@@ -10,6 +10,7 @@ Distributed across ranks under torchrun. Writes run_dir/eval/<stage>.json (stage
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from nanochat_core.data.dataloader import DataLoader
 from nanochat_core.data.dataset import ensure_bundled, split_shards
 import pyarrow.parquet as pq
 from nanochat_core.evaluation.runners import merge_record
+from nanochat_core.evaluation.report import EVAL_DTYPE_ENV
+from nanochat_core.gpt.quantize import DTYPES
 from nanochat_core.common import atomic_write_json
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -60,6 +63,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="evaluate this checkpoint dir (or stage dir) instead of the stage's latest")
+    p.add_argument("--dtype", choices=DTYPES, default=os.environ.get(EVAL_DTYPE_ENV) or None,
+                   help=f"weights to evaluate with (quantize.py; default ${EVAL_DTYPE_ENV}, else what training "
+                        "evaluated with: fp32 on a CPU, bf16 on a GPU)")
     a = p.parse_args(argv)
     if a.if_present and not (a.run_dir / a.stage).is_dir():
         print(f"base_eval: no {a.stage} checkpoint; skipped")
@@ -69,9 +75,10 @@ def main(argv=None) -> None:
         raise NanochatError("--skip takes core, bpb and/or samples")
     rt = init_runtime(a.device)
     t0 = time.time()
-    model, tokenizer, meta = checkpoint.load_model(a.checkpoint or a.run_dir, rt.device, stage=a.stage)
+    model, tokenizer, meta = checkpoint.load_model(a.checkpoint or a.run_dir, rt.device, stage=a.stage, dtype=a.dtype)
     T = model.config.sequence_len
-    print0(f"base_eval: {a.stage} checkpoint {meta['path']}")
+    print0(f"base_eval: {a.stage} checkpoint {meta['path']}, {meta['dtype']} weights (loaded in "
+           f"{meta['load_s']:.1f} s, {meta['load_how']})")
     metrics, unavailable, extra = {}, [], {}
 
     if "core" not in skip:
@@ -142,6 +149,7 @@ def main(argv=None) -> None:
     if rt.master:
         path = a.run_dir / "eval" / f"{a.stage}.json"
         record = {"stage": a.stage, "metrics": metrics, "unavailable": unavailable, "checkpoint": meta["path"],
+                  "weights": meta["dtype"], "dtype_asked": a.dtype,
                   "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1), **extra}
         atomic_write_json(path, merge_record(path, record))
     emit("eval", stage=a.stage, metrics=metrics)

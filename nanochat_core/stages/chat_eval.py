@@ -8,6 +8,7 @@ Writes run_dir/eval/<stage>.json (per stage with --stage all) = {"stage", "metri
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime,
                                   print0, run_main)
 from nanochat_core.evaluation.runners import ALL_TASKS, evaluate_tasks, merge_record
+from nanochat_core.evaluation.report import EVAL_DTYPE_ENV
+from nanochat_core.gpt.quantize import DTYPES
 from nanochat_core.data import user_data
 from nanochat_core.training.chat_loop import chat_reply
 
@@ -33,6 +36,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="evaluate this checkpoint dir (or stage dir) of --stage instead of the stage's latest")
+    p.add_argument("--dtype", choices=DTYPES, default=os.environ.get(EVAL_DTYPE_ENV) or None,
+                   help=f"weights to evaluate with (quantize.py; default ${EVAL_DTYPE_ENV}, else what training "
+                        "evaluated with: fp32 on a CPU, bf16 on a GPU)")
     a = p.parse_args(argv)
     if a.held_out is not None:
         return answer_held_out(a)
@@ -57,8 +63,10 @@ def main(argv=None) -> None:
         a.max_new_tokens = 256 if rt.device_type == "cuda" else 128
     for stage in stages:
         t0 = time.time()
-        model, tokenizer, meta = checkpoint.load_model(a.checkpoint or a.run_dir, rt.device, stage=stage)
-        print0(f"chat_eval: {stage} checkpoint {meta['path']}, tasks {', '.join(names)}, "
+        model, tokenizer, meta = checkpoint.load_model(a.checkpoint or a.run_dir, rt.device, stage=stage,
+                                                       dtype=a.dtype)
+        print0(f"chat_eval: {stage} checkpoint {meta['path']}, {meta['dtype']} weights (loaded in "
+               f"{meta['load_s']:.1f} s, {meta['load_how']}), tasks {', '.join(names)}, "
                f"max per task {a.max_per_task or 'all'}")
         why: dict[str, str] = {}
         metrics, unavailable = evaluate_tasks(model, tokenizer, names, a.max_per_task, rt.device, rt.rank,
@@ -66,7 +74,7 @@ def main(argv=None) -> None:
         if rt.master:
             path = a.run_dir / "eval" / f"{stage}.json"
             record = {"stage": stage, "metrics": metrics, "unavailable": unavailable, "why_unavailable": why,
-                      "checkpoint": meta["path"],
+                      "checkpoint": meta["path"], "weights": meta["dtype"], "dtype_asked": a.dtype,
                       "max_per_task": a.max_per_task, "seconds": round(time.time() - t0, 1)}
             atomic_write_json(path, merge_record(path, record))
         emit("eval", stage=stage, metrics=metrics)
@@ -83,7 +91,7 @@ def answer_held_out(a) -> None:
         print("chat_eval: no held-out conversations or no chat model; nothing to answer")
         return
     rt = init_runtime(a.device)
-    model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage)
+    model, tokenizer, meta = checkpoint.load_model(a.run_dir, rt.device, stage=stage, dtype=a.dtype)
     system = meta.get("system_prompt")
     answers = []
     for row in held:
