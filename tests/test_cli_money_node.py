@@ -204,11 +204,38 @@ def test_nothing_after_the_job_deadline_runs_unbounded(tmp_path):
     assert r.returncode == 0, out[-2000:]
 
 
+# Node 1's real pipeline (stand-in stages), plus one line of output: each time its wait for node 0's tokenizer
+# looks and does not find it, it says so before sleeping. Test code only: nothing in the pipeline is changed,
+# the wait itself is the real one.
+_NODE1_SAYS_WHEN_IT_WAITS = """
+import sys, time, types
+from nanochat_core.node import lead_link
+from nanochat_core.stages import pipeline as pl
+import stage_standins
+real_wait = pl.wait_for_file
+
+def polling_sleep(seconds):
+    print("TEST: the tokenizer is not there yet", flush=True)
+    time.sleep(seconds)
+
+def wait_for_file(*args, **kwargs):
+    lead_link.time = types.SimpleNamespace(monotonic=time.monotonic, sleep=polling_sleep)
+    try:
+        return real_wait(*args, **kwargs)
+    finally:
+        lead_link.time = time
+
+pl.wait_for_file = wait_for_file
+stage_standins.pipeline(sys.argv[1:])
+"""
+
+
 def test_only_node_0_keeps_the_books_and_the_others_follow_its_word_and_wait_for_its_tokenizer(tmp_path):
     """Multi-node: node 1 must not run tok/report or write stages.json, the report, the manifest, the outcome
     (all nodes share one bucket directory); it runs what node 0 says it runs (lead_link.py: here the test is
     node 0), with node 0's tokenizer - which, as through a bucket mount, becomes visible only some time after
-    node 0 said so - and it ends when node 0 ends the run."""
+    node 0 said so - and it ends when node 0 ends the run. Told by the order of what happened, not by seconds:
+    the tokenizer lands only once node 1 has looked for it and is waiting, and sft must come after that."""
     import datetime
     import socket
     import threading
@@ -224,22 +251,44 @@ def test_only_node_0_keeps_the_books_and_the_others_follow_its_word_and_wait_for
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{}")
     node0.set("stage/sft", json.dumps({"tokenizer": sha256_file(tok)}))
+    ran = tmp_path / "ran.log"      # the stand-in stages' "<stage> <tokenizer sha prefix>" lines
 
-    def node0_upload_lands_late():
-        time.sleep(2.0)
-        (rd / "tokenizer").mkdir()
-        (rd / "tokenizer" / "tokenizer.json").write_text("{}")
-        while not (rd / "sft.out").exists():
-            time.sleep(0.1)
-        node0.set("end", json.dumps({"code": 0, "why": "the budget's deadline"}))   # instead of "stage/eval"
-
-    threading.Thread(target=node0_upload_lands_late, daemon=True).start()
-    r, events, took = run_pipeline(rd, ["--stages", "tok,sft,eval,report", "--deadline-at", str(time.time() + 600),
-                                        "--nnodes", "2", "--nproc-per-node", "1"],
-                                   {"SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
-                                    "NANOCHAT_LEAD_PORT": str(port)})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert took >= 2.0 and (rd / "sft.out").exists() and "node 0 ended the run" in r.stdout
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}", SKYPILOT_NODE_RANK="1",
+               SKYPILOT_NODE_IPS="127.0.0.1\n127.0.0.1", NANOCHAT_LEAD_PORT=str(port), STANDIN_LOG=str(ran))
+    proc = subprocess.Popen([sys.executable, "-c", _NODE1_SAYS_WHEN_IT_WAITS, "--run-dir", str(rd), "--preset", "cloud",
+                             "--stages", "tok,sft,eval,report", "--deadline-at", str(time.time() + 600),
+                             "--nnodes", "2", "--nproc-per-node", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    guard = threading.Timer(120, proc.kill)   # a hang guard: our own child, by its handle
+    guard.start()
+    happened, out = [], []
+    try:
+        for line in proc.stdout:   # node 0's side of the conversation, driven by what node 1 says
+            out.append(line)
+            if line.startswith("TEST: the tokenizer is not there yet") and "tokenizer landed" not in happened:
+                happened.append("node 1 waits for the tokenizer")
+                if (rd / "sft.out").exists():
+                    happened.append("sft ran")
+                (rd / "tokenizer").mkdir()        # node 0's upload lands, late
+                (rd / "tokenizer" / "tokenizer.json").write_text("{}")
+                happened.append("tokenizer landed")
+            event = parse_event(line)
+            if event and event["event"] == "stage_end" and event.get("stage") == "sft":
+                happened.append("sft ran")
+                node0.set("end", json.dumps({"code": 0, "why": "the budget's deadline"}))   # instead of "stage/eval"
+        proc.wait()
+    finally:
+        guard.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    stdout = "".join(out)
+    assert proc.returncode == 0, stdout
+    assert happened == ["node 1 waits for the tokenizer", "tokenizer landed", "sft ran"], (happened, stdout[-3000:])
+    # sft ran once, on node 0's tokenizer; tok and report are node 0's alone
+    assert ran.read_text().splitlines() == [f"sft {sha256_file(tok)[:12]}"]
+    assert (rd / "sft.out").exists() and "node 0 ended the run" in stdout
     assert not (rd / "tok.out").exists() and not (rd / "eval.out").exists() and not (rd / "report.out").exists()
     for book in ("stages.json", "MANIFEST.sha256", "report.md", "outcome.json"):
         assert not (rd / book).exists(), book

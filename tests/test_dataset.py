@@ -24,10 +24,15 @@ def parquet_bytes(i: int, rows: int = 300) -> bytes:
 
 class FlakyServer:
     """Serves `files` (with Range support, which the downloader does not use). `plan[name]` is a list of behaviours for successive requests:
-    "cut" (send half the body, then drop the connection), "500", "404", "hang" (never answer), "ok"."""
+    "cut" (send half the body, then drop the connection), "500", "404", "ok",
+    "hang" (never answer: wait for `release`, then drop the connection without a response),
+    "drip" (a byte every 10 ms, the last one only once `release` is set: the shard cannot finish before the
+    test says so; a client that hangs up meanwhile is recorded in `hung_up`).
+    `release` is the test's gate, never opened by time; close() opens it so that no handler is left waiting."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.plan, self.log, self.extra_headers = files, {}, [], {}
+        self.release, self.hung_up = threading.Event(), threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,7 +46,7 @@ class FlakyServer:
                 todo = outer.plan.get(name)
                 behaviour = todo.pop(0) if todo else "ok"
                 if behaviour == "hang":
-                    time.sleep(1.5)
+                    outer.release.wait(60)   # a hang guard only: the client's own timeout must end it first
                     return
                 if behaviour == "404" or name not in outer.files:
                     self.send_error(404)
@@ -59,25 +64,36 @@ class FlakyServer:
                 for k, v in outer.extra_headers.get(name, {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                if behaviour == "slow":   # 20 pieces over ~4 s
-                    for k in range(20):
-                        self.wfile.write(body[k * len(body) // 20:(k + 1) * len(body) // 20])
+                if behaviour == "drip":
+                    sent = 0
+                    try:
+                        while sent < len(body) - 1 and not outer.release.is_set():
+                            self.wfile.write(body[sent:sent + 1])
+                            self.wfile.flush()
+                            sent += 1
+                            time.sleep(0.01)
+                        outer.release.wait(60)   # a hang guard only
+                        self.wfile.write(body[sent:])
                         self.wfile.flush()
-                        time.sleep(0.2)
+                    except (BrokenPipeError, ConnectionResetError):
+                        outer.hung_up.set()
                     return
                 self.wfile.write(body[: len(body) // 2] if behaviour == "cut" else body)
                 self.wfile.flush()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.httpd.daemon_threads, self.httpd.block_on_close = False, True   # server_close() joins every handler
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_port}/{name}"
 
     def close(self):
+        self.release.set()          # no handler stays parked on the gate
         self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.server_close()   # joins the handler threads: nothing of the server outlives the test
+        self.thread.join()
 
 
 @pytest.fixture
@@ -133,21 +149,45 @@ def test_permanent_404_is_a_clear_error_without_retries(server, tmp_path):
 
 
 def test_one_failure_stops_the_other_workers(server, tmp_path):
-    server.plan["s0.parquet"] = ["slow"]
-    t0 = time.time()
-    with pytest.raises(NanochatError, match="HTTP 404"):
-        download([server.url("s0.parquet"), server.url("gone.parquet")], 1, tmp_path, workers=2, **FAST)
-    assert time.time() - t0 < 2.5          # did not wait for the slow shard to finish
+    """s0 drips and cannot finish until the test opens the gate; the other shard is a 404. The call must end
+    with the 404 while s0 is still unfinished (its worker stops after its next chunk), not wait for it."""
+    server.plan["s0.parquet"] = ["drip"] * 5
+    outcome: dict = {}
+
+    def call():
+        try:   # a timeout far above the drip's pace: the worker's only way out is the stop, not a read timeout
+            download([server.url("s0.parquet"), server.url("gone.parquet")], 1, tmp_path, workers=2, timeout=60,
+                     retries=4, backoff=0.01, progress=False)
+        except BaseException as e:   # noqa: BLE001  (handed to the test thread below)
+            outcome["error"] = e
+        else:
+            outcome["returned"] = True
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        caller.join(timeout=60)             # a hang guard: the call needs well under a second on an idle machine
+        waited = caller.is_alive()          # still in there while s0 cannot finish: it is waiting for s0
+        # s0 still drips: the server's next write finds the connection closed (hang guard again, not a bound)
+        hung_up = not waited and server.hung_up.wait(60)
+    finally:
+        server.release.set()                # only now can s0 complete
+        caller.join()
+    assert not waited, "the call waited for the slow shard after the other one failed"
+    assert isinstance(outcome.get("error"), NanochatError) and "HTTP 404" in str(outcome["error"]), outcome
+    assert hung_up, "the stopped worker kept s0's connection open"
+    assert [name for name, _ in server.log].count("s0.parquet") <= 1    # stopped, not retried
     assert not (tmp_path / "shard_00000.parquet").exists()
     assert not list(tmp_path.glob(".*"))   # the stopped worker cleaned up its temp file
 
 
 def test_url_that_never_answers_times_out(server, tmp_path):
+    """The server never answers (its handler waits on a gate the test opens only afterwards): the call can
+    end only by its own read timeout, once per attempt, and says so."""
     server.plan["s0.parquet"] = ["hang", "hang", "hang"]
-    t0 = time.time()
-    with pytest.raises(NanochatError, match="could not download .* after 2 attempts"):
+    with pytest.raises(NanochatError, match=r"could not download .* after 2 attempts \(last: ReadTimeout"):
         download([server.url("s0.parquet")], 1, tmp_path, timeout=0.3, retries=1, backoff=0.01, progress=False)
-    assert time.time() - t0 < 5
+    assert not server.release.is_set()                                   # the server never answered
+    assert [name for name, _ in server.log].count("s0.parquet") == 2     # the first attempt, one retry
     assert not list(tmp_path.glob("shard_*"))
 
 

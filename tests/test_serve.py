@@ -520,17 +520,41 @@ def endless_model(tiny_tokenizer, sequence_len: int = 4096):
     return model
 
 
+class CountingModel(PacedModel):
+    """A paced real model that counts its forward calls per generation: `calls[i]` is how many the i-th
+    generation made, in the order the worker ran them (a generation starts with its prefill, a call on an empty
+    KV cache). A generation of max_tokens tokens that runs to its end makes exactly max_tokens calls (the
+    prefill, then one per token but the last), so fewer says it was stopped - a count, not a duration. The
+    pace only puts a long reply's natural end far away (minutes), so that a server that stops nothing fails by
+    that count (or by the client's hang guard) rather than by seconds."""
+
+    def __init__(self, model, seconds_per_call: float):
+        super().__init__(model, seconds_per_call)
+        self.calls: list[int] = []   # appended to by the worker thread only
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        if kv_cache is None or kv_cache.get_pos() == 0:
+            self.calls.append(0)
+        self.calls[-1] += 1
+        return super().forward(idx, kv_cache=kv_cache, last_only=last_only)
+
+
 def test_disconnected_stream_frees_the_worker(tiny_tokenizer):
-    model = endless_model(tiny_tokenizer)
-    with LiveServer(create_app(PacedModel(model, 0.05), tiny_tokenizer)) as base:
-        # a reply of 4000 tokens would hold the only worker for minutes; read two chunks and hang up
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4000, stream=True), timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-        t0 = time.time()
-        r = httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=2), timeout=30)
-        assert r.status_code == 200
-        assert time.time() - t0 < 10, "the abandoned generation kept the worker busy"
+    model = CountingModel(endless_model(tiny_tokenizer), 0.02)
+    with LiveServer(create_app(model, tiny_tokenizer)) as base:
+        # a reply of 4000 tokens would hold the only worker for minutes; read two chunks (the role, then a token:
+        # its generation is under way) and hang up
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=ask(max_tokens=4000, stream=True), timeout=60) as r:
+            events = (line for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(events)[6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert "content" in json.loads(next(events)[6:])["choices"][0]["delta"]
+        # the next request waits for the only worker; its timeout is a hang guard, not a bound
+        r = httpx.post(f"{base}/v1/chat/completions", json=ask(max_tokens=2), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 2
+        abandoned, ours = model.calls            # one worker: the abandoned generation ended before ours began
+        assert abandoned < 4000, "the abandoned generation ran to its end: the server never stopped it"
+        assert ours == 2
 
 
 def test_chat_drops_the_oldest_exchange_when_the_context_is_full(tiny_tokenizer, capsys):

@@ -28,14 +28,34 @@ def _tiny_net():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+class _FakeClock:
+    """shared_dir's `time` in a node process (a["fake_clock"]): sleep() moves this clock on by what was asked,
+    after a real pause of a few ms, so a wait lasts as many of its own seconds as it means to, however busy the
+    machine. For a wait that nothing can end early (nodes that share nothing), whose length is the point."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(0.005)
+        self.now += seconds
+
+
 def _job_check(a: dict, result: dict) -> None:
     from nanochat_core.node import shared_dir
-    t0 = time.monotonic()
+    clock = time.monotonic
+    if a.get("fake_clock"):
+        shared_dir.time = _FakeClock()
+        clock = shared_dir.time.monotonic
+    t0 = clock()
     try:
         shared_dir.check_shared_dir(Path(a["run_dir"]) / "base")
         result["shared"] = True
     finally:
-        result["seconds"] = time.monotonic() - t0
+        result["seconds"] = clock() - t0
 
 
 def _job_save(a: dict, result: dict) -> None:
@@ -142,13 +162,17 @@ def test_check_shared_dir_waits_for_late_visibility_and_still_fails_on_unshared_
     with ObjectStore(tmp_path / "s", write_back_s=0.5, dir_cache_s=1.5) as store:
         res = _run_nodes(tmp_path, "check", [store.view(0) / "run", store.view(1) / "run"], wait_s=30)
     assert all(r.get("shared") for r in res), res
-    assert max(r["seconds"] for r in res) > 0.5                      # visibility was late, and waited for
+    # visibility was late, and waited for: the store shows a node's file to the other only 0.5 s after it was
+    # written, so neither check can have ended sooner (a lower bound: a busy machine only makes it later)
+    assert max(r["seconds"] for r in res) > 0.5
 
+    # Nodes that share nothing: each waits out its bound (3 s), then fails clearly. On the nodes' injected clock,
+    # so "its bound" is exact and no busy machine stretches it: 3 polls of 1 s, not a second more or less.
     apart = [tmp_path / "n0" / "run", tmp_path / "n1" / "run"]
-    res = _run_nodes(tmp_path, "check", apart, wait_s=3)
+    res = _run_nodes(tmp_path, "check", apart, wait_s=3, fake_clock=True)
     for r in res:
-        assert "is not shared by all nodes" in r.get("error", ""), res
-        assert 2.5 < r["seconds"] < 30                                # its bound, then a clear failure
+        assert "is not shared by all nodes (after 3 s" in r.get("error", ""), res
+        assert r["seconds"] == 3.0, res
 
 
 # -----------------------------------------------------------------------------
