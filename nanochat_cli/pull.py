@@ -35,13 +35,13 @@ MANIFEST = "MANIFEST.sha256"
 EXCLUDES = ["optim_rank*.pt", ".logpos", ".job.json", ".*.tmp", ".lock", ".pipeline.lock"]
 
 
-def rsync(src: str, dest: Path, excludes: list[str] | None = None, ssh: bool = False) -> None:
+def rsync(src: str, dest: Path, ssh: bool = False) -> None:
     if shutil.which("rsync") is None:
         raise NanochatError("rsync is not installed: install it (e.g. `apt-get install rsync` or "
                             "`brew install rsync`) and run `nanochat pull` again")
     dest.mkdir(parents=True, exist_ok=True)
     cmd = ["rsync", "-a", "--partial", "--human-readable", "--info=progress2"]
-    for pattern in excludes if excludes is not None else EXCLUDES:
+    for pattern in EXCLUDES:
         cmd += ["--exclude", pattern]
     if ssh:
         cmd += ["-e", ssh_command(src.partition(":")[0])]
@@ -70,15 +70,17 @@ def ssh_command(cluster: str) -> str:
     return shlex.join(["ssh", "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={pinned}",
                        "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias=nanochat-{cluster}",
                        "-o", "ConnectTimeout=20"])
-def copy_local(src: Path, dest: Path, excludes: list[str] | None = None) -> int:
+
+
+def copy_local(src: Path, dest: Path) -> int:
     """A run on this machine comes home by a plain copy - no rsync needed. Same contract as rsync: the
     excluded patterns match a file or folder name at any depth; a file whose size and mtime already match is
     skipped (a re-run only copies what is missing or changed); each file is written to a temp name and renamed,
     so an interrupted copy never leaves a half-written file under its real name. Returns files copied."""
-    src, excludes = Path(src), (excludes if excludes is not None else EXCLUDES)
+    src = Path(src)
 
     def excluded(name: str) -> bool:
-        return any(fnmatch.fnmatch(name, pat) for pat in excludes)
+        return any(fnmatch.fnmatch(name, pat) for pat in EXCLUDES)
     copied = 0
     for root, dirs, files in os.walk(src):
         dirs[:] = [d for d in dirs if not excluded(d)]
@@ -114,8 +116,8 @@ def read_manifest(path: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def verify(run_dir: Path, skip_excluded: bool = True) -> int:
-    """Check every manifest entry in run_dir; returns how many files were verified."""
+def verify(run_dir: Path) -> int:
+    """Check every manifest entry in run_dir but the optimizer shards (EXCLUDES); returns how many were verified."""
     manifest = run_dir / MANIFEST
     if not manifest.exists():
         raise NanochatError(f"{manifest} is missing: the run has not finished (the pipeline writes it at the "
@@ -123,7 +125,7 @@ def verify(run_dir: Path, skip_excluded: bool = True) -> int:
     bad, checked = [], 0
     root = run_dir.resolve()
     for digest, rel in read_manifest(manifest):
-        if skip_excluded and Path(rel).match("optim_rank*.pt"):
+        if Path(rel).match("optim_rank*.pt"):
             continue
         f = run_dir / rel
         if not f.resolve().is_relative_to(root):  # a symlink in the pulled tree that leads out of it

@@ -132,8 +132,7 @@ class RunView:
         t = Table.grid(padding=(0, 2))
         rows = self.fields()
         for i in range(0, len(rows), 5):
-            chunk = rows[i:i + 5]
-            t.add_row(*[f"[dim]{k}[/] [bold]{v}[/]" for k, v in chunk])
+            t.add_row(*[f"[dim]{k}[/] [bold]{v}[/]" for k, v in rows[i:i + 5]])
         return Panel(t, title=self.title, border_style="cyan")
 
     def spending(self) -> bool:
@@ -158,15 +157,23 @@ def watch(lines: Iterator[tuple[str, Any]], view: RunView, save: Callable[[Any],
         if event is None:
             out(line)
             return
-        human = view.feed(event)
-        if human:
+        if human := view.feed(event):
             out(human)
-        warning = view.meter.check_warning()
-        if warning:
+        if warning := view.meter.check_warning():
             out(f"[warning] {warning}")
         if not live and event.get("event") == "progress" and time.time() - view.last_plain > 5:
             view.last_plain = time.time()
             out(view.plain_status())
+
+    def follow(refresh: Callable[[], None]) -> None:
+        nonlocal pos, last_save
+        for line, p in lines:
+            handle(line)
+            pos = p  # only after the line was shown: Ctrl-C in between must not skip it
+            refresh()
+            if time.time() - last_save > save_every_s:
+                save(pos)
+                last_save = time.time()
 
     try:
         if live:
@@ -177,22 +184,11 @@ def watch(lines: Iterator[tuple[str, Any]], view: RunView, save: Callable[[Any],
             with Live(console=console, get_renderable=view.panel, refresh_per_second=4, transient=False) as lv:
                 def out(text: str) -> None:
                     lv.console.print(escape(text), highlight=False, soft_wrap=True)
-                for line, p in lines:
-                    handle(line)
-                    pos = p  # only after the line was shown: Ctrl-C in between must not skip it
-                    lv.refresh()
-                    if time.time() - last_save > save_every_s:
-                        save(pos)
-                        last_save = time.time()
+                follow(lv.refresh)
         else:
             def out(text: str) -> None:
                 print(text, flush=True)
-            for line, p in lines:
-                handle(line)
-                pos = p
-                if time.time() - last_save > save_every_s:
-                    save(pos)
-                    last_save = time.time()
+            follow(lambda: None)
             if view.meter.stage:
                 print(view.plain_status(), flush=True)
     finally:

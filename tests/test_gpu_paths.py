@@ -8,8 +8,6 @@ from nanochat_core.gpt import model as M
 from nanochat_core.training import loop as training
 from nanochat_core.gpt.model import GPT, config_for_depth
 
-pytestmark = pytest.mark.skipif(not M.HAS_FLEX, reason="needs FlexAttention (torch >= 2.5)")
-
 
 def _tiny(impl="flex", T=32, vocab=256):
     torch.manual_seed(0)

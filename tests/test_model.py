@@ -7,9 +7,9 @@ import torch
 
 from nanochat_core.common import NanochatError
 from nanochat_core.gpt.model import (GPT, GPTConfig, attention_reference, attention_sdpa, config_for_depth,
-                                 count_params, flops_per_token, HAS_FLEX)
+                                 count_params, flops_per_token)
 
-IMPLS = ["sdpa"] + (["flex"] if HAS_FLEX else [])
+IMPLS = ["sdpa", "flex"]
 
 
 def build(cfg: GPTConfig, seed: int = 0, randomize: bool = True) -> GPT:

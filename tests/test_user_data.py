@@ -186,13 +186,13 @@ def test_bundle_is_built_once_deterministic_and_verified(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path / "home2"))
     b2 = user_data.build_bundle(docs, chat, "You are Ada.", progress=False, out=io.StringIO())
     assert b2.path != b1.path and b2.digest == b1.digest
-    assert user_data.verify_bundle(b2.path, b1.digest).digest == b1.digest
+    assert user_data.load_bundle(b2.path).verify(b1.digest).digest == b1.digest
     with pytest.raises(NanochatError, match="not the data this run was started with"):
-        user_data.verify_bundle(b2.path, "0" * 64)
+        user_data.load_bundle(b2.path).verify("0" * 64)
     shard = next((b2.path / "docs").glob("shard_*.parquet"))
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(NanochatError, match=r"docs/shard_0000\d.parquet is missing or damaged"):
-        user_data.verify_bundle(b2.path, b1.digest)
+        user_data.load_bundle(b2.path).verify(b1.digest)
 
 
 def test_bad_conversations_refuse_the_bundle_or_are_skipped_with_a_count(tmp_path, monkeypatch):

@@ -75,9 +75,7 @@ class DataLoader:
         self._buf: dict[int, tuple[Ref, list[int]]] = {}   # insertion number -> (document ref, token ids)
         self._keys: list[tuple[int, int]] = []             # sorted (length, insertion number): best-fit lookups
         self._seq = 0
-        self.batches = 0
-        self.tokens_used = 0          # packing statistics since construction (not part of the state)
-        self.tokens_cropped = 0
+        self.tokens_used = self.tokens_cropped = 0   # packing statistics since construction (not part of the state)
         self.last_docs: list[Ref] = []    # the documents (whole or cropped) packed into the last batch
         self._order_cache: tuple[int, list[int]] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -194,7 +192,6 @@ class DataLoader:
         return self.tokens_cropped / total if total else 0.0
 
     def next_batch(self):
-
         docs: list[Ref] = []
         rows = [self._row(docs) for _ in range(self.B)]
         batch = torch.tensor(rows, dtype=torch.long)
@@ -203,7 +200,6 @@ class DataLoader:
             batch = batch.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":
             batch = batch.to(device)
-        self.batches += 1
         self.last_docs = docs
         return batch[:, :-1], batch[:, 1:]
 
@@ -231,7 +227,7 @@ class DataLoader:
         return {
             "version": STATE_VERSION, "split": self.split, "seed": self.seed,
             "rank": self.rank, "world_size": self.world_size,
-            "epoch": self._epoch, "next_pos": self._next_pos, "batches": self.batches,
+            "epoch": self._epoch, "next_pos": self._next_pos,
             "buffer": [list(self._buf[s][0]) for s in sorted(self._buf)],
         }
 
@@ -253,16 +249,13 @@ class DataLoader:
         self.close()
         self._buf, self._keys, self._seq = {}, [], 0
         self._epoch, self._next_pos = int(epoch), int(next_pos)
-        self.batches = int(states[self.rank if len(states) == self.world_size else 0].get("batches", 0))
         # re-read and re-tokenise the buffered documents, a row group at a time, keeping their order
         wanted: dict[tuple[int, int], list[int]] = {}
         for name, group, doc in refs:
             if name not in self._shard_index:
                 raise NanochatError(f"data loader state refers to shard {name}, which is not in the {self.split} data")
             wanted.setdefault((self._shard_index[name], int(group)), []).append(int(doc))
-        tokens: dict[Ref, list[int]] = {}
-        for (shard, group), docs in wanted.items():
-            for ref, toks in self._read_docs(shard, group, sorted(set(docs))):
-                tokens[ref] = toks
+        tokens = {ref: toks for (shard, group), docs in wanted.items()
+                  for ref, toks in self._read_docs(shard, group, sorted(set(docs)))}
         for name, group, doc in refs:
             self._add((name, int(group), int(doc)), tokens[(name, int(group), int(doc))])

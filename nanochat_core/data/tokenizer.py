@@ -18,7 +18,6 @@ The shape follows nanochat / GPT-4:
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -48,22 +47,15 @@ DEFAULT_VOCAB_SIZE = 32768  # 2^15, nanochat's default
 def _byte_to_unicode() -> dict[int, str]:
     """The byte <-> printable-character table byte-level BPE stores its tokens in (GPT-2's scheme):
     printable Latin-1 bytes stand for themselves, the other 68 are shifted to code points 256+."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(shifted)) for b in range(256)}
 
 
 class Tokenizer:
     """Load with `Tokenizer.load(dir)` or train with `Tokenizer.train_from_iterator(texts, vocab_size)`."""
 
     def __init__(self, tokenizer_json: str):
-
         self._json = tokenizer_json
         try:
             spec = json.loads(tokenizer_json)
@@ -96,11 +88,10 @@ class Tokenizer:
     def train_from_iterator(cls, texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> "Tokenizer":
         """Train byte-level BPE on an iterator of documents. The vocab holds 256 bytes + merges + 9 specials;
         a corpus too small for the requested size yields fewer merges (get_vocab_size() tells)."""
-
         min_size = 256 + len(SPECIAL_TOKENS)
         if vocab_size < min_size:
             raise NanochatError(f"vocab size {vocab_size} is too small: need at least {min_size} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
-        seen = {"docs": 0, "chars": 0}
+        seen = {"docs": 0}
 
         def batches(n: int = 1000) -> Iterator[list[str]]:
             # lists rather than single strings: fewer Python->Rust crossings (~20% faster training here)
@@ -108,7 +99,6 @@ class Tokenizer:
             for t in texts:
                 if t:
                     seen["docs"] += 1
-                    seen["chars"] += len(t)
                     batch.append(t)
                     if len(batch) == n:
                         yield batch
@@ -190,24 +180,16 @@ class Tokenizer:
         """Encode a string (-> list[int]) or a list of strings (-> list[list[int]], threaded).
         Special-token text inside `text` is encoded as ordinary bytes: specials only come from
         `prepend`/`append`, `encode_special` or chat rendering."""
-        pre, post = self._resolve(prepend), self._resolve(append)
         if isinstance(text, str):
-            ids = self._enc.encode_ordinary(text)
-            if pre is not None:
-                ids.insert(0, pre)
-            if post is not None:
-                ids.append(post)
-            return ids
+            return self.encode([text], prepend, append, num_threads=1)[0]
         if not isinstance(text, list):
             raise NanochatError(f"encode() takes a str or a list of str, got {type(text).__name__}")
+        pre, post = self._resolve(prepend), self._resolve(append)
         threads = num_threads or min(8, os.cpu_count() or 1)
         batch = self._enc.encode_ordinary_batch(text, num_threads=threads) if threads > 1 else [self._enc.encode_ordinary(t) for t in text]
         if pre is not None or post is not None:
             batch = [([pre] if pre is not None else []) + ids + ([post] if post is not None else []) for ids in batch]
         return batch
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids. Ids outside the vocab (the model pads its vocab to a multiple of 64, so an untrained
@@ -230,8 +212,7 @@ class Tokenizer:
             first = dict(messages[1])
             first["content"] = _text_of(messages[0]) + "\n\n" + _text_of(messages[1])
             messages = [first] + messages[2:]
-        ids: list[int] = []
-        mask: list[int] = []
+        ids, mask = [], []
 
         def add(tokens: int | list[int], m: int) -> None:
             tokens = [tokens] if isinstance(tokens, int) else tokens
@@ -273,8 +254,7 @@ class Tokenizer:
     def render_for_completion(self, conversation: dict[str, Any]) -> list[int]:
         """Prompt ids for sampling the next assistant turn: the conversation without its final
         assistant message (if it has one), ending in <|assistant_start|>."""
-        conv = copy.deepcopy(conversation)
-        messages = _messages(conv)
+        messages = _messages(conversation)   # read, never changed: render_conversation copies what it alters
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 62)

@@ -12,7 +12,7 @@ an identity for the assistant. Read, checked and packed ONCE (on the machine tha
     <bundle>/MANIFEST.sha256                sha256 of every file above; sha256(MANIFEST) names the bundle
 
 Building is deterministic (same inputs -> the same bytes, so the same digest): a relaunched or resumed run
-proves it reads exactly the bytes it started with by comparing that digest (verify_bundle).
+proves it reads exactly the bytes it started with by comparing that digest (Bundle.verify).
 
 Documents: .txt/.md/.markdown/.text are one document per file; .jsonl one per line (its "text" field);
 .parquet one per row (its "text" column); nested folders are walked, hidden files ignored, anything else
@@ -152,8 +152,6 @@ def read_documents(folder: str | os.PathLike, progress: bool = True) -> tuple[li
     """All documents under `folder` (chunked), the summary, and the problems (bad lines, non-UTF-8 files).
     A folder with no readable document at all is refused whatever skip_bad says: there is nothing to train on."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise NanochatError(f"--data {folder}: no such folder")
     files = list(iter_document_files(folder))
     summary, problems, docs = DocSummary(), [], []
     bar = Progress(TextColumn("[bold]your documents[/]"), BarColumn(), MofNCompleteColumn(),
@@ -278,8 +276,6 @@ def check_conversation(row: Any) -> str | None:
 def read_conversations(path: str | os.PathLike) -> tuple[list[dict], list[Problem]]:
     """The good conversations of a chat JSONL (each with "source": "name:line") and every problem found."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise NanochatError(f"--chat-data {path}: no such file")
     name = path.name
     lines, problems = _decode_lines(path.read_bytes(), name)
     rows = []
@@ -307,6 +303,16 @@ def too_long(rows: list[dict], tokenizer, max_tokens: int) -> list[Problem]:
             out.append(Problem(file, int(line) if line.isdigit() else None,
                                f"conversation is {n} tokens, longer than the model's context ({max_tokens})"))
     return out
+
+
+def fitting(bundle: Bundle, rows: list[dict], tokenizer, max_tokens: int) -> list[dict]:
+    """`rows` (the bundle's conversations) without those longer than the model's context: refused, or with
+    --skip-bad listed on stdout, counted and left out."""
+    long = too_long(rows, tokenizer, max_tokens)
+    if long:
+        settle(long, f"the conversations in {bundle.info['chat']['file']}", bundle.info["skip_bad"], out=sys.stdout)
+    dropped = {f"{p.file}:{p.line}" for p in long}
+    return [r for r in rows if r["source"] not in dropped]
 
 
 def split_held_out(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -393,14 +399,6 @@ def with_system(row: dict, identity: str | None) -> dict:
     return {**row, "messages": [{"role": "system", "content": identity}] + msgs}
 
 
-def without_shipped_identity(rows) -> list[dict]:
-    """The shipped chat set minus its who-are-you answers (they name 'nanochat'): with --identity they would
-    teach the model two names."""
-    def names_nanochat(conv: dict) -> bool:
-        return any(m["role"] == "assistant" and "nanochat" in str(m["content"]).lower() for m in conv["messages"])
-    return [r for r in rows if not names_nanochat(r)]
-
-
 def share_epochs(base_size: int, extras: list[tuple[int, float]]) -> tuple[float, list[float]]:
     """Epochs for a base mixture of `base_size` conversations and extra sets (size, share of the result) so
     that each extra set makes up its share. Shares summing to 1 drop the base mixture."""
@@ -434,11 +432,45 @@ class Bundle:
 
     @property
     def identity(self) -> str | None:
-        p = self.path / "identity.txt"
-        return p.read_text(encoding="utf-8") if self.info.get("identity") else None
+        return (self.path / "identity.txt").read_text(encoding="utf-8") if self.info.get("identity") else None
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def verify(self, digest: str | None) -> Bundle:
+        """Every file against the manifest, and the manifest against the digest the run was planned with. On a
+        node this runs before training: an upload cut short or a changed file stops the run here."""
+        if digest and self.digest != digest:
+            raise NanochatError(f"your data at {self.path} is not the data this run was started with (manifest "
+                                f"sha256 {self.digest[:12]}..., expected {digest[:12]}...); start a new run with "
+                                "--name NEW to train on changed data")
+        for line in (self.path / "MANIFEST.sha256").read_text().splitlines():
+            want, _, rel = line.partition("  ")
+            f = self.path / rel
+            if ".." in Path(rel).parts or not f.is_file() or sha256_file(f) != want:
+                raise NanochatError(f"your data at {self.path}: {rel} is missing or damaged (sha256 mismatch); "
+                                    "launch again to upload it afresh")
+        return self
+
+    def mixed_with(self, public: Path, share: float) -> Path:
+        """A shard directory of `public` and your documents at `share` of the characters (mix_dir), said out loud."""
+        mixed, got = mix_dir(public, self.docs, share)
+        print(f"your documents: mixed with {public.name} at {got:.0%} of the characters (asked for {share:.0%}) "
+              f"in {mixed}", flush=True)
+        return mixed
+
+    def check_with_tokenizer(self, run_dir: Path, context_len: int) -> int | None:
+        """Once the run's tokenizer exists (before base training spends anything): conversations longer than the
+        model's context are refused (or skipped with --skip-bad). Returns your documents' training tokens
+        (None without documents)."""
+        from nanochat_core.data.tokenizer import get_tokenizer   # lazy: torch, which `nanochat train` never loads
+        tok = get_tokenizer(run_dir)
+        fitting(self, conversations(self), tok, context_len + 1)
+        if self.docs is None:
+            return None
+        per_shard = (pq.read_table(shard, columns=["text"]).column("text").to_pylist()
+                     for shard in split_shards(self.docs, "train"))
+        return sum(len(ids) for texts in per_shard for ids in tok.encode(texts, prepend=tok.get_bos_token_id()))
 
 
 def _fingerprint(docs: Path | None, chat: Path | None, identity: str | None, skip_bad: bool) -> str:
@@ -507,8 +539,7 @@ def build_bundle(docs: str | os.PathLike | None = None, chat: str | os.PathLike 
 def _describe(info: dict) -> str:
     parts = []
     if info.get("docs"):
-        d = info["docs"]
-        parts.append(f"{d['documents']:,} documents, ~{d['estimated_tokens']:,} tokens")
+        parts.append(f"{info['docs']['documents']:,} documents, ~{info['docs']['estimated_tokens']:,} tokens")
     if info.get("chat"):
         parts.append(f"{info['chat']['conversations']} conversations")
     if info.get("identity"):
@@ -516,12 +547,10 @@ def _describe(info: dict) -> str:
     return ", ".join(parts) or "nothing"
 
 
-def write_manifest(folder: Path) -> str:
+def write_manifest(folder: Path) -> None:
     lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}"
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "MANIFEST.sha256"]
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(folder / "MANIFEST.sha256", text)
-    return hashlib.sha256(text.encode()).hexdigest()
+    atomic_write_text(folder / "MANIFEST.sha256", "\n".join(lines) + "\n")
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -531,23 +560,6 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise NanochatError(f"{path} is not a prepared data bundle (no MANIFEST.sha256)")
     info = json.loads((path / "bundle.json").read_text())
     return Bundle(path, hashlib.sha256(manifest.read_bytes()).hexdigest(), info)
-
-
-def verify_bundle(path: str | os.PathLike, digest: str | None) -> Bundle:
-    """Every file of the bundle against its manifest, and the manifest against the digest the run was planned
-    with. On a node this runs before training: an upload cut short or a changed file stops the run here."""
-    bundle = load_bundle(path)
-    if digest and bundle.digest != digest:
-        raise NanochatError(f"your data at {path} is not the data this run was started with (manifest sha256 "
-                            f"{bundle.digest[:12]}..., expected {digest[:12]}...); start a new run with --name NEW "
-                            "to train on changed data")
-    for line in (bundle.path / "MANIFEST.sha256").read_text().splitlines():
-        want, _, rel = line.partition("  ")
-        f = bundle.path / rel
-        if ".." in Path(rel).parts or not f.is_file() or sha256_file(f) != want:
-            raise NanochatError(f"your data at {path}: {rel} is missing or damaged (sha256 mismatch); "
-                                "launch again to upload it afresh")
-    return bundle
 
 
 def conversations(bundle: Bundle) -> list[dict]:

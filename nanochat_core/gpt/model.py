@@ -36,14 +36,9 @@ from nanochat_core.gpt.model_config import (  # noqa: F401
 )
 from nanochat_core.gpt.quantize import swap_modules
 from nanochat_core.gpt.muon import MuonAdamW
-
-# FlexAttention is optional: present in torch >= 2.5; the CUDA fast path uses it, everything else
-# falls back to SDPA. (It also runs eagerly on CPU - unfused and slow - which the tests use.)
-try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    HAS_FLEX = True
-except ImportError:  # pragma: no cover - old torch
-    HAS_FLEX = False
+# FlexAttention (torch >= 2.5, our floor): the CUDA fast path; everything else falls back to SDPA. (It also
+# runs eagerly on CPU - unfused and slow - which the tests use.)
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 SOFTCAP = 15.0         # logits = 15 * tanh(logits / 15)
 ROPE_BASE = 100_000    # rotary base (the reference uses 100k rather than the classic 10k)
@@ -113,14 +108,12 @@ def attention_sdpa(q, k, v, pos0: int, window: int | None, mask_cache: dict | No
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.size(1) != k.size(1))
     # general case (windows, or a multi-token chunk on top of a cache): explicit bool mask. Masked SDPA
     # is not eligible for the flash kernel anyway, so expand GQA heads rather than rely on enable_gqa.
+    cache = {} if mask_cache is None else mask_cache
     key = (Tq, Tk, pos0, window)
-    mask = mask_cache.get(key) if mask_cache is not None else None
-    if mask is None:
-        mask = attention_mask(Tq, Tk, pos0, window, q.device)
-        if mask_cache is not None:
-            mask_cache[key] = mask
+    if key not in cache:
+        cache[key] = attention_mask(Tq, Tk, pos0, window, q.device)
     k, v = _expand_kv(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=cache[key])
 
 
 _BLOCK_MASKS: "OrderedDict" = OrderedDict()   # (T, window, device) -> BlockMask, least recently used first
@@ -203,9 +196,7 @@ def flex_shape_admitted(B: int, T: int, sequence_len: int, device: torch.device,
 
 def resolve_attn_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
-        return "flex" if (HAS_FLEX and device.type == "cuda") else "sdpa"
-    if impl == "flex" and not HAS_FLEX:
-        return "sdpa"
+        return "flex" if device.type == "cuda" else "sdpa"
     return impl
 
 

@@ -216,15 +216,11 @@ class MuonAdamW(torch.optim.Optimizer):
             raise NanochatError("MuonAdamW does not take a closure")
         rank, world = _world()
         # phase 1: launch every gradient reduction (async), in group order
-        launched = []
-        for g in self.param_groups:
-            launched.append(self._launch_muon_reduce(g, rank, world) if g["kind"] == "muon"
-                            else self._launch_adamw_reduce(g, world))
+        launched = [self._launch_muon_reduce(g, rank, world) if g["kind"] == "muon"
+                    else self._launch_adamw_reduce(g, world) for g in self.param_groups]
         # phase 2: consume them in order: update this rank's part, launch the all-gathers (async)
-        gathers = []
-        for g, job in zip(self.param_groups, launched):
-            gathers.append(self._muon_update(g, job, rank, world) if g["kind"] == "muon"
-                           else self._adamw_update(g, job, rank, world))
+        gathers = [self._muon_update(g, job, rank, world) if g["kind"] == "muon"
+                   else self._adamw_update(g, job, rank, world) for g, job in zip(self.param_groups, launched)]
         # phase 3: wait for the new weights and write them into the parameters
         for finish in gathers:
             for fn in finish:
@@ -271,7 +267,6 @@ class MuonAdamW(torch.optim.Optimizer):
         lo, hi, per = self._muon_chunk(len(params), rank, world)
         own = params[lo:hi]
         rows, cols = params[0].shape
-        finish = []
         if own:
             grads_own = grads[:hi - lo]
             for p in own:
@@ -300,7 +295,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if world == 1:
             for i, p in enumerate(own):
                 p.copy_(w[i])
-            return finish
+            return []
         if w.size(0) < per:                                                          # pad (rank owns < per)
             w = torch.cat([w, w.new_zeros((per - w.size(0), rows, cols))])
         gathered = w.new_empty((per * world, rows, cols))
@@ -309,8 +304,7 @@ class MuonAdamW(torch.optim.Optimizer):
             work.wait()
             for i, p in enumerate(params):
                 p.copy_(gathered[i])
-        finish.append(write_back)
-        return finish
+        return [write_back]
 
     def _adamw_update(self, g: dict, jobs, rank: int, world: int):
         b1, b2 = g["betas"]
@@ -396,9 +390,6 @@ class MuonAdamW(torch.optim.Optimizer):
             covered = r["end"]
         if covered != rows:
             raise NanochatError(f"optimizer shards for {name} cover {covered} of {rows} rows: a shard is missing")
-        if len(parts) == 1:
+        if len(parts) == 1:   # the common case (one old rank held it all): no copy
             return dict(parts[0])
-        merged = {}
-        for k, v in parts[0].items():
-            merged[k] = torch.cat([pt[k] for pt in parts]) if torch.is_tensor(v) else v
-        return merged
+        return {k: torch.cat([pt[k] for pt in parts]) if torch.is_tensor(v) else v for k, v in parts[0].items()}

@@ -86,8 +86,6 @@ def evaluate(expr: str, time_limit_s: float = TIME_LIMIT_S) -> str:
 def format_value(value: int | float | str) -> str:
     """How a result reads to the model: integers plainly, integral floats without ".0" (48/2 -> "24", as
     in the GSM8K tool calls it was trained on), other floats to 12 significant digits."""
-    if isinstance(value, str):
-        return value
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e16:
             return str(int(value))
@@ -96,9 +94,7 @@ def format_value(value: int | float | str) -> str:
 
 
 def _check(value):
-    if isinstance(value, bool):  # True/False never come from literals we allow, but be strict
-        raise CalculatorError("booleans are not supported")
-    if isinstance(value, int):
+    if isinstance(value, int):   # never a bool: no literal we allow, nor any operation on them, makes one
         if value != 0 and _int_digits(value) > MAX_INT_DIGITS:
             raise CalculatorError(f"number larger than 10**{MAX_INT_DIGITS}")
     elif isinstance(value, float):

@@ -78,15 +78,9 @@ class KVCache:
 
     # -- management ------------------------------------------------------------------------------
     def copy_from(self, other: "KVCache") -> None:
-        """Fill this (batch N) cache with the contents of a prefilled batch-1 (or batch-N) cache."""
-        if other.k is None:
-            return
-        if other.pos > self.limit:
-            raise NanochatError(f"prompt of {other.pos} tokens does not fit the model's context ({self.limit})")
-        if self.k is None:
-            self._allocate(max(self.max_len, other.pos), other.k.dtype, other.k.device)
-        if other.pos > self.k.size(3):
-            self._grow(other.pos)
+        """Fill this fresh (batch N) cache with the contents of a prefilled batch-1 cache: the prompt, which
+        Engine.generate has checked fits the context."""
+        self._allocate(max(self.max_len, other.pos), other.k.dtype, other.k.device)
         self.k[:, :, :, :other.pos] = other.k[:, :, :, :other.pos]   # broadcasts B=1 -> B=N
         self.v[:, :, :, :other.pos] = other.v[:, :, :, :other.pos]
         self.pos = other.pos
@@ -301,9 +295,7 @@ class Engine:
                 else:
                     results[i].append(tok)
                     masks[i].append(m)
-            if all(done):
-                break
-        return results, masks
+        return results, masks   # (generate itself ends once every row is done)
 
     def stream_reply(self, tokens: list[int], max_tokens: int = 512, temperature: float = 0.6,
                      top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,

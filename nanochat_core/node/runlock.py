@@ -199,18 +199,15 @@ def acquire(run_dir: str | os.PathLike, role: str = "pipeline", wait_s: float = 
                       f"{ORPHAN_GRACE_S:.0f} s)", file=sys.stderr, flush=True)
                 said = True
             time.sleep(0.2)
-    except OSError as e:
+    except BaseException as e:
         for f in (fd, pfd):
             if f is not None:
                 os.close(f)
+        if not isinstance(e, OSError):
+            raise
         print(f"warning: cannot lock {path} ({e.strerror}); not guarding against a second writer",
               file=sys.stderr, flush=True)
         return None
-    except BaseException:
-        for f in (fd, pfd):
-            if f is not None:
-                os.close(f)
-        raise
     if said:
         print(f"{run_dir}: the stopped run's processes are gone; starting", file=sys.stderr, flush=True)
     _write(fd, [(role, os.getpid())])
@@ -228,7 +225,6 @@ def _inside_holder(run_dir: Path, fd: int, pfd: int | None) -> None:
         if f is not None:
             os.close(f)
     _held[str(run_dir.resolve())] = -1
-    return None
 
 
 def record_stage(fd: int | None, stage_pid: int) -> None:

@@ -40,9 +40,9 @@ clone/unshare system calls in its seccomp profile) and, when we are root, an int
 can read (the running one, else /usr/bin/python3; only the standard library is available inside).
 CI runs as root in a VM: there bwrap runs as nobody and creates the user namespace unprivileged (checked
 on Debian 12, bwrap 0.8). A call costs bwrap ~5 ms over starting Python.
-Whether it works is probed once per process (a tiny program must run inside as the first process of a
-new pid namespace, with no network, a read-only root and our seccomp filter on it). If it does not, nothing runs: run_sandboxed returns status "unavailable" and the HumanEval
-task reports itself not evaluated, with the reason. There is no weaker fallback on purpose.
+Whether it works is probed once per process (_PROBE). If it does not, nothing runs: run_sandboxed returns
+status "unavailable" and the HumanEval task reports itself not evaluated, with the reason. There is no weaker
+fallback on purpose.
 
 Who decides "passed". The child can print anything, exit with any code, and read anything in its own
 memory (a nonce kept there can be printed), so nothing the child says can prove the tests ran to the end.
@@ -82,14 +82,12 @@ TMP_SIZE = 64 << 20      # size of the private /tmp, where bwrap supports --size
 EXIT_MEMORY = 99         # the runner's exit code when the program ran out of memory (a label, not a verdict)
 EXIT_CPU = 98            # the init's exit code when the program was ended by its CPU-time limit (a label too)
 
-# The child's runner, shared by all modes. It starts as the pid namespace's first process, sets the limits
-# (inherited by every process forked after this), then forks: the child goes on to run the program from the
-# read-only file bwrap put at /sandbox/program.py; the parent stays as the namespace's init. Everything after
-# the fork, in the child, is within the program's reach. The init is out of its reach: signals from inside
-# the namespace to its init are dropped unless it installed a handler (SIGINT's is reset to the default
-# here), ptrace is refused by the seccomp filter, /proc/1/mem is read-only, and it holds no descriptor (a
-# pipe it kept would hide the candidate's end from the checker). When the program's process ends, so does
-# the init, and the kernel then kills whatever is left in the namespace.
+# The runner, shared by all modes (the module docstring's "limits"): after its fork the child runs the program
+# from the read-only file bwrap put at /sandbox/program.py, and is within the program's reach. The init is out of
+# its reach: signals from inside the namespace to its init are dropped unless it installed a handler (SIGINT's
+# is reset to the default here), ptrace is refused by the seccomp filter, /proc/1/mem is read-only, and it holds
+# no descriptor (a pipe it kept would hide the candidate's end from the checker). When the program's process
+# ends, so does the init, and the kernel then kills whatever is left in the namespace.
 _LIMITS = r'''
 import os, resource, sys
 cpu, mem, nproc, fsize = (int(x) for x in sys.argv[1:5])
@@ -162,9 +160,11 @@ def _body():
 _finish(_body)
 '''
 
-# The candidate's side of check mode: define the program's functions, then answer calls one at a time.
-# Frames on the pipes are a 10-digit length and the repr of a Python literal.
+# Both sides of check mode speak in frames on the pipes: a 10-digit length and the repr of a Python literal.
+# The candidate's side (_SERVE) defines the program's functions, then answers calls one at a time.
 _FRAMES = r'''
+import ast
+
 def _send(fd, text):
     data = text.encode("utf-8", "backslashreplace")
     data = b"%010d" % len(data) + data
@@ -187,8 +187,6 @@ def _recv(fd, limit):
 '''
 
 _SERVE = _LIMITS + _FRAMES + r'''
-import ast
-
 
 def _body():
     entry, req, resp = sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
@@ -215,7 +213,6 @@ _finish(_body)
 # The checker (trusted test code, its own sandbox): runs check(candidate) with a stub for the candidate.
 # Exit status 0 only if check() returned; that status is the verdict.
 _CHECK = _LIMITS + _FRAMES + r'''
-import ast
 req, resp, limit, entry = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
 
 def candidate(*args, **kwargs):
@@ -425,8 +422,8 @@ def unavailable_reason() -> str | None:
     return found if isinstance(found, str) else None
 
 
-# Runs directly as the sandbox's pid 1 (no runner): it must really be inside, a new pid namespace, no network
-# but lo, a root it cannot write to, and our seccomp filter on it.
+# The probe, run directly as the sandbox's pid 1 (no runner): it must really be inside, a new pid namespace, no
+# network but lo, a root it cannot write to, and our seccomp filter on it.
 _PROBE = ("import os, socket\n"
           "print(os.getpid() == 1, [n for _, n in socket.if_nameindex()] == ['lo'],\n"
           "      'Seccomp:\\t2' in open('/proc/self/status').read())\n"
@@ -538,13 +535,10 @@ def _start(prefix: list[str], popen: dict, source: str, runner: str, argv: list[
            fds: list[int]) -> subprocess.Popen:
     """One sandbox: `source` appears read-only at /sandbox/program.py (copied in by bwrap from a memfd), and the
     seccomp filter is read by bwrap from another."""
-    memfd = _memfd("program", source.encode("utf-8"))
+    memfd = sfd = None   # ours to close whatever happens: the sandbox gets its own copies
     try:
+        memfd = _memfd("program", source.encode("utf-8"))
         sfd = _memfd("seccomp", seccomp_filter())
-    except BaseException:
-        os.close(memfd)
-        raise
-    try:
         argv0 = prefix.index("--")
         cmd = (prefix[:argv0] + ["--seccomp", str(sfd), "--ro-bind-data", str(memfd), "/sandbox/program.py"]
                + _READ_ONLY + prefix[argv0:] + ["-c", runner] + argv)
@@ -552,8 +546,9 @@ def _start(prefix: list[str], popen: dict, source: str, runner: str, argv: list[
         return subprocess.Popen(cmd, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, pass_fds=[memfd, sfd] + fds, start_new_session=True, **popen)
     finally:
-        os.close(memfd)
-        os.close(sfd)
+        for fd in (memfd, sfd):
+            if fd is not None:
+                os.close(fd)
 
 
 @dataclass

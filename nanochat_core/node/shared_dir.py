@@ -92,9 +92,7 @@ def dist_active() -> bool:
 
 
 def rank() -> int:
-    if not dist_active():
-        return 0
-    return dist.get_rank()
+    return dist.get_rank() if dist_active() else 0
 
 
 def barrier() -> None:
@@ -120,22 +118,21 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def check_shared_dir(stage_dir: str | os.PathLike, timeout_s: float | None = None) -> None:
+def check_shared_dir(stage_dir: str | os.PathLike) -> None:
     """Collective. All ranks must see the same stage dir (every rank writes its optimizer shard into the
     checkpoint rank 0 commits). One node always does; several nodes only with a shared or bucket-mounted run
     dir. Checked both ways and with patience, since another node's file shows up late: every rank writes a
     probe, every rank waits to see rank 0's, rank 0 waits to see every rank's. A misconfigured multi-node run
-    fails at start-up (after timeout_s: 3 min, or $NANOCHAT_SHARED_WAIT_S), not at its first checkpoint."""
+    fails at start-up (after 3 min, or $NANOCHAT_SHARED_WAIT_S), not at its first checkpoint."""
     if not dist_active():
         return
     stage_dir, me, world = Path(stage_dir), dist.get_rank(), dist.get_world_size()
-    timeout_s = wait_s(180.0) if timeout_s is None else timeout_s
     token = broadcast(secrets.token_hex(8))
     probe = [f".shared-probe-{token}-{r:03d}" for r in range(world)]
     stage_dir.mkdir(parents=True, exist_ok=True)   # on every node: a bucket has no empty directories
     (stage_dir / probe[me]).write_text(token)
     t0 = time.monotonic()
-    unseen = wait_until_seen(stage_dir, dict.fromkeys(probe if me == 0 else probe[:1]), timeout_s)
+    unseen = wait_until_seen(stage_dir, dict.fromkeys(probe if me == 0 else probe[:1]), wait_s(180.0))
     blind = [r for r, u in enumerate(all_gather(unseen)) if u]
     (stage_dir / probe[me]).unlink(missing_ok=True)
     if blind:

@@ -26,18 +26,15 @@ from pathlib import Path
 
 from nanochat_core.gpt import checkpoint
 from nanochat_core.training import loop as training
-from nanochat_core.node.device import device_peak_flops
-from nanochat_core.common import (NanochatError, data_dir, device_memory_gb, emit, print0, run_main,
-                                  set_seed)
+from nanochat_core.node.device import allow_tf32, device_peak_flops
+from nanochat_core.common import NanochatError, data_dir, device_memory_gb, emit, print0, run_main, set_seed
 from nanochat_core.training.stage_run import StageRun
 from nanochat_core.training.loop import preset_device_batch
-from nanochat_core.gpt.model_config import GPTConfig, flops_per_token
-from nanochat_core.gpt.model import config_for_depth, count_params
+from nanochat_core.gpt.model_config import GPTConfig, config_for_depth, count_params, flops_per_token
 import torch
 from nanochat_core.inference.calculator import readable_text
 from nanochat_core.data.dataloader import DataLoader
 from nanochat_core.data.dataset import ensure_bundled
-from nanochat_core.node.device import allow_tf32
 
 STAGE = "base"
 
@@ -193,20 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def build_model(config_dict: dict, device, compile_model: bool):
-    from nanochat_core.gpt.model import GPT, GPTConfig
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_dict(config_dict))
-    model.to_empty(device=device)
-    model.init_weights()
-    return model, (torch.compile(model, dynamic=False) if compile_model else model)
-
-
 def make_optimizer(model, plan: dict, compile_muon: bool = False):
-    s = plan["lr_scale"]
-    opt = model.setup_optimizer(lr_scale=s, weight_decay=plan["weight_decay"], compile_muon=compile_muon)
-    training.remember_initial_lr(opt)
-    return opt
+    return model.setup_optimizer(lr_scale=plan["lr_scale"], weight_decay=plan["weight_decay"], compile_muon=compile_muon)
 
 
 def time_one_step(model, fwd, optimizer, B: int, T: int, grad_accum: int, device, device_type: str) -> float:
@@ -256,7 +241,6 @@ def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device) -> str
 # -----------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-
     args = parse_args(argv)
     run = StageRun(STAGE, args.run_dir, device=args.device, deadline=args.deadline,
                    save_every_minutes=args.save_every_minutes, save_every_steps=args.save_every_steps,
@@ -264,13 +248,11 @@ def main(argv=None) -> None:
     rt, guard, tokenizer, stage_dir = run.rt, run.guard, run.tokenizer, run.stage_dir
     if rt.device_type == "cuda":
         allow_tf32()
-    if args.data is None:
-        data = data_dir() / "bundled"
+    data = args.data or data_dir() / "bundled"
+    if args.data is None:   # the bundled corpus, unpacked once (rank 0) for every rank
         if rt.master:
             ensure_bundled(data)
         checkpoint.barrier()
-    else:
-        data = args.data
 
     # Resume point first: if there is one, its plan wins over flags and timing (exact continuation).
     found = run.resume_from
@@ -304,24 +286,26 @@ def main(argv=None) -> None:
         # command gives the same weights, busy machine or not.
         torch.use_deterministic_algorithms(True, warn_only=True)
     set_seed(plan["seed"])
-    model, fwd = build_model(plan["config"], rt.device, compile_model)
+    model = run.build_model(plan["config"])
+    fwd = torch.compile(model, dynamic=False) if compile_model else model
     # Until the first save is timed, assume rank 0 writes the fp32 weights plus its share of ~2x that in
     # optimizer state at ~300 MB/s: the deadline guard must stop early enough to save a big model too.
     n = model.num_params()
     guard.note_save(max(1.0, (4 * n + 8 * n / rt.world_size) / 300e6))
-    if plan["total_steps"] is None:  # --minutes: time a step once, fix the horizon, store it in the plan
-        opt = make_optimizer(model, {**plan, "weight_decay": 0.0})
+    if compile_model and rt.device_type == "cpu" and args.compile == "auto":
+        # Compile now, on one forward/backward of random tokens (no optimizer step: the weights stay as they
+        # are), so that a machine whose inductor cannot compile (no working C++ toolchain) trains eager instead
+        # of failing at its first step: a speed-up must not end the run.
         try:
-            step_s = time_one_step(model, fwd, opt, B, T, grad_accum, rt.device, rt.device_type)
-        except Exception as e:  # inductor on CPU needs a working C++ toolchain: a speed-up must not end the run
-            if not compile_model or rt.device_type == "cuda" or args.compile == "on":
-                raise
+            compile_probe(fwd, model, B, T, rt.device)
+        except Exception as e:
             print0(f"note: torch.compile is not usable here ({type(e).__name__}: {str(e)[:120]}); training eager")
             torch._dynamo.reset()
             fwd, compile_model = model, False
-            model.zero_grad(set_to_none=True)
-            opt = make_optimizer(model, {**plan, "weight_decay": 0.0})
-            step_s = time_one_step(model, fwd, opt, B, T, grad_accum, rt.device, rt.device_type)
+        model.zero_grad(set_to_none=True)
+    if plan["total_steps"] is None:  # --minutes: time a step once, fix the horizon, store it in the plan
+        opt = make_optimizer(model, {**plan, "weight_decay": 0.0})
+        step_s = time_one_step(model, fwd, opt, B, T, grad_accum, rt.device, rt.device_type)
         reserve = 0.1  # of the minutes: room for the final eval, save and sample
         budget = args.minutes * 60 * (1 - reserve) - (time.time() - training.process_start_time())
         # The timed step gives the PLANNED step count (it sets warmup and weight decay, and is what a slow
@@ -333,17 +317,6 @@ def main(argv=None) -> None:
         del opt
         set_seed(plan["seed"])
         model.init_weights()  # back to the exact initial weights: the timing steps leave no trace
-        model.zero_grad(set_to_none=True)
-    elif compile_model and rt.device_type == "cpu" and args.compile == "auto":
-        # Compile now, on one forward/backward of random tokens (no optimizer step: the weights stay as they
-        # are), so that a machine whose inductor cannot compile (no working C++ toolchain) trains eager instead
-        # of failing at its first step.
-        try:
-            compile_probe(fwd, model, B, T, rt.device)
-        except Exception as e:
-            print0(f"note: torch.compile is not usable here ({type(e).__name__}: {str(e)[:120]}); training eager")
-            torch._dynamo.reset()
-            fwd, compile_model = model, False
         model.zero_grad(set_to_none=True)
     if args.minutes:  # a hard cap as well (also for a resumed run): stop and save if the machine got slower
         cap = training.process_start_time() + args.minutes * 60
@@ -406,7 +379,6 @@ def main(argv=None) -> None:
         return horizon.progress() if horizon else step / total_steps
 
     model.train()
-    stopped = False
     done = training.agree(horizon.done() if horizon else step >= total_steps, device=rt.device)[0]
     while not done:
         t0 = time.time()
@@ -435,21 +407,21 @@ def main(argv=None) -> None:
             run_eval()
         stop, due, done = training.agree(guard.should_stop(), run.cadence.due(step), finished, device=rt.device)
         if training.save_or_stop(stop, due, done, save_now, step, guard, meter.total_steps):
-            run.stopped = stopped = True
+            run.stopped = True
             break
     if horizon and step < 0.5 * total_steps:
         print0(f"WARNING: this run trained only {step} steps of the {total_steps} planned for its "
                f"{plan['horizon']} (the machine ran slower than when it was timed); the schedule still "
                "finished, but the model is undertrained - give it more time or a less busy machine")
 
-    if not stopped:
+    if not run.stopped:
         bpb = run_eval()
         if step > start_step:  # else: this run did nothing new (it was already complete)
             save_now()
-    if rt.master and (not stopped or guard.signum is None):  # a deadline stop still shows a sample; a signal does not wait
+    if rt.master and (not run.stopped or guard.signum is None):  # a deadline stop still shows a sample; a signal does not wait
         emit("sample", stage=STAGE, text=greedy_sample(model, tokenizer, "The", 24, rt.device))
     loader.close()  # cancel queued tokenisation work so the process can exit promptly
-    run.finish(step, **({} if stopped else {"val_bpb": round(bpb, 6), "planned_steps": total_steps}))
+    run.finish(step, **({} if run.stopped else {"val_bpb": round(bpb, 6), "planned_steps": total_steps}))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def policy_loss(model, prompt: list[int], rows: list[list[int]], masks: list[lis
             if keep:
                 targets[i, P + j - 1] = tok
     ids, targets = ids.to(device), targets.to(device)
-    with training.autocast_context(device.type if hasattr(device, "type") else str(device)):
+    with training.autocast_context(device.type):
         logits = model(ids[:, :-1])
     logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
                             reduction="none").view(n, L - 1)
@@ -142,7 +142,6 @@ def main(argv=None) -> None:
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--deadline", type=float, default=None, help="stop and save this many seconds after process start")
     p.add_argument("--save-every-minutes", type=float, default=None)
-    p.add_argument("--device-batch-size", type=int, default=None, help="unused (accepted for the pipeline's tiny flags)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
@@ -165,7 +164,6 @@ def main(argv=None) -> None:
     model = run.build_model(init_meta["config"])
     lr = (init_meta.get("plan") or {}).get("lr_scale", 1.0) * a.lr_frac
     optimizer = model.setup_optimizer(lr_scale=lr, weight_decay=0.0)
-    training.remember_initial_lr(optimizer)
     run.attach(model, optimizer)
     step, elapsed_before = 0, 0.0
     if run.resume_from:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from nanochat_core.training.chat_loop import add_common_args, check_args, train_conversations, with_user_data
-from nanochat_core.common import NanochatError, run_main
+from nanochat_core.common import run_main
 from nanochat_core.tasks.common import TaskMixture
 from nanochat_core.tasks.identity import Identity, shipped_chat
 from nanochat_core.tasks.arc import ARC
@@ -24,8 +24,6 @@ def sft_mixture(source: str, seed: int = 42, custom_identity: bool = False):
     local: the small chat set shipped with the package (identity, arithmetic with tool calls, spelling)."""
     if source == "local":
         return shipped_chat(custom_identity)
-    if source != "hub":
-        raise NanochatError(f"--source must be hub or local, not {source!r}")
     tasks = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("main", "train"),
              SmolTalk("train", stop=10_000), Identity(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
     epochs = [1, 1, 1, 1, 0 if custom_identity else 2, 1, 1]   # --identity replaces the shipped one

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from nanochat_core.training.chat_loop import add_common_args, check_args, train_conversations, with_user_data
-from nanochat_core.common import NanochatError, run_main
+from nanochat_core.common import run_main
 from nanochat_core.tasks.common import TaskMixture
 from nanochat_core.tasks.identity import Identity, shipped_chat
 from nanochat_core.tasks.gsm8k import GSM8K
@@ -26,8 +26,6 @@ from nanochat_core.tasks.spelling import SimpleSpelling, SpellingBee
 def mid_mixture(source: str, seed: int = 42, custom_identity: bool = False):
     if source == "local":
         return shipped_chat(custom_identity)
-    if source != "hub":
-        raise NanochatError(f"--source must be hub or local, not {source!r}")
     tasks = [SmolTalk("train"), MMLU("auxiliary_train", "train"), GSM8K("main", "train"), Identity(),
              SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
     epochs = [1, 1, 1, 0 if custom_identity else 2, 1, 1]   # --identity replaces the shipped one

@@ -15,6 +15,7 @@ Presets: `local` is the embedded default (bundled corpus, tiny model, a few minu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -24,16 +25,21 @@ import threading
 import time
 from pathlib import Path
 
-from nanochat_core import run_spec
-from nanochat_core.node import runlock
+from nanochat_core import run_spec, tracking
 from nanochat_core.common import NanochatError, atomic_write_json, atomic_write_text, emit, run_main, sha256_file
-from nanochat_core.node.lead_link import LeadLink, wait_for_file
-import json
 from nanochat_core.evaluation.report import write_report
-from nanochat_core import tracking
-from nanochat_core.node import proctree
+from nanochat_core.node import proctree, runlock
+from nanochat_core.node.lead_link import LeadLink, wait_for_file
 
 ALL_STAGES = ["preflight", "tok", "base", "mid", "sft", "rl", "eval", "report"]
+
+
+def read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or unreadable: a record this run has not written yet."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
 
 
 def parse_stages(text: str) -> list[str]:
@@ -177,16 +183,14 @@ def _yours(a: argparse.Namespace) -> list[str]:
 
 def _eval_yours(a: argparse.Namespace, dist: list[str]) -> list[list[str]]:
     """bpb on the held-out slice of your documents, base and after SFT; your held-out questions answered."""
-    if not a.user_data:
+    if a.bundle is None:
         return []
-    from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
-    bundle = user_data.load_bundle(a.user_data)
     run, cmds = str(a.run_dir), []
-    if bundle.docs is not None:
+    if a.bundle.docs is not None:
         for stage in ("base", "sft"):
             cmds.append(dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--stage", stage,
-                                "--docs", str(bundle.docs), "--skip", "core,bpb,samples", "--if-present"])
-    if bundle.chat is not None:
+                                "--docs", str(a.bundle.docs), "--skip", "core,bpb,samples", "--if-present"])
+    if a.bundle.chat is not None:
         cmds.append([sys.executable, "-m", "nanochat_core.stages.chat_eval", "--run-dir", run,
                      "--held-out", str(a.user_data)])
     return cmds
@@ -207,30 +211,14 @@ def _tiny(a: argparse.Namespace) -> list[str]:
 
 def prepare_data(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
     """The data dir to train on: your documents alone, a public corpus, or both mixed at --docs-share."""
-    docs = _your_docs(a)
+    docs = a.bundle.docs if a.bundle is not None else None
     if docs is not None and a.docs_share is None:     # your documents alone
         return docs, None
     public, rest = _prepare_public(a)
     if docs is None:
         return public, rest
     a.public_dir = public     # mixed again once every shard is on disk (Pipeline.run_stages, before base)
-    return _mix(a, public, docs), rest
-
-
-def _your_docs(a: argparse.Namespace) -> Path | None:
-    if not a.user_data:
-        return None
-    from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
-    return user_data.load_bundle(a.user_data).docs
-
-
-def _mix(a: argparse.Namespace, public: Path, docs: Path) -> Path:
-    """Your documents at --docs-share of what pre-training reads (user_data.mix_dir), said out loud."""
-    from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
-    mixed, share = user_data.mix_dir(public, docs, a.docs_share)
-    print(f"your documents: mixed with {public.name} at {share:.0%} of the characters (asked for "
-          f"{a.docs_share:.0%}) in {mixed}", flush=True)
-    return mixed
+    return a.bundle.mixed_with(public, a.docs_share), rest
 
 
 def _prepare_public(a: argparse.Namespace) -> tuple[Path, threading.Thread | None]:
@@ -262,8 +250,6 @@ def _prepare_public(a: argparse.Namespace) -> tuple[Path, threading.Thread | Non
 # without anything that looks like a credential, so nothing there can leak one.
 
 _SECRET_MARKS = ("_TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY", "CREDENTIAL")
-
-
 SECRET_FREE_STAGES = ("eval", "report")
 
 
@@ -282,10 +268,7 @@ def track_results(run_dir: Path) -> None:
         return
     os.environ["NANOCHAT_RUN_DIR"] = str(run_dir)
     for path in sorted((run_dir / "eval").glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError):
-            continue
+        record = read_json(path)
         if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
             tracking.log_event({"event": "eval", "stage": record.get("stage") or path.stem,
                                 "metrics": record["metrics"], "time": time.time()})
@@ -318,10 +301,7 @@ class Pipeline:
             atomic_write_json(self.run_dir / "outcome.json", outcome)
 
     def done_stages(self) -> dict:
-        try:
-            return json.loads(self.stages_file.read_text())
-        except (FileNotFoundError, ValueError, RecursionError):
-            return {}
+        return read_json(self.stages_file) or {}
 
     def mark_done(self, stage: str, started: float) -> None:
         if not self.lead:
@@ -355,33 +335,21 @@ class Pipeline:
         """A clean end inside the budget: what exists is kept, listed in the manifest and reported; exit 0
         so that no scheduler (SkyPilot's managed-job recovery) treats it as a failure to retry."""
         self.link.end(0, why)
-        self.write_outcome({"state": TRUNCATED, "stage": stage, "why": why})
-        emit("error", stage=stage, message=why)
-        self.refresh_report()
-        self.save_manifest()
+        self.fail(stage, why, state=TRUNCATED)
         emit("done", run_dir=str(self.run_dir), state=TRUNCATED, message=why)
         sys.exit(0)
 
-    def base_progress(self) -> tuple[int, int] | None:
-        """(steps done, steps planned) of base training, from its latest checkpoint."""
-        from nanochat_core.gpt import checkpoint   # lazy: pyarrow/torch, not in a bare python3
-        try:
-            found = checkpoint.find_latest(self.run_dir / "base", hashes=False)  # sizes only: fast on GBs
-            meta = checkpoint.read_meta(found) if found else None
-        except Exception:
-            return None
-        total = ((meta or {}).get("plan") or {}).get("total_steps")
-        return (int(meta.get("step") or 0), int(total)) if total else None
-
-    def check_base(self, deadline: float) -> None:
-        """After base exits cleanly: did it get its planned steps, or did the deadline cut it short?"""
-        progress = self.base_progress()
-        if not progress:
+    def check_base(self) -> None:
+        """After base exits cleanly: did it get its planned steps (by its latest checkpoint), or did the deadline
+        cut it short?"""
+        meta = latest_meta(self.run_dir, "base")
+        planned = int(((meta or {}).get("plan") or {}).get("total_steps") or 0)
+        if not planned:
             self.end_truncated("base", "base training saved no checkpoint before the budget's base deadline; "
                                        "a larger --budget continues the run")
-        if progress[0] >= progress[1]:
+        done_steps = int(meta.get("step") or 0)
+        if done_steps >= planned:
             return
-        done_steps, planned = progress
         why = (f"base training reached step {done_steps} of {planned} planned ({done_steps / planned:.0%}) "
                "by the budget's base deadline")
         self.write_outcome({"state": TRUNCATED, "stage": "base", "why": why})
@@ -391,8 +359,8 @@ class Pipeline:
         print(f"note: {why}; post-training continues", flush=True)
 
     def fail(self, stage: str, why: str, state: str = "FAILED") -> None:
-        """The run ends here without finishing: outcome.json and report.md say so and why (the stage is not
-        recorded done, so the same command resumes it)."""
+        """The run ends here without finishing (failed, stopped or budget-truncated): outcome.json and report.md
+        say so and why (the stage is not recorded done, so the same command resumes it)."""
         emit("error", stage=stage, message=why)
         self.write_outcome({"state": state, "stage": stage, "why": why})
         self.refresh_report()
@@ -408,7 +376,7 @@ class Pipeline:
         if verdict == "deadline" and stage != "base":
             self.end_truncated(stage, f"stage '{stage}' was stopped at the budget's deadline")
         if stage == "base" and deadline is not None and verdict != "unfinished":
-            self.check_base(deadline)
+            self.check_base()
         if verdict == "unfinished":
             self.fail(stage, why)
             raise NanochatError(f"{why}; run the same command again to resume it (finished stages are skipped)")
@@ -485,7 +453,7 @@ class Pipeline:
                 if background.error is not None:
                     raise NanochatError(f"downloading the training shards failed: {background.error}")
                 if getattr(a, "public_dir", None) is not None:   # your documents: the mix again, with every shard
-                    data = _mix(a, a.public_dir, _your_docs(a))
+                    data = a.bundle.mixed_with(a.public_dir, a.docs_share)
             env = stage_env(stage, dict(os.environ))
             # wandb tracking (tracking.py), when on, names its run after this directory; stages only, not us
             env["NANOCHAT_RUN_DIR"] = str(self.run_dir)
@@ -542,7 +510,7 @@ class Pipeline:
             self.save_manifest()
 
         self.save_manifest()
-        outcome = self.read_outcome()
+        outcome = read_json(self.run_dir / "outcome.json")
         if outcome:
             emit("done", run_dir=str(self.run_dir), state=outcome.get("state"), message=outcome.get("why"))
         else:
@@ -553,13 +521,9 @@ class Pipeline:
         against its manifest before anything trains, and must be the very bytes this run started with: the
         digest is kept in run_dir/user_data.json at the first start, so a resumed or spot-recovered run
         reading anything else stops here."""
-        from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
-        bundle = user_data.verify_bundle(self.a.user_data, self.a.user_data_sha256)
+        bundle = self.a.bundle.verify(self.a.user_data_sha256)
         record = self.run_dir / "user_data.json"
-        try:
-            first = json.loads(record.read_text())
-        except (FileNotFoundError, ValueError):
-            first = None
+        first = read_json(record)
         if first and first.get("sha256") != bundle.digest:
             raise NanochatError(f"run {self.run_dir.name} was started with other data (sha256 "
                                 f"{first.get('sha256', '?')[:12]}..., now {bundle.digest[:12]}...): use --name NEW "
@@ -575,54 +539,40 @@ class Pipeline:
     def check_user_data_with_tokenizer(self) -> None:
         """Once the tokenizer exists (before base training spends anything): conversations longer than the
         model's context are refused (or skipped with --skip-bad), and your documents' tokens are counted."""
-        from nanochat_core.data import user_data   # lazy: pyarrow/torch, not in a bare python3
-        from nanochat_core.data.dataset import split_shards   # lazy: pyarrow/torch, not in a bare python3
-        from nanochat_core.data.tokenizer import get_tokenizer   # lazy: pyarrow/torch, not in a bare python3
-        bundle = user_data.load_bundle(self.a.user_data)
-        tok = get_tokenizer(self.run_dir)
         T = LOCAL_MODEL["sequence_len"] if self.a.preset == "local" else 2048
-        if bundle.chat is not None:
-            long = user_data.too_long(user_data.conversations(bundle), tok, T + 1)
-            user_data.settle(long, f"the conversations in {bundle.info['chat']['file']}", bundle.info["skip_bad"],
-                             out=sys.stdout)
+        tokens = self.a.bundle.check_with_tokenizer(self.run_dir, T)
         record_path = self.run_dir / "user_data.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        if bundle.docs is not None:
-            import pyarrow.parquet as pq   # lazy: pyarrow/torch, not in a bare python3
-            tokens = 0
-            for shard in split_shards(bundle.docs, "train"):
-                texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
-                tokens += sum(len(ids) for ids in tok.encode(texts, prepend=tok.get_bos_token_id()))
+        record = read_json(record_path) or {}
+        if tokens is not None:
             record["docs_tokens"] = tokens
             print(f"your documents: {tokens:,} training tokens (counted with the trained tokenizer)", flush=True)
             emit("user_data", tokens=tokens)
         atomic_write_json(record_path, record)
 
-    def read_outcome(self) -> dict | None:
-        try:
-            return json.loads((self.run_dir / "outcome.json").read_text())
-        except (FileNotFoundError, ValueError, RecursionError):
-            return None
-
 
 END_FILE = "end.json"   # written by stage_run.StageRun.finish: {"step", "finished", "stopped_by"}
+
+
+def latest_meta(run_dir: Path, stage: str) -> dict | None:
+    """The meta of a stage's latest checkpoint (its files' sizes checked, not their hashes: fast on GBs), or None."""
+    from nanochat_core.gpt import checkpoint   # lazy: pyarrow/torch, not in a bare python3
+    try:
+        found = checkpoint.find_latest(run_dir / stage, hashes=False)
+        return checkpoint.read_meta(found) if found else None
+    except Exception:
+        return None
 
 
 def stage_verdict(run_dir: Path, stage: str) -> tuple[str, str]:
     """("finished" | "deadline" | "unfinished", why) for a training stage that exited 0, from the end record it
     wrote and the checkpoint it left. Exit 0 alone says little: a stage stopped by SIGTERM saves and exits 0
     (resumable by design), and one whose horizon was over before its first step exits 0 with nothing saved."""
-    from nanochat_core.gpt import checkpoint   # lazy: pyarrow/torch, not in a bare python3
-    try:
-        end = json.loads((run_dir / stage / END_FILE).read_text())
-    except (OSError, ValueError):
+    end = read_json(run_dir / stage / END_FILE)
+    if end is None:
         return "unfinished", f"stage '{stage}' exited without saying it finished its work (no {stage}/{END_FILE})"
     step = int(end.get("step") or 0)
-    try:
-        found = checkpoint.find_latest(run_dir / stage, hashes=False) if (run_dir / stage).is_dir() else None
-        saved = int(checkpoint.read_meta(found).get("step") or 0) if found else None
-    except Exception:
-        saved = None
+    meta = latest_meta(run_dir, stage)
+    saved = int(meta.get("step") or 0) if meta else None
     by = end.get("stopped_by")
     if by == "deadline":
         return "deadline", f"stage '{stage}' stopped at its deadline at step {step}"
@@ -642,10 +592,7 @@ def write_manifest(run_dir: Path) -> None:
     against it. Digests of files unchanged since the last time (same size and mtime) come from a hidden
     cache, so rewriting it after each stage costs only the new files."""
     cache_file = run_dir / ".manifest_cache.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (FileNotFoundError, ValueError, RecursionError):
-        cache = {}
+    cache = read_json(cache_file) or {}
     lines, fresh = [], {}
     for p in sorted(run_dir.rglob("*")):
         rel = p.relative_to(run_dir)
@@ -706,6 +653,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         spec = run_spec.read(a.spec.expanduser())
         a.deadline_at, a.base_deadline_at, a.price_per_hour = (spec.deadline_at, spec.base_deadline_at,
                                                                spec.price_per_hour or None)
+    a.bundle = None   # your data (--user-data): the bundle user_data.py prepared
+    if a.user_data:
+        from nanochat_core.data import user_data   # lazy: pyarrow, not in a bare python3
+        a.bundle = user_data.load_bundle(a.user_data)
     named = Path(a.eval_checkpoint) if a.eval_checkpoint else None
     if named is not None and (named.is_absolute() or ".." in named.parts
                               or named.parts[:1] not in (("base",), ("mid",), ("sft",), ("rl",))):

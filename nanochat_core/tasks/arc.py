@@ -21,9 +21,6 @@ class ARC(Task):
         super().__init__(**kw)
         self.rows = load_rows(subset, "allenai/ai2_arc", subset, split, data_files)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         labels, texts = row["choices"]["label"], row["choices"]["text"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from nanochat_core.common import NanochatError
-from nanochat_core.tasks.common import Task
+from nanochat_core.tasks.common import Generated
 from nanochat_core.tasks.gsm8k import extract_answer
 
 _QUESTIONS = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "what's {a}{op}{b}", "Calculate {a} {op} {b} please.",
@@ -24,18 +23,10 @@ def make_problem(rng: random.Random) -> tuple[int, str, int, int]:
     return a, op, b, {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
-class Arithmetic(Task):
+class Arithmetic(Generated):
     name = "Arithmetic"
     eval_type = "generative"
-
-    def __init__(self, size: int = 1000, split: str = "train", **kw: Any):
-        if split not in ("train", "test"):
-            raise NanochatError(f"Arithmetic split must be train or test, not {split!r}")
-        super().__init__(**kw)
-        self.size, self.seed_base = size, (0 if split == "train" else 20_000_003)
-
-    def num_examples(self) -> int:
-        return self.size
+    test_seed = 20_000_003
 
     def get_example(self, index: int) -> dict[str, Any]:
         rng = random.Random(self.seed_base + index)

@@ -26,8 +26,9 @@ LETTERS = "ABCDEFGHIJ"
 
 
 class Task:
-    """Subclasses set `name` and `eval_type`, and implement num_examples() and get_example(i).
-    start/stop/step take a slice of the underlying examples (e.g. the first 1000 for a quick eval)."""
+    """Subclasses set `name` and `eval_type`, and implement get_example(i) and, unless their examples are in
+    `self.rows`, num_examples(). start/stop/step take a slice of the underlying examples (e.g. the first 1000
+    for a quick eval)."""
 
     name = "task"
     eval_type = "generative"  # or "categorical"
@@ -38,7 +39,7 @@ class Task:
         self.start, self.stop, self.step = start, stop, step
 
     def num_examples(self) -> int:
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -57,11 +58,26 @@ class Task:
 
     def evaluate(self, conversation: dict[str, Any], response: str) -> bool:
         """Is `response` (the assistant's decoded answer) correct for this conversation?"""
-        raise NotImplementedError
+        raise NanochatError(f"{self.name} is training data only: it has no answer checking")
 
     def reward(self, conversation: dict[str, Any], response: str) -> float:
         """RL reward: 1.0 for a correct answer, 0.0 otherwise (tasks may refine this)."""
         return float(self.evaluate(conversation, response))
+
+
+class Generated(Task):
+    """Examples made from (split, index) by a seeded generator, no download; train and test draw from
+    disjoint random streams (test_seed)."""
+    test_seed = 10_000_019
+
+    def __init__(self, size: int = 1000, split: str = "train", **kw: Any):
+        if split not in ("train", "test"):
+            raise NanochatError(f"{self.name} split must be train or test, not {split!r}")
+        super().__init__(**kw)
+        self.size, self.seed_base = size, (0 if split == "train" else self.test_seed)
+
+    def num_examples(self) -> int:
+        return self.size
 
 
 class TaskMixture(Task):
@@ -127,16 +143,12 @@ def evaluate_letter(conversation: dict[str, Any], response: str) -> bool:
 # -----------------------------------------------------------------------------
 # Hub data
 
-def _lock_path(key: str) -> Path:
-    root = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    root.mkdir(parents=True, exist_ok=True)
-    return root / f".nanochat-{key.replace('/', '_')}.lock"
-
-
 @contextlib.contextmanager
 def file_lock(key: str):
     """Exclusive lock across processes on this machine (all ranks of a node share HF_HOME)."""
-    with open(_lock_path(key), "w") as f:
+    root = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".nanochat-{key.replace('/', '_')}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

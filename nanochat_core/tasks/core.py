@@ -182,10 +182,8 @@ def evaluate_item(model, tokenizer, task: CoreTask, idx: int, device: Any, max_s
     if task.task_type == "language_modeling":
         s, e = starts[0], ends[0]
         return bool(torch.equal(logits[0, s - 1:e - 1].argmax(-1), ids[0, s:e]))
-    mean_losses = []
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        loss = F.cross_entropy(logits[i, s - 1:e - 1], ids[i, s:e], reduction="mean")
-        mean_losses.append(loss.item())
+    mean_losses = [F.cross_entropy(logits[i, s - 1:e - 1], ids[i, s:e]).item()
+                   for i, (s, e) in enumerate(zip(starts, ends))]
     pred = min(range(len(mean_losses)), key=mean_losses.__getitem__)
     return pred == item["gold"]
 

@@ -54,9 +54,6 @@ class GSM8K(Task):
         super().__init__(**kw)
         self.rows = load_rows(self.name, "openai/gsm8k", subset, split, data_files)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         return {"messages": [{"role": "user", "content": row["question"]},

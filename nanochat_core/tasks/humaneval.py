@@ -37,9 +37,6 @@ class HumanEval(Task):
         self.rows = load_rows(self.name, "openai/openai_humaneval", None, "test", data_files)
         self.timeout = timeout
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         solution = row["prompt"] + row["canonical_solution"]

@@ -22,9 +22,6 @@ class MMLU(Task):
         super().__init__(**kw)
         self.rows = load_rows(self.name, "cais/mmlu", subset, split, data_files)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         if isinstance(row.get("train"), dict):  # auxiliary_train nests each row under a "train" key

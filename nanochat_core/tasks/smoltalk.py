@@ -17,9 +17,6 @@ class SmolTalk(Task):
         super().__init__(**kw)
         self.rows = load_rows(self.name, "HuggingFaceTB/smol-smoltalk", None, split, data_files)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict[str, Any]:
         messages = [{"role": m["role"], "content": m["content"]} for m in self.rows[index]["messages"]]
         # the tokenizer folds an optional leading system message into the first user turn; drop a
@@ -27,6 +24,3 @@ class SmolTalk(Task):
         if messages and messages[-1]["role"] == "user":
             messages = messages[:-1]
         return {"messages": messages}
-
-    def evaluate(self, conversation: dict[str, Any], response: str) -> bool:
-        raise NanochatError("SmolTalk is training data only: it has no answer checking")

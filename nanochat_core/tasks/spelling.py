@@ -8,8 +8,7 @@ import random
 import re
 from typing import Any
 
-from nanochat_core.common import NanochatError
-from nanochat_core.tasks.common import Task
+from nanochat_core.tasks.common import Generated
 from nanochat_core.tasks.gsm8k import extract_answer
 
 # Common English words (a few hundred is plenty: the skill is spelling, not vocabulary).
@@ -70,19 +69,7 @@ _SPELL_QUESTIONS = ["Spell the word '{w}'.", "How do you spell {w}?", "Spell {w}
                     "spell: {w}"]
 
 
-class _Generated(Task):
-    def __init__(self, size: int = 1000, split: str = "train", **kw: Any):
-        if split not in ("train", "test"):
-            raise NanochatError(f"{self.name} split must be train or test, not {split!r}")
-        super().__init__(**kw)
-        self.size = size
-        self.seed_base = 0 if split == "train" else 10_000_019  # disjoint random streams per split
-
-    def num_examples(self) -> int:
-        return self.size
-
-
-class SpellingBee(_Generated):
+class SpellingBee(Generated):
     name = "SpellingBee"
     eval_type = "generative"
 
@@ -103,7 +90,7 @@ class SpellingBee(_Generated):
         return gold is not None and extract_answer(response) == gold
 
 
-class SimpleSpelling(_Generated):
+class SimpleSpelling(Generated):
     name = "SimpleSpelling"
     eval_type = "generative"
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -103,9 +102,6 @@ class ConversationLoader:
             self._order = (self.epoch, idx)
         return self._order[1]
 
-    def per_epoch(self) -> int:
-        return len(self.order())
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "buffer": list(self.buffer), "consumed": self.consumed}
 
@@ -179,7 +175,7 @@ def with_user_data(stage: str, base_mixture, a, local_default_shares: tuple[floa
     Shares default per preset (local: identity dominates, so a toy model learns its name)."""
     if a.user_data is None:
         return base_mixture()
-    bundle = user_data.verify_bundle(a.user_data, a.user_data_sha256)
+    bundle = user_data.load_bundle(a.user_data).verify(a.user_data_sha256)
     identity = bundle.identity
     a.system_prompt = identity
     local = getattr(a, "source", "hub") == "local"
@@ -187,37 +183,25 @@ def with_user_data(stage: str, base_mixture, a, local_default_shares: tuple[floa
 
     def build(tokenizer, T: int):
         rows, _held = user_data.split_held_out(user_data.conversations(bundle))
-        long = user_data.too_long(rows, tokenizer, T + 1)
-        user_data.settle(long, f"the conversations in {bundle.info['chat']['file']}" if bundle.info.get("chat")
-                         else "your conversations", bundle.info.get("skip_bad", False), out=sys.stdout)
-        dropped = {f"{p.file}:{p.line}" for p in long}
-        rows = [user_data.with_system(r, identity) for r in rows if r["source"] not in dropped]
-        chat_share = a.chat_share if a.chat_share is not None else chat_default
-        id_share = a.identity_share if a.identity_share is not None else id_default
-        extras, shares = [], []
+        rows = [user_data.with_system(r, identity) for r in user_data.fitting(bundle, rows, tokenizer, T + 1)]
+        tasks, shares = [], []
         if rows:
-            extras.append(Conversations(rows, "YourChat"))
-            shares.append(chat_share)
+            tasks.append(Conversations(rows, "YourChat"))
+            shares.append(a.chat_share if a.chat_share is not None else chat_default)
         if identity:
-            extras.append(Conversations(user_data.identity_conversations(identity), "YourIdentity"))
-            shares.append(id_share)
-        base = None
-        if sum(shares) < 1 - 1e-9:
-            base = base_mixture(identity is not None)
+            tasks.append(Conversations(user_data.identity_conversations(identity), "YourIdentity"))
+            shares.append(a.identity_share if a.identity_share is not None else id_default)
+        base = base_mixture(identity is not None) if sum(shares) < 1 - 1e-9 else None
         base_epochs, epochs = user_data.share_epochs(len(base) if base is not None else 0,
-                                                     [(len(t), s) for t, s in zip(extras, shares)])
-        tasks = ([base] if base is not None and base_epochs else []) + extras
-        mix = TaskMixture(tasks, epochs=([base_epochs] if base is not None and base_epochs else []) + epochs,
-                          seed=a.seed)
-        print0(f"{stage}: your data mixed in: " + ", ".join(
-            f"{t.name} {len(t)} x {e:.2f} epochs" for t, e in zip(tasks, mix_epochs(base, base_epochs, epochs)))
-            + f" = {len(mix):,} conversations")
+                                                     [(len(t), s) for t, s in zip(tasks, shares)])
+        if base is not None and base_epochs:
+            tasks, epochs = [base] + tasks, [base_epochs] + epochs
+        mix = TaskMixture(tasks, epochs=epochs, seed=a.seed)
+        print0(f"{stage}: your data mixed in: " + ", ".join(f"{t.name} {len(t)} x {e:.2f} epochs"
+                                                            for t, e in zip(tasks, epochs))
+               + f" = {len(mix):,} conversations")
         return mix
     return build
-
-
-def mix_epochs(base, base_epochs: float, epochs: list[float]) -> list[float]:
-    return ([base_epochs] if base is not None and base_epochs else []) + epochs
 
 
 def chat_reply(model, tokenizer, messages: list[dict], max_tokens: int = 48) -> str:
@@ -260,7 +244,6 @@ def train_conversations(stage: str, dataset, a) -> None:
     grad_accum = max(1, round(total_batch / per_micro))
     lr_scale = (init_meta.get("plan") or {}).get("lr_scale", 1.0) * a.lr_frac
     optimizer = model.setup_optimizer(lr_scale=lr_scale, weight_decay=0.0)
-    training.remember_initial_lr(optimizer)
     loader = ConversationLoader(dataset, tokenizer, B, T, rt.rank, rt.world_size, a.seed, rt.device)
 
     run.attach(model, optimizer)
@@ -282,7 +265,7 @@ def train_conversations(stage: str, dataset, a) -> None:
         horizon = {"epochs": epochs, "steps": a.steps, "minutes": a.minutes, "init": str(init)}
     start_step = step
 
-    epoch_convs = loader.per_epoch()
+    epoch_convs = len(loader.order())   # this rank's conversations per epoch
 
     def progress() -> float:
         p = loader.consumed / (horizon["epochs"] * epoch_convs) if horizon["epochs"] else 0.0

@@ -1,19 +1,8 @@
 """
-The pieces every training stage (base, mid, SFT, RL) shares, so that each stage's file is only its loop:
-
-- StopGuard: SIGTERM / SIGINT / a wall-clock deadline set a flag; the loop then saves and exits cleanly.
-- SaveCadence: checkpoint every N minutes and/or every N steps (and the loop saves at the end).
-- agree(): one small all-reduce per step so that every rank stops / saves at the SAME step (a rank
-  that saves alone would hang in the checkpoint's collectives).
-- lr_multiplier / muon_momentum / muon_weight_decay_multiplier / apply_schedule: the schedules (warmup,
-  constant, linear warmdown to 5%; Muon momentum 0.85 -> 0.97 over 400 steps, easing to 0.90 in the
-  warmdown; Muon weight decay linearly to 0).
-  Pure functions of the step for a fixed horizon, so resume is exact.
-- TimeHorizon / lr_multiplier_at: the same schedules driven by the fraction of a time budget used.
-- ProgressMeter: `progress` events (the CLI's cost meter and progress panel read nothing else).
-- resume(): find the latest good checkpoint, load it, say `resumed from step N`.
-- evaluate_bpb(): validation bits per byte, the vocab-independent loss.
-- preset_device_batch(): rows per device per micro-step that fit in its memory (GPU_PRESETS).
+The pieces every training stage (base, mid, SFT, RL) shares, so that each stage's file is only its loop: the
+stop guard (signals, deadline), the save cadence, every rank agreeing on when to stop and save, the schedules
+(by step, or by the fraction of a time budget used), `progress` events (the CLI's cost meter and progress panel
+read nothing else), resume, validation bits per byte, and the rows per device that fit in its memory.
 """
 from __future__ import annotations
 
@@ -107,9 +96,7 @@ class StopGuard:
         self.step_s = 0.0
         self.steps_seen = 0
         self.save_s = est_save_s
-        self._previous = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._previous[s] = signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
@@ -120,10 +107,7 @@ class StopGuard:
         """Typical step time: an EMA that ignores the first step (torch.compile / warm-up) and does not
         let one slow outlier (a busy machine) push the stop far ahead of the deadline."""
         self.steps_seen += 1
-        if self.steps_seen == 1 or self.steps_seen == 2:
-            self.step_s = seconds
-        else:
-            self.step_s = 0.8 * self.step_s + 0.2 * seconds
+        self.step_s = seconds if self.steps_seen <= 2 else 0.8 * self.step_s + 0.2 * seconds
 
     def note_save(self, seconds: float) -> None:
         self.save_s = seconds
@@ -133,14 +117,11 @@ class StopGuard:
 
     def should_stop(self) -> bool:
         """Local view (this rank). Use `agree()` to make all ranks decide together."""
-        if self.signum is not None:
-            return True
-        return self.deadline is not None and self.clock() >= self.deadline - self.margin()
+        return self.signum is not None or (self.deadline is not None
+                                           and self.clock() >= self.deadline - self.margin())
 
     def reason(self) -> str:
-        if self.signum is not None:
-            return signal.Signals(self.signum).name
-        return "deadline"
+        return signal.Signals(self.signum).name if self.signum is not None else "deadline"
 
     def exit_code(self) -> int:
         """0 after SIGTERM or a deadline (a clean, resumable stop); 130 after Ctrl-C (as the shell expects)."""
@@ -169,7 +150,8 @@ class SaveCadence:
 
 
 def agree(*flags: bool, device: Any = "cpu") -> list[bool]:
-    """True for a flag if it is true on ANY rank (one tiny all-reduce; no-op on a single process)."""
+    """True for a flag if it is true on ANY rank (one tiny all-reduce; no-op on a single process): every rank
+    stops / saves at the SAME step (a rank that saves alone would hang in the checkpoint's collectives)."""
     if not dist_active():
         return list(flags)
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
@@ -200,30 +182,28 @@ FINAL_LR_FRAC = 0.05   # ... to 5% of the peak LR, not to 0 (the reference's set
 MOMENTUM_END = 0.90    # Muon momentum eases from 0.97 to this over the warmdown
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0,
-                  warmdown_ratio: float = WARMDOWN_RATIO, final_frac: float = FINAL_LR_FRAC) -> float:
-    """Short linear warmup, constant, then linear warmdown to `final_frac` at the last step."""
-    warmdown_steps = round(warmdown_ratio * total_steps)
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Short linear warmup, constant, then linear warmdown to FINAL_LR_FRAC at the last step."""
+    warmdown_steps = round(WARMDOWN_RATIO * total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step <= total_steps - warmdown_steps or warmdown_steps == 0:
         return 1.0
     progress = (total_steps - step) / warmdown_steps
-    return progress + (1 - progress) * final_frac
+    return progress + (1 - progress) * FINAL_LR_FRAC
 
 
-def lr_multiplier_at(progress: float, step: int, warmup_steps: int = 0,
-                     warmdown_ratio: float = WARMDOWN_RATIO, final_frac: float = FINAL_LR_FRAC) -> float:
+def lr_multiplier_at(progress: float, step: int, warmup_steps: int = 0) -> float:
     """The same curve as lr_multiplier, driven by the fraction of the run done (0..1) instead of the step:
     a time-bounded run passes the fraction of its time used, so it reaches the end of the warmdown at
     its deadline whatever the throughput did on the way. Warmup counts steps, but is over by 5% of the
     run at the latest (a run that gets far fewer steps than planned must not spend them all warming up)."""
     progress = min(max(progress, 0.0), 1.0)
     warm = 1.0 if step >= warmup_steps else min(1.0, max((step + 1) / warmup_steps, progress / 0.05))
-    if warmdown_ratio <= 0 or progress <= 1 - warmdown_ratio:
+    if progress <= 1 - WARMDOWN_RATIO:
         return warm
-    left = (1 - progress) / warmdown_ratio
-    return min(warm, left + (1 - left) * final_frac)
+    left = (1 - progress) / WARMDOWN_RATIO
+    return min(warm, left + (1 - left) * FINAL_LR_FRAC)
 
 
 class TimeHorizon:
@@ -308,8 +288,10 @@ def apply_schedule(optimizer: Any, lr_mult: float, momentum: float | None = None
 
 
 def remember_initial_lr(optimizer: Any) -> None:
+    """What apply_schedule scales, for an optimizer other than MuonAdamW (which keeps its groups' initial LR and
+    weight decay itself)."""
     for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])   # (Muon groups keep their initial weight decay themselves)
+        group.setdefault("initial_lr", group["lr"])
 
 
 # -----------------------------------------------------------------------------
@@ -364,9 +346,7 @@ class ProgressMeter:
         self.every_s, self.every_steps = every_s, every_steps
         self.elapsed_before = elapsed_before
         self.start = self.window_start = time.time()
-        self.loss_sum = None
-        self.tokens_sum = 0
-        self.n = 0
+        self.loss_sum, self.tokens_sum, self.n = None, 0, 0   # since the last event
         self.first = True
         self.last: dict = {}
 
@@ -405,15 +385,12 @@ class ProgressMeter:
 # -----------------------------------------------------------------------------
 # Resume
 
-def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str, rank: int = 0,
-           tokenizer_hash: str | None = None, *, ckpt: str | os.PathLike | None = None) -> dict | None:
+def resume(stage_dir: str | os.PathLike, model: Any, optimizer: Any, stage: str, tokenizer_hash: str | None = None,
+           *, ckpt: str | os.PathLike | None = None) -> dict | None:
     """Load the newest intact checkpoint of `stage_dir` (rank 0 picks and verifies it, everyone loads
     it), or `ckpt` if the caller has already found one (saves hashing a big checkpoint twice).
     Returns its meta (with loader_states / rng_states for the caller), or None for a fresh start."""
-    if ckpt is not None:
-        found = str(ckpt)
-    else:
-        found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir))
+    found = str(ckpt) if ckpt is not None else checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir))
     if found is None:
         return None
     while True:

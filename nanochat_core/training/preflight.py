@@ -26,6 +26,7 @@ env NANOCHAT_PREFLIGHT_FAIL=<check prefix> (or --fail) marks that check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -33,18 +34,15 @@ import tempfile
 import time
 import traceback
 
-from nanochat_core.node.device import device_peak_flops
 from nanochat_core.common import NanochatError, device_memory_gb, emit
-from nanochat_core.node.device import copy_bandwidth, sync
+from nanochat_core.node.device import (apply_fp8, copy_bandwidth, device_peak_flops, measure_matmul_peak, open_device,
+                                       peak_memory_gb, sync)
 import torch
 from nanochat_core.gpt.model import GPT, config_for_depth
-import contextlib
-from nanochat_core.node.device import peak_memory_gb, apply_fp8, measure_matmul_peak, open_device
 from nanochat_core.training import loop as training
 from nanochat_core.gpt import model as M, checkpoint
 from nanochat_core.inference.engine import KVCache
 import torch.nn.functional as F
-from nanochat_core.training.loop import preset_device_batch
 
 MIN_HEADROOM = 0.05          # fraction of device memory that must stay free at peak
 BF16_LOSS_RTOL = 0.03        # bf16 and fp32 losses after a few steps agree to 3%
@@ -73,7 +71,9 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _train_steps(model, fwd, opt, batch, steps: int, device, dtype) -> list[float]:
+def _train_steps(model, fwd, opt, batch, steps: int, device, dtype) -> tuple[list[float], float]:
+    """The losses of `steps` training steps on one batch, and the seconds they took to the device's last kernel."""
+    t0 = time.perf_counter()
     losses = []
     for _ in range(steps):
         with _autocast(device, dtype):
@@ -82,7 +82,8 @@ def _train_steps(model, fwd, opt, batch, steps: int, device, dtype) -> list[floa
         opt.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    return [float(v) for v in losses]
+    sync(device.type)
+    return [float(v) for v in losses], time.perf_counter() - t0
 
 
 # -----------------------------------------------------------------------------
@@ -101,14 +102,8 @@ def check_train(s, compile_on: bool, attn: str) -> Row:
     name = f"train[compile {'on' if compile_on else 'off'}, {attn}]"
     what_base_train_runs = compile_on == s.compile_default and attn in ("auto", s.attn_default)
     try:
-        t0 = time.perf_counter()
-        first = _train_steps(model, fwd, opt, batch, s.warmup, dev, dtype)
-        sync(dev.type)
-        warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        losses = _train_steps(model, fwd, opt, batch, s.steps, dev, dtype)
-        sync(dev.type)
-        dt = time.perf_counter() - t0
+        first, warm_s = _train_steps(model, fwd, opt, batch, s.warmup, dev, dtype)
+        losses, dt = _train_steps(model, fwd, opt, batch, s.steps, dev, dtype)
     except torch.cuda.OutOfMemoryError:
         if what_base_train_runs:
             raise
@@ -150,9 +145,8 @@ def check_bf16(s) -> Row:
         # at 10% LR, as in warmup: at full LR on one repeated batch, step 1 is chaotic (Adam with eps 1e-10
         # turns the rounding noise of the residual scalars' near-zero gradients into full steps), which
         # would compare optimizer dynamics rather than the bf16 numerics this check is about
-        training.remember_initial_lr(opt)
         training.apply_schedule(opt, 0.1)
-        results[name] = _train_steps(model, model, opt, _batch(B, s.T, s.vocab, dev, seed=1), 3, dev, dtype)
+        results[name] = _train_steps(model, model, opt, _batch(B, s.T, s.vocab, dev, seed=1), 3, dev, dtype)[0]
     a, b = results["fp32"][-1], results["bf16"][-1]
     rel = abs(a - b) / max(abs(a), 1e-9)
     ok = math.isfinite(b) and rel < BF16_LOSS_RTOL
@@ -175,11 +169,7 @@ def check_fp8(s) -> Row:
     batch = _batch(s.B, s.T, s.vocab, dev)
     try:
         _train_steps(model, fwd, opt, batch, s.warmup, dev, torch.bfloat16)
-        sync(dev.type)
-        t0 = time.perf_counter()
-        losses = _train_steps(model, fwd, opt, batch, s.steps, dev, torch.bfloat16)
-        sync(dev.type)
-        dt = time.perf_counter() - t0
+        losses, dt = _train_steps(model, fwd, opt, batch, s.steps, dev, torch.bfloat16)
     finally:
         torch._dynamo.reset()
     tps = s.B * s.T * s.steps / dt
@@ -197,21 +187,18 @@ def check_attention(s) -> Row:
     for window in (None, max(1, s.T // 4)):
         ref = M.attention_reference(q, k, v, 0, window)
         worst[f"sdpa w={window}"] = (M.attention_sdpa(q, k, v, 0, window) - ref).abs().max().item()
-        if M.HAS_FLEX:
-            with torch.no_grad():
-                masks = M.flex_block_masks(s.T, [window], dev)
-                worst[f"flex w={window}"] = (M.attention_flex(q, k, v, masks[window]) - ref).abs().max().item()
-    bad = {k2: v2 for k2, v2 in worst.items() if not v2 < 2e-3}
-    return Row(name="attention vs reference", ok=not bad,
+        with torch.no_grad():
+            masks = M.flex_block_masks(s.T, [window], dev)
+            worst[f"flex w={window}"] = (M.attention_flex(q, k, v, masks[window]) - ref).abs().max().item()
+    return Row(name="attention vs reference", ok=all(v2 < 2e-3 for v2 in worst.values()),
                note=("max |diff| " + ", ".join(f"{k2} {v2:.1e}" for k2, v2 in worst.items())))
 
 
 def check_decode(s) -> Row:
     dev = s.device
     model = _build(s.depth, s.vocab, s.T, s.head_dim, "sdpa", dev).eval()
-    dtype = torch.bfloat16 if dev.type == "cuda" else None
-    if dtype is not None:
-        model = model.to(dtype)
+    if dev.type == "cuda":
+        model = model.to(torch.bfloat16)
     prompt, new = 16, 32 if dev.type == "cuda" else 16
     ids = torch.randint(0, s.vocab, (1, prompt), device=dev)
     cache = KVCache.for_model(model, 1, prompt + new)
@@ -374,14 +361,13 @@ def main(argv=None) -> None:
         s.head_dim = a.head_dim or (128 if on_gpu else 32)
         s.vocab = a.vocab_size or (32768 if on_gpu else 512)
         s.memory_gb = device_memory_gb(device) if on_gpu else None
-        s.B = a.device_batch_size or preset_device_batch(depth, s.T, dev_type, s.memory_gb)
+        s.B = a.device_batch_size or training.preset_device_batch(depth, s.T, dev_type, s.memory_gb)
         s.steps = a.steps or (5 if on_gpu else 2)
         s.warmup = 3 if on_gpu else 1
         s.planned_tps = a.planned_tokens_per_sec
         s.compile_default, s.attn_default = on_gpu, "flex" if on_gpu else "sdpa"
         s.matrix = ([(c, at) for c in (True, False) for at in ("flex", "sdpa")] if a.matrix == "full"
                     else [(on_gpu, "auto")])
-        s.workdir = a.workdir
         if s.workdir:
             os.makedirs(s.workdir, exist_ok=True)
         name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
@@ -392,11 +378,10 @@ def main(argv=None) -> None:
         passed = passed and ok
     print_table(all_rows)
     secs = time.time() - t_start
-    failed = [r for r in all_rows if r["ok"] is False]
     if passed:
         verdict = f"PREFLIGHT PASS: {len(all_rows)} checks, {sum(r['ok'] is None for r in all_rows)} skipped, {secs:.0f} s"
     else:
-        verdict = "PREFLIGHT FAIL: " + "; ".join(f"{r['name']}: {r['note']}" for r in failed)
+        verdict = "PREFLIGHT FAIL: " + "; ".join(f"{r['name']}: {r['note']}" for r in all_rows if r["ok"] is False)
     print(verdict, flush=True)
     if a.events:
         if passed:

@@ -14,9 +14,6 @@ file holds only its own loop.
             run.stopped = True
             break
     run.finish(step)                                  # stage_end, signal handlers back, exit code after a stop
-
-What it holds: the distributed runtime (rank, device), the StopGuard (SIGTERM / deadline), the run's tokenizer,
-the checkpoint cadence, and which checkpoint to resume from (rank 0 looks, every rank gets its answer).
 """
 from __future__ import annotations
 
@@ -49,8 +46,8 @@ class StageRun:
             gpu_save_minutes if self.rt.device_type == "cuda" else 1.0)
         self.cadence = training.SaveCadence(minutes, save_every_steps)
         shared_dir.check_shared_dir(self.stage_dir)   # several nodes: every rank must see the same stage dir
-        self.resume_from: Path | None = checkpoint.pick_on_rank0(   # our own latest good checkpoint
-            lambda: checkpoint.find_latest(self.stage_dir) if self.stage_dir.is_dir() else None)
+        # our own latest good checkpoint
+        self.resume_from: Path | None = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(self.stage_dir))
         self.stopped = False
 
     def init_checkpoint(self) -> Path:
@@ -60,8 +57,7 @@ class StageRun:
             return self.resume_from
         sources = TRAINED_STAGES[TRAINED_STAGES.index(self.stage) + 1:]
         for s in sources:   # rank 0 looks (hashing a big checkpoint once, not once per GPU), every rank gets its answer
-            stage_dir = self.run_dir / s
-            found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(stage_dir) if stage_dir.is_dir() else None)
+            found = checkpoint.pick_on_rank0(lambda: checkpoint.find_latest(self.run_dir / s))
             if found is not None:
                 meta = checkpoint.read_meta(found)
                 if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != self.tokenizer.hash:
@@ -74,8 +70,7 @@ class StageRun:
 
     def resume(self, model: Any, optimizer: Any) -> dict:
         """Load our own checkpoint (weights, optimizer, the meta with loader states) - only when resume_from."""
-        return training.resume(self.stage_dir, model, optimizer, self.stage, self.rt.rank, self.tokenizer.hash,
-                               ckpt=self.resume_from)
+        return training.resume(self.stage_dir, model, optimizer, self.stage, self.tokenizer.hash, ckpt=self.resume_from)
 
     def attach(self, model: Any, optimizer: Any) -> None:
         """The model and optimizer this stage trains: what every run.save from now on writes."""
@@ -96,7 +91,7 @@ class StageRun:
         records a stage done only on this word (exit 0 is also a SIGTERM's or a deadline's clean stop)."""
         if not self.rt.master:
             return
-        found = checkpoint.find_latest(self.stage_dir, hashes=False) if self.stage_dir.is_dir() else None
+        found = checkpoint.find_latest(self.stage_dir, hashes=False)
         saved = checkpoint.read_meta(found).get("step") if found else None
         finished = not self.stopped and steps > 0 and saved == steps
         atomic_write_json(self.stage_dir / "end.json", {"step": steps, "finished": finished, "checkpoint_step": saved,
