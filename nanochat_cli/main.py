@@ -212,8 +212,7 @@ def eval_(
                                         "evaluate with (see docs/PERFORMANCE.md); auto = int8 on a CPU, bf16 on "
                                         "a GPU, as chat. Default: the weights training's own evaluations used "
                                         "(fp32 on a CPU, bf16 on a GPU), so report.md stays comparable; another "
-                                        "choice is named next to its metrics. Local evaluations only (pull a "
-                                        "cloud run first)."),
+                                        "choice is named next to its metrics."),
 ) -> None:
     """Run the evaluation suite, update report.md and print the metrics table."""
     from nanochat_cli.commands import manage as admin

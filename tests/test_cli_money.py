@@ -515,6 +515,9 @@ def test_eval_on_an_up_cluster_asks_and_ships_the_runs_own_spec(monkeypatch):
     assert sent["cluster"] == "nc-ev"
     assert shipped_spec(sent["task"]).deadline_at == deadline and shipped_spec(sent["task"]).spend_cap == 80.0
     assert "--stages eval,report" in sent["task"].envs["NANOCHAT_ARGS"]
+    assert "--eval-dtype" not in sent["task"].envs["NANOCHAT_ARGS"]   # training's own weights unless asked
+    r, sent = eval_on(monkeypatch, "UP", spec, "--yes", "--dtype", "int8")
+    assert "--eval-dtype int8" in sent["task"].envs["NANOCHAT_ARGS"]   # the node's eval stages get it
 
 
 def test_skypilot_errors_reach_the_user_as_one_plain_line(monkeypatch):

@@ -1,18 +1,13 @@
 """`nanochat eval --dtype`: the evaluation runs with the weights asked for (the real CLI, the local backend, the
 real pipeline and its eval stage), the default stays what training's evaluations used (so report.md compares
-with them), a bad name is one line, and a cloud run - whose node cannot be told - is refused before anything
-is asked or launched."""
+with them), and a bad name is one line. (A cloud run's node gets it in its arguments: test_cli_money.)"""
 import json
 import os
 import subprocess
 import sys
 
 import torch
-from typer.testing import CliRunner
 
-from nanochat_cli import state
-from nanochat_cli.main import app
-from nanochat_core.evaluation.report import EVAL_DTYPE_ENV
 from nanochat_core.gpt import checkpoint
 from nanochat_core.gpt.checkpoint import save_checkpoint
 from nanochat_core.gpt.model import GPT, config_for_depth
@@ -46,8 +41,8 @@ def test_eval_dtype_int8_evaluates_the_int8_weights_and_the_default_is_trainings
     home = tmp_path / "home"
     run = home / "runs" / "r"
     ckpt = _run_with_a_base_checkpoint(run, tiny_tokenizer)
-    # No --dtype: what training measured (fp32 on this CPU), even with the stages' variable left in the shell.
-    default = _eval(home, ckpt, env_extra={EVAL_DTYPE_ENV: "int8"})
+    # No --dtype: what training measured (fp32 on this CPU).
+    default = _eval(home, ckpt)
     assert default["weights"] == "fp32" and default["dtype_asked"] is None
     assert not checkpoint.quantized_cache_path(ckpt, "int8").exists()
     assert "Weights chosen with" not in (run / "report.md").read_text()
@@ -72,17 +67,3 @@ def test_a_bad_dtype_is_one_line_and_nothing_is_launched(tmp_path, tiny_tokenize
     assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout, p.stderr[-2000:]
     assert p.stderr.strip().splitlines() == ["error: --dtype must be one of auto, fp32, bf16, int8 (got 'int4')"]
     assert not (run / "pipeline.log").exists() and not (run / "eval").exists()
-
-
-def test_dtype_with_a_cloud_run_is_refused_before_anything_is_asked(tmp_path):
-    offer = {"cloud": "lambda", "region": "us-east-1", "instance_type": "gpu_8x_h100_sxm5", "accelerators": "H100:8",
-             "spot": False, "price_per_hour": 36.0, "interconnect": "nvlink", "enabled": True}
-    state.save_cluster(state.new_cluster_record("nc-ev", "sky", offer, budget=100.0))
-    rd = state.run_dir("e1")
-    state.write_job(rd, {"backend": "sky", "cluster": "nc-ev", "run": "e1", "job_id": 1, "managed": False})
-    r = CliRunner().invoke(app, ["eval", "--name", "e1", "--dtype", "int8"])   # no --yes: asking would fail too
-    assert r.exit_code == 2, r.output
-    (line,) = r.stderr.strip().splitlines()
-    assert line.startswith("error: --dtype evaluates on this machine only")
-    assert "`nanochat pull --name e1` then `nanochat eval --local --name e1 --dtype int8`" in line
-    assert not (rd / "pipeline.log").exists()

@@ -73,6 +73,21 @@ def test_a_named_eval_checkpoint_is_the_only_one_evaluated(tmp_path):
             parse_args(["--run-dir", str(run), "--eval-checkpoint", bad])
 
 
+def test_eval_dtype_reaches_every_evaluation_and_only_when_asked(tmp_path):
+    """`nanochat eval --dtype` arrives as --eval-dtype (the node's too, in its arguments): every evaluation the
+    eval stage runs - your data's included - loads those weights; without it, none is told anything."""
+    from nanochat_core.data.user_data import Bundle
+    run = tmp_path / "r"
+    for argv, want in (([], None), (["--eval-dtype", "int8"], "int8")):
+        a = parse_args(["--run-dir", str(run)] + argv)
+        a.user_data = tmp_path
+        a.bundle = Bundle(tmp_path, "0" * 64, {"docs": {"files": 1}, "chat": {"file": "c.jsonl"}})
+        cmds = stage_commands("eval", a, tmp_path, [sys.executable])
+        assert len(cmds) == 5   # base, chat, your documents at base and after SFT, your held-out questions
+        for cmd in cmds:
+            assert (cmd[cmd.index("--dtype") + 1] if "--dtype" in cmd else None) == want, cmd
+
+
 def test_local_dryrun_plan_counts_the_model_the_local_preset_trains():
     import torch
     from nanochat_cli.main import app

@@ -5,7 +5,6 @@ eval (run the evaluation stages and print the table) and down (stop spending; id
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from nanochat_cli.planning.cost import fmt_duration
 from nanochat_cli.backends.base import backend_for, sky_backend
 from nanochat_cli.commands.run import _console, confirm, local_cluster, stream_run
 from rich.table import Table
-from nanochat_core.evaluation.report import EVAL_DTYPE_ENV, collect_metrics, your_data_lines
+from nanochat_core.evaluation.report import collect_metrics, your_data_lines
 
 
 def billing_end(rec: dict, now: float) -> float:
@@ -212,22 +211,11 @@ def cmd_eval(*, local: bool, checkpoint: Path | None, name: str | None, json_out
     if cluster is None or cluster.get("backend") == "local":
         cluster = local_cluster()
         args = ["--preset", "local"]
-        # The eval stages read it from the environment, which the local pipeline hands them (report.py); set or
-        # cleared here, so a variable left in the user's shell never changes what plain `nanochat eval` measures.
-        if dtype is None:
-            os.environ.pop(EVAL_DTYPE_ENV, None)
-        else:
-            os.environ[EVAL_DTYPE_ENV] = dtype
     else:
-        if dtype is not None:
-            # The node's pipeline takes its options from the launch (NANOCHAT_ARGS) and has none for the weights,
-            # and the environment does not travel there: refused, before anything is asked or spent.
-            raise NanochatError(f"--dtype evaluates on this machine only; run '{rd.name}' is on cloud cluster "
-                                f"'{cluster['name']}': `nanochat pull --name {rd.name}` then `nanochat eval --local "
-                                f"--name {rd.name} --dtype {dtype}` (free), or drop --dtype")
         spec_file = _cloud_eval_spec(cluster, rd, yes)
         args = ["--preset", "cloud"]
     args += ["--stages", "eval,report", "--force"] + (["--eval-checkpoint", named] if named else [])
+    args += ["--eval-dtype", dtype] if dtype else []
     from nanochat_cli.commands.run import your_data_args   # lazy: only the commands that need it load it
     args += your_data_args(state.read_json(rd / "plan.json") or {}, cluster.get("backend") == "local")
     backend = backend_for(cluster)

@@ -28,9 +28,6 @@ from typing import Any
 from nanochat_core.common import NanochatError, atomic_write_text, run_main
 
 STAGES = ["BASE", "MID", "SFT", "RL"]
-# `nanochat eval --dtype` reaches the eval stages (base_eval, chat_eval) through this variable: the local pipeline
-# hands its environment to them (pipeline.stage_env). Unset: the weights training evaluated with.
-EVAL_DTYPE_ENV = "NANOCHAT_EVAL_DTYPE"
 # The anchor's rows first, in its order; anything else a stage measured is appended after them.
 METRIC_ROWS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE", "SpellingBee", "bpb"]
 

@@ -10,7 +10,6 @@ Distributed across ranks under torchrun. Writes run_dir/eval/<stage>.json (stage
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from nanochat_core.data.dataloader import DataLoader
 from nanochat_core.data.dataset import ensure_bundled, split_shards
 import pyarrow.parquet as pq
 from nanochat_core.evaluation.runners import merge_record
-from nanochat_core.evaluation.report import EVAL_DTYPE_ENV
 from nanochat_core.gpt.quantize import DTYPES
 from nanochat_core.common import atomic_write_json
 
@@ -63,9 +61,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="evaluate this checkpoint dir (or stage dir) instead of the stage's latest")
-    p.add_argument("--dtype", choices=DTYPES, default=os.environ.get(EVAL_DTYPE_ENV) or None,
-                   help=f"weights to evaluate with (quantize.py; default ${EVAL_DTYPE_ENV}, else what training "
-                        "evaluated with: fp32 on a CPU, bf16 on a GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights to evaluate with (quantize.py; default: what training evaluated with: fp32 on a "
+                        "CPU, bf16 on a GPU)")
     a = p.parse_args(argv)
     if a.if_present and not (a.run_dir / a.stage).is_dir():
         print(f"base_eval: no {a.stage} checkpoint; skipped")

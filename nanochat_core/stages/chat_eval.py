@@ -8,7 +8,6 @@ Writes run_dir/eval/<stage>.json (per stage with --stage all) = {"stage", "metri
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from nanochat_core.gpt import checkpoint
 from nanochat_core.common import (TRAINED_STAGES, NanochatError, atomic_write_json, cleanup_runtime, emit, init_runtime,
                                   print0, run_main)
 from nanochat_core.evaluation.runners import ALL_TASKS, evaluate_tasks, merge_record
-from nanochat_core.evaluation.report import EVAL_DTYPE_ENV
 from nanochat_core.gpt.quantize import DTYPES
 from nanochat_core.data import user_data
 from nanochat_core.training.chat_loop import chat_reply
@@ -36,9 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="evaluate this checkpoint dir (or stage dir) of --stage instead of the stage's latest")
-    p.add_argument("--dtype", choices=DTYPES, default=os.environ.get(EVAL_DTYPE_ENV) or None,
-                   help=f"weights to evaluate with (quantize.py; default ${EVAL_DTYPE_ENV}, else what training "
-                        "evaluated with: fp32 on a CPU, bf16 on a GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights to evaluate with (quantize.py; default: what training evaluated with: fp32 on a "
+                        "CPU, bf16 on a GPU)")
     a = p.parse_args(argv)
     if a.held_out is not None:
         return answer_held_out(a)

@@ -156,7 +156,8 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
     if stage == "rl":
         return [dist + ["-m", "nanochat_core.stages.chat_rl", "--run-dir", run] + _tiny(a)]
     if stage == "eval":
-        limit = ["--max-per-task", "50" if local else "0"]
+        dtype = ["--dtype", a.eval_dtype] if a.eval_dtype else []   # `nanochat eval --dtype`: every evaluation
+        limit = ["--max-per-task", "50" if local else "0"] + dtype
         if a.eval_checkpoint:   # one named checkpoint (or stage dir), and only it: `nanochat eval --checkpoint`
             target, which = str(a.run_dir / a.eval_checkpoint), Path(a.eval_checkpoint).parts[0]
             if which == "base":
@@ -166,7 +167,7 @@ def stage_commands(stage: str, a: argparse.Namespace, data: Path, dist: list[str
                             "--checkpoint", target] + limit]
         cmds = [dist + ["-m", "nanochat_core.stages.base_eval", "--run-dir", run, "--data", str(data)] + limit,
                 dist + ["-m", "nanochat_core.stages.chat_eval", "--run-dir", run, "--stage", "all"] + limit]
-        return cmds + _eval_yours(a, dist)
+        return cmds + [c + dtype for c in _eval_yours(a, dist)]
     if stage == "report":
         cmd = py + ["nanochat_core.evaluation.report", "--run-dir", run]
         return [cmd + (["--price-per-hour", str(a.price_per_hour)] if a.price_per_hour else [])]
@@ -641,6 +642,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-checkpoint", default=None,
                    help="the eval stage evaluates this checkpoint (or stage) dir only, relative to the run dir: "
                         "base/ckpt_000500, sft")
+    p.add_argument("--eval-dtype", default=None,
+                   help="the weights the eval stage evaluates with: auto|fp32|bf16|int8 (quantize.py; the stages "
+                        "check it); default: what training's own evaluations used, so the numbers stay comparable")
     p.add_argument("--spec", type=Path, default=None,
                    help="the run spec file `nanochat train` wrote: its deadlines and price (run_spec.py)")
     a = p.parse_args(argv)
