@@ -241,15 +241,11 @@ def test_evaluate_bpb_matches_hand_computation():
 
 
 def test_load_model_from_run_dir(tmp_path, tiny_tokenizer):
-    from nanochat_core.gpt.model import GPT, config_for_depth
+    from tiny_models import noisy_tiny_model
     run = tmp_path / "run"
     tiny_tokenizer.save(run / "tokenizer")
-    cfg = config_for_depth(1, tiny_tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)
-    torch.manual_seed(0)
-    model = GPT.build(cfg, "cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))  # make every tensor non-trivial (zero-init projections too)
+    model = noisy_tiny_model(tiny_tokenizer, 0.01)
+    cfg = model.config
     opt = torch.optim.AdamW(model.parameters())
     meta = {"tokenizer_hash": tiny_tokenizer.hash}
     save_checkpoint(run / "base", 5, model, opt, meta, 0, 1)

@@ -10,21 +10,15 @@ import torch
 
 from nanochat_core.gpt import checkpoint
 from nanochat_core.gpt.checkpoint import save_checkpoint
-from nanochat_core.gpt.model import GPT, config_for_depth
+from tiny_models import noisy_tiny_model
 
 PY = sys.executable
 
 
 def _run_with_a_base_checkpoint(run, tokenizer):
-    """A run dir with one base checkpoint of a depth-1 model whose every weight is non-trivial (a fresh init
-    has zero projections, which any format stores exactly)."""
+    """A run dir with one base checkpoint of a depth-1 model whose every weight is non-trivial."""
     tokenizer.save(run / "tokenizer")
-    cfg = config_for_depth(1, tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)
-    torch.manual_seed(0)
-    model = GPT.build(cfg, "cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = noisy_tiny_model(tokenizer)
     return save_checkpoint(run / "base", 1, model, torch.optim.AdamW(model.parameters()),
                            {"tokenizer_hash": tokenizer.hash}, 0, 1)
 

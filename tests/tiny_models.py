@@ -6,6 +6,19 @@ import torch
 from nanochat_core.gpt.model import GPT, config_for_depth
 
 
+def noisy_tiny_model(tokenizer, noise: float = 0.05) -> GPT:
+    """Depth 1 with every weight non-trivial (a fresh init has zero projections, which any format stores
+    exactly), from its own seed."""
+    cfg = config_for_depth(1, tokenizer.get_vocab_size(), sequence_len=32, head_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT.build(cfg, "cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+    return model
+
+
 def tiny_chat_model(vocab_size: int, sequence_len: int = 256) -> GPT:
     """Depth 1, 16-dim heads, random; lm_head redrawn larger because the real init is near-uniform and
     replies would be monotonous. The server's context is sequence_len (what the model "trained" with)."""
