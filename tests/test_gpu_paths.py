@@ -94,21 +94,21 @@ def test_muon_weight_decay_decays_to_zero_over_the_run():
 
 
 def test_time_horizon_progress_reaches_the_end_when_steps_slow_down():
-    import time
-    h = training.TimeHorizon(budget_s=1.5)
+    """On an injected clock (a busy machine must not change the outcome): steps of 10 ms, then 6x slower."""
+    now = [1000.0]
+    h = training.TimeHorizon(budget_s=1.5, clock=lambda: now[0])
     mults, times, step = [], [], 0
     while not h.done():
-        t0 = time.time()
         mults.append(training.lr_multiplier_at(h.progress(), step, warmup_steps=3))
-        time.sleep(0.01 if step < 10 else 0.06)    # throughput drops 6x after step 10
+        times.append(0.01 if step < 10 else 0.06)    # throughput drops 6x after step 10
+        now[0] += times[-1]
         step += 1
-        times.append(time.time() - t0)
         h.note_step(times[-1])
     slowest = max(times[-3:])
-    assert time.time() <= h.end + slowest                       # it did not overrun by more than a step
+    assert now[0] <= h.end                                      # it never started a step it could not finish
     # the last step started within two (slowest) steps of the end (one more would not have fitted): at the
     # bottom of the warmdown
-    assert mults[-1] <= 2 * slowest / h.span / training.WARMDOWN_RATIO + 0.01, (mults, slowest)
+    assert h.end - now[0] < slowest and mults[-1] <= 2 * slowest / h.span / training.WARMDOWN_RATIO + 0.01, mults
     assert max(mults) == 1.0 and mults[-1] < 0.25, mults
 
 
