@@ -76,8 +76,8 @@ JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead o
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 CLUSTER = typer.Option(None, "--cluster", metavar="NAME", help="Cluster name (default: the most recently launched one).")
 RUN = typer.Option(None, "--name", metavar="NAME", help="Run name: results go to $NANOCHAT_HOME/runs/<name>/.")
-DTYPE = typer.Option("auto", "--dtype", help="Weights in memory: auto (int8 on a CPU, bf16 on a GPU), fp32, bf16 "
-                     "or int8 (see docs/PERFORMANCE.md).")
+DTYPE = typer.Option("auto", "--dtype", help="Weights in memory: auto (int4 on a CPU, bf16 on a GPU), fp32, bf16, "
+                     "int8 or int4 (see docs/PERFORMANCE.md).")
 
 
 @app.command()
@@ -208,8 +208,8 @@ def eval_(
     name: Optional[str] = RUN,
     json_out: bool = JSON,
     yes: bool = YES,
-    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|fp32|bf16|int8", help="Weights to "
-                                        "evaluate with (see docs/PERFORMANCE.md); auto = int8 on a CPU, bf16 on "
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|fp32|bf16|int8|int4", help="Weights to "
+                                        "evaluate with (see docs/PERFORMANCE.md); auto = int4 on a CPU, bf16 on "
                                         "a GPU, as chat. Default: the weights training's own evaluations used "
                                         "(fp32 on a CPU, bf16 on a GPU), so report.md stays comparable; another "
                                         "choice is named next to its metrics."),

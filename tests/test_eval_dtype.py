@@ -56,8 +56,8 @@ def test_a_bad_dtype_is_one_line_and_nothing_is_launched(tmp_path, tiny_tokenize
     run = home / "runs" / "r"
     ckpt = _run_with_a_base_checkpoint(run, tiny_tokenizer)
     p = subprocess.run([PY, "-m", "nanochat_cli.main", "eval", "--local", "--checkpoint", str(ckpt), "--dtype",
-                        "int4"], capture_output=True, text=True, timeout=300,
+                        "int3"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, NANOCHAT_HOME=str(home)))
     assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout, p.stderr[-2000:]
-    assert p.stderr.strip().splitlines() == ["error: --dtype must be one of auto, fp32, bf16, int8 (got 'int4')"]
+    assert p.stderr.strip().splitlines() == ["error: --dtype must be one of auto, fp32, bf16, int8, int4 (got 'int3')"]
     assert not (run / "pipeline.log").exists() and not (run / "eval").exists()

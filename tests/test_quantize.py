@@ -39,7 +39,7 @@ def _same_weights(a, b):
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_the_int8_kernel_computes_the_dequantised_matmul(M):
     """Odd sizes on purpose: N not a multiple of the kernel's 4 rows, K not a multiple of its vector width."""
-    fn = quantize.int8_kernel()
+    fn = quantize.kernel("i8_linear")
     if fn is None:
         pytest.skip("no C compiler on this machine: the fallback path is what runs (tested below)")
     torch.manual_seed(0)
@@ -52,27 +52,90 @@ def test_the_int8_kernel_computes_the_dequantised_matmul(M):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def _int4_bound(x: torch.Tensor, deq: torch.Tensor) -> torch.Tensor:
+    """How far the int4 kernel may be from x @ deq.T: its AVX512-VNNI path rounds x to int8, one scale
+    (max-abs / 127) per group of 32, so each x moves by <= half its group's step; |error| <= sum |w| * step / 2."""
+    step = x.abs().reshape(x.size(0), -1, quantize.GROUP).amax(-1) / 127
+    return (deq.abs().reshape(deq.size(0), -1, quantize.GROUP).sum(-1).double() @ step.double().T).T / 2
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("K", [96, 128])   # an odd number of groups (the float path), an even one (VNNI on x86)
+def test_the_int4_kernel_computes_the_dequantised_matmul(M, K):
+    fn = quantize.kernel("i4_linear")
+    if fn is None:
+        pytest.skip("no C compiler on this machine: the fallback path is what runs (tested below)")
+    torch.manual_seed(0)
+    N = 37
+    packed, scale = quantize.quantize_groups(torch.randn(N, K))
+    deq = quantize.dequantize_groups(packed, scale)
+    x = torch.randn(M, K)
+    y = torch.empty(M, N)
+    fn(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K, 2)
+    ref = F.linear(x.double(), deq.double())
+    assert ((y.double() - ref).abs() <= _int4_bound(x, deq) * 1.001 + 1e-4).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 0.01
+    # the three-matrix call (attention's q, k, v) gives each matrix exactly what its own call gives
+    mods = [quantize.QuantLinear.from_float(torch.randn(n, K), "int4") for n in (N, 8, 5)]
+    with torch.inference_mode():
+        together = quantize.project3(*mods, x[:, None, :])
+        for mod, got in zip(mods, together):
+            assert torch.equal(got, mod(x[:, None, :])) and got.shape == (M, 1, mod.out_features)
+
+
+def test_int4_groups_round_each_weight_to_its_groups_grid(monkeypatch):
+    """Per group of 32: the weights sit on the group's grid of 16 levels, each within half a step unless the
+    scale search chose to clip the group's largest ones; and the search never does worse (in squared error)
+    than the plain max-abs scale, which it tries first."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.rand(16, 1)
+    w[3, :32] = 0                                          # an all-zero group stays zero
+    packed, scale = quantize.quantize_groups(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 128) and scale.shape == (16, 8)
+    deq = quantize.dequantize_groups(packed, scale)
+    err = (deq - w).abs().reshape(16, 8, 32)
+    step = scale.float().abs()[..., None]
+    big = w.reshape(16, 8, 32).abs().amax(-1, keepdim=True)
+    inside = w.reshape(16, 8, 32).abs() <= 7 * step        # not clipped by the grid's ends
+    assert (err[inside.expand_as(err)] <= (step / 2 + 1e-6).expand_as(err)[inside.expand_as(err)]).all()
+    assert (err <= big * 0.16 + step).all()                # a clipped weight loses at most the search's 15%
+    assert (deq[3, :32] == 0).all()
+    assert 0.05 < ((deq - w).norm() / w.norm()).item() < 0.12   # int4's rounding is ~9% of the weights' norm
+    monkeypatch.setattr(quantize, "SCALE_TRIES", (1.0,))
+    plain = quantize.dequantize_groups(*quantize.quantize_groups(w))
+    per_group = lambda d: ((d - w) ** 2).reshape(16, 8, 32).sum(-1)
+    assert (per_group(deq) <= per_group(plain) + 1e-9).all() and per_group(deq).sum() < per_group(plain).sum()
+
+
 @pytest.mark.parametrize("rows", [1, 8, 40])   # decode (kernel), small batch (kernel), prefill (dequantise)
 @pytest.mark.parametrize("kernel", [True, False])
-def test_int8_linear_is_close_to_fp32(rows, kernel, monkeypatch):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantised_linear_is_close_to_fp32(rows, kernel, fmt, monkeypatch):
     if not kernel:
         monkeypatch.setattr(quantize, "_KERNEL", False)   # as on a machine without a C compiler
     torch.manual_seed(0)
     w = torch.randn(96, 128) / 128 ** 0.5
     x = torch.randn(2, rows, 128)
-    lin = quantize.QuantLinear.from_float(w, "int8")
-    assert lin.weight.dtype == torch.int8 and lin.scale.shape == (96,)
+    lin = quantize.QuantLinear.from_float(w, fmt)
+    if fmt == "int8":
+        assert lin.weight.dtype == torch.int8 and lin.scale.shape == (96,)
+    else:
+        assert lin.weight.dtype == torch.uint8 and lin.weight.shape == (96, 64) and lin.scale.shape == (96, 4)
     with torch.inference_mode():
         y, ref = lin(x), F.linear(x, w)
     assert y.shape == ref.shape and y.dtype == torch.float32
-    # per-row int8 rounds each weight by <= scale/2: ~0.4% of the row's largest weight; with bf16 activations
-    # (the prefill path on bf16 CPUs) another ~0.4%
+    # per-row int8 rounds each weight by <= scale/2: ~0.4% of the row's largest weight; int4 by ~9% of the
+    # norm; with bf16 activations (the prefill path on bf16 CPUs) another ~0.4%
     rel = ((y - ref).norm() / ref.norm()).item()
-    assert rel < 0.02, rel
+    assert rel < (0.02 if fmt == "int8" else 0.12), rel
     # and it is the matmul of the dequantised weights, not merely something close to fp32
-    deq = F.linear(x, lin.weight.float() * lin.scale[:, None])
-    exact = kernel and rows <= quantize.KERNEL_MAX_ROWS and quantize.int8_kernel() is not None   # fp32 throughout
-    assert ((y - deq).norm() / deq.norm()).item() < (1e-5 if exact else 0.01)
+    deq_w = lin.weight.float() * lin.scale[:, None] if fmt == "int8" else quantize.dequantize_groups(lin.weight, lin.scale)
+    deq = F.linear(x, deq_w)
+    kernel_ran = kernel and rows <= quantize.KERNEL_MAX_ROWS and quantize.kernel("i8_linear") is not None
+    if fmt == "int8" or not kernel_ran:   # int8's kernel is fp32 throughout; the fallbacks may round x to bf16
+        assert ((y - deq).norm() / deq.norm()).item() < (1e-5 if kernel_ran else 0.01)
+    else:   # int4's kernel may round x to int8 per group (VNNI): within that rounding's bound
+        assert ((y - deq).abs() <= _int4_bound(x.reshape(-1, 128), deq_w).reshape(y.shape) * 1.001 + 1e-4).all()
 
 
 def test_int8_embedding_rows_are_the_dequantised_rows():
@@ -85,21 +148,21 @@ def test_int8_embedding_rows_are_the_dequantised_rows():
     torch.testing.assert_close(rows, emb.weight[idx].float() * emb.scale[idx, None])
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_quantised_model_follows_the_fp32_model(fmt, tiny_tokenizer, tmp_path):
     """The whole model through load_model: logits close to fp32's, and decoding with the KV cache gives what a
     full recomputation gives (the cache holds the same keys/values whatever path each matmul took)."""
     model, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
     qmodel, _, meta = checkpoint.load_model(ckpt, "cpu", dtype=fmt)
     assert meta["dtype"] == fmt and quantize.describe(qmodel) == fmt
-    assert quantize.weight_bytes_read(qmodel) < quantize.weight_bytes_read(model) / (1.9 if fmt == "bf16" else 3.5)
+    assert quantize.weight_bytes_read(qmodel) < quantize.weight_bytes_read(model) / {"bf16": 1.9, "int8": 3.5, "int4": 5}[fmt]
     idx = torch.randint(0, tiny_tokenizer.get_vocab_size(), (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref, full = model(idx), qmodel(idx)
         cache = KVCache.for_model(qmodel, 1, 24)
         stepped = torch.cat([qmodel(idx[:, :8], kv_cache=cache)] + [qmodel(idx[:, t:t + 1], kv_cache=cache)
                                                                      for t in range(8, 24)], dim=1)
-    assert ((full - ref).norm() / ref.norm()).item() < 0.03
+    assert ((full - ref).norm() / ref.norm()).item() < (0.15 if fmt == "int4" else 0.03)
     torch.testing.assert_close(stepped, full, atol=0.05 * ref.abs().max().item(), rtol=0)
 
 
@@ -304,14 +367,17 @@ def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path):
         checkpoint.mmap_safetensors(path)
 
 
-def test_dtype_names_and_what_auto_picks():
+def test_dtype_names_and_what_auto_picks(monkeypatch):
+    fast = "int4" if quantize.kernel("i4_linear") is not None else "int8"
+    assert quantize.resolve_dtype("auto", "cpu") == fast
+    assert quantize.resolve_dtype(None, "cpu") == fast
+    monkeypatch.setattr(quantize, "_KERNEL", False)   # no C compiler: int4's fallback would be the slowest
     assert quantize.resolve_dtype("auto", "cpu") == "int8"
-    assert quantize.resolve_dtype(None, "cpu") == "int8"
     assert quantize.resolve_dtype("auto", "cuda") == "bf16"
     assert quantize.resolve_dtype("auto", "mps") == "bf16"
     assert quantize.resolve_dtype("fp32", "mps") == "fp32"
     with pytest.raises(NanochatError, match="--dtype must be one of"):
-        quantize.resolve_dtype("int4", "cpu")
+        quantize.resolve_dtype("int3", "cpu")
 
 
 def test_chat_autodetects_mps_on_apple_silicon(monkeypatch):
@@ -342,16 +408,16 @@ def test_a_bad_dtype_is_one_line_and_exit_nonzero(tiny_tokenizer, tmp_path):
     import sys
     _, ckpt = _checkpoint(tmp_path / "run", tiny_tokenizer, 0)
     env = dict(os.environ, NANOCHAT_HOME=str(tmp_path / "home"))
-    for argv in (["-m", "nanochat_cli.main", "chat", "--checkpoint", str(ckpt), "--prompt", "hi", "--dtype", "int4"],
+    for argv in (["-m", "nanochat_cli.main", "chat", "--checkpoint", str(ckpt), "--prompt", "hi", "--dtype", "int3"],
                  ["-m", "nanochat_core.bench", "infer", "--depth", "1", "--dtype", "fp16"]):
         p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-800:]
         assert "--dtype must be one of" in p.stderr
 
 
-def test_chat_answers_with_an_int8_model_and_says_how_it_loaded(tiny_tokenizer, tmp_path):
-    """The whole `nanochat chat --prompt` path, default dtype (auto = int8 here), twice: the second start uses
-    the cached copy."""
+def test_chat_answers_with_the_auto_format_and_says_how_it_loaded(tiny_tokenizer, tmp_path):
+    """The whole `nanochat chat --prompt` path, default dtype (auto = int4 here, int8 without a C compiler),
+    twice: the second start uses the cached copy."""
     import os
     import subprocess
     import sys
@@ -361,7 +427,8 @@ def test_chat_answers_with_an_int8_model_and_says_how_it_loaded(tiny_tokenizer, 
             "--max-tokens", "4", "--temperature", "0"]
     first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-800:]
-    assert "int8 weights, loaded in" in first.stderr and "cached as model.int8.safetensors" in first.stderr
+    fmt = quantize.resolve_dtype("auto", "cpu")
+    assert f"{fmt} weights, loaded in" in first.stderr and f"cached as model.{fmt}.safetensors" in first.stderr
     second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
-    assert second.returncode == 0 and "(cached int8 copy)" in second.stderr
+    assert second.returncode == 0 and f"(cached {fmt} copy)" in second.stderr
     assert second.stdout == first.stdout

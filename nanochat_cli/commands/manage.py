@@ -270,10 +270,10 @@ def _cloud_eval_spec(cluster: dict, rd: Path, yes: bool) -> Path:
 def _named_checkpoint(path: Path, rd: Path, dtype: str | None = None) -> str:
     """`eval --checkpoint` named a checkpoint or stage dir of run `rd`: it is the one evaluated (never the
     run's newest instead), so a damaged one is refused here, in one line, before anything is launched.
-    dtype bf16/int8: a valid cached copy of that format stands for the fp32 file (verify_checkpoint's `cached`;
+    dtype bf16/int8/int4: a valid cached copy of that format stands for the fp32 file (verify_checkpoint's `cached`;
     the eval stage checks again, by what it really loads on its device)."""
     from nanochat_core.gpt import checkpoint as ckpt   # lazy: loads torch, which `nanochat --help` must not
-    cached = dtype if dtype in ("bf16", "int8") else None
+    cached = dtype if dtype in ("bf16", "int8", "int4") else None
     rel = path.relative_to(rd)
     if not path.exists():
         raise NanochatError(f"{path} does not exist: `ls {path.parent}` lists what there is")

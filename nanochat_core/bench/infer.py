@@ -12,9 +12,10 @@ Numbers, not a test. For a random model of the given depth (or a real checkpoint
     bound is the whole story: the achieved fraction says how much time goes to overhead (kernel launches,
     Python) instead of moving bytes. Larger batches amortise the weight reads until compute takes over.
 The same numbers are printed on CPU (where the bound uses the CPU's measured memory copy bandwidth).
---dtype takes a comma list of weight formats (fp32 | bf16 | int8 | auto, see quantize.py), measured one after
-the other in the same run; each gets its own table, and its bound counts the bytes THAT format reads per step
-(int8: one byte per weight plus a 4-byte scale per output row).
+--dtype takes a comma list of weight formats (fp32 | bf16 | int8 | int4 | auto, see quantize.py), measured one
+after the other in the same run; each gets its own table, and its bound counts the bytes THAT format reads per
+step (int8: one byte per weight plus a 4-byte scale per output row; int4: half a byte per weight plus a 2-byte
+scale per 32).
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def main() -> None:
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 1,4,16,64 GPU; 1,8 CPU)")
     p.add_argument("--copy-mb", type=int, default=None, help="size of the bandwidth-test copy (default 1024 GPU, 256 CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy machine 1 is steadier)")
-    p.add_argument("--dtype", default="auto", help="weight formats to measure, comma-separated: fp32, bf16, int8, "
+    p.add_argument("--dtype", default="auto", help="weight formats to measure, comma-separated: fp32, bf16, int8, int4, "
                    "auto (default: auto; fp32,auto compares them side by side)")
     p.add_argument("--quality", action="store_true", help="with --checkpoint: validation bpb per format and "
                    "whether greedy continuations of 10 fixed prompts match the first format's (no speed runs)")
@@ -231,12 +232,14 @@ def main() -> None:
         weight_bytes = weight_bytes_read(model)                        # matrices + lm_head: read every step
         kv_bytes = 2 if gpu else 4                                     # the cache holds activations: bf16 / fp32
         kv_per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * kv_bytes
+        with torch.device("meta"):   # weights counted as the config has them, not as stored (int4 packs two a byte)
+            shape = GPT(cfg)
         print(f"\n== {label}")
-        print(f"model       {what}: {model.num_params() / 1e6:.1f}M params ({model.num_scaling_params() / 1e6:.1f}M "
+        print(f"model       {what}: {shape.num_params() / 1e6:.1f}M params ({shape.num_scaling_params() / 1e6:.1f}M "
               f"matrix weights, {weight_bytes / 1e6:.0f} MB read per step), {cfg.n_layer} layers, width {cfg.n_embd}, "
               f"weights {fmt}")
         results.setdefault("model", what)
-        results.setdefault("params", model.num_params())
+        results.setdefault("params", shape.num_params())
         results.setdefault("weight_bytes", weight_bytes)           # of the first format (the old single field)
         prompt = [int(t) for t in torch.randint(0, vocab - 16, (prompt_len,), generator=torch.Generator().manual_seed(0))]
         time_decode(engine, prompt[:16], 1, 4, True)                   # warm-up: allocator, kernels, threads

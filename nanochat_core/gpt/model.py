@@ -34,7 +34,7 @@ from nanochat_core.common import NanochatError
 from nanochat_core.gpt.model_config import (  # noqa: F401
     ATTN_IMPLS, SMEAR_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
 )
-from nanochat_core.gpt.quantize import swap_modules
+from nanochat_core.gpt.quantize import project3, swap_modules
 from nanochat_core.gpt.muon import MuonAdamW
 # FlexAttention (torch >= 2.5, our floor): the CUDA fast path; everything else falls back to SDPA. (It also
 # runs eagerly on CPU - unfused and slow - which the tests use.)
@@ -226,9 +226,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ve, cos, sin, window, pos0, kv_cache, impl, masks):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = project3(self.c_q, self.c_k, self.c_v, x)   # three calls, or one kernel call (int4 decode)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if ve is not None:
             # value embedding: a second, token-indexed source of values, mixed in by a gate in (0, scale)
             gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)

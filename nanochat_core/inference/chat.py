@@ -38,7 +38,7 @@ def find_checkpoint(checkpoint: str | Path | None = None) -> Path:
 
 def load_engine(checkpoint: str | Path | None = None, device: str | None = None, dtype: str = "auto"):
     """(Engine, meta) for the checkpoint (see find_checkpoint) on the device (auto-detected if None: CUDA, then
-    Apple MPS, then the CPU) with weights in `dtype` (auto | fp32 | bf16 | int8, see quantize.py)."""
+    Apple MPS, then the CPU) with weights in `dtype` (auto | fp32 | bf16 | int8 | int4, see quantize.py)."""
     path = find_checkpoint(checkpoint)
     try:  # load_model turns damage into NanochatError; what is left is the environment saying no
         model, tokenizer, meta = load_model(path, device or autodetect_device_type(), dtype=dtype)
@@ -166,7 +166,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=50, help="0 = no limit")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--device", default=None, help="cuda | cpu | mps (default: auto)")
-    p.add_argument("--dtype", default="auto", help="weights: auto | fp32 | bf16 | int8 (default auto: int8 on a CPU)")
+    p.add_argument("--dtype", default="auto", help="weights: auto | fp32 | bf16 | int8 | int4 (default auto: int4 on a CPU)")
     p.add_argument("--system", default=None, help="system prompt (default: the model's own identity, if trained with one)")
     a = p.parse_args()
     run_chat(a.checkpoint, a.prompt, a.temperature, a.top_k, a.max_tokens, a.device, a.dtype, a.system)

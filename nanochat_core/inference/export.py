@@ -136,17 +136,17 @@ def tokenizer_config(tokenizer, cfg) -> dict:
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     """Write the HF folder for `checkpoint` (a run dir - its most trained stage - or a checkpoint dir), weights
-    in fp32 or bf16 (half the file; auto = bf16). int8 is refused: the exported modelling code reads plain
+    in fp32 or bf16 (half the file; auto = bf16). int8/int4 are refused: the exported modelling code reads plain
     tensors, and transformers has its own quantisation for whoever wants it."""
 
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not _is_our_export(out):
         raise NanochatError(f"{out} exists and is not an earlier nanochat export: pass an empty or new --out DIR")
-    if dtype not in ("auto", "fp32", "bf16", "int8"):
+    if dtype not in ("auto", "fp32", "bf16", "int8", "int4"):
         raise NanochatError(f"--dtype must be one of auto, fp32, bf16 (got {dtype!r})")
-    if dtype == "int8":
+    if dtype in ("int8", "int4"):
         raise NanochatError("export writes fp32 or bf16 weights (--dtype fp32|bf16): the exported model's code reads "
-                            "plain tensors; int8 is for nanochat's own chat/serve")
+                            f"plain tensors; {dtype} is for nanochat's own chat/serve")
     wdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     model, tokenizer, meta = load_model(checkpoint, device="cpu", dtype="fp32")
     cfg = model.config

@@ -472,7 +472,7 @@ def main() -> None:
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $NANOCHAT_API_KEY; prefer the "
                         "variable: a command line is visible to every user of the machine)")
-    p.add_argument("--dtype", default="auto", help="weights: auto | fp32 | bf16 | int8 (default auto: int8 on a CPU)")
+    p.add_argument("--dtype", default="auto", help="weights: auto | fp32 | bf16 | int8 | int4 (default auto: int4 on a CPU)")
     a = p.parse_args()
     run_server(a.host, a.port, a.checkpoint, a.device, a.api_key, a.dtype)
 

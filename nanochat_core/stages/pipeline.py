@@ -643,7 +643,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the eval stage evaluates this checkpoint (or stage) dir only, relative to the run dir: "
                         "base/ckpt_000500, sft")
     p.add_argument("--eval-dtype", default=None,
-                   help="the weights the eval stage evaluates with: auto|fp32|bf16|int8 (quantize.py; the stages "
+                   help="the weights the eval stage evaluates with: auto|fp32|bf16|int8|int4 (quantize.py; the stages "
                         "check it); default: what training's own evaluations used, so the numbers stay comparable")
     p.add_argument("--spec", type=Path, default=None,
                    help="the run spec file `nanochat train` wrote: its deadlines and price (run_spec.py)")
