@@ -83,6 +83,18 @@ def test_the_int4_kernel_computes_the_dequantised_matmul(M, K):
             assert torch.equal(got, mod(x[:, None, :])) and got.shape == (M, 1, mod.out_features)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_unpacks_the_same_in_c_and_in_torch(dtype, monkeypatch):
+    """Prefill and eval multiply by the unpacked matrix: the C unpacker (fp32, or bf16 rounded to nearest even)
+    and torch's, which runs without a C compiler, give the same bits."""
+    torch.manual_seed(0)
+    packed, scale = quantize.quantize_groups(torch.randn(37, 96))
+    fast = quantize.dequantize_groups(packed, scale, dtype)
+    monkeypatch.setattr(quantize, "_KERNEL", False)
+    slow = quantize.dequantize_groups(packed, scale, dtype)
+    assert fast.dtype == slow.dtype == dtype and torch.equal(fast, slow)
+
+
 def test_int4_groups_round_each_weight_to_its_groups_grid(monkeypatch):
     """Per group of 32: the weights sit on the group's grid of 16 levels, each within half a step unless the
     scale search chose to clip the group's largest ones; and the search never does worse (in squared error)

@@ -295,13 +295,18 @@ void i4_linear3(const float* x, long M, long K, int threads, const uint8_t* w0, 
 void i4_linear(const float* x, const uint8_t* w, const uint16_t* s, float* y, long M, long N, long K, int threads) {
   i4_linear3(x, M, K, threads, w, s, y, N, 0, 0, 0, 0, 0, 0, 0, 0);
 }
-void i4_dequant(const uint8_t* w, const uint16_t* s, float* out, long N, long K, int threads) {
+void i4_dequant(const uint8_t* w, const uint16_t* s, void* out, long N, long K, int threads, int bf16) {
+  /* the [N, K] matrix, fp32 or (bf16 != 0) bf16 rounded to nearest even: for prefill's ordinary matmul */
   long NG = K / G;
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (long n = 0; n < N; n++)
     for (long g = 0; g < NG; g++) {
-      const uint8_t* wg = w + n * (K / 2) + g * 16; float sc = bf2f(s[n * NG + g]); float* o = out + n * K + g * G;
+      const uint8_t* wg = w + n * (K / 2) + g * 16; float sc = bf2f(s[n * NG + g]);
+      float o[G];
       for (int j = 0; j < 16; j++) { o[j] = sc * (float)((wg[j] & 15) - 8); o[16 + j] = sc * (float)((wg[j] >> 4) - 8); }
+      if (!bf16) { memcpy((float*)out + n * K + g * G, o, sizeof o); continue; }
+      uint16_t* ob = (uint16_t*)out + n * K + g * G;
+      for (int j = 0; j < G; j++) { uint32_t u; memcpy(&u, o + j, 4); ob[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
     }
 }
 """
@@ -312,7 +317,7 @@ _SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctype
                "i4_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int],
                "i4_linear3": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
                + ([ctypes.c_void_p] * 3 + [ctypes.c_long]) * 3,
-               "i4_dequant": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int]}
+               "i4_dequant": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2}
 
 
 def _compiler() -> str | None:
@@ -410,9 +415,9 @@ def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [N, K] matrix an int4 weight stands for (the C kernel's i4_dequant does the same, faster)."""
     N, K = packed.shape[0], packed.shape[1] * 2
-    if dtype == torch.float32 and packed.device.type == "cpu" and (fn := kernel("i4_dequant")) is not None:
-        out = torch.empty(N, K)
-        fn(packed.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads())
+    if dtype in (torch.float32, torch.bfloat16) and packed.device.type == "cpu" and (fn := kernel("i4_dequant")):
+        out = torch.empty(N, K, dtype=dtype)
+        fn(packed.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads(), dtype == torch.bfloat16)
         return out
     p = packed.reshape(N, K // GROUP, GROUP // 2)
     q = torch.cat([p & 15, p >> 4], dim=2).to(dtype) - 8
@@ -486,8 +491,8 @@ class QuantLinear(_QuantWeight):
         x2 = x.reshape(-1, self.in_features)
         compute = torch.bfloat16 if (x.device.type == "cpu" and cpu_has_bf16()) else x.dtype
         if self.fmt == "int4":
-            w = dequantize_groups(self.weight, self.scale, torch.float32 if x.device.type == "cpu" else compute)
-            return F.linear(x2.to(compute), w.to(compute)).to(x.dtype).view(*shape[:-1], self.out_features)
+            w = dequantize_groups(self.weight, self.scale, compute)
+            return F.linear(x2.to(compute), w).to(x.dtype).view(*shape[:-1], self.out_features)
         y = F.linear(x2.to(compute), self.weight.to(compute)).to(x.dtype) * self.scale.to(x.dtype)
         return y.view(*shape[:-1], self.out_features)
 
