@@ -1,8 +1,8 @@
 """
-Smaller weights for inference: `--dtype auto|fp32|bf16|int8` of chat, serve, eval, export and the benchmark.
+Smaller weights for inference: `--dtype auto|fp32|bf16|int8|int4` of chat, serve, eval, export and the benchmark.
 
 Batch-1 decode reads every weight matrix once per token, so its speed is (memory bandwidth) / (bytes of the
-weights): fp32 -> bf16 halves the bytes, int8 quarters them. What is stored how:
+weights): fp32 -> bf16 halves the bytes, int8 quarters them, int4 takes them to 1/7. What is stored how:
   - fp32: the checkpoint as trained (the yardstick).
   - bf16: every matrix and embedding table in bf16; activations (the residual stream, norms, attention, the
     KV cache) stay fp32. A matmul rounds its input to bf16 and accumulates in fp32 (oneDNN on CPUs with
@@ -10,8 +10,13 @@ weights): fp32 -> bf16 halves the bytes, int8 quarters them. What is stored how:
   - int8: WEIGHT-ONLY: each output row of a matrix (and each row of an embedding table) is stored as int8
     with one fp32 scale, w ~= scale[n] * q[n, k], q = round(w / scale), scale = max|w[n]| / 127.
     Activations stay float. Small matrices (the value-embedding gates, the smear gate) and the scalars stay fp32.
+  - int4: every matrix of the blocks and the head in groups of 32 weights along the input, each group with one
+    bf16 scale: w ~= scale * (q - 8), q in 0..15, two to a byte (quantize_groups: of a few scales the one with
+    the least squared error, as llama.cpp's quantizers search). Lookup tables stay int8 (they are read one row
+    per token, so 4 bits would save memory but no time). Decode on a CPU with AVX512-VNNI rounds the
+    activations to int8 per group too (in the kernel; the stored model does not change).
 How an int8 matmul runs, by the number of rows M it multiplies (measured: docs/PERFORMANCE.md):
-  - M <= KERNEL_MAX_ROWS on a CPU (decode): our own small C kernel (below), compiled once per machine with the
+  - M <= KERNEL_MAX_ROWS on a CPU (decode): our own small C kernel (quant_kernels.c), compiled once per machine with the
     system C compiler and cached under nanochat_home()/kernels. It converts 16 int8 weights at a time to fp32 in
     registers and multiply-adds them with the fp32 activations, 4 output rows per pass so each activation load
     serves 4 rows: it reads 1 byte per weight and nothing else. It prefetches the rows two passes ahead into
@@ -23,8 +28,9 @@ How an int8 matmul runs, by the number of rows M it multiplies (measured: docs/P
   - larger M (prefill, eval), or no C compiler: dequantise the matrix to bf16 (CPUs with native bf16) or to the
     activations' dtype, and call the ordinary matmul; the per-row scale multiplies the output. Prefill is
     compute-bound, where the bf16 matmul is ~2x the fp32 one.
-`auto` = int8 on a CPU (the measured winner for decode, quality within the tolerance of the quality checks);
-bf16 on CUDA (what inference always used there); on Apple MPS bf16 as well (not measured: no Mac here).
+int4 runs the same way (kernels i4_linear/i4_linear3 for decode, i4_dequant + the ordinary matmul above that).
+`auto` = int4 on a CPU where the kernels build (the measured winner for decode, bpb within 1% of fp32's), int8
+where they do not (int4's torch fallback unpacks every weight on every token); bf16 on CUDA (what inference always used there); on Apple MPS bf16 as well (not measured: no Mac here).
 """
 from __future__ import annotations
 
@@ -76,240 +82,9 @@ def cpu_has_bf16() -> bool:
 
 
 # -----------------------------------------------------------------------------
-# The decode kernel: y[m, n] = s[n] * sum_k x[m, k] * q[n, k], fp32 x and y, int8 q.
+# The decode kernels (quant_kernels.c): y = x @ W.T for a few fp32 rows x and an int8 or int4 W.
 
-KERNEL_SRC = r"""
-#include <stdint.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define VL 16
-typedef __m512 vf;
-static inline vf vzero(void) { return _mm512_setzero_ps(); }
-static inline vf ldf(const float* p) { return _mm512_loadu_ps(p); }
-static inline vf ldb(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
-static inline vf fma_(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
-static inline vf vset1(float a) { return _mm512_set1_ps(a); }
-static inline void ldn(const uint8_t* p, vf* lo, vf* hi) { __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  *lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define VL 8
-typedef __m256 vf;
-static inline vf vzero(void) { return _mm256_setzero_ps(); }
-static inline vf ldf(const float* p) { return _mm256_loadu_ps(p); }
-static inline vf ldb(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
-static inline vf fma_(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float hsum(vf v) { float t[8]; _mm256_storeu_ps(t, v); return t[0]+t[1]+t[2]+t[3]+t[4]+t[5]+t[6]+t[7]; }
-static inline vf vset1(float a) { return _mm256_set1_ps(a); }
-static inline void ldn(const uint8_t* p, vf* lo, vf* hi) { __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-  *lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
-#elif defined(__ARM_NEON)
-#include <arm_neon.h>
-#include <string.h>
-#define VL 4
-typedef float32x4_t vf;
-static inline vf vzero(void) { return vdupq_n_f32(0.f); }
-static inline vf ldf(const float* p) { return vld1q_f32(p); }
-static inline vf ldb(const int8_t* p) { int32_t b; memcpy(&b, p, 4);
-  return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(b)))))); }
-static inline vf fma_(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
-static inline float hsum(vf v) { return vaddvq_f32(v); }
-static inline vf vset1(float a) { return vdupq_n_f32(a); }
-static inline void ldn(const uint8_t* p, vf* lo, vf* hi) { uint32_t b; memcpy(&b, p, 4);
-  uint32x4_t v = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(b)))));
-  *lo = vcvtq_f32_u32(vandq_u32(v, vdupq_n_u32(15))); *hi = vcvtq_f32_u32(vshrq_n_u32(v, 4)); }
-#else
-#define VL 1
-typedef float vf;
-static inline vf vzero(void) { return 0.f; }
-static inline vf ldf(const float* p) { return *p; }
-static inline vf ldb(const int8_t* p) { return (float)*p; }
-static inline vf fma_(vf a, vf b, vf c) { return a * b + c; }
-static inline float hsum(vf v) { return v; }
-static inline vf vset1(float a) { return a; }
-static inline void ldn(const uint8_t* p, vf* lo, vf* hi) { *lo = (float)(*p & 15); *hi = (float)(*p >> 4); }
-#endif
-#define R 4
-void i8_linear(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K, int threads) {
-  long Kv = K - K % VL;
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long n0 = 0; n0 < N; n0 += R) {
-    long nr = N - n0 < R ? N - n0 : R;
-    const int8_t* w0 = w + n0 * K;
-    for (long m = 0; m < M; m++) {
-      const float* xm = x + m * K;
-      float t[R] = {0, 0, 0, 0};
-      if (nr == R) {
-        vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-        for (long k = 0; k < Kv; k += VL) {
-          vf xv = ldf(xm + k);
-          if ((k & 63) == 0)   /* each cache line of the rows 2 passes ahead, into L2 (see the module doc) */
-            for (int r = 2 * R; r < 3 * R; r++) __builtin_prefetch(w0 + r * K + k, 0, 2);
-          a0 = fma_(xv, ldb(w0 + k), a0); a1 = fma_(xv, ldb(w0 + K + k), a1);
-          a2 = fma_(xv, ldb(w0 + 2 * K + k), a2); a3 = fma_(xv, ldb(w0 + 3 * K + k), a3);
-        }
-        t[0] = hsum(a0); t[1] = hsum(a1); t[2] = hsum(a2); t[3] = hsum(a3);
-      } else {
-        for (long r = 0; r < nr; r++) {
-          vf a = vzero();
-          for (long k = 0; k < Kv; k += VL) a = fma_(ldf(xm + k), ldb(w0 + r * K + k), a);
-          t[r] = hsum(a);
-        }
-      }
-      for (long r = 0; r < nr; r++) {
-        for (long k = Kv; k < K; k++) t[r] += xm[k] * (float)w0[r * K + k];
-        y[m * N + n0 + r] = t[r] * s[n0 + r];
-      }
-    }
-  }
-}
-
-/* int4 (quantize_groups): in row n, group g of G = 32 weights is 16 bytes; byte j holds weight 32g+j in its low
-   nibble and weight 32g+16+j in its high one, each as q + 8 (0..15); s[n, g] is the group's bf16 scale.
-   y[m, n] = sum_g s[n,g] * sum_j x[m, 32g+j] * nibble_j - 8 * sum_g s[n,g] * xsum[m, g]: the -8 is taken out
-   of the inner loop through the group sums of x, computed once per call. */
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
-#define G 32
-static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-typedef struct { const uint8_t* w; const uint16_t* s; float* y; long N; } mat;   /* one weight, one output */
-/* One call serves up to 3 matrices that read the same x (attention's q, k, v): the activations are prepared
-   once, and one parallel loop shares all their blocks of R rows among the threads. */
-#define MATS(count) long nb[3], total = 0; \
-  for (int i = 0; i < count; i++) { nb[i] = (mats[i].N + R - 1) / R; total += nb[i]; }
-#define PICK(b) int i = 0; long n0 = b; while (n0 >= nb[i]) { n0 -= nb[i]; i++; } n0 *= R; \
-  const mat* mt = mats + i; long N = mt->N, nr = N - n0 < R ? N - n0 : R;
-static inline __attribute__((always_inline)) void i4_rows(const float* xm, const float* xsm, const uint8_t* w,
-    const uint16_t* s, float* t, long NG, long K, const int nr) {
-  vf a[R]; float c[R];
-  for (int r = 0; r < nr; r++) { a[r] = vzero(); c[r] = 0.f; }
-  for (long g = 0; g < NG; g++) {
-    const float* xg = xm + g * G;
-    if (nr == R && (g & 3) == 0)   /* the next rows' cache lines, 2 passes ahead (as i8_linear) */
-      for (int r = 2 * R; r < 3 * R; r++) __builtin_prefetch(w + r * (K / 2) + g * 16, 0, 2);
-    for (int r = 0; r < nr; r++) {
-      const uint8_t* wg = w + r * (K / 2) + g * 16;
-      vf p = vzero();
-      for (int j = 0; j < 16; j += VL) { vf lo, hi; ldn(wg + j, &lo, &hi);
-        p = fma_(lo, ldf(xg + j), p); p = fma_(hi, ldf(xg + 16 + j), p); }
-      float sc = bf2f(s[r * NG + g]);
-      a[r] = fma_(p, vset1(sc), a[r]);
-      c[r] += sc * xsm[g];
-    }
-  }
-  for (int r = 0; r < nr; r++) t[r] = hsum(a[r]) - 8.f * c[r];
-}
-static void i4_float(const float* x, long M, long K, const mat* mats, int count, int threads) {
-  long NG = K / G;
-  float* xs = (float*)malloc(sizeof(float) * (M * NG + 1));
-  for (long i = 0; i < M * NG; i++) { float t = 0.f; for (int j = 0; j < G; j++) t += x[i * G + j]; xs[i] = t; }
-  MATS(count)
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long b = 0; b < total; b++) {
-    PICK(b)
-    const uint8_t* w = mt->w + n0 * (K / 2); const uint16_t* s = mt->s + n0 * NG;
-    for (long m = 0; m < M; m++) {
-      float t[R];
-      if (nr == R) i4_rows(x + m * K, xs + m * NG, w, s, t, NG, K, R);
-      else i4_rows(x + m * K, xs + m * NG, w, s, t, NG, K, (int)nr);
-      for (long r = 0; r < nr; r++) mt->y[m * N + n0 + r] = t[r];
-    }
-  }
-  free(xs);
-}
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* With AVX512-VNNI the activations are rounded to int8 too (one scale per group of 32, as llama.cpp's Q8_0),
-   and each instruction multiply-adds 64 nibble x int8 pairs (vpdpbusd) where the float path converts and
-   multiplies 16: measured 2x faster, the activations' rounding adds ~0.2% error next to int4's ~9%.
-   Two groups g, g+1 (32 bytes) are one 512-bit step: [g lo | g+1 lo | g hi | g+1 hi] nibbles against the
-   activations in that order (xq, arranged once per call); lanes 0-3 and 8-11 sum group g, 4-7 and 12-15 g+1.
-   The nibbles' +8 comes out exactly in integers: each lane's sum starts at -8 x (its 4 activations' sum). */
-static void i4_vnni(const float* x, long M, long K, const mat* mats, int count, int threads) {
-  long NG = K / G, NP = NG / 2;
-  int8_t* xq = (int8_t*)aligned_alloc(64, M * K + 64);
-  float* sxv = (float*)aligned_alloc(64, sizeof(float) * (M * NP * 16 + 16));   /* per pair: 16 lane scales */
-  int32_t* x8 = (int32_t*)aligned_alloc(64, sizeof(int32_t) * (M * NP * 16 + 16));   /* -8 x lane sums */
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  for (long m = 0; m < M; m++) {
-    for (long g = 0; g < NG; g++) {
-      const float* xg = x + m * K + g * G;
-      __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
-      float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, absmask), _mm512_and_ps(b, absmask)));
-      float sx = amax / 127.f;
-      __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      int8_t* o = xq + m * K + (g / 2) * 64 + (g % 2) * 16;
-      _mm_storeu_si128((__m128i*)o, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
-      _mm_storeu_si128((__m128i*)(o + 32), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
-      float* sv = sxv + (m * NP + g / 2) * 16 + (g % 2) * 4;
-      for (int l = 0; l < 4; l++) { sv[l] = sx; sv[l + 8] = sx; }
-    }
-    for (long p = 0; p < NP; p++)   /* -8 x each lane's 4 activations (a dot product with 8s) */
-      _mm512_store_si512(x8 + (m * NP + p) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(
-          _mm512_setzero_si512(), _mm512_set1_epi8(8), _mm512_load_si512(xq + m * K + p * 64))));
-  }
-  const __m256i low4 = _mm256_set1_epi8(15);
-  const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
-  const __mmask16 first = 0x0F0F;   /* lanes of group g */
-  MATS(count)
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long b = 0; b < total; b++) {
-    PICK(b)
-    for (long m = 0; m < M; m++) {
-      const __m512i* xm = (const __m512i*)(xq + m * K);
-      const float* sm = sxv + m * NP * 16;
-      const __m512i* x8m = (const __m512i*)(x8 + m * NP * 16);
-      for (long r = 0; r < nr; r++) {
-        const uint8_t* wr = mt->w + (n0 + r) * (K / 2);
-        const uint16_t* sr = mt->s + (n0 + r) * NG;
-        __m512 acc = _mm512_setzero_ps();
-        for (long p = 0; p < NP; p++) {
-          if ((p & 1) == 0) __builtin_prefetch(wr + 2 * R * (K / 2) + p * 32, 0, 2);
-          __m256i v = _mm256_loadu_si256((const __m256i*)(wr + p * 32));
-          __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low4)),
-                                          _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), 1);
-          __m512i d = _mm512_dpbusd_epi32(_mm512_load_si512(x8m + p), wv, _mm512_load_si512(xm + p));
-          uint32_t two; memcpy(&two, sr + 2 * p, 4);
-          __m512i b = _mm512_set1_epi32((int)two);
-          __m512 sw = _mm512_castsi512_ps(_mm512_mask_slli_epi32(_mm512_and_si512(b, hi16), first, b, 16));
-          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_load_ps(sm + p * 16)), acc);
-        }
-        mt->y[m * N + n0 + r] = _mm512_reduce_add_ps(acc);
-      }
-    }
-  }
-  free(xq); free(sxv); free(x8);
-}
-#endif
-void i4_linear3(const float* x, long M, long K, int threads, const uint8_t* w0, const uint16_t* s0, float* y0,
-                long N0, const uint8_t* w1, const uint16_t* s1, float* y1, long N1, const uint8_t* w2,
-                const uint16_t* s2, float* y2, long N2) {
-  mat mats[3] = {{w0, s0, y0, N0}, {w1, s1, y1, N1}, {w2, s2, y2, N2}};
-  int count = N2 ? 3 : N1 ? 2 : 1;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if ((K / G) % 2 == 0) { i4_vnni(x, M, K, mats, count, threads); return; }
-#endif
-  i4_float(x, M, K, mats, count, threads);
-}
-void i4_linear(const float* x, const uint8_t* w, const uint16_t* s, float* y, long M, long N, long K, int threads) {
-  i4_linear3(x, M, K, threads, w, s, y, N, 0, 0, 0, 0, 0, 0, 0, 0);
-}
-void i4_dequant(const uint8_t* w, const uint16_t* s, void* out, long N, long K, int threads, int bf16) {
-  /* the [N, K] matrix, fp32 or (bf16 != 0) bf16 rounded to nearest even: for prefill's ordinary matmul */
-  long NG = K / G;
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long n = 0; n < N; n++)
-    for (long g = 0; g < NG; g++) {
-      const uint8_t* wg = w + n * (K / 2) + g * 16; float sc = bf2f(s[n * NG + g]);
-      float o[G];
-      for (int j = 0; j < 16; j++) { o[j] = sc * (float)((wg[j] & 15) - 8); o[16 + j] = sc * (float)((wg[j] >> 4) - 8); }
-      if (!bf16) { memcpy((float*)out + n * K + g * G, o, sizeof o); continue; }
-      uint16_t* ob = (uint16_t*)out + n * K + g * G;
-      for (int j = 0; j < G; j++) { uint32_t u; memcpy(&u, o + j, 4); ob[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
-    }
-}
-"""
+KERNEL_SRC = (Path(__file__).parent / "quant_kernels.c").read_text()
 
 _KERNEL: Any = None      # the ctypes library once built, False when it cannot be (no compiler): fall back
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
@@ -531,7 +306,8 @@ def _kind(name: str, shape: tuple) -> str:
 
 def _format_of(name: str, kind: str, in_features: int, fmt: str) -> str:
     """The format one matrix is stored in within a model of format `fmt`. An int4 model keeps int8 where 4 bits
-    would not pay: lookup tables (one row read per token) and, measured, the head (docs/PERFORMANCE.md)."""
+    would not pay: lookup tables (one row read per token), and a matrix whose input is no whole number of groups
+    (not one of GPT's: its widths are multiples of 64)."""
     if fmt != "int4":
         return fmt
     if kind == "linear" and in_features % GROUP == 0:
