@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat_core.gpt import checkpoint, quantize
+from nanochat_core.gpt import checkpoint, cpu_kernels, quantize
 from nanochat_core.common import NanochatError
 from nanochat_core.inference.engine import Engine, KVCache
 from nanochat_core.gpt.model import GPT, config_for_depth
@@ -39,7 +39,7 @@ def _same_weights(a, b):
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_the_int8_kernel_computes_the_dequantised_matmul(M):
     """Odd sizes on purpose: N not a multiple of the kernel's 4 rows, K not a multiple of its vector width."""
-    fn = quantize.kernel("i8_linear")
+    fn = cpu_kernels.kernel("i8_linear")
     if fn is None:
         pytest.skip("no C compiler on this machine: the fallback path is what runs (tested below)")
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def _int4_bound(x: torch.Tensor, deq: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("M", [1, 3, 16])
 @pytest.mark.parametrize("K", [96, 128])   # an odd number of groups (the float path), an even one (VNNI on x86)
 def test_the_int4_kernel_computes_the_dequantised_matmul(M, K):
-    fn = quantize.kernel("i4_linear")
+    fn = cpu_kernels.kernel("i4_linear")
     if fn is None:
         pytest.skip("no C compiler on this machine: the fallback path is what runs (tested below)")
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def test_int4_unpacks_the_same_in_c_and_in_torch(dtype, monkeypatch):
     torch.manual_seed(0)
     packed, scale = quantize.quantize_groups(torch.randn(37, 96))
     fast = quantize.dequantize_groups(packed, scale, dtype)
-    monkeypatch.setattr(quantize, "_KERNEL", False)
+    monkeypatch.setattr(cpu_kernels, "_KERNEL", False)
     slow = quantize.dequantize_groups(packed, scale, dtype)
     assert fast.dtype == slow.dtype == dtype and torch.equal(fast, slow)
 
@@ -124,7 +124,7 @@ def test_int4_groups_round_each_weight_to_its_groups_grid(monkeypatch):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantised_linear_is_close_to_fp32(rows, kernel, fmt, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(quantize, "_KERNEL", False)   # as on a machine without a C compiler
+        monkeypatch.setattr(cpu_kernels, "_KERNEL", False)   # as on a machine without a C compiler
     torch.manual_seed(0)
     w = torch.randn(96, 128) / 128 ** 0.5
     x = torch.randn(2, rows, 128)
@@ -143,7 +143,7 @@ def test_quantised_linear_is_close_to_fp32(rows, kernel, fmt, monkeypatch):
     # and it is the matmul of the dequantised weights, not merely something close to fp32
     deq_w = lin.weight.float() * lin.scale[:, None] if fmt == "int8" else quantize.dequantize_groups(lin.weight, lin.scale)
     deq = F.linear(x, deq_w)
-    kernel_ran = kernel and rows <= quantize.KERNEL_MAX_ROWS and quantize.kernel("i8_linear") is not None
+    kernel_ran = kernel and rows <= quantize.KERNEL_MAX_ROWS and cpu_kernels.kernel("i8_linear") is not None
     if fmt == "int8" or not kernel_ran:   # int8's kernel is fp32 throughout; the fallbacks may round x to bf16
         assert ((y - deq).norm() / deq.norm()).item() < (1e-5 if kernel_ran else 0.01)
     else:   # int4's kernel may round x to int8 per group (VNNI): within that rounding's bound
@@ -380,10 +380,10 @@ def test_a_truncated_safetensors_file_is_a_clear_error(tmp_path):
 
 
 def test_dtype_names_and_what_auto_picks(monkeypatch):
-    fast = "int4" if quantize.kernel("i4_linear") is not None else "int8"
+    fast = "int4" if cpu_kernels.kernel("i4_linear") is not None else "int8"
     assert quantize.resolve_dtype("auto", "cpu") == fast
     assert quantize.resolve_dtype(None, "cpu") == fast
-    monkeypatch.setattr(quantize, "_KERNEL", False)   # no C compiler: int4's fallback would be the slowest
+    monkeypatch.setattr(cpu_kernels, "_KERNEL", False)   # no C compiler: int4's fallback would be the slowest
     assert quantize.resolve_dtype("auto", "cpu") == "int8"
     assert quantize.resolve_dtype("auto", "cuda") == "bf16"
     assert quantize.resolve_dtype("auto", "mps") == "bf16"

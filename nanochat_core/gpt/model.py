@@ -34,6 +34,7 @@ from nanochat_core.common import NanochatError
 from nanochat_core.gpt.model_config import (  # noqa: F401
     ATTN_IMPLS, SMEAR_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
 )
+from nanochat_core.gpt.cpu_kernels import attend_decode, rms_norm as fast_rms_norm
 from nanochat_core.gpt.quantize import project3, swap_modules
 from nanochat_core.gpt.muon import MuonAdamW
 # FlexAttention (torch >= 2.5, our floor): the CUDA fast path; everything else falls back to SDPA. (It also
@@ -50,6 +51,8 @@ SMEAR_LR = 0.2         # AdamW LR of the smear gate/lambda and the backout lambd
 # pos0 + t, key j at position j. Query head h reads KV head h // (H / Hkv).
 
 def norm(x: torch.Tensor) -> torch.Tensor:
+    if not x.is_cuda and not torch.compiler.is_compiling() and (y := fast_rms_norm(x)) is not None:
+        return y   # a CPU decode step: one C call (cpu_kernels.py says why)
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -235,6 +238,9 @@ class CausalSelfAttention(nn.Module):
             gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)
             ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
+        if kv_cache is not None and T == 1 and impl == "sdpa" and (
+                y := attend_decode(q, k, v, cos, sin, kv_cache, self.layer_idx, window)) is not None:
+            return self.c_proj(y.view(B, 1, -1))   # a CPU decode step: the lines below in one C call
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)   # QK-norm, then rotary
         q, k = q.to(v.dtype), k.to(v.dtype)   # under autocast the norm may run in fp32; kernels want one dtype
         if kv_cache is not None:
@@ -422,9 +428,16 @@ class GPT(nn.Module):
             x = self._smear(x, kv_cache)
         x0 = x
         x_backout = None
+        # a decode step reads the per-layer scalars once as Python floats: 2 ops a layer instead of 7, which
+        # counts when each small op costs tens of microseconds (cpu_kernels.py)
+        floats = (kv_cache is not None and T == 1 and not torch.is_grad_enabled() and not idx.is_cuda
+                  and not torch.compiler.is_compiling())
+        lambdas = list(zip(self.resid_lambdas.tolist(), self.x0_lambdas.tolist())) if floats else None
         for i, block in enumerate(self.transformer.h):
-            # the fp32 scalars cast to the stream's dtype, or bf16 x fp32 would promote the stream back to fp32
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            if lambdas:
+                x = torch.mul(x, lambdas[i][0]).add_(x0, alpha=lambdas[i][1])
+            else:   # fp32 scalars cast to the stream's dtype, or bf16 x fp32 would promote the stream to fp32
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], pos0, kv_cache, impl, masks)
             if self.config.backout and i == self.config.n_layer // 2:

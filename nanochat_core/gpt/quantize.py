@@ -16,7 +16,7 @@ weights): fp32 -> bf16 halves the bytes, int8 quarters them, int4 takes them to 
     per token, so 4 bits would save memory but no time). Decode on a CPU with AVX512-VNNI rounds the
     activations to int8 per group too (in the kernel; the stored model does not change).
 How an int8 matmul runs, by the number of rows M it multiplies (measured: docs/PERFORMANCE.md):
-  - M <= KERNEL_MAX_ROWS on a CPU (decode): our own small C kernel (quant_kernels.c), compiled once per machine with the
+  - M <= KERNEL_MAX_ROWS on a CPU (decode): our own small C kernel (cpu_kernels.c), compiled once per machine with the
     system C compiler and cached under nanochat_home()/kernels. It converts 16 int8 weights at a time to fp32 in
     registers and multiply-adds them with the fp32 activations, 4 output rows per pass so each activation load
     serves 4 rows: it reads 1 byte per weight and nothing else. It prefetches the rows two passes ahead into
@@ -34,23 +34,15 @@ where they do not (int4's torch fallback unpacks every weight on every token); b
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat_core.common import NanochatError, nanochat_home
+from nanochat_core.common import NanochatError
+from nanochat_core.gpt.cpu_kernels import kernel
 
 DTYPES = ("auto", "fp32", "bf16", "int8", "int4")
 KERNEL_MAX_ROWS = 16   # above this the dequantise + matmul path wins (measured at M = 8 and 32)
@@ -79,73 +71,6 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-# -----------------------------------------------------------------------------
-# The decode kernels (quant_kernels.c): y = x @ W.T for a few fp32 rows x and an int8 or int4 W.
-
-KERNEL_SRC = (Path(__file__).parent / "quant_kernels.c").read_text()
-
-_KERNEL: Any = None      # the ctypes library once built, False when it cannot be (no compiler): fall back
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
-_SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int],
-               "i4_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int],
-               "i4_linear3": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-               + ([ctypes.c_void_p] * 3 + [ctypes.c_long]) * 3,
-               "i4_dequant": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2}
-
-
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
-
-
-def kernel(name: str, quiet: bool = False):
-    """The compiled function `name` (i8_linear | i4_linear | i4_dequant, ctypes), or None when this machine
-    cannot build the kernels. Built once per machine + source (the .so is cached by a hash of both), in a temp
-    file renamed into place."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _build(quiet) or False
-    return getattr(_KERNEL, name) if _KERNEL else None
-
-
-def _build(quiet: bool):
-    if os.environ.get("NANOCHAT_NO_KERNEL") == "1":   # tests and the benchmark's fallback row
-        return None
-    cc = _compiler()
-    if cc is None:
-        if not quiet:
-            print("note: no C compiler found: int8/int4 decode uses torch's slower fallback (install gcc or clang)",
-                  file=sys.stderr)
-        return None
-    tag = hashlib.sha256(f"{KERNEL_SRC}{platform.machine()}{platform.processor()}{sys.platform}".encode()).hexdigest()[:16]
-    out_dir = nanochat_home() / "kernels"
-    lib = out_dir / f"quant-{tag}.so"
-    if not lib.is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            src = Path(tmp) / "quant.c"
-            src.write_text(KERNEL_SRC)
-            for flags in _FLAG_SETS:
-                so = Path(tmp) / "k.so"
-                r = subprocess.run([cc, *flags, "-shared", "-fPIC", str(src), "-o", str(so)],
-                                   capture_output=True, text=True)
-                if r.returncode == 0:
-                    os.replace(so, lib)
-                    break
-            else:
-                if not quiet:
-                    print(f"note: the int8/int4 kernels did not compile ({r.stderr.strip()[:160]}); using torch's "
-                          "slower fallback", file=sys.stderr)
-                return None
-    dll = ctypes.CDLL(str(lib))
-    for name, args in _SIGNATURES.items():
-        getattr(dll, name).argtypes = args
-        getattr(dll, name).restype = None
-    return dll
 
 
 # -----------------------------------------------------------------------------

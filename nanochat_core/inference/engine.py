@@ -64,14 +64,20 @@ class KVCache:
         if (B, H, D) != (self.batch_size, self.num_kv_heads, self.head_dim):
             raise ValueError(f"KVCache holds (B={self.batch_size}, H={self.num_kv_heads}, D={self.head_dim}), "
                              f"got k of shape {tuple(k.shape)}")
-        if self.k is None:
-            self._allocate(self.max_len, k.dtype, k.device)
+        kl, vl = self.reserve(layer_idx, T, k.dtype, k.device)
         t0, t1 = self.pos, self.pos + T
-        if t1 > self.k.size(3):
-            self._grow(t1)
-        self.k[layer_idx, :, :, t0:t1] = k
-        self.v[layer_idx, :, :, t0:t1] = v
-        return self.k[layer_idx, :, :, :t1], self.v[layer_idx, :, :, :t1]
+        kl[:, :, t0:t1] = k
+        vl[:, :, t0:t1] = v
+        return kl[:, :, :t1], vl[:, :, :t1]
+
+    def reserve(self, layer_idx: int, T: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole key and value buffers (B, H, capacity, D), allocated or grown so that T more
+        positions fit: insert_kv writes into them, and so does the fused CPU decode step (cpu_kernels.py)."""
+        if self.k is None:
+            self._allocate(self.max_len, dtype, device)
+        if self.pos + T > self.k.size(3):
+            self._grow(self.pos + T)
+        return self.k[layer_idx], self.v[layer_idx]
 
     def advance(self, num_tokens: int) -> None:
         self.pos += num_tokens

@@ -1,6 +1,6 @@
-/* nanochat's int8/int4 matrix-vector kernels for CPU decode: see quantize.py for the formats, where they are
-   compiled (once per machine, with the system C compiler) and how they are called, and docs/PERFORMANCE.md
-   for what they measure. */
+/* nanochat's C kernels for CPU decode: int8/int4 matrix-vector products (quantize.py has the formats) and one
+   layer's attention step (model.py). cpu_kernels.py compiles and loads them; docs/PERFORMANCE.md has what they
+   measure. */
 #include <stdint.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -230,4 +230,67 @@ void i4_dequant(const uint8_t* w, const uint16_t* s, void* out, long N, long K, 
       uint16_t* ob = (uint16_t*)out + n * K + g * G;
       for (int j = 0; j < G; j++) { uint32_t u; memcpy(&u, o + j, 4); ob[j] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16); }
     }
+}
+
+/* One decode step of one attention layer (model.py's torch path, fused: ~40 small torch ops become one call).
+   q (B, H, D), k and v (B, Hkv, D): this token's projections (v with its value embedding already mixed in).
+   Per head, q and k are RMS-normed over D and rotated by this position's cos/sin (D/2 each); k and v go into
+   the layer's cache kc/vc (B, Hkv, L, D) at `pos`; each query head attends (softmax of q.k / sqrt(D)) over the
+   cached positions [pos + 1 - window, pos] (all of [0, pos] when window is 0) of its KV head (h / (H / Hkv))
+   and writes y (B, H, D). */
+static inline float dotv(const float* a, const float* b, long D) {
+  long Dv = D - D % VL; vf acc = vzero();
+  for (long i = 0; i < Dv; i += VL) acc = fma_(ldf(a + i), ldf(b + i), acc);
+  float t = hsum(acc);
+  for (long i = Dv; i < D; i++) t += a[i] * b[i];
+  return t;
+}
+static void norm_rotate(float* x, long D, const float* cs, const float* sn, float eps) {
+  float r = 1.f / sqrtf(dotv(x, x, D) / (float)D + eps);
+  long d = D / 2;
+  for (long i = 0; i < d; i++) {
+    float a = x[i] * r, b = x[i + d] * r;
+    x[i] = a * cs[i] + b * sn[i];
+    x[i + d] = b * cs[i] - a * sn[i];
+  }
+}
+void attn_decode(float* q, float* k, const float* v, const float* cs, const float* sn, float* kc, float* vc,
+                 float* y, long B, long H, long Hkv, long D, long L, long pos, long window, float eps) {
+  long lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0, n = pos + 1 - lo;
+  float scale = 1.f / sqrtf((float)D);
+  float* att = (float*)malloc(sizeof(float) * n);
+  for (long b = 0; b < B; b++) {
+    for (long hk = 0; hk < Hkv; hk++) {
+      float* kr = k + (b * Hkv + hk) * D;
+      norm_rotate(kr, D, cs, sn, eps);
+      memcpy(kc + ((b * Hkv + hk) * L + pos) * D, kr, sizeof(float) * D);
+      memcpy(vc + ((b * Hkv + hk) * L + pos) * D, v + (b * Hkv + hk) * D, sizeof(float) * D);
+    }
+    for (long h = 0; h < H; h++) {
+      float* qh = q + (b * H + h) * D;
+      norm_rotate(qh, D, cs, sn, eps);
+      long hk = h / (H / Hkv);
+      const float* K = kc + ((b * Hkv + hk) * L + lo) * D;
+      const float* V = vc + ((b * Hkv + hk) * L + lo) * D;
+      float mx = -INFINITY, sum = 0.f;
+      for (long t = 0; t < n; t++) { att[t] = dotv(qh, K + t * D, D) * scale; mx = att[t] > mx ? att[t] : mx; }
+      for (long t = 0; t < n; t++) { att[t] = expf(att[t] - mx); sum += att[t]; }
+      float* yh = y + (b * H + h) * D;
+      for (long i = 0; i < D; i++) yh[i] = 0.f;
+      for (long t = 0; t < n; t++) {
+        float p = att[t] / sum; const float* vt = V + t * D;
+        for (long i = 0; i < D; i++) yh[i] += p * vt[i];
+      }
+    }
+  }
+  free(att);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) per row of D: model.norm for a decode step's few rows. */
+void rms_norm(const float* x, float* y, long rows, long D, float eps) {
+  for (long r = 0; r < rows; r++) {
+    const float* xr = x + r * D; float* yr = y + r * D;
+    float s = 1.f / sqrtf(dotv(xr, xr, D) / (float)D + eps);
+    for (long i = 0; i < D; i++) yr[i] = xr[i] * s;
+  }
 }
