@@ -232,8 +232,9 @@ void i4_dequant(const uint8_t* w, const uint16_t* s, void* out, long N, long K, 
     }
 }
 
-/* One decode step of one attention layer (model.py's torch path, fused: ~40 small torch ops become one call).
-   q (B, H, D), k and v (B, Hkv, D): this token's projections (v with its value embedding already mixed in).
+/* One decode step of one attention layer (model.py's torch path, fused: ~50 small torch ops become one call).
+   q (B, H, D), k and v (B, Hkv, D): this token's projections; on a layer with a value embedding, ve (B, Hkv, D)
+   is added to v with the gate gscale * sigmoid(gw . x[:C]) per KV head (x: the layer's normed input).
    Per head, q and k are RMS-normed over D and rotated by this position's cos/sin (D/2 each); k and v go into
    the layer's cache kc/vc (B, Hkv, L, D) at `pos`; each query head attends (softmax of q.k / sqrt(D)) over the
    cached positions [pos + 1 - window, pos] (all of [0, pos] when window is 0) of its KV head (h / (H / Hkv))
@@ -255,7 +256,8 @@ static void norm_rotate(float* x, long D, const float* cs, const float* sn, floa
   }
 }
 void attn_decode(float* q, float* k, const float* v, const float* cs, const float* sn, float* kc, float* vc,
-                 float* y, long B, long H, long Hkv, long D, long L, long pos, long window, float eps) {
+                 float* y, long B, long H, long Hkv, long D, long L, long pos, long window, float eps,
+                 const float* ve, const float* x, long xstride, const float* gw, long C, float gscale) {
   long lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0, n = pos + 1 - lo;
   float scale = 1.f / sqrtf((float)D);
   float* att = (float*)malloc(sizeof(float) * n);
@@ -264,7 +266,15 @@ void attn_decode(float* q, float* k, const float* v, const float* cs, const floa
       float* kr = k + (b * Hkv + hk) * D;
       norm_rotate(kr, D, cs, sn, eps);
       memcpy(kc + ((b * Hkv + hk) * L + pos) * D, kr, sizeof(float) * D);
-      memcpy(vc + ((b * Hkv + hk) * L + pos) * D, v + (b * Hkv + hk) * D, sizeof(float) * D);
+      float* vr = vc + ((b * Hkv + hk) * L + pos) * D;
+      memcpy(vr, v + (b * Hkv + hk) * D, sizeof(float) * D);
+      if (ve) {   /* the value embedding, mixed in by its gate: gscale * sigmoid(gw[hk] . x[:C]) */
+        float z = 0.f;
+        for (long c = 0; c < C; c++) z += gw[hk * C + c] * x[b * xstride + c];
+        float gate = gscale / (1.f + expf(-z));
+        const float* er = ve + (b * Hkv + hk) * D;
+        for (long i = 0; i < D; i++) vr[i] += gate * er[i];
+      }
     }
     for (long h = 0; h < H; h++) {
       float* qh = q + (b * H + h) * D;

@@ -29,7 +29,8 @@ _SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctype
                "i4_linear3": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
                + ([ctypes.c_void_p] * 3 + [ctypes.c_long]) * 3,
                "i4_dequant": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2,
-               "attn_decode": [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_float],
+               "attn_decode": [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_float]
+               + [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_float],
                "rms_norm": [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_float]}
 DECODE_MAX = 16384   # elements: a decode step's activations (a few rows), where one C call beats torch's ops
 
@@ -88,10 +89,11 @@ def _build(quiet: bool):
 
 
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  kv_cache: Any, layer_idx: int, window: int | None) -> torch.Tensor | None:
-    """One decode step of attention on the CPU in one C call (cpu_kernels.c's attn_decode): QK-norm, rotary,
-    the cache write and attention over the cache, for q (B, H, 1, D), k and v (B, Hkv, 1, D) fp32, with q and k
-    normed and rotated in place. Returns y (B, H, D), or None when this is not such a step or there is no
+                  kv_cache: Any, layer_idx: int, window: int | None, ve: tuple | None = None) -> torch.Tensor | None:
+    """One decode step of attention on the CPU in one C call (cpu_kernels.c's attn_decode): the value embedding's
+    gated mix (ve = (embedding rows, the layer's normed input x, the gate's weight, its scale), or None), QK-norm,
+    rotary, the cache write and attention over the cache, for q (B, H, 1, D), k and v (B, Hkv, 1, D) fp32, with
+    q and k normed and rotated in place. Returns y (B, H, D), or None when this is not such a step or there is no
     kernel: the caller then takes the torch path, which computes the same (tests/test_cpu_kernels.py checks it).
     Measured on a d20 step: in a decode step each small torch op costs 10-40 us (its code and data are cold
     after the weights stream through the caches), and attention was ~40 of them per layer (docs/PERFORMANCE.md)."""
@@ -99,6 +101,10 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     if not (q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu" and q.size(2) == 1
             and not torch.is_grad_enabled() and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
             and reserve is not None):
+        return None
+    rows, x, gate_w, gate_scale = ve if ve is not None else (None, None, None, 0.0)
+    if ve is not None and not (rows.dtype == x.dtype == gate_w.dtype == torch.float32 and rows.is_contiguous()
+                               and x.is_contiguous() and gate_w.is_contiguous()):
         return None
     fn = kernel("attn_decode")
     if fn is None:
@@ -110,7 +116,9 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
         return None
     y = torch.empty(B, H, D)
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
-       y.data_ptr(), B, H, Hkv, D, kc.size(2), kv_cache.get_pos(), window or 0, torch.finfo(torch.float32).eps)
+       y.data_ptr(), B, H, Hkv, D, kc.size(2), kv_cache.get_pos(), window or 0, torch.finfo(torch.float32).eps,
+       *((rows.data_ptr(), x.data_ptr(), x.size(-1), gate_w.data_ptr(), gate_w.size(1), gate_scale)
+         if ve is not None else (None, None, 0, None, 0, 0.0)))
     return y
 
 

@@ -233,14 +233,15 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if kv_cache is not None and T == 1 and impl == "sdpa" and (y := attend_decode(
+                q, k, v, cos, sin, kv_cache, self.layer_idx, window,
+                None if ve is None else (ve, x, self.ve_gate.weight, self.ve_gate_scale))) is not None:
+            return self.c_proj(y.view(B, 1, -1))   # a CPU decode step: the lines below in one C call
         if ve is not None:
             # value embedding: a second, token-indexed source of values, mixed in by a gate in (0, scale)
             gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)
             ve = ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
-        if kv_cache is not None and T == 1 and impl == "sdpa" and (
-                y := attend_decode(q, k, v, cos, sin, kv_cache, self.layer_idx, window)) is not None:
-            return self.c_proj(y.view(B, 1, -1))   # a CPU decode step: the lines below in one C call
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)   # QK-norm, then rotary
         q, k = q.to(v.dtype), k.to(v.dtype)   # under autocast the norm may run in fp32; kernels want one dtype
         if kv_cache is not None:
