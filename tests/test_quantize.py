@@ -71,8 +71,11 @@ def test_the_int4_kernel_computes_the_dequantised_matmul(M, K):
     deq = quantize.dequantize_groups(packed, scale)
     x = torch.randn(M, K)
     y = torch.empty(M, N)
-    fn(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K, 2)
+    fn(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K, 2, 0)
     ref = F.linear(x.double(), deq.double())
+    act = torch.empty(M, N)   # the MLP's activation on the way out: exactly relu(y)^2
+    fn(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), act.data_ptr(), M, N, K, 2, 1)
+    assert torch.equal(act, F.relu(y).square())
     assert ((y.double() - ref).abs() <= _int4_bound(x, deq) * 1.001 + 1e-4).all()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 0.01
     # the three-matrix call (attention's q, k, v) gives each matrix exactly what its own call gives

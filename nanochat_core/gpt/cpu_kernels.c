@@ -96,7 +96,8 @@ void i8_linear(const float* x, const int8_t* w, const float* s, float* y, long M
 #include <string.h>
 #define G 32
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-typedef struct { const uint8_t* w; const uint16_t* s; float* y; long N; } mat;   /* one weight, one output */
+typedef struct { const uint8_t* w; const uint16_t* s; float* y; long N; int act; } mat;   /* act 1: relu(y)^2 */
+static inline float act_(float v, int act) { return act && v < 0.f ? 0.f : act ? v * v : v; }
 /* One call serves up to 3 matrices that read the same x (attention's q, k, v): the activations are prepared
    once, and one parallel loop shares all their blocks of R rows among the threads. */
 #define MATS(count) long nb[3], total = 0; \
@@ -136,7 +137,7 @@ static void i4_float(const float* x, long M, long K, const mat* mats, int count,
       float t[R];
       if (nr == R) i4_rows(x + m * K, xs + m * NG, w, s, t, NG, K, R);
       else i4_rows(x + m * K, xs + m * NG, w, s, t, NG, K, (int)nr);
-      for (long r = 0; r < nr; r++) mt->y[m * N + n0 + r] = t[r];
+      for (long r = 0; r < nr; r++) mt->y[m * N + n0 + r] = act_(t[r], mt->act);
     }
   }
   free(xs);
@@ -197,25 +198,30 @@ static void i4_vnni(const float* x, long M, long K, const mat* mats, int count, 
           __m512 sw = _mm512_castsi512_ps(_mm512_mask_slli_epi32(_mm512_and_si512(b, hi16), first, b, 16));
           acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_load_ps(sm + p * 16)), acc);
         }
-        mt->y[m * N + n0 + r] = _mm512_reduce_add_ps(acc);
+        mt->y[m * N + n0 + r] = act_(_mm512_reduce_add_ps(acc), mt->act);
       }
     }
   }
   free(xq); free(sxv); free(x8);
 }
 #endif
-void i4_linear3(const float* x, long M, long K, int threads, const uint8_t* w0, const uint16_t* s0, float* y0,
-                long N0, const uint8_t* w1, const uint16_t* s1, float* y1, long N1, const uint8_t* w2,
-                const uint16_t* s2, float* y2, long N2) {
-  mat mats[3] = {{w0, s0, y0, N0}, {w1, s1, y1, N1}, {w2, s2, y2, N2}};
-  int count = N2 ? 3 : N1 ? 2 : 1;
+static void i4_run(const float* x, long M, long K, int threads, mat* mats, int count) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if ((K / G) % 2 == 0) { i4_vnni(x, M, K, mats, count, threads); return; }
 #endif
   i4_float(x, M, K, mats, count, threads);
 }
-void i4_linear(const float* x, const uint8_t* w, const uint16_t* s, float* y, long M, long N, long K, int threads) {
-  i4_linear3(x, M, K, threads, w, s, y, N, 0, 0, 0, 0, 0, 0, 0, 0);
+void i4_linear3(const float* x, long M, long K, int threads, const uint8_t* w0, const uint16_t* s0, float* y0,
+                long N0, const uint8_t* w1, const uint16_t* s1, float* y1, long N1, const uint8_t* w2,
+                const uint16_t* s2, float* y2, long N2) {
+  mat mats[3] = {{w0, s0, y0, N0, 0}, {w1, s1, y1, N1, 0}, {w2, s2, y2, N2, 0}};
+  i4_run(x, M, K, threads, mats, N2 ? 3 : N1 ? 2 : 1);
+}
+/* act 1: the MLP's relu(y)^2 on the way out */
+void i4_linear(const float* x, const uint8_t* w, const uint16_t* s, float* y, long M, long N, long K, int threads,
+               int act) {
+  mat one = {w, s, y, N, act};
+  i4_run(x, M, K, threads, &one, 1);
 }
 void i4_dequant(const uint8_t* w, const uint16_t* s, void* out, long N, long K, int threads, int bf16) {
   /* the [N, K] matrix, fp32 or (bf16 != 0) bf16 rounded to nearest even: for prefill's ordinary matmul */

@@ -25,7 +25,7 @@ KERNEL_SRC = (Path(__file__).parent / "cpu_kernels.c").read_text()
 _KERNEL: Any = None      # the ctypes library once built, False when it cannot be (no compiler): fall back
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
 _SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int],
-               "i4_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int],
+               "i4_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2,
                "i4_linear3": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
                + ([ctypes.c_void_p] * 3 + [ctypes.c_long]) * 3,
                "i4_dequant": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2,

@@ -262,7 +262,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        if isinstance(self.c_fc, nn.Linear):
+            return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(self.c_fc(x, relu2=True))   # inference weights (quantize.py): the kernel may fuse it
 
 
 class Block(nn.Module):

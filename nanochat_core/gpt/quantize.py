@@ -175,26 +175,30 @@ class QuantLinear(_QuantWeight):
         self.in_features = weight.shape[1] * (2 if fmt == "int4" else 1)
         self._fn = "i4_linear" if fmt == "int4" else "i8_linear"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "bf16":
-            return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
-        if _decode_rows(x, self.in_features):
-            fn = kernel(self._fn)
-            if fn is not None:
-                x2 = x.reshape(-1, self.in_features).contiguous()
-                y = torch.empty(x2.size(0), self.out_features)
-                fn(x2.data_ptr(), self._parameters["weight"].data_ptr(), self._parameters["scale"].data_ptr(),
-                   y.data_ptr(), x2.size(0), self.out_features, self.in_features, torch.get_num_threads())
+    def forward(self, x: torch.Tensor, relu2: bool = False) -> torch.Tensor:
+        """x @ W.T, or with relu2 relu(x @ W.T)^2 (the MLP's activation, which the int4 kernel applies as it
+        writes the output: two torch ops less per layer in a decode step)."""
+        if self.fmt != "bf16" and _decode_rows(x, self.in_features) and (fn := kernel(self._fn)) is not None:
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            y = torch.empty(x2.size(0), self.out_features)
+            args = (x2.data_ptr(), self._parameters["weight"].data_ptr(), self._parameters["scale"].data_ptr(),
+                    y.data_ptr(), x2.size(0), self.out_features, self.in_features, torch.get_num_threads())
+            if self.fmt == "int4":
+                fn(*args, relu2)
                 return y.view(*x.shape[:-1], self.out_features)
-        # prefill / eval / no kernel: dequantise and use the ordinary matmul (compute-bound here)
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        compute = torch.bfloat16 if (x.device.type == "cpu" and cpu_has_bf16()) else x.dtype
-        if self.fmt == "int4":
-            w = dequantize_groups(self.weight, self.scale, compute)
-            return F.linear(x2.to(compute), w).to(x.dtype).view(*shape[:-1], self.out_features)
-        y = F.linear(x2.to(compute), self.weight.to(compute)).to(x.dtype) * self.scale.to(x.dtype)
-        return y.view(*shape[:-1], self.out_features)
+            fn(*args)
+            y = y.view(*x.shape[:-1], self.out_features)
+        elif self.fmt == "bf16":
+            y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        else:   # prefill / eval / no kernel: dequantise and use the ordinary matmul (compute-bound here)
+            x2 = x.reshape(-1, self.in_features)
+            compute = torch.bfloat16 if (x.device.type == "cpu" and cpu_has_bf16()) else x.dtype
+            if self.fmt == "int4":
+                y = F.linear(x2.to(compute), dequantize_groups(self.weight, self.scale, compute)).to(x.dtype)
+            else:
+                y = F.linear(x2.to(compute), self.weight.to(compute)).to(x.dtype) * self.scale.to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+        return F.relu(y).square() if relu2 else y
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, fmt={self.fmt}"
