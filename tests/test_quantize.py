@@ -153,14 +153,18 @@ def test_quantised_linear_is_close_to_fp32(rows, kernel, fmt, monkeypatch):
         assert ((y - deq).abs() <= _int4_bound(x.reshape(-1, 128), deq_w).reshape(y.shape) * 1.001 + 1e-4).all()
 
 
-def test_int8_embedding_rows_are_the_dequantised_rows():
+@pytest.mark.parametrize("decode", [False, True])   # torch's ops, or (a decode step) one C call
+def test_int8_embedding_rows_are_the_dequantised_rows(decode):
     torch.manual_seed(0)
     w = torch.randn(50, 24)
     emb = quantize.QuantEmbedding.from_float(w, "int8")
     idx = torch.tensor([[0, 7, 49], [3, 3, 1]])
-    rows = emb(idx)
+    with torch.inference_mode(decode):
+        rows = emb(idx)
+        with pytest.raises(IndexError, match="index out of range"):
+            emb(torch.tensor([[0, 50]]))
     torch.testing.assert_close(rows, w[idx], atol=(w.abs().amax(1).max() / 127).item(), rtol=0)
-    torch.testing.assert_close(rows, emb.weight[idx].float() * emb.scale[idx, None])
+    assert torch.equal(rows, emb.weight[idx].float() * emb.scale[idx, None])
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])

@@ -310,3 +310,14 @@ void rms_norm(const float* x, float* y, long rows, long D, float eps) {
     for (long i = 0; i < D; i++) yr[i] = xr[i] * s;
   }
 }
+
+/* out[i] = scale[idx[i]] * table[idx[i]] for n int8 rows of D: an int8 lookup table (token and value embeddings)
+   for a decode step's few tokens. Returns 0, or 1 when an id is outside the table's V rows (nothing is read). */
+int i8_rows(const int8_t* table, const float* scale, const int64_t* idx, float* out, long n, long D, long V) {
+  for (long i = 0; i < n; i++) if (idx[i] < 0 || idx[i] >= V) return 1;
+  for (long i = 0; i < n; i++) {
+    const int8_t* row = table + idx[i] * D; float s = scale[idx[i]]; float* o = out + i * D;
+    for (long j = 0; j < D; j++) o[j] = s * (float)row[j];
+  }
+  return 0;
+}

@@ -31,7 +31,9 @@ _SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctype
                "i4_dequant": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2,
                "attn_decode": [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_float]
                + [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_float],
-               "rms_norm": [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_float]}
+               "rms_norm": [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_float],
+               "i8_rows": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3}
+_RESTYPES = {"i8_rows": ctypes.c_int}
 DECODE_MAX = 16384   # elements: a decode step's activations (a few rows), where one C call beats torch's ops
 
 
@@ -84,7 +86,7 @@ def _build(quiet: bool):
     dll = ctypes.CDLL(str(lib))
     for name, args in _SIGNATURES.items():
         getattr(dll, name).argtypes = args
-        getattr(dll, name).restype = None
+        getattr(dll, name).restype = _RESTYPES.get(name)
     return dll
 
 

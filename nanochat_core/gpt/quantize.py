@@ -213,6 +213,15 @@ class QuantEmbedding(_QuantWeight):
         self.out_dtype = out_dtype
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if (self.fmt == "int8" and self.out_dtype == torch.float32 and idx.numel() <= KERNEL_MAX_ROWS
+                and idx.device.type == "cpu" and idx.dtype == torch.int64 and not torch.is_grad_enabled()
+                and (fn := kernel("i8_rows")) is not None):   # a decode step: one C call, not five torch ops
+            idx = idx.contiguous()
+            rows = torch.empty(*idx.shape, self.weight.size(1))
+            if fn(self.weight.data_ptr(), self.scale.data_ptr(), idx.data_ptr(), rows.data_ptr(), idx.numel(),
+                  self.weight.size(1), self.weight.size(0)):
+                raise IndexError(f"index out of range: a token id is not below the table's {self.weight.size(0)} rows")
+            return rows
         rows = F.embedding(idx, self.weight).to(self.out_dtype)
         if self.scale is not None:
             rows = rows * F.embedding(idx, self.scale[:, None]).to(self.out_dtype)
