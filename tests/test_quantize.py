@@ -84,6 +84,10 @@ def test_the_int4_kernel_computes_the_dequantised_matmul(M, K):
         together = quantize.project3(*mods, x[:, None, :])
         for mod, got in zip(mods, together):
             assert torch.equal(got, mod(x[:, None, :])) and got.shape == (M, 1, mod.out_features)
+        # and the MLP's two matrices in one call give what the two calls give
+        up = quantize.QuantLinear.from_float(torch.randn(64, K), "int4")
+        down = quantize.QuantLinear.from_float(torch.randn(9, 64), "int4")
+        assert torch.equal(quantize.mlp2(up, down, x[:, None, :]), down(up(x[:, None, :], relu2=True)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -223,6 +223,15 @@ void i4_linear(const float* x, const uint8_t* w, const uint16_t* s, float* y, lo
   mat one = {w, s, y, N, act};
   i4_run(x, M, K, threads, &one, 1);
 }
+/* The MLP of a decode step in one call: y = relu(x @ W1.T)^2 @ W2.T, the hidden rows (M x N1) in a scratch buffer */
+void i4_mlp(const float* x, long M, long K, int threads, const uint8_t* w1, const uint16_t* s1, long N1,
+            const uint8_t* w2, const uint16_t* s2, float* y, long N2) {
+  float* h = (float*)malloc(sizeof(float) * M * N1);
+  mat up = {w1, s1, h, N1, 1}, down = {w2, s2, y, N2, 0};
+  i4_run(x, M, K, threads, &up, 1);
+  i4_run(h, M, N1, threads, &down, 1);
+  free(h);
+}
 void i4_dequant(const uint8_t* w, const uint16_t* s, void* out, long N, long K, int threads, int bf16) {
   /* the [N, K] matrix, fp32 or (bf16 != 0) bf16 rounded to nearest even: for prefill's ordinary matmul */
   long NG = K / G;

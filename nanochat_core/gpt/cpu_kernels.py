@@ -32,7 +32,9 @@ _SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctype
                "attn_decode": [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_float]
                + [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_float],
                "rms_norm": [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_float],
-               "i8_rows": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3}
+               "i8_rows": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3,
+               "i4_mlp": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
+               + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long]}
 _RESTYPES = {"i8_rows": ctypes.c_int}
 DECODE_MAX = 16384   # elements: a decode step's activations (a few rows), where one C call beats torch's ops
 

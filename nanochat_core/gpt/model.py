@@ -35,7 +35,7 @@ from nanochat_core.gpt.model_config import (  # noqa: F401
     ATTN_IMPLS, SMEAR_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
 )
 from nanochat_core.gpt.cpu_kernels import attend_decode, rms_norm as fast_rms_norm
-from nanochat_core.gpt.quantize import project3, swap_modules
+from nanochat_core.gpt.quantize import mlp2, project3, swap_modules
 from nanochat_core.gpt.muon import MuonAdamW
 # FlexAttention (torch >= 2.5, our floor): the CUDA fast path; everything else falls back to SDPA. (It also
 # runs eagerly on CPU - unfused and slow - which the tests use.)
@@ -264,7 +264,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if isinstance(self.c_fc, nn.Linear):
             return self.c_proj(F.relu(self.c_fc(x)).square())
-        return self.c_proj(self.c_fc(x, relu2=True))   # inference weights (quantize.py): the kernel may fuse it
+        return mlp2(self.c_fc, self.c_proj, x)   # inference weights (quantize.py): one kernel call may do it all
 
 
 class Block(nn.Module):
