@@ -330,3 +330,36 @@ int i8_rows(const int8_t* table, const float* scale, const int64_t* idx, float* 
   }
   return 0;
 }
+
+/* One whole block of an int4 model for a decode step (model.py's Block.forward, with the per-layer scalars
+   GPT.forward applies before it): x = lr * x + l0 * x0; x += attn(norm(x)); x += mlp(norm(x)), x (B, C) in
+   place. w[0..5] / s[0..5] are the int4 weights and scales of c_q, c_k, c_v, attn c_proj, mlp c_fc, mlp c_proj.
+   ve (B, Hkv * D) or NULL with its gate gw (Hkv x Cg, fp32), as attn_decode. In Python a block is ~200 calls
+   of 10-50 us each once the weights' stream has left them cold: here it is one. */
+void block_decode(float* x, const float* x0, float lr, float l0, long B, long C, long H, long Hkv, long D,
+                  const uint8_t** w, const uint16_t** s, const float* ve, const float* gw, long Cg, float gscale,
+                  const float* cs, const float* sn, float* kc, float* vc, long L, long pos, long window,
+                  float eps, int threads) {
+  long Nq = H * D, Nkv = Hkv * D, F = 4 * C;
+  float* h = (float*)malloc(sizeof(float) * B * C);
+  float* q = (float*)malloc(sizeof(float) * B * Nq);
+  float* k = (float*)malloc(sizeof(float) * B * Nkv);
+  float* v = (float*)malloc(sizeof(float) * B * Nkv);
+  float* y = (float*)malloc(sizeof(float) * B * Nq);
+  float* o = (float*)malloc(sizeof(float) * B * (F > C ? F : C));
+  float* hid = (float*)malloc(sizeof(float) * B * F);
+  for (long i = 0; i < B * C; i++) x[i] = lr * x[i] + l0 * x0[i];
+  rms_norm(x, h, B, C, eps);
+  mat qkv[3] = {{w[0], s[0], q, Nq, 0}, {w[1], s[1], k, Nkv, 0}, {w[2], s[2], v, Nkv, 0}};
+  i4_run(h, B, C, threads, qkv, 3);
+  attn_decode(q, k, v, cs, sn, kc, vc, y, B, H, Hkv, D, L, pos, window, eps, ve, h, C, gw, Cg, gscale);
+  mat proj = {w[3], s[3], o, C, 0};
+  i4_run(y, B, Nq, threads, &proj, 1);
+  for (long i = 0; i < B * C; i++) x[i] += o[i];
+  rms_norm(x, h, B, C, eps);
+  mat up = {w[4], s[4], hid, F, 1}, down = {w[5], s[5], o, C, 0};
+  i4_run(h, B, C, threads, &up, 1);
+  i4_run(hid, B, F, threads, &down, 1);
+  for (long i = 0; i < B * C; i++) x[i] += o[i];
+  free(h); free(q); free(k); free(v); free(y); free(o); free(hid);
+}

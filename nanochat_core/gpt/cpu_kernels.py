@@ -35,6 +35,9 @@ _SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctype
                "i8_rows": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3,
                "i4_mlp": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
                + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long]}
+_P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+_SIGNATURES["block_decode"] = ([_P, _P, _F, _F] + [_L] * 5 + [ctypes.POINTER(_P)] * 2 + [_P, _P, _L, _F]
+                               + [_P] * 4 + [_L] * 3 + [_F, ctypes.c_int])
 _RESTYPES = {"i8_rows": ctypes.c_int}
 DECODE_MAX = 16384   # elements: a decode step's activations (a few rows), where one C call beats torch's ops
 
@@ -134,3 +137,39 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty_like(x)
     fn(x.data_ptr(), y.data_ptr(), x.numel() // x.size(-1), x.size(-1), torch.finfo(torch.float32).eps)
     return y
+
+
+def decode_blocks(model: Any, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, kv_cache: Any, lambdas: list) -> tuple | None:
+    """GPT.forward's loop over the blocks for a decode step of an int4 model on the CPU: one C call per block
+    (cpu_kernels.c's block_decode) instead of ~200 Python and torch calls. Returns (x, the stream saved for
+    backout or None), or None when this is not such a step (the caller runs its own loop, which computes the
+    same: tests/test_cpu_kernels.py)."""
+    blocks, cfg = model.transformer.h, model.config
+    fn = kernel("block_decode")
+    reserve = getattr(kv_cache, "reserve", None)
+    if (fn is None or reserve is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.size(1) != 1
+            or x.size(0) > 16 or torch.is_grad_enabled()):
+        return None
+    mats = [(b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in blocks]
+    if any(getattr(m, "fmt", None) != "int4" for ms in mats for m in ms) or reserve(0, 1, x.dtype, x.device)[0].dtype != x.dtype:
+        return None
+    x = x.contiguous().clone()   # block_decode updates it in place; x0 must stay as it is
+    x0 = x0.contiguous()
+    B, _, C = x.shape
+    pos, eps, threads = kv_cache.get_pos(), torch.finfo(torch.float32).eps, torch.get_num_threads()
+    x_backout = None
+    for i, (block, ms) in enumerate(zip(blocks, mats)):
+        ve = model.value_embeds[str(i)](idx) if str(i) in model.value_embeds else None
+        gate = block.attn.ve_gate.weight if ve is not None else None
+        if ve is not None and not (ve.dtype == gate.dtype == torch.float32 and ve.is_contiguous()):
+            raise ValueError("a value embedding or its gate is not fp32")   # cannot happen for an int4 GPT
+        kc, vc = reserve(i, 1, x.dtype, x.device)
+        fn(x.data_ptr(), x0.data_ptr(), lambdas[i][0], lambdas[i][1], B, C, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
+           (_P * 6)(*(m.weight.data_ptr() for m in ms)), (_P * 6)(*(m.scale.data_ptr() for m in ms)),
+           ve.data_ptr() if ve is not None else None, gate.data_ptr() if ve is not None else None,
+           gate.size(1) if ve is not None else 0, block.attn.ve_gate_scale, cos.data_ptr(), sin.data_ptr(),
+           kc.data_ptr(), vc.data_ptr(), kc.size(2), pos, model.window_sizes[i] or 0, eps, threads)
+        if cfg.backout and i == cfg.n_layer // 2:
+            x_backout = x.clone()
+    return x, x_backout

@@ -34,7 +34,7 @@ from nanochat_core.common import NanochatError
 from nanochat_core.gpt.model_config import (  # noqa: F401
     ATTN_IMPLS, SMEAR_CHANNELS, VOCAB_PAD, GPTConfig, config_for_depth, count_params, flops_per_token,
 )
-from nanochat_core.gpt.cpu_kernels import attend_decode, rms_norm as fast_rms_norm
+from nanochat_core.gpt.cpu_kernels import attend_decode, decode_blocks, rms_norm as fast_rms_norm
 from nanochat_core.gpt.quantize import mlp2, project3, swap_modules
 from nanochat_core.gpt.muon import MuonAdamW
 # FlexAttention (torch >= 2.5, our floor): the CUDA fast path; everything else falls back to SDPA. (It also
@@ -436,7 +436,10 @@ class GPT(nn.Module):
         floats = (kv_cache is not None and T == 1 and not torch.is_grad_enabled() and not idx.is_cuda
                   and not torch.compiler.is_compiling())
         lambdas = list(zip(self.resid_lambdas.tolist(), self.x0_lambdas.tolist())) if floats else None
-        for i, block in enumerate(self.transformer.h):
+        fused = decode_blocks(self, x, x0, idx, cos, sin, kv_cache, lambdas) if lambdas else None
+        if fused is not None:   # an int4 decode step on the CPU: the loop below, one C call per block
+            x, x_backout = fused
+        for i, block in enumerate(self.transformer.h if fused is None else ()):
             if lambdas:
                 x = torch.mul(x, lambdas[i][0]).add_(x0, alpha=lambdas[i][1])
             else:   # fp32 scalars cast to the stream's dtype, or bf16 x fp32 would promote the stream to fp32
