@@ -340,14 +340,13 @@ void block_decode(float* x, const float* x0, float lr, float l0, long B, long C,
                   const uint8_t** w, const uint16_t** s, const float* ve, const float* gw, long Cg, float gscale,
                   const float* cs, const float* sn, float* kc, float* vc, long L, long pos, long window,
                   float eps, int threads) {
-  long Nq = H * D, Nkv = Hkv * D, F = 4 * C;
+  long Nq = H * D, Nkv = Hkv * D;
   float* h = (float*)malloc(sizeof(float) * B * C);
   float* q = (float*)malloc(sizeof(float) * B * Nq);
   float* k = (float*)malloc(sizeof(float) * B * Nkv);
   float* v = (float*)malloc(sizeof(float) * B * Nkv);
   float* y = (float*)malloc(sizeof(float) * B * Nq);
-  float* o = (float*)malloc(sizeof(float) * B * (F > C ? F : C));
-  float* hid = (float*)malloc(sizeof(float) * B * F);
+  float* o = (float*)malloc(sizeof(float) * B * C);
   for (long i = 0; i < B * C; i++) x[i] = lr * x[i] + l0 * x0[i];
   rms_norm(x, h, B, C, eps);
   mat qkv[3] = {{w[0], s[0], q, Nq, 0}, {w[1], s[1], k, Nkv, 0}, {w[2], s[2], v, Nkv, 0}};
@@ -357,9 +356,7 @@ void block_decode(float* x, const float* x0, float lr, float l0, long B, long C,
   i4_run(y, B, Nq, threads, &proj, 1);
   for (long i = 0; i < B * C; i++) x[i] += o[i];
   rms_norm(x, h, B, C, eps);
-  mat up = {w[4], s[4], hid, F, 1}, down = {w[5], s[5], o, C, 0};
-  i4_run(h, B, C, threads, &up, 1);
-  i4_run(hid, B, F, threads, &down, 1);
+  i4_mlp(h, B, C, threads, w[4], s[4], 4 * C, w[5], s[5], o, C);
   for (long i = 0; i < B * C; i++) x[i] += o[i];
-  free(h); free(q); free(k); free(v); free(y); free(o); free(hid);
+  free(h); free(q); free(k); free(v); free(y); free(o);
 }

@@ -1,7 +1,7 @@
 """
 The C kernels of CPU decode (cpu_kernels.c): compiled once per machine with the system C compiler, cached under
 nanochat_home()/kernels, loaded with ctypes. quantize.py's int8/int4 matrix-vector products use them, and
-model.py's attention decode step (attend_decode below). No compiler, or NANOCHAT_NO_KERNEL=1: kernel() returns
+model.py's decode steps (attend_decode, rms_norm, decode_blocks below). No compiler, or NANOCHAT_NO_KERNEL=1: kernel() returns
 None and every caller takes its torch path.
 """
 from __future__ import annotations
@@ -24,20 +24,17 @@ from nanochat_core.common import nanochat_home
 KERNEL_SRC = (Path(__file__).parent / "cpu_kernels.c").read_text()
 _KERNEL: Any = None      # the ctypes library once built, False when it cannot be (no compiler): fall back
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-mcpu=native"], ["-O3"])
-_SIGNATURES = {"i8_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int],
-               "i4_linear": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2,
-               "i4_linear3": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-               + ([ctypes.c_void_p] * 3 + [ctypes.c_long]) * 3,
-               "i4_dequant": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] * 2,
-               "attn_decode": [ctypes.c_void_p] * 8 + [ctypes.c_long] * 7 + [ctypes.c_float]
-               + [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_float],
-               "rms_norm": [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_float],
-               "i8_rows": [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3,
-               "i4_mlp": [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int] + [ctypes.c_void_p] * 2
-               + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long]}
-_P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-_SIGNATURES["block_decode"] = ([_P, _P, _F, _F] + [_L] * 5 + [ctypes.POINTER(_P)] * 2 + [_P, _P, _L, _F]
-                               + [_P] * 4 + [_L] * 3 + [_F, ctypes.c_int])
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {"i8_linear": [_P] * 4 + [_L] * 3 + [_I],
+               "i4_linear": [_P] * 4 + [_L] * 3 + [_I] * 2,
+               "i4_linear3": [_P, _L, _L, _I] + ([_P] * 3 + [_L]) * 3,
+               "i4_mlp": [_P, _L, _L, _I] + [_P] * 2 + [_L] + [_P] * 3 + [_L],
+               "i4_dequant": [_P] * 3 + [_L] * 2 + [_I] * 2,
+               "attn_decode": [_P] * 8 + [_L] * 7 + [_F] + [_P] * 2 + [_L, _P, _L, _F],
+               "block_decode": ([_P, _P, _F, _F] + [_L] * 5 + [ctypes.POINTER(_P)] * 2 + [_P, _P, _L, _F]
+                                + [_P] * 4 + [_L] * 3 + [_F, _I]),
+               "rms_norm": [_P] * 2 + [_L] * 2 + [_F],
+               "i8_rows": [_P] * 4 + [_L] * 3}
 _RESTYPES = {"i8_rows": ctypes.c_int}
 DECODE_MAX = 16384   # elements: a decode step's activations (a few rows), where one C call beats torch's ops
 
@@ -50,8 +47,8 @@ def _compiler() -> str | None:
 
 
 def kernel(name: str, quiet: bool = False):
-    """The compiled function `name` (i8_linear | i4_linear | i4_dequant, ctypes), or None when this machine
-    cannot build the kernels. Built once per machine + source (the .so is cached by a hash of both), in a temp
+    """The compiled function `name` of cpu_kernels.c (one of _SIGNATURES, as a ctypes function), or None when
+    this machine cannot build the kernels. Built once per machine + source (the .so is cached by a hash of both), in a temp
     file renamed into place."""
     global _KERNEL
     if _KERNEL is None:
